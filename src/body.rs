@@ -1,0 +1,222 @@
+//! Body adapters for the streaming data path: a request body that stops at the size
+//! limit, a response body that replays a few inspected bytes before the rest, and a
+//! wrapper that holds a guard (load counters) until the body is done.
+//!
+//! None of them buffers a body: they pass frames through as they come.
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The one body type the proxy hands on, to clients and to workers.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into())
+        .map_err(|e| match e {})
+        .boxed_unsync()
+}
+
+pub fn empty() -> ProxyBody {
+    full(Bytes::new())
+}
+
+/// The error a [`Limited`] body ends with when the client sent too much.
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than {0} bytes")]
+pub struct TooLarge(pub u64);
+
+pin_project_lite::pin_project! {
+    /// Passes a body through, counting bytes; past `limit` it fails and raises `tripped`.
+    pub struct Limited<B> {
+        #[pin]
+        inner: B,
+        seen: u64,
+        limit: u64,
+        tripped: Arc<AtomicBool>,
+    }
+}
+
+impl<B> Limited<B> {
+    pub fn new(inner: B, limit: u64) -> (Self, Arc<AtomicBool>) {
+        let tripped = Arc::new(AtomicBool::new(false));
+        (
+            Limited {
+                inner,
+                seen: 0,
+                limit,
+                tripped: tripped.clone(),
+            },
+            tripped,
+        )
+    }
+}
+
+impl<B> Body for Limited<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.seen += data.len() as u64;
+                    if *this.seen > *this.limit {
+                        this.tripped.store(true, Ordering::Release);
+                        return Poll::Ready(Some(Err(TooLarge(*this.limit).into())));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            other => other.map(|_| None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Yields `prefix` first (bytes already read for inspection), then the rest.
+    pub struct Prefixed<B> {
+        prefix: Option<Bytes>,
+        #[pin]
+        rest: B,
+    }
+}
+
+impl<B> Prefixed<B> {
+    pub fn new(prefix: Bytes, rest: B) -> Self {
+        Prefixed {
+            prefix: (!prefix.is_empty()).then_some(prefix),
+            rest,
+        }
+    }
+}
+
+impl<B> Body for Prefixed<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        if let Some(p) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(p))));
+        }
+        this.rest.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = self.rest.size_hint();
+        let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        hint.set_lower(hint.lower() + extra);
+        if let Some(u) = hint.upper() {
+            hint.set_upper(u + extra);
+        }
+        hint
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A body that keeps `guard` alive until the body ends or is dropped.
+    pub struct Guarded<B, G> {
+        #[pin]
+        inner: B,
+        guard: Option<G>,
+    }
+}
+
+impl<B, G> Guarded<B, G> {
+    pub fn new(inner: B, guard: G) -> Self {
+        Guarded {
+            inner,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl<B: Body, G> Body for Guarded<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            this.guard.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+
+    fn chunks(n: usize, size: usize) -> impl Body<Data = Bytes, Error = BoxError> {
+        let frames =
+            (0..n).map(move |_| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![7u8; size]))));
+        StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn limited_passes_small_and_trips_large() {
+        let (small, tripped) = Limited::new(chunks(4, 10), 40);
+        assert_eq!(small.collect().await.expect("fits").to_bytes().len(), 40);
+        assert!(!tripped.load(Ordering::Acquire));
+        let (big, tripped) = Limited::new(chunks(5, 10), 40);
+        assert!(big.collect().await.is_err());
+        assert!(tripped.load(Ordering::Acquire));
+    }
+
+    #[tokio::test]
+    async fn prefixed_replays_prefix() {
+        let body = Prefixed::new(Bytes::from_static(b"ab"), full("cd"));
+        assert_eq!(
+            body.collect().await.expect("ok").to_bytes(),
+            Bytes::from_static(b"abcd")
+        );
+    }
+}

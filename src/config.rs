@@ -1,0 +1,512 @@
+//! The configuration: one TOML file (or the equivalent command-line flags) read into
+//! plain typed structs, validated once at start.
+//!
+//! This module owns parsing, defaults and validation. Every error names the file, the
+//! key and what is wrong; unknown keys are errors. It must not start anything: the
+//! other modules receive a finished, validated [`Config`].
+
+use serde::{Deserialize, Deserializer, Serialize};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// The whole configuration, as the running proxy sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Addresses to accept clients on.
+    #[serde(default = "default_listen", deserialize_with = "one_or_many")]
+    pub listen: Vec<SocketAddr>,
+    /// Worker addresses (`host:port`) that corral forwards to.
+    #[serde(default)]
+    pub upstreams: Vec<SocketAddr>,
+    #[serde(default)]
+    pub engineio: EngineIo,
+    #[serde(default)]
+    pub balance: Balance,
+    #[serde(default)]
+    pub health: Health,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+}
+
+fn default_listen() -> Vec<SocketAddr> {
+    vec![SocketAddr::from(([127, 0, 0, 1], 8000))]
+}
+
+/// How the Engine.IO path is recognised and how sessions are kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineIo {
+    /// Path prefix of the Engine.IO endpoint (Socket.IO's default is `/socket.io/`).
+    pub path: String,
+    /// Route every request of a session to the worker that created it. Turning this off
+    /// reproduces what `gunicorn -w N` does (sessions thrash); it exists to show that.
+    pub sticky: bool,
+    /// Upper bound on remembered sessions; handshakes beyond it get 503.
+    pub max_sessions: usize,
+    /// Forget a session with no request for this long. When unset, the bound is derived
+    /// from the worker's handshake: pingInterval + pingTimeout + 15 s.
+    #[serde(with = "opt_duration")]
+    pub session_idle: Option<Duration>,
+}
+
+impl Default for EngineIo {
+    fn default() -> Self {
+        EngineIo {
+            path: "/socket.io/".into(),
+            sticky: true,
+            max_sessions: 1_000_000,
+            session_idle: None,
+        }
+    }
+}
+
+/// Which worker gets a new Engine.IO session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Fewest live Engine.IO sessions, ties broken round-robin.
+    #[default]
+    LeastConnections,
+    RoundRobin,
+    /// Hash of the client address, as nginx's `ip_hash` (for comparison).
+    IpHash,
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Policy::LeastConnections => "least-connections",
+            Policy::RoundRobin => "round-robin",
+            Policy::IpHash => "ip-hash",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Balance {
+    pub policy: Policy,
+}
+
+/// Active health checks that bring a worker marked down back into service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Health {
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Path to GET; a 2xx/3xx answer is healthy. Empty: a TCP connect is the check.
+    pub path: String,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(2),
+            path: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body accepted (413 beyond it), counted while streaming.
+    #[serde(with = "size")]
+    pub max_body: u64,
+    /// Largest request head (request line + headers) accepted.
+    #[serde(with = "size")]
+    pub max_header: u64,
+    /// Most client connections open at once; further ones wait to be accepted.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body: 1 << 20,
+            max_header: 64 << 10,
+            max_connections: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Connecting to a worker (502 when it fails).
+    #[serde(with = "duration")]
+    pub connect: Duration,
+    /// Waiting for a worker's response head on plain HTTP (504 beyond it).
+    #[serde(with = "duration")]
+    pub read: Duration,
+    /// The same on the Engine.IO path; a long-poll GET may legitimately wait
+    /// pingInterval + pingTimeout, so this must exceed it.
+    #[serde(with = "duration")]
+    pub engineio_read: Duration,
+    /// A websocket tunnel with no bytes either way for this long is closed.
+    #[serde(with = "duration")]
+    pub websocket_idle: Duration,
+    /// Reading a client's request head (cuts off slowloris clients).
+    #[serde(with = "duration")]
+    pub header_read: Duration,
+    /// Idle worker connections kept for reuse this long.
+    #[serde(with = "duration")]
+    pub upstream_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(3),
+            read: Duration::from_secs(60),
+            engineio_read: Duration::from_secs(90),
+            websocket_idle: Duration::from_secs(300),
+            header_read: Duration::from_secs(10),
+            upstream_idle: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: default_listen(),
+            upstreams: Vec::new(),
+            engineio: EngineIo::default(),
+            balance: Balance::default(),
+            health: Health::default(),
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+/// A configuration error that says where and what.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: key `{key}`: {message}")]
+    Key {
+        file: String,
+        key: String,
+        message: String,
+    },
+    #[error("{file}: {message}")]
+    Syntax { file: String, message: String },
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Config::parse(&text, &file)
+    }
+
+    /// Parses and validates TOML text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Syntax {
+            file: file.into(),
+            message: one_line(&e.to_string()),
+        })?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let message = one_line(&e.inner().to_string());
+            if key == "." {
+                ConfigError::Syntax {
+                    file: file.into(),
+                    message,
+                }
+            } else {
+                ConfigError::Key {
+                    file: file.into(),
+                    key,
+                    message,
+                }
+            }
+        })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: &str| ConfigError::Key {
+            file: file.into(),
+            key: key.into(),
+            message: message.into(),
+        };
+        if self.listen.is_empty() {
+            return Err(bad("listen", "at least one address is needed"));
+        }
+        if self.upstreams.is_empty() {
+            return Err(bad(
+                "upstreams",
+                "at least one worker address is needed (e.g. upstreams = [\"127.0.0.1:5000\"])",
+            ));
+        }
+        let path = &self.engineio.path;
+        if !path.starts_with('/') || !path.ends_with('/') || path.len() < 2 {
+            return Err(bad(
+                "engineio.path",
+                "must start and end with '/', e.g. \"/socket.io/\"",
+            ));
+        }
+        if self.engineio.max_sessions == 0 {
+            return Err(bad("engineio.max_sessions", "must be at least 1"));
+        }
+        if !self.health.path.is_empty() && !self.health.path.starts_with('/') {
+            return Err(bad("health.path", "must start with '/' (or be empty)"));
+        }
+        for (key, value) in [
+            ("health.interval", self.health.interval),
+            ("health.timeout", self.health.timeout),
+            ("timeouts.connect", self.timeouts.connect),
+            ("timeouts.read", self.timeouts.read),
+            ("timeouts.engineio_read", self.timeouts.engineio_read),
+            ("timeouts.websocket_idle", self.timeouts.websocket_idle),
+            ("timeouts.header_read", self.timeouts.header_read),
+        ] {
+            if value.is_zero() {
+                return Err(bad(key, "must be more than 0"));
+            }
+        }
+        if self.limits.max_header < 1024 {
+            return Err(bad("limits.max_header", "must be at least 1K"));
+        }
+        if self.limits.max_connections == 0 {
+            return Err(bad("limits.max_connections", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, for `corral check`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    };
+    items
+        .iter()
+        .map(|s| {
+            s.parse::<SocketAddr>().map_err(|_| {
+                serde::de::Error::custom(format!("`{s}` is not an address like 127.0.0.1:8000"))
+            })
+        })
+        .collect()
+}
+
+/// Parses `"10s"`, `"500ms"`, `"2m"`, `"1h"` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like \"10s\", \"500ms\", \"2m\""))?;
+    let secs = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}` (use ms, s, m or h)"
+            ))
+        }
+    };
+    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses `"200M"`, `"64K"`, `"1G"` (powers of 1024, as nginx) or a bare byte count.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like \"200M\", \"64K\" or 1048576"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1 << 10,
+        "m" | "mb" => 1 << 20,
+        "g" | "gb" => 1 << 30,
+        other => return Err(format!("unknown size unit `{other}` (use K, M or G)")),
+    };
+    value
+        .checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumOrStr {
+    Num(u64),
+    Str(String),
+}
+
+mod duration {
+    use super::*;
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match NumOrStr::deserialize(d)? {
+            NumOrStr::Num(n) => Ok(Duration::from_secs(n)),
+            NumOrStr::Str(s) => parse_duration(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+mod opt_duration {
+    use super::*;
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&format!("{}ms", d.as_millis())),
+            None => s.serialize_str("auto"),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        match NumOrStr::deserialize(d)? {
+            NumOrStr::Num(n) => Ok(Some(Duration::from_secs(n))),
+            NumOrStr::Str(s) if s == "auto" => Ok(None),
+            NumOrStr::Str(s) => parse_duration(&s)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+mod size {
+    use super::*;
+    pub fn serialize<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(*v)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match NumOrStr::deserialize(d)? {
+            NumOrStr::Num(n) => Ok(n),
+            NumOrStr::Str(s) => parse_size(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_file_parses() {
+        let c = Config::parse(
+            r#"
+            listen = ["127.0.0.1:9000", "[::1]:9000"]
+            upstreams = ["127.0.0.1:5000", "127.0.0.1:5001"]
+            [engineio]
+            path = "/ws/"
+            session_idle = "90s"
+            [balance]
+            policy = "ip-hash"
+            [limits]
+            max_body = "200M"
+            [timeouts]
+            read = "500ms"
+            "#,
+            "t.toml",
+        )
+        .expect("valid");
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.balance.policy, Policy::IpHash);
+        assert_eq!(c.limits.max_body, 200 << 20);
+        assert_eq!(c.timeouts.read, Duration::from_millis(500));
+        assert_eq!(c.engineio.session_idle, Some(Duration::from_secs(90)));
+        // The printed effective config parses back to the same thing.
+        let again = Config::parse(&c.to_toml(), "printed").expect("round trip");
+        assert_eq!(again.limits.max_body, c.limits.max_body);
+        assert_eq!(again.engineio.session_idle, c.engineio.session_idle);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::parse(
+            "upstreams = [\"127.0.0.1:1\"]\n[limits]\nmax_bodyy = 3\n",
+            "x.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("x.toml"), "{e}");
+        assert!(e.contains("max_bodyy"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_key() {
+        let e = Config::parse(
+            "upstreams = [\"127.0.0.1:1\"]\n[timeouts]\nread = \"10 parsecs\"\n",
+            "y.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("y.toml") && e.contains("timeouts.read"), "{e}");
+        let e = Config::parse("upstreams = [\"nowhere\"]\n", "z.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstreams"), "{e}");
+        let e = Config::parse(
+            "upstreams = [\"127.0.0.1:1\"]\n[balance]\npolicy = \"random\"\n",
+            "p.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("balance.policy"), "{e}");
+    }
+
+    #[test]
+    fn missing_upstreams_is_an_error() {
+        let e = Config::parse("", "e.toml").unwrap_err().to_string();
+        assert!(e.contains("upstreams"), "{e}");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("-1s").is_err());
+    }
+}

@@ -1,0 +1,236 @@
+//! Engine.IO protocol knowledge: what a request on the Engine.IO path is (handshake,
+//! polling or websocket, which session), and how to read the session id out of a
+//! worker's handshake response in EIO=4 and EIO=3 framings.
+//!
+//! Pure functions over bytes and strings; no I/O and no state. It must not decide
+//! routing: that is the router's job.
+
+use std::time::Duration;
+
+/// What a request on the Engine.IO path asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EioRequest {
+    /// The session id, if the client already has one.
+    pub sid: Option<String>,
+    /// `transport=websocket` (as opposed to polling).
+    pub websocket: bool,
+}
+
+/// Reads `sid` and `transport` from a query string. Values are percent-decoded.
+pub fn classify(query: Option<&str>) -> EioRequest {
+    let mut sid = None;
+    let mut websocket = false;
+    for pair in query.unwrap_or("").split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "sid" if !value.is_empty() => sid = Some(percent_decode(value)),
+            "transport" => websocket = value == "websocket",
+            _ => {}
+        }
+    }
+    EioRequest { sid, websocket }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push(h * 16 + l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b == b'+' { b' ' } else { b });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// What a worker's handshake told us.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Handshake {
+    pub sid: String,
+    /// pingInterval + pingTimeout, when the worker said them.
+    pub liveness: Option<Duration>,
+}
+
+/// Outcome of looking at the first bytes of a handshake response.
+#[derive(Debug, PartialEq)]
+pub enum Parse {
+    Found(Handshake),
+    /// Not enough bytes yet to decide.
+    NeedMore,
+    /// This is not a handshake we can read (an error page, say).
+    NotHandshake,
+}
+
+/// Finds the open packet (`0{...}`) at the start of a polling payload, in any of the
+/// framings a worker uses: EIO=4 (`0{...}` then `\x1e`-separated packets), EIO=3 text
+/// (`97:0{...}2:40`) and EIO=3 binary (`\x00 9 7 \xff 0{...}`).
+pub fn parse_handshake(buf: &[u8]) -> Parse {
+    let start = match open_packet_start(buf) {
+        Ok(i) => i,
+        Err(p) => return p,
+    };
+    let mut stream = serde_json::Deserializer::from_slice(&buf[start..]).into_iter::<OpenPacket>();
+    match stream.next() {
+        Some(Ok(open)) if !open.sid.is_empty() => {
+            let liveness = match (open.ping_interval, open.ping_timeout) {
+                (Some(i), Some(t)) => Some(Duration::from_millis(i.saturating_add(t))),
+                _ => None,
+            };
+            Parse::Found(Handshake {
+                sid: open.sid,
+                liveness,
+            })
+        }
+        Some(Err(e)) if e.is_eof() => Parse::NeedMore,
+        None => Parse::NeedMore,
+        _ => Parse::NotHandshake,
+    }
+}
+
+/// Index of the `{` that starts the open packet's JSON, skipping the framing prefix.
+fn open_packet_start(buf: &[u8]) -> Result<usize, Parse> {
+    let mut i = 0;
+    match buf.first() {
+        None => return Err(Parse::NeedMore),
+        // EIO=4: the payload starts with the packet type.
+        Some(b'0') if buf.get(1).is_none() => return Err(Parse::NeedMore),
+        Some(b'0') if buf.get(1) == Some(&b'{') => return Ok(1),
+        // EIO=3 binary framing: 0x00 (string), length digits as bytes 0..9, 0xff.
+        Some(0) => {
+            i = 1;
+            while i < buf.len() && buf[i] <= 9 {
+                i += 1;
+            }
+            if i == buf.len() {
+                return Err(Parse::NeedMore);
+            }
+            if buf[i] != 0xff || i == 1 {
+                return Err(Parse::NotHandshake);
+            }
+            i += 1;
+        }
+        // EIO=3 text framing: decimal length, ':'.
+        Some(b'1'..=b'9') => {
+            while i < buf.len() && buf[i].is_ascii_digit() {
+                i += 1;
+            }
+            if i == buf.len() {
+                return Err(Parse::NeedMore);
+            }
+            if buf[i] != b':' {
+                return Err(Parse::NotHandshake);
+            }
+            i += 1;
+        }
+        _ => return Err(Parse::NotHandshake),
+    }
+    match (buf.get(i), buf.get(i + 1)) {
+        (Some(b'0'), Some(b'{')) => Ok(i + 1),
+        (None, _) | (Some(b'0'), None) => Err(Parse::NeedMore),
+        _ => Err(Parse::NotHandshake),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct OpenPacket {
+    sid: String,
+    #[serde(rename = "pingInterval")]
+    ping_interval: Option<u64>,
+    #[serde(rename = "pingTimeout")]
+    ping_timeout: Option<u64>,
+}
+
+/// The body an Engine.IO server sends for a session it does not know.
+pub const UNKNOWN_SID_BODY: &str = r#"{"code":1,"message":"Session ID unknown"}"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_queries() {
+        assert_eq!(
+            classify(Some("EIO=4&transport=polling&t=Nx1")),
+            EioRequest {
+                sid: None,
+                websocket: false
+            }
+        );
+        assert_eq!(
+            classify(Some("EIO=4&transport=websocket&sid=ab%2Dc_d")),
+            EioRequest {
+                sid: Some("ab-c_d".into()),
+                websocket: true
+            }
+        );
+        assert_eq!(classify(Some("sid=")).sid, None);
+        assert_eq!(classify(None).sid, None);
+        assert_eq!(classify(Some("sid=%zz%")).sid.as_deref(), Some("%zz%"));
+    }
+
+    #[test]
+    fn eio4_handshake() {
+        let body = br#"0{"sid":"lv_VI97HAXpY6yYWAAAC","upgrades":["websocket"],"pingInterval":25000,"pingTimeout":20000,"maxPayload":1000000}"#;
+        assert_eq!(
+            parse_handshake(body),
+            Parse::Found(Handshake {
+                sid: "lv_VI97HAXpY6yYWAAAC".into(),
+                liveness: Some(Duration::from_secs(45))
+            })
+        );
+        // Split anywhere, a prefix asks for more.
+        for cut in 0..body.len() - 1 {
+            assert_eq!(parse_handshake(&body[..cut]), Parse::NeedMore, "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn eio4_handshake_followed_by_packets() {
+        let body = b"0{\"sid\":\"abc\",\"pingInterval\":1,\"pingTimeout\":2}\x1e40{\"sid\":\"x\"}";
+        assert!(matches!(parse_handshake(body), Parse::Found(h) if h.sid == "abc"));
+    }
+
+    #[test]
+    fn eio3_text_handshake() {
+        let body = br#"96:0{"sid":"ZgTjd1lH_dh6F8T2AAAA","upgrades":["websocket"],"pingInterval":25000,"pingTimeout":5000}2:40"#;
+        assert!(matches!(parse_handshake(body),
+            Parse::Found(h) if h.sid == "ZgTjd1lH_dh6F8T2AAAA" && h.liveness == Some(Duration::from_secs(30))));
+        assert_eq!(parse_handshake(b"96"), Parse::NeedMore);
+        assert_eq!(parse_handshake(b"96:"), Parse::NeedMore);
+    }
+
+    #[test]
+    fn eio3_binary_handshake() {
+        let mut body = vec![0u8, 4, 5, 0xff];
+        body.extend_from_slice(
+            br#"0{"sid":"bin","upgrades":[],"pingInterval":25000,"pingTimeout":5000}"#,
+        );
+        body.extend_from_slice(&[0, 2, 0xff]);
+        body.extend_from_slice(b"40");
+        assert!(matches!(parse_handshake(&body), Parse::Found(h) if h.sid == "bin"));
+    }
+
+    #[test]
+    fn not_handshakes() {
+        assert_eq!(parse_handshake(b"<html>"), Parse::NotHandshake);
+        assert_eq!(
+            parse_handshake(b"\"The client is using"),
+            Parse::NotHandshake
+        );
+        assert_eq!(parse_handshake(br#"0{"nosid":1}"#), Parse::NotHandshake);
+        assert_eq!(parse_handshake(br#"0{"sid":""}"#), Parse::NotHandshake);
+        assert_eq!(parse_handshake(b"12x"), Parse::NotHandshake);
+        assert_eq!(parse_handshake(b"3:40"), Parse::NotHandshake);
+    }
+}

@@ -1,0 +1,15 @@
+//! corral: one port in front of many Socket.IO / Engine.IO worker processes.
+//!
+//! The data path runs one way: [`server`] (listener) → [`proxy`] (limits, headers,
+//! choice of worker through [`router`] on the Engine.IO path) → [`pool`] (workers and
+//! their health) → [`tunnel`] for websockets. [`config`] reads the file and
+//! [`engineio`] holds the protocol knowledge.
+
+pub mod body;
+pub mod config;
+pub mod engineio;
+pub mod pool;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod tunnel;

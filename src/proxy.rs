@@ -1,0 +1,557 @@
+//! The request path: for each client request, decide the worker (through the router
+//! on the Engine.IO path, the pool elsewhere), rewrite headers, stream the request to
+//! the worker and the response back, and turn failures into short, clear answers
+//! (400 unknown session, 413, 502, 503, 504).
+//!
+//! It owns the upstream HTTP client and header rules. It must not keep session state
+//! (the router does) or mark workers up (the health checks do); it only reports a
+//! worker it could not reach. Websocket upgrades are handed to `tunnel`.
+
+use crate::body::{self, Guarded, Limited, Prefixed, ProxyBody};
+use crate::config::Config;
+use crate::engineio::{self, Parse};
+use crate::pool::Pool;
+use crate::router::{NewSession, Route, Router, SessionTicket};
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Most bytes of a handshake response read to find the sid; the rest streams untouched.
+const HANDSHAKE_PEEK: usize = 4096;
+
+pub struct Proxy {
+    pub(crate) cfg: Arc<Config>,
+    pub(crate) pool: Arc<Pool>,
+    pub(crate) router: Arc<Router>,
+    client: Client<HttpConnector, ProxyBody>,
+}
+
+/// Who sent a request, as the listener saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub scheme: &'static str,
+}
+
+/// What a request holds on to while it uses a worker.
+#[derive(Debug)]
+pub(crate) enum Ticket {
+    /// A request of a known Engine.IO session.
+    Session(SessionTicket),
+    /// A handshake creating a session.
+    New(NewSession),
+    /// Anything else.
+    Plain,
+}
+
+#[derive(Debug)]
+pub(crate) struct Target {
+    pub worker: usize,
+    pub ticket: Ticket,
+}
+
+impl Proxy {
+    pub fn new(cfg: Arc<Config>, pool: Arc<Pool>, router: Arc<Router>) -> Proxy {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(cfg.timeouts.connect));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(cfg.timeouts.upstream_idle)
+            .pool_timer(TokioTimer::new())
+            // Keep the client's Host header as it came; the legacy client would
+            // otherwise write the worker's address there.
+            .set_host(false)
+            .build(connector);
+        Proxy {
+            cfg,
+            pool,
+            router,
+            client,
+        }
+    }
+
+    /// Serves one client request. Never fails: every error becomes a response.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: Peer,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        Ok(self.route(req, peer).await)
+    }
+
+    async fn route(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
+        if declared_length(req.headers()).is_some_and(|n| n > self.cfg.limits.max_body) {
+            return too_large(self.cfg.limits.max_body);
+        }
+        let is_eio = self.is_engineio(req.uri().path());
+        let target = match self.choose(&req, peer, is_eio) {
+            Ok(t) => t,
+            Err(resp) => return resp,
+        };
+        if is_websocket_upgrade(&req) {
+            return crate::tunnel::upgrade(self, req, peer, target).await;
+        }
+        self.forward(req, peer, target, is_eio).await
+    }
+
+    fn is_engineio(&self, path: &str) -> bool {
+        let prefix = &self.cfg.engineio.path;
+        path.starts_with(prefix.as_str()) || path == &prefix[..prefix.len() - 1]
+    }
+
+    /// Picks the worker: by session on the Engine.IO path, least busy elsewhere.
+    pub(crate) fn choose(
+        &self,
+        req: &Request<Incoming>,
+        peer: Peer,
+        is_eio: bool,
+    ) -> Result<Target, Response<ProxyBody>> {
+        if is_eio && self.cfg.engineio.sticky {
+            let eio = engineio::classify(req.uri().query());
+            let route = match eio.sid {
+                Some(sid) => self.router.existing(&sid),
+                None => self.router.handshake(peer.addr.ip()),
+            };
+            return match route {
+                Route::Session(t) => Ok(Target {
+                    worker: t.worker,
+                    ticket: Ticket::Session(t),
+                }),
+                Route::New(n) => Ok(Target {
+                    worker: n.worker,
+                    ticket: Ticket::New(n),
+                }),
+                Route::UnknownSid => Err(unknown_sid()),
+                Route::NoWorker => Err(no_worker()),
+                Route::Full => Err(short(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "corral: session table full\n",
+                )),
+            };
+        }
+        match self.pool.pick_for_request(None) {
+            Some(worker) => Ok(Target {
+                worker,
+                ticket: Ticket::Plain,
+            }),
+            None => Err(no_worker()),
+        }
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        peer: Peer,
+        target: Target,
+        is_eio: bool,
+    ) -> Response<ProxyBody> {
+        let (parts, incoming) = req.into_parts();
+        let mut headers = parts.headers;
+        prepare_request_headers(&mut headers, &parts.uri, peer, false);
+        if matches!(target.ticket, Ticket::New(_)) {
+            // The sid must be readable in the handshake response.
+            headers.remove(header::ACCEPT_ENCODING);
+        }
+        let (limited, tripped) = Limited::new(incoming, self.cfg.limits.max_body);
+        let wait = if is_eio {
+            self.cfg.timeouts.engineio_read
+        } else {
+            self.cfg.timeouts.read
+        };
+        // Only a request that can be sent again unchanged is retried elsewhere.
+        let retry = matches!(target.ticket, Ticket::Plain)
+            && is_idempotent(&parts.method)
+            && has_no_body(&headers);
+        let retry_headers = retry.then(|| headers.clone());
+        let mut worker = target.worker;
+        let mut upstream_req = self.upstream_request(
+            &parts.method,
+            &parts.uri,
+            headers,
+            worker,
+            limited.boxed_unsync(),
+        );
+        let mut retried = false;
+        loop {
+            let addr = self.pool.worker(worker).addr;
+            let inflight = self.pool.start_request(worker);
+            let result = tokio::time::timeout(wait, self.client.request(upstream_req)).await;
+            if tripped.load(Ordering::Acquire) {
+                return too_large(self.cfg.limits.max_body);
+            }
+            let err = match result {
+                Ok(Ok(resp)) => {
+                    return self.respond(resp, target.ticket, inflight).await;
+                }
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    tracing::warn!(worker, %addr, "worker timed out");
+                    return short(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        &format!("corral: worker {addr} did not answer in {wait:?}\n"),
+                    );
+                }
+            };
+            drop(inflight);
+            if !err.is_connect() {
+                tracing::warn!(worker, %addr, error = %error_chain(&err), "worker failed");
+                return short(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("corral: worker {addr} failed: {}\n", error_chain(&err)),
+                );
+            }
+            tracing::warn!(worker, %addr, error = %error_chain(&err), "cannot connect to worker");
+            self.pool.mark_down(worker);
+            if matches!(target.ticket, Ticket::Session(_)) {
+                // The session died with its worker; the client should start anew.
+                return unknown_sid();
+            }
+            let next = if retry && !retried {
+                self.pool.pick_for_request(Some(worker))
+            } else {
+                None
+            };
+            match (next, &retry_headers) {
+                (Some(w), Some(h)) => {
+                    retried = true;
+                    worker = w;
+                    upstream_req = self.upstream_request(
+                        &parts.method,
+                        &parts.uri,
+                        h.clone(),
+                        w,
+                        body::empty(),
+                    );
+                }
+                _ => {
+                    return short(
+                        StatusCode::BAD_GATEWAY,
+                        &format!("corral: cannot connect to worker {addr}\n"),
+                    );
+                }
+            }
+        }
+    }
+
+    fn upstream_request(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: HeaderMap,
+        worker: usize,
+        body: ProxyBody,
+    ) -> Request<ProxyBody> {
+        let addr = self.pool.worker(worker).addr;
+        let mut req = Request::new(body);
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = worker_uri(addr, uri);
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = headers;
+        req
+    }
+
+    /// Passes a worker's response on; for a handshake, reads the sid first.
+    async fn respond(
+        &self,
+        resp: Response<Incoming>,
+        ticket: Ticket,
+        inflight: crate::pool::InflightGuard,
+    ) -> Response<ProxyBody> {
+        let (mut parts, incoming) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let body = match ticket {
+            Ticket::New(new) if parts.status == StatusCode::OK => {
+                match self.learn_sid(new, incoming).await {
+                    Ok(body) => body,
+                    Err(resp) => return resp,
+                }
+            }
+            other => Guarded::new(incoming, other)
+                .map_err(Into::into)
+                .boxed_unsync(),
+        };
+        Response::from_parts(parts, Guarded::new(body, inflight).boxed_unsync())
+    }
+
+    /// Reads just enough of a handshake response to learn the sid, then streams it on.
+    async fn learn_sid(
+        &self,
+        new: NewSession,
+        mut incoming: Incoming,
+    ) -> Result<ProxyBody, Response<ProxyBody>> {
+        let mut seen = BytesMut::new();
+        let wait = self.cfg.timeouts.engineio_read;
+        loop {
+            match engineio::parse_handshake(&seen) {
+                Parse::Found(hs) => {
+                    tracing::debug!(sid = %hs.sid, worker = new.worker, "session learned");
+                    new.learn(&hs);
+                    break;
+                }
+                Parse::NotHandshake => break,
+                Parse::NeedMore if seen.len() >= HANDSHAKE_PEEK => break,
+                Parse::NeedMore => {}
+            }
+            let frame = match tokio::time::timeout(wait, incoming.frame()).await {
+                Ok(Some(Ok(frame))) => frame,
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    return Err(short(
+                        StatusCode::BAD_GATEWAY,
+                        &format!("corral: worker failed during handshake: {e}\n"),
+                    ))
+                }
+                Err(_) => {
+                    return Err(short(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "corral: worker stalled during handshake\n",
+                    ))
+                }
+            };
+            if let Ok(data) = frame.into_data() {
+                seen.extend_from_slice(&data);
+            }
+        }
+        let prefix: Bytes = seen.freeze();
+        Ok(Prefixed::new(prefix, incoming)
+            .map_err(Into::into)
+            .boxed_unsync())
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// `http://worker/path?query` for the upstream client.
+pub(crate) fn worker_uri(addr: SocketAddr, uri: &Uri) -> Uri {
+    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+    Uri::builder()
+        .scheme("http")
+        .authority(addr.to_string())
+        .path_and_query(pq)
+        .build()
+        .unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+pub(crate) fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    upgrade && connection_has(req.headers(), "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn has_no_body(h: &HeaderMap) -> bool {
+    !h.contains_key(header::TRANSFER_ENCODING) && declared_length(h).is_none_or(|n| n == 0)
+}
+
+fn declared_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including those the Connection header names.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Header rules for a request going to a worker: hop-by-hop headers out (but the
+/// upgrade pair kept for a websocket), forwarded headers in, Host kept.
+pub(crate) fn prepare_request_headers(
+    headers: &mut HeaderMap,
+    uri: &Uri,
+    peer: Peer,
+    websocket: bool,
+) {
+    let upgrade = headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(headers);
+    if let (true, Some(up)) = (websocket, upgrade) {
+        headers.insert(header::UPGRADE, up);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    // HTTP/2 clients send :authority instead of Host.
+    if !headers.contains_key(header::HOST) {
+        if let Some(host) = uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            headers.insert(header::HOST, host);
+        }
+    }
+    let ip = peer.addr.ip().to_string();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(peer.scheme));
+    match headers.get(header::HOST).cloned() {
+        Some(host) => {
+            headers.insert("x-forwarded-host", host);
+        }
+        None => {
+            headers.remove("x-forwarded-host");
+        }
+    }
+}
+
+/// A short plain-text answer of corral's own.
+pub(crate) fn short(status: StatusCode, text: &str) -> Response<ProxyBody> {
+    let mut resp = Response::new(body::full(text.to_owned()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// What an Engine.IO server answers for a session it does not know, so that the
+/// client reconnects at once instead of retrying a dead sid.
+pub(crate) fn unknown_sid() -> Response<ProxyBody> {
+    let mut resp = Response::new(body::full(engineio::UNKNOWN_SID_BODY));
+    *resp.status_mut() = StatusCode::BAD_REQUEST;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn no_worker() -> Response<ProxyBody> {
+    short(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "corral: no healthy worker\n",
+    )
+}
+
+fn too_large(limit: u64) -> Response<ProxyBody> {
+    let mut resp = short(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("corral: request body larger than {limit} bytes\n"),
+    );
+    // The rest of the body is not read, so the connection cannot be reused.
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> Peer {
+        Peer {
+            addr: SocketAddr::from(([10, 1, 2, 3], 4444)),
+            scheme: "http",
+        }
+    }
+
+    #[test]
+    fn forwarded_headers_append_and_keep_host() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("example.org:8000"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        prepare_request_headers(&mut h, &Uri::from_static("/"), peer(), false);
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "example.org:8000");
+        assert_eq!(h[header::HOST], "example.org:8000");
+        assert!(!h.contains_key("x-secret"));
+        assert!(!h.contains_key(header::TE));
+        assert!(!h.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn websocket_keeps_upgrade_pair() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        prepare_request_headers(&mut h, &Uri::from_static("/"), peer(), true);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn worker_uri_keeps_path_and_query() {
+        let u = worker_uri(
+            SocketAddr::from(([127, 0, 0, 1], 5000)),
+            &Uri::from_static("/socket.io/?EIO=4&transport=polling"),
+        );
+        assert_eq!(
+            u.to_string(),
+            "http://127.0.0.1:5000/socket.io/?EIO=4&transport=polling"
+        );
+    }
+}

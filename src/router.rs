@@ -1,0 +1,393 @@
+//! The router: the Engine.IO session table, mapping each `sid` to the worker that
+//! issued it, and the decision of where a request on the Engine.IO path goes.
+//!
+//! It owns the table and its bounds (idle expiry, a cap on entries). It asks the pool
+//! for a worker when a session starts and tells it when one ends; it must not touch
+//! worker health or connections. Sessions of a worker that went down are recognised by
+//! the worker's generation and answered as unknown, so their clients reconnect at once.
+
+use crate::engineio::Handshake;
+use crate::pool::Pool;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// How long a session whose websocket closed is kept if no polling request is in
+/// flight: a failed upgrade probe falls back to polling, a finished session does not.
+const AFTER_TUNNEL: Duration = Duration::from_secs(5);
+/// Added to pingInterval + pingTimeout before an idle session is forgotten.
+const IDLE_SLACK: Duration = Duration::from_secs(15);
+/// Used until a handshake tells the real ping settings (python-engineio's defaults).
+const DEFAULT_LIVENESS: Duration = Duration::from_secs(45);
+
+#[derive(Debug)]
+struct Session {
+    worker: usize,
+    generation: u64,
+    last_seen: Instant,
+    idle: Duration,
+    inflight: u32,
+    tunnels: u32,
+    tunnel_closed: bool,
+}
+
+impl Session {
+    fn expired(&self, now: Instant) -> bool {
+        if self.inflight > 0 || self.tunnels > 0 {
+            return false;
+        }
+        let bound = if self.tunnel_closed {
+            AFTER_TUNNEL
+        } else {
+            self.idle
+        };
+        now.duration_since(self.last_seen) > bound
+    }
+}
+
+/// Where a request on the Engine.IO path goes.
+#[derive(Debug)]
+pub enum Route {
+    /// A known session's worker; the ticket keeps the session alive while in use.
+    Session(SessionTicket),
+    /// A new session (handshake) on this worker; learn its sid from the response.
+    New(NewSession),
+    /// The sid is not (or no longer) known: answer as an Engine.IO server would.
+    UnknownSid,
+    /// No worker is up.
+    NoWorker,
+    /// The session table is at its cap.
+    Full,
+}
+
+pub struct Router {
+    pool: Arc<Pool>,
+    table: Mutex<HashMap<String, Session>>,
+    max_sessions: usize,
+    idle_override: Option<Duration>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("sessions", &self.len())
+            .finish()
+    }
+}
+
+impl Router {
+    pub fn new(pool: Arc<Pool>, max_sessions: usize, idle_override: Option<Duration>) -> Router {
+        Router {
+            pool,
+            table: Mutex::new(HashMap::new()),
+            max_sessions,
+            idle_override,
+        }
+    }
+
+    fn table(&self) -> MutexGuard<'_, HashMap<String, Session>> {
+        // A panic while holding the lock cannot leave the map inconsistent (every
+        // update is a single insert/remove/field write), so a poisoned lock is usable.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Number of remembered sessions.
+    pub fn len(&self) -> usize {
+        self.table().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Routes a request that carries `sid`.
+    pub fn existing(self: &Arc<Self>, sid: &str) -> Route {
+        let mut table = self.table();
+        let Some(s) = table.get_mut(sid) else {
+            return Route::UnknownSid;
+        };
+        let w = self.pool.worker(s.worker);
+        if !w.is_up() || w.generation() != s.generation {
+            table.remove(sid);
+            return Route::UnknownSid;
+        }
+        s.inflight += 1;
+        s.last_seen = Instant::now();
+        Route::Session(SessionTicket {
+            router: self.clone(),
+            sid: sid.to_owned(),
+            worker: s.worker,
+            tunnel: false,
+        })
+    }
+
+    /// Routes a handshake (no sid): picks a worker by the balancing policy.
+    pub fn handshake(self: &Arc<Self>, client: IpAddr) -> Route {
+        if self.len() >= self.max_sessions {
+            self.sweep();
+            if self.len() >= self.max_sessions {
+                return Route::Full;
+            }
+        }
+        match self.pool.pick_for_session(client) {
+            Some(worker) => Route::New(NewSession {
+                router: self.clone(),
+                worker,
+                generation: self.pool.worker(worker).generation(),
+                learned: false,
+            }),
+            None => Route::NoWorker,
+        }
+    }
+
+    /// Removes expired sessions and sessions of workers that went down.
+    pub fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let pool = &self.pool;
+        let mut ended = Vec::new();
+        let mut table = self.table();
+        table.retain(|_, s| {
+            let w = pool.worker(s.worker);
+            let stale = w.generation() != s.generation;
+            if stale || s.expired(now) {
+                ended.push((s.worker, s.generation));
+                false
+            } else {
+                true
+            }
+        });
+        drop(table);
+        for (worker, generation) in &ended {
+            pool.session_ended(*worker, *generation);
+        }
+        ended.len()
+    }
+
+    fn learn(&self, worker: usize, generation: u64, hs: &Handshake) {
+        let idle = self
+            .idle_override
+            .unwrap_or_else(|| hs.liveness.unwrap_or(DEFAULT_LIVENESS) + IDLE_SLACK);
+        let session = Session {
+            worker,
+            generation,
+            last_seen: Instant::now(),
+            idle,
+            inflight: 0,
+            tunnels: 0,
+            tunnel_closed: false,
+        };
+        if let Some(old) = self.table().insert(hs.sid.clone(), session) {
+            // A worker reused a sid: the old entry's count goes with it.
+            self.pool.session_ended(old.worker, old.generation);
+        }
+    }
+
+    fn release(&self, sid: &str, tunnel: bool) {
+        let mut table = self.table();
+        if let Some(s) = table.get_mut(sid) {
+            s.last_seen = Instant::now();
+            if tunnel {
+                s.tunnels = s.tunnels.saturating_sub(1);
+                s.tunnel_closed = true;
+            } else {
+                s.inflight = s.inflight.saturating_sub(1);
+            }
+        }
+    }
+
+    fn open_tunnel(&self, sid: &str) {
+        if let Some(s) = self.table().get_mut(sid) {
+            s.tunnels += 1;
+            s.inflight = s.inflight.saturating_sub(1);
+        }
+    }
+
+    /// Sessions per worker id, as the table knows them.
+    pub fn sessions_by_worker(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.pool.workers().len()];
+        for s in self.table().values() {
+            counts[s.worker] += 1;
+        }
+        counts
+    }
+}
+
+/// Runs `sweep` periodically so idle sessions are forgotten and memory stays bounded.
+pub fn spawn_sweeper(router: Arc<Router>, every: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let n = router.sweep();
+            if n > 0 {
+                tracing::debug!(forgotten = n, left = router.len(), "session sweep");
+            }
+        }
+    });
+}
+
+/// A request of a known session in flight. Dropping it marks the request finished.
+#[derive(Debug)]
+pub struct SessionTicket {
+    router: Arc<Router>,
+    sid: String,
+    pub worker: usize,
+    tunnel: bool,
+}
+
+impl SessionTicket {
+    /// This request became a websocket tunnel: the session lives while it is open.
+    pub fn into_tunnel(mut self) -> SessionTicket {
+        self.router.open_tunnel(&self.sid);
+        self.tunnel = true;
+        self
+    }
+}
+
+impl Drop for SessionTicket {
+    fn drop(&mut self) {
+        self.router.release(&self.sid, self.tunnel);
+    }
+}
+
+/// A session being created on `worker`. Until `learn` records its sid, dropping it
+/// gives back the session counted on the worker.
+#[derive(Debug)]
+pub struct NewSession {
+    router: Arc<Router>,
+    pub worker: usize,
+    generation: u64,
+    learned: bool,
+}
+
+impl NewSession {
+    /// Records the sid from the worker's handshake response.
+    pub fn learn(mut self, hs: &Handshake) {
+        self.router.learn(self.worker, self.generation, hs);
+        self.learned = true;
+    }
+}
+
+impl Drop for NewSession {
+    fn drop(&mut self) {
+        // A websocket-only session is never learned: it ends when this is dropped
+        // with its tunnel; a failed handshake ends here too.
+        if !self.learned {
+            self.router.pool.session_ended(self.worker, self.generation);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Policy;
+    use std::net::SocketAddr;
+
+    fn router(n: usize) -> Arc<Router> {
+        let addrs: Vec<SocketAddr> = (0..n)
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], 6000 + i as u16)))
+            .collect();
+        let pool = Arc::new(Pool::new(&addrs, Policy::LeastConnections));
+        Arc::new(Router::new(pool, 10, Some(Duration::from_millis(50))))
+    }
+
+    fn hs(sid: &str) -> Handshake {
+        Handshake {
+            sid: sid.into(),
+            liveness: None,
+        }
+    }
+
+    fn new_on(r: &Arc<Router>) -> NewSession {
+        match r.handshake(IpAddr::from([127, 0, 0, 1])) {
+            Route::New(n) => n,
+            other => panic!("expected a new session, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn learned_sid_routes_to_its_worker() {
+        let r = router(3);
+        let n = new_on(&r);
+        let w = n.worker;
+        n.learn(&hs("abc"));
+        for _ in 0..10 {
+            match r.existing("abc") {
+                Route::Session(t) => assert_eq!(t.worker, w),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(r.existing("nope"), Route::UnknownSid));
+    }
+
+    #[test]
+    fn failed_handshake_gives_back_the_count() {
+        let r = router(1);
+        let n = new_on(&r);
+        assert_eq!(r.pool.worker(0).sessions(), 1);
+        drop(n);
+        assert_eq!(r.pool.worker(0).sessions(), 0);
+    }
+
+    #[test]
+    fn idle_sessions_expire_but_busy_ones_stay() {
+        let r = router(2);
+        new_on(&r).learn(&hs("idle"));
+        new_on(&r).learn(&hs("busy"));
+        let ticket = match r.existing("busy") {
+            Route::Session(t) => t,
+            other => panic!("{other:?}"),
+        };
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(r.sweep(), 1);
+        assert!(matches!(r.existing("idle"), Route::UnknownSid));
+        drop(ticket);
+        assert_eq!(r.pool.worker(0).sessions() + r.pool.worker(1).sessions(), 1);
+    }
+
+    #[test]
+    fn closed_tunnel_ends_session_soon() {
+        let r = router(1);
+        new_on(&r).learn(&hs("ws"));
+        let t = match r.existing("ws") {
+            Route::Session(t) => t.into_tunnel(),
+            other => panic!("{other:?}"),
+        };
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(r.sweep(), 0, "an open tunnel keeps the session");
+        drop(t);
+        assert_eq!(r.len(), 1, "kept for a moment in case polling goes on");
+    }
+
+    #[test]
+    fn worker_down_voids_its_sessions() {
+        let r = router(2);
+        let n = new_on(&r);
+        let w = n.worker;
+        n.learn(&hs("s1"));
+        r.pool.mark_down(w);
+        assert!(matches!(r.existing("s1"), Route::UnknownSid));
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn table_is_capped() {
+        let r = router(2);
+        for i in 0..10 {
+            new_on(&r).learn(&hs(&format!("s{i}")));
+        }
+        // Nothing has expired yet: the next handshake is refused.
+        let _busy: Vec<_> = (0..10)
+            .map(|i| match r.existing(&format!("s{i}")) {
+                Route::Session(t) => t,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert!(matches!(
+            r.handshake(IpAddr::from([127, 0, 0, 1])),
+            Route::Full
+        ));
+    }
+}

@@ -1,0 +1,189 @@
+//! The listener: binds the configured addresses, accepts client connections (bounded
+//! in number), serves HTTP on each with header-read and keep-alive limits, and on
+//! SIGTERM/SIGINT stops accepting and lets requests in flight finish (bounded).
+//!
+//! It wires the parts together at start (pool, router, proxy, background tasks) and
+//! owns nothing after that but the sockets; every request goes to `Proxy::handle`.
+
+use crate::config::Config;
+use crate::pool::{self, Pool};
+use crate::proxy::{Peer, Proxy};
+use crate::router::{self, Router};
+use anyhow::Context;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+/// How long requests in flight may take to finish at shutdown.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Runs corral until SIGTERM or SIGINT.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let pool = Arc::new(Pool::new(&cfg.upstreams, cfg.balance.policy));
+    let router = Arc::new(Router::new(
+        pool.clone(),
+        cfg.engineio.max_sessions,
+        cfg.engineio.session_idle,
+    ));
+    pool::spawn_health_checks(pool.clone(), cfg.health.clone());
+    router::spawn_sweeper(router.clone(), Duration::from_secs(2));
+    let proxy = Arc::new(Proxy::new(cfg.clone(), pool.clone(), router));
+
+    let mut listeners = Vec::new();
+    for addr in &cfg.listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        listeners.push(l);
+    }
+    print_summary(&cfg, &listeners);
+
+    let graceful = Arc::new(GracefulShutdown::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let slots = Arc::new(Semaphore::new(cfg.limits.max_connections));
+    let mut accepting = Vec::new();
+    for listener in listeners {
+        accepting.push(tokio::spawn(accept_loop(
+            listener,
+            proxy.clone(),
+            graceful.clone(),
+            stop_rx.clone(),
+            slots.clone(),
+        )));
+    }
+
+    let signal = wait_for_signal().await;
+    tracing::info!(
+        signal,
+        "stopping: no new connections, finishing requests in flight"
+    );
+    let _ = stop_tx.send(true);
+    for task in accepting {
+        let _ = task.await;
+    }
+    // Every accept loop has ended, so this is the last reference.
+    if let Ok(graceful) = Arc::try_unwrap(graceful) {
+        if tokio::time::timeout(DRAIN, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?DRAIN,
+                "requests still in flight after the drain period; closing"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_summary(cfg: &Config, listeners: &[TcpListener]) {
+    for l in listeners {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!("listening on http://{addr}");
+        }
+    }
+    for (i, w) in cfg.upstreams.iter().enumerate() {
+        tracing::info!(worker = i, addr = %w, "upstream worker");
+    }
+    tracing::info!(
+        policy = %cfg.balance.policy,
+        engineio_path = %cfg.engineio.path,
+        sticky = cfg.engineio.sticky,
+        "corral ready"
+    );
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    graceful: Arc<GracefulShutdown>,
+    mut stop: watch::Receiver<bool>,
+    slots: Arc<Semaphore>,
+) {
+    let cfg = proxy.cfg.clone();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.timeouts.header_read)
+        .max_buf_size(cfg.limits.max_header.max(8192) as usize)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(cfg.limits.max_header.min(u32::MAX as u64) as u32);
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = stop.changed() => return,
+        };
+        let (stream, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let peer = Peer {
+            addr: normalise(addr),
+            scheme: "http",
+        };
+        let proxy = proxy.clone();
+        let service = service_fn(move |req| proxy.clone().handle(req, peer));
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let serving = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = serving.await {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// IPv4 clients of a dual-stack socket appear as `::ffff:a.b.c.d`; show them as IPv4.
+fn normalise(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM");
+            return match tokio::signal::ctrl_c().await {
+                Ok(()) => "SIGINT",
+                Err(_) => "error",
+            };
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    }
+}
