@@ -138,7 +138,26 @@ impl Pool {
     }
 
     /// Lowest `load` among up workers; ties go round-robin so equal workers share.
+    /// With every worker down, any worker is tried (as nginx does), so the client
+    /// gets a 502 naming the worker that failed rather than a vague 503.
     fn least_by(&self, load: impl Fn(&Worker) -> usize, exclude: Option<usize>) -> Option<usize> {
+        self.least_up_by(&load, exclude)
+            .or_else(|| self.any_but(exclude))
+    }
+
+    fn any_but(&self, exclude: Option<usize>) -> Option<usize> {
+        let n = self.workers.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| Some(i) != exclude)
+    }
+
+    fn least_up_by(
+        &self,
+        load: &impl Fn(&Worker) -> usize,
+        exclude: Option<usize>,
+    ) -> Option<usize> {
         let n = self.workers.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut best: Option<(usize, usize)> = None;
@@ -162,6 +181,7 @@ impl Pool {
         (0..n)
             .map(|k| (start + k) % n)
             .find(|&i| self.workers[i].is_up())
+            .or_else(|| self.any_but(None))
     }
 
     /// nginx-style ip_hash: the same address always lands on the same worker while
@@ -180,6 +200,7 @@ impl Pool {
         (0..n)
             .map(|k| (start + k) % n)
             .find(|&i| self.workers[i].is_up())
+            .or_else(|| self.any_but(None))
     }
 }
 
@@ -301,9 +322,10 @@ mod tests {
         }
         p.session_ended(a, g); // stale: must not underflow or count
         assert_eq!(p.worker(a).sessions(), 0);
+        // All down: any worker is tried, never the one just excluded.
         p.mark_down(1 - a);
-        assert_eq!(p.pick_for_session(ip), None);
-        assert_eq!(p.pick_for_request(None), None);
+        assert!(p.pick_for_session(ip).is_some());
+        assert_eq!(p.pick_for_request(Some(a)), Some(1 - a));
     }
 
     #[test]

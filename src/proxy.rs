@@ -269,6 +269,10 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let (mut parts, incoming) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        let mut ticket = ticket;
+        if let (Ticket::Session(t), true) = (&mut ticket, parts.status.is_success()) {
+            t.answered();
+        }
         let body = match ticket {
             Ticket::New(new) if parts.status == StatusCode::OK => {
                 match self.learn_sid(new, incoming).await {

@@ -113,12 +113,12 @@ impl Router {
             return Route::UnknownSid;
         }
         s.inflight += 1;
-        s.last_seen = Instant::now();
         Route::Session(SessionTicket {
             router: self.clone(),
             sid: sid.to_owned(),
             worker: s.worker,
             tunnel: false,
+            answered: false,
         })
     }
 
@@ -183,10 +183,14 @@ impl Router {
         }
     }
 
-    fn release(&self, sid: &str, tunnel: bool) {
+    fn release(&self, sid: &str, tunnel: bool, answered: bool) {
         let mut table = self.table();
         if let Some(s) = table.get_mut(sid) {
-            s.last_seen = Instant::now();
+            // Only a request the worker answered with success shows the session is
+            // alive: a client retrying a dead sid must not keep it remembered.
+            if answered || tunnel {
+                s.last_seen = Instant::now();
+            }
             if tunnel {
                 s.tunnels = s.tunnels.saturating_sub(1);
                 s.tunnel_closed = true;
@@ -234,9 +238,15 @@ pub struct SessionTicket {
     sid: String,
     pub worker: usize,
     tunnel: bool,
+    answered: bool,
 }
 
 impl SessionTicket {
+    /// The worker answered this request with success.
+    pub fn answered(&mut self) {
+        self.answered = true;
+    }
+
     /// This request became a websocket tunnel: the session lives while it is open.
     pub fn into_tunnel(mut self) -> SessionTicket {
         self.router.open_tunnel(&self.sid);
@@ -247,7 +257,7 @@ impl SessionTicket {
 
 impl Drop for SessionTicket {
     fn drop(&mut self) {
-        self.router.release(&self.sid, self.tunnel);
+        self.router.release(&self.sid, self.tunnel, self.answered);
     }
 }
 
@@ -344,6 +354,11 @@ mod tests {
         assert_eq!(r.sweep(), 1);
         assert!(matches!(r.existing("idle"), Route::UnknownSid));
         drop(ticket);
+        // The busy request was never answered: it does not prove the session alive.
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(r.sweep(), 1);
+        assert!(r.is_empty());
+        new_on(&r).learn(&hs("ok"));
         assert_eq!(r.pool.worker(0).sessions() + r.pool.worker(1).sessions(), 1);
     }
 
