@@ -137,12 +137,14 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut hint = self.rest.size_hint();
+        let rest = self.rest.size_hint();
         let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
-        hint.set_lower(hint.lower() + extra);
-        if let Some(u) = hint.upper() {
-            hint.set_upper(u + extra);
+        // Upper first: set_lower asserts lower <= upper.
+        let mut hint = SizeHint::new();
+        if let Some(u) = rest.upper() {
+            hint.set_upper(u.saturating_add(extra));
         }
+        hint.set_lower(rest.lower().saturating_add(extra));
         hint
     }
 }
@@ -209,6 +211,12 @@ mod tests {
         let (big, tripped) = Limited::new(chunks(5, 10), 40);
         assert!(big.collect().await.is_err());
         assert!(tripped.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn prefixed_size_hint_adds_prefix() {
+        let body = Prefixed::new(Bytes::from_static(b"ab"), full("cd"));
+        assert_eq!(body.size_hint().exact(), Some(4));
     }
 
     #[tokio::test]

@@ -53,6 +53,30 @@ pub(crate) enum Ticket {
     Plain,
 }
 
+/// Why no worker was chosen.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Refusal {
+    UnknownSid,
+    NoWorker,
+    Full,
+}
+
+impl Refusal {
+    fn response(self) -> Response<ProxyBody> {
+        match self {
+            Refusal::UnknownSid => unknown_sid(),
+            Refusal::NoWorker => short(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "corral: no worker configured\n",
+            ),
+            Refusal::Full => short(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "corral: session table full\n",
+            ),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Target {
     pub worker: usize,
@@ -96,7 +120,7 @@ impl Proxy {
         let is_eio = self.is_engineio(req.uri().path());
         let target = match self.choose(&req, peer, is_eio) {
             Ok(t) => t,
-            Err(resp) => return resp,
+            Err(refusal) => return refusal.response(),
         };
         if is_websocket_upgrade(&req) {
             return crate::tunnel::upgrade(self, req, peer, target).await;
@@ -115,7 +139,7 @@ impl Proxy {
         req: &Request<Incoming>,
         peer: Peer,
         is_eio: bool,
-    ) -> Result<Target, Response<ProxyBody>> {
+    ) -> Result<Target, Refusal> {
         if is_eio && self.cfg.engineio.sticky {
             let eio = engineio::classify(req.uri().query());
             let route = match eio.sid {
@@ -131,12 +155,9 @@ impl Proxy {
                     worker: n.worker,
                     ticket: Ticket::New(n),
                 }),
-                Route::UnknownSid => Err(unknown_sid()),
-                Route::NoWorker => Err(no_worker()),
-                Route::Full => Err(short(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "corral: session table full\n",
-                )),
+                Route::UnknownSid => Err(Refusal::UnknownSid),
+                Route::NoWorker => Err(Refusal::NoWorker),
+                Route::Full => Err(Refusal::Full),
             };
         }
         match self.pool.pick_for_request(None) {
@@ -144,7 +165,7 @@ impl Proxy {
                 worker,
                 ticket: Ticket::Plain,
             }),
-            None => Err(no_worker()),
+            None => Err(Refusal::NoWorker),
         }
     }
 
@@ -484,13 +505,6 @@ pub(crate) fn unknown_sid() -> Response<ProxyBody> {
         HeaderValue::from_static("application/json"),
     );
     resp
-}
-
-fn no_worker() -> Response<ProxyBody> {
-    short(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "corral: no healthy worker\n",
-    )
 }
 
 fn too_large(limit: u64) -> Response<ProxyBody> {

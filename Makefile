@@ -1,0 +1,45 @@
+# corral — developer commands. `make demo` runs the example; `make test` runs everything.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CARGO ?= cargo
+
+.PHONY: all build release demo test test-deps test-rust test-e2e lint fmt clean
+
+all: build
+
+build:
+	$(CARGO) build
+
+release:
+	$(CARGO) build --release
+
+# Python venv and node packages the end-to-end tests use.
+test-deps: $(VENV)/.installed tests/apps/node/node_modules/.installed
+
+$(VENV)/.installed: tests/requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r tests/requirements.txt
+	touch $@
+
+tests/apps/node/node_modules/.installed: tests/apps/node/package.json
+	cd tests/apps/node && npm install --no-audit --no-fund --silent
+	touch $@
+
+# Runs corral in front of the chat example (two gunicorn workers) on 127.0.0.1:8000.
+demo: release $(VENV)/.installed
+	examples/chat/demo.sh
+
+test: build test-deps
+	$(CARGO) test
+	$(VENV)/bin/pytest tests/e2e
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,84 @@
+//! The `corral` command line: `check` prints the effective config or names the file
+//! and key that is wrong, and exits non-zero.
+
+use std::process::Command;
+
+fn corral() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_corral"))
+}
+
+fn write(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("corral-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+#[test]
+fn check_prints_effective_config() {
+    let path = write(
+        "good.toml",
+        "upstreams = [\"127.0.0.1:5000\"]\n[limits]\nmax_body = \"200M\"\n",
+    );
+    let out = corral()
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("max_body = 209715200"), "{text}");
+    assert!(text.contains("policy = \"least-connections\""), "{text}");
+    assert!(text.contains("path = \"/socket.io/\""), "{text}");
+}
+
+#[test]
+fn check_names_file_and_key() {
+    for (name, text, key) in [
+        (
+            "unknown.toml",
+            "upstreams = [\"127.0.0.1:1\"]\nlisten_on = 1\n",
+            "listen_on",
+        ),
+        (
+            "badtype.toml",
+            "upstreams = [\"127.0.0.1:1\"]\n[timeouts]\nconnect = true\n",
+            "timeouts.connect",
+        ),
+        (
+            "badpath.toml",
+            "upstreams = [\"127.0.0.1:1\"]\n[engineio]\npath = \"socket.io\"\n",
+            "engineio.path",
+        ),
+        ("syntax.toml", "upstreams = [\n", "syntax.toml"),
+    ] {
+        let path = write(name, text);
+        let out = corral()
+            .args(["check", "-c"])
+            .arg(&path)
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(2), "{name}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(name), "{name}: {err}");
+        assert!(err.contains(key), "{name}: {err}");
+    }
+}
+
+#[test]
+fn missing_file_is_named() {
+    let out = corral()
+        .args(["check", "-c", "/nonexistent/corral.toml"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/corral.toml"));
+}
+
+#[test]
+fn run_without_upstreams_explains() {
+    let out = corral().args(["run"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("upstreams"));
+}
