@@ -132,6 +132,19 @@ class Stack:
         self.workers.append(p)
         return p
 
+    def uvicorn(self, app="asgi_app:app", env=None):
+        port = free_port()
+        args = [str(VENV_BIN / "uvicorn"), "--host", "127.0.0.1", "--port", str(port),
+                "--app-dir", str(APPS), app]
+        wenv = {"PORT": str(port), "CORRAL_WORKER_ID": f"w{port}", "PYTHONUNBUFFERED": "1"}
+        wenv.update(env or {})
+        p = Proc(args, self.tmp / f"uvicorn-{port}.log", env=wenv)
+        self.procs.append(p)
+        p.port = port
+        wait_http(f"http://127.0.0.1:{port}/health", proc=p.popen, log=p.log)
+        self.workers.append(p)
+        return p
+
     def corral(self, upstreams, extra="", listen_port=None, wait=True):
         port = listen_port or free_port()
         ups = ", ".join(f'"127.0.0.1:{u}"' for u in upstreams)

@@ -99,3 +99,37 @@ def test_polling_only_clients_stick(stack):
     finally:
         disconnect_all(members)
     assert "Invalid session" not in stack.worker_logs()
+
+
+# (worker spec, transport the sessions end on). gunicorn's plain gevent worker cannot
+# serve websockets with gevent-websocket installed (python-engineio refuses), so its
+# sessions stay on long-polling: the harder case for stickiness.
+STACKS = {
+    "gunicorn-gevent": (dict(worker_class="gevent", env={"ASYNC_MODE": "gevent"}), "polling"),
+    "gunicorn-geventwebsocket": (dict(
+        worker_class="geventwebsocket.gunicorn.workers.GeventWebSocketWorker",
+        env={"ASYNC_MODE": "gevent"}), "websocket"),
+    "uvicorn-asgi": (None, "websocket"),
+}
+
+
+@pytest.mark.parametrize("name", list(STACKS))
+def test_other_stacks_stick_and_spread(stack, name):
+    """The same guarantees with the seed's GeventWebSocketWorker, gunicorn's gevent
+    worker, and python-socketio's ASGI server under uvicorn."""
+    spec, transport = STACKS[name]
+    if spec is None:
+        workers = [stack.uvicorn() for _ in range(2)]
+    else:
+        workers = [stack.gunicorn(**spec) for _ in range(2)]
+    corral = stack.corral([w.port for w in workers])
+    members = connect_many(corral.url, 20)
+    try:
+        assert not [m.error for m in members if m.error]
+        assert wait_until(lambda: all(m.transport == transport for m in members), 20)
+        broadcast_and_check(members)
+        assert all(m.transport == transport for m in members)
+        assert sorted(spread(members).values()) == [10, 10]
+    finally:
+        disconnect_all(members)
+    assert "Invalid session" not in stack.worker_logs()

@@ -1,0 +1,34 @@
+"""A python-socketio ASGI app (AsyncServer) for uvicorn, used by corral's tests.
+
+    uvicorn --port 5000 asgi_app:app
+"""
+import os
+
+import socketio
+
+sio = socketio.AsyncServer(async_mode="asgi")
+
+
+def worker_name():
+    return os.environ.get("CORRAL_WORKER_ID") or os.environ.get("PORT") or str(os.getpid())
+
+
+async def health(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+app = socketio.ASGIApp(sio, other_asgi_app=health)
+
+
+@sio.event
+async def connect(sid, environ, auth=None):
+    await sio.enter_room(sid, "all")
+    await sio.emit("welcome", {"worker": worker_name(), "sid": sid}, to=sid)
+
+
+@sio.event
+async def broadcast(sid, data):
+    await sio.emit("message", data, room=data.get("room", "all"))
+    return "ok"
