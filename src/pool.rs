@@ -1,44 +1,85 @@
-//! The worker pool: the set of upstream workers, whether each is up, and the load
-//! counters the balancer reads (requests in flight, live Engine.IO sessions).
+//! The worker pool: the set of upstream workers, the state of each (starting, up,
+//! down, draining, retired), and the load counters the balancer reads (requests in
+//! flight, live Engine.IO sessions).
 //!
-//! It owns worker health (passive marks from failed connects, active checks that bring
-//! workers back) and the choice of a worker for a new session or a plain request. It
-//! knows nothing of session ids: the router owns those. Each worker carries a
+//! It owns worker state and the choice of a worker for a new session or a plain
+//! request; passive marks (a failed connect) and active health checks move workers
+//! up and down. It knows nothing of session ids (the router owns those) nor of
+//! processes (the supervisor owns those and tells the pool through `add`,
+//! `set_ready`, `mark_down`, `drain` and `retire`). Each worker carries a
 //! `generation` that moves every time it goes down, so the router can tell that the
 //! sessions it remembers for that worker died with it.
 
 use crate::config::{Health, Policy};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// Where a worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    /// Process started, not ready yet: no traffic.
+    Starting = 0,
+    /// Takes new sessions and requests.
+    Up = 1,
+    /// Failed (connect refused, health check, process exited): no traffic, and the
+    /// sessions it had are void.
+    Down = 2,
+    /// Being replaced: serves its existing sessions, gets nothing new.
+    Draining = 3,
+    /// Gone for good.
+    Retired = 4,
+}
+
+impl State {
+    fn from_u8(v: u8) -> State {
+        match v {
+            0 => State::Starting,
+            1 => State::Up,
+            2 => State::Down,
+            3 => State::Draining,
+            _ => State::Retired,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Up => "up",
+            State::Down => "down",
+            State::Draining => "draining",
+            State::Retired => "retired",
+        }
+    }
+}
 
 /// One upstream worker.
 #[derive(Debug)]
 pub struct Worker {
     pub id: usize,
     pub addr: SocketAddr,
-    up: AtomicBool,
+    /// Started and watched by corral's supervisor (as opposed to a static upstream).
+    pub managed: bool,
+    state: AtomicU8,
+    /// For managed workers: the process is running and was ready once, so a health
+    /// check may bring it back up. Static workers are always "alive".
+    alive: AtomicBool,
     generation: AtomicU64,
     inflight: AtomicUsize,
     sessions: AtomicUsize,
+    pid: AtomicU32,
+    restarts: AtomicU64,
 }
 
 impl Worker {
-    fn new(id: usize, addr: SocketAddr) -> Worker {
-        Worker {
-            id,
-            addr,
-            up: AtomicBool::new(true),
-            generation: AtomicU64::new(0),
-            inflight: AtomicUsize::new(0),
-            sessions: AtomicUsize::new(0),
-        }
+    pub fn state(&self) -> State {
+        State::from_u8(self.state.load(Ordering::Acquire))
     }
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
+        self.state() == State::Up
     }
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
@@ -49,159 +90,241 @@ impl Worker {
     pub fn sessions(&self) -> usize {
         self.sessions.load(Ordering::Relaxed)
     }
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.pid.load(Ordering::Relaxed)).filter(|p| *p != 0)
+    }
+    pub fn set_pid(&self, pid: Option<u32>) {
+        self.pid.store(pid.unwrap_or(0), Ordering::Relaxed);
+    }
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+    pub fn count_restart(&self) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Moves to `to`; leaving service (down, retired) voids the sessions.
+    fn set_state(&self, to: State) -> State {
+        let from = State::from_u8(self.state.swap(to as u8, Ordering::AcqRel));
+        if matches!(to, State::Down | State::Retired)
+            && !matches!(from, State::Down | State::Retired)
+        {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            self.sessions.store(0, Ordering::Relaxed);
+        }
+        from
+    }
+
+    /// Counts a request in flight on this worker until the guard is dropped.
+    pub fn start_request(self: &Arc<Self>) -> InflightGuard {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        InflightGuard {
+            worker: self.clone(),
+        }
+    }
+
+    /// Forgets one session counted here, unless the worker went down since
+    /// (`generation` differs), which already forgot them all.
+    pub fn session_ended(&self, generation: u64) {
+        if self.generation() == generation {
+            // Never below zero, even if a down/up race reset the count.
+            let _ = self
+                .sessions
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+    }
 }
 
 /// The workers and the balancing policy for new sessions.
 #[derive(Debug)]
 pub struct Pool {
-    workers: Vec<Worker>,
+    workers: RwLock<Vec<Arc<Worker>>>,
     policy: Policy,
     next: AtomicUsize,
+    next_id: AtomicUsize,
 }
 
 impl Pool {
+    /// A pool of static workers, all considered up.
     pub fn new(addrs: &[SocketAddr], policy: Policy) -> Pool {
-        Pool {
-            workers: addrs
-                .iter()
-                .enumerate()
-                .map(|(i, a)| Worker::new(i, *a))
-                .collect(),
+        let pool = Pool {
+            workers: RwLock::new(Vec::new()),
             policy,
             next: AtomicUsize::new(0),
+            next_id: AtomicUsize::new(0),
+        };
+        for addr in addrs {
+            pool.add(*addr, false);
+        }
+        pool
+    }
+
+    fn list(&self) -> RwLockReadGuard<'_, Vec<Arc<Worker>>> {
+        // Updates are single pushes and removals: a poisoned lock is still consistent.
+        self.workers.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A snapshot of the workers, in the order they were added.
+    pub fn workers(&self) -> Vec<Arc<Worker>> {
+        self.list().clone()
+    }
+
+    /// Adds a worker: static ones start up, managed ones start `Starting`.
+    pub fn add(&self, addr: SocketAddr, managed: bool) -> Arc<Worker> {
+        let worker = Arc::new(Worker {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            addr,
+            managed,
+            state: AtomicU8::new(if managed { State::Starting } else { State::Up } as u8),
+            alive: AtomicBool::new(!managed),
+            generation: AtomicU64::new(0),
+            inflight: AtomicUsize::new(0),
+            sessions: AtomicUsize::new(0),
+            pid: AtomicU32::new(0),
+            restarts: AtomicU64::new(0),
+        });
+        self.workers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(worker.clone());
+        worker
+    }
+
+    /// A managed worker's process is ready: it takes traffic.
+    pub fn set_ready(&self, w: &Worker) {
+        w.alive.store(true, Ordering::Release);
+        if w.set_state(State::Up) != State::Up {
+            tracing::info!(worker = w.id, addr = %w.addr, "worker is up");
         }
     }
 
-    pub fn workers(&self) -> &[Worker] {
-        &self.workers
+    /// A managed worker's process is starting (again): no traffic until ready.
+    pub fn set_starting(&self, w: &Worker) {
+        w.alive.store(false, Ordering::Release);
+        w.set_state(State::Starting);
     }
 
-    pub fn worker(&self, id: usize) -> &Worker {
-        &self.workers[id]
-    }
-
-    /// Marks a worker down (its sessions are void from now on). Returns whether it was up.
-    pub fn mark_down(&self, id: usize) -> bool {
-        let w = &self.workers[id];
-        let was_up = w.up.swap(false, Ordering::AcqRel);
-        if was_up {
-            w.generation.fetch_add(1, Ordering::AcqRel);
-            w.sessions.store(0, Ordering::Relaxed);
-            tracing::warn!(worker = id, addr = %w.addr, "worker marked down");
+    /// Marks a worker down (its sessions are void from now on). Returns whether it
+    /// was taking traffic.
+    pub fn mark_down(&self, w: &Worker) -> bool {
+        let from = w.set_state(State::Down);
+        if from == State::Starting || from == State::Retired {
+            // Not ours to change: the supervisor is (re)starting or has retired it.
+            w.state.store(from as u8, Ordering::Release);
+            return false;
         }
-        was_up
+        let was_serving = matches!(from, State::Up | State::Draining);
+        if was_serving {
+            tracing::warn!(worker = w.id, addr = %w.addr, "worker marked down");
+        }
+        was_serving
     }
 
-    pub fn mark_up(&self, id: usize) {
-        let w = &self.workers[id];
-        if !w.up.swap(true, Ordering::AcqRel) {
-            tracing::info!(worker = id, addr = %w.addr, "worker is up");
-        }
+    /// A managed worker's process exited: down, and not to be brought back by health
+    /// checks until the supervisor has it ready again.
+    pub fn process_exited(&self, w: &Worker) {
+        w.alive.store(false, Ordering::Release);
+        w.set_pid(None);
+        w.set_state(State::Down);
+    }
+
+    /// Stops giving a worker new sessions and requests; existing sessions go on.
+    pub fn drain(&self, w: &Worker) {
+        w.set_state(State::Draining);
+    }
+
+    /// Removes a worker for good.
+    pub fn retire(&self, w: &Worker) {
+        w.alive.store(false, Ordering::Release);
+        w.set_state(State::Retired);
+        self.workers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|x| x.id != w.id);
     }
 
     /// Chooses the worker for a new Engine.IO session and counts the session on it.
-    pub fn pick_for_session(&self, client: IpAddr) -> Option<usize> {
-        let id = match self.policy {
-            Policy::LeastConnections => self.least_by(|w| w.sessions(), None),
-            Policy::RoundRobin => self.round_robin(),
-            Policy::IpHash => self.by_ip(client),
+    pub fn pick_for_session(&self, client: IpAddr) -> Option<Arc<Worker>> {
+        let list = self.list();
+        let w = match self.policy {
+            Policy::LeastConnections => self.least_by(&list, |w| w.sessions(), None),
+            Policy::RoundRobin => self.round_robin(&list),
+            Policy::IpHash => by_ip(&list, client),
         }?;
-        self.workers[id].sessions.fetch_add(1, Ordering::Relaxed);
-        Some(id)
+        w.sessions.fetch_add(1, Ordering::Relaxed);
+        Some(w)
     }
 
     /// Chooses the worker for a plain request: fewest requests in flight, skipping
     /// `exclude` (a worker that just failed).
-    pub fn pick_for_request(&self, exclude: Option<usize>) -> Option<usize> {
-        self.least_by(|w| w.inflight(), exclude)
-    }
-
-    /// Forgets one session counted on a worker, unless the worker went down since
-    /// (`generation` differs), which already forgot them all.
-    pub fn session_ended(&self, id: usize, generation: u64) {
-        let w = &self.workers[id];
-        if w.generation() == generation {
-            // Never below zero, even if a down/up race reset the count.
-            let _ = w
-                .sessions
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-        }
-    }
-
-    /// Counts a request in flight on a worker until the guard is dropped.
-    pub fn start_request(self: &Arc<Self>, id: usize) -> InflightGuard {
-        self.workers[id].inflight.fetch_add(1, Ordering::Relaxed);
-        InflightGuard {
-            pool: self.clone(),
-            id,
-        }
+    pub fn pick_for_request(&self, exclude: Option<usize>) -> Option<Arc<Worker>> {
+        self.least_by(&self.list(), |w| w.inflight(), exclude)
     }
 
     /// Lowest `load` among up workers; ties go round-robin so equal workers share.
-    /// With every worker down, any worker is tried (as nginx does), so the client
-    /// gets a 502 naming the worker that failed rather than a vague 503.
-    fn least_by(&self, load: impl Fn(&Worker) -> usize, exclude: Option<usize>) -> Option<usize> {
-        self.least_up_by(&load, exclude)
-            .or_else(|| self.any_but(exclude))
-    }
-
-    fn any_but(&self, exclude: Option<usize>) -> Option<usize> {
-        let n = self.workers.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .map(|k| (start + k) % n)
-            .find(|&i| Some(i) != exclude)
-    }
-
-    fn least_up_by(
+    /// With no worker up, a down one is tried (as nginx does), so the client gets a
+    /// 502 naming the worker that failed rather than a vague 503.
+    fn least_by(
         &self,
-        load: &impl Fn(&Worker) -> usize,
+        list: &[Arc<Worker>],
+        load: impl Fn(&Worker) -> usize,
         exclude: Option<usize>,
-    ) -> Option<usize> {
-        let n = self.workers.len();
+    ) -> Option<Arc<Worker>> {
+        let n = list.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut best: Option<(usize, usize)> = None;
+        let mut best: Option<(&Arc<Worker>, usize)> = None;
         for k in 0..n {
-            let i = (start + k) % n;
-            let w = &self.workers[i];
-            if !w.is_up() || Some(i) == exclude {
+            let w = &list[(start + k) % n];
+            if !w.is_up() || Some(w.id) == exclude {
                 continue;
             }
             let l = load(w);
             if best.is_none_or(|(_, b)| l < b) {
-                best = Some((i, l));
+                best = Some((w, l));
             }
         }
-        best.map(|(i, _)| i)
+        best.map(|(w, _)| w.clone())
+            .or_else(|| last_resort(list, start, exclude))
     }
 
-    fn round_robin(&self) -> Option<usize> {
-        let n = self.workers.len();
+    fn round_robin(&self, list: &[Arc<Worker>]) -> Option<Arc<Worker>> {
+        let n = list.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..n)
-            .map(|k| (start + k) % n)
-            .find(|&i| self.workers[i].is_up())
-            .or_else(|| self.any_but(None))
+            .map(|k| &list[(start + k) % n])
+            .find(|w| w.is_up())
+            .cloned()
+            .or_else(|| last_resort(list, start, None))
     }
+}
 
-    /// nginx-style ip_hash: the same address always lands on the same worker while
-    /// that worker is up; otherwise the next up worker.
-    fn by_ip(&self, ip: IpAddr) -> Option<usize> {
-        let n = self.workers.len();
-        let h = match ip {
-            // nginx hashes the first three octets of an IPv4 address.
-            IpAddr::V4(v4) => {
-                let o = v4.octets();
-                fnv(&o[..3])
-            }
-            IpAddr::V6(v6) => fnv(&v6.octets()),
-        };
-        let start = (h % n as u64) as usize;
-        (0..n)
-            .map(|k| (start + k) % n)
-            .find(|&i| self.workers[i].is_up())
-            .or_else(|| self.any_but(None))
+/// With nothing up: a worker that is down (not starting, draining or retired).
+fn last_resort(list: &[Arc<Worker>], start: usize, exclude: Option<usize>) -> Option<Arc<Worker>> {
+    let n = list.len();
+    (0..n)
+        .map(|k| &list[(start + k) % n])
+        .find(|w| w.state() == State::Down && Some(w.id) != exclude)
+        .cloned()
+}
+
+/// nginx-style ip_hash: the same address always lands on the same worker while that
+/// worker is up; otherwise the next up worker.
+fn by_ip(list: &[Arc<Worker>], ip: IpAddr) -> Option<Arc<Worker>> {
+    let n = list.len();
+    if n == 0 {
+        return None;
     }
+    let h = match ip {
+        // nginx hashes the first three octets of an IPv4 address.
+        IpAddr::V4(v4) => fnv(&v4.octets()[..3]),
+        IpAddr::V6(v6) => fnv(&v6.octets()),
+    };
+    let start = (h % n as u64) as usize;
+    (0..n)
+        .map(|k| &list[(start + k) % n])
+        .find(|w| w.is_up())
+        .cloned()
+        .or_else(|| last_resort(list, start, None))
 }
 
 fn fnv(bytes: &[u8]) -> u64 {
@@ -213,64 +336,67 @@ fn fnv(bytes: &[u8]) -> u64 {
 /// Decrements a worker's in-flight count when dropped.
 #[derive(Debug)]
 pub struct InflightGuard {
-    pool: Arc<Pool>,
-    id: usize,
+    worker: Arc<Worker>,
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.pool.workers[self.id]
-            .inflight
-            .fetch_sub(1, Ordering::Relaxed);
+        self.worker.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-/// Checks every worker at `health.interval`: marks up those that answer, down those
-/// that do not. Runs until the runtime stops.
+/// Checks workers at `health.interval`: marks down those up that fail, and up those
+/// down (but alive) that answer. Runs until the runtime stops.
 pub fn spawn_health_checks(pool: Arc<Pool>, health: Health) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(health.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let checks = pool.workers().iter().map(|w| {
-                let (id, addr, path) = (w.id, w.addr, health.path.clone());
-                let timeout = health.timeout;
-                async move { (id, check(addr, &path, timeout).await) }
-            });
-            for (id, healthy) in futures_join_all(checks).await {
-                if healthy {
-                    pool.mark_up(id);
-                } else {
-                    pool.mark_down(id);
+            let mut checks = tokio::task::JoinSet::new();
+            for w in pool.workers() {
+                let candidate = match w.state() {
+                    State::Up => true,
+                    State::Down => w.alive.load(Ordering::Acquire),
+                    _ => false,
+                };
+                if candidate {
+                    let (path, timeout) = (health.path.clone(), health.timeout);
+                    checks.spawn(async move {
+                        let healthy = check(w.addr, &path, timeout).await;
+                        (w, healthy)
+                    });
+                }
+            }
+            while let Some(Ok((w, healthy))) = checks.join_next().await {
+                match (w.state(), healthy) {
+                    (State::Up, false) => {
+                        pool.mark_down(&w);
+                    }
+                    (State::Down, true) if w.alive.load(Ordering::Acquire) => {
+                        pool.set_ready(&w);
+                    }
+                    _ => {}
                 }
             }
         }
     });
 }
 
-async fn futures_join_all<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futs.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        if let Ok(v) = h.await {
-            out.push(v);
-        }
-    }
-    out
-}
-
 /// One health check: a TCP connect, or, with a path, a GET answered 2xx or 3xx.
 pub async fn check(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
+    if path.is_empty() {
+        return tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .is_ok_and(|r| r.is_ok());
+    }
+    matches!(http_status(addr, path, timeout).await, Some(200..=399))
+}
+
+/// The status of `GET path` on a worker, or None when it does not answer HTTP.
+pub async fn http_status(addr: SocketAddr, path: &str, timeout: Duration) -> Option<u16> {
     tokio::time::timeout(timeout, async {
         let mut stream = TcpStream::connect(addr).await.ok()?;
-        if path.is_empty() {
-            return Some(true);
-        }
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: corral-health\r\nConnection: close\r\n\r\n"
         );
@@ -278,12 +404,14 @@ pub async fn check(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
         let mut head = [0u8; 12];
         stream.read_exact(&mut head).await.ok()?;
         // "HTTP/1.1 200"
-        Some(head.starts_with(b"HTTP/1.") && matches!(head[9], b'2' | b'3'))
+        if !head.starts_with(b"HTTP/1.") {
+            return None;
+        }
+        std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
     })
     .await
     .ok()
     .flatten()
-    .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -297,13 +425,16 @@ mod tests {
         Pool::new(&addrs, policy)
     }
 
+    fn ip() -> IpAddr {
+        IpAddr::from([127, 0, 0, 1])
+    }
+
     #[test]
     fn least_connections_spreads_evenly() {
         let p = pool(4, Policy::LeastConnections);
-        let ip = IpAddr::from([127, 0, 0, 1]);
         let mut counts = [0; 4];
         for _ in 0..100 {
-            counts[p.pick_for_session(ip).expect("up")] += 1;
+            counts[p.pick_for_session(ip()).expect("up").id] += 1;
         }
         assert_eq!(counts, [25; 4]);
     }
@@ -311,39 +442,63 @@ mod tests {
     #[test]
     fn down_workers_are_skipped_and_forget_sessions() {
         let p = pool(2, Policy::LeastConnections);
-        let ip = IpAddr::from([127, 0, 0, 1]);
-        let a = p.pick_for_session(ip).expect("up");
-        let g = p.worker(a).generation();
-        assert!(p.mark_down(a));
-        assert_eq!(p.worker(a).sessions(), 0);
+        let a = p.pick_for_session(ip()).expect("up");
+        let g = a.generation();
+        assert!(p.mark_down(&a));
+        assert_eq!(a.sessions(), 0);
         for _ in 0..5 {
-            assert_ne!(p.pick_for_session(ip), Some(a));
-            assert_ne!(p.pick_for_request(None), Some(a));
+            assert_ne!(p.pick_for_session(ip()).map(|w| w.id), Some(a.id));
+            assert_ne!(p.pick_for_request(None).map(|w| w.id), Some(a.id));
         }
-        p.session_ended(a, g); // stale: must not underflow or count
-        assert_eq!(p.worker(a).sessions(), 0);
-        // All down: any worker is tried, never the one just excluded.
-        p.mark_down(1 - a);
-        assert!(p.pick_for_session(ip).is_some());
-        assert_eq!(p.pick_for_request(Some(a)), Some(1 - a));
+        a.session_ended(g); // stale: must not underflow or count
+        assert_eq!(a.sessions(), 0);
+        // All down: a down worker is tried, never the one just excluded.
+        let b = p.workers().into_iter().find(|w| w.id != a.id).expect("two");
+        p.mark_down(&b);
+        assert!(p.pick_for_session(ip()).is_some());
+        assert_eq!(p.pick_for_request(Some(a.id)).map(|w| w.id), Some(b.id));
+    }
+
+    #[test]
+    fn starting_and_draining_workers_get_nothing_new() {
+        let p = pool(1, Policy::LeastConnections);
+        let old = p.workers()[0].clone();
+        let new = p.add(SocketAddr::from(([127, 0, 0, 1], 6000)), true);
+        for _ in 0..4 {
+            assert_eq!(p.pick_for_request(None).map(|w| w.id), Some(old.id));
+        }
+        p.set_ready(&new);
+        p.drain(&old);
+        let g = old.generation();
+        for _ in 0..4 {
+            assert_eq!(p.pick_for_session(ip()).map(|w| w.id), Some(new.id));
+        }
+        assert_eq!(old.generation(), g, "draining keeps sessions valid");
+        p.retire(&old);
+        assert_ne!(old.generation(), g);
+        assert_eq!(p.workers().len(), 1);
+        // A passive mark cannot move a starting worker.
+        p.set_starting(&new);
+        assert!(!p.mark_down(&new));
+        assert_eq!(new.state(), State::Starting);
     }
 
     #[test]
     fn ip_hash_puts_one_address_on_one_worker() {
         let p = pool(2, Policy::IpHash);
-        let ip = IpAddr::from([127, 0, 0, 1]);
-        let first = p.pick_for_session(ip);
+        let first = p.pick_for_session(ip()).map(|w| w.id);
         for _ in 0..20 {
-            assert_eq!(p.pick_for_session(ip), first);
+            assert_eq!(p.pick_for_session(ip()).map(|w| w.id), first);
         }
     }
 
     #[test]
     fn requests_go_to_least_busy() {
-        let p = Arc::new(pool(3, Policy::RoundRobin));
-        let _a = p.start_request(0);
-        let _b = p.start_request(1);
-        assert_eq!(p.pick_for_request(None), Some(2));
-        assert_ne!(p.pick_for_request(Some(2)), Some(2));
+        let p = pool(3, Policy::RoundRobin);
+        let ws = p.workers();
+        let _a = ws[0].start_request();
+        let _b = ws[1].start_request();
+        assert_eq!(p.pick_for_request(None).map(|w| w.id), Some(2));
+        assert_ne!(p.pick_for_request(Some(2)).map(|w| w.id), Some(2));
     }
 }

@@ -10,7 +10,7 @@
 use crate::body::{self, Guarded, Limited, Prefixed, ProxyBody};
 use crate::config::Config;
 use crate::engineio::{self, Parse};
-use crate::pool::Pool;
+use crate::pool::{InflightGuard, Pool, Worker};
 use crate::router::{NewSession, Route, Router, SessionTicket};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -79,7 +79,7 @@ impl Refusal {
 
 #[derive(Debug)]
 pub(crate) struct Target {
-    pub worker: usize,
+    pub worker: Arc<Worker>,
     pub ticket: Ticket,
 }
 
@@ -148,11 +148,11 @@ impl Proxy {
             };
             return match route {
                 Route::Session(t) => Ok(Target {
-                    worker: t.worker,
+                    worker: t.worker.clone(),
                     ticket: Ticket::Session(t),
                 }),
                 Route::New(n) => Ok(Target {
-                    worker: n.worker,
+                    worker: n.worker.clone(),
                     ticket: Ticket::New(n),
                 }),
                 Route::UnknownSid => Err(Refusal::UnknownSid),
@@ -194,18 +194,19 @@ impl Proxy {
             && is_idempotent(&parts.method)
             && has_no_body(&headers);
         let retry_headers = retry.then(|| headers.clone());
-        let mut worker = target.worker;
+        let mut worker = target.worker.clone();
         let mut upstream_req = self.upstream_request(
             &parts.method,
             &parts.uri,
             headers,
-            worker,
+            &worker,
             limited.boxed_unsync(),
         );
         let mut retried = false;
         loop {
-            let addr = self.pool.worker(worker).addr;
-            let inflight = self.pool.start_request(worker);
+            let addr = worker.addr;
+            let id = worker.id;
+            let inflight = worker.start_request();
             let result = tokio::time::timeout(wait, self.client.request(upstream_req)).await;
             if tripped.load(Ordering::Acquire) {
                 return too_large(self.cfg.limits.max_body);
@@ -216,7 +217,7 @@ impl Proxy {
                 }
                 Ok(Err(e)) => e,
                 Err(_) => {
-                    tracing::warn!(worker, %addr, "worker timed out");
+                    tracing::warn!(worker = id, %addr, "worker timed out");
                     return short(
                         StatusCode::GATEWAY_TIMEOUT,
                         &format!("corral: worker {addr} did not answer in {wait:?}\n"),
@@ -225,34 +226,34 @@ impl Proxy {
             };
             drop(inflight);
             if !err.is_connect() {
-                tracing::warn!(worker, %addr, error = %error_chain(&err), "worker failed");
+                tracing::warn!(worker = id, %addr, error = %error_chain(&err), "worker failed");
                 return short(
                     StatusCode::BAD_GATEWAY,
                     &format!("corral: worker {addr} failed: {}\n", error_chain(&err)),
                 );
             }
-            tracing::warn!(worker, %addr, error = %error_chain(&err), "cannot connect to worker");
-            self.pool.mark_down(worker);
+            tracing::warn!(worker = id, %addr, error = %error_chain(&err), "cannot connect to worker");
+            self.pool.mark_down(&worker);
             if matches!(target.ticket, Ticket::Session(_)) {
                 // The session died with its worker; the client should start anew.
                 return unknown_sid();
             }
             let next = if retry && !retried {
-                self.pool.pick_for_request(Some(worker))
+                self.pool.pick_for_request(Some(id))
             } else {
                 None
             };
             match (next, &retry_headers) {
                 (Some(w), Some(h)) => {
                     retried = true;
-                    worker = w;
                     upstream_req = self.upstream_request(
                         &parts.method,
                         &parts.uri,
                         h.clone(),
-                        w,
+                        &w,
                         body::empty(),
                     );
+                    worker = w;
                 }
                 _ => {
                     return short(
@@ -269,10 +270,10 @@ impl Proxy {
         method: &Method,
         uri: &Uri,
         headers: HeaderMap,
-        worker: usize,
+        worker: &Worker,
         body: ProxyBody,
     ) -> Request<ProxyBody> {
-        let addr = self.pool.worker(worker).addr;
+        let addr = worker.addr;
         let mut req = Request::new(body);
         *req.method_mut() = method.clone();
         *req.uri_mut() = worker_uri(addr, uri);
@@ -286,7 +287,7 @@ impl Proxy {
         &self,
         resp: Response<Incoming>,
         ticket: Ticket,
-        inflight: crate::pool::InflightGuard,
+        inflight: InflightGuard,
     ) -> Response<ProxyBody> {
         let (mut parts, incoming) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -319,7 +320,7 @@ impl Proxy {
         loop {
             match engineio::parse_handshake(&seen) {
                 Parse::Found(hs) => {
-                    tracing::debug!(sid = %hs.sid, worker = new.worker, "session learned");
+                    tracing::debug!(sid = %hs.sid, worker = new.worker.id, "session learned");
                     new.learn(&hs);
                     break;
                 }

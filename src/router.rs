@@ -7,7 +7,7 @@
 //! the worker's generation and answered as unknown, so their clients reconnect at once.
 
 use crate::engineio::Handshake;
-use crate::pool::Pool;
+use crate::pool::{Pool, Worker};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -23,7 +23,7 @@ const DEFAULT_LIVENESS: Duration = Duration::from_secs(45);
 
 #[derive(Debug)]
 struct Session {
-    worker: usize,
+    worker: Arc<Worker>,
     generation: u64,
     last_seen: Instant,
     idle: Duration,
@@ -107,8 +107,8 @@ impl Router {
         let Some(s) = table.get_mut(sid) else {
             return Route::UnknownSid;
         };
-        let w = self.pool.worker(s.worker);
-        if !w.is_up() || w.generation() != s.generation {
+        if s.worker.generation() != s.generation {
+            // Its worker went down (or was retired) since: the session died with it.
             table.remove(sid);
             return Route::UnknownSid;
         }
@@ -116,7 +116,7 @@ impl Router {
         Route::Session(SessionTicket {
             router: self.clone(),
             sid: sid.to_owned(),
-            worker: s.worker,
+            worker: s.worker.clone(),
             tunnel: false,
             answered: false,
         })
@@ -133,8 +133,8 @@ impl Router {
         match self.pool.pick_for_session(client) {
             Some(worker) => Route::New(NewSession {
                 router: self.clone(),
+                generation: worker.generation(),
                 worker,
-                generation: self.pool.worker(worker).generation(),
                 learned: false,
             }),
             None => Route::NoWorker,
@@ -144,27 +144,21 @@ impl Router {
     /// Removes expired sessions and sessions of workers that went down.
     pub fn sweep(&self) -> usize {
         let now = Instant::now();
-        let pool = &self.pool;
-        let mut ended = Vec::new();
-        let mut table = self.table();
-        table.retain(|_, s| {
-            let w = pool.worker(s.worker);
-            let stale = w.generation() != s.generation;
+        let mut ended = 0;
+        self.table().retain(|_, s| {
+            let stale = s.worker.generation() != s.generation;
             if stale || s.expired(now) {
-                ended.push((s.worker, s.generation));
+                s.worker.session_ended(s.generation);
+                ended += 1;
                 false
             } else {
                 true
             }
         });
-        drop(table);
-        for (worker, generation) in &ended {
-            pool.session_ended(*worker, *generation);
-        }
-        ended.len()
+        ended
     }
 
-    fn learn(&self, worker: usize, generation: u64, hs: &Handshake) {
+    fn learn(&self, worker: Arc<Worker>, generation: u64, hs: &Handshake) {
         let idle = self
             .idle_override
             .unwrap_or_else(|| hs.liveness.unwrap_or(DEFAULT_LIVENESS) + IDLE_SLACK);
@@ -179,7 +173,7 @@ impl Router {
         };
         if let Some(old) = self.table().insert(hs.sid.clone(), session) {
             // A worker reused a sid: the old entry's count goes with it.
-            self.pool.session_ended(old.worker, old.generation);
+            old.worker.session_ended(old.generation);
         }
     }
 
@@ -208,10 +202,10 @@ impl Router {
     }
 
     /// Sessions per worker id, as the table knows them.
-    pub fn sessions_by_worker(&self) -> Vec<usize> {
-        let mut counts = vec![0; self.pool.workers().len()];
+    pub fn sessions_by_worker(&self) -> HashMap<usize, usize> {
+        let mut counts = HashMap::new();
         for s in self.table().values() {
-            counts[s.worker] += 1;
+            *counts.entry(s.worker.id).or_insert(0) += 1;
         }
         counts
     }
@@ -236,7 +230,7 @@ pub fn spawn_sweeper(router: Arc<Router>, every: Duration) {
 pub struct SessionTicket {
     router: Arc<Router>,
     sid: String,
-    pub worker: usize,
+    pub worker: Arc<Worker>,
     tunnel: bool,
     answered: bool,
 }
@@ -266,7 +260,7 @@ impl Drop for SessionTicket {
 #[derive(Debug)]
 pub struct NewSession {
     router: Arc<Router>,
-    pub worker: usize,
+    pub worker: Arc<Worker>,
     generation: u64,
     learned: bool,
 }
@@ -274,7 +268,7 @@ pub struct NewSession {
 impl NewSession {
     /// Records the sid from the worker's handshake response.
     pub fn learn(mut self, hs: &Handshake) {
-        self.router.learn(self.worker, self.generation, hs);
+        self.router.learn(self.worker.clone(), self.generation, hs);
         self.learned = true;
     }
 }
@@ -284,7 +278,7 @@ impl Drop for NewSession {
         // A websocket-only session is never learned: it ends when this is dropped
         // with its tunnel; a failed handshake ends here too.
         if !self.learned {
-            self.router.pool.session_ended(self.worker, self.generation);
+            self.worker.session_ended(self.generation);
         }
     }
 }
@@ -321,11 +315,11 @@ mod tests {
     fn learned_sid_routes_to_its_worker() {
         let r = router(3);
         let n = new_on(&r);
-        let w = n.worker;
+        let w = n.worker.id;
         n.learn(&hs("abc"));
         for _ in 0..10 {
             match r.existing("abc") {
-                Route::Session(t) => assert_eq!(t.worker, w),
+                Route::Session(t) => assert_eq!(t.worker.id, w),
                 other => panic!("{other:?}"),
             }
         }
@@ -336,9 +330,10 @@ mod tests {
     fn failed_handshake_gives_back_the_count() {
         let r = router(1);
         let n = new_on(&r);
-        assert_eq!(r.pool.worker(0).sessions(), 1);
+        let w = n.worker.clone();
+        assert_eq!(w.sessions(), 1);
         drop(n);
-        assert_eq!(r.pool.worker(0).sessions(), 0);
+        assert_eq!(w.sessions(), 0);
     }
 
     #[test]
@@ -359,7 +354,8 @@ mod tests {
         assert_eq!(r.sweep(), 1);
         assert!(r.is_empty());
         new_on(&r).learn(&hs("ok"));
-        assert_eq!(r.pool.worker(0).sessions() + r.pool.worker(1).sessions(), 1);
+        let total: usize = r.pool.workers().iter().map(|w| w.sessions()).sum();
+        assert_eq!(total, 1);
     }
 
     #[test]
@@ -380,9 +376,9 @@ mod tests {
     fn worker_down_voids_its_sessions() {
         let r = router(2);
         let n = new_on(&r);
-        let w = n.worker;
+        let w = n.worker.clone();
         n.learn(&hs("s1"));
-        r.pool.mark_down(w);
+        r.pool.mark_down(&w);
         assert!(matches!(r.existing("s1"), Route::UnknownSid));
         assert!(r.is_empty());
     }

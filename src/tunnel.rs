@@ -30,8 +30,8 @@ pub(crate) async fn upgrade(
     peer: Peer,
     target: Target,
 ) -> Response<ProxyBody> {
-    let worker = target.worker;
-    let addr = proxy.pool.worker(worker).addr;
+    let worker = target.worker.id;
+    let addr = target.worker.addr;
     let client_side = hyper::upgrade::on(&mut req);
     let (parts, _) = req.into_parts();
     let mut headers = parts.headers;
@@ -50,11 +50,11 @@ pub(crate) async fn upgrade(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::warn!(worker, %addr, error = %e, "cannot connect to worker for websocket");
-            proxy.pool.mark_down(worker);
+            proxy.pool.mark_down(&target.worker);
             return unreachable(&target.ticket, addr);
         }
         Err(_) => {
-            proxy.pool.mark_down(worker);
+            proxy.pool.mark_down(&target.worker);
             return unreachable(&target.ticket, addr);
         }
     };
