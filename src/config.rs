@@ -6,9 +6,10 @@
 //! other modules receive a finished, validated [`Config`].
 
 use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The whole configuration, as the running proxy sees it.
@@ -31,6 +32,124 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// Worker processes corral starts and supervises.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<Workers>,
+    /// Unix socket for `corral reload`, `corral scale` and `corral status`. Default:
+    /// `corral-<first listen port>.sock` in the temporary directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_socket: Option<PathBuf>,
+}
+
+/// The command line of a worker: a string run by `/bin/sh -c` (quotes as in a shell)
+/// or an argument list run as is. `{port}` and `{id}` are replaced in either.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum WorkerCommand {
+    Shell(String),
+    Args(Vec<String>),
+}
+
+/// How many workers: a number, or `"auto"` for one per CPU.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Count {
+    Fixed(usize),
+    Auto,
+}
+
+impl Count {
+    pub fn resolve(self) -> usize {
+        match self {
+            Count::Fixed(n) => n,
+            Count::Auto => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+impl Serialize for Count {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Count::Fixed(n) => s.serialize_u64(*n as u64),
+            Count::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Count, D::Error> {
+        match NumOrStr::deserialize(d)? {
+            NumOrStr::Num(n) => Ok(Count::Fixed(n as usize)),
+            NumOrStr::Str(s) if s == "auto" => Ok(Count::Auto),
+            NumOrStr::Str(s) => Err(serde::de::Error::custom(format!(
+                "`{s}` is not a count: use a number or \"auto\""
+            ))),
+        }
+    }
+}
+
+/// Supervised workers: `[workers]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workers {
+    pub command: WorkerCommand,
+    #[serde(default = "default_count")]
+    pub count: Count,
+    /// First port; workers take the lowest free ports from here. Unset: corral picks
+    /// free loopback ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<PathBuf>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Readiness: empty means any HTTP answer to `GET /`; a path must answer 2xx/3xx.
+    #[serde(default)]
+    pub ready_path: String,
+    #[serde(default = "default_start_timeout", with = "duration")]
+    pub start_timeout: Duration,
+    /// Between SIGTERM and SIGKILL when a worker is stopped.
+    #[serde(default = "default_stop_grace", with = "duration")]
+    pub stop_grace: Duration,
+    /// How long a replaced worker keeps serving its sessions in a rolling restart.
+    #[serde(default = "default_drain", with = "duration")]
+    pub drain_timeout: Duration,
+    /// Longest wait between restarts of a worker that keeps crashing.
+    #[serde(default = "default_backoff_max", with = "duration")]
+    pub backoff_max: Duration,
+}
+
+fn default_count() -> Count {
+    Count::Fixed(1)
+}
+fn default_start_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_stop_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Workers {
+    /// Workers from a command line (`corral run -w 4 -- gunicorn ... {port} ...`).
+    pub fn from_args(args: Vec<String>, count: Count) -> Workers {
+        Workers {
+            command: WorkerCommand::Args(args),
+            count,
+            base_port: None,
+            cwd: None,
+            env: BTreeMap::new(),
+            ready_path: String::new(),
+            start_timeout: default_start_timeout(),
+            stop_grace: default_stop_grace(),
+            drain_timeout: default_drain(),
+            backoff_max: default_backoff_max(),
+        }
+    }
 }
 
 fn default_listen() -> Vec<SocketAddr> {
@@ -160,6 +279,9 @@ pub struct Timeouts {
     /// Idle worker connections kept for reuse this long.
     #[serde(with = "duration")]
     pub upstream_idle: Duration,
+    /// At shutdown, how long requests in flight may take to finish.
+    #[serde(with = "duration")]
+    pub shutdown_drain: Duration,
 }
 
 impl Default for Timeouts {
@@ -171,6 +293,7 @@ impl Default for Timeouts {
             websocket_idle: Duration::from_secs(300),
             header_read: Duration::from_secs(10),
             upstream_idle: Duration::from_secs(60),
+            shutdown_drain: Duration::from_secs(5),
         }
     }
 }
@@ -185,6 +308,8 @@ impl Default for Config {
             health: Health::default(),
             limits: Limits::default(),
             timeouts: Timeouts::default(),
+            workers: None,
+            admin_socket: None,
         }
     }
 }
@@ -254,11 +379,38 @@ impl Config {
         if self.listen.is_empty() {
             return Err(bad("listen", "at least one address is needed"));
         }
-        if self.upstreams.is_empty() {
+        if self.upstreams.is_empty() && self.workers.is_none() {
             return Err(bad(
                 "upstreams",
-                "at least one worker address is needed (e.g. upstreams = [\"127.0.0.1:5000\"])",
+                "give worker addresses (upstreams = [\"127.0.0.1:5000\"]) or a [workers] command for corral to start",
             ));
+        }
+        if let Some(w) = &self.workers {
+            let empty = match &w.command {
+                WorkerCommand::Shell(s) => s.trim().is_empty(),
+                WorkerCommand::Args(a) => a.is_empty() || a[0].is_empty(),
+            };
+            if empty {
+                return Err(bad("workers.command", "is empty"));
+            }
+            if w.count == Count::Fixed(0) {
+                return Err(bad("workers.count", "must be at least 1 (or \"auto\")"));
+            }
+            if w.count.resolve() > 1024 {
+                return Err(bad("workers.count", "more than 1024 workers"));
+            }
+            if !w.ready_path.is_empty() && !w.ready_path.starts_with('/') {
+                return Err(bad(
+                    "workers.ready_path",
+                    "must start with '/' (or be empty)",
+                ));
+            }
+            if w.start_timeout.is_zero() {
+                return Err(bad("workers.start_timeout", "must be more than 0"));
+            }
+            if w.base_port == Some(0) {
+                return Err(bad("workers.base_port", "must be a port number above 0"));
+            }
         }
         let path = &self.engineio.path;
         if !path.starts_with('/') || !path.ends_with('/') || path.len() < 2 {

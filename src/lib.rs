@@ -3,8 +3,10 @@
 //! The data path runs one way: [`server`] (listener) → [`proxy`] (limits, headers,
 //! choice of worker through [`router`] on the Engine.IO path) → [`pool`] (workers and
 //! their health) → [`tunnel`] for websockets. [`config`] reads the file and
-//! [`engineio`] holds the protocol knowledge.
+//! [`engineio`] holds the protocol knowledge. [`supervisor`] starts and watches the
+//! worker processes and [`admin`] takes commands for it from `corral reload`.
 
+pub mod admin;
 pub mod body;
 pub mod config;
 pub mod engineio;
@@ -12,4 +14,5 @@ pub mod pool;
 pub mod proxy;
 pub mod router;
 pub mod server;
+pub mod supervisor;
 pub mod tunnel;

@@ -1,7 +1,7 @@
 //! The `corral` command: parses the command line, loads the config and runs.
 
 use clap::{Args, Parser, Subcommand};
-use corral::config::{self, Config, Policy};
+use corral::config::{self, Config, Count, Policy, Workers};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +26,30 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Rolling restart of a running corral's workers (like SIGHUP).
+    Reload(AdminArgs),
+    /// Set the number of workers of a running corral.
+    Scale {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The new number of workers.
+        count: usize,
+    },
+    /// Print a running corral's workers as JSON.
+    Status(AdminArgs),
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// The running corral's config file (to find its admin socket).
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The admin socket path, instead of a config file.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// The running corral's listen address, when it runs without a config file.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -45,6 +69,21 @@ struct RunArgs {
     /// Largest request body, e.g. 200M.
     #[arg(long, value_parser = config::parse_size)]
     max_body: Option<u64>,
+    /// Number of workers to start from the command after `--` (a number or "auto").
+    #[arg(short = 'w', long = "workers", value_parser = parse_count)]
+    workers: Option<Count>,
+    /// The worker command, after `--`; `{port}` and `{id}` are filled in per worker.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+fn parse_count(s: &str) -> Result<Count, String> {
+    if s == "auto" {
+        return Ok(Count::Auto);
+    }
+    s.parse()
+        .map(Count::Fixed)
+        .map_err(|_| "expected a number or \"auto\"".into())
 }
 
 fn parse_policy(s: &str) -> Result<Policy, String> {
@@ -69,6 +108,9 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Reload(a) => admin(a, "reload".into()),
+        Command::Scale { admin: a, count } => admin(a, format!("scale {count}")),
+        Command::Status(a) => admin(a, "status".into()),
         Command::Run(args) => {
             let config = match build_config(args) {
                 Ok(c) => c,
@@ -113,8 +155,68 @@ fn build_config(args: RunArgs) -> Result<Config, config::ConfigError> {
     if let Some(n) = args.max_body {
         cfg.limits.max_body = n;
     }
+    if !args.command.is_empty() {
+        let count = args.workers.unwrap_or(Count::Fixed(1));
+        cfg.workers = Some(Workers::from_args(args.command, count));
+    } else if let Some(count) = args.workers {
+        match cfg.workers.as_mut() {
+            Some(w) => w.count = count,
+            None => {
+                return Err(config::ConfigError::Key {
+                    file: source,
+                    key: "workers".into(),
+                    message: "-w needs a worker command after `--` or a [workers] section".into(),
+                })
+            }
+        }
+    }
     cfg.validate(&source)?;
     Ok(cfg)
+}
+
+/// Sends one admin command to a running corral and prints its answer.
+fn admin(args: AdminArgs, command: String) -> ExitCode {
+    let path = match (&args.socket, &args.config, args.listen) {
+        (Some(p), _, _) => p.clone(),
+        (None, Some(file), _) => match Config::load(file) {
+            Ok(c) => c
+                .admin_socket
+                .clone()
+                .unwrap_or_else(|| corral::admin::default_path(c.listen[0].port())),
+            Err(e) => {
+                eprintln!("corral: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None, Some(addr)) => corral::admin::default_path(addr.port()),
+        (None, None, None) => corral::admin::default_path(8000),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("corral: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // A rolling restart waits for every worker to start and drain.
+    let wait = std::time::Duration::from_secs(3600);
+    match runtime.block_on(corral::admin::send(&path, &command, wait)) {
+        Ok(reply) => {
+            print!("{reply}");
+            if reply.starts_with("error") {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("corral: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logging() {

@@ -5,10 +5,12 @@
 //! It wires the parts together at start (pool, router, proxy, background tasks) and
 //! owns nothing after that but the sockets; every request goes to `Proxy::handle`.
 
+use crate::admin;
 use crate::config::Config;
 use crate::pool::{self, Pool};
 use crate::proxy::{Peer, Proxy};
 use crate::router::{self, Router};
+use crate::supervisor::Supervisor;
 use anyhow::Context;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -19,9 +21,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
-
-/// How long requests in flight may take to finish at shutdown.
-const DRAIN: Duration = Duration::from_secs(10);
 
 /// Runs corral until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -36,6 +35,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     router::spawn_sweeper(router.clone(), Duration::from_secs(2));
     let proxy = Arc::new(Proxy::new(cfg.clone(), pool.clone(), router));
 
+    // Bind first, so a port in use fails at once; accept once workers are ready.
     let mut listeners = Vec::new();
     for addr in &cfg.listen {
         let l = TcpListener::bind(addr)
@@ -43,7 +43,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {addr}"))?;
         listeners.push(l);
     }
-    print_summary(&cfg, &listeners);
+    let supervisor = cfg
+        .workers
+        .clone()
+        .map(|spec| Arc::new(Supervisor::new(spec, pool.clone(), Vec::new())));
+    let admin_path = cfg
+        .admin_socket
+        .clone()
+        .unwrap_or_else(|| admin::default_path(cfg.listen[0].port()));
+    admin::serve(&admin_path, supervisor.clone()).await?;
+    if let Some(sup) = &supervisor {
+        sup.start().await;
+    }
+    print_summary(&cfg, &listeners, &pool);
 
     let graceful = Arc::new(GracefulShutdown::new());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -59,7 +71,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         )));
     }
 
-    let signal = wait_for_signal().await;
+    let signal = wait_for_stop(supervisor.clone()).await;
     tracing::info!(
         signal,
         "stopping: no new connections, finishing requests in flight"
@@ -68,29 +80,42 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     for task in accepting {
         let _ = task.await;
     }
+    let drain = cfg.timeouts.shutdown_drain;
     // Every accept loop has ended, so this is the last reference.
     if let Ok(graceful) = Arc::try_unwrap(graceful) {
-        if tokio::time::timeout(DRAIN, graceful.shutdown())
+        if tokio::time::timeout(drain, graceful.shutdown())
             .await
             .is_err()
         {
             tracing::warn!(
-                ?DRAIN,
+                ?drain,
                 "requests still in flight after the drain period; closing"
             );
         }
     }
+    if let Some(sup) = &supervisor {
+        sup.stop_all().await;
+        tracing::info!("every worker stopped");
+    }
+    let _ = std::fs::remove_file(&admin_path);
     Ok(())
 }
 
-fn print_summary(cfg: &Config, listeners: &[TcpListener]) {
+fn print_summary(cfg: &Config, listeners: &[TcpListener], pool: &Pool) {
     for l in listeners {
         if let Ok(addr) = l.local_addr() {
             tracing::info!("listening on http://{addr}");
         }
     }
-    for (i, w) in cfg.upstreams.iter().enumerate() {
-        tracing::info!(worker = i, addr = %w, "upstream worker");
+    for w in pool.workers() {
+        tracing::info!(
+            worker = w.id,
+            pid = w.pid(),
+            addr = %w.addr,
+            state = w.state().name(),
+            managed = w.managed,
+            "worker"
+        );
     }
     tracing::info!(
         policy = %cfg.balance.policy,
@@ -170,20 +195,53 @@ fn normalise(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-async fn wait_for_signal() -> &'static str {
+/// Handles signals until SIGTERM or SIGINT: SIGHUP rolls the workers, SIGTTIN and
+/// SIGTTOU add and remove one (as gunicorn does).
+async fn wait_for_stop(supervisor: Option<Arc<Supervisor>>) -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
+    let watch = |kind: SignalKind| match signal(kind) {
+        Ok(s) => Some(s),
         Err(e) => {
-            tracing::error!(error = %e, "cannot watch SIGTERM");
-            return match tokio::signal::ctrl_c().await {
-                Ok(()) => "SIGINT",
-                Err(_) => "error",
-            };
+            tracing::error!(error = %e, "cannot watch a signal");
+            None
         }
     };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = tokio::signal::ctrl_c() => "SIGINT",
+    let mut term = watch(SignalKind::terminate());
+    let mut int = watch(SignalKind::interrupt());
+    let mut hup = watch(SignalKind::hangup());
+    let mut ttin = watch(SignalKind::from_raw(libc::SIGTTIN));
+    let mut ttou = watch(SignalKind::from_raw(libc::SIGTTOU));
+    loop {
+        let change: i64 = tokio::select! {
+            _ = recv(&mut term) => return "SIGTERM",
+            _ = recv(&mut int) => return "SIGINT",
+            _ = recv(&mut hup) => 0,
+            _ = recv(&mut ttin) => 1,
+            _ = recv(&mut ttou) => -1,
+        };
+        let Some(sup) = supervisor.clone() else {
+            tracing::warn!("no [workers] to restart or scale; signal ignored");
+            continue;
+        };
+        tokio::spawn(async move {
+            let result = if change == 0 {
+                sup.rolling_restart().await
+            } else {
+                let n = sup.count().await as i64 + change;
+                sup.scale(n.max(1) as usize).await
+            };
+            if let Err(e) = result {
+                tracing::error!("{e}");
+            }
+        });
+    }
+}
+
+async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
     }
 }

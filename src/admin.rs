@@ -1,0 +1,102 @@
+//! The admin socket: a Unix socket on which a running corral takes one-line commands
+//! (`reload`, `scale N`, `status`) from `corral reload|scale|status`, and the client
+//! side of those commands.
+//!
+//! It owns the socket file and the tiny line protocol; the work itself is the
+//! supervisor's. Only the local user can reach it (file mode 0600).
+
+use crate::supervisor::Supervisor;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Longest command line accepted.
+const MAX_COMMAND: u64 = 256;
+
+/// The default socket path for a corral listening on `port`.
+pub fn default_path(port: u16) -> PathBuf {
+    std::env::temp_dir().join(format!("corral-{port}.sock"))
+}
+
+/// Binds the socket (replacing a stale file no one answers on) and serves commands.
+pub async fn serve(path: &Path, supervisor: Option<Arc<Supervisor>>) -> anyhow::Result<()> {
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "admin socket {} is in use by another corral",
+                path.display()
+            );
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| anyhow::anyhow!("cannot create admin socket {}: {e}", path.display()))?;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let sup = supervisor.clone();
+            tokio::spawn(async move {
+                let _ = answer(stream, sup).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn answer(stream: UnixStream, supervisor: Option<Arc<Supervisor>>) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read.take(MAX_COMMAND))
+        .read_line(&mut line)
+        .await?;
+    let reply = run_command(line.trim(), supervisor.as_deref()).await;
+    write.write_all(reply.as_bytes()).await?;
+    write.shutdown().await
+}
+
+async fn run_command(cmd: &str, supervisor: Option<&Supervisor>) -> String {
+    let Some(sup) = supervisor else {
+        return "error: this corral supervises no workers ([workers] is not configured)\n".into();
+    };
+    let mut words = cmd.split_whitespace();
+    match (words.next(), words.next(), words.next()) {
+        (Some("reload"), None, _) => match sup.rolling_restart().await {
+            Ok(()) => "ok: every worker replaced\n".into(),
+            Err(e) => format!("error: {e}\n"),
+        },
+        (Some("scale"), Some(n), None) => match n.parse::<usize>() {
+            Ok(n) => match sup.scale(n).await {
+                Ok(()) => format!("ok: {n} workers\n"),
+                Err(e) => format!("error: {e}\n"),
+            },
+            Err(_) => format!("error: `{n}` is not a number\n"),
+        },
+        (Some("status"), None, _) => {
+            let status = sup.status().await;
+            serde_json::to_string(&status).unwrap_or_else(|e| format!("error: {e}")) + "\n"
+        }
+        _ => format!("error: unknown command `{cmd}` (reload, scale N, status)\n"),
+    }
+}
+
+/// Sends one command to a running corral and returns its answer.
+pub async fn send(path: &Path, command: &str, timeout: Duration) -> anyhow::Result<String> {
+    let mut stream = UnixStream::connect(path).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach corral at {}: {e} (is it running? see `admin_socket`)",
+            path.display()
+        )
+    })?;
+    stream.write_all(format!("{command}\n").as_bytes()).await?;
+    let mut reply = String::new();
+    tokio::time::timeout(timeout, stream.read_to_string(&mut reply))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {timeout:?}"))??;
+    Ok(reply)
+}

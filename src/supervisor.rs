@@ -1,0 +1,567 @@
+//! The supervisor: starts the worker processes from the command template, waits until
+//! each answers HTTP, restarts crashed ones with exponential backoff, replaces them
+//! one at a time on a rolling restart (draining the old one), scales up and down, and
+//! stops them all, process group and all, when corral stops.
+//!
+//! It owns processes and ports. It tells the pool about worker state through the
+//! pool's small interface (`add`, `set_ready`, `process_exited`, `drain`, `retire`)
+//! and never touches sessions: the router voids a dead worker's sessions by itself.
+
+use crate::config::{WorkerCommand, Workers};
+use crate::pool::{self, Pool, Worker};
+use std::collections::VecDeque;
+use std::net::{SocketAddr, TcpListener};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// Output lines kept per worker to explain a failed start.
+const TAIL_LINES: usize = 20;
+/// Longest output line forwarded; longer ones are cut.
+const MAX_LINE: usize = 16 * 1024;
+/// A worker that ran this long before exiting restarts without backoff.
+const STABLE_RUN: Duration = Duration::from_secs(10);
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// One supervised process slot: the worker it serves as, and its keeper task.
+struct Slot {
+    index: usize,
+    worker: Arc<Worker>,
+    stop: watch::Sender<bool>,
+    keeper: JoinHandle<()>,
+}
+
+pub struct Supervisor {
+    spec: Arc<Workers>,
+    pool: Arc<Pool>,
+    extra_env: Vec<(String, String)>,
+    slots: tokio::sync::Mutex<Vec<Slot>>,
+    next_index: AtomicUsize,
+    /// Serialises rolling restarts and scaling.
+    changes: tokio::sync::Mutex<()>,
+}
+
+/// What `status` reports per worker.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkerStatus {
+    pub id: usize,
+    pub index: usize,
+    pub pid: Option<u32>,
+    pub port: u16,
+    pub state: &'static str,
+    pub sessions: usize,
+    pub inflight: usize,
+    pub restarts: u64,
+}
+
+impl Supervisor {
+    pub fn new(spec: Workers, pool: Arc<Pool>, extra_env: Vec<(String, String)>) -> Supervisor {
+        Supervisor {
+            spec: Arc::new(spec),
+            pool,
+            extra_env,
+            slots: tokio::sync::Mutex::new(Vec::new()),
+            next_index: AtomicUsize::new(0),
+            changes: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Starts the configured number of workers and waits (up to the start timeout)
+    /// for each to be ready. Workers that fail keep being retried in the background.
+    pub async fn start(&self) {
+        let _change = self.changes.lock().await;
+        let n = self.spec.count.resolve();
+        let mut waiting = Vec::new();
+        for _ in 0..n {
+            waiting.push(self.start_slot().await);
+        }
+        for (index, ready) in waiting {
+            if let Err(e) = ready.await.unwrap_or(Err("keeper ended".into())) {
+                tracing::error!(
+                    worker = index,
+                    "worker not ready: {e}; retrying in the background"
+                );
+            }
+        }
+    }
+
+    /// Starts one more worker; the receiver tells when it is first ready (or why not).
+    async fn start_slot(&self) -> (usize, oneshot::Receiver<Result<(), String>>) {
+        let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+        let mut slots = self.slots.lock().await;
+        let port = self.pick_port(&slots);
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let worker = self.pool.add(addr, true);
+        let (stop, stop_rx) = watch::channel(false);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let keeper = tokio::spawn(keep(
+            self.spec.clone(),
+            self.pool.clone(),
+            worker.clone(),
+            index,
+            self.extra_env.clone(),
+            stop_rx,
+            ready_tx,
+        ));
+        slots.push(Slot {
+            index,
+            worker,
+            stop,
+            keeper,
+        });
+        (index, ready_rx)
+    }
+
+    fn pick_port(&self, slots: &[Slot]) -> u16 {
+        if let Some(base) = self.spec.base_port {
+            let used: Vec<u16> = slots.iter().map(|s| s.worker.addr.port()).collect();
+            let mut p = base;
+            while used.contains(&p) || !port_free(p) {
+                p = p.wrapping_add(1).max(1);
+            }
+            return p;
+        }
+        // The kernel's choice of a free port; the worker binds it right after.
+        TcpListener::bind(("127.0.0.1", 0))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(0)
+    }
+
+    /// Replaces every worker, one at a time: start the new one, wait until ready, move
+    /// traffic to it, drain the old one (bounded), stop it.
+    pub async fn rolling_restart(&self) -> Result<(), String> {
+        let _change = self.changes.lock().await;
+        let old: Vec<usize> = self.slots.lock().await.iter().map(|s| s.index).collect();
+        tracing::info!(workers = old.len(), "rolling restart");
+        for index in old {
+            let (new_index, ready) = self.start_slot().await;
+            if let Err(e) = ready.await.unwrap_or(Err("keeper ended".into())) {
+                self.stop_slot(new_index, false).await;
+                return Err(format!("replacement for worker {index} not ready: {e}"));
+            }
+            self.stop_slot(index, true).await;
+            tracing::info!(old = index, new = new_index, "worker replaced");
+        }
+        Ok(())
+    }
+
+    /// Brings the number of workers to `n`: new ones started, the newest stopped.
+    pub async fn scale(&self, n: usize) -> Result<(), String> {
+        if n == 0 || n > 1024 {
+            return Err("worker count must be between 1 and 1024".into());
+        }
+        let _change = self.changes.lock().await;
+        let current = self.slots.lock().await.len();
+        if n > current {
+            let mut waiting = Vec::new();
+            for _ in current..n {
+                waiting.push(self.start_slot().await);
+            }
+            for (index, ready) in waiting {
+                if let Err(e) = ready.await.unwrap_or(Err("keeper ended".into())) {
+                    tracing::error!(worker = index, "worker not ready: {e}");
+                }
+            }
+        } else {
+            let extra: Vec<usize> = self.slots.lock().await[n..]
+                .iter()
+                .map(|s| s.index)
+                .collect();
+            for index in extra.into_iter().rev() {
+                self.stop_slot(index, true).await;
+            }
+        }
+        tracing::info!(workers = n, "scaled");
+        Ok(())
+    }
+
+    pub async fn count(&self) -> usize {
+        self.slots.lock().await.len()
+    }
+
+    /// Stops one worker; with `drain`, it first serves out its sessions and requests
+    /// (up to the drain timeout) while getting nothing new.
+    async fn stop_slot(&self, index: usize, drain: bool) {
+        let slot = {
+            let mut slots = self.slots.lock().await;
+            match slots.iter().position(|s| s.index == index) {
+                Some(i) => slots.remove(i),
+                None => return,
+            }
+        };
+        if drain {
+            self.pool.drain(&slot.worker);
+            let deadline = Instant::now() + self.spec.drain_timeout;
+            while Instant::now() < deadline
+                && (slot.worker.sessions() > 0 || slot.worker.inflight() > 0)
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let _ = slot.stop.send(true);
+        let _ = slot.keeper.await;
+        self.pool.retire(&slot.worker);
+    }
+
+    /// Stops every worker: SIGTERM to each process group, SIGKILL after the grace.
+    pub async fn stop_all(&self) {
+        let slots: Vec<Slot> = std::mem::take(&mut *self.slots.lock().await);
+        for s in &slots {
+            let _ = s.stop.send(true);
+        }
+        for s in slots {
+            let _ = s.keeper.await;
+            self.pool.retire(&s.worker);
+        }
+    }
+
+    pub async fn status(&self) -> Vec<WorkerStatus> {
+        self.slots
+            .lock()
+            .await
+            .iter()
+            .map(|s| WorkerStatus {
+                id: s.worker.id,
+                index: s.index,
+                pid: s.worker.pid(),
+                port: s.worker.addr.port(),
+                state: s.worker.state().name(),
+                sessions: s.worker.sessions(),
+                inflight: s.worker.inflight(),
+                restarts: s.worker.restarts(),
+            })
+            .collect()
+    }
+}
+
+fn port_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// How the start of a watched process ended.
+enum Start {
+    Ready,
+    NotReady,
+    Exited(std::io::Result<std::process::ExitStatus>),
+    Stop,
+}
+
+/// How a watched process's life ended.
+enum End {
+    NotReady,
+    Exited(std::io::Result<std::process::ExitStatus>),
+    Stop,
+}
+
+/// Keeps one worker process running until told to stop.
+async fn keep(
+    spec: Arc<Workers>,
+    pool: Arc<Pool>,
+    worker: Arc<Worker>,
+    index: usize,
+    extra_env: Vec<(String, String)>,
+    mut stop: watch::Receiver<bool>,
+    ready_tx: oneshot::Sender<Result<(), String>>,
+) {
+    let mut ready_tx = Some(ready_tx);
+    let mut backoff = FIRST_BACKOFF;
+    let port = worker.addr.port();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        pool.set_starting(&worker);
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let mut child = match spawn(&spec, port, index, &extra_env, &tail) {
+            Ok(c) => c,
+            Err(e) => {
+                let msg = format!("cannot start `{}`: {e}", describe(&spec.command));
+                tracing::error!(worker = index, "{msg}");
+                if let Some(tx) = ready_tx.take() {
+                    let _ = tx.send(Err(msg));
+                }
+                if sleep_or_stop(&mut stop, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(spec.backoff_max);
+                continue;
+            }
+        };
+        let pid = child.id();
+        worker.set_pid(pid);
+        tracing::info!(worker = index, pid, port, "worker started");
+        let started = Instant::now();
+
+        let start = tokio::select! {
+            ready = wait_ready(worker.addr, &spec.ready_path, spec.start_timeout) => {
+                if ready { Start::Ready } else { Start::NotReady }
+            }
+            status = child.wait() => Start::Exited(status),
+            _ = stop.changed() => Start::Stop,
+        };
+        let end = match start {
+            Start::Ready => {
+                pool.set_ready(&worker);
+                tracing::info!(worker = index, pid, port, "worker ready");
+                if let Some(tx) = ready_tx.take() {
+                    let _ = tx.send(Ok(()));
+                }
+                tokio::select! {
+                    status = child.wait() => End::Exited(status),
+                    _ = stop.changed() => End::Stop,
+                }
+            }
+            Start::NotReady => End::NotReady,
+            Start::Exited(status) => End::Exited(status),
+            Start::Stop => End::Stop,
+        };
+        match end {
+            End::Stop => {
+                terminate(&mut child, spec.stop_grace).await;
+                pool.process_exited(&worker);
+                return;
+            }
+            End::NotReady => {
+                let msg = format!(
+                    "not ready within {:?}; last output:\n{}",
+                    spec.start_timeout,
+                    tail_text(&tail)
+                );
+                tracing::error!(worker = index, pid, "{msg}");
+                terminate(&mut child, spec.stop_grace).await;
+                if let Some(tx) = ready_tx.take() {
+                    let _ = tx.send(Err(msg));
+                }
+            }
+            End::Exited(status) => {
+                // Whatever the process left in its group goes too.
+                kill_group(pid, libc::SIGKILL);
+                let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+                let msg = format!("exited ({status}); last output:\n{}", tail_text(&tail));
+                tracing::error!(worker = index, pid, "{msg}");
+                if let Some(tx) = ready_tx.take() {
+                    let _ = tx.send(Err(msg));
+                }
+            }
+        }
+        pool.process_exited(&worker);
+        worker.count_restart();
+        if started.elapsed() >= STABLE_RUN {
+            backoff = FIRST_BACKOFF;
+        }
+        tracing::warn!(worker = index, ?backoff, "restarting worker");
+        if sleep_or_stop(&mut stop, backoff).await {
+            return;
+        }
+        backoff = (backoff * 2).min(spec.backoff_max);
+    }
+}
+
+/// Sleeps, or returns true at once when told to stop.
+async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => *stop.borrow(),
+        _ = stop.changed() => true,
+    }
+}
+
+/// Polls until the worker answers HTTP (any status, or 2xx/3xx on `ready_path`).
+async fn wait_ready(addr: SocketAddr, ready_path: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let path = if ready_path.is_empty() {
+        "/"
+    } else {
+        ready_path
+    };
+    while Instant::now() < deadline {
+        match pool::http_status(addr, path, Duration::from_secs(2)).await {
+            Some(status) if ready_path.is_empty() || (200..400).contains(&status) => return true,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    false
+}
+
+fn describe(cmd: &WorkerCommand) -> String {
+    match cmd {
+        WorkerCommand::Shell(s) => s.clone(),
+        WorkerCommand::Args(a) => a.join(" "),
+    }
+}
+
+fn fill(template: &str, port: u16, index: usize) -> String {
+    template
+        .replace("{port}", &port.to_string())
+        .replace("{id}", &index.to_string())
+}
+
+/// Starts the worker process in a process group of its own, killed if corral dies.
+fn spawn(
+    spec: &Workers,
+    port: u16,
+    index: usize,
+    extra_env: &[(String, String)],
+    tail: &Arc<Mutex<VecDeque<String>>>,
+) -> std::io::Result<Child> {
+    let mut cmd = match &spec.command {
+        WorkerCommand::Shell(s) => {
+            let mut c = Command::new("/bin/sh");
+            // exec: the worker itself is the process we watch and signal.
+            c.arg("-c").arg(format!("exec {}", fill(s, port, index)));
+            c
+        }
+        WorkerCommand::Args(args) => {
+            let mut c = Command::new(fill(&args[0], port, index));
+            c.args(args[1..].iter().map(|a| fill(a, port, index)));
+            c
+        }
+    };
+    if let Some(dir) = &spec.cwd {
+        cmd.current_dir(dir);
+    }
+    cmd.env("PORT", port.to_string())
+        .env("CORRAL_WORKER_ID", index.to_string())
+        .env("PYTHONUNBUFFERED", "1");
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    cmd.envs(&spec.env);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0);
+    // SAFETY: prctl is async-signal-safe; it only sets the child's parent-death signal,
+    // so the worker is killed even when corral itself is SIGKILLed.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // corral may have died between fork and prctl.
+            if libc::getppid() == 1 {
+                return Err(std::io::Error::other("corral exited"));
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(forward_lines(out, index, tail.clone()));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(forward_lines(err, index, tail.clone()));
+    }
+    Ok(child)
+}
+
+/// Forwards a worker's output to corral's log, one line at a time, keeping a tail.
+async fn forward_lines<R: AsyncRead + Unpin>(
+    reader: R,
+    index: usize,
+    tail: Arc<Mutex<VecDeque<String>>>,
+) {
+    let mut reader = BufReader::new(reader);
+    let mut line = Vec::new();
+    loop {
+        let (done, used) = match reader.fill_buf().await {
+            Ok([]) | Err(_) => (true, 0),
+            Ok(buf) => match buf.iter().position(|b| *b == b'\n') {
+                Some(i) => {
+                    push_capped(&mut line, &buf[..i]);
+                    (false, i + 1)
+                }
+                None => {
+                    push_capped(&mut line, buf);
+                    let n = buf.len();
+                    reader.consume(n);
+                    continue;
+                }
+            },
+        };
+        if done && line.is_empty() {
+            return;
+        }
+        reader.consume(used);
+        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+        line.clear();
+        tracing::info!(target: "corral::worker", "[worker {index}] {text}");
+        let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+        if t.len() == TAIL_LINES {
+            t.pop_front();
+        }
+        t.push_back(text);
+        if done {
+            return;
+        }
+    }
+}
+
+fn push_capped(line: &mut Vec<u8>, bytes: &[u8]) {
+    let room = MAX_LINE.saturating_sub(line.len());
+    line.extend_from_slice(&bytes[..bytes.len().min(room)]);
+}
+
+fn tail_text(tail: &Mutex<VecDeque<String>>) -> String {
+    let t = tail.lock().unwrap_or_else(|e| e.into_inner());
+    if t.is_empty() {
+        return "  (no output)".into();
+    }
+    t.iter().map(|l| format!("  | {l}\n")).collect()
+}
+
+fn kill_group(pid: Option<u32>, signal: i32) {
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        // SAFETY: plain syscall; the group id is the worker's pid (process_group(0)).
+        unsafe {
+            libc::killpg(pid, signal);
+        }
+    }
+}
+
+/// SIGTERM to the worker's process group, SIGKILL after `grace`.
+async fn terminate(child: &mut Child, grace: Duration) {
+    let pid = child.id();
+    kill_group(pid, libc::SIGTERM);
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        tracing::warn!(pid, ?grace, "worker did not stop in time: SIGKILL");
+    }
+    // The group too: a gunicorn worker may outlive its master.
+    kill_group(pid, libc::SIGKILL);
+    let _ = child.wait().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_is_filled() {
+        assert_eq!(
+            fill("gunicorn -b 127.0.0.1:{port} --name w{id}", 5001, 3),
+            "gunicorn -b 127.0.0.1:5001 --name w3"
+        );
+    }
+
+    #[tokio::test]
+    async fn long_lines_are_cut_and_tail_kept() {
+        let mut data = vec![b'x'; MAX_LINE * 2];
+        data.push(b'\n');
+        for i in 0..30 {
+            data.extend_from_slice(format!("line {i}\n").as_bytes());
+        }
+        data.extend_from_slice(b"no newline at end");
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        forward_lines(&data[..], 0, tail.clone()).await;
+        let t = tail.lock().expect("lock");
+        assert_eq!(t.len(), TAIL_LINES);
+        assert_eq!(t.back().map(String::as_str), Some("no newline at end"));
+        assert_eq!(t.front().map(String::as_str), Some("line 11"));
+    }
+}
