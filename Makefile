@@ -26,9 +26,10 @@ tests/apps/node/node_modules/.installed: tests/apps/node/package.json
 	cd tests/apps/node && npm install --no-audit --no-fund --silent
 	touch $@
 
-# Runs corral in front of the chat example (two gunicorn workers) on 127.0.0.1:8000.
+# Runs corral in front of the chat example (two gunicorn workers it starts itself)
+# on http://127.0.0.1:8000/.
 demo: release $(VENV)/.installed
-	examples/chat/demo.sh
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" target/release/corral run -c examples/chat/corral.toml
 
 test: build test-deps
 	$(CARGO) test

@@ -340,7 +340,22 @@ impl Config {
             file: file.clone(),
             source,
         })?;
-        Config::parse(&text, &file)
+        let mut config = Config::parse(&text, &file)?;
+        // Paths in the file are relative to the file, not to where corral runs.
+        let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(w) = config.workers.as_mut() {
+            if let Some(cwd) = w.cwd.as_mut() {
+                if cwd.is_relative() {
+                    *cwd = base.join(&*cwd);
+                }
+            }
+        }
+        if let Some(sock) = config.admin_socket.as_mut() {
+            if sock.is_relative() {
+                *sock = base.join(&*sock);
+            }
+        }
+        Ok(config)
     }
 
     /// Parses and validates TOML text; `file` names it in errors.
