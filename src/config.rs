@@ -661,6 +661,30 @@ mod tests {
     }
 
     #[test]
+    fn workers_section() {
+        let c = Config::parse(
+            "[workers]\ncommand = \"gunicorn -b 127.0.0.1:{port} app:app\"\ncount = \"auto\"\nenv = { A = \"1\" }\n",
+            "w.toml",
+        )
+        .expect("workers alone are enough");
+        let w = c.workers.as_ref().expect("workers");
+        assert_eq!(w.count, Count::Auto);
+        assert!(w.count.resolve() >= 1);
+        assert_eq!(w.env.get("A").map(String::as_str), Some("1"));
+        let again = Config::parse(&c.to_toml(), "printed").expect("round trip");
+        assert_eq!(again.workers.map(|w| w.command), Some(w.command.clone()));
+        for (text, key) in [
+            ("[workers]\ncommand = \"x\"\ncount = 0\n", "workers.count"),
+            ("[workers]\ncommand = []\n", "workers.command"),
+            ("[workers]\ncommand = \"x\"\ncount = \"many\"\n", "workers.count"),
+            ("[workers]\ncommand = \"x\"\nrestart = true\n", "restart"),
+        ] {
+            let e = Config::parse(text, "w.toml").unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn missing_upstreams_is_an_error() {
         let e = Config::parse("", "e.toml").unwrap_err().to_string();
         assert!(e.contains("upstreams"), "{e}");
