@@ -35,6 +35,9 @@ pub struct Config {
     /// Worker processes corral starts and supervises.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<Workers>,
+    /// The message queue handed to the workers: the embedded broker or a Redis URL.
+    #[serde(default)]
+    pub message_queue: MessageQueue,
     /// Unix socket for `corral reload`, `corral scale` and `corral status`. Default:
     /// `corral-<first listen port>.sock` in the temporary directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -116,6 +119,63 @@ pub struct Workers {
     /// Longest wait between restarts of a worker that keeps crashing.
     #[serde(default = "default_backoff_max", with = "duration")]
     pub backoff_max: Duration,
+}
+
+/// `[message_queue]`: the embedded Redis-protocol broker, or an external Redis.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MessageQueue {
+    /// Run the embedded broker. Default: yes when corral supervises workers and no
+    /// `url` is given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedded: Option<bool>,
+    /// Where the embedded broker listens (port 0: a free port).
+    pub listen: SocketAddr,
+    /// An external Redis instead (`redis://host:port/db`), for deployments across
+    /// machines.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Required by the embedded broker when it listens beyond loopback.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Largest bulk string (a published message) accepted.
+    #[serde(with = "size")]
+    pub max_bulk: u64,
+    /// Most arguments in one command.
+    pub max_args: usize,
+    /// A subscriber whose unsent backlog passes this is disconnected at once.
+    #[serde(with = "size")]
+    pub output_limit_hard: u64,
+    /// ... or stays above this for `output_limit_soft_for`.
+    #[serde(with = "size")]
+    pub output_limit_soft: u64,
+    #[serde(with = "duration")]
+    pub output_limit_soft_for: Duration,
+}
+
+impl Default for MessageQueue {
+    fn default() -> Self {
+        MessageQueue {
+            embedded: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            url: None,
+            password: None,
+            max_bulk: 64 << 20,
+            max_args: 1024 * 1024,
+            output_limit_hard: 32 << 20,
+            output_limit_soft: 8 << 20,
+            output_limit_soft_for: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Config {
+    /// Whether the embedded broker runs.
+    pub fn embedded_broker(&self) -> bool {
+        let mq = &self.message_queue;
+        mq.embedded
+            .unwrap_or(mq.url.is_none() && self.workers.is_some())
+    }
 }
 
 fn default_count() -> Count {
@@ -309,6 +369,7 @@ impl Default for Config {
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             workers: None,
+            message_queue: MessageQueue::default(),
             admin_socket: None,
         }
     }
@@ -452,6 +513,45 @@ impl Config {
             if value.is_zero() {
                 return Err(bad(key, "must be more than 0"));
             }
+        }
+        let mq = &self.message_queue;
+        if mq.embedded == Some(true) && mq.url.is_some() {
+            return Err(bad(
+                "message_queue.url",
+                "an external url and embedded = true exclude each other",
+            ));
+        }
+        if let Some(url) = &mq.url {
+            if !["redis://", "rediss://", "unix://"]
+                .iter()
+                .any(|s| url.starts_with(s))
+            {
+                return Err(bad(
+                    "message_queue.url",
+                    "must start with redis://, rediss:// or unix://",
+                ));
+            }
+        }
+        if self.embedded_broker()
+            && !mq.listen.ip().is_loopback()
+            && mq.password.as_deref().unwrap_or("").is_empty()
+        {
+            return Err(bad(
+                "message_queue.password",
+                "is required when the embedded broker listens beyond loopback",
+            ));
+        }
+        if mq.max_bulk == 0 || mq.max_bulk > (512 << 20) {
+            return Err(bad(
+                "message_queue.max_bulk",
+                "must be between 1 byte and 512M",
+            ));
+        }
+        if mq.output_limit_soft > mq.output_limit_hard {
+            return Err(bad(
+                "message_queue.output_limit_soft",
+                "must not exceed output_limit_hard",
+            ));
         }
         if self.limits.max_header < 1024 {
             return Err(bad("limits.max_header", "must be at least 1K"));
@@ -676,7 +776,10 @@ mod tests {
         for (text, key) in [
             ("[workers]\ncommand = \"x\"\ncount = 0\n", "workers.count"),
             ("[workers]\ncommand = []\n", "workers.command"),
-            ("[workers]\ncommand = \"x\"\ncount = \"many\"\n", "workers.count"),
+            (
+                "[workers]\ncommand = \"x\"\ncount = \"many\"\n",
+                "workers.count",
+            ),
             ("[workers]\ncommand = \"x\"\nrestart = true\n", "restart"),
         ] {
             let e = Config::parse(text, "w.toml").unwrap_err().to_string();

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod broker;
 pub mod config;
 pub mod engineio;
 pub mod pool;

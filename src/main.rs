@@ -37,6 +37,17 @@ enum Command {
     },
     /// Print a running corral's workers as JSON.
     Status(AdminArgs),
+    /// Run only the embedded message queue (a Redis-protocol pub/sub broker).
+    Mq {
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:6379")]
+        listen: SocketAddr,
+        /// Clients must AUTH with this password (required beyond loopback).
+        #[arg(long)]
+        password: Option<String>,
+        /// Disconnect a subscriber whose unsent backlog passes this, e.g. 32M.
+        #[arg(long, value_parser = config::parse_size)]
+        output_limit: Option<u64>,
+    },
 }
 
 #[derive(Args)]
@@ -111,6 +122,11 @@ fn main() -> ExitCode {
         Command::Reload(a) => admin(a, "reload".into()),
         Command::Scale { admin: a, count } => admin(a, format!("scale {count}")),
         Command::Status(a) => admin(a, "status".into()),
+        Command::Mq {
+            listen,
+            password,
+            output_limit,
+        } => run_broker(listen, password, output_limit),
         Command::Run(args) => {
             let config = match build_config(args) {
                 Ok(c) => c,
@@ -172,6 +188,49 @@ fn build_config(args: RunArgs) -> Result<Config, config::ConfigError> {
     }
     cfg.validate(&source)?;
     Ok(cfg)
+}
+
+fn run_broker(listen: SocketAddr, password: Option<String>, output_limit: Option<u64>) -> ExitCode {
+    let mut mq = config::MessageQueue {
+        embedded: Some(true),
+        listen,
+        password,
+        ..Default::default()
+    };
+    if let Some(hard) = output_limit {
+        mq.output_limit_hard = hard;
+        mq.output_limit_soft = mq.output_limit_soft.min(hard);
+    }
+    if !listen.ip().is_loopback() && mq.password.as_deref().unwrap_or("").is_empty() {
+        eprintln!("corral: --password is required when the message queue listens beyond loopback");
+        return ExitCode::from(2);
+    }
+    init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("corral: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let (_broker, addr) =
+            corral::broker::start(mq.listen, corral::broker::Settings::from_config(&mq)).await?;
+        tracing::info!(%addr, "message queue listening");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        anyhow::Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("corral: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Sends one admin command to a running corral and prints its answer.

@@ -6,6 +6,7 @@
 //! owns nothing after that but the sockets; every request goes to `Proxy::handle`.
 
 use crate::admin;
+use crate::broker;
 use crate::config::Config;
 use crate::pool::{self, Pool};
 use crate::proxy::{Peer, Proxy};
@@ -43,10 +44,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {addr}"))?;
         listeners.push(l);
     }
-    let supervisor = cfg
-        .workers
-        .clone()
-        .map(|spec| Arc::new(Supervisor::new(spec, pool.clone(), Vec::new())));
+    let queue_url = message_queue(&cfg).await?;
+    let supervisor = cfg.workers.clone().map(|spec| {
+        let env = queue_env(queue_url.as_deref(), &spec.env);
+        Arc::new(Supervisor::new(spec, pool.clone(), env))
+    });
     let admin_path = cfg
         .admin_socket
         .clone()
@@ -99,6 +101,43 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&admin_path);
     Ok(())
+}
+
+/// Starts the embedded broker if configured; returns the queue URL for the workers.
+async fn message_queue(cfg: &Config) -> anyhow::Result<Option<String>> {
+    let mq = &cfg.message_queue;
+    if !cfg.embedded_broker() {
+        if let Some(url) = &mq.url {
+            tracing::info!(url = %redact(url), "message queue: external");
+        }
+        return Ok(mq.url.clone());
+    }
+    let (_broker, addr) = broker::start(mq.listen, broker::Settings::from_config(mq)).await?;
+    let url = broker::url_for(addr, mq.password.as_deref());
+    tracing::info!(%addr, "message queue: embedded broker listening");
+    Ok(Some(url))
+}
+
+/// CORRAL_MESSAGE_QUEUE always; REDIS_URL unless the environment already sets it.
+fn queue_env(
+    url: Option<&str>,
+    worker_env: &std::collections::BTreeMap<String, String>,
+) -> Vec<(String, String)> {
+    let Some(url) = url else {
+        return Vec::new();
+    };
+    let mut env = vec![("CORRAL_MESSAGE_QUEUE".to_string(), url.to_string())];
+    if std::env::var_os("REDIS_URL").is_none() && !worker_env.contains_key("REDIS_URL") {
+        env.push(("REDIS_URL".to_string(), url.to_string()));
+    }
+    env
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
 }
 
 fn print_summary(cfg: &Config, listeners: &[TcpListener], pool: &Pool) {

@@ -1,0 +1,1028 @@
+//! The embedded message queue: a pub/sub broker that speaks the Redis protocol
+//! (RESP2 and RESP3), so `message_queue='redis://...'` in Flask-SocketIO (or a Node
+//! redis adapter) works with nothing else installed.
+//!
+//! This module owns the broker's sockets and per-connection state and runs commands;
+//! [`registry`] is the pub/sub core, [`resp`] the wire format, [`glob`] Redis's
+//! pattern rules. It is not a Redis: commands other than the pub/sub set get Redis's
+//! own unknown-command error. It must not touch the proxy's state.
+
+pub mod glob;
+pub mod registry;
+pub mod resp;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use registry::{ClientHandle, Kind, Outbound, OutputLimit, Registry, Space};
+use resp::{Caps, Out};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// The Redis version whose replies the broker reproduces (and reports, as other
+/// Redis-protocol servers do, so clients enable the features it has).
+pub const REDIS_VERSION: &str = "7.0.15";
+const DATABASES: i64 = 16;
+
+/// How the broker is set up.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub password: Option<String>,
+    pub max_bulk: u64,
+    pub max_args: usize,
+    pub output: OutputLimit,
+}
+
+pub struct Broker {
+    settings: Settings,
+    registry: Registry,
+    next_id: AtomicU64,
+    started: Instant,
+    port: u16,
+}
+
+impl Broker {
+    pub fn new(settings: Settings, port: u16) -> Arc<Broker> {
+        Arc::new(Broker {
+            settings,
+            registry: Registry::default(),
+            next_id: AtomicU64::new(1),
+            started: Instant::now(),
+            port,
+        })
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Accepts clients until the runtime stops.
+    pub fn spawn(self: &Arc<Self>, listener: TcpListener) {
+        let broker = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let _ = stream.set_nodelay(true);
+                        tokio::spawn(broker.clone().connection(stream));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "message queue accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let stats = &self.registry.stats;
+        stats.connections.fetch_add(1, Ordering::Relaxed);
+        stats.connected.fetch_add(1, Ordering::Relaxed);
+        let (handle, rx) = ClientHandle::new(id, self.settings.output);
+        let (mut reader, writer) = stream.into_split();
+        let writing = tokio::spawn(write_loop(writer, rx, handle.clone()));
+        let mut client = Client {
+            handle: handle.clone(),
+            resp3: false,
+            authenticated: self.settings.password.is_none(),
+            name: None,
+            channels: HashSet::new(),
+            patterns: HashSet::new(),
+            shard: HashSet::new(),
+        };
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        'read: loop {
+            let n = tokio::select! {
+                r = reader.read_buf(&mut buf) => r.unwrap_or(0),
+                _ = handle.kill.notified() => 0,
+            };
+            if n == 0 {
+                break;
+            }
+            loop {
+                let caps = Caps {
+                    max_bulk: self.settings.max_bulk as i64,
+                    max_args: self.settings.max_args as i64,
+                    unauthenticated: !client.authenticated,
+                };
+                match resp::parse(&mut buf, caps) {
+                    Ok(Some(args)) if args.is_empty() => continue,
+                    Ok(Some(args)) => {
+                        if self.execute(&mut client, args) == Next::Close {
+                            break 'read;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let mut out = BytesMut::new();
+                        client
+                            .out()
+                            .error(&mut out, &format!("ERR Protocol error: {}", e.0));
+                        handle.reply(out.freeze());
+                        break 'read;
+                    }
+                }
+            }
+        }
+        self.forget(&mut client);
+        handle.send(Outbound::Close);
+        let _ = writing.await;
+        stats.connected.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Drops every subscription of a client that is leaving.
+    fn forget(&self, c: &mut Client) {
+        for ch in c.channels.drain() {
+            self.registry.unsubscribe(Space::Channel, &ch, c.handle.id);
+        }
+        for p in c.patterns.drain() {
+            self.registry.unsubscribe(Space::Pattern, &p, c.handle.id);
+        }
+        for s in c.shard.drain() {
+            self.registry.unsubscribe(Space::Shard, &s, c.handle.id);
+        }
+    }
+
+    fn execute(&self, c: &mut Client, args: Vec<Bytes>) -> Next {
+        let mut out = BytesMut::new();
+        let next = self.dispatch(c, &args, &mut out);
+        if !out.is_empty() {
+            c.handle.reply(out.freeze());
+        }
+        next
+    }
+
+    fn dispatch(&self, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next {
+        let o = c.out();
+        let name = String::from_utf8_lossy(&args[0]).to_ascii_lowercase();
+        let Some(cmd) = COMMANDS.iter().find(|cmd| cmd.name == name) else {
+            o.error(out, &unknown_command(args));
+            return Next::Go;
+        };
+        // Container commands: the subcommand has its own arity and name.
+        let (full, arity) = match subcommand(cmd, args) {
+            Ok(v) => v,
+            Err(e) => {
+                o.error(out, &e);
+                return Next::Go;
+            }
+        };
+        if !c.authenticated && !cmd.no_auth {
+            o.error(out, "NOAUTH Authentication required.");
+            return Next::Go;
+        }
+        let argc = args.len() as i32;
+        if (arity > 0 && argc != arity) || argc < -arity {
+            o.error(
+                out,
+                &format!("ERR wrong number of arguments for '{full}' command"),
+            );
+            return Next::Go;
+        }
+        if !c.resp3 && c.subscriptions() + c.shard.len() > 0 && !cmd.in_subscribed_mode {
+            o.error(out, &format!("ERR Can't execute '{full}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"));
+            return Next::Go;
+        }
+        (cmd.run)(self, c, args, out)
+    }
+
+    fn info(&self, section: Option<&str>) -> String {
+        let all = section.is_none_or(|s| matches!(s, "all" | "everything" | "default"));
+        let want = |s: &str| all || section == Some(s);
+        let stats = &self.registry.stats;
+        let mut text = String::new();
+        if want("server") {
+            text.push_str(&format!(
+                "# Server\r\nredis_version:{REDIS_VERSION}\r\nredis_mode:standalone\r\ncorral_version:{}\r\nos:{}\r\nprocess_id:{}\r\ntcp_port:{}\r\nuptime_in_seconds:{}\r\n\r\n",
+                env!("CARGO_PKG_VERSION"),
+                std::env::consts::OS,
+                std::process::id(),
+                self.port,
+                self.started.elapsed().as_secs()
+            ));
+        }
+        if want("clients") {
+            text.push_str(&format!(
+                "# Clients\r\nconnected_clients:{}\r\n\r\n",
+                stats.connected.load(Ordering::Relaxed)
+            ));
+        }
+        if want("stats") {
+            text.push_str(&format!(
+                "# Stats\r\ntotal_connections_received:{}\r\npubsub_channels:{}\r\npubsub_patterns:{}\r\npubsub_shardchannels:{}\r\ncorral_messages_published:{}\r\ncorral_messages_delivered:{}\r\n\r\n",
+                stats.connections.load(Ordering::Relaxed),
+                self.registry.names(Space::Channel, None).len(),
+                self.registry.numpat(),
+                self.registry.names(Space::Shard, None).len(),
+                stats.published.load(Ordering::Relaxed),
+                stats.delivered.load(Ordering::Relaxed),
+            ));
+        }
+        if text.ends_with("\r\n\r\n") {
+            text.truncate(text.len() - 2);
+        }
+        text
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Go,
+    Close,
+}
+
+/// One connection's state, owned by its reader.
+struct Client {
+    handle: Arc<ClientHandle>,
+    resp3: bool,
+    authenticated: bool,
+    name: Option<Bytes>,
+    channels: HashSet<Bytes>,
+    patterns: HashSet<Bytes>,
+    shard: HashSet<Bytes>,
+}
+
+impl Client {
+    fn out(&self) -> Out {
+        Out { resp3: self.resp3 }
+    }
+    /// What Redis counts in (un)subscribe replies: channels plus patterns.
+    fn subscriptions(&self) -> usize {
+        self.channels.len() + self.patterns.len()
+    }
+    fn set_protocol(&mut self, resp3: bool) {
+        if self.resp3 != resp3 {
+            self.resp3 = resp3;
+            self.handle.send(Outbound::Protocol(resp3));
+        }
+    }
+}
+
+type Run = fn(&Broker, &mut Client, &[Bytes], &mut BytesMut) -> Next;
+
+struct Command {
+    name: &'static str,
+    arity: i32,
+    no_auth: bool,
+    in_subscribed_mode: bool,
+    run: Run,
+    /// (name, arity) of subcommands, for container commands.
+    subcommands: &'static [(&'static str, i32)],
+}
+
+const fn cmd(name: &'static str, arity: i32, run: Run) -> Command {
+    Command {
+        name,
+        arity,
+        no_auth: false,
+        in_subscribed_mode: false,
+        run,
+        subcommands: &[],
+    }
+}
+
+const COMMANDS: &[Command] = &[
+    Command {
+        in_subscribed_mode: true,
+        ..cmd("ping", -1, ping)
+    },
+    cmd("echo", 2, echo),
+    Command {
+        no_auth: true,
+        ..cmd("hello", -1, hello)
+    },
+    Command {
+        no_auth: true,
+        ..cmd("auth", -2, auth)
+    },
+    Command {
+        subcommands: &[("id", 2), ("setname", 3), ("getname", 2), ("setinfo", 4)],
+        ..cmd("client", -2, client)
+    },
+    cmd("select", 2, select),
+    Command {
+        no_auth: true,
+        in_subscribed_mode: true,
+        ..cmd("quit", -1, quit)
+    },
+    Command {
+        no_auth: true,
+        in_subscribed_mode: true,
+        ..cmd("reset", 1, reset)
+    },
+    Command {
+        in_subscribed_mode: true,
+        ..cmd("subscribe", -2, subscribe)
+    },
+    Command {
+        in_subscribed_mode: true,
+        ..cmd("unsubscribe", -1, unsubscribe)
+    },
+    Command {
+        in_subscribed_mode: true,
+        ..cmd("psubscribe", -2, psubscribe)
+    },
+    Command {
+        in_subscribed_mode: true,
+        ..cmd("punsubscribe", -1, punsubscribe)
+    },
+    Command {
+        in_subscribed_mode: true,
+        ..cmd("ssubscribe", -2, ssubscribe)
+    },
+    Command {
+        in_subscribed_mode: true,
+        ..cmd("sunsubscribe", -1, sunsubscribe)
+    },
+    cmd("publish", 3, publish),
+    cmd("spublish", 3, spublish),
+    Command {
+        subcommands: &[
+            ("channels", -2),
+            ("numsub", -2),
+            ("numpat", 2),
+            ("shardchannels", -2),
+            ("shardnumsub", -2),
+        ],
+        ..cmd("pubsub", -2, pubsub)
+    },
+    Command {
+        subcommands: &[("count", 2), ("docs", -2), ("info", -2), ("list", -2)],
+        ..cmd("command", -1, command)
+    },
+    cmd("info", -1, info),
+];
+
+/// The full name and arity to check: `client|setname` for a container's subcommand.
+fn subcommand(cmd: &Command, args: &[Bytes]) -> Result<(String, i32), String> {
+    if cmd.subcommands.is_empty() || args.len() < 2 {
+        return Ok((cmd.name.to_string(), cmd.arity));
+    }
+    let sub = String::from_utf8_lossy(&args[1]).to_ascii_lowercase();
+    match cmd.subcommands.iter().find(|(n, _)| *n == sub) {
+        Some((n, arity)) => Ok((format!("{}|{n}", cmd.name), *arity)),
+        None => Err(format!(
+            "ERR unknown subcommand '{}'. Try {} HELP.",
+            truncate(&String::from_utf8_lossy(&args[1]), 128),
+            cmd.name.to_ascii_uppercase()
+        )),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Redis's text: the name (up to 128 bytes) and the first arguments (128 in all).
+fn unknown_command(args: &[Bytes]) -> String {
+    let mut listed = String::new();
+    for a in &args[1..] {
+        if listed.len() >= 128 {
+            break;
+        }
+        let room = 128 - listed.len();
+        listed.push_str(&format!(
+            "'{}' ",
+            truncate(&String::from_utf8_lossy(a), room)
+        ));
+    }
+    format!(
+        "ERR unknown command '{}', with args beginning with: {listed}",
+        truncate(&String::from_utf8_lossy(&args[0]), 128)
+    )
+}
+
+fn ping(_: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next {
+    let o = c.out();
+    if args.len() > 2 {
+        o.error(out, "ERR wrong number of arguments for 'ping' command");
+    } else if !c.resp3 && c.subscriptions() + c.shard.len() > 0 {
+        o.array(out, 2);
+        o.bulk(out, b"pong");
+        o.bulk(out, args.get(1).map_or(&b""[..], |a| &a[..]));
+    } else if let Some(msg) = args.get(1) {
+        o.bulk(out, msg);
+    } else {
+        o.simple(out, "PONG");
+    }
+    Next::Go
+}
+
+fn echo(_: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next {
+    c.out().bulk(out, &args[1]);
+    Next::Go
+}
+
+fn valid_name(name: &[u8]) -> bool {
+    name.iter().all(|b| (b'!'..=b'~').contains(b))
+}
+
+fn password_ok(b: &Broker, user: Option<&[u8]>, pass: &[u8]) -> bool {
+    if user.is_some_and(|u| u != b"default") {
+        return false;
+    }
+    match &b.settings.password {
+        // The default user has no password: any password is accepted for it.
+        None => true,
+        Some(p) => constant_time_eq(p.as_bytes(), pass),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8;
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
+    }
+    diff == 0
+}
+
+const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
+
+fn auth(b: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next {
+    let o = c.out();
+    match args.len() {
+        2 if b.settings.password.is_none() => o.error(out, "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?"),
+        2 | 3 => {
+            let user = (args.len() == 3).then(|| &args[1][..]);
+            if password_ok(b, user, &args[args.len() - 1]) {
+                c.authenticated = true;
+                o.simple(out, "OK");
+            } else {
+                o.error(out, WRONGPASS);
+            }
+        }
+        _ => o.error(out, "ERR syntax error"),
+    }
+    Next::Go
+}
+
+fn hello(b: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next {
+    let o = c.out();
+    let mut proto = if c.resp3 { 3 } else { 2 };
+    if let Some(v) = args.get(1) {
+        match std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+        {
+            None => {
+                o.error(
+                    out,
+                    "ERR Protocol version is not an integer or out of range",
+                );
+                return Next::Go;
+            }
+            Some(2) => proto = 2,
+            Some(3) => proto = 3,
+            Some(_) => {
+                o.error(out, "NOPROTO unsupported protocol version");
+                return Next::Go;
+            }
+        }
+    }
+    let mut auth: Option<(&Bytes, &Bytes)> = None;
+    let mut setname: Option<&Bytes> = None;
+    let mut j = 2;
+    while j < args.len() {
+        let opt = String::from_utf8_lossy(&args[j]).to_ascii_lowercase();
+        let left = args.len() - j - 1;
+        if opt == "auth" && left >= 2 {
+            auth = Some((&args[j + 1], &args[j + 2]));
+            j += 3;
+        } else if opt == "setname" && left >= 1 {
+            setname = Some(&args[j + 1]);
+            j += 2;
+        } else {
+            o.error(
+                out,
+                &format!(
+                    "ERR Syntax error in HELLO option '{}'",
+                    String::from_utf8_lossy(&args[j])
+                ),
+            );
+            return Next::Go;
+        }
+    }
+    if let Some((user, pass)) = auth {
+        if !password_ok(b, Some(user), pass) {
+            o.error(out, WRONGPASS);
+            return Next::Go;
+        }
+        c.authenticated = true;
+    }
+    if !c.authenticated {
+        o.error(out, "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time");
+        return Next::Go;
+    }
+    if let Some(name) = setname {
+        if !valid_name(name) {
+            o.error(
+                out,
+                "ERR Client names cannot contain spaces, newlines or special characters.",
+            );
+            return Next::Go;
+        }
+        c.name = (!name.is_empty()).then(|| name.clone());
+    }
+    c.set_protocol(proto == 3);
+    let o = c.out();
+    o.map(out, 7);
+    o.bulk(out, b"server");
+    o.bulk(out, b"redis");
+    o.bulk(out, b"version");
+    o.bulk(out, REDIS_VERSION.as_bytes());
+    o.bulk(out, b"proto");
+    o.int(out, proto);
+    o.bulk(out, b"id");
+    o.int(out, c.handle.id as i64);
+    o.bulk(out, b"mode");
+    o.bulk(out, b"standalone");
+    o.bulk(out, b"role");
+    o.bulk(out, b"master");
+    o.bulk(out, b"modules");
+    o.array(out, 0);
+    Next::Go
+}
+
+fn client(_: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next {
+    let o = c.out();
+    match String::from_utf8_lossy(&args[1])
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "id" => o.int(out, c.handle.id as i64),
+        "getname" => match &c.name {
+            Some(n) => o.bulk(out, n),
+            None => o.null(out),
+        },
+        "setname" => {
+            if valid_name(&args[2]) {
+                c.name = (!args[2].is_empty()).then(|| args[2].clone());
+                o.simple(out, "OK");
+            } else {
+                o.error(
+                    out,
+                    "ERR Client names cannot contain spaces, newlines or special characters.",
+                );
+            }
+        }
+        // setinfo (Redis 7.2): accepted and remembered nowhere, as it only labels.
+        _ => {
+            let attr = String::from_utf8_lossy(&args[2]).to_ascii_lowercase();
+            if attr != "lib-name" && attr != "lib-ver" {
+                o.error(
+                    out,
+                    &format!(
+                        "ERR Unrecognized option '{}'",
+                        String::from_utf8_lossy(&args[2])
+                    ),
+                );
+            } else if !valid_name(&args[3]) {
+                o.error(out, "ERR lib-name and lib-ver cannot contain spaces, newlines or special characters.");
+            } else {
+                o.simple(out, "OK");
+            }
+        }
+    }
+    Next::Go
+}
+
+fn select(_: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next {
+    let o = c.out();
+    match std::str::from_utf8(&args[1])
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok())
+    {
+        None => o.error(out, "ERR value is not an integer or out of range"),
+        Some(n) if !(0..DATABASES).contains(&n) => o.error(out, "ERR DB index is out of range"),
+        // Pub/sub does not depend on the database.
+        Some(_) => o.simple(out, "OK"),
+    }
+    Next::Go
+}
+
+fn quit(_: &Broker, c: &mut Client, _: &[Bytes], out: &mut BytesMut) -> Next {
+    c.out().simple(out, "OK");
+    Next::Close
+}
+
+fn reset(b: &Broker, c: &mut Client, _: &[Bytes], out: &mut BytesMut) -> Next {
+    b.forget(c);
+    c.name = None;
+    c.authenticated = b.settings.password.is_none();
+    c.set_protocol(false);
+    c.out().simple(out, "RESET");
+    Next::Go
+}
+
+/// Replies `[kind, name, count]` as a push (an array in RESP2).
+fn confirm(o: Out, out: &mut BytesMut, kind: &str, name: Option<&[u8]>, count: usize) {
+    o.push(out, 3);
+    o.bulk(out, kind.as_bytes());
+    match name {
+        Some(n) => o.bulk(out, n),
+        None => o.null(out),
+    }
+    o.int(out, count as i64);
+}
+
+fn subscribe_in(b: &Broker, c: &mut Client, space: Space, names: &[Bytes], out: &mut BytesMut) {
+    let kind = match space {
+        Space::Channel => "subscribe",
+        Space::Pattern => "psubscribe",
+        Space::Shard => "ssubscribe",
+    };
+    for name in names {
+        let set = match space {
+            Space::Channel => &mut c.channels,
+            Space::Pattern => &mut c.patterns,
+            Space::Shard => &mut c.shard,
+        };
+        if set.insert(name.clone()) {
+            b.registry.subscribe(space, name.clone(), &c.handle);
+        }
+        let count = if space == Space::Shard {
+            c.shard.len()
+        } else {
+            c.subscriptions()
+        };
+        confirm(c.out(), out, kind, Some(name), count);
+    }
+}
+
+fn unsubscribe_in(b: &Broker, c: &mut Client, space: Space, names: &[Bytes], out: &mut BytesMut) {
+    let kind = match space {
+        Space::Channel => "unsubscribe",
+        Space::Pattern => "punsubscribe",
+        Space::Shard => "sunsubscribe",
+    };
+    let set = match space {
+        Space::Channel => &c.channels,
+        Space::Pattern => &c.patterns,
+        Space::Shard => &c.shard,
+    };
+    let names: Vec<Bytes> = if names.is_empty() {
+        set.iter().cloned().collect()
+    } else {
+        names.to_vec()
+    };
+    if names.is_empty() {
+        let count = if space == Space::Shard {
+            c.shard.len()
+        } else {
+            c.subscriptions()
+        };
+        confirm(c.out(), out, kind, None, count);
+        return;
+    }
+    for name in names {
+        let set = match space {
+            Space::Channel => &mut c.channels,
+            Space::Pattern => &mut c.patterns,
+            Space::Shard => &mut c.shard,
+        };
+        if set.remove(&name) {
+            b.registry.unsubscribe(space, &name, c.handle.id);
+        }
+        let count = if space == Space::Shard {
+            c.shard.len()
+        } else {
+            c.subscriptions()
+        };
+        confirm(c.out(), out, kind, Some(&name), count);
+    }
+}
+
+fn subscribe(b: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next {
+    subscribe_in(b, c, Space::Channel, &args[1..], out);
+    Next::Go
+}
+fn psubscribe(b: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next {
+    subscribe_in(b, c, Space::Pattern, &args[1..], out);
+    Next::Go
+}
+fn ssubscribe(b: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next {
+    subscribe_in(b, c, Space::Shard, &args[1..], out);
+    Next::Go
+}
+fn unsubscribe(b: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next {
+    unsubscribe_in(b, c, Space::Channel, &args[1..], out);
+    Next::Go
+}
+fn punsubscribe(b: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next {
+    unsubscribe_in(b, c, Space::Pattern, &args[1..], out);
+    Next::Go
+}
+fn sunsubscribe(b: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next {
+    unsubscribe_in(b, c, Space::Shard, &args[1..], out);
+    Next::Go
+}
+
+fn publish(b: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next {
+    // Delivered (to this client too, if subscribed) before the reply is queued.
+    let n = b.registry.publish(&args[1], &args[2]);
+    c.out().int(out, n);
+    Next::Go
+}
+
+fn spublish(b: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next {
+    let n = b.registry.spublish(&args[1], &args[2]);
+    c.out().int(out, n);
+    Next::Go
+}
+
+fn pubsub(b: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next {
+    let o = c.out();
+    let sub = String::from_utf8_lossy(&args[1]).to_ascii_lowercase();
+    let space = if sub.starts_with("shard") {
+        Space::Shard
+    } else {
+        Space::Channel
+    };
+    match sub.as_str() {
+        "channels" | "shardchannels" => {
+            let names = b.registry.names(space, args.get(2).map(|p| &p[..]));
+            o.array(out, names.len());
+            for n in names {
+                o.bulk(out, &n);
+            }
+        }
+        "numsub" | "shardnumsub" => {
+            o.array(out, (args.len() - 2) * 2);
+            for ch in &args[2..] {
+                o.bulk(out, ch);
+                o.int(out, b.registry.numsub(space, ch) as i64);
+            }
+        }
+        _ => o.int(out, b.registry.numpat() as i64),
+    }
+    Next::Go
+}
+
+fn command(_: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next {
+    let o = c.out();
+    let sub = args
+        .get(1)
+        .map(|s| String::from_utf8_lossy(s).to_ascii_lowercase());
+    match sub.as_deref() {
+        Some("count") => o.int(out, COMMANDS.len() as i64),
+        // No documentation to give; clients (redis-cli) fall back to their own.
+        Some("docs") => o.map(out, 0),
+        Some("list") => {
+            o.array(out, COMMANDS.len());
+            for cmd in COMMANDS {
+                o.bulk(out, cmd.name.as_bytes());
+            }
+        }
+        Some(_) => {
+            o.array(out, args.len() - 2);
+            for name in &args[2..] {
+                let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+                match COMMANDS.iter().find(|c| c.name == name) {
+                    Some(cmd) => command_info(o, out, cmd),
+                    None => o.null(out),
+                }
+            }
+        }
+        None => {
+            o.array(out, COMMANDS.len());
+            for cmd in COMMANDS {
+                command_info(o, out, cmd);
+            }
+        }
+    }
+    Next::Go
+}
+
+fn command_info(o: Out, out: &mut BytesMut, cmd: &Command) {
+    o.array(out, 10);
+    o.bulk(out, cmd.name.as_bytes());
+    o.int(out, cmd.arity as i64);
+    let mut flags = vec!["pubsub", "fast"];
+    if cmd.no_auth {
+        flags.push("no_auth");
+    }
+    o.array(out, flags.len());
+    for f in flags {
+        o.simple(out, f);
+    }
+    o.int(out, 0);
+    o.int(out, 0);
+    o.int(out, 0);
+    for _ in 0..4 {
+        o.array(out, 0);
+    }
+}
+
+fn info(b: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next {
+    let section = args
+        .get(1)
+        .map(|s| String::from_utf8_lossy(s).to_ascii_lowercase());
+    c.out().verbatim(out, b.info(section.as_deref()).as_bytes());
+    Next::Go
+}
+
+/// Writes a client's replies and messages, in order, batching what is queued.
+async fn write_loop(
+    writer: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
+    handle: Arc<ClientHandle>,
+) {
+    let mut w = BufWriter::with_capacity(64 * 1024, writer);
+    let mut resp3 = false;
+    let mut head = BytesMut::with_capacity(128);
+    while let Some(first) = rx.recv().await {
+        let mut item = Some(first);
+        while let Some(next) = item.take() {
+            if handle.is_killed() {
+                return;
+            }
+            let result = match next {
+                Outbound::Reply(bytes) => {
+                    let r = w.write_all(&bytes).await;
+                    handle.written(bytes.len());
+                    r
+                }
+                Outbound::Message {
+                    kind,
+                    pattern,
+                    channel,
+                    payload,
+                } => {
+                    let size = registry::message_size(&channel, &payload, pattern.as_ref());
+                    head.clear();
+                    frame_message(
+                        &mut head,
+                        resp3,
+                        kind,
+                        pattern.as_deref(),
+                        &channel,
+                        payload.len(),
+                    );
+                    let mut r = w.write_all(&head).await;
+                    if r.is_ok() {
+                        r = w.write_all(&payload).await;
+                    }
+                    if r.is_ok() {
+                        r = w.write_all(b"\r\n").await;
+                    }
+                    handle.written(size);
+                    r
+                }
+                Outbound::Protocol(p) => {
+                    resp3 = p;
+                    Ok(())
+                }
+                Outbound::Close => {
+                    let _ = w.flush().await;
+                    let _ = w.shutdown().await;
+                    return;
+                }
+            };
+            if result.is_err() {
+                return;
+            }
+            // More queued: keep filling the buffer before a flush.
+            item = rx.try_recv().ok();
+        }
+        if w.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Everything of a message's framing up to (not including) the payload bytes.
+fn frame_message(
+    b: &mut BytesMut,
+    resp3: bool,
+    kind: Kind,
+    pattern: Option<&[u8]>,
+    channel: &[u8],
+    payload_len: usize,
+) {
+    let o = Out { resp3 };
+    let (name, n): (&[u8], usize) = match kind {
+        Kind::Message => (b"message", 3),
+        Kind::PMessage => (b"pmessage", 4),
+        Kind::SMessage => (b"smessage", 3),
+    };
+    o.push(b, n);
+    o.bulk(b, name);
+    if let Some(p) = pattern {
+        o.bulk(b, p);
+    }
+    o.bulk(b, channel);
+    b.put_u8(b'$');
+    b.put_slice(payload_len.to_string().as_bytes());
+    b.put_slice(b"\r\n");
+}
+
+impl Settings {
+    pub fn from_config(mq: &crate::config::MessageQueue) -> Settings {
+        Settings {
+            password: mq.password.clone().filter(|p| !p.is_empty()),
+            max_bulk: mq.max_bulk,
+            max_args: mq.max_args,
+            output: OutputLimit {
+                hard: mq.output_limit_hard as usize,
+                soft: mq.output_limit_soft as usize,
+                soft_for: mq.output_limit_soft_for,
+            },
+        }
+    }
+}
+
+/// The URL workers use to reach a broker listening on `addr`.
+pub fn url_for(addr: SocketAddr, password: Option<&str>) -> String {
+    let host = if addr.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        addr.ip()
+    };
+    let host = SocketAddr::new(host, addr.port());
+    match password {
+        Some(p) if !p.is_empty() => {
+            let enc: String = p
+                .bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect();
+            format!("redis://:{enc}@{host}/0")
+        }
+        _ => format!("redis://{host}/0"),
+    }
+}
+
+/// Binds and starts a broker; returns it and the address it listens on.
+pub async fn start(
+    addr: SocketAddr,
+    settings: Settings,
+) -> anyhow::Result<(Arc<Broker>, SocketAddr)> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("message queue cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    let broker = Broker::new(settings, local.port());
+    broker.spawn(listener);
+    Ok((broker, local))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_command_text() {
+        let args = vec![Bytes::from("FOO"), Bytes::from("a"), Bytes::from("b")];
+        assert_eq!(
+            unknown_command(&args),
+            "ERR unknown command 'FOO', with args beginning with: 'a' 'b' "
+        );
+        let long = vec![
+            Bytes::from("x"),
+            Bytes::from("y".repeat(300)),
+            Bytes::from("z"),
+        ];
+        let text = unknown_command(&long);
+        assert!(text.ends_with(&format!("'{}' ", "y".repeat(128))), "{text}");
+    }
+
+    #[test]
+    fn message_framing() {
+        let mut b = BytesMut::new();
+        frame_message(&mut b, false, Kind::Message, None, b"ch", 3);
+        assert_eq!(&b[..], b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$3\r\n");
+        b.clear();
+        frame_message(&mut b, true, Kind::PMessage, Some(b"c*"), b"ch", 0);
+        assert_eq!(
+            &b[..],
+            b">4\r\n$8\r\npmessage\r\n$2\r\nc*\r\n$2\r\nch\r\n$0\r\n"
+        );
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(!constant_time_eq(b"", b"a"));
+    }
+}
