@@ -4,6 +4,9 @@ const { io } = require('socket.io-client');
 
 const url = process.argv[2];
 const n = Number(process.argv[3] || 10);
+// "all": every broadcast should reach every client (a message queue joins the
+// workers); otherwise only the clients of the sender's worker.
+const reach = process.argv[4] || 'worker';
 const deadline = Date.now() + 20000;
 
 function client(i) {
@@ -29,7 +32,7 @@ function client(i) {
   });
   await wait(() => rs.every((r) => r.error || (r.upgraded && r.worker)));
   for (const r of rs) if (!r.error) r.socket.emit('broadcast', { from: r.i });
-  const expected = (r) => rs.filter((o) => o.worker === r.worker && !o.error).length;
+  const expected = (r) => rs.filter((o) => (reach === 'all' || o.worker === r.worker) && !o.error).length;
   await wait(() => rs.every((r) => r.error || r.received.length >= expected(r)));
   const report = rs.map(({ socket, ...r }) => ({ ...r, expected: expected(r) }));
   for (const r of rs) r.socket.close();
