@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CARGO ?= cargo
 
-.PHONY: all build release demo test test-deps test-rust test-e2e lint fmt clean
+.PHONY: all build release demo test test-deps lint fmt clean bench-mq
 
 all: build
 
@@ -34,6 +34,10 @@ demo: release $(VENV)/.installed
 test: build test-deps
 	$(CARGO) test
 	$(VENV)/bin/pytest tests/e2e
+
+# Message queue: embedded broker vs redis-server (a benchmark, not a test).
+bench-mq:
+	bench/broker.sh 3 | tee target/bench-mq.md
 
 lint:
 	$(CARGO) fmt --all -- --check
