@@ -16,9 +16,20 @@ use std::time::Duration;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Addresses to accept clients on.
-    #[serde(default = "default_listen", deserialize_with = "one_or_many")]
+    /// Plain-HTTP addresses to accept clients on (default 127.0.0.1:8000 when no
+    /// `[[listener]]` is given either).
+    #[serde(default, deserialize_with = "one_or_many")]
     pub listen: Vec<SocketAddr>,
+    /// Listeners with options: TLS, or a redirect to https.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listener: Vec<Listener>,
+    /// Basic authentication for every path but the exempt ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthConfig>,
+    /// Peers (addresses or CIDR ranges) whose X-Forwarded-* headers are kept and
+    /// appended to; from anyone else they are replaced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<String>,
     /// Worker addresses (`host:port`) that corral forwards to.
     #[serde(default)]
     pub upstreams: Vec<SocketAddr>,
@@ -170,6 +181,41 @@ impl Default for MessageQueue {
 }
 
 impl Config {
+    /// Every listener: `listen` entries (plain) and `[[listener]]` ones; 127.0.0.1:8000
+    /// when neither is given.
+    pub fn listeners(&self) -> Vec<Listener> {
+        let mut all: Vec<Listener> = self
+            .listen
+            .iter()
+            .map(|a| Listener {
+                address: *a,
+                tls: None,
+                redirect_https: false,
+            })
+            .collect();
+        all.extend(self.listener.iter().cloned());
+        if all.is_empty() {
+            all.push(Listener {
+                address: SocketAddr::from(([127, 0, 0, 1], 8000)),
+                tls: None,
+                redirect_https: false,
+            });
+        }
+        all
+    }
+
+    /// The port of the first listener (it names the admin socket).
+    pub fn first_port(&self) -> u16 {
+        self.listeners()[0].address.port()
+    }
+
+    pub fn trusted(&self) -> Vec<Cidr> {
+        self.trusted_proxies
+            .iter()
+            .filter_map(|p| Cidr::parse(p).ok())
+            .collect()
+    }
+
     /// Whether the embedded broker runs.
     pub fn embedded_broker(&self) -> bool {
         let mq = &self.message_queue;
@@ -212,8 +258,96 @@ impl Workers {
     }
 }
 
-fn default_listen() -> Vec<SocketAddr> {
-    vec![SocketAddr::from(([127, 0, 0, 1], 8000))]
+/// One `[[listener]]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub address: SocketAddr,
+    /// `"self-signed"`, or `{ cert = "chain.pem", key = "key.pem" }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSetting>,
+    /// Answer every request with a redirect to the https listener.
+    #[serde(default)]
+    pub redirect_https: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TlsSetting {
+    Mode(String),
+    Files { cert: PathBuf, key: PathBuf },
+}
+
+/// `[auth]`: HTTP basic authentication from an htpasswd file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub htpasswd: PathBuf,
+    #[serde(default = "default_realm")]
+    pub realm: String,
+    /// Path prefixes (segment-wise) that need no credentials, e.g. a health check.
+    #[serde(default)]
+    pub exempt: Vec<String>,
+}
+
+fn default_realm() -> String {
+    "corral".into()
+}
+
+/// A trusted proxy range.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cidr {
+    net: std::net::IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (ip, bits) = match s.split_once('/') {
+            Some((ip, b)) => (ip, Some(b)),
+            None => (s, None),
+        };
+        let net: std::net::IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not an address or CIDR range"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let bits = match bits {
+            Some(b) => b
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|b| *b <= max)
+                .ok_or_else(|| format!("`{s}`: bad prefix length"))?,
+            None => max,
+        };
+        Ok(Cidr { net, bits })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        fn bits(ip: std::net::IpAddr) -> u128 {
+            match ip {
+                std::net::IpAddr::V4(v) => u32::from(v) as u128,
+                std::net::IpAddr::V6(v) => u128::from(v),
+            }
+        }
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) if self.net.is_ipv4() => match v6.to_ipv4_mapped() {
+                Some(v4) => std::net::IpAddr::V4(v4),
+                None => return false,
+            },
+            other => other,
+        };
+        if ip.is_ipv4() != self.net.is_ipv4() {
+            return false;
+        }
+        let width = if ip.is_ipv4() { 32 } else { 128 };
+        if self.bits == 0 {
+            return true;
+        }
+        let shift = width - self.bits as u32;
+        (bits(ip) >> shift) == (bits(self.net) >> shift)
+    }
 }
 
 /// How the Engine.IO path is recognised and how sessions are kept.
@@ -361,7 +495,10 @@ impl Default for Timeouts {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: default_listen(),
+            listen: Vec::new(),
+            listener: Vec::new(),
+            auth: None,
+            trusted_proxies: Vec::new(),
             upstreams: Vec::new(),
             engineio: EngineIo::default(),
             balance: Balance::default(),
@@ -404,6 +541,20 @@ impl Config {
         let mut config = Config::parse(&text, &file)?;
         // Paths in the file are relative to the file, not to where corral runs.
         let base = path.parent().unwrap_or(Path::new("."));
+        let rebase = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for l in &mut config.listener {
+            if let Some(TlsSetting::Files { cert, key }) = l.tls.as_mut() {
+                rebase(cert);
+                rebase(key);
+            }
+        }
+        if let Some(a) = config.auth.as_mut() {
+            rebase(&mut a.htpasswd);
+        }
         if let Some(w) = config.workers.as_mut() {
             if let Some(cwd) = w.cwd.as_mut() {
                 if cwd.is_relative() {
@@ -452,8 +603,40 @@ impl Config {
             key: key.into(),
             message: message.into(),
         };
-        if self.listen.is_empty() {
-            return Err(bad("listen", "at least one address is needed"));
+        for (i, l) in self.listener.iter().enumerate() {
+            if let Some(TlsSetting::Mode(m)) = &l.tls {
+                if m != "self-signed" {
+                    return Err(bad(
+                        &format!("listener[{i}].tls"),
+                        "must be \"self-signed\" or { cert = \"...\", key = \"...\" }",
+                    ));
+                }
+            }
+            if l.redirect_https && l.tls.is_some() {
+                return Err(bad(
+                    &format!("listener[{i}].redirect_https"),
+                    "a TLS listener cannot redirect to itself",
+                ));
+            }
+        }
+        if self.listener.iter().any(|l| l.redirect_https)
+            && !self.listener.iter().any(|l| l.tls.is_some())
+        {
+            return Err(bad(
+                "listener.redirect_https",
+                "needs a TLS listener to redirect to",
+            ));
+        }
+        if let Some(a) = &self.auth {
+            if let Some(e) = a.exempt.iter().find(|e| !e.starts_with('/')) {
+                return Err(bad("auth.exempt", &format!("`{e}` must start with '/'")));
+            }
+            if a.realm.contains('"') {
+                return Err(bad("auth.realm", "must not contain '\"'"));
+            }
+        }
+        for p in &self.trusted_proxies {
+            Cidr::parse(p).map_err(|e| bad("trusted_proxies", &e))?;
         }
         if self.upstreams.is_empty() && self.workers.is_none() {
             return Err(bad(

@@ -7,13 +7,16 @@
 //! worker processes and [`admin`] takes commands for it from `corral reload`.
 
 pub mod admin;
+pub mod auth;
 pub mod body;
 pub mod broker;
 pub mod config;
 pub mod engineio;
+pub mod path;
 pub mod pool;
 pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod supervisor;
+pub mod tls;
 pub mod tunnel;

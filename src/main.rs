@@ -241,7 +241,7 @@ fn admin(args: AdminArgs, command: String) -> ExitCode {
             Ok(c) => c
                 .admin_socket
                 .clone()
-                .unwrap_or_else(|| corral::admin::default_path(c.listen[0].port())),
+                .unwrap_or_else(|| corral::admin::default_path(c.first_port())),
             Err(e) => {
                 eprintln!("corral: {e}");
                 return ExitCode::from(2);

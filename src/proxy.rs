@@ -7,6 +7,7 @@
 //! (the router does) or mark workers up (the health checks do); it only reports a
 //! worker it could not reach. Websocket upgrades are handed to `tunnel`.
 
+use crate::auth::BasicAuth;
 use crate::body::{self, Guarded, Limited, Prefixed, ProxyBody};
 use crate::config::Config;
 use crate::engineio::{self, Parse};
@@ -30,6 +31,7 @@ const HANDSHAKE_PEEK: usize = 4096;
 
 pub struct Proxy {
     pub(crate) cfg: Arc<Config>,
+    auth: Option<Arc<BasicAuth>>,
     pub(crate) pool: Arc<Pool>,
     pub(crate) router: Arc<Router>,
     client: Client<HttpConnector, ProxyBody>,
@@ -40,6 +42,10 @@ pub struct Proxy {
 pub struct Peer {
     pub addr: SocketAddr,
     pub scheme: &'static str,
+    /// A trusted proxy: its X-Forwarded-* headers are kept and appended to.
+    pub trusted: bool,
+    /// This listener only redirects to https on this port.
+    pub redirect_https: Option<u16>,
 }
 
 /// What a request holds on to while it uses a worker.
@@ -84,7 +90,12 @@ pub(crate) struct Target {
 }
 
 impl Proxy {
-    pub fn new(cfg: Arc<Config>, pool: Arc<Pool>, router: Arc<Router>) -> Proxy {
+    pub fn new(
+        cfg: Arc<Config>,
+        pool: Arc<Pool>,
+        router: Arc<Router>,
+        auth: Option<Arc<BasicAuth>>,
+    ) -> Proxy {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(cfg.timeouts.connect));
         connector.set_nodelay(true);
@@ -98,6 +109,7 @@ impl Proxy {
             .build(connector);
         Proxy {
             cfg,
+            auth,
             pool,
             router,
             client,
@@ -114,10 +126,26 @@ impl Proxy {
     }
 
     async fn route(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
+        if let Some(port) = peer.redirect_https {
+            return redirect_https(&req, port);
+        }
+        // Every decision below is made on the normalised path.
+        let Some(path) = crate::path::normalise(req.uri().path()) else {
+            return short(StatusCode::BAD_REQUEST, "corral: bad request path\n");
+        };
         if declared_length(req.headers()).is_some_and(|n| n > self.cfg.limits.max_body) {
             return too_large(self.cfg.limits.max_body);
         }
-        let is_eio = self.is_engineio(req.uri().path());
+        if let Some(auth) = &self.auth {
+            if !auth.is_exempt(&path)
+                && !auth
+                    .allows(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()))
+                    .await
+            {
+                return unauthorized(&auth.realm);
+            }
+        }
+        let is_eio = self.is_engineio(&path);
         let target = match self.choose(&req, peer, is_eio) {
             Ok(t) => t,
             Err(refusal) => return refusal.response(),
@@ -467,21 +495,77 @@ pub(crate) fn prepare_request_headers(
         }
     }
     let ip = peer.addr.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-        _ => ip,
+    // From a trusted proxy the chain goes on; from anyone else it starts here, so a
+    // client cannot pass a forged address, scheme or host to the workers.
+    let prior = match peer.trusted {
+        true => headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .collect::<Vec<_>>()
+            .join(", "),
+        false => String::new(),
+    };
+    let xff = if prior.is_empty() {
+        ip
+    } else {
+        format!("{prior}, {ip}")
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert("x-forwarded-for", v);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(peer.scheme));
-    match headers.get(header::HOST).cloned() {
-        Some(host) => {
-            headers.insert("x-forwarded-host", host);
+    let keep = |h: &HeaderMap, name: &str| peer.trusted && h.contains_key(name);
+    if !keep(headers, "x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static(peer.scheme));
+    }
+    if !keep(headers, "x-forwarded-host") {
+        match headers.get(header::HOST).cloned() {
+            Some(host) => {
+                headers.insert("x-forwarded-host", host);
+            }
+            None => {
+                headers.remove("x-forwarded-host");
+            }
         }
-        None => {
-            headers.remove("x-forwarded-host");
+    }
+}
+
+fn unauthorized(realm: &str) -> Response<ProxyBody> {
+    let mut resp = short(StatusCode::UNAUTHORIZED, "401 Unauthorized\n");
+    if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\"")) {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    resp
+}
+
+/// 301 to the same host and path on https.
+fn redirect_https<B>(req: &Request<B>, port: u16) -> Response<ProxyBody> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())
+        .unwrap_or("localhost");
+    // Drop any port from Host (a bracketed IPv6 literal keeps its brackets).
+    let name = match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
+    };
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = if port == 443 {
+        format!("https://{name}{pq}")
+    } else {
+        format!("https://{name}:{port}{pq}")
+    };
+    let mut resp = short(StatusCode::MOVED_PERMANENTLY, "corral: use https\n");
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            resp.headers_mut().insert(header::LOCATION, v);
+            resp
         }
+        Err(_) => short(StatusCode::BAD_REQUEST, "corral: bad Host header\n"),
     }
 }
 
@@ -527,7 +611,44 @@ mod tests {
         Peer {
             addr: SocketAddr::from(([10, 1, 2, 3], 4444)),
             scheme: "http",
+            trusted: true,
+            redirect_https: None,
         }
+    }
+
+    #[test]
+    fn untrusted_forwarded_headers_are_replaced() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("real.example"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert("x-forwarded-host", HeaderValue::from_static("forged.example"));
+        let untrusted = Peer {
+            trusted: false,
+            ..peer()
+        };
+        prepare_request_headers(&mut h, &Uri::from_static("/"), untrusted, false);
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "real.example");
+    }
+
+    #[test]
+    fn redirect_keeps_host_and_path() {
+        let req = Request::builder()
+            .uri("/a?b=1")
+            .header(header::HOST, "example.org:8080")
+            .body(())
+            .expect("request");
+        let resp = redirect_https(&req, 8443);
+        assert_eq!(resp.status(), StatusCode::MOVED_PERMANENTLY);
+        assert_eq!(resp.headers()[header::LOCATION], "https://example.org:8443/a?b=1");
+        let req = Request::builder()
+            .uri("/")
+            .header(header::HOST, "[::1]:80")
+            .body(())
+            .expect("request");
+        assert_eq!(redirect_https(&req, 443).headers()[header::LOCATION], "https://[::1]/");
     }
 
     #[test]

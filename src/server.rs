@@ -6,8 +6,11 @@
 //! owns nothing after that but the sockets; every request goes to `Proxy::handle`.
 
 use crate::admin;
+use crate::auth::BasicAuth;
 use crate::broker;
-use crate::config::Config;
+use crate::config::{Config, TlsSetting};
+use crate::tls;
+use tokio_rustls::TlsAcceptor;
 use crate::pool::{self, Pool};
 use crate::proxy::{Peer, Proxy};
 use crate::router::{self, Router};
@@ -34,15 +37,50 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     ));
     pool::spawn_health_checks(pool.clone(), cfg.health.clone());
     router::spawn_sweeper(router.clone(), Duration::from_secs(2));
-    let proxy = Arc::new(Proxy::new(cfg.clone(), pool.clone(), router));
+    let auth = match &cfg.auth {
+        Some(a) => {
+            let auth = BasicAuth::new(&a.htpasswd, &a.realm, a.exempt.clone())
+                .map_err(anyhow::Error::msg)?;
+            let auth = Arc::new(auth);
+            auth.spawn_reloader();
+            Some(auth)
+        }
+        None => None,
+    };
+    let proxy = Arc::new(Proxy::new(cfg.clone(), pool.clone(), router, auth));
 
+    raise_fd_limit();
     // Bind first, so a port in use fails at once; accept once workers are ready.
+    let all = cfg.listeners();
+    let https_port = all
+        .iter()
+        .find(|l| l.tls.is_some())
+        .map(|l| l.address.port());
     let mut listeners = Vec::new();
-    for addr in &cfg.listen {
-        let l = TcpListener::bind(addr)
+    let mut certs = Vec::new();
+    for l in &all {
+        let socket = TcpListener::bind(l.address)
             .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        listeners.push(l);
+            .with_context(|| format!("cannot listen on {}", l.address))?;
+        let kind = match &l.tls {
+            Some(setting) => {
+                let source = match setting {
+                    TlsSetting::Files { cert, key } => tls::Source::Files {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                    },
+                    TlsSetting::Mode(_) => tls::Source::SelfSigned,
+                };
+                let c = tls::Certs::new(source, &l.address.port().to_string())
+                    .map_err(|e| anyhow::anyhow!("listener {}: {e}", l.address))?;
+                let acceptor = TlsAcceptor::from(c.server_config().map_err(anyhow::Error::msg)?);
+                certs.push(c);
+                Kind::Tls(acceptor)
+            }
+            None if l.redirect_https => Kind::Redirect(https_port.unwrap_or(443)),
+            None => Kind::Plain,
+        };
+        listeners.push((socket, kind));
     }
     let queue_url = message_queue(&cfg).await?;
     let supervisor = cfg.workers.clone().map(|spec| {
@@ -52,7 +90,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let admin_path = cfg
         .admin_socket
         .clone()
-        .unwrap_or_else(|| admin::default_path(cfg.listen[0].port()));
+        .unwrap_or_else(|| admin::default_path(cfg.first_port()));
     admin::serve(&admin_path, supervisor.clone()).await?;
     if let Some(sup) = &supervisor {
         sup.start().await;
@@ -63,9 +101,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(cfg.limits.max_connections));
     let mut accepting = Vec::new();
-    for listener in listeners {
+    for (listener, kind) in listeners {
         accepting.push(tokio::spawn(accept_loop(
             listener,
+            kind,
             proxy.clone(),
             graceful.clone(),
             stop_rx.clone(),
@@ -73,7 +112,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         )));
     }
 
-    let signal = wait_for_stop(supervisor.clone()).await;
+    let signal = wait_for_stop(supervisor.clone(), certs).await;
     tracing::info!(
         signal,
         "stopping: no new connections, finishing requests in flight"
@@ -140,10 +179,41 @@ fn redact(url: &str) -> String {
     }
 }
 
-fn print_summary(cfg: &Config, listeners: &[TcpListener], pool: &Pool) {
-    for l in listeners {
+/// What a listener does with its connections.
+#[derive(Clone)]
+enum Kind {
+    Plain,
+    Tls(TlsAcceptor),
+    /// Answers everything with a redirect to https on this port.
+    Redirect(u16),
+}
+
+/// Lets corral hold as many connections as the hard limit allows (as nginx's
+/// worker_rlimit_nofile): 10,000 idle websockets need 20,000 descriptors.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn print_summary(cfg: &Config, listeners: &[(TcpListener, Kind)], pool: &Pool) {
+    for (l, kind) in listeners {
         if let Ok(addr) = l.local_addr() {
-            tracing::info!("listening on http://{addr}");
+            match kind {
+                Kind::Plain => tracing::info!("listening on http://{addr}"),
+                Kind::Tls(_) => tracing::info!("listening on https://{addr}"),
+                Kind::Redirect(port) => {
+                    tracing::info!("listening on http://{addr} (redirects to https port {port})")
+                }
+            }
         }
     }
     for w in pool.workers() {
@@ -166,12 +236,14 @@ fn print_summary(cfg: &Config, listeners: &[TcpListener], pool: &Pool) {
 
 async fn accept_loop(
     listener: TcpListener,
+    kind: Kind,
     proxy: Arc<Proxy>,
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
     slots: Arc<Semaphore>,
 ) {
     let cfg = proxy.cfg.clone();
+    let trusted = cfg.trusted();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -204,22 +276,53 @@ async fn accept_loop(
             _ = stop.changed() => return,
         };
         let _ = stream.set_nodelay(true);
+        let addr = normalise(addr);
         let peer = Peer {
-            addr: normalise(addr),
-            scheme: "http",
+            addr,
+            scheme: if matches!(kind, Kind::Tls(_)) { "https" } else { "http" },
+            trusted: trusted.iter().any(|c| c.contains(addr.ip())),
+            redirect_https: match kind {
+                Kind::Redirect(port) => Some(port),
+                _ => None,
+            },
         };
-        let proxy = proxy.clone();
-        let service = service_fn(move |req| proxy.clone().handle(req, peer));
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let serving = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = serving.await {
-                tracing::debug!(error = %e, "client connection ended with an error");
+        let p = proxy.clone();
+        let service = service_fn(move |req| p.clone().handle(req, peer));
+        match &kind {
+            Kind::Tls(acceptor) => {
+                let acceptor = acceptor.clone();
+                let builder = builder.clone();
+                let graceful = graceful.clone();
+                let handshake = cfg.timeouts.header_read;
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                    if let Err(e) = graceful.watch(conn.into_owned()).await {
+                        tracing::debug!(error = %e, "client connection ended with an error");
+                    }
+                    drop(permit);
+                });
             }
-            drop(permit);
-        });
+            _ => {
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                let serving = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = serving.await {
+                        tracing::debug!(error = %e, "client connection ended with an error");
+                    }
+                    drop(permit);
+                });
+            }
+        }
     }
 }
 
@@ -236,7 +339,7 @@ fn normalise(addr: SocketAddr) -> SocketAddr {
 
 /// Handles signals until SIGTERM or SIGINT: SIGHUP rolls the workers, SIGTTIN and
 /// SIGTTOU add and remove one (as gunicorn does).
-async fn wait_for_stop(supervisor: Option<Arc<Supervisor>>) -> &'static str {
+async fn wait_for_stop(supervisor: Option<Arc<Supervisor>>, certs: Vec<Arc<tls::Certs>>) -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     let watch = |kind: SignalKind| match signal(kind) {
         Ok(s) => Some(s),
@@ -258,6 +361,14 @@ async fn wait_for_stop(supervisor: Option<Arc<Supervisor>>) -> &'static str {
             _ = recv(&mut ttin) => 1,
             _ = recv(&mut ttou) => -1,
         };
+        if change == 0 {
+            // SIGHUP: new certificates first (open connections keep theirs).
+            for c in &certs {
+                if let Err(e) = c.reload() {
+                    tracing::error!("TLS certificate not reloaded, keeping the old one: {e}");
+                }
+            }
+        }
         let Some(sup) = supervisor.clone() else {
             tracing::warn!("no [workers] to restart or scale; signal ignored");
             continue;

@@ -16,7 +16,7 @@ UNKNOWN_SID = b'{"code":1,"message":"Session ID unknown"}'
 
 def test_forwarded_headers_and_hop_by_hop(stack):
     w = stack.gunicorn()
-    corral = stack.corral([w.port])
+    corral = stack.corral([w.port], extra='trusted_proxies = ["127.0.0.0/8"]\n')
     r = requests.get(corral.url + "/echo?x=1", headers={
         "Host": "app.example:8443",
         "X-Forwarded-For": "203.0.113.7",

@@ -1,0 +1,381 @@
+//! HTTP basic authentication from an htpasswd file, as `htpasswd` (apache2-utils)
+//! writes it: bcrypt (`$2y$`, `$2b$`, `$2a$`), Apache MD5 (`$apr1$`) and `{SHA}`.
+//!
+//! It owns the user table (reloaded when the file changes) and a cache of verified
+//! credentials, so that polling traffic does not pay bcrypt on every request: the
+//! cache is keyed by a SHA-256 of the credentials (never the password itself), bounded,
+//! expiring, and emptied when the file changes. It decides nothing about paths beyond
+//! the exempt prefixes it is given.
+
+use base64::Engine;
+use md5::{Digest, Md5};
+use sha2::Sha256;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Verified credentials are trusted this long without checking the hash again.
+const CACHE_TTL: Duration = Duration::from_secs(300);
+/// Most cached credentials; when full, expired ones go, then everything.
+const CACHE_MAX: usize = 10_000;
+/// Longest Authorization header value considered.
+const MAX_HEADER: usize = 4096;
+
+/// A stored password hash.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Hash {
+    Bcrypt(String),
+    Apr1 { salt: String, full: String },
+    Sha1(Vec<u8>),
+}
+
+/// Parses htpasswd text: `user:hash` per line; blank lines and `#` comments skipped.
+/// An error names the line and what is wrong with it.
+pub fn parse(text: &str) -> Result<HashMap<String, Hash>, String> {
+    let mut users = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (user, hash) = line
+            .split_once(':')
+            .ok_or_else(|| format!("line {}: expected user:hash", n + 1))?;
+        if user.is_empty() {
+            return Err(format!("line {}: empty user name", n + 1));
+        }
+        let hash = parse_hash(hash).map_err(|e| format!("line {} (user {user}): {e}", n + 1))?;
+        users.insert(user.to_string(), hash);
+    }
+    Ok(users)
+}
+
+fn parse_hash(h: &str) -> Result<Hash, String> {
+    if ["$2y$", "$2b$", "$2a$"].iter().any(|p| h.starts_with(p)) {
+        if h.len() != 60 {
+            return Err("bcrypt hash is not 60 characters".into());
+        }
+        return Ok(Hash::Bcrypt(h.to_string()));
+    }
+    if let Some(rest) = h.strip_prefix("$apr1$") {
+        let (salt, digest) = rest
+            .split_once('$')
+            .ok_or("apr1 hash without a '$' after the salt")?;
+        if salt.is_empty() || salt.len() > 8 || digest.len() != 22 {
+            return Err("malformed apr1 hash".into());
+        }
+        return Ok(Hash::Apr1 {
+            salt: salt.to_string(),
+            full: h.to_string(),
+        });
+    }
+    if let Some(b64) = h.strip_prefix("{SHA}") {
+        let digest = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|_| "{SHA} hash is not base64")?;
+        if digest.len() != 20 {
+            return Err("{SHA} hash is not 20 bytes".into());
+        }
+        return Ok(Hash::Sha1(digest));
+    }
+    Err("unsupported hash (use htpasswd -B for bcrypt, -m for MD5 or -s for SHA)".into())
+}
+
+/// Whether `password` matches `hash` (constant-time where the comparison is ours).
+pub fn verify(hash: &Hash, password: &str) -> bool {
+    match hash {
+        Hash::Bcrypt(h) => bcrypt::verify(password, h).unwrap_or(false),
+        Hash::Apr1 { salt, full } => {
+            constant_time_eq(apr1(password.as_bytes(), salt.as_bytes()).as_bytes(), full.as_bytes())
+        }
+        Hash::Sha1(d) => {
+            let got = sha1::Sha1::digest(password.as_bytes());
+            constant_time_eq(&got, d)
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Apache's MD5-based crypt (`$apr1$salt$digest`).
+pub fn apr1(pw: &[u8], salt: &[u8]) -> String {
+    let salt = &salt[..salt.len().min(8)];
+    let mut alt = Md5::new();
+    alt.update(pw);
+    alt.update(salt);
+    alt.update(pw);
+    let alt = alt.finalize();
+    let mut ctx = Md5::new();
+    ctx.update(pw);
+    ctx.update(b"$apr1$");
+    ctx.update(salt);
+    let mut left = pw.len();
+    while left > 0 {
+        let n = left.min(16);
+        ctx.update(&alt[..n]);
+        left -= n;
+    }
+    let mut i = pw.len();
+    while i > 0 {
+        if i & 1 == 1 {
+            ctx.update([0u8]);
+        } else {
+            ctx.update(&pw[..1]);
+        }
+        i >>= 1;
+    }
+    let mut fin = ctx.finalize();
+    for i in 0..1000 {
+        let mut c = Md5::new();
+        if i & 1 == 1 {
+            c.update(pw);
+        } else {
+            c.update(fin);
+        }
+        if i % 3 != 0 {
+            c.update(salt);
+        }
+        if i % 7 != 0 {
+            c.update(pw);
+        }
+        if i & 1 == 1 {
+            c.update(fin);
+        } else {
+            c.update(pw);
+        }
+        fin = c.finalize();
+    }
+    const ITOA: &[u8] = b"./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut out = String::new();
+    let mut to64 = |mut v: u32, n: usize| {
+        for _ in 0..n {
+            out.push(ITOA[(v & 0x3f) as usize] as char);
+            v >>= 6;
+        }
+    };
+    let f = |i: usize| fin[i] as u32;
+    to64((f(0) << 16) | (f(6) << 8) | f(12), 4);
+    to64((f(1) << 16) | (f(7) << 8) | f(13), 4);
+    to64((f(2) << 16) | (f(8) << 8) | f(14), 4);
+    to64((f(3) << 16) | (f(9) << 8) | f(15), 4);
+    to64((f(4) << 16) | (f(10) << 8) | f(5), 4);
+    to64(f(11), 2);
+    format!("$apr1${}${out}", String::from_utf8_lossy(salt))
+}
+
+struct Users {
+    table: HashMap<String, Hash>,
+    generation: u64,
+    stamp: Option<(SystemTime, u64)>,
+}
+
+/// Basic authentication for every request not under an exempt prefix.
+pub struct BasicAuth {
+    file: PathBuf,
+    pub realm: String,
+    pub exempt: Vec<String>,
+    users: RwLock<Users>,
+    cache: Mutex<HashMap<[u8; 32], Instant>>,
+    /// Hash verifications done (cache misses), for tests and metrics.
+    pub verifications: std::sync::atomic::AtomicU64,
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+fn load(path: &Path) -> Result<HashMap<String, Hash>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+impl BasicAuth {
+    pub fn new(file: &Path, realm: &str, exempt: Vec<String>) -> Result<BasicAuth, String> {
+        let table = load(file)?;
+        Ok(BasicAuth {
+            file: file.to_path_buf(),
+            realm: realm.to_string(),
+            exempt,
+            users: RwLock::new(Users {
+                table,
+                generation: 0,
+                stamp: stamp(file),
+            }),
+            cache: Mutex::new(HashMap::new()),
+            verifications: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Whether a normalised path needs no credentials.
+    pub fn is_exempt(&self, path: &str) -> bool {
+        self.exempt.iter().any(|p| crate::path::under(path, p))
+    }
+
+    /// Checks an `Authorization` header value.
+    pub async fn allows(&self, header: Option<&[u8]>) -> bool {
+        let Some((user, password)) = header.and_then(credentials) else {
+            return false;
+        };
+        let (hash, generation) = {
+            let users = self.users.read().unwrap_or_else(|e| e.into_inner());
+            match users.table.get(&user) {
+                Some(h) => (h.clone(), users.generation),
+                None => return false,
+            }
+        };
+        let key = cache_key(generation, &user, &password);
+        if self.cached(&key) {
+            return true;
+        }
+        self.verifications
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // bcrypt is deliberately slow: keep it off the async workers.
+        let ok = tokio::task::spawn_blocking(move || verify(&hash, &password))
+            .await
+            .unwrap_or(false);
+        if ok {
+            self.remember(key);
+        }
+        ok
+    }
+
+    fn cached(&self, key: &[u8; 32]) -> bool {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(key).is_some_and(|t| t.elapsed() < CACHE_TTL)
+    }
+
+    fn remember(&self, key: [u8; 32]) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= CACHE_MAX {
+            cache.retain(|_, t| t.elapsed() < CACHE_TTL);
+            if cache.len() >= CACHE_MAX {
+                cache.clear();
+            }
+        }
+        cache.insert(key, Instant::now());
+    }
+
+    /// Reloads the file if it changed; a broken file keeps the previous table.
+    pub fn reload_if_changed(&self) {
+        let now = stamp(&self.file);
+        if now == self.users.read().unwrap_or_else(|e| e.into_inner()).stamp {
+            return;
+        }
+        match load(&self.file) {
+            Ok(table) => {
+                let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
+                users.table = table;
+                users.generation += 1;
+                users.stamp = now;
+                drop(users);
+                self.cache
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clear();
+                tracing::info!(file = %self.file.display(), "htpasswd reloaded");
+            }
+            Err(e) => {
+                tracing::error!("htpasswd not reloaded, keeping the previous users: {e}");
+                self.users.write().unwrap_or_else(|e| e.into_inner()).stamp = now;
+            }
+        }
+    }
+
+    /// Watches the file for changes once a second.
+    pub fn spawn_reloader(self: &Arc<Self>) {
+        let auth = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                auth.reload_if_changed();
+            }
+        });
+    }
+}
+
+fn cache_key(generation: u64, user: &str, password: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(generation.to_le_bytes());
+    h.update(user.as_bytes());
+    h.update([0]);
+    h.update(password.as_bytes());
+    h.finalize().into()
+}
+
+/// `Basic base64(user:password)` → (user, password).
+fn credentials(value: &[u8]) -> Option<(String, String)> {
+    if value.len() > MAX_HEADER {
+        return None;
+    }
+    let text = std::str::from_utf8(value).ok()?.trim();
+    let (scheme, b64) = text.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (user, pass) = text.split_once(':')?;
+    Some((user.to_string(), pass.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apr1_known_vector() {
+        // openssl passwd -apr1 -salt saltsalt password
+        assert_eq!(
+            apr1(b"password", b"saltsalt"),
+            "$apr1$saltsalt$yAAkm4libquA.ZWLHbSBq/"
+        );
+    }
+
+    #[test]
+    fn parses_and_verifies_each_format() {
+        let bc = bcrypt::hash("pw1", 4).expect("bcrypt");
+        let text = format!(
+            "# comment\nalice:{bc}\nbob:{}\ncarol:{{SHA}}{}\n\n",
+            apr1(b"pw2", b"abcdefgh"),
+            base64::engine::general_purpose::STANDARD.encode(sha1::Sha1::digest(b"pw3"))
+        );
+        let users = parse(&text).expect("parse");
+        assert!(verify(&users["alice"], "pw1"));
+        assert!(!verify(&users["alice"], "pw2"));
+        assert!(verify(&users["bob"], "pw2"));
+        assert!(!verify(&users["bob"], "pw1"));
+        assert!(verify(&users["carol"], "pw3"));
+        assert!(!verify(&users["carol"], ""));
+    }
+
+    #[test]
+    fn bad_lines_are_named() {
+        assert!(parse("nocolon\n").unwrap_err().contains("line 1"));
+        assert!(parse("a:plaintext\n").unwrap_err().contains("unsupported"));
+        assert!(parse("a:{SHA}!!!\n").is_err());
+        assert!(parse("a:$apr1$nosalt\n").is_err());
+        assert!(parse(":$apr1$a$b\n").unwrap_err().contains("empty user"));
+    }
+
+    #[test]
+    fn credentials_header() {
+        assert_eq!(
+            credentials(b"Basic dXNlcjpwYTpzcw=="),
+            Some(("user".into(), "pa:ss".into()))
+        );
+        assert_eq!(credentials(b"Bearer x"), None);
+        assert_eq!(credentials(b"Basic !!!"), None);
+        assert_eq!(credentials(b"Basic"), None);
+    }
+}

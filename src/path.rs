@@ -1,0 +1,108 @@
+//! Request path normalisation for routing and access decisions, so that
+//! `/socket.io/../x`, `//socket.io/`, percent-encoding and backslashes cannot make a
+//! protected path look like another one.
+//!
+//! Pure functions. The request itself is forwarded with its original path; only
+//! corral's own decisions use the normalised form.
+
+/// The path as corral judges it: percent-decoded once (`%2F` included), `\` read as
+/// `/`, empty and `.` segments dropped, `..` resolved (never above the root). `None`
+/// for a path no decision should be made on (a NUL byte, or not UTF-8 once decoded).
+pub fn normalise(raw: &str) -> Option<String> {
+    let decoded = percent_decode(raw.as_bytes());
+    if decoded.contains(&0) {
+        return None;
+    }
+    let text = String::from_utf8(decoded).ok()?.replace('\\', "/");
+    let mut segments: Vec<&str> = Vec::new();
+    let mut trailing = false;
+    for seg in text.split('/') {
+        trailing = false;
+        match seg {
+            "" => trailing = true,
+            "." => trailing = true,
+            ".." => {
+                segments.pop();
+                trailing = true;
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(text.len() + 1);
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if trailing || out.is_empty() {
+        out.push('/');
+    }
+    Some(out)
+}
+
+fn percent_decode(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Whether `path` (normalised) is `prefix` or below it, segment-wise: `/health`
+/// covers `/health` and `/health/x`, not `/healthz`.
+pub fn under(path: &str, prefix: &str) -> bool {
+    let p = prefix.trim_end_matches('/');
+    if p.is_empty() {
+        return true;
+    }
+    path == p || path.strip_prefix(p).is_some_and(|rest| rest.starts_with('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_tricks() {
+        for (raw, want) in [
+            ("/", "/"),
+            ("", "/"),
+            ("/socket.io/", "/socket.io/"),
+            ("//socket.io/", "/socket.io/"),
+            ("/x/../socket.io/", "/socket.io/"),
+            ("/health/../socket.io", "/socket.io"),
+            ("/health/..%2fsocket.io", "/socket.io"),
+            ("/health%2F..%2Fsocket.io", "/socket.io"),
+            ("/%2e%2e/%2E%2E/socket.io", "/socket.io"),
+            ("/health\\..\\socket.io", "/socket.io"),
+            ("/a/./b/.", "/a/b/"),
+            ("/../../etc/passwd", "/etc/passwd"),
+            ("/a/b/..", "/a/"),
+            ("/%zz", "/%zz"),
+            ("/%", "/%"),
+            ("/%252e%252e/x", "/%2e%2e/x"),
+        ] {
+            assert_eq!(normalise(raw).as_deref(), Some(want), "{raw}");
+        }
+        assert_eq!(normalise("/a%00b"), None);
+        assert_eq!(normalise("/%ff"), None);
+    }
+
+    #[test]
+    fn prefix_is_segment_wise() {
+        assert!(under("/health", "/health"));
+        assert!(under("/health/deep", "/health/"));
+        assert!(!under("/healthz", "/health"));
+        assert!(!under("/socket.io/", "/health"));
+        assert!(under("/anything", "/"));
+    }
+}

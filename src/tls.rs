@@ -1,0 +1,127 @@
+//! TLS termination with rustls: PEM certificate chains and keys (RSA, ECDSA, PKCS#8),
+//! TLS 1.2 and 1.3 only, ALPN `h2` and `http/1.1`, a self-signed certificate for local
+//! development, and certificate reload (on SIGHUP) without dropping connections.
+//!
+//! It owns certificates and the rustls server configuration; the listener hands it
+//! accepted sockets and gets TLS streams back.
+
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+/// Where a listener's certificate comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Files { cert: PathBuf, key: PathBuf },
+    SelfSigned,
+}
+
+/// The current certificate, swappable while connections use the old one.
+#[derive(Debug)]
+pub struct Certs {
+    source: Source,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for Certs {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+impl Certs {
+    /// Loads (or, for self-signed, generates) the certificate. `label` names the
+    /// listener in messages.
+    pub fn new(source: Source, label: &str) -> Result<Arc<Certs>, String> {
+        let key = match &source {
+            Source::Files { cert, key } => load(cert, key)?,
+            Source::SelfSigned => self_signed(label)?,
+        };
+        Ok(Arc::new(Certs {
+            source,
+            current: RwLock::new(Arc::new(key)),
+        }))
+    }
+
+    /// Reads the files again; on error the old certificate stays in use.
+    pub fn reload(&self) -> Result<(), String> {
+        if let Source::Files { cert, key } = &self.source {
+            let fresh = load(cert, key)?;
+            *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+            tracing::info!(cert = %cert.display(), "TLS certificate reloaded");
+        }
+        Ok(())
+    }
+
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+}
+
+/// Reads a PEM chain and key; errors name the file and the problem.
+pub fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: cannot read certificate: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: bad certificate PEM: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no certificate found in the file", cert.display()));
+    }
+    let der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("{}: no usable private key (RSA, EC or PKCS#8 PEM): {e}", key.display()))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&der)
+        .map_err(|e| format!("{}: unsupported private key: {e}", key.display()))?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified
+        .keys_match()
+        .map_err(|e| format!("{} and {}: key does not match the certificate: {e}", key.display(), cert.display()))?;
+    Ok(certified)
+}
+
+/// A certificate for localhost and 127.0.0.1, made now; its fingerprint is logged
+/// and its PEM written next to the temporary files so clients can trust it.
+fn self_signed(label: &str) -> Result<CertifiedKey, String> {
+    let generated = rcgen::generate_simple_self_signed(vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ])
+    .map_err(|e| format!("cannot generate a self-signed certificate: {e}"))?;
+    let der = generated.cert.der().clone();
+    let fingerprint = fingerprint(&der);
+    let pem_path = std::env::temp_dir().join(format!("corral-{label}-self-signed.pem"));
+    if let Err(e) = std::fs::write(&pem_path, generated.cert.pem()) {
+        tracing::warn!(path = %pem_path.display(), "cannot write the self-signed certificate: {e}");
+    }
+    tracing::warn!(
+        listener = label,
+        sha256 = %fingerprint,
+        pem = %pem_path.display(),
+        "self-signed TLS certificate (for development only)"
+    );
+    let key = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| format!("self-signed key: {e}"))?;
+    Ok(CertifiedKey::new(vec![der], signing))
+}
+
+/// SHA-256 of a DER certificate as `AB:CD:...`, as `openssl x509 -fingerprint` prints.
+pub fn fingerprint(der: &[u8]) -> String {
+    Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
