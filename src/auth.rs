@@ -86,9 +86,10 @@ fn parse_hash(h: &str) -> Result<Hash, String> {
 pub fn verify(hash: &Hash, password: &str) -> bool {
     match hash {
         Hash::Bcrypt(h) => bcrypt::verify(password, h).unwrap_or(false),
-        Hash::Apr1 { salt, full } => {
-            constant_time_eq(apr1(password.as_bytes(), salt.as_bytes()).as_bytes(), full.as_bytes())
-        }
+        Hash::Apr1 { salt, full } => constant_time_eq(
+            apr1(password.as_bytes(), salt.as_bytes()).as_bytes(),
+            full.as_bytes(),
+        ),
         Hash::Sha1(d) => {
             let got = sha1::Sha1::digest(password.as_bytes());
             constant_time_eq(&got, d)
@@ -276,10 +277,7 @@ impl BasicAuth {
                 users.generation += 1;
                 users.stamp = now;
                 drop(users);
-                self.cache
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clear();
+                self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
                 tracing::info!(file = %self.file.display(), "htpasswd reloaded");
             }
             Err(e) => {

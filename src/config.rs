@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The whole configuration, as the running proxy sees it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Plain-HTTP addresses to accept clients on (default 127.0.0.1:8000 when no
@@ -488,26 +488,6 @@ impl Default for Timeouts {
             header_read: Duration::from_secs(10),
             upstream_idle: Duration::from_secs(60),
             shutdown_drain: Duration::from_secs(5),
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            listen: Vec::new(),
-            listener: Vec::new(),
-            auth: None,
-            trusted_proxies: Vec::new(),
-            upstreams: Vec::new(),
-            engineio: EngineIo::default(),
-            balance: Balance::default(),
-            health: Health::default(),
-            limits: Limits::default(),
-            timeouts: Timeouts::default(),
-            workers: None,
-            message_queue: MessageQueue::default(),
-            admin_socket: None,
         }
     }
 }

@@ -64,7 +64,10 @@ pub fn under(path: &str, prefix: &str) -> bool {
     if p.is_empty() {
         return true;
     }
-    path == p || path.strip_prefix(p).is_some_and(|rest| rest.starts_with('/'))
+    path == p
+        || path
+            .strip_prefix(p)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 #[cfg(test)]

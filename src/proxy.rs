@@ -139,7 +139,11 @@ impl Proxy {
         if let Some(auth) = &self.auth {
             if !auth.is_exempt(&path)
                 && !auth
-                    .allows(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()))
+                    .allows(
+                        req.headers()
+                            .get(header::AUTHORIZATION)
+                            .map(|v| v.as_bytes()),
+                    )
                     .await
             {
                 return unauthorized(&auth.realm);
@@ -622,7 +626,10 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("real.example"));
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        h.insert("x-forwarded-host", HeaderValue::from_static("forged.example"));
+        h.insert(
+            "x-forwarded-host",
+            HeaderValue::from_static("forged.example"),
+        );
         let untrusted = Peer {
             trusted: false,
             ..peer()
@@ -642,13 +649,19 @@ mod tests {
             .expect("request");
         let resp = redirect_https(&req, 8443);
         assert_eq!(resp.status(), StatusCode::MOVED_PERMANENTLY);
-        assert_eq!(resp.headers()[header::LOCATION], "https://example.org:8443/a?b=1");
+        assert_eq!(
+            resp.headers()[header::LOCATION],
+            "https://example.org:8443/a?b=1"
+        );
         let req = Request::builder()
             .uri("/")
             .header(header::HOST, "[::1]:80")
             .body(())
             .expect("request");
-        assert_eq!(redirect_https(&req, 443).headers()[header::LOCATION], "https://[::1]/");
+        assert_eq!(
+            redirect_https(&req, 443).headers()[header::LOCATION],
+            "https://[::1]/"
+        );
     }
 
     #[test]

@@ -9,12 +9,11 @@ use crate::admin;
 use crate::auth::BasicAuth;
 use crate::broker;
 use crate::config::{Config, TlsSetting};
-use crate::tls;
-use tokio_rustls::TlsAcceptor;
 use crate::pool::{self, Pool};
 use crate::proxy::{Peer, Proxy};
 use crate::router::{self, Router};
 use crate::supervisor::Supervisor;
+use crate::tls;
 use anyhow::Context;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -25,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
 
 /// Runs corral until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -279,7 +279,11 @@ async fn accept_loop(
         let addr = normalise(addr);
         let peer = Peer {
             addr,
-            scheme: if matches!(kind, Kind::Tls(_)) { "https" } else { "http" },
+            scheme: if matches!(kind, Kind::Tls(_)) {
+                "https"
+            } else {
+                "http"
+            },
             trusted: trusted.iter().any(|c| c.contains(addr.ip())),
             redirect_https: match kind {
                 Kind::Redirect(port) => Some(port),
@@ -339,7 +343,10 @@ fn normalise(addr: SocketAddr) -> SocketAddr {
 
 /// Handles signals until SIGTERM or SIGINT: SIGHUP rolls the workers, SIGTTIN and
 /// SIGTTOU add and remove one (as gunicorn does).
-async fn wait_for_stop(supervisor: Option<Arc<Supervisor>>, certs: Vec<Arc<tls::Certs>>) -> &'static str {
+async fn wait_for_stop(
+    supervisor: Option<Arc<Supervisor>>,
+    certs: Vec<Arc<tls::Certs>>,
+) -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     let watch = |kind: SignalKind| match signal(kind) {
         Ok(s) => Some(s),

@@ -30,7 +30,12 @@ pub struct Certs {
 
 impl ResolvesServerCert for Certs {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
     }
 }
 
@@ -77,16 +82,27 @@ pub fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{}: bad certificate PEM: {e}", cert.display()))?;
     if chain.is_empty() {
-        return Err(format!("{}: no certificate found in the file", cert.display()));
+        return Err(format!(
+            "{}: no certificate found in the file",
+            cert.display()
+        ));
     }
-    let der = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("{}: no usable private key (RSA, EC or PKCS#8 PEM): {e}", key.display()))?;
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        format!(
+            "{}: no usable private key (RSA, EC or PKCS#8 PEM): {e}",
+            key.display()
+        )
+    })?;
     let signing = rustls::crypto::ring::sign::any_supported_type(&der)
         .map_err(|e| format!("{}: unsupported private key: {e}", key.display()))?;
     let certified = CertifiedKey::new(chain, signing);
-    certified
-        .keys_match()
-        .map_err(|e| format!("{} and {}: key does not match the certificate: {e}", key.display(), cert.display()))?;
+    certified.keys_match().map_err(|e| {
+        format!(
+            "{} and {}: key does not match the certificate: {e}",
+            key.display(),
+            cert.display()
+        )
+    })?;
     Ok(certified)
 }
 
