@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CARGO ?= cargo
 
-.PHONY: all build release demo test test-deps lint fmt clean bench-mq
+.PHONY: all build release demo test test-deps lint fmt clean bench-mq fuzz
 
 all: build
 
@@ -38,6 +38,16 @@ test: build test-deps
 # Message queue: embedded broker vs redis-server (a benchmark, not a test).
 bench-mq:
 	bench/broker.sh 3 | tee target/bench-mq.md
+
+# Fuzz the htpasswd parser, the path normaliser and the RESP parser, FUZZ_SECONDS
+# each (not part of `make test`). cargo-fuzz needs nightly features; RUSTC_BOOTSTRAP
+# lets the stable toolchain use them, and -s none skips the sanitizer runtime.
+FUZZ_SECONDS ?= 30
+fuzz:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	for t in htpasswd path resp; do \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -s none $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -150,6 +150,59 @@ where
 }
 
 pin_project_lite::pin_project! {
+    /// Adds the size of every data frame to a counter as it passes.
+    pub struct Counted<B> {
+        #[pin]
+        inner: B,
+        counter: Arc<crate::metrics::Metrics>,
+        outbound: bool,
+    }
+}
+
+impl<B> Counted<B> {
+    /// Counts into the metrics' bytes out (`outbound`) or bytes in.
+    pub fn new(inner: B, counter: Arc<crate::metrics::Metrics>, outbound: bool) -> Self {
+        Counted {
+            inner,
+            counter,
+            outbound,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(d) = frame.data_ref() {
+                let c = if *this.outbound {
+                    &this.counter.bytes_out
+                } else {
+                    &this.counter.bytes_in
+                };
+                c.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
     /// A body that keeps `guard` alive until the body ends or is dropped.
     pub struct Guarded<B, G> {
         #[pin]

@@ -49,6 +49,11 @@ pub struct Config {
     /// The message queue handed to the workers: the embedded broker or a Redis URL.
     #[serde(default)]
     pub message_queue: MessageQueue,
+    /// The admin listener: /metrics, /status, /status.json.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub access_log: AccessLogConfig,
     /// Unix socket for `corral reload`, `corral scale` and `corral status`. Default:
     /// `corral-<first listen port>.sock` in the temporary directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -294,6 +299,44 @@ fn default_realm() -> String {
     "corral".into()
 }
 
+/// `[admin]`: metrics and the status page on a port of their own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+    /// Optional basic auth for the admin pages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub htpasswd: Option<PathBuf>,
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9000))
+}
+
+/// `[access_log]`: one line per request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLogConfig {
+    pub enabled: bool,
+    pub format: crate::access::Format,
+    /// `-` for stdout, or a file appended to.
+    pub path: String,
+    /// Log Engine.IO requests too (a polling client makes one every few seconds).
+    pub engineio: bool,
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        AccessLogConfig {
+            enabled: false,
+            format: crate::access::Format::Combined,
+            path: "-".into(),
+            engineio: false,
+        }
+    }
+}
+
 /// A trusted proxy range.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Cidr {
@@ -534,6 +577,14 @@ impl Config {
         }
         if let Some(a) = config.auth.as_mut() {
             rebase(&mut a.htpasswd);
+        }
+        if let Some(h) = config.admin.as_mut().and_then(|a| a.htpasswd.as_mut()) {
+            rebase(h);
+        }
+        if config.access_log.path != "-" {
+            let mut p = PathBuf::from(&config.access_log.path);
+            rebase(&mut p);
+            config.access_log.path = p.display().to_string();
         }
         if let Some(w) = config.workers.as_mut() {
             if let Some(cwd) = w.cwd.as_mut() {

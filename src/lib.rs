@@ -6,17 +6,20 @@
 //! [`engineio`] holds the protocol knowledge. [`supervisor`] starts and watches the
 //! worker processes and [`admin`] takes commands for it from `corral reload`.
 
+pub mod access;
 pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod broker;
 pub mod config;
 pub mod engineio;
+pub mod metrics;
 pub mod path;
 pub mod pool;
 pub mod proxy;
 pub mod router;
 pub mod server;
+pub mod status;
 pub mod supervisor;
 pub mod tls;
 pub mod tunnel;

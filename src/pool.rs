@@ -72,9 +72,66 @@ pub struct Worker {
     sessions: AtomicUsize,
     pid: AtomicU32,
     restarts: AtomicU64,
+    /// Responses by status class (1xx..5xx).
+    requests: [AtomicU64; 5],
+    tunnels: AtomicUsize,
+    /// When it last became ready, as milliseconds since `epoch` (0: not up yet).
+    ready_at_ms: AtomicU64,
+    epoch: std::time::Instant,
+    /// Requests/s over the last sample period, as f64 bits; and the count then.
+    rate_bits: AtomicU64,
+    rate_mark: AtomicU64,
 }
 
 impl Worker {
+    /// Counts a response the worker gave.
+    pub fn count_response(&self, status: u16) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.requests[class].fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn requests_by_class(&self) -> [u64; 5] {
+        std::array::from_fn(|i| self.requests[i].load(Ordering::Relaxed))
+    }
+    pub fn requests_total(&self) -> u64 {
+        self.requests_by_class().iter().sum()
+    }
+    pub fn tunnels(&self) -> usize {
+        self.tunnels.load(Ordering::Relaxed)
+    }
+    /// Counts an open websocket tunnel until the guard is dropped.
+    pub fn open_tunnel(self: &Arc<Self>) -> TunnelGuard {
+        self.tunnels.fetch_add(1, Ordering::Relaxed);
+        TunnelGuard {
+            worker: self.clone(),
+        }
+    }
+    /// How long since it last became ready.
+    pub fn uptime(&self) -> Option<Duration> {
+        match self.ready_at_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(
+                self.epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(ms - 1)),
+            ),
+        }
+    }
+    fn mark_ready(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64 + 1;
+        self.ready_at_ms.store(ms, Ordering::Relaxed);
+    }
+    /// Requests/s over the last sample period.
+    pub fn rate(&self) -> f64 {
+        f64::from_bits(self.rate_bits.load(Ordering::Relaxed))
+    }
+    /// Called by the sampler every period of `secs` seconds.
+    pub fn sample_rate(&self, secs: f64) {
+        let now = self.requests_total();
+        let before = self.rate_mark.swap(now, Ordering::Relaxed);
+        let rate = now.saturating_sub(before) as f64 / secs;
+        self.rate_bits.store(rate.to_bits(), Ordering::Relaxed);
+    }
+
     pub fn state(&self) -> State {
         State::from_u8(self.state.load(Ordering::Acquire))
     }
@@ -182,7 +239,16 @@ impl Pool {
             sessions: AtomicUsize::new(0),
             pid: AtomicU32::new(0),
             restarts: AtomicU64::new(0),
+            requests: Default::default(),
+            tunnels: AtomicUsize::new(0),
+            ready_at_ms: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
+            rate_bits: AtomicU64::new(0),
+            rate_mark: AtomicU64::new(0),
         });
+        if !managed {
+            worker.mark_ready();
+        }
         self.workers
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -193,6 +259,9 @@ impl Pool {
     /// A managed worker's process is ready: it takes traffic.
     pub fn set_ready(&self, w: &Worker) {
         w.alive.store(true, Ordering::Release);
+        if w.managed && w.state() == State::Starting {
+            w.mark_ready();
+        }
         if w.set_state(State::Up) != State::Up {
             tracing::info!(worker = w.id, addr = %w.addr, "worker is up");
         }
@@ -331,6 +400,18 @@ fn fnv(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ *b as u64).wrapping_mul(0x100000001b3)
     })
+}
+
+/// Decrements a worker's tunnel count when dropped.
+#[derive(Debug)]
+pub struct TunnelGuard {
+    worker: Arc<Worker>,
+}
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        self.worker.tunnels.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Decrements a worker's in-flight count when dropped.

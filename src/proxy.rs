@@ -7,15 +7,18 @@
 //! (the router does) or mark workers up (the health checks do); it only reports a
 //! worker it could not reach. Websocket upgrades are handed to `tunnel`.
 
+use crate::access::{self, AccessLog};
 use crate::auth::BasicAuth;
 use crate::body::{self, Guarded, Limited, Prefixed, ProxyBody};
 use crate::config::Config;
 use crate::engineio::{self, Parse};
+use crate::metrics::Metrics;
 use crate::pool::{InflightGuard, Pool, Worker};
 use crate::router::{NewSession, Route, Router, SessionTicket};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -25,6 +28,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Most bytes of a handshake response read to find the sid; the rest streams untouched.
 const HANDSHAKE_PEEK: usize = 4096;
@@ -32,6 +36,8 @@ const HANDSHAKE_PEEK: usize = 4096;
 pub struct Proxy {
     pub(crate) cfg: Arc<Config>,
     auth: Option<Arc<BasicAuth>>,
+    pub(crate) metrics: Arc<Metrics>,
+    access: Option<AccessLog>,
     pub(crate) pool: Arc<Pool>,
     pub(crate) router: Arc<Router>,
     client: Client<HttpConnector, ProxyBody>,
@@ -95,6 +101,8 @@ impl Proxy {
         pool: Arc<Pool>,
         router: Arc<Router>,
         auth: Option<Arc<BasicAuth>>,
+        metrics: Arc<Metrics>,
+        access: Option<AccessLog>,
     ) -> Proxy {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(cfg.timeouts.connect));
@@ -110,6 +118,8 @@ impl Proxy {
         Proxy {
             cfg,
             auth,
+            metrics,
+            access,
             pool,
             router,
             client,
@@ -122,7 +132,42 @@ impl Proxy {
         req: Request<Incoming>,
         peer: Peer,
     ) -> Result<Response<ProxyBody>, Infallible> {
-        Ok(self.route(req, peer).await)
+        let Some(log) = &self.access else {
+            return Ok(self.route(req, peer).await);
+        };
+        let started = Instant::now();
+        let eio = self.is_engineio(req.uri().path());
+        if eio && !log.engineio {
+            return Ok(self.clone().route(req, peer).await);
+        }
+        let header = |name: header::HeaderName| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let (referer, agent) = (header(header::REFERER), header(header::USER_AGENT));
+        let method = req.method().clone();
+        let target = req
+            .uri()
+            .path_and_query()
+            .map_or("/".into(), |p| p.to_string());
+        let version = format!("{:?}", req.version());
+        let resp = self.clone().route(req, peer).await;
+        log.log(&access::Entry {
+            peer: peer.addr,
+            user: None,
+            method: method.as_str(),
+            target: &target,
+            version: &version,
+            status: resp.status().as_u16(),
+            bytes: resp.body().size_hint().exact(),
+            referer: referer.as_deref(),
+            user_agent: agent.as_deref(),
+            duration: started.elapsed(),
+            worker: None,
+        });
+        Ok(resp)
     }
 
     async fn route(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
@@ -187,7 +232,10 @@ impl Proxy {
                     worker: n.worker.clone(),
                     ticket: Ticket::New(n),
                 }),
-                Route::UnknownSid => Err(Refusal::UnknownSid),
+                Route::UnknownSid => {
+                    self.metrics.unknown_sid.fetch_add(1, Ordering::Relaxed);
+                    Err(Refusal::UnknownSid)
+                }
                 Route::NoWorker => Err(Refusal::NoWorker),
                 Route::Full => Err(Refusal::Full),
             };
@@ -215,7 +263,11 @@ impl Proxy {
             // The sid must be readable in the handshake response.
             headers.remove(header::ACCEPT_ENCODING);
         }
-        let (limited, tripped) = Limited::new(incoming, self.cfg.limits.max_body);
+        let counted = body::Counted::new(incoming, self.metrics.clone(), false);
+        let (limited, tripped) = Limited::new(counted, self.cfg.limits.max_body);
+        if matches!(target.ticket, Ticket::New(_)) {
+            self.metrics.handshakes.fetch_add(1, Ordering::Relaxed);
+        }
         let wait = if is_eio {
             self.cfg.timeouts.engineio_read
         } else {
@@ -239,12 +291,15 @@ impl Proxy {
             let addr = worker.addr;
             let id = worker.id;
             let inflight = worker.start_request();
+            let sent = Instant::now();
             let result = tokio::time::timeout(wait, self.client.request(upstream_req)).await;
             if tripped.load(Ordering::Acquire) {
                 return too_large(self.cfg.limits.max_body);
             }
             let err = match result {
                 Ok(Ok(resp)) => {
+                    self.metrics.observe_latency(sent.elapsed());
+                    worker.count_response(resp.status().as_u16());
                     return self.respond(resp, target.ticket, inflight).await;
                 }
                 Ok(Err(e)) => e,
@@ -268,6 +323,7 @@ impl Proxy {
             self.pool.mark_down(&worker);
             if matches!(target.ticket, Ticket::Session(_)) {
                 // The session died with its worker; the client should start anew.
+                self.metrics.unknown_sid.fetch_add(1, Ordering::Relaxed);
                 return unknown_sid();
             }
             let next = if retry && !retried {
@@ -338,6 +394,7 @@ impl Proxy {
                 .map_err(Into::into)
                 .boxed_unsync(),
         };
+        let body = body::Counted::new(body, self.metrics.clone(), true);
         Response::from_parts(parts, Guarded::new(body, inflight).boxed_unsync())
     }
 

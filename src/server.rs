@@ -5,13 +5,16 @@
 //! It wires the parts together at start (pool, router, proxy, background tasks) and
 //! owns nothing after that but the sockets; every request goes to `Proxy::handle`.
 
+use crate::access::AccessLog;
 use crate::admin;
 use crate::auth::BasicAuth;
 use crate::broker;
 use crate::config::{Config, TlsSetting};
+use crate::metrics::{self, Metrics, Queue, Sources};
 use crate::pool::{self, Pool};
 use crate::proxy::{Peer, Proxy};
 use crate::router::{self, Router};
+use crate::status;
 use crate::supervisor::Supervisor;
 use crate::tls;
 use anyhow::Context;
@@ -47,7 +50,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let proxy = Arc::new(Proxy::new(cfg.clone(), pool.clone(), router, auth));
+    let metrics = Arc::new(Metrics::default());
+    let access = match cfg.access_log.enabled {
+        true => Some(AccessLog::start(
+            &cfg.access_log.path,
+            cfg.access_log.format,
+            cfg.access_log.engineio,
+            metrics.clone(),
+        )?),
+        false => None,
+    };
+    let proxy = Arc::new(Proxy::new(
+        cfg.clone(),
+        pool.clone(),
+        router.clone(),
+        auth,
+        metrics.clone(),
+        access,
+    ));
 
     raise_fd_limit();
     // Bind first, so a port in use fails at once; accept once workers are ready.
@@ -82,7 +102,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         };
         listeners.push((socket, kind));
     }
-    let queue_url = message_queue(&cfg).await?;
+    let (queue_url, queue) = message_queue(&cfg).await?;
+    let sources = Arc::new(Sources {
+        metrics: metrics.clone(),
+        pool: pool.clone(),
+        router: router.clone(),
+        queue,
+        started: std::time::Instant::now(),
+        policy: cfg.balance.policy.to_string(),
+    });
+    metrics::spawn_sampler(sources.clone());
+    if let Some(admin_cfg) = &cfg.admin {
+        let auth = match &admin_cfg.htpasswd {
+            Some(file) => Some(Arc::new(
+                BasicAuth::new(file, "corral admin", Vec::new()).map_err(anyhow::Error::msg)?,
+            )),
+            None => None,
+        };
+        let at = status::serve(admin_cfg.listen, sources.clone(), auth).await?;
+        tracing::info!("status page on http://{at}/status, metrics on http://{at}/metrics");
+    }
     let supervisor = cfg.workers.clone().map(|spec| {
         let env = queue_env(queue_url.as_deref(), &spec.env);
         Arc::new(Supervisor::new(spec, pool.clone(), env))
@@ -143,18 +182,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 /// Starts the embedded broker if configured; returns the queue URL for the workers.
-async fn message_queue(cfg: &Config) -> anyhow::Result<Option<String>> {
+async fn message_queue(cfg: &Config) -> anyhow::Result<(Option<String>, Queue)> {
     let mq = &cfg.message_queue;
     if !cfg.embedded_broker() {
-        if let Some(url) = &mq.url {
-            tracing::info!(url = %redact(url), "message queue: external");
-        }
-        return Ok(mq.url.clone());
+        return Ok(match &mq.url {
+            Some(url) => {
+                tracing::info!(url = %redact(url), "message queue: external");
+                (Some(url.clone()), Queue::External(redact(url)))
+            }
+            None => (None, Queue::None),
+        });
     }
-    let (_broker, addr) = broker::start(mq.listen, broker::Settings::from_config(mq)).await?;
+    let (broker, addr) = broker::start(mq.listen, broker::Settings::from_config(mq)).await?;
     let url = broker::url_for(addr, mq.password.as_deref());
     tracing::info!(%addr, "message queue: embedded broker listening");
-    Ok(Some(url))
+    Ok((Some(url.clone()), Queue::Embedded(broker, redact(&url))))
 }
 
 /// CORRAL_MESSAGE_QUEUE always; REDIS_URL unless the environment already sets it.

@@ -51,11 +51,11 @@ pub(crate) async fn upgrade(
         Ok(Err(e)) => {
             tracing::warn!(worker, %addr, error = %e, "cannot connect to worker for websocket");
             proxy.pool.mark_down(&target.worker);
-            return unreachable(&target.ticket, addr);
+            return unreachable(&proxy, &target.ticket, addr);
         }
         Err(_) => {
             proxy.pool.mark_down(&target.worker);
-            return unreachable(&target.ticket, addr);
+            return unreachable(&proxy, &target.ticket, addr);
         }
     };
     let _ = stream.set_nodelay(true);
@@ -100,6 +100,8 @@ pub(crate) async fn upgrade(
     }
     let worker_side = hyper::upgrade::on(&mut resp);
     let idle = cfg.timeouts.websocket_idle;
+    let open = target.worker.open_tunnel();
+    let metrics = proxy.metrics.clone();
     let ticket = match target.ticket {
         Ticket::Session(t) => Ticket::Session(t.into_tunnel()),
         other => other,
@@ -112,16 +114,20 @@ pub(crate) async fn upgrade(
                 return;
             }
         };
-        splice(TokioIo::new(client_io), TokioIo::new(worker_io), idle).await;
+        let (up, down) = splice(TokioIo::new(client_io), TokioIo::new(worker_io), idle).await;
+        metrics.bytes_in.fetch_add(up, Ordering::Relaxed);
+        metrics.bytes_out.fetch_add(down, Ordering::Relaxed);
         // The session (or its count) ends with the tunnel.
         drop(ticket);
+        drop(open);
     });
     let (parts, _) = resp.into_parts();
     Response::from_parts(parts, crate::body::empty())
 }
 
-fn unreachable(ticket: &Ticket, addr: std::net::SocketAddr) -> Response<ProxyBody> {
+fn unreachable(proxy: &Proxy, ticket: &Ticket, addr: std::net::SocketAddr) -> Response<ProxyBody> {
     if matches!(ticket, Ticket::Session(_)) {
+        proxy.metrics.unknown_sid.fetch_add(1, Ordering::Relaxed);
         unknown_sid()
     } else {
         short(
@@ -132,7 +138,8 @@ fn unreachable(ticket: &Ticket, addr: std::net::SocketAddr) -> Response<ProxyBod
 }
 
 /// Copies both ways until both directions end, an error, or `idle` without a byte.
-pub async fn splice<A, B>(a: A, b: B, idle: Duration)
+/// Returns the bytes copied from `a` to `b` and from `b` to `a`.
+pub async fn splice<A, B>(a: A, b: B, idle: Duration) -> (u64, u64)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -141,26 +148,29 @@ where
     let last = Arc::new(AtomicU64::new(0));
     let mut a = Activity::new(a, start, last.clone());
     let mut b = Activity::new(b, start, last.clone());
-    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
-    tokio::pin!(copy);
-    loop {
-        let quiet_since = start + Duration::from_millis(last.load(Ordering::Relaxed));
-        tokio::select! {
-            result = &mut copy => {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "tunnel ended with an error");
+    {
+        let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+        tokio::pin!(copy);
+        loop {
+            let quiet_since = start + Duration::from_millis(last.load(Ordering::Relaxed));
+            tokio::select! {
+                result = &mut copy => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "tunnel ended with an error");
+                    }
+                    break;
                 }
-                return;
-            }
-            _ = tokio::time::sleep_until((quiet_since + idle).into()) => {
-                let quiet_since = start + Duration::from_millis(last.load(Ordering::Relaxed));
-                if quiet_since.elapsed() >= idle {
-                    tracing::debug!(?idle, "tunnel idle, closing");
-                    return;
+                _ = tokio::time::sleep_until((quiet_since + idle).into()) => {
+                    let quiet_since = start + Duration::from_millis(last.load(Ordering::Relaxed));
+                    if quiet_since.elapsed() >= idle {
+                        tracing::debug!(?idle, "tunnel idle, closing");
+                        break;
+                    }
                 }
             }
         }
     }
+    (a.bytes, b.bytes)
 }
 
 pin_project_lite::pin_project! {
@@ -170,12 +180,18 @@ pin_project_lite::pin_project! {
         inner: T,
         start: Instant,
         last: Arc<AtomicU64>,
+        bytes: u64,
     }
 }
 
 impl<T> Activity<T> {
     fn new(inner: T, start: Instant, last: Arc<AtomicU64>) -> Self {
-        Activity { inner, start, last }
+        Activity {
+            inner,
+            start,
+            last,
+            bytes: 0,
+        }
     }
 }
 
@@ -189,6 +205,7 @@ impl<T: AsyncRead> AsyncRead for Activity<T> {
         let before = buf.filled().len();
         let polled = this.inner.poll_read(cx, buf);
         if buf.filled().len() > before {
+            *this.bytes += (buf.filled().len() - before) as u64;
             let ms = this.start.elapsed().as_millis() as u64;
             this.last.store(ms, Ordering::Relaxed);
         }

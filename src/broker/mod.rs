@@ -29,6 +29,16 @@ use tokio::sync::mpsc;
 pub const REDIS_VERSION: &str = "7.0.15";
 const DATABASES: i64 = 16;
 
+#[derive(Debug, Clone, Copy)]
+pub struct BrokerStats {
+    pub connected: u64,
+    pub subscriptions: u64,
+    pub published: u64,
+    pub delivered: u64,
+    pub dropped: u64,
+    pub over_limit: u64,
+}
+
 /// How the broker is set up.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -59,6 +69,19 @@ impl Broker {
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Counters for metrics and the status page.
+    pub fn stats(&self) -> BrokerStats {
+        let s = &self.registry.stats;
+        BrokerStats {
+            connected: s.connected.load(Ordering::Relaxed),
+            subscriptions: self.registry.subscriptions(),
+            published: s.published.load(Ordering::Relaxed),
+            delivered: s.delivered.load(Ordering::Relaxed),
+            dropped: s.dropped.load(Ordering::Relaxed),
+            over_limit: s.over_limit.load(Ordering::Relaxed),
+        }
     }
 
     /// Accepts clients until the runtime stops.

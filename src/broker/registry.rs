@@ -93,13 +93,14 @@ impl ClientHandle {
     }
 
     /// Queues a message within the output limits; past them the client is killed.
-    fn deliver(&self, item: Outbound, size: usize) {
+    fn deliver(&self, item: Outbound, size: usize) -> bool {
         if self.killed.load(Ordering::Relaxed) {
-            return;
+            return false;
         }
         let backlog = self.queued.fetch_add(size, Ordering::Relaxed) + size;
         if backlog > self.limit.hard {
-            return self.kill("hard");
+            self.kill("hard");
+            return false;
         }
         if backlog > self.limit.soft {
             let now = self.epoch.elapsed().as_millis() as u64 + 1;
@@ -111,12 +112,14 @@ impl ClientHandle {
                 Err(since)
                     if now.saturating_sub(since) >= self.limit.soft_for.as_millis() as u64 =>
                 {
-                    return self.kill("soft");
+                    self.kill("soft");
+                    return false;
                 }
                 Err(_) => {}
             }
         }
         let _ = self.tx.send(item);
+        true
     }
 
     /// The writer wrote `n` bytes of the backlog.
@@ -168,6 +171,10 @@ pub struct Stats {
     pub delivered: AtomicU64,
     pub connections: AtomicU64,
     pub connected: AtomicU64,
+    /// Messages not queued because the subscriber was over its limit.
+    pub dropped: AtomicU64,
+    /// Subscribers disconnected at their output limit.
+    pub over_limit: AtomicU64,
 }
 
 /// Which of the three subscription spaces.
@@ -219,7 +226,8 @@ impl Registry {
         let mut n = 0;
         if let Some(subs) = read(&self.channels).get(channel) {
             for c in subs.values() {
-                c.deliver(
+                self.deliver_to(
+                    c,
                     Outbound::Message {
                         kind: Kind::Message,
                         pattern: None,
@@ -236,7 +244,8 @@ impl Registry {
                 continue;
             }
             for c in subs.values() {
-                c.deliver(
+                self.deliver_to(
+                    c,
                     Outbound::Message {
                         kind: Kind::PMessage,
                         pattern: Some(pattern.clone()),
@@ -256,7 +265,8 @@ impl Registry {
         let mut n = 0;
         if let Some(subs) = read(&self.shard).get(channel) {
             for c in subs.values() {
-                c.deliver(
+                self.deliver_to(
+                    c,
                     Outbound::Message {
                         kind: Kind::SMessage,
                         pattern: None,
@@ -274,7 +284,28 @@ impl Registry {
 
     fn count(&self, n: i64) {
         self.stats.published.fetch_add(1, Ordering::Relaxed);
-        self.stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
+        let _ = n;
+    }
+
+    /// Queues to one subscriber and keeps the delivered/dropped counts.
+    fn deliver_to(&self, c: &ClientHandle, item: Outbound, size: usize) {
+        let was_killed = c.is_killed();
+        if c.deliver(item, size) {
+            self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            if !was_killed && c.is_killed() {
+                self.stats.over_limit.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Subscriptions of every kind, for metrics.
+    pub fn subscriptions(&self) -> u64 {
+        [&self.channels, &self.patterns, &self.shard]
+            .iter()
+            .map(|l| read(l).values().map(|s| s.len() as u64).sum::<u64>())
+            .sum()
     }
 
     /// Active channels (with at least one subscriber) matching `pattern`.

@@ -1,0 +1,202 @@
+//! The access log: one line per request, in nginx's combined format or as JSON, to
+//! stdout or a file. Engine.IO polling requests are left out unless asked for (a
+//! polling client makes one every few seconds).
+//!
+//! Lines go through a bounded queue to a writer task, so a slow disk never blocks a
+//! request; lines that do not fit are counted as dropped.
+
+use crate::metrics::Metrics;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+
+const QUEUE: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    #[default]
+    Combined,
+    Json,
+}
+
+/// What one line says.
+pub struct Entry<'a> {
+    pub peer: SocketAddr,
+    pub user: Option<&'a str>,
+    pub method: &'a str,
+    pub target: &'a str,
+    pub version: &'a str,
+    pub status: u16,
+    pub bytes: Option<u64>,
+    pub referer: Option<&'a str>,
+    pub user_agent: Option<&'a str>,
+    pub duration: Duration,
+    pub worker: Option<std::net::SocketAddr>,
+}
+
+pub struct AccessLog {
+    format: Format,
+    pub engineio: bool,
+    tx: mpsc::Sender<String>,
+    metrics: Arc<Metrics>,
+}
+
+impl AccessLog {
+    /// Starts the writer; `path` "-" is stdout.
+    pub fn start(
+        path: &str,
+        format: Format,
+        engineio: bool,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<AccessLog> {
+        let mut out: Box<dyn Write + Send> = if path == "-" {
+            Box::new(std::io::stdout())
+        } else {
+            Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| anyhow::anyhow!("access log {path}: {e}"))?,
+            )
+        };
+        let (tx, mut rx) = mpsc::channel::<String>(QUEUE);
+        std::thread::spawn(move || {
+            let mut buf = std::io::BufWriter::new(&mut out);
+            while let Some(line) = rx.blocking_recv() {
+                let _ = buf.write_all(line.as_bytes());
+                while let Ok(more) = rx.try_recv() {
+                    let _ = buf.write_all(more.as_bytes());
+                }
+                let _ = buf.flush();
+            }
+        });
+        Ok(AccessLog {
+            format,
+            engineio,
+            tx,
+            metrics,
+        })
+    }
+
+    pub fn log(&self, e: &Entry<'_>) {
+        let line = match self.format {
+            Format::Combined => combined(e),
+            Format::Json => json(e),
+        };
+        if self.tx.try_send(line).is_err() {
+            self.metrics
+                .access_log_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn quote(s: Option<&str>) -> String {
+    match s {
+        Some(s) => s.replace('\\', "\\\\").replace('"', "\\\""),
+        None => "-".into(),
+    }
+}
+
+/// `ip - user [10/Oct/2000:13:55:36 +0000] "GET / HTTP/1.1" 200 2326 "ref" "ua"`
+fn combined(e: &Entry<'_>) -> String {
+    format!(
+        "{} - {} [{}] \"{} {} {}\" {} {} \"{}\" \"{}\"\n",
+        e.peer.ip(),
+        e.user.unwrap_or("-"),
+        clf_time(SystemTime::now()),
+        e.method,
+        quote(Some(e.target)),
+        e.version,
+        e.status,
+        e.bytes.map_or("-".to_string(), |b| b.to_string()),
+        quote(e.referer),
+        quote(e.user_agent),
+    )
+}
+
+fn json(e: &Entry<'_>) -> String {
+    let v = serde_json::json!({
+        "time": clf_time(SystemTime::now()),
+        "remote_addr": e.peer.ip().to_string(),
+        "user": e.user,
+        "method": e.method,
+        "target": e.target,
+        "protocol": e.version,
+        "status": e.status,
+        "bytes": e.bytes,
+        "referer": e.referer,
+        "user_agent": e.user_agent,
+        "duration_ms": e.duration.as_secs_f64() * 1000.0,
+        "upstream": e.worker.map(|w| w.to_string()),
+    });
+    format!("{v}\n")
+}
+
+/// `10/Oct/2000:13:55:36 +0000`, in UTC.
+pub fn clf_time(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{day:02}/{}/{year}:{:02}:{:02}:{:02} +0000",
+        MONTHS[(month - 1) as usize],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clf_dates() {
+        assert_eq!(clf_time(UNIX_EPOCH), "01/Jan/1970:00:00:00 +0000");
+        let t = UNIX_EPOCH + Duration::from_secs(971_186_136);
+        assert_eq!(clf_time(t), "10/Oct/2000:13:55:36 +0000");
+        let leap = UNIX_EPOCH + Duration::from_secs(1_709_164_800); // 2024-02-29
+        assert_eq!(clf_time(leap), "29/Feb/2024:00:00:00 +0000");
+    }
+
+    #[test]
+    fn combined_line() {
+        let e = Entry {
+            peer: SocketAddr::from(([127, 0, 0, 1], 1)),
+            user: Some("alice"),
+            method: "GET",
+            target: "/a?\"b\"",
+            version: "HTTP/1.1",
+            status: 200,
+            bytes: Some(12),
+            referer: None,
+            user_agent: Some("curl/8"),
+            duration: Duration::from_millis(3),
+            worker: None,
+        };
+        let line = combined(&e);
+        assert!(line.starts_with("127.0.0.1 - alice ["), "{line}");
+        assert!(
+            line.ends_with("\"GET /a?\\\"b\\\" HTTP/1.1\" 200 12 \"-\" \"curl/8\"\n"),
+            "{line}"
+        );
+    }
+}

@@ -1,0 +1,410 @@
+//! What corral counts and how it reports it: the global counters the data path bumps
+//! (latency histogram, handshakes, "Session ID unknown" answers, bytes), a history of
+//! sessions and requests/s for the status page, and the Prometheus text and status
+//! JSON renderings.
+//!
+//! Counting is lock-free atomics on the hot path; rendering reads a snapshot. It owns
+//! no traffic and changes nothing it reads.
+
+use crate::broker::Broker;
+use crate::pool::{Pool, State};
+use crate::router::Router;
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Upper bounds (seconds) of the request latency buckets.
+const BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// One history sample every this long; HISTORY of them (5 minutes).
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+const HISTORY: usize = 150;
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    latency_buckets: [AtomicU64; BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_us: AtomicU64,
+    pub handshakes: AtomicU64,
+    pub unknown_sid: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub access_log_dropped: AtomicU64,
+    history: Mutex<VecDeque<Sample>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Sample {
+    /// Seconds since corral started.
+    t: u64,
+    sessions: usize,
+    rps: f64,
+}
+
+/// How the message queue is set up, for the status page.
+#[derive(Clone)]
+pub enum Queue {
+    None,
+    External(String),
+    Embedded(Arc<Broker>, String),
+}
+
+impl Metrics {
+    /// Time from the request to the worker's response head.
+    pub fn observe_latency(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn count(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// Everything the admin listener reports from.
+pub struct Sources {
+    pub metrics: Arc<Metrics>,
+    pub pool: Arc<Pool>,
+    pub router: Arc<Router>,
+    pub queue: Queue,
+    pub started: Instant,
+    pub policy: String,
+}
+
+/// Records sessions and requests/s every SAMPLE_EVERY for the status charts.
+pub fn spawn_sampler(src: Arc<Sources>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SAMPLE_EVERY);
+        let mut last_requests = total_requests(&src.pool);
+        let mut last = Instant::now();
+        loop {
+            tick.tick().await;
+            let now = total_requests(&src.pool);
+            let secs = last.elapsed().as_secs_f64().max(0.001);
+            let sample = Sample {
+                t: src.started.elapsed().as_secs(),
+                sessions: src.pool.workers().iter().map(|w| w.sessions()).sum(),
+                rps: now.saturating_sub(last_requests) as f64 / secs,
+            };
+            for w in src.pool.workers() {
+                w.sample_rate(secs);
+            }
+            last_requests = now;
+            last = Instant::now();
+            let mut h = src
+                .metrics
+                .history
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if h.len() == HISTORY {
+                h.pop_front();
+            }
+            h.push_back(sample);
+        }
+    });
+}
+
+fn total_requests(pool: &Pool) -> u64 {
+    pool.workers().iter().map(|w| w.requests_total()).sum()
+}
+
+/// The Prometheus text exposition (format 0.0.4).
+pub fn prometheus(src: &Sources) -> String {
+    let m = &src.metrics;
+    let mut e = Exposition::default();
+    let workers = src.pool.workers();
+
+    let n = e.family(
+        "corral_requests_total",
+        "counter",
+        "Responses passed from workers, by worker and status class.",
+    );
+    for w in &workers {
+        for (class, count) in w.requests_by_class().iter().enumerate() {
+            e.line(format!(
+                "{n}{{worker=\"{}\",addr=\"{}\",class=\"{}xx\"}} {count}",
+                w.id,
+                w.addr,
+                class + 1
+            ));
+        }
+    }
+
+    let n = e.family(
+        "corral_request_duration_seconds",
+        "histogram",
+        "Time from request to the worker's response head.",
+    );
+    let mut cumulative = 0;
+    for (i, b) in BUCKETS.iter().enumerate() {
+        cumulative += Metrics::count(&m.latency_buckets[i]);
+        e.line(format!("{n}_bucket{{le=\"{b}\"}} {cumulative}"));
+    }
+    let count = Metrics::count(&m.latency_count);
+    e.line(format!("{n}_bucket{{le=\"+Inf\"}} {count}"));
+    e.line(format!(
+        "{n}_sum {}",
+        Metrics::count(&m.latency_sum_us) as f64 / 1e6
+    ));
+    e.line(format!("{n}_count {count}"));
+
+    for (name, help, get) in [
+        (
+            "corral_engineio_sessions",
+            "Live Engine.IO sessions per worker.",
+            (|w: &crate::pool::Worker| w.sessions() as u64) as fn(&crate::pool::Worker) -> u64,
+        ),
+        (
+            "corral_websocket_tunnels",
+            "Open websocket tunnels per worker.",
+            |w| w.tunnels() as u64,
+        ),
+        (
+            "corral_requests_in_flight",
+            "Requests in flight per worker.",
+            |w| w.inflight() as u64,
+        ),
+        (
+            "corral_worker_up",
+            "1 when the worker takes new traffic.",
+            |w| u64::from(w.state() == State::Up),
+        ),
+    ] {
+        let n = e.family(name, "gauge", help);
+        for w in &workers {
+            e.line(format!(
+                "{n}{{worker=\"{}\",addr=\"{}\"}} {}",
+                w.id,
+                w.addr,
+                get(w)
+            ));
+        }
+    }
+    let n = e.family(
+        "corral_worker_restarts_total",
+        "counter",
+        "Times a supervised worker was restarted after exiting.",
+    );
+    for w in &workers {
+        e.line(format!(
+            "{n}{{worker=\"{}\",addr=\"{}\"}} {}",
+            w.id,
+            w.addr,
+            w.restarts()
+        ));
+    }
+
+    for (name, help, value) in [
+        ("corral_engineio_handshakes_total", "Engine.IO handshakes routed to a worker.", Metrics::count(&m.handshakes)),
+        ("corral_engineio_unknown_sid_total", "Requests answered \"Session ID unknown\" (the thrash counter: near 0 when sessions stick).", Metrics::count(&m.unknown_sid)),
+        ("corral_bytes_in_total", "Bytes received from clients (bodies and tunnels).", Metrics::count(&m.bytes_in)),
+        ("corral_bytes_out_total", "Bytes sent to clients (bodies and tunnels).", Metrics::count(&m.bytes_out)),
+        ("corral_access_log_dropped_total", "Access log lines dropped because the writer fell behind.", Metrics::count(&m.access_log_dropped)),
+    ] {
+        let n = e.family(name, "counter", help);
+        e.line(format!("{n} {value}"));
+    }
+    let n = e.family(
+        "corral_sessions_remembered",
+        "gauge",
+        "Entries in the session table.",
+    );
+    e.line(format!("{n} {}", src.router.len()));
+
+    if let Queue::Embedded(broker, _) = &src.queue {
+        let s = broker.stats();
+        for (name, kind, help, value) in [
+            (
+                "corral_mq_connections",
+                "gauge",
+                "Clients connected to the embedded message queue.",
+                s.connected,
+            ),
+            (
+                "corral_mq_subscriptions",
+                "gauge",
+                "Channel, pattern and shard subscriptions.",
+                s.subscriptions,
+            ),
+            (
+                "corral_mq_messages_published_total",
+                "counter",
+                "PUBLISH and SPUBLISH commands.",
+                s.published,
+            ),
+            (
+                "corral_mq_messages_delivered_total",
+                "counter",
+                "Messages queued to subscribers.",
+                s.delivered,
+            ),
+            (
+                "corral_mq_messages_dropped_total",
+                "counter",
+                "Messages not delivered: the subscriber was over its output limit.",
+                s.dropped,
+            ),
+            (
+                "corral_mq_clients_over_limit_total",
+                "counter",
+                "Subscribers disconnected at their output limit.",
+                s.over_limit,
+            ),
+        ] {
+            let n = e.family(name, kind, help);
+            e.line(format!("{n} {value}"));
+        }
+    }
+    e.out
+}
+
+/// Builds the text exposition: a HELP/TYPE header per family, then its samples.
+#[derive(Default)]
+struct Exposition {
+    out: String,
+}
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) -> String {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        name.to_string()
+    }
+    fn line(&mut self, sample: String) {
+        self.out.push_str(&sample);
+        self.out.push('\n');
+    }
+}
+
+#[derive(Serialize)]
+struct WorkerJson {
+    id: usize,
+    pid: Option<u32>,
+    addr: String,
+    port: u16,
+    state: &'static str,
+    managed: bool,
+    sessions: usize,
+    tunnels: usize,
+    inflight: usize,
+    requests: u64,
+    rps: f64,
+    restarts: u64,
+    uptime_s: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct QueueJson {
+    kind: &'static str,
+    url: Option<String>,
+    connections: Option<u64>,
+    subscriptions: Option<u64>,
+    published: Option<u64>,
+    delivered: Option<u64>,
+    dropped: Option<u64>,
+}
+
+/// The data behind /status, as JSON.
+pub fn status_json(src: &Sources) -> serde_json::Value {
+    let m = &src.metrics;
+    let workers: Vec<WorkerJson> = src
+        .pool
+        .workers()
+        .iter()
+        .map(|w| WorkerJson {
+            id: w.id,
+            pid: w.pid(),
+            addr: w.addr.to_string(),
+            port: w.addr.port(),
+            state: w.state().name(),
+            managed: w.managed,
+            sessions: w.sessions(),
+            tunnels: w.tunnels(),
+            inflight: w.inflight(),
+            requests: w.requests_total(),
+            rps: w.rate(),
+            restarts: w.restarts(),
+            uptime_s: w.uptime().map(|d| d.as_secs()),
+        })
+        .collect();
+    let queue = match &src.queue {
+        Queue::None => QueueJson {
+            kind: "none",
+            url: None,
+            connections: None,
+            subscriptions: None,
+            published: None,
+            delivered: None,
+            dropped: None,
+        },
+        Queue::External(url) => QueueJson {
+            kind: "external",
+            url: Some(url.clone()),
+            connections: None,
+            subscriptions: None,
+            published: None,
+            delivered: None,
+            dropped: None,
+        },
+        Queue::Embedded(b, url) => {
+            let s = b.stats();
+            QueueJson {
+                kind: "embedded",
+                url: Some(url.clone()),
+                connections: Some(s.connected),
+                subscriptions: Some(s.subscriptions),
+                published: Some(s.published),
+                delivered: Some(s.delivered),
+                dropped: Some(s.dropped),
+            }
+        }
+    };
+    let history: Vec<Sample> = m
+        .history
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .cloned()
+        .collect();
+    serde_json::json!({
+        "uptime_s": src.started.elapsed().as_secs(),
+        "policy": src.policy,
+        "totals": {
+            "workers": workers.len(),
+            "up": workers.iter().filter(|w| w.state == "up").count(),
+            "sessions": workers.iter().map(|w| w.sessions).sum::<usize>(),
+            "tunnels": workers.iter().map(|w| w.tunnels).sum::<usize>(),
+            "requests": workers.iter().map(|w| w.requests).sum::<u64>(),
+            "rps": workers.iter().map(|w| w.rps).sum::<f64>(),
+            "handshakes": Metrics::count(&m.handshakes),
+            "unknown_sid": Metrics::count(&m.unknown_sid),
+        },
+        "workers": workers,
+        "message_queue": queue,
+        "history": history,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let m = Metrics::default();
+        m.observe_latency(Duration::from_micros(500));
+        m.observe_latency(Duration::from_millis(30));
+        m.observe_latency(Duration::from_secs(100));
+        assert_eq!(Metrics::count(&m.latency_count), 3);
+        assert_eq!(Metrics::count(&m.latency_buckets[0]), 1);
+        assert_eq!(Metrics::count(&m.latency_buckets[5]), 1);
+    }
+}

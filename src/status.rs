@@ -1,0 +1,96 @@
+//! The admin listener: `/metrics` (Prometheus text), `/status` (a live HTML page with
+//! no build step and nothing from a CDN) and `/status.json`, on a port of its own,
+//! loopback by default, optionally behind basic auth.
+//!
+//! It only reads: counters from `metrics`, worker state from the pool.
+
+use crate::auth::BasicAuth;
+use crate::body::{self, ProxyBody};
+use crate::metrics::{self, Sources};
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+const PAGE: &str = include_str!("../assets/status.html");
+
+/// Binds the admin listener and serves it until the runtime stops.
+pub async fn serve(
+    addr: SocketAddr,
+    sources: Arc<Sources>,
+    auth: Option<Arc<BasicAuth>>,
+) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("admin listener cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            let (src, auth) = (sources.clone(), auth.clone());
+            let service = service_fn(move |req| answer(req, src.clone(), auth.clone()));
+            tokio::spawn(async move {
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    src: Arc<Sources>,
+    auth: Option<Arc<BasicAuth>>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    if let Some(auth) = &auth {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        if !auth.allows(given).await {
+            let mut r = reply(
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                "401 Unauthorized\n".into(),
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{}\"", auth.realm)) {
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+            return Ok(r);
+        }
+    }
+    Ok(match req.uri().path() {
+        "/metrics" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics::prometheus(&src),
+        ),
+        "/status.json" => reply(
+            StatusCode::OK,
+            "application/json",
+            metrics::status_json(&src).to_string(),
+        ),
+        "/status" | "/" => reply(StatusCode::OK, "text/html; charset=utf-8", PAGE.to_string()),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    })
+}
+
+fn reply(status: StatusCode, kind: &'static str, text: String) -> Response<ProxyBody> {
+    let mut r = Response::new(body::full(text));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
