@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# corral against nginx and HAProxy: the same native backend, the same load
+# generators, each proxy in turn, several rounds, medians and ratios.
+#   bench/proxies.sh [rounds]      (make bench; prints a markdown section)
+# Scenarios: 1. small HTTP GET with keep-alive (wrk); 2. websocket echo with 10, 100
+# and 1000 connections (bench/wsbench.rs); 3. resident memory per idle websocket.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-3}
+idle=${IDLE_CONNS:-10000}
+need=()
+for p in nginx haproxy wrk; do command -v $p >/dev/null || need+=($p); done
+[ ${#need[@]} -eq 0 ] || { apt-get update -q >/dev/null && apt-get install -y -q "${need[@]}" >/dev/null; }
+cargo build --release -q --bin corral --example backend --example wsbench
+ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+work=$(mktemp -d); mkdir -p "$work/tmp"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+backend=$(port)
+target/release/examples/backend "127.0.0.1:$backend" 2>/dev/null & pids+=($!)
+sleep 0.5
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+fill() { sed -e "s#@PORT@#$2#g" -e "s#@BACKEND@#$backend#g" -e "s#@DIR@#$work#g" "bench/conf/$1.in" > "$work/$1"; }
+
+start_proxy() { # name port -> sets proxy_pid (the process whose memory is measured)
+  case $1 in
+    corral) fill corral.toml "$2"; target/release/corral run -c "$work/corral.toml" 2>"$work/corral.log" & proxy_pid=$!;;
+    nginx) fill nginx.conf "$2"; nginx -p "$work" -c "$work/nginx.conf" -g 'daemon off;' & proxy_pid=$!;;
+    haproxy) fill haproxy.cfg "$2"; haproxy -f "$work/haproxy.cfg" -db 2>"$work/haproxy.log" & proxy_pid=$!;;
+  esac
+  pids+=($proxy_pid)
+  for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$2/" && return; sleep 0.1; done
+  echo "$1 did not start" >&2; exit 1
+}
+stop_proxy() {
+  if [ "$1" = nginx ]; then nginx -p "$work" -c "$work/nginx.conf" -s quit 2>/dev/null || true; fi
+  kill "$proxy_pid" 2>/dev/null || true; wait "$proxy_pid" 2>/dev/null || true; sleep 0.5
+}
+# Resident memory of the proxy and its children (nginx workers), in KiB.
+rss_kib() { local total=0; for p in $(pgrep -P "$1") "$1"; do total=$((total + $(awk '/VmRSS/ {print $2}' /proc/$p/status 2>/dev/null || echo 0))); done; echo $total; }
+
+declare -A R
+for proxy in corral nginx haproxy; do
+  p=$(port); start_proxy $proxy "$p"
+  wrk -t2 -c64 -d3s "http://127.0.0.1:$p/" >/dev/null 2>&1 || true   # warm-up
+  for r in $(seq "$rounds"); do
+    out=$(wrk -t2 -c64 -d10s --latency "http://127.0.0.1:$p/")
+    echo "$out" | awk '/Requests\/sec/ {print $2}' >> "$work/$proxy.rps"
+    echo "$out" | awk '$1=="50%" {print $2}' >> "$work/$proxy.p50"
+    echo "$out" | awk '$1=="99%" {print $2}' >> "$work/$proxy.p99"
+  done
+  R[$proxy,rps]=$(median < "$work/$proxy.rps")
+  to_ms() { python3 -c "import sys;v=sys.argv[1];u=v.lstrip('0123456789.');n=float(v[:len(v)-len(u)]);print(n*{'us':0.001,'ms':1,'s':1000}[u])" "$1"; }
+  R[$proxy,p50]=$(for v in $(cat "$work/$proxy.p50"); do to_ms "$v"; done | median)
+  R[$proxy,p99]=$(for v in $(cat "$work/$proxy.p99"); do to_ms "$v"; done | median)
+  for n in 10 100 1000; do
+    for r in $(seq "$rounds"); do
+      target/release/examples/wsbench echo "ws://127.0.0.1:$p/ws" $n 8 > "$work/ws.json"
+      python3 -c "import json;d=json.load(open('$work/ws.json'));print(d['messages_per_s'],d['p50_us'],d['p99_us'])" >> "$work/$proxy.ws$n"
+    done
+    R[$proxy,ws$n]=$(awk '{print $1}' "$work/$proxy.ws$n" | median)
+    R[$proxy,ws$n.p99]=$(awk '{print $3}' "$work/$proxy.ws$n" | median)
+  done
+  before=$(rss_kib "$proxy_pid")
+  target/release/examples/wsbench idle "ws://127.0.0.1:$p/ws" "$idle" 15 4 > "$work/idle.out" &
+  idle_pid=$!
+  for _ in $(seq 600); do grep -q connected "$work/idle.out" 2>/dev/null && break; sleep 0.2; done
+  sleep 2
+  after=$(rss_kib "$proxy_pid")
+  held=$(awk '/^connected/ {print $2}' "$work/idle.out")
+  R[$proxy,idle]=$(python3 -c "print(f'{max(0,($after-$before))*1024/max(1,$held):.0f}')")
+  R[$proxy,held]=$held
+  wait $idle_pid || true
+  stop_proxy $proxy
+done
+
+ratio() { python3 -c "a,b=float('$1'),float('$2');print(f'{a/b:.2f}' if b else '-')"; }
+echo "| scenario | corral | nginx | HAProxy | corral/nginx | corral/HAProxy |"
+echo "|---|---:|---:|---:|---:|---:|"
+row() { echo "| $1 | ${R[corral,$2]} | ${R[nginx,$2]} | ${R[haproxy,$2]} | $(ratio ${R[corral,$2]} ${R[nginx,$2]}) | $(ratio ${R[corral,$2]} ${R[haproxy,$2]}) |"; }
+row "HTTP GET req/s (wrk -t2 -c64)" rps
+row "HTTP GET p50 ms" p50
+row "HTTP GET p99 ms" p99
+for n in 10 100 1000; do row "websocket echo msgs/s, $n conns" ws$n; row "websocket echo RTT p99 µs, $n conns" ws$n.p99; done
+row "bytes of RSS per idle websocket ($idle opened)" idle
+row "idle websockets held" held
