@@ -5,10 +5,40 @@
 //! Pure functions. The request itself is forwarded with its original path; only
 //! corral's own decisions use the normalised form.
 
+use std::borrow::Cow;
+
 /// The path as corral judges it: percent-decoded once (`%2F` included), `\` read as
 /// `/`, empty and `.` segments dropped, `..` resolved (never above the root). `None`
 /// for a path no decision should be made on (a NUL byte, or not UTF-8 once decoded).
-pub fn normalise(raw: &str) -> Option<String> {
+pub fn normalise(raw: &str) -> Option<Cow<'_, str>> {
+    if is_plain(raw) {
+        return Some(Cow::Borrowed(raw));
+    }
+    normalise_slow(raw).map(Cow::Owned)
+}
+
+/// Already normal (the usual request, which then needs no copy): starts with '/', no
+/// escapes, backslashes or NULs, no empty (but a trailing one), `.` or `..` segments.
+fn is_plain(raw: &str) -> bool {
+    let b = raw.as_bytes();
+    if b.first() != Some(&b'/') || b.iter().any(|c| matches!(c, b'%' | b'\\' | 0)) {
+        return false;
+    }
+    let rest = &raw[1..];
+    if rest.is_empty() {
+        return true;
+    }
+    let mut segments = rest.split('/').peekable();
+    while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
+        if seg == "." || seg == ".." || (seg.is_empty() && !last) {
+            return false;
+        }
+    }
+    true
+}
+
+fn normalise_slow(raw: &str) -> Option<String> {
     let decoded = percent_decode(raw.as_bytes());
     if decoded.contains(&0) {
         return None;
@@ -98,6 +128,34 @@ mod tests {
         }
         assert_eq!(normalise("/a%00b"), None);
         assert_eq!(normalise("/%ff"), None);
+    }
+
+    #[test]
+    fn fast_path_agrees_with_slow_path() {
+        for raw in [
+            "/",
+            "/a",
+            "/a/",
+            "/a/b",
+            "/a/b/",
+            "//a",
+            "/a//b",
+            "/a/./b",
+            "/a/..",
+            "/.",
+            "/..",
+            "/a.b/c..d/.e",
+            "/socket.io/",
+            "/x/.../y",
+        ] {
+            assert_eq!(
+                normalise(raw).map(Cow::into_owned),
+                normalise_slow(raw),
+                "{raw}"
+            );
+        }
+        assert!(matches!(normalise("/a/b/"), Some(Cow::Borrowed(_))));
+        assert!(matches!(normalise("/a//b"), Some(Cow::Owned(_))));
     }
 
     #[test]

@@ -61,6 +61,8 @@ impl State {
 pub struct Worker {
     pub id: usize,
     pub addr: SocketAddr,
+    /// `addr` as a URI authority, made once (not per request).
+    pub authority: http::uri::Authority,
     /// Started and watched by corral's supervisor (as opposed to a static upstream).
     pub managed: bool,
     state: AtomicU8,
@@ -221,6 +223,15 @@ impl Pool {
         self.workers.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// How many workers there are, in any state.
+    pub fn len(&self) -> usize {
+        self.list().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// A snapshot of the workers, in the order they were added.
     pub fn workers(&self) -> Vec<Arc<Worker>> {
         self.list().clone()
@@ -231,6 +242,8 @@ impl Pool {
         let worker = Arc::new(Worker {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             addr,
+            authority: http::uri::Authority::try_from(addr.to_string().as_str())
+                .unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1")),
             managed,
             state: AtomicU8::new(if managed { State::Starting } else { State::Up } as u8),
             alive: AtomicBool::new(!managed),

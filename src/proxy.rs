@@ -276,7 +276,8 @@ impl Proxy {
         // Only a request that can be sent again unchanged is retried elsewhere.
         let retry = matches!(target.ticket, Ticket::Plain)
             && is_idempotent(&parts.method)
-            && has_no_body(&headers);
+            && has_no_body(&headers)
+            && self.pool.len() > 1;
         let retry_headers = retry.then(|| headers.clone());
         let mut worker = target.worker.clone();
         let mut upstream_req = self.upstream_request(
@@ -361,10 +362,9 @@ impl Proxy {
         worker: &Worker,
         body: ProxyBody,
     ) -> Request<ProxyBody> {
-        let addr = worker.addr;
         let mut req = Request::new(body);
         *req.method_mut() = method.clone();
-        *req.uri_mut() = worker_uri(addr, uri);
+        *req.uri_mut() = worker_uri(&worker.authority, uri);
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = headers;
         req
@@ -455,15 +455,17 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// `http://worker/path?query` for the upstream client.
-pub(crate) fn worker_uri(addr: SocketAddr, uri: &Uri) -> Uri {
-    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
-    Uri::builder()
-        .scheme("http")
-        .authority(addr.to_string())
-        .path_and_query(pq)
-        .build()
-        .unwrap_or_else(|_| Uri::from_static("/"))
+/// `http://worker/path?query` for the upstream client, from parts (no parsing).
+pub(crate) fn worker_uri(authority: &http::uri::Authority, uri: &Uri) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
 }
 
 pub(crate) fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
@@ -517,6 +519,12 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers, including those the Connection header names.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most requests carry none but Connection: one pass over the few names present
+    // is cheaper than looking each hop-by-hop name up.
+    let present = headers.keys().any(|k| HOP_BY_HOP.contains(k));
+    if !present {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -756,7 +764,7 @@ mod tests {
     #[test]
     fn worker_uri_keeps_path_and_query() {
         let u = worker_uri(
-            SocketAddr::from(([127, 0, 0, 1], 5000)),
+            &http::uri::Authority::from_static("127.0.0.1:5000"),
             &Uri::from_static("/socket.io/?EIO=4&transport=polling"),
         );
         assert_eq!(

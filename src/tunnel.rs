@@ -18,7 +18,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -149,7 +149,12 @@ where
     let mut a = Activity::new(a, start, last.clone());
     let mut b = Activity::new(b, start, last.clone());
     {
-        let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+        let copy = Bidirectional {
+            a: &mut a,
+            b: &mut b,
+            a_to_b: Pump::default(),
+            b_to_a: Pump::default(),
+        };
         tokio::pin!(copy);
         loop {
             let quiet_since = start + Duration::from_millis(last.load(Ordering::Relaxed));
@@ -171,6 +176,128 @@ where
         }
     }
     (a.bytes, b.bytes)
+}
+
+/// One direction of a tunnel. Bytes are read into a buffer on the stack and written
+/// on at once; only what the writer cannot take right away is kept on the heap, so an
+/// idle tunnel holds no buffer at all (tokio's copy keeps 8 KiB per direction).
+#[derive(Default)]
+struct Pump {
+    pending: Vec<u8>,
+    pos: usize,
+    unflushed: bool,
+    eof: bool,
+    done: bool,
+}
+
+/// Stack buffer for one read.
+const CHUNK: usize = 16 * 1024;
+
+impl Pump {
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            while self.pos < self.pending.len() {
+                let n = ready!(w.as_mut().poll_write(cx, &self.pending[self.pos..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+            }
+            if !self.pending.is_empty() {
+                // Give the memory back: the next burst may be long in coming.
+                self.pending = Vec::new();
+                self.pos = 0;
+            }
+            if self.eof {
+                ready!(w.as_mut().poll_flush(cx))?;
+                ready!(w.as_mut().poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            let mut stack = [0u8; CHUNK];
+            let mut buf = ReadBuf::new(&mut stack);
+            match r.as_mut().poll_read(cx, &mut buf) {
+                Poll::Pending => {
+                    if self.unflushed {
+                        ready!(w.as_mut().poll_flush(cx))?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            let data = buf.filled();
+            if data.is_empty() {
+                self.eof = true;
+                continue;
+            }
+            let mut off = 0;
+            while off < data.len() {
+                match w.as_mut().poll_write(cx, &data[off..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => off += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        self.pending = data[off..].to_vec();
+                        self.pos = 0;
+                        break;
+                    }
+                }
+            }
+            self.unflushed = true;
+        }
+    }
+}
+
+/// Both directions; done when both have ended (each shuts down its writer at EOF).
+struct Bidirectional<'a, A: ?Sized, B: ?Sized> {
+    a: &'a mut A,
+    b: &'a mut B,
+    a_to_b: Pump,
+    b_to_a: Pump,
+}
+
+impl<A, B> std::future::Future for Bidirectional<'_, A, B>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.a_to_b.done {
+            if let Poll::Ready(Err(e)) =
+                this.a_to_b
+                    .poll(cx, Pin::new(&mut *this.a), Pin::new(&mut *this.b))
+            {
+                return Poll::Ready(Err(e));
+            }
+        }
+        if !this.b_to_a.done {
+            if let Poll::Ready(Err(e)) =
+                this.b_to_a
+                    .poll(cx, Pin::new(&mut *this.b), Pin::new(&mut *this.a))
+            {
+                return Poll::Ready(Err(e));
+            }
+        }
+        if this.a_to_b.done && this.b_to_a.done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -262,6 +389,34 @@ mod tests {
             .expect("idle tunnel closes")
             .expect("task");
         assert!(started.elapsed() >= Duration::from_millis(150));
+    }
+
+    #[tokio::test]
+    async fn splice_carries_bulk_through_slow_writers() {
+        // Tiny pipes force partial writes and the pending-buffer path.
+        let (mut client, a) = tokio::io::duplex(64);
+        let (b, mut server) = tokio::io::duplex(64);
+        let t = tokio::spawn(splice(a, b, Duration::from_secs(10)));
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.expect("write");
+            client.shutdown().await.expect("shutdown");
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.expect("read back");
+            back
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, data);
+        server.write_all(b"bye").await.expect("reply");
+        drop(server);
+        assert_eq!(writer.await.expect("task"), b"bye");
+        let (up, down) = tokio::time::timeout(Duration::from_secs(5), t)
+            .await
+            .expect("ends")
+            .expect("task");
+        assert_eq!((up, down), (200_000, 3));
     }
 
     #[tokio::test]
