@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CARGO ?= cargo
 
-.PHONY: all build release demo test test-deps lint fmt clean bench-mq fuzz
+.PHONY: all build release demo test test-deps lint fmt clean bench bench-mq fuzz
 
 all: build
 
@@ -34,6 +34,12 @@ demo: release $(VENV)/.installed
 test: build test-deps
 	$(CARGO) test
 	$(VENV)/bin/pytest tests/e2e
+
+# corral vs nginx and HAProxy (HTTP, websocket echo, idle websocket memory) and the
+# embedded broker vs redis-server; installs nginx, haproxy, wrk, redis-server if
+# missing. Benchmarks, not tests: results go in docs/benchmarks.md.
+bench: bench-mq
+	bench/proxies.sh 3 | tee target/bench-proxies.md
 
 # Message queue: embedded broker vs redis-server (a benchmark, not a test).
 bench-mq:
