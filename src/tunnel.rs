@@ -223,8 +223,9 @@ impl Pump {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
-            let mut stack = [0u8; CHUNK];
-            let mut buf = ReadBuf::new(&mut stack);
+            // Uninitialised: zeroing 16 KiB on every read would cost more than the read.
+            let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); CHUNK];
+            let mut buf = ReadBuf::uninit(&mut stack);
             match r.as_mut().poll_read(cx, &mut buf) {
                 Poll::Pending => {
                     if self.unflushed {
