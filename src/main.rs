@@ -136,12 +136,9 @@ fn main() -> ExitCode {
                 }
             };
             init_logging();
-            let runtime = match tokio::runtime::Runtime::new() {
+            let runtime = match runtime() {
                 Ok(r) => r,
-                Err(e) => {
-                    eprintln!("corral: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             match runtime.block_on(corral::server::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -206,12 +203,9 @@ fn run_broker(listen: SocketAddr, password: Option<String>, output_limit: Option
         return ExitCode::from(2);
     }
     init_logging();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("corral: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let result = runtime.block_on(async {
         let (_broker, addr) =
@@ -276,6 +270,14 @@ fn admin(args: AdminArgs, command: String) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The multi-threaded runtime, or the exit code after saying why there is none.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Runtime::new().map_err(|e| {
+        eprintln!("corral: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })
 }
 
 fn init_logging() {

@@ -123,22 +123,19 @@ class Stack:
         else:
             args += ["--threads", str(threads)]
         args.append(app)
-        wenv = {"PORT": str(port), "CORRAL_WORKER_ID": f"w{port}", "PYTHONUNBUFFERED": "1"}
-        wenv.update(env or {})
-        p = Proc(args, self.tmp / f"worker-{n}-{port}.log", env=wenv)
-        self.procs.append(p)
-        p.port = port
-        wait_http(f"http://127.0.0.1:{port}/health", proc=p.popen, log=p.log)
-        self.workers.append(p)
-        return p
+        return self._worker(args, port, f"worker-{n}", env)
 
     def uvicorn(self, app="asgi_app:app", env=None):
         port = free_port()
         args = [str(VENV_BIN / "uvicorn"), "--host", "127.0.0.1", "--port", str(port),
                 "--app-dir", str(APPS), app]
+        return self._worker(args, port, "uvicorn", env)
+
+    def _worker(self, args, port, label, env):
+        """Starts a worker named w<port> and waits until it answers HTTP."""
         wenv = {"PORT": str(port), "CORRAL_WORKER_ID": f"w{port}", "PYTHONUNBUFFERED": "1"}
         wenv.update(env or {})
-        p = Proc(args, self.tmp / f"uvicorn-{port}.log", env=wenv)
+        p = Proc(args, self.tmp / f"{label}-{port}.log", env=wenv)
         self.procs.append(p)
         p.port = port
         wait_http(f"http://127.0.0.1:{port}/health", proc=p.popen, log=p.log)
