@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CARGO ?= cargo
 
-.PHONY: all build release demo test test-deps lint fmt clean bench bench-mq fuzz
+.PHONY: all build release demo test test-deps lint fmt clean bench bench-mq bench-socketio fuzz
 
 all: build
 
@@ -38,8 +38,13 @@ test: build test-deps
 # corral vs nginx and HAProxy (HTTP, websocket echo, idle websocket memory) and the
 # embedded broker vs redis-server; installs nginx, haproxy, wrk, redis-server if
 # missing. Benchmarks, not tests: results go in docs/benchmarks.md.
-bench: bench-mq
+bench: bench-mq bench-socketio
 	bench/proxies.sh 3 | tee target/bench-proxies.md
+
+# Socket.IO through corral vs the seed's nginx ip_hash, Flask-SocketIO on 2 workers.
+bench-socketio: release $(VENV)/.installed
+	command -v nginx >/dev/null || (apt-get update -q && apt-get install -y -q nginx)
+	$(PY) bench/sio_bench.py 3 | tee target/bench-socketio.md
 
 # Message queue: embedded broker vs redis-server (a benchmark, not a test).
 bench-mq:

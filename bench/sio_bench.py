@@ -7,7 +7,7 @@ Measures sessions per second (handshake + upgrade to websocket, CLIENTS clients,
 of its worker), where the sessions landed, and the proxy's CPU time as a share of
 the workers' CPU time over the run.
 
-    .venv/bin/python bench/socketio.py [rounds]     (make bench-socketio)
+    .venv/bin/python bench/sio_bench.py [rounds]     (make bench-socketio)
 """
 import os
 import signal
