@@ -200,15 +200,6 @@ impl Router {
             s.inflight = s.inflight.saturating_sub(1);
         }
     }
-
-    /// Sessions per worker id, as the table knows them.
-    pub fn sessions_by_worker(&self) -> HashMap<usize, usize> {
-        let mut counts = HashMap::new();
-        for s in self.table().values() {
-            *counts.entry(s.worker.id).or_insert(0) += 1;
-        }
-        counts
-    }
 }
 
 /// Runs `sweep` periodically so idle sessions are forgotten and memory stays bounded.

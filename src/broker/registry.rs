@@ -257,7 +257,7 @@ impl Registry {
                 n += 1;
             }
         }
-        self.count(n);
+        self.count_published();
         n
     }
 
@@ -278,13 +278,12 @@ impl Registry {
                 n += 1;
             }
         }
-        self.count(n);
+        self.count_published();
         n
     }
 
-    fn count(&self, n: i64) {
+    fn count_published(&self) {
         self.stats.published.fetch_add(1, Ordering::Relaxed);
-        let _ = n;
     }
 
     /// Queues to one subscriber and keeps the delivered/dropped counts.
