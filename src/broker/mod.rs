@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -860,24 +860,26 @@ fn info(b: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next 
 
 /// Writes a client's replies and messages, in order, batching what is queued.
 async fn write_loop(
-    writer: OwnedWriteHalf,
+    mut writer: OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<Outbound>,
     handle: Arc<ClientHandle>,
 ) {
-    let mut w = BufWriter::with_capacity(64 * 1024, writer);
+    // Everything queued is framed into one buffer and written with one call: a
+    // subscriber woken for a burst of messages costs one write, not three a message.
+    let mut batch = BytesMut::with_capacity(16 * 1024);
     let mut resp3 = false;
-    let mut head = BytesMut::with_capacity(128);
+    let mut closing = false;
     while let Some(first) = rx.recv().await {
         let mut item = Some(first);
+        let mut sizes = 0;
         while let Some(next) = item.take() {
             if handle.is_killed() {
                 return;
             }
-            let result = match next {
+            match next {
                 Outbound::Reply(bytes) => {
-                    let r = w.write_all(&bytes).await;
-                    handle.written(bytes.len());
-                    r
+                    batch.extend_from_slice(&bytes);
+                    sizes += bytes.len();
                 }
                 Outbound::Message {
                     kind,
@@ -885,43 +887,42 @@ async fn write_loop(
                     channel,
                     payload,
                 } => {
-                    let size = registry::message_size(&channel, &payload, pattern.as_ref());
-                    head.clear();
+                    sizes += registry::message_size(&channel, &payload, pattern.as_ref());
                     frame_message(
-                        &mut head,
+                        &mut batch,
                         resp3,
                         kind,
                         pattern.as_deref(),
                         &channel,
                         payload.len(),
                     );
-                    let mut r = w.write_all(&head).await;
-                    if r.is_ok() {
-                        r = w.write_all(&payload).await;
-                    }
-                    if r.is_ok() {
-                        r = w.write_all(b"\r\n").await;
-                    }
-                    handle.written(size);
-                    r
+                    batch.extend_from_slice(&payload);
+                    batch.extend_from_slice(b"\r\n");
                 }
-                Outbound::Protocol(p) => {
-                    resp3 = p;
-                    Ok(())
-                }
+                Outbound::Protocol(p) => resp3 = p,
                 Outbound::Close => {
-                    let _ = w.flush().await;
-                    let _ = w.shutdown().await;
-                    return;
+                    closing = true;
+                    break;
                 }
-            };
-            if result.is_err() {
+            }
+            // Bound one write; the rest waits for the next round.
+            if batch.len() < 256 * 1024 {
+                item = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            if writer.write_all(&batch).await.is_err() {
                 return;
             }
-            // More queued: keep filling the buffer before a flush.
-            item = rx.try_recv().ok();
+            batch.clear();
+            if batch.capacity() > 1024 * 1024 {
+                // A large burst passed: do not keep its buffer for the connection's life.
+                batch = BytesMut::with_capacity(16 * 1024);
+            }
         }
-        if w.flush().await.is_err() {
+        handle.written(sizes);
+        if closing {
+            let _ = writer.shutdown().await;
             return;
         }
     }
