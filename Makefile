@@ -26,8 +26,8 @@ tests/apps/node/node_modules/.installed: tests/apps/node/package.json
 	cd tests/apps/node && npm install --no-audit --no-fund --silent
 	touch $@
 
-# Runs corral in front of the chat example (two gunicorn workers it starts itself)
-# on http://127.0.0.1:8000/.
+# Runs the chat example as the seed ran it (examples/chat/corral.toml): five gunicorn
+# workers started by corral, https://127.0.0.1:8443/ (demo / demo), status on :9000.
 demo: release $(VENV)/.installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" target/release/corral run -c examples/chat/corral.toml
 
