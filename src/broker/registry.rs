@@ -225,65 +225,46 @@ impl Registry {
     pub fn publish(&self, channel: &Bytes, payload: &Bytes) -> i64 {
         let mut n = 0;
         if let Some(subs) = read(&self.channels).get(channel) {
-            for c in subs.values() {
-                self.deliver_to(
-                    c,
-                    Outbound::Message {
-                        kind: Kind::Message,
-                        pattern: None,
-                        channel: channel.clone(),
-                        payload: payload.clone(),
-                    },
-                    message_size(channel, payload, None),
-                );
-                n += 1;
-            }
+            n += self.fan_out(subs, Kind::Message, None, channel, payload);
         }
         for (pattern, subs) in read(&self.patterns).iter() {
-            if !glob::matches(pattern, channel) {
-                continue;
-            }
-            for c in subs.values() {
-                self.deliver_to(
-                    c,
-                    Outbound::Message {
-                        kind: Kind::PMessage,
-                        pattern: Some(pattern.clone()),
-                        channel: channel.clone(),
-                        payload: payload.clone(),
-                    },
-                    message_size(channel, payload, Some(pattern)),
-                );
-                n += 1;
+            if glob::matches(pattern, channel) {
+                n += self.fan_out(subs, Kind::PMessage, Some(pattern), channel, payload);
             }
         }
-        self.count_published();
+        self.stats.published.fetch_add(1, Ordering::Relaxed);
         n
     }
 
     pub fn spublish(&self, channel: &Bytes, payload: &Bytes) -> i64 {
         let mut n = 0;
         if let Some(subs) = read(&self.shard).get(channel) {
-            for c in subs.values() {
-                self.deliver_to(
-                    c,
-                    Outbound::Message {
-                        kind: Kind::SMessage,
-                        pattern: None,
-                        channel: channel.clone(),
-                        payload: payload.clone(),
-                    },
-                    message_size(channel, payload, None),
-                );
-                n += 1;
-            }
+            n += self.fan_out(subs, Kind::SMessage, None, channel, payload);
         }
-        self.count_published();
+        self.stats.published.fetch_add(1, Ordering::Relaxed);
         n
     }
 
-    fn count_published(&self) {
-        self.stats.published.fetch_add(1, Ordering::Relaxed);
+    /// Queues one message to every subscriber in `subs`; returns how many there were.
+    fn fan_out(
+        &self,
+        subs: &HashMap<u64, Arc<ClientHandle>>,
+        kind: Kind,
+        pattern: Option<&Bytes>,
+        channel: &Bytes,
+        payload: &Bytes,
+    ) -> i64 {
+        let size = message_size(channel, payload, pattern);
+        for c in subs.values() {
+            let item = Outbound::Message {
+                kind,
+                pattern: pattern.cloned(),
+                channel: channel.clone(),
+                payload: payload.clone(),
+            };
+            self.deliver_to(c, item, size);
+        }
+        subs.len() as i64
     }
 
     /// Queues to one subscriber and keeps the delivered/dropped counts.
