@@ -513,7 +513,9 @@ pub struct Timeouts {
     /// Reading a client's request head (cuts off slowloris clients).
     #[serde(with = "duration")]
     pub header_read: Duration,
-    /// Idle worker connections kept for reuse this long.
+    /// Idle worker connections kept for reuse this long. Keep it below the workers'
+    /// own keep-alive timeout (gunicorn's is 2 s), or a request may be sent on a
+    /// connection the worker is closing at that moment.
     #[serde(with = "duration")]
     pub upstream_idle: Duration,
     /// At shutdown, how long requests in flight may take to finish.
@@ -529,7 +531,7 @@ impl Default for Timeouts {
             engineio_read: Duration::from_secs(90),
             websocket_idle: Duration::from_secs(300),
             header_read: Duration::from_secs(10),
-            upstream_idle: Duration::from_secs(60),
+            upstream_idle: Duration::from_millis(1500),
             shutdown_drain: Duration::from_secs(5),
         }
     }

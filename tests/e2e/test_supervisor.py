@@ -94,9 +94,9 @@ class Load:
                     self.ok += 1
                     self.workers.add(r.json()["worker"])
                 else:
-                    self.failures.append((r.status_code, r.text[:200]))
+                    self.failures.append((r.status_code, r.text[:200], time.monotonic()))
             except requests.RequestException as e:
-                self.failures.append((None, repr(e)[:200]))
+                self.failures.append((None, repr(e)[:200], time.monotonic()))
 
     def __enter__(self):
         for t in self.threads:
@@ -138,6 +138,7 @@ def test_kill_9_worker_under_load(stack):
             time.sleep(1)
             os.kill(victim["pid"], signal.SIGKILL)
             t0 = time.monotonic()
+            load.killed_at = time.monotonic()
 
             def back():
                 w = next(w for w in c.status() if w["index"] == 0)
@@ -149,9 +150,14 @@ def test_kill_9_worker_under_load(stack):
             assert wait_until(lambda: all(m.sio.connected for m in members), 15)
             time.sleep(1)
         assert back_after < 5
-        # Only requests that were in flight on the killed worker may have failed.
-        other = [f for f in load.failures if f"{victim['port']}" not in (f[1] or "")]
+        # Only requests that were in flight on the killed worker may have failed: a 502
+        # naming it, or a response cut off mid-body right at the kill (at most one per
+        # load thread).
+        other = [f for f in load.failures
+                 if f"{victim['port']}" not in (f[1] or "")
+                 and not (f[0] is None and "IncompleteRead" in f[1] and -0.2 < f[2] - load.killed_at < 1.0)]
         assert other == [], other
+        assert len(load.failures) <= len(load.threads), load.failures
         assert load.ok > 100
         # The restarted worker takes new sessions.
         fresh = connect_many(c.url, 12)
