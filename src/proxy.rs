@@ -260,14 +260,12 @@ impl Proxy {
         let mut headers = parts.headers;
         prepare_request_headers(&mut headers, &parts.uri, peer, false);
         if matches!(target.ticket, Ticket::New(_)) {
+            self.metrics.handshakes.fetch_add(1, Ordering::Relaxed);
             // The sid must be readable in the handshake response.
             headers.remove(header::ACCEPT_ENCODING);
         }
         let counted = body::Counted::new(incoming, self.metrics.clone(), false);
         let (limited, tripped) = Limited::new(counted, self.cfg.limits.max_body);
-        if matches!(target.ticket, Ticket::New(_)) {
-            self.metrics.handshakes.fetch_add(1, Ordering::Relaxed);
-        }
         let wait = if is_eio {
             self.cfg.timeouts.engineio_read
         } else {

@@ -75,7 +75,12 @@ impl Supervisor {
     /// for each to be ready. Workers that fail keep being retried in the background.
     pub async fn start(&self) {
         let _change = self.changes.lock().await;
-        let n = self.spec.count.resolve();
+        self.add_workers(self.spec.count.resolve()).await;
+    }
+
+    /// Starts `n` workers at once and waits until each is ready or has failed its
+    /// start; those that failed keep being retried by their keepers.
+    async fn add_workers(&self, n: usize) {
         let mut waiting = Vec::new();
         for _ in 0..n {
             waiting.push(self.start_slot().await);
@@ -159,15 +164,7 @@ impl Supervisor {
         let _change = self.changes.lock().await;
         let current = self.slots.lock().await.len();
         if n > current {
-            let mut waiting = Vec::new();
-            for _ in current..n {
-                waiting.push(self.start_slot().await);
-            }
-            for (index, ready) in waiting {
-                if let Err(e) = ready.await.unwrap_or(Err("keeper ended".into())) {
-                    tracing::error!(worker = index, "worker not ready: {e}");
-                }
-            }
+            self.add_workers(n - current).await;
         } else {
             let extra: Vec<usize> = self.slots.lock().await[n..]
                 .iter()
