@@ -58,6 +58,10 @@ pub struct Config {
     /// `corral-<first listen port>.sock` in the temporary directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_socket: Option<PathBuf>,
+    /// Threads serving client connections, each with whole connections of its own:
+    /// a number, or `"auto"` (the default) for one per CPU.
+    #[serde(default)]
+    pub threads: Count,
 }
 
 /// The command line of a worker: a string run by `/bin/sh -c` (quotes as in a shell)
@@ -70,9 +74,10 @@ pub enum WorkerCommand {
 }
 
 /// How many workers: a number, or `"auto"` for one per CPU.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Count {
     Fixed(usize),
+    #[default]
     Auto,
 }
 
@@ -676,6 +681,9 @@ impl Config {
                 "upstreams",
                 "give worker addresses (upstreams = [\"127.0.0.1:5000\"]) or a [workers] command for corral to start",
             ));
+        }
+        if self.threads == Count::Fixed(0) || self.threads.resolve() > 1024 {
+            return Err(bad("threads", "must be 1 to 1024 (or \"auto\")"));
         }
         if let Some(w) = &self.workers {
             let empty = match &w.command {

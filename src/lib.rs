@@ -2,7 +2,8 @@
 //!
 //! The data path runs one way: [`server`] (listener) → [`proxy`] (limits, headers,
 //! choice of worker through [`router`] on the Engine.IO path) → [`pool`] (workers and
-//! their health) → [`tunnel`] for websockets. [`config`] reads the file and
+//! their health) → [`upstream`] (keep-alive connections to each worker) →
+//! [`tunnel`] for websockets. [`config`] reads the file and
 //! [`engineio`] holds the protocol knowledge. [`supervisor`] starts and watches the
 //! worker processes and [`admin`] takes commands for it from `corral reload`.
 
@@ -13,6 +14,7 @@ pub mod body;
 pub mod broker;
 pub mod config;
 pub mod engineio;
+pub mod lanes;
 pub mod metrics;
 pub mod path;
 pub mod pool;
@@ -23,3 +25,4 @@ pub mod status;
 pub mod supervisor;
 pub mod tls;
 pub mod tunnel;
+pub mod upstream;

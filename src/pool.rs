@@ -63,6 +63,8 @@ pub struct Worker {
     pub addr: SocketAddr,
     /// `addr` as a URI authority, made once (not per request).
     pub authority: http::uri::Authority,
+    /// Keep-alive connections to it, ready for the next request.
+    pub conns: crate::upstream::Idle,
     /// Started and watched by corral's supervisor (as opposed to a static upstream).
     pub managed: bool,
     state: AtomicU8,
@@ -83,6 +85,12 @@ pub struct Worker {
     /// Requests/s over the last sample period, as f64 bits; and the count then.
     rate_bits: AtomicU64,
     rate_mark: AtomicU64,
+}
+
+impl crate::upstream::Home for Worker {
+    fn idle(&self) -> &crate::upstream::Idle {
+        &self.conns
+    }
 }
 
 impl Worker {
@@ -244,6 +252,7 @@ impl Pool {
             addr,
             authority: http::uri::Authority::try_from(addr.to_string().as_str())
                 .unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1")),
+            conns: Default::default(),
             managed,
             state: AtomicU8::new(if managed { State::Starting } else { State::Up } as u8),
             alive: AtomicBool::new(!managed),
@@ -295,6 +304,7 @@ impl Pool {
             w.state.store(from as u8, Ordering::Release);
             return false;
         }
+        w.conns.clear();
         let was_serving = matches!(from, State::Up | State::Draining);
         if was_serving {
             tracing::warn!(worker = w.id, addr = %w.addr, "worker marked down");
@@ -308,6 +318,7 @@ impl Pool {
         w.alive.store(false, Ordering::Release);
         w.set_pid(None);
         w.set_state(State::Down);
+        w.conns.clear();
     }
 
     /// Stops giving a worker new sessions and requests; existing sessions go on.
@@ -319,6 +330,7 @@ impl Pool {
     pub fn retire(&self, w: &Worker) {
         w.alive.store(false, Ordering::Release);
         w.set_state(State::Retired);
+        w.conns.clear();
         self.workers
             .write()
             .unwrap_or_else(|e| e.into_inner())

@@ -3,7 +3,8 @@
 //! the worker and the response back, and turn failures into short, clear answers
 //! (400 unknown session, 413, 502, 503, 504).
 //!
-//! It owns the upstream HTTP client and header rules. It must not keep session state
+//! It owns the header rules and the retry rules; connections to workers are
+//! `upstream`'s. It must not keep session state
 //! (the router does) or mark workers up (the health checks do); it only reports a
 //! worker it could not reach. Websocket upgrades are handed to `tunnel`.
 
@@ -15,15 +16,13 @@ use crate::engineio::{self, Parse};
 use crate::metrics::Metrics;
 use crate::pool::{InflightGuard, Pool, Worker};
 use crate::router::{NewSession, Route, Router, SessionTicket};
+use crate::upstream::{self, Answer, SendError};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -40,7 +39,7 @@ pub struct Proxy {
     access: Option<AccessLog>,
     pub(crate) pool: Arc<Pool>,
     pub(crate) router: Arc<Router>,
-    client: Client<HttpConnector, ProxyBody>,
+    upstream: upstream::Settings,
 }
 
 /// Who sent a request, as the listener saw it.
@@ -104,17 +103,10 @@ impl Proxy {
         metrics: Arc<Metrics>,
         access: Option<AccessLog>,
     ) -> Proxy {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(cfg.timeouts.connect));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.timeouts.upstream_idle)
-            .pool_timer(TokioTimer::new())
-            // Keep the client's Host header as it came; the legacy client would
-            // otherwise write the worker's address there.
-            .set_host(false)
-            .build(connector);
+        let upstream = upstream::Settings {
+            connect_timeout: cfg.timeouts.connect,
+            idle_timeout: cfg.timeouts.upstream_idle,
+        };
         Proxy {
             cfg,
             auth,
@@ -122,7 +114,7 @@ impl Proxy {
             access,
             pool,
             router,
-            client,
+            upstream,
         }
     }
 
@@ -271,35 +263,35 @@ impl Proxy {
         } else {
             self.cfg.timeouts.read
         };
-        // Only a request that can be sent again unchanged is retried elsewhere.
-        let retry = matches!(target.ticket, Ticket::Plain)
-            && is_idempotent(&parts.method)
-            && has_no_body(&headers)
-            && self.pool.len() > 1;
-        let retry_headers = retry.then(|| headers.clone());
+        // Only a request that can be sent again unchanged is sent again: on a fresh
+        // connection when a kept-alive one was closed under it, and (for requests
+        // outside any session) on another worker when its own refuses connections.
+        let replay = (is_idempotent(&parts.method) && has_no_body(&headers)).then(|| Replay {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: headers.clone(),
+        });
+        let elsewhere = matches!(target.ticket, Ticket::Plain) && self.pool.len() > 1;
         let mut worker = target.worker.clone();
-        let mut upstream_req = self.upstream_request(
-            &parts.method,
-            &parts.uri,
-            headers,
-            &worker,
-            limited.boxed_unsync(),
-        );
+        let mut upstream_req =
+            upstream_request(parts.method, &parts.uri, headers, limited.boxed_unsync());
         let mut retried = false;
         loop {
             let addr = worker.addr;
             let id = worker.id;
             let inflight = worker.start_request();
             let sent = Instant::now();
-            let result = tokio::time::timeout(wait, self.client.request(upstream_req)).await;
+            let result =
+                tokio::time::timeout(wait, self.exchange(&worker, upstream_req, replay.as_ref()))
+                    .await;
             if tripped.load(Ordering::Acquire) {
                 return too_large(self.cfg.limits.max_body);
             }
             let err = match result {
-                Ok(Ok(resp)) => {
+                Ok(Ok(answer)) => {
                     self.metrics.observe_latency(sent.elapsed());
-                    worker.count_response(resp.status().as_u16());
-                    return self.respond(resp, target.ticket, inflight).await;
+                    worker.count_response(answer.response.status().as_u16());
+                    return self.respond(answer, target.ticket, inflight).await;
                 }
                 Ok(Err(e)) => e,
                 Err(_) => {
@@ -311,97 +303,98 @@ impl Proxy {
                 }
             };
             drop(inflight);
-            if !err.is_connect() {
-                tracing::warn!(worker = id, %addr, error = %error_chain(&err), "worker failed");
+            if !matches!(err, SendError::Connect(_)) {
+                tracing::warn!(worker = id, %addr, error = %err, "worker failed");
                 return short(
                     StatusCode::BAD_GATEWAY,
-                    &format!("corral: worker {addr} failed: {}\n", error_chain(&err)),
+                    &format!("corral: worker {addr} failed: {err}\n"),
                 );
             }
-            tracing::warn!(worker = id, %addr, error = %error_chain(&err), "cannot connect to worker");
+            tracing::warn!(worker = id, %addr, error = %err, "cannot connect to worker");
             self.pool.mark_down(&worker);
             if matches!(target.ticket, Ticket::Session(_)) {
                 // The session died with its worker; the client should start anew.
                 self.metrics.unknown_sid.fetch_add(1, Ordering::Relaxed);
                 return unknown_sid();
             }
-            let next = if retry && !retried {
-                self.pool.pick_for_request(Some(id))
-            } else {
-                None
+            let next = match (elsewhere && !retried, &replay) {
+                (true, Some(r)) => self.pool.pick_for_request(Some(id)).map(|w| (w, r)),
+                _ => None,
             };
-            match (next, &retry_headers) {
-                (Some(w), Some(h)) => {
-                    retried = true;
-                    upstream_req = self.upstream_request(
-                        &parts.method,
-                        &parts.uri,
-                        h.clone(),
-                        &w,
-                        body::empty(),
-                    );
-                    worker = w;
-                }
-                _ => {
-                    return short(
-                        StatusCode::BAD_GATEWAY,
-                        &format!("corral: cannot connect to worker {addr}\n"),
-                    );
-                }
-            }
+            let Some((w, r)) = next else {
+                return short(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("corral: cannot connect to worker {addr}\n"),
+                );
+            };
+            retried = true;
+            upstream_req = r.request();
+            worker = w;
         }
     }
 
-    fn upstream_request(
+    /// One request to a worker. A replayable request that meets a kept-alive
+    /// connection closing under it (the worker's keep-alive timeout, or a restart)
+    /// goes out once more on a new connection, as nginx does.
+    pub(crate) async fn exchange(
         &self,
-        method: &Method,
-        uri: &Uri,
-        headers: HeaderMap,
-        worker: &Worker,
-        body: ProxyBody,
-    ) -> Request<ProxyBody> {
-        let mut req = Request::new(body);
-        *req.method_mut() = method.clone();
-        *req.uri_mut() = worker_uri(&worker.authority, uri);
-        *req.version_mut() = Version::HTTP_11;
-        *req.headers_mut() = headers;
-        req
+        worker: &Arc<Worker>,
+        req: Request<ProxyBody>,
+        replay: Option<&Replay>,
+    ) -> Result<Answer, SendError> {
+        let home: Arc<dyn upstream::Home> = worker.clone();
+        match upstream::send(home.clone(), worker.addr, self.upstream, req, false).await {
+            Err(SendError::Stale(e)) => match replay {
+                Some(r) => {
+                    tracing::debug!(worker = worker.id, error = %e, "kept-alive connection closed; sending again");
+                    upstream::send(home, worker.addr, self.upstream, r.request(), true).await
+                }
+                None => Err(SendError::Http(e)),
+            },
+            other => other,
+        }
     }
 
     /// Passes a worker's response on; for a handshake, reads the sid first.
     async fn respond(
         &self,
-        resp: Response<Incoming>,
+        answer: Answer,
         ticket: Ticket,
         inflight: InflightGuard,
     ) -> Response<ProxyBody> {
-        let (mut parts, incoming) = resp.into_parts();
+        let (mut parts, incoming) = answer.response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        let mut body = upstream::Returning::new(incoming, answer.lease);
         let mut ticket = ticket;
         if let (Ticket::Session(t), true) = (&mut ticket, parts.status.is_success()) {
             t.answered();
         }
-        let body = match ticket {
+        let (prefix, ticket) = match ticket {
             Ticket::New(new) if parts.status == StatusCode::OK => {
-                match self.learn_sid(new, incoming).await {
-                    Ok(body) => body,
+                match self.learn_sid(new, &mut body).await {
+                    Ok(prefix) => (prefix, Ticket::Plain),
                     Err(resp) => return resp,
                 }
             }
-            other => Guarded::new(incoming, other)
-                .map_err(Into::into)
-                .boxed_unsync(),
+            other => (Bytes::new(), other),
         };
-        let body = body::Counted::new(body, self.metrics.clone(), true);
-        Response::from_parts(parts, Guarded::new(body, inflight).boxed_unsync())
+        // One body, boxed once: what was read for the sid, then the rest, counted,
+        // holding the session and in-flight counts until it ends.
+        let body = body::Counted::new(Prefixed::new(prefix, body), self.metrics.clone(), true);
+        let body = Guarded::new(body, (ticket, inflight));
+        Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
     }
 
-    /// Reads just enough of a handshake response to learn the sid, then streams it on.
-    async fn learn_sid(
+    /// Reads just enough of a handshake response to learn the sid; returns what it read.
+    async fn learn_sid<B>(
         &self,
         new: NewSession,
-        mut incoming: Incoming,
-    ) -> Result<ProxyBody, Response<ProxyBody>> {
+        incoming: &mut B,
+    ) -> Result<Bytes, Response<ProxyBody>>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
         let mut seen = BytesMut::new();
         let wait = self.cfg.timeouts.engineio_read;
         loop {
@@ -435,35 +428,53 @@ impl Proxy {
                 seen.extend_from_slice(&data);
             }
         }
-        let prefix: Bytes = seen.freeze();
-        Ok(Prefixed::new(prefix, incoming)
-            .map_err(Into::into)
-            .boxed_unsync())
+        Ok(seen.freeze())
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
+/// What is needed to send a bodiless request again.
+pub(crate) struct Replay {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
 }
 
-/// `http://worker/path?query` for the upstream client, from parts (no parsing).
-pub(crate) fn worker_uri(authority: &http::uri::Authority, uri: &Uri) -> Uri {
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(authority.clone());
-    parts.path_and_query = Some(
-        uri.path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    );
-    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+impl Replay {
+    pub(crate) fn request(&self) -> Request<ProxyBody> {
+        upstream_request(
+            self.method.clone(),
+            &self.uri,
+            self.headers.clone(),
+            body::empty(),
+        )
+    }
+}
+
+/// The request as a worker gets it: origin-form target, HTTP/1.1, the client's Host.
+pub(crate) fn upstream_request(
+    method: Method,
+    uri: &Uri,
+    headers: HeaderMap,
+    body: ProxyBody,
+) -> Request<ProxyBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = origin_form(uri);
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    req
+}
+
+/// `/path?query` of a request (an HTTP/2 request's URI also has scheme and
+/// authority, which HTTP/1.1 to the worker must not carry).
+fn origin_form(uri: &Uri) -> Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return uri.clone();
+    }
+    match uri.path_and_query() {
+        Some(pq) => Uri::from(pq.clone()),
+        None => Uri::from_static("/"),
+    }
 }
 
 pub(crate) fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
@@ -760,14 +771,15 @@ mod tests {
     }
 
     #[test]
-    fn worker_uri_keeps_path_and_query() {
-        let u = worker_uri(
-            &http::uri::Authority::from_static("127.0.0.1:5000"),
-            &Uri::from_static("/socket.io/?EIO=4&transport=polling"),
-        );
+    fn origin_form_keeps_path_and_query() {
+        let u = origin_form(&Uri::from_static(
+            "https://example.org/socket.io/?EIO=4&transport=polling",
+        ));
+        assert_eq!(u.to_string(), "/socket.io/?EIO=4&transport=polling");
+        assert_eq!(origin_form(&Uri::from_static("/a?b")).to_string(), "/a?b");
         assert_eq!(
-            u.to_string(),
-            "http://127.0.0.1:5000/socket.io/?EIO=4&transport=polling"
+            origin_form(&Uri::from_static("http://example.org")).to_string(),
+            "/"
         );
     }
 }

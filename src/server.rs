@@ -10,6 +10,7 @@ use crate::admin;
 use crate::auth::BasicAuth;
 use crate::broker;
 use crate::config::{Config, TlsSetting};
+use crate::lanes::Lanes;
 use crate::metrics::{self, Metrics, Queue, Sources};
 use crate::pool::{self, Pool};
 use crate::proxy::{Peer, Proxy};
@@ -139,6 +140,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let graceful = Arc::new(GracefulShutdown::new());
     let (stop_tx, stop_rx) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(cfg.limits.max_connections));
+    let lanes = Arc::new(Lanes::start(cfg.threads.resolve()).context("cannot start threads")?);
     let mut accepting = Vec::new();
     for (listener, kind) in listeners {
         accepting.push(tokio::spawn(accept_loop(
@@ -148,6 +150,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             graceful.clone(),
             stop_rx.clone(),
             slots.clone(),
+            lanes.clone(),
         )));
     }
 
@@ -172,6 +175,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 "requests still in flight after the drain period; closing"
             );
         }
+    }
+    if let Ok(lanes) = Arc::try_unwrap(lanes) {
+        let _ = tokio::task::spawn_blocking(move || lanes.stop()).await;
     }
     if let Some(sup) = &supervisor {
         sup.stop_all().await;
@@ -283,6 +289,7 @@ async fn accept_loop(
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
     slots: Arc<Semaphore>,
+    lanes: Arc<Lanes>,
 ) {
     let cfg = proxy.cfg.clone();
     let trusted = cfg.trusted();
@@ -318,6 +325,14 @@ async fn accept_loop(
             _ = stop.changed() => return,
         };
         let _ = stream.set_nodelay(true);
+        // The connection moves to a lane: off this runtime's reactor, onto that one's.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot hand the connection over");
+                continue;
+            }
+        };
         let addr = normalise(addr);
         let peer = Peer {
             addr,
@@ -340,7 +355,10 @@ async fn accept_loop(
                 let builder = builder.clone();
                 let graceful = graceful.clone();
                 let handshake = cfg.timeouts.header_read;
-                tokio::spawn(async move {
+                lanes.spawn(async move {
+                    let Some(stream) = on_this_lane(stream) else {
+                        return;
+                    };
                     let tls = match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => tls,
                         Ok(Err(e)) => {
@@ -357,17 +375,32 @@ async fn accept_loop(
                 });
             }
             _ => {
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .into_owned();
-                let serving = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = serving.await {
+                let builder = builder.clone();
+                let graceful = graceful.clone();
+                lanes.spawn(async move {
+                    let Some(stream) = on_this_lane(stream) else {
+                        return;
+                    };
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    if let Err(e) = graceful.watch(conn).await {
                         tracing::debug!(error = %e, "client connection ended with an error");
                     }
                     drop(permit);
                 });
             }
+        }
+    }
+}
+
+/// A handed-over connection, registered with the current lane's reactor.
+fn on_this_lane(stream: std::net::TcpStream) -> Option<tokio::net::TcpStream> {
+    match tokio::net::TcpStream::from_std(stream) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot take the connection over");
+            None
         }
     }
 }

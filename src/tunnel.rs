@@ -8,9 +8,11 @@
 
 use crate::body::{Guarded, ProxyBody};
 use crate::proxy::{
-    prepare_request_headers, short, strip_hop_by_hop, unknown_sid, Peer, Proxy, Target, Ticket,
+    prepare_request_headers, short, strip_hop_by_hop, unknown_sid, Peer, Proxy, Replay, Target,
+    Ticket,
 };
-use http::{Request, Response, StatusCode, Version};
+use crate::upstream::{Returning, SendError};
+use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -21,7 +23,6 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 /// Forwards an upgrade request; on 101, splices the two connections.
 pub(crate) async fn upgrade(
@@ -36,46 +37,21 @@ pub(crate) async fn upgrade(
     let (parts, _) = req.into_parts();
     let mut headers = parts.headers;
     prepare_request_headers(&mut headers, &parts.uri, peer, true);
-    let mut up = Request::new(http_body_util::Empty::<bytes::Bytes>::new());
-    *up.method_mut() = parts.method;
-    *up.uri_mut() = parts.uri.path_and_query().map_or_else(
-        || http::Uri::from_static("/"),
-        |pq| http::Uri::try_from(pq.as_str()).unwrap_or_else(|_| http::Uri::from_static("/")),
-    );
-    *up.version_mut() = Version::HTTP_11;
-    *up.headers_mut() = headers;
-
+    let replay = Replay {
+        method: parts.method,
+        uri: parts.uri,
+        headers,
+    };
     let cfg = &proxy.cfg;
-    let stream = match tokio::time::timeout(cfg.timeouts.connect, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+    // A kept-alive connection serves as well as a new one, and saves a connect.
+    let exchange = proxy.exchange(&target.worker, replay.request(), Some(&replay));
+    let answer = match tokio::time::timeout(cfg.timeouts.read, exchange).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(SendError::Connect(e))) => {
             tracing::warn!(worker, %addr, error = %e, "cannot connect to worker for websocket");
             proxy.pool.mark_down(&target.worker);
             return unreachable(&proxy, &target.ticket, addr);
         }
-        Err(_) => {
-            proxy.pool.mark_down(&target.worker);
-            return unreachable(&proxy, &target.ticket, addr);
-        }
-    };
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-    {
-        Ok(pair) => pair,
-        Err(e) => {
-            return short(
-                StatusCode::BAD_GATEWAY,
-                &format!("corral: worker {addr} failed: {e}\n"),
-            )
-        }
-    };
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "websocket upstream connection ended");
-        }
-    });
-    let mut resp = match tokio::time::timeout(cfg.timeouts.read, sender.send_request(up)).await {
-        Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
             return short(
                 StatusCode::BAD_GATEWAY,
@@ -89,11 +65,12 @@ pub(crate) async fn upgrade(
             )
         }
     };
+    let mut resp = answer.response;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         // Refused upgrade (a 400 for a bad sid, say): pass the answer on as it is.
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let body = Guarded::new(body, target.ticket)
+        let body = Guarded::new(Returning::new(body, answer.lease), target.ticket)
             .map_err(Into::into)
             .boxed_unsync();
         return Response::from_parts(parts, body);

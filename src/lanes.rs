@@ -1,0 +1,90 @@
+//! Serving threads ("lanes"): one single-threaded runtime per core, each serving
+//! whole client connections. A connection's work — its requests, its keep-alive
+//! connections to workers, its websocket tunnel — stays on the lane it was given,
+//! so a request never wakes another thread (the way nginx's worker processes
+//! share out connections), and the lanes share no run queue to contend on.
+//!
+//! It owns the threads and their runtimes and nothing else. Accepting, the
+//! supervisor, the broker and the admin listener stay on the main runtime.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+thread_local! {
+    static LANE: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The lane the current thread serves, counted from 1; 0 off the lanes.
+pub fn current() -> usize {
+    LANE.with(Cell::get)
+}
+
+pub struct Lanes {
+    handles: Vec<Handle>,
+    next: AtomicUsize,
+    stops: Vec<oneshot::Sender<()>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Lanes {
+    /// Starts `n` lanes (at least one).
+    pub fn start(n: usize) -> std::io::Result<Lanes> {
+        let mut lanes = Lanes {
+            handles: Vec::new(),
+            next: AtomicUsize::new(0),
+            stops: Vec::new(),
+            threads: Vec::new(),
+        };
+        for i in 1..=n.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (stop, stopped) = oneshot::channel::<()>();
+            lanes.handles.push(runtime.handle().clone());
+            lanes.stops.push(stop);
+            lanes.threads.push(
+                std::thread::Builder::new()
+                    .name(format!("corral-lane-{i}"))
+                    .spawn(move || {
+                        LANE.with(|l| l.set(i));
+                        runtime.block_on(async {
+                            let _ = stopped.await;
+                        });
+                        // Dropping the runtime ends what is still running there.
+                    })?,
+            );
+        }
+        Ok(lanes)
+    }
+
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// Runs `task` on the next lane, in turn.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        self.handles[i].spawn(task);
+    }
+
+    /// Stops every lane; whatever still runs there is dropped.
+    pub fn stop(mut self) {
+        for stop in self.stops.drain(..) {
+            let _ = stop.send(());
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! Upstream connections: keep-alive HTTP/1.1 connections to one worker, kept in a
+//! small last-in-first-out cache on the worker, so a request goes out on a warm
+//! connection without a connect, a lookup by address or a task per return.
+//!
+//! It owns the connections and their idle expiry. It must not choose workers or
+//! decide about retries across workers (the proxy does); it only tells the caller
+//! whether a request failed before it was sent, so the caller can send it again.
+//! A connection goes back to the cache only after its response body was read to
+//! the end; one given up half-way is closed.
+
+use crate::body::ProxyBody;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+/// Most idle connections kept per worker (nginx's `keepalive` is per upstream too);
+/// a connection coming back to a full cache is closed.
+const MAX_IDLE: usize = 128;
+
+/// How connections are made and kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    /// An idle connection older than this is closed rather than used: it must be
+    /// shorter than the worker's own keep-alive timeout, or a request may go out on
+    /// a connection the worker is closing at that moment.
+    pub idle_timeout: Duration,
+}
+
+/// Idle connections are kept per serving thread (`lanes`), this many sets at most:
+/// a connection's driver runs on the thread that opened it, and a request from
+/// another thread would wake that thread for every read and write.
+const SHARDS: usize = 16;
+
+/// The idle connections to one worker.
+#[derive(Default)]
+pub struct Idle {
+    shards: [Mutex<VecDeque<Parked>>; SHARDS],
+}
+
+impl std::fmt::Debug for Idle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Idle").field("len", &self.len()).finish()
+    }
+}
+
+struct Parked {
+    sender: SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+/// Why a request got no response.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made: the worker is not listening.
+    Connect(std::io::Error),
+    /// The connection failed after the request was (maybe) written.
+    Http(hyper::Error),
+    /// A kept-alive connection closed before any answer: most likely the worker
+    /// closed it as the request went out, so it is safe to send a request that
+    /// can be replayed once more on a new connection.
+    Stale(hyper::Error),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Connect(e) => write!(f, "connect: {e}"),
+            SendError::Http(e) | SendError::Stale(e) => {
+                write!(f, "{e}")?;
+                let mut src = std::error::Error::source(e);
+                while let Some(inner) = src {
+                    write!(f, ": {inner}")?;
+                    src = inner.source();
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A response from a worker and, if the worker keeps the connection open, the
+/// connection to give back once the body is read.
+pub struct Answer {
+    pub response: Response<Incoming>,
+    pub lease: Lease,
+}
+
+/// A connection lent out for one exchange.
+pub struct Lease {
+    sender: Option<SendRequest<ProxyBody>>,
+    home: Arc<dyn Home>,
+    idle_timeout: Duration,
+}
+
+/// Where a lease goes back to: the worker's idle cache.
+pub trait Home: Send + Sync {
+    fn idle(&self) -> &Idle;
+}
+
+impl Lease {
+    fn give_back(&mut self) {
+        if let Some(sender) = self.sender.take() {
+            self.home.idle().park(sender, self.idle_timeout);
+        }
+    }
+}
+
+impl Idle {
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Closes every idle connection (the worker went down or away).
+    pub fn clear(&self) {
+        for shard in &self.shards {
+            let drained: Vec<Parked> = lock(shard).drain(..).collect();
+            drop(drained);
+        }
+    }
+
+    /// This thread's set.
+    fn mine(&self) -> std::sync::MutexGuard<'_, VecDeque<Parked>> {
+        lock(&self.shards[crate::lanes::current() % SHARDS])
+    }
+
+    /// The most recently parked connection still young enough to use.
+    fn take(&self, idle_timeout: Duration) -> Option<SendRequest<ProxyBody>> {
+        let mut conns = self.mine();
+        while let Some(p) = conns.pop_back() {
+            if p.since.elapsed() < idle_timeout && !p.sender.is_closed() {
+                return Some(p.sender);
+            }
+        }
+        None
+    }
+
+    fn park(&self, sender: SendRequest<ProxyBody>, idle_timeout: Duration) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut conns = self.mine();
+        // The oldest are at the front; drop those past their time so a quiet worker
+        // does not hold connections it has long stopped wanting.
+        while conns
+            .front()
+            .is_some_and(|p| now.duration_since(p.since) >= idle_timeout)
+        {
+            conns.pop_front();
+        }
+        if conns.len() < MAX_IDLE {
+            conns.push_back(Parked { sender, since: now });
+        }
+    }
+}
+
+fn lock(shard: &Mutex<VecDeque<Parked>>) -> std::sync::MutexGuard<'_, VecDeque<Parked>> {
+    shard.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sends `req` to the worker at `addr`, on an idle connection if one is ready, else on
+/// a new one. A request that an idle connection could not take (it was closing) goes
+/// out on the next one, so only a request that was written can fail on a stale
+/// connection.
+pub async fn send(
+    home: Arc<dyn Home>,
+    addr: SocketAddr,
+    settings: Settings,
+    mut req: Request<ProxyBody>,
+    fresh: bool,
+) -> Result<Answer, SendError> {
+    while let Some(mut sender) = (!fresh)
+        .then(|| home.idle().take(settings.idle_timeout))
+        .flatten()
+    {
+        match sender.try_send_request(req).await {
+            Ok(response) => return Ok(answer(response, sender, home, settings)),
+            Err(mut e) => match e.take_message() {
+                Some(back) => req = back,
+                None => {
+                    let e = e.into_error();
+                    return Err(match e.is_incomplete_message() {
+                        true => SendError::Stale(e),
+                        false => SendError::Http(e),
+                    });
+                }
+            },
+        }
+    }
+    let mut sender = connect(addr, settings).await?;
+    match sender.send_request(req).await {
+        Ok(response) => Ok(answer(response, sender, home, settings)),
+        Err(e) => Err(SendError::Http(e)),
+    }
+}
+
+fn answer(
+    response: Response<Incoming>,
+    sender: SendRequest<ProxyBody>,
+    home: Arc<dyn Home>,
+    settings: Settings,
+) -> Answer {
+    Answer {
+        response,
+        lease: Lease {
+            sender: Some(sender),
+            home,
+            idle_timeout: settings.idle_timeout,
+        },
+    }
+}
+
+/// Opens a connection and starts its driver task.
+pub async fn connect(
+    addr: SocketAddr,
+    settings: Settings,
+) -> Result<SendRequest<ProxyBody>, SendError> {
+    let stream =
+        match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(SendError::Connect(e)),
+            Err(_) => {
+                return Err(SendError::Connect(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection within {:?}", settings.connect_timeout),
+                )))
+            }
+        };
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(SendError::Http)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "worker connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+pin_project_lite::pin_project! {
+    /// A worker's response body that gives its connection back once read to the end.
+    pub struct Returning<B> {
+        #[pin]
+        inner: B,
+        lease: Option<Lease>,
+    }
+}
+
+impl<B: Body> Returning<B> {
+    pub fn new(inner: B, lease: Lease) -> Self {
+        let mut lease = Some(lease);
+        if inner.is_end_stream() {
+            // Nothing to read (204, 304, HEAD, Content-Length: 0): free at once.
+            if let Some(mut l) = lease.take() {
+                l.give_back();
+            }
+        }
+        Returning { inner, lease }
+    }
+}
+
+impl<B: Body> Body for Returning<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        // hyper stops polling once a body says it has ended, so the end is
+        // noticed after the last frame as well as at `None`.
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            _ => false,
+        };
+        if ended {
+            if let Some(mut lease) = this.lease.take() {
+                lease.give_back();
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
