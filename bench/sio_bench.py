@@ -29,6 +29,9 @@ APPS = ROOT / "tests" / "apps"
 VENV = Path(sys.executable).parent
 CLIENTS = int(os.environ.get("CLIENTS", "100"))
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+# For a quick look at one proxy: PROXIES=corral; CORRAL=path/to/another/build.
+PROXIES = os.environ.get("PROXIES", "corral,nginx").split(",")
+CORRAL = os.environ.get("CORRAL", str(ROOT / "target" / "release" / "corral"))
 
 
 def free_port():
@@ -128,13 +131,13 @@ def main():
         wait_http(f"http://127.0.0.1:{port}/health")
     results = {}
     try:
-        for name in ("corral", "nginx"):
+        for name in PROXIES:
             port = free_port()
             if name == "corral":
                 cfg = work / "corral.toml"
                 cfg.write_text(f'listen = ["127.0.0.1:{port}"]\nupstreams = ["127.0.0.1:{ports[0]}", '
                                f'"127.0.0.1:{ports[1]}"]\nadmin_socket = "{work}/c.sock"\n')
-                proxy = start([str(ROOT / "target" / "release" / "corral"), "run", "-c", str(cfg)])
+                proxy = start([CORRAL, "run", "-c", str(cfg)])
             else:
                 cfg = work / "nginx.conf"
                 cfg.write_text(f"""worker_processes auto; pid {work}/nginx.pid; error_log {work}/err.log;
@@ -164,6 +167,11 @@ http {{ access_log off; client_body_temp_path {work}/tmp; proxy_temp_path {work}
     finally:
         for w in workers:
             stop(w)
+    if len(results) < 2:
+        for name, r in results.items():
+            print(f"{name}: {r[0]:.1f} sessions/s, {r[1]:.0f} deliveries/s, "
+                  f"proxy CPU {r[2] * 100:.1f} % of the workers', spread {r[3]}")
+        return
     c, n = results["corral"], results["nginx"]
     print(f"| scenario ({CLIENTS} clients, 2 workers) | corral | nginx ip_hash | corral / nginx |")
     print("|---|---:|---:|---:|")

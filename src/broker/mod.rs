@@ -12,7 +12,7 @@ pub mod registry;
 pub mod resp;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use registry::{ClientHandle, Kind, Outbound, OutputLimit, Registry, Space};
+use registry::{ClientHandle, Kind, OutputLimit, Registry, Space};
 use resp::{Caps, Out};
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -22,7 +22,6 @@ use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 
 /// The Redis version whose replies the broker reproduces (and reports, as other
 /// Redis-protocol servers do, so clients enable the features it has).
@@ -108,9 +107,9 @@ impl Broker {
         let stats = &self.registry.stats;
         stats.connections.fetch_add(1, Ordering::Relaxed);
         stats.connected.fetch_add(1, Ordering::Relaxed);
-        let (handle, rx) = ClientHandle::new(id, self.settings.output);
+        let handle = ClientHandle::new(id, self.settings.output);
         let (mut reader, writer) = stream.into_split();
-        let writing = tokio::spawn(write_loop(writer, rx, handle.clone()));
+        let writing = tokio::spawn(write_loop(writer, handle.clone()));
         let mut client = Client {
             handle: handle.clone(),
             resp3: false,
@@ -148,14 +147,14 @@ impl Broker {
                         client
                             .out()
                             .error(&mut out, &format!("ERR Protocol error: {}", e.0));
-                        handle.reply(out.freeze());
+                        handle.reply(&out);
                         break 'read;
                     }
                 }
             }
         }
         self.forget(&mut client);
-        handle.send(Outbound::Close);
+        handle.close();
         let _ = writing.await;
         stats.connected.fetch_sub(1, Ordering::Relaxed);
     }
@@ -177,7 +176,7 @@ impl Broker {
         let mut out = BytesMut::new();
         let next = self.dispatch(c, &args, &mut out);
         if !out.is_empty() {
-            c.handle.reply(out.freeze());
+            c.handle.reply(&out);
         }
         next
     }
@@ -283,7 +282,7 @@ impl Client {
     fn set_protocol(&mut self, resp3: bool) {
         if self.resp3 != resp3 {
             self.resp3 = resp3;
-            self.handle.send(Outbound::Protocol(resp3));
+            self.handle.set_resp3(resp3);
         }
     }
 }
@@ -858,69 +857,26 @@ fn info(b: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next 
     Next::Go
 }
 
-/// Writes a client's replies and messages, in order, batching what is queued.
-async fn write_loop(
-    mut writer: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Outbound>,
-    handle: Arc<ClientHandle>,
-) {
-    // Everything queued is framed into one buffer and written with one call: a
-    // subscriber woken for a burst of messages costs one write, not three a message.
+/// Writes a client's replies and messages, in order: whatever is buffered when it
+/// wakes goes out in one write.
+async fn write_loop(mut writer: OwnedWriteHalf, handle: Arc<ClientHandle>) {
     let mut batch = BytesMut::with_capacity(16 * 1024);
-    let mut resp3 = false;
-    let mut closing = false;
-    while let Some(first) = rx.recv().await {
-        let mut item = Some(first);
-        let mut sizes = 0;
-        while let Some(next) = item.take() {
-            if handle.is_killed() {
-                return;
-            }
-            match next {
-                Outbound::Reply(bytes) => {
-                    batch.extend_from_slice(&bytes);
-                    sizes += bytes.len();
-                }
-                Outbound::Message {
-                    kind,
-                    pattern,
-                    channel,
-                    payload,
-                } => {
-                    sizes += registry::message_size(&channel, &payload, pattern.as_ref());
-                    frame_message(
-                        &mut batch,
-                        resp3,
-                        kind,
-                        pattern.as_deref(),
-                        &channel,
-                        payload.len(),
-                    );
-                    batch.extend_from_slice(&payload);
-                    batch.extend_from_slice(b"\r\n");
-                }
-                Outbound::Protocol(p) => resp3 = p,
-                Outbound::Close => {
-                    closing = true;
-                    break;
-                }
-            }
-            // Bound one write; the rest waits for the next round.
-            if batch.len() < 256 * 1024 {
-                item = rx.try_recv().ok();
-            }
+    loop {
+        let closing = handle.take(&mut batch).await;
+        if handle.is_killed() {
+            return;
         }
         if !batch.is_empty() {
             if writer.write_all(&batch).await.is_err() {
                 return;
             }
+            handle.written(batch.len());
             batch.clear();
             if batch.capacity() > 1024 * 1024 {
                 // A large burst passed: do not keep its buffer for the connection's life.
                 batch = BytesMut::with_capacity(16 * 1024);
             }
         }
-        handle.written(sizes);
         if closing {
             let _ = writer.shutdown().await;
             return;
@@ -929,7 +885,7 @@ async fn write_loop(
 }
 
 /// Everything of a message's framing up to (not including) the payload bytes.
-fn frame_message(
+pub(super) fn frame_message(
     b: &mut BytesMut,
     resp3: bool,
     kind: Kind,

@@ -1,18 +1,18 @@
 //! The pub/sub core: who is subscribed to which channel, pattern and shard channel,
 //! and delivery of a published message to each of them.
 //!
-//! A message is queued to every subscriber as shared `Bytes` (one copy of the payload
-//! however many subscribers); locks are held only to look subscribers up and queue,
-//! never across a network write. Each subscriber's queue is bounded by its output
+//! A message is framed once and appended to every subscriber's output buffer;
+//! locks are held only to look subscribers up and append, never across a network
+//! write. Each subscriber's queue is bounded by its output
 //! limits: one that falls too far behind is closed, not allowed to grow.
 
 use super::glob;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 /// Redis's `client-output-buffer-limit pubsub` in spirit.
 #[derive(Debug, Clone, Copy)]
@@ -22,24 +22,6 @@ pub struct OutputLimit {
     pub soft_for: Duration,
 }
 
-/// What a client's writer sends, in order.
-#[derive(Debug)]
-pub enum Outbound {
-    /// An encoded reply.
-    Reply(Bytes),
-    /// A published message, framed by the writer in the client's protocol.
-    Message {
-        kind: Kind,
-        pattern: Option<Bytes>,
-        channel: Bytes,
-        payload: Bytes,
-    },
-    /// From here on, frame messages in RESP3 (true) or RESP2.
-    Protocol(bool),
-    /// Close the connection after what is queued.
-    Close,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Message,
@@ -47,11 +29,18 @@ pub enum Kind {
     SMessage,
 }
 
-/// The part of a client that publishers see: its queue and its backlog.
+/// The part of a client that publishers see: its output buffer and its backlog.
+///
+/// Messages are framed once per publish (per protocol) and appended to each
+/// subscriber's buffer, as redis-server appends to its client buffers; the
+/// client's writer takes the whole buffer at a time and writes it with one call.
 #[derive(Debug)]
 pub struct ClientHandle {
     pub id: u64,
-    tx: mpsc::UnboundedSender<Outbound>,
+    outbox: Mutex<Outbox>,
+    /// Signalled when the outbox goes from empty to not (or to closing).
+    ready: Notify,
+    resp3: AtomicBool,
     queued: AtomicUsize,
     /// Milliseconds since `epoch` when the backlog went over the soft limit, or 0.
     soft_since: AtomicU64,
@@ -61,42 +50,78 @@ pub struct ClientHandle {
     limit: OutputLimit,
 }
 
+#[derive(Debug, Default)]
+struct Outbox {
+    buf: BytesMut,
+    closing: bool,
+}
+
 impl ClientHandle {
-    pub fn new(
-        id: u64,
-        limit: OutputLimit,
-    ) -> (Arc<ClientHandle>, mpsc::UnboundedReceiver<Outbound>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (
-            Arc::new(ClientHandle {
-                id,
-                tx,
-                queued: AtomicUsize::new(0),
-                soft_since: AtomicU64::new(0),
-                epoch: Instant::now(),
-                killed: AtomicBool::new(false),
-                kill: Notify::new(),
-                limit,
-            }),
-            rx,
-        )
+    pub fn new(id: u64, limit: OutputLimit) -> Arc<ClientHandle> {
+        Arc::new(ClientHandle {
+            id,
+            outbox: Mutex::new(Outbox::default()),
+            ready: Notify::new(),
+            resp3: AtomicBool::new(false),
+            queued: AtomicUsize::new(0),
+            soft_since: AtomicU64::new(0),
+            epoch: Instant::now(),
+            killed: AtomicBool::new(false),
+            kill: Notify::new(),
+            limit,
+        })
+    }
+
+    fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        // Appending bytes cannot leave the buffer half-changed.
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, bytes: &[u8]) {
+        let was_empty = {
+            let mut out = self.outbox();
+            let was_empty = out.buf.is_empty();
+            out.buf.extend_from_slice(bytes);
+            was_empty
+        };
+        if was_empty {
+            self.ready.notify_one();
+        }
     }
 
     /// Queues a reply (always: replies are answers to the client's own commands).
-    pub fn reply(&self, bytes: Bytes) {
+    pub fn reply(&self, bytes: &[u8]) {
         self.queued.fetch_add(bytes.len(), Ordering::Relaxed);
-        let _ = self.tx.send(Outbound::Reply(bytes));
+        self.push(bytes);
     }
 
-    pub fn send(&self, item: Outbound) {
-        let _ = self.tx.send(item);
+    /// Messages published from now on are framed in RESP3 (true) or RESP2.
+    pub fn set_resp3(&self, on: bool) {
+        self.resp3.store(on, Ordering::Relaxed);
     }
 
-    /// Queues a message within the output limits; past them the client is killed.
-    fn deliver(&self, item: Outbound, size: usize) -> bool {
+    /// Close the connection after what is queued.
+    pub fn close(&self) {
+        self.outbox().closing = true;
+        self.ready.notify_one();
+    }
+
+    /// For the writer: waits until there is output, then swaps it into `batch`
+    /// (which must be empty). Returns whether the connection is to close after it.
+    pub async fn take(&self, batch: &mut BytesMut) -> bool {
+        self.ready.notified().await;
+        let mut out = self.outbox();
+        std::mem::swap(&mut out.buf, batch);
+        out.closing
+    }
+
+    /// Queues a framed message within the output limits; past them the client is
+    /// killed.
+    fn deliver(&self, frame: &[u8]) -> bool {
         if self.killed.load(Ordering::Relaxed) {
             return false;
         }
+        let size = frame.len();
         let backlog = self.queued.fetch_add(size, Ordering::Relaxed) + size;
         if backlog > self.limit.hard {
             self.kill("hard");
@@ -118,7 +143,7 @@ impl ClientHandle {
                 Err(_) => {}
             }
         }
-        let _ = self.tx.send(item);
+        self.push(frame);
         true
     }
 
@@ -254,30 +279,45 @@ impl Registry {
         channel: &Bytes,
         payload: &Bytes,
     ) -> i64 {
-        let size = message_size(channel, payload, pattern);
+        // Framed at most twice (RESP2, RESP3), however many subscribers.
+        let mut frames: [Option<BytesMut>; 2] = [None, None];
+        let (mut delivered, mut dropped, mut over_limit) = (0, 0, 0);
         for c in subs.values() {
-            let item = Outbound::Message {
-                kind,
-                pattern: pattern.cloned(),
-                channel: channel.clone(),
-                payload: payload.clone(),
-            };
-            self.deliver_to(c, item, size);
-        }
-        subs.len() as i64
-    }
-
-    /// Queues to one subscriber and keeps the delivered/dropped counts.
-    fn deliver_to(&self, c: &ClientHandle, item: Outbound, size: usize) {
-        let was_killed = c.is_killed();
-        if c.deliver(item, size) {
-            self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            if !was_killed && c.is_killed() {
-                self.stats.over_limit.fetch_add(1, Ordering::Relaxed);
+            let resp3 = c.resp3.load(Ordering::Relaxed);
+            let frame = frames[resp3 as usize].get_or_insert_with(|| {
+                let mut b = BytesMut::with_capacity(
+                    channel.len() + payload.len() + pattern.map_or(0, |p| p.len()) + 48,
+                );
+                super::frame_message(
+                    &mut b,
+                    resp3,
+                    kind,
+                    pattern.map(|p| &p[..]),
+                    channel,
+                    payload.len(),
+                );
+                b.extend_from_slice(payload);
+                b.extend_from_slice(b"\r\n");
+                b
+            });
+            let was_killed = c.is_killed();
+            if c.deliver(frame) {
+                delivered += 1;
+            } else {
+                dropped += 1;
+                if !was_killed && c.is_killed() {
+                    over_limit += 1;
+                }
             }
         }
+        // One update of the shared counters per message, not per subscriber.
+        let stats = &self.stats;
+        stats.delivered.fetch_add(delivered, Ordering::Relaxed);
+        if dropped > 0 {
+            stats.dropped.fetch_add(dropped, Ordering::Relaxed);
+            stats.over_limit.fetch_add(over_limit, Ordering::Relaxed);
+        }
+        subs.len() as i64
     }
 
     /// Subscriptions of every kind, for metrics.
@@ -304,9 +344,4 @@ impl Registry {
     pub fn numpat(&self) -> usize {
         read(&self.patterns).len()
     }
-}
-
-/// Bytes a message costs in a subscriber's backlog (its framed size, roughly).
-pub(super) fn message_size(channel: &Bytes, payload: &Bytes, pattern: Option<&Bytes>) -> usize {
-    channel.len() + payload.len() + pattern.map_or(0, |p| p.len()) + 48
 }
