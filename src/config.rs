@@ -1027,4 +1027,18 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("-1s").is_err());
     }
+
+    #[test]
+    fn readme_reference_parses() {
+        // The reference block in the README is copied by users: every key in it must
+        // be where the parser expects it.
+        let readme = include_str!("../README.md");
+        let start = readme
+            .find("## Configuration reference")
+            .and_then(|i| readme[i..].find("```toml").map(|j| i + j + 7))
+            .expect("reference block");
+        let end = start + readme[start..].find("```").expect("end of block");
+        let parsed: Result<Config, _> = toml::from_str(&readme[start..end]);
+        assert!(parsed.is_ok(), "{:?}", parsed.err());
+    }
 }

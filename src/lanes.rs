@@ -1,5 +1,5 @@
-//! Serving threads ("lanes"): one single-threaded runtime per core, each serving
-//! whole client connections. A connection's work — its requests, its keep-alive
+//! Serving threads ("lanes"): one single-threaded runtime per core, each accepting
+//! and serving whole client connections. A connection's work — its requests, its keep-alive
 //! connections to workers, its websocket tunnel — stays on the lane it was given,
 //! so a request never wakes another thread (the way nginx's worker processes
 //! share out connections), and the lanes share no run queue to contend on.
@@ -9,7 +9,6 @@
 
 use std::cell::Cell;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
@@ -25,7 +24,6 @@ pub fn current() -> usize {
 
 pub struct Lanes {
     handles: Vec<Handle>,
-    next: AtomicUsize,
     stops: Vec<oneshot::Sender<()>>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -35,7 +33,6 @@ impl Lanes {
     pub fn start(n: usize) -> std::io::Result<Lanes> {
         let mut lanes = Lanes {
             handles: Vec::new(),
-            next: AtomicUsize::new(0),
             stops: Vec::new(),
             threads: Vec::new(),
         };
@@ -69,13 +66,12 @@ impl Lanes {
         self.handles.is_empty()
     }
 
-    /// Runs `task` on the next lane, in turn.
-    pub fn spawn<F>(&self, task: F)
+    /// Runs `task` on lane `i` (counted from 0, wrapping).
+    pub fn spawn_on<F>(&self, i: usize, task: F) -> tokio::task::JoinHandle<()>
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
-        self.handles[i].spawn(task);
+        self.handles[i % self.handles.len()].spawn(task)
     }
 
     /// Stops every lane; whatever still runs there is dropped.

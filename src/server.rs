@@ -71,6 +71,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     ));
 
     raise_fd_limit();
+    let lanes = Arc::new(Lanes::start(cfg.threads.resolve()).context("cannot start threads")?);
     // Bind first, so a port in use fails at once; accept once workers are ready.
     let all = cfg.listeners();
     let https_port = all
@@ -80,8 +81,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut listeners = Vec::new();
     let mut certs = Vec::new();
     for l in &all {
-        let socket = TcpListener::bind(l.address)
-            .await
+        let sockets = listen_per_lane(l.address, lanes.len())
             .with_context(|| format!("cannot listen on {}", l.address))?;
         let kind = match &l.tls {
             Some(setting) => {
@@ -101,7 +101,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             None if l.redirect_https => Kind::Redirect(https_port.unwrap_or(443)),
             None => Kind::Plain,
         };
-        listeners.push((socket, kind));
+        listeners.push((sockets, kind));
     }
     let (queue_url, queue) = message_queue(&cfg).await?;
     let sources = Arc::new(Sources {
@@ -140,18 +140,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let graceful = Arc::new(GracefulShutdown::new());
     let (stop_tx, stop_rx) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(cfg.limits.max_connections));
-    let lanes = Arc::new(Lanes::start(cfg.threads.resolve()).context("cannot start threads")?);
     let mut accepting = Vec::new();
-    for (listener, kind) in listeners {
-        accepting.push(tokio::spawn(accept_loop(
-            listener,
-            kind,
-            proxy.clone(),
-            graceful.clone(),
-            stop_rx.clone(),
-            slots.clone(),
-            lanes.clone(),
-        )));
+    for (sockets, kind) in listeners {
+        for (i, socket) in sockets.into_iter().enumerate() {
+            let (kind, proxy, graceful) = (kind.clone(), proxy.clone(), graceful.clone());
+            let (stop_rx, slots) = (stop_rx.clone(), slots.clone());
+            accepting.push(lanes.spawn_on(i, async move {
+                match TcpListener::from_std(socket) {
+                    Ok(l) => accept_loop(l, kind, proxy, graceful, stop_rx, slots).await,
+                    Err(e) => tracing::error!(error = %e, "cannot accept on this thread"),
+                }
+            }));
+        }
     }
 
     let signal = wait_for_stop(supervisor.clone(), certs).await;
@@ -252,9 +252,9 @@ fn raise_fd_limit() {
     }
 }
 
-fn print_summary(cfg: &Config, listeners: &[(TcpListener, Kind)], pool: &Pool) {
-    for (l, kind) in listeners {
-        if let Ok(addr) = l.local_addr() {
+fn print_summary(cfg: &Config, listeners: &[(Vec<std::net::TcpListener>, Kind)], pool: &Pool) {
+    for (sockets, kind) in listeners {
+        if let Some(Ok(addr)) = sockets.first().map(|l| l.local_addr()) {
             match kind {
                 Kind::Plain => tracing::info!("listening on http://{addr}"),
                 Kind::Tls(_) => tracing::info!("listening on https://{addr}"),
@@ -289,7 +289,6 @@ async fn accept_loop(
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
     slots: Arc<Semaphore>,
-    lanes: Arc<Lanes>,
 ) {
     let cfg = proxy.cfg.clone();
     let trusted = cfg.trusted();
@@ -325,14 +324,6 @@ async fn accept_loop(
             _ = stop.changed() => return,
         };
         let _ = stream.set_nodelay(true);
-        // The connection moves to a lane: off this runtime's reactor, onto that one's.
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot hand the connection over");
-                continue;
-            }
-        };
         let addr = normalise(addr);
         let peer = Peer {
             addr,
@@ -355,10 +346,7 @@ async fn accept_loop(
                 let builder = builder.clone();
                 let graceful = graceful.clone();
                 let handshake = cfg.timeouts.header_read;
-                lanes.spawn(async move {
-                    let Some(stream) = on_this_lane(stream) else {
-                        return;
-                    };
+                tokio::spawn(async move {
                     let tls = match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => tls,
                         Ok(Err(e)) => {
@@ -377,10 +365,7 @@ async fn accept_loop(
             _ => {
                 let builder = builder.clone();
                 let graceful = graceful.clone();
-                lanes.spawn(async move {
-                    let Some(stream) = on_this_lane(stream) else {
-                        return;
-                    };
+                tokio::spawn(async move {
                     let conn = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .into_owned();
@@ -394,15 +379,27 @@ async fn accept_loop(
     }
 }
 
-/// A handed-over connection, registered with the current lane's reactor.
-fn on_this_lane(stream: std::net::TcpStream) -> Option<tokio::net::TcpStream> {
-    match tokio::net::TcpStream::from_std(stream) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot take the connection over");
-            None
-        }
-    }
+/// One listening socket per lane on `addr`, with SO_REUSEPORT so that the kernel
+/// shares new connections out among the lanes (as nginx's `reuseport`).
+fn listen_per_lane(addr: SocketAddr, lanes: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    // A plain bind first: with SO_REUSEPORT alone, a port another process of this
+    // user holds the same way would be shared with it instead of refused.
+    let probe = std::net::TcpListener::bind(addr)?;
+    let addr = probe.local_addr()?;
+    drop(probe);
+    (0..lanes)
+        .map(|_| {
+            let socket = match addr {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.set_reuseaddr(true)?;
+            socket.set_reuseport(true)?;
+            socket.bind(addr)?;
+            // Listening now queues early clients until the accept loops start.
+            socket.listen(1024)?.into_std()
+        })
+        .collect()
 }
 
 /// IPv4 clients of a dual-stack socket appear as `::ffff:a.b.c.d`; show them as IPv4.

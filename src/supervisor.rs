@@ -123,19 +123,27 @@ impl Supervisor {
     }
 
     fn pick_port(&self, slots: &[Slot]) -> u16 {
+        let used: Vec<u16> = slots.iter().map(|s| s.worker.addr.port()).collect();
         if let Some(base) = self.spec.base_port {
-            let used: Vec<u16> = slots.iter().map(|s| s.worker.addr.port()).collect();
             let mut p = base;
             while used.contains(&p) || !port_free(p) {
                 p = p.wrapping_add(1).max(1);
             }
             return p;
         }
-        // The kernel's choice of a free port; the worker binds it right after.
-        TcpListener::bind(("127.0.0.1", 0))
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap_or(0)
+        // The kernel's choice of a free port; the worker binds it right after. A port
+        // just handed to another slot is still free until that worker binds it, and
+        // the kernel may offer it again: two workers on one port would both look
+        // ready through the one that got it.
+        for _ in 0..100 {
+            let port = TcpListener::bind(("127.0.0.1", 0))
+                .and_then(|l| l.local_addr())
+                .map_or(0, |a| a.port());
+            if port != 0 && !used.contains(&port) {
+                return port;
+            }
+        }
+        0
     }
 
     /// Replaces every worker, one at a time: start the new one, wait until ready, move
