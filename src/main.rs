@@ -6,6 +6,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+// Every request allocates and frees a few small buffers on one thread: mimalloc's
+// per-thread pages make that several times cheaper than glibc's malloc (about 15 %
+// of corral's instructions under load with glibc, by callgrind).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "corral",
