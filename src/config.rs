@@ -1029,6 +1029,22 @@ mod tests {
     }
 
     #[test]
+    fn threads_must_be_a_count() {
+        let parse = |v: &str| {
+            Config::parse(
+                &format!("upstreams = [\"127.0.0.1:1\"]\nthreads = {v}\n"),
+                "t.toml",
+            )
+        };
+        assert_eq!(parse("3").map(|c| c.threads.resolve()).ok(), Some(3));
+        assert!(parse("\"auto\"").is_ok_and(|c| c.threads.resolve() >= 1));
+        for bad in ["0", "\"many\""] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("t.toml") && e.contains("threads"), "{e}");
+        }
+    }
+
+    #[test]
     fn readme_reference_parses() {
         // The reference block in the README is copied by users: every key in it must
         // be where the parser expects it.

@@ -1,6 +1,7 @@
-//! Websocket tunnels: forward an `Upgrade: websocket` request to its worker over a
-//! connection of its own, relay the worker's 101, then copy bytes both ways until
-//! either side closes or the tunnel is idle too long.
+//! Websocket tunnels: forward an `Upgrade: websocket` request to its worker (on a
+//! kept-alive connection from `upstream` when one is idle, which then belongs to the
+//! tunnel), relay the worker's 101, then copy bytes both ways until either side
+//! closes or the tunnel is idle too long.
 //!
 //! It owns the upgraded connections and nothing else; the caller has already chosen
 //! the worker, and the ticket it hands over keeps the session counted while the

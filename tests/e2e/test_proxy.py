@@ -273,3 +273,81 @@ def test_malformed_requests_get_errors_not_crashes(stack):
     assert requests.get(corral.url + "/health").status_code == 200
     assert corral.popen.poll() is None
     assert "panicked" not in corral.output()
+
+
+class ClosingWorker:
+    """An HTTP/1.1 worker that answers the first request on each connection with
+    keep-alive, and closes the connection unanswered when a second request comes on
+    it: what a worker does when it closes a kept-alive connection (its keep-alive
+    timeout, a restart) just as the proxy sends on it."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.seen = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn):
+        buf = b""
+        answered = 0
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                lines = head.decode("latin-1").split("\r\n")
+                length = 0
+                for line in lines[1:]:
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                while len(buf) < length:
+                    buf += conn.recv(65536)
+                buf = buf[length:]
+                with self.lock:
+                    self.seen.append(lines[0])
+                if answered:
+                    return  # closed with the request read and unanswered
+                body = b"fresh connection\n"
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                answered += 1
+
+    def close(self):
+        self.sock.close()
+
+
+def test_request_on_a_closing_kept_alive_connection(stack):
+    """A bodiless GET that meets a kept-alive connection closing under it is sent
+    again on a new connection (as nginx does); a POST is not (it may have been acted
+    on) and gets 502."""
+    worker = ClosingWorker()
+    try:
+        corral = stack.corral([worker.port], extra='[health]\ninterval = "60s"\n')
+        s = requests.Session()
+        s.trust_env = False
+        for path in ("/a", "/b", "/c"):
+            r = s.get(corral.url + path)
+            assert r.status_code == 200 and r.text == "fresh connection\n", (path, r.status_code, r.text)
+        # Each request found the connection the one before it left, closing: it went
+        # out there first, then on a new connection.
+        for path in ("/b", "/c"):
+            assert worker.seen.count(f"GET {path} HTTP/1.1") == 2, worker.seen
+        r = s.post(corral.url + "/d", data=b"x" * 10)
+        assert r.status_code == 502, r.text
+        assert [line for line in worker.seen if line.startswith("POST")] == ["POST /d HTTP/1.1"]
+    finally:
+        worker.close()
