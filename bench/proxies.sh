@@ -3,7 +3,9 @@
 # generators, each proxy in turn, several rounds, medians and ratios.
 #   bench/proxies.sh [rounds]      (make bench; prints a markdown section)
 # Scenarios: 1. small HTTP GET with keep-alive (wrk); 2. websocket echo with 10, 100
-# and 1000 connections (bench/wsbench.rs); 3. resident memory per idle websocket
+# and 1000 connections (bench/wsbench.rs); the proxy's CPU time (user + system, its
+# worker processes included) per request and per message in both; 3. resident
+# memory per idle websocket
 # (IDLE_CONNS, default 9000: each proxy needs two descriptors per connection and this
 # machine allows 20,000 per process).
 set -euo pipefail
@@ -40,6 +42,9 @@ stop_proxy() {
   if [ "$1" = nginx ]; then nginx -p "$work" -c "$work/nginx.conf" -s quit 2>/dev/null || true; fi
   kill "$proxy_pid" 2>/dev/null || true; wait "$proxy_pid" 2>/dev/null || true; sleep 0.5
 }
+# CPU time (user + system, clock ticks) of the proxy and its children.
+cpu_ticks() { local t=0; for p in $(pgrep -P "$1") "$1"; do t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat 2>/dev/null || echo 0))); done; echo $t; }
+per_op_us() { python3 -c "import sys;print(f'{($2-$1)*1e6/$(getconf CLK_TCK)/max(1,$3):.1f}')"; }
 # Resident memory of the proxy and its children (nginx workers), in KiB.
 rss_kib() { local total=0; for p in $(pgrep -P "$1") "$1"; do total=$((total + $(awk '/VmRSS/ {print $2}' /proc/$p/status 2>/dev/null || echo 0))); done; echo $total; }
 
@@ -48,22 +53,28 @@ for proxy in corral nginx haproxy; do
   p=$(port); start_proxy $proxy "$p"
   wrk -t2 -c64 -d3s "http://127.0.0.1:$p/" >/dev/null 2>&1 || true   # warm-up
   for r in $(seq "$rounds"); do
+    t0=$(cpu_ticks "$proxy_pid")
     out=$(wrk -t2 -c64 -d10s --latency "http://127.0.0.1:$p/")
+    per_op_us "$t0" "$(cpu_ticks "$proxy_pid")" "$(echo "$out" | awk '/requests in/ {print $1}')" >> "$work/$proxy.cpu"
     echo "$out" | awk '/Requests\/sec/ {print $2}' >> "$work/$proxy.rps"
     echo "$out" | awk '$1=="50%" {print $2}' >> "$work/$proxy.p50"
     echo "$out" | awk '$1=="99%" {print $2}' >> "$work/$proxy.p99"
   done
   R[$proxy,rps]=$(median < "$work/$proxy.rps")
-  to_ms() { python3 -c "import sys;v=sys.argv[1];u=v.lstrip('0123456789.');n=float(v[:len(v)-len(u)]);print(n*{'us':0.001,'ms':1,'s':1000}[u])" "$1"; }
+  R[$proxy,cpu]=$(median < "$work/$proxy.cpu")
+  to_ms() { python3 -c "import sys;v=sys.argv[1];u=v.lstrip('0123456789.');n=float(v[:len(v)-len(u)]);print(round(n*{'us':0.001,'ms':1,'s':1000}[u],3))" "$1"; }
   R[$proxy,p50]=$(for v in $(cat "$work/$proxy.p50"); do to_ms "$v"; done | median)
   R[$proxy,p99]=$(for v in $(cat "$work/$proxy.p99"); do to_ms "$v"; done | median)
   for n in 10 100 1000; do
     for r in $(seq "$rounds"); do
+      t0=$(cpu_ticks "$proxy_pid")
       target/release/examples/wsbench echo "ws://127.0.0.1:$p/ws" $n 8 > "$work/ws.json"
-      python3 -c "import json;d=json.load(open('$work/ws.json'));print(d['messages_per_s'],d['p50_us'],d['p99_us'])" >> "$work/$proxy.ws$n"
+      t1=$(cpu_ticks "$proxy_pid")
+      python3 -c "import json;d=json.load(open('$work/ws.json'));print(d['messages_per_s'],d['p50_us'],d['p99_us'],f\"{($t1-$t0)*1e6/$(getconf CLK_TCK)/max(1,d['messages_per_s']*8):.1f}\")" >> "$work/$proxy.ws$n"
     done
     R[$proxy,ws$n]=$(awk '{print $1}' "$work/$proxy.ws$n" | median)
     R[$proxy,ws$n.p99]=$(awk '{print $3}' "$work/$proxy.ws$n" | median)
+    R[$proxy,ws$n.cpu]=$(awk '{print $4}' "$work/$proxy.ws$n" | median)
   done
   before=$(rss_kib "$proxy_pid")
   target/release/examples/wsbench idle "ws://127.0.0.1:$p/ws" "$idle" 15 4 > "$work/idle.out" &
@@ -85,6 +96,11 @@ row() { echo "| $1 | ${R[corral,$2]} | ${R[nginx,$2]} | ${R[haproxy,$2]} | $(rat
 row "HTTP GET req/s (wrk -t2 -c64)" rps
 row "HTTP GET p50 ms" p50
 row "HTTP GET p99 ms" p99
-for n in 10 100 1000; do row "websocket echo msgs/s, $n conns" ws$n; row "websocket echo RTT p99 µs, $n conns" ws$n.p99; done
+row "proxy CPU µs per HTTP request" cpu
+for n in 10 100 1000; do
+  row "websocket echo msgs/s, $n conns" ws$n
+  row "websocket echo RTT p99 µs, $n conns" ws$n.p99
+  row "proxy CPU µs per websocket message, $n conns" ws$n.cpu
+done
 row "bytes of RSS per idle websocket ($idle opened)" idle
 row "idle websockets held" held
