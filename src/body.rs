@@ -1,6 +1,7 @@
 //! Body adapters for the streaming data path: a request body that stops at the size
 //! limit, a response body that replays a few inspected bytes before the rest, and a
-//! wrapper that holds a guard (load counters) until the body is done.
+//! wrapper that holds a guard (load counters, the worker connection) until the body
+//! is done, telling it whether the body was read to the end.
 //!
 //! None of them buffers a body: they pass frames through as they come.
 
@@ -202,17 +203,35 @@ impl<B: Body<Data = Bytes>> Body for Counted<B> {
     }
 }
 
+/// What a [`Guarded`] body holds until it ends: `ended` runs when the body was read
+/// to the end; a body dropped before that drops its guard without it.
+pub trait Guard {
+    fn ended(self);
+}
+
+impl<A: Guard, B: Guard> Guard for (A, B) {
+    fn ended(self) {
+        self.0.ended();
+        self.1.ended();
+    }
+}
+
 pin_project_lite::pin_project! {
-    /// A body that keeps `guard` alive until the body ends or is dropped.
-    pub struct Guarded<B, G> {
+    /// A body that holds `guard` until the body ends or is dropped.
+    pub struct Guarded<B, G: Guard> {
         #[pin]
         inner: B,
         guard: Option<G>,
     }
 }
 
-impl<B, G> Guarded<B, G> {
+impl<B: Body, G: Guard> Guarded<B, G> {
     pub fn new(inner: B, guard: G) -> Self {
+        if inner.is_end_stream() {
+            // Nothing to read (204, 304, HEAD, Content-Length: 0).
+            guard.ended();
+            return Guarded { inner, guard: None };
+        }
         Guarded {
             inner,
             guard: Some(guard),
@@ -220,7 +239,7 @@ impl<B, G> Guarded<B, G> {
     }
 }
 
-impl<B: Body, G> Body for Guarded<B, G> {
+impl<B: Body, G: Guard> Body for Guarded<B, G> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -228,10 +247,19 @@ impl<B: Body, G> Body for Guarded<B, G> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            this.guard.take();
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        // hyper stops polling once a body says it has ended, so the end is noticed
+        // after the last frame as well as at `None`.
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            _ => false,
+        };
+        if ended {
+            if let Some(guard) = this.guard.take() {
+                guard.ended();
+            }
         }
         polled
     }
@@ -279,5 +307,32 @@ mod tests {
             body.collect().await.expect("ok").to_bytes(),
             Bytes::from_static(b"abcd")
         );
+    }
+
+    /// Records whether it ended or was only dropped.
+    struct Probe(Arc<std::sync::Mutex<&'static str>>);
+    impl Guard for Probe {
+        fn ended(self) {
+            *self.0.lock().expect("probe") = "ended";
+        }
+    }
+
+    #[tokio::test]
+    async fn guard_ends_only_when_the_body_is_read_to_the_end() {
+        let state = Arc::new(std::sync::Mutex::new("held"));
+        // A sized body ends with its last frame (hyper polls no further).
+        let mut body = Guarded::new(full("abc"), Probe(state.clone()));
+        assert!(body.frame().await.is_some());
+        assert_eq!(*state.lock().expect("probe"), "ended");
+        // An empty body has ended before it is read.
+        let state = Arc::new(std::sync::Mutex::new("held"));
+        drop(Guarded::new(empty(), Probe(state.clone())));
+        assert_eq!(*state.lock().expect("probe"), "ended");
+        // Given up half-way: dropped, not ended.
+        let state = Arc::new(std::sync::Mutex::new("held"));
+        let mut body = Guarded::new(chunks(3, 4), Probe(state.clone()));
+        assert!(body.frame().await.is_some());
+        drop(body);
+        assert_eq!(*state.lock().expect("probe"), "held");
     }
 }

@@ -445,6 +445,11 @@ pub struct InflightGuard {
     worker: Arc<Worker>,
 }
 
+/// Dropped when the response body ends or is given up alike.
+impl crate::body::Guard for InflightGuard {
+    fn ended(self) {}
+}
+
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.worker.inflight.fetch_sub(1, Ordering::Relaxed);

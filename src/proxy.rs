@@ -64,6 +64,11 @@ pub(crate) enum Ticket {
     Plain,
 }
 
+/// A session's ticket is let go when its response ends or is given up alike.
+impl body::Guard for Ticket {
+    fn ended(self) {}
+}
+
 /// Why no worker was chosen.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Refusal {
@@ -364,7 +369,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let (mut parts, incoming) = answer.response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let mut body = upstream::Returning::new(incoming, answer.lease);
+        let mut body = Guarded::new(incoming, answer.lease);
         let mut ticket = ticket;
         if let (Ticket::Session(t), true) = (&mut ticket, parts.status.is_success()) {
             t.answered();

@@ -12,7 +12,7 @@ use crate::proxy::{
     prepare_request_headers, short, strip_hop_by_hop, unknown_sid, Peer, Proxy, Replay, Target,
     Ticket,
 };
-use crate::upstream::{Returning, SendError};
+use crate::upstream::SendError;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -71,7 +71,7 @@ pub(crate) async fn upgrade(
         // Refused upgrade (a 400 for a bad sid, say): pass the answer on as it is.
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let body = Guarded::new(Returning::new(body, answer.lease), target.ticket)
+        let body = Guarded::new(body, (answer.lease, target.ticket))
             .map_err(Into::into)
             .boxed_unsync();
         return Response::from_parts(parts, body);

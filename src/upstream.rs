@@ -10,15 +10,12 @@
 
 use crate::body::ProxyBody;
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
@@ -107,8 +104,10 @@ pub trait Home: Send + Sync {
     fn idle(&self) -> &Idle;
 }
 
-impl Lease {
-    fn give_back(&mut self) {
+/// Held by the response body (`body::Guarded`): read to the end, the connection is
+/// parked for the next request; dropped before that, it is closed.
+impl crate::body::Guard for Lease {
+    fn ended(mut self) {
         if let Some(sender) = self.sender.take() {
             self.home.idle().park(sender, self.idle_timeout);
         }
@@ -251,60 +250,4 @@ pub async fn connect(
         }
     });
     Ok(sender)
-}
-
-pin_project_lite::pin_project! {
-    /// A worker's response body that gives its connection back once read to the end.
-    pub struct Returning<B> {
-        #[pin]
-        inner: B,
-        lease: Option<Lease>,
-    }
-}
-
-impl<B: Body> Returning<B> {
-    pub fn new(inner: B, lease: Lease) -> Self {
-        let mut lease = Some(lease);
-        if inner.is_end_stream() {
-            // Nothing to read (204, 304, HEAD, Content-Length: 0): free at once.
-            if let Some(mut l) = lease.take() {
-                l.give_back();
-            }
-        }
-        Returning { inner, lease }
-    }
-}
-
-impl<B: Body> Body for Returning<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let mut this = self.project();
-        let polled = this.inner.as_mut().poll_frame(cx);
-        // hyper stops polling once a body says it has ended, so the end is
-        // noticed after the last frame as well as at `None`.
-        let ended = match &polled {
-            Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
-            _ => false,
-        };
-        if ended {
-            if let Some(mut lease) = this.lease.take() {
-                lease.give_back();
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }
