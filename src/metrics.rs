@@ -174,6 +174,11 @@ pub fn prometheus(src: &Sources) -> String {
             |w| w.inflight() as u64,
         ),
         (
+            "corral_upstream_idle_connections",
+            "Kept-alive connections to the worker waiting for a request.",
+            |w| w.conns.len() as u64,
+        ),
+        (
             "corral_worker_up",
             "1 when the worker takes new traffic.",
             |w| u64::from(w.state() == State::Up),

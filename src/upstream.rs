@@ -115,8 +115,12 @@ impl crate::body::Guard for Lease {
 }
 
 impl Idle {
+    /// Idle connections still open (those the worker closed are counted out).
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).len()).sum()
+        self.shards
+            .iter()
+            .map(|s| lock(s).iter().filter(|p| !p.sender.is_closed()).count())
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {

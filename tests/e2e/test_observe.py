@@ -67,6 +67,11 @@ def test_metrics_and_status_follow_the_traffic(stack):
     requests.get(corral.url + "/socket.io/?EIO=4&transport=polling&sid=gone")
     assert total(scrape(admin_url), "corral_engineio_unknown_sid_total") == 1
     assert wait_until(lambda: total(scrape(admin_url), "corral_websocket_tunnels") == 0, 10)
+    # A plain request leaves its worker connection kept alive for the next one...
+    assert requests.get(corral.url + "/whoami").status_code == 200
+    assert total(scrape(admin_url), "corral_upstream_idle_connections") >= 1
+    # ...until the worker closes it (gunicorn's keep-alive is 2 s).
+    assert wait_until(lambda: total(scrape(admin_url), "corral_upstream_idle_connections") == 0, 10)
     # The history behind the charts fills in.
     assert wait_until(lambda: len(requests.get(admin_url + "/status.json").json()["history"]) >= 2, 8)
 
