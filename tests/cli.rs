@@ -7,12 +7,32 @@ fn corral() -> Command {
     Command::new(env!("CARGO_BIN_EXE_corral"))
 }
 
-fn write(name: &str, text: &str) -> std::path::PathBuf {
+/// A config file in a temporary directory, removed (with the directory, once the
+/// last file in it goes) when dropped.
+struct Temp(std::path::PathBuf);
+
+impl std::ops::Deref for Temp {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Temp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+fn write(name: &str, text: &str) -> Temp {
     let dir = std::env::temp_dir().join(format!("corral-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write config");
-    path
+    Temp(path)
 }
 
 #[test]
@@ -23,7 +43,7 @@ fn check_prints_effective_config() {
     );
     let out = corral()
         .args(["check", "-c"])
-        .arg(&path)
+        .arg(&*path)
         .output()
         .expect("run");
     assert!(out.status.success(), "{out:?}");
@@ -56,7 +76,7 @@ fn check_names_file_and_key() {
         let path = write(name, text);
         let out = corral()
             .args(["check", "-c"])
-            .arg(&path)
+            .arg(&*path)
             .output()
             .expect("run");
         assert_eq!(out.status.code(), Some(2), "{name}: {out:?}");
