@@ -4,8 +4,9 @@
 //! so a request never wakes another thread (the way nginx's worker processes
 //! share out connections), and the lanes share no run queue to contend on.
 //!
-//! It owns the threads and their runtimes and nothing else. Accepting, the
-//! supervisor, the broker and the admin listener stay on the main runtime.
+//! It owns the threads and their runtimes and nothing else; what runs on them is
+//! the server's accept loops and what those spawn. The supervisor, the broker, the
+//! health checks and the admin listener stay on the main runtime.
 
 use std::cell::Cell;
 use std::future::Future;

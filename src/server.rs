@@ -1,5 +1,6 @@
-//! The listener: binds the configured addresses, accepts client connections (bounded
-//! in number), serves HTTP on each with header-read and keep-alive limits, and on
+//! The listener: binds the configured addresses (one `SO_REUSEPORT` socket per
+//! serving thread, see `lanes`), accepts client connections (bounded in number),
+//! serves HTTP on each with header-read and keep-alive limits, and on
 //! SIGTERM/SIGINT stops accepting and lets requests in flight finish (bounded).
 //!
 //! It wires the parts together at start (pool, router, proxy, background tasks) and
