@@ -351,3 +351,24 @@ def test_request_on_a_closing_kept_alive_connection(stack):
         assert [line for line in worker.seen if line.startswith("POST")] == ["POST /d HTTP/1.1"]
     finally:
         worker.close()
+
+
+def test_port_held_with_reuseport_is_refused(stack):
+    """corral listens with one SO_REUSEPORT socket per serving thread; a port that
+    another process holds the same way must still be refused, not shared with it."""
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(8)
+    port = holder.getsockname()[1]
+    try:
+        w = stack.gunicorn()
+        corral = stack.corral([w.port], listen_port=port, wait=False)
+        assert corral.popen.wait(timeout=20) != 0
+        log = corral.output()
+        assert f"cannot listen on 127.0.0.1:{port}" in log, log
+    finally:
+        holder.close()
+    # Free again, the same port serves.
+    corral = stack.corral([w.port], listen_port=port)
+    assert requests.get(corral.url + "/whoami").status_code == 200
