@@ -78,9 +78,9 @@ pub(crate) enum Refusal {
 }
 
 impl Refusal {
-    fn response(self) -> Response<ProxyBody> {
+    fn response(self, proxy: &Proxy) -> Response<ProxyBody> {
         match self {
-            Refusal::UnknownSid => unknown_sid(),
+            Refusal::UnknownSid => proxy.unknown_sid(),
             Refusal::NoWorker => short(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "corral: no worker configured\n",
@@ -194,7 +194,7 @@ impl Proxy {
         let is_eio = self.is_engineio(&path);
         let target = match self.choose(&req, peer, is_eio) {
             Ok(t) => t,
-            Err(refusal) => return refusal.response(),
+            Err(refusal) => return refusal.response(&self),
         };
         if is_websocket_upgrade(&req) {
             return crate::tunnel::upgrade(self, req, peer, target).await;
@@ -229,10 +229,7 @@ impl Proxy {
                     worker: n.worker.clone(),
                     ticket: Ticket::New(n),
                 }),
-                Route::UnknownSid => {
-                    self.metrics.unknown_sid.fetch_add(1, Ordering::Relaxed);
-                    Err(Refusal::UnknownSid)
-                }
+                Route::UnknownSid => Err(Refusal::UnknownSid),
                 Route::NoWorker => Err(Refusal::NoWorker),
                 Route::Full => Err(Refusal::Full),
             };
@@ -271,15 +268,15 @@ impl Proxy {
         // Only a request that can be sent again unchanged is sent again: on a fresh
         // connection when a kept-alive one was closed under it, and (for requests
         // outside any session) on another worker when its own refuses connections.
+        let uri = origin_form(&parts.uri);
         let replay = (is_idempotent(&parts.method) && has_no_body(&headers)).then(|| Replay {
             method: parts.method.clone(),
-            uri: parts.uri.clone(),
+            uri: uri.clone(),
             headers: headers.clone(),
         });
-        let elsewhere = matches!(target.ticket, Ticket::Plain) && self.pool.len() > 1;
-        let mut worker = target.worker.clone();
-        let mut upstream_req =
-            upstream_request(parts.method, &parts.uri, headers, limited.boxed_unsync());
+        let Target { mut worker, ticket } = target;
+        let elsewhere = matches!(ticket, Ticket::Plain) && self.pool.len() > 1;
+        let mut upstream_req = upstream_request(parts.method, uri, headers, limited.boxed_unsync());
         let mut retried = false;
         loop {
             let addr = worker.addr;
@@ -296,7 +293,7 @@ impl Proxy {
                 Ok(Ok(answer)) => {
                     self.metrics.observe_latency(sent.elapsed());
                     worker.count_response(answer.response.status().as_u16());
-                    return self.respond(answer, target.ticket, inflight).await;
+                    return self.respond(answer, ticket, inflight).await;
                 }
                 Ok(Err(e)) => e,
                 Err(_) => {
@@ -317,24 +314,35 @@ impl Proxy {
             }
             tracing::warn!(worker = id, %addr, error = %err, "cannot connect to worker");
             self.pool.mark_down(&worker);
-            if matches!(target.ticket, Ticket::Session(_)) {
-                // The session died with its worker; the client should start anew.
-                self.metrics.unknown_sid.fetch_add(1, Ordering::Relaxed);
-                return unknown_sid();
-            }
+            // Only requests outside any session go elsewhere (`elsewhere`).
             let next = match (elsewhere && !retried, &replay) {
                 (true, Some(r)) => self.pool.pick_for_request(Some(id)).map(|w| (w, r)),
                 _ => None,
             };
             let Some((w, r)) = next else {
-                return short(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("corral: cannot connect to worker {addr}\n"),
-                );
+                return self.unreachable(&ticket, addr);
             };
             retried = true;
             upstream_req = r.request();
             worker = w;
+        }
+    }
+
+    /// "Session ID unknown", counted: the thrash counter of the metrics.
+    pub(crate) fn unknown_sid(&self) -> Response<ProxyBody> {
+        self.metrics.unknown_sid.fetch_add(1, Ordering::Relaxed);
+        unknown_sid()
+    }
+
+    /// The answer when a worker refuses connections: a session died with it, so its
+    /// client is told the session is unknown and starts anew; anything else gets 502.
+    pub(crate) fn unreachable(&self, ticket: &Ticket, addr: SocketAddr) -> Response<ProxyBody> {
+        match ticket {
+            Ticket::Session(_) => self.unknown_sid(),
+            _ => short(
+                StatusCode::BAD_GATEWAY,
+                &format!("corral: cannot connect to worker {addr}\n"),
+            ),
         }
     }
 
@@ -347,12 +355,18 @@ impl Proxy {
         req: Request<ProxyBody>,
         replay: Option<&Replay>,
     ) -> Result<Answer, SendError> {
-        let home: Arc<dyn upstream::Home> = worker.clone();
-        match upstream::send(home.clone(), worker.addr, self.upstream, req, false).await {
+        match upstream::send(worker.clone(), worker.addr, self.upstream, req, false).await {
             Err(SendError::Stale(e)) => match replay {
                 Some(r) => {
                     tracing::debug!(worker = worker.id, error = %e, "kept-alive connection closed; sending again");
-                    upstream::send(home, worker.addr, self.upstream, r.request(), true).await
+                    upstream::send(
+                        worker.clone(),
+                        worker.addr,
+                        self.upstream,
+                        r.request(),
+                        true,
+                    )
+                    .await
                 }
                 None => Err(SendError::Http(e)),
             },
@@ -367,9 +381,8 @@ impl Proxy {
         ticket: Ticket,
         inflight: InflightGuard,
     ) -> Response<ProxyBody> {
-        let (mut parts, incoming) = answer.response.into_parts();
+        let (mut parts, mut body) = answer.response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let mut body = Guarded::new(incoming, answer.lease);
         let mut ticket = ticket;
         if let (Ticket::Session(t), true) = (&mut ticket, parts.status.is_success()) {
             t.answered();
@@ -384,9 +397,10 @@ impl Proxy {
             other => (Bytes::new(), other),
         };
         // One body, boxed once: what was read for the sid, then the rest, counted,
-        // holding the session and in-flight counts until it ends.
+        // holding the worker connection and the session and in-flight counts until
+        // it ends (read to the end, the connection goes back for the next request).
         let body = body::Counted::new(Prefixed::new(prefix, body), self.metrics.clone(), true);
-        let body = Guarded::new(body, (ticket, inflight));
+        let body = Guarded::new(body, (answer.lease, (ticket, inflight)));
         Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
     }
 
@@ -440,31 +454,41 @@ impl Proxy {
 /// What is needed to send a bodiless request again.
 pub(crate) struct Replay {
     pub method: Method,
+    /// Already in origin form (`origin_form`).
     pub uri: Uri,
     pub headers: HeaderMap,
 }
 
 impl Replay {
+    /// For a request as it came from the client.
+    pub(crate) fn new(method: Method, uri: &Uri, headers: HeaderMap) -> Replay {
+        Replay {
+            method,
+            uri: origin_form(uri),
+            headers,
+        }
+    }
+
     pub(crate) fn request(&self) -> Request<ProxyBody> {
         upstream_request(
             self.method.clone(),
-            &self.uri,
+            self.uri.clone(),
             self.headers.clone(),
             body::empty(),
         )
     }
 }
 
-/// The request as a worker gets it: origin-form target, HTTP/1.1, the client's Host.
-pub(crate) fn upstream_request(
+/// The request as a worker gets it: `uri` in origin form, HTTP/1.1, the client's Host.
+fn upstream_request(
     method: Method,
-    uri: &Uri,
+    uri: Uri,
     headers: HeaderMap,
     body: ProxyBody,
 ) -> Request<ProxyBody> {
     let mut req = Request::new(body);
     *req.method_mut() = method;
-    *req.uri_mut() = origin_form(uri);
+    *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
     req

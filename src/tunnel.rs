@@ -9,8 +9,7 @@
 
 use crate::body::{Guarded, ProxyBody};
 use crate::proxy::{
-    prepare_request_headers, short, strip_hop_by_hop, unknown_sid, Peer, Proxy, Replay, Target,
-    Ticket,
+    prepare_request_headers, short, strip_hop_by_hop, Peer, Proxy, Replay, Target, Ticket,
 };
 use crate::upstream::SendError;
 use http::{Request, Response, StatusCode};
@@ -38,11 +37,7 @@ pub(crate) async fn upgrade(
     let (parts, _) = req.into_parts();
     let mut headers = parts.headers;
     prepare_request_headers(&mut headers, &parts.uri, peer, true);
-    let replay = Replay {
-        method: parts.method,
-        uri: parts.uri,
-        headers,
-    };
+    let replay = Replay::new(parts.method, &parts.uri, headers);
     let cfg = &proxy.cfg;
     // A kept-alive connection serves as well as a new one, and saves a connect.
     let exchange = proxy.exchange(&target.worker, replay.request(), Some(&replay));
@@ -51,7 +46,7 @@ pub(crate) async fn upgrade(
         Ok(Err(SendError::Connect(e))) => {
             tracing::warn!(worker, %addr, error = %e, "cannot connect to worker for websocket");
             proxy.pool.mark_down(&target.worker);
-            return unreachable(&proxy, &target.ticket, addr);
+            return proxy.unreachable(&target.ticket, addr);
         }
         Ok(Err(e)) => {
             return short(
@@ -101,18 +96,6 @@ pub(crate) async fn upgrade(
     });
     let (parts, _) = resp.into_parts();
     Response::from_parts(parts, crate::body::empty())
-}
-
-fn unreachable(proxy: &Proxy, ticket: &Ticket, addr: std::net::SocketAddr) -> Response<ProxyBody> {
-    if matches!(ticket, Ticket::Session(_)) {
-        proxy.metrics.unknown_sid.fetch_add(1, Ordering::Relaxed);
-        unknown_sid()
-    } else {
-        short(
-            StatusCode::BAD_GATEWAY,
-            &format!("corral: cannot connect to worker {addr}\n"),
-        )
-    }
 }
 
 /// Copies both ways until both directions end, an error, or `idle` without a byte.
