@@ -141,18 +141,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            init_logging();
-            let runtime = match runtime() {
-                Ok(r) => r,
-                Err(code) => return code,
-            };
-            match runtime.block_on(corral::server::run(config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("corral: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            run_until_done(corral::server::run(config))
         }
     }
 }
@@ -208,12 +197,7 @@ fn run_broker(listen: SocketAddr, password: Option<String>, output_limit: Option
         eprintln!("corral: --password is required when the message queue listens beyond loopback");
         return ExitCode::from(2);
     }
-    init_logging();
-    let runtime = match runtime() {
-        Ok(r) => r,
-        Err(code) => return code,
-    };
-    let result = runtime.block_on(async {
+    run_until_done(async move {
         let (_broker, addr) =
             corral::broker::start(mq.listen, corral::broker::Settings::from_config(&mq)).await?;
         tracing::info!(%addr, "message queue listening");
@@ -223,8 +207,21 @@ fn run_broker(listen: SocketAddr, password: Option<String>, output_limit: Option
             _ = tokio::signal::ctrl_c() => {}
         }
         anyhow::Ok(())
-    });
-    match result {
+    })
+}
+
+/// Logging on, then `task` on the multi-threaded runtime; its error is printed and
+/// becomes the exit code.
+fn run_until_done(task: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("corral: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(task) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("corral: {e:#}");
@@ -276,14 +273,6 @@ fn admin(args: AdminArgs, command: String) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// The multi-threaded runtime, or the exit code after saying why there is none.
-fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Runtime::new().map_err(|e| {
-        eprintln!("corral: cannot start the runtime: {e}");
-        ExitCode::FAILURE
-    })
 }
 
 fn init_logging() {
