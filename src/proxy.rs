@@ -586,9 +586,11 @@ pub(crate) fn prepare_request_headers(
     peer: Peer,
     websocket: bool,
 ) {
-    let upgrade = headers.get(header::UPGRADE).cloned();
+    let upgrade = websocket
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
     strip_hop_by_hop(headers);
-    if let (true, Some(up)) = (websocket, upgrade) {
+    if let Some(up) = upgrade {
         headers.insert(header::UPGRADE, up);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
