@@ -197,6 +197,15 @@ impl Proxy {
             Err(refusal) => return refusal.response(&self),
         };
         if is_websocket_upgrade(&req) {
+            if !has_no_body(req.headers()) {
+                // Its body would have to be sent before the tunnel, and a worker that
+                // answers without upgrading would be left waiting for it on a
+                // connection corral reuses: refused, as nothing legitimate sends one.
+                return short(
+                    StatusCode::BAD_REQUEST,
+                    "corral: an upgrade request must not carry a body\n",
+                );
+            }
             return crate::tunnel::upgrade(self, req, peer, target).await;
         }
         self.forward(req, peer, target, is_eio).await

@@ -5,17 +5,26 @@
 //! It owns the connections and their idle expiry. It must not choose workers or
 //! decide about retries across workers (the proxy does); it only tells the caller
 //! whether a request failed before it was sent, so the caller can send it again.
-//! A connection goes back to the cache only after its response body was read to
-//! the end; one given up half-way is closed.
+//! A connection goes back to the cache only when its request was sent whole (every
+//! byte its head announced) and its response body was read to the end: anything
+//! else leaves the worker mid-message, and the next request on that connection
+//! would be read as part of this one (request smuggling). That rule lives here and
+//! only here, in [`Lease`].
 
 use crate::body::ProxyBody;
-use http::{Request, Response};
+use bytes::Bytes;
+use http::{header, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
@@ -97,6 +106,8 @@ pub struct Lease {
     sender: Option<SendRequest<ProxyBody>>,
     home: Arc<dyn Home>,
     idle_timeout: Duration,
+    /// Set once the request body went out whole (see [`Sending`]).
+    sent_whole: Arc<AtomicBool>,
 }
 
 /// Where a lease goes back to: the worker's idle cache.
@@ -105,11 +116,17 @@ pub trait Home: Send + Sync {
 }
 
 /// Held by the response body (`body::Guarded`): read to the end, the connection is
-/// parked for the next request; dropped before that, it is closed.
+/// parked for the next request if its request was also sent whole; otherwise (or
+/// dropped before the end) it is closed.
 impl crate::body::Guard for Lease {
     fn ended(mut self) {
-        if let Some(sender) = self.sender.take() {
+        let Some(sender) = self.sender.take() else {
+            return;
+        };
+        if self.sent_whole.load(Ordering::Acquire) {
             self.home.idle().park(sender, self.idle_timeout);
+        } else {
+            tracing::debug!("request not sent whole; worker connection closed, not reused");
         }
     }
 }
@@ -183,15 +200,16 @@ pub async fn send(
     home: Arc<dyn Home>,
     addr: SocketAddr,
     settings: Settings,
-    mut req: Request<ProxyBody>,
+    req: Request<ProxyBody>,
     fresh: bool,
 ) -> Result<Answer, SendError> {
+    let (mut req, sent_whole) = track_sending(req);
     while let Some(mut sender) = (!fresh)
         .then(|| home.idle().take(settings.idle_timeout))
         .flatten()
     {
         match sender.try_send_request(req).await {
-            Ok(response) => return Ok(answer(response, sender, home, settings)),
+            Ok(response) => return Ok(answer(response, sender, home, settings, sent_whole)),
             Err(mut e) => match e.take_message() {
                 Some(back) => req = back,
                 None => {
@@ -206,7 +224,7 @@ pub async fn send(
     }
     let mut sender = connect(addr, settings).await?;
     match sender.send_request(req).await {
-        Ok(response) => Ok(answer(response, sender, home, settings)),
+        Ok(response) => Ok(answer(response, sender, home, settings, sent_whole)),
         Err(e) => Err(SendError::Http(e)),
     }
 }
@@ -216,6 +234,7 @@ fn answer(
     sender: SendRequest<ProxyBody>,
     home: Arc<dyn Home>,
     settings: Settings,
+    sent_whole: Arc<AtomicBool>,
 ) -> Answer {
     Answer {
         response,
@@ -223,7 +242,87 @@ fn answer(
             sender: Some(sender),
             home,
             idle_timeout: settings.idle_timeout,
+            sent_whole,
         },
+    }
+}
+
+/// Gives the request a flag that says when its body has gone out whole: ended, and
+/// exactly as long as its Content-Length said. A bodiless request (the usual GET)
+/// is whole at once and keeps its body as it is.
+fn track_sending(req: Request<ProxyBody>) -> (Request<ProxyBody>, Arc<AtomicBool>) {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .map(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()));
+    // An unreadable Content-Length is never whole.
+    let declared = match declared {
+        Some(None) => return (req, Arc::new(AtomicBool::new(false))),
+        Some(Some(n)) => Some(n),
+        None => None,
+    };
+    if req.body().is_end_stream() {
+        let whole = declared.is_none_or(|n| n == 0);
+        return (req, Arc::new(AtomicBool::new(whole)));
+    }
+    let flag = Arc::new(AtomicBool::new(false));
+    let tracked = req.map(|inner| {
+        Sending {
+            inner,
+            declared,
+            sent: 0,
+            whole: flag.clone(),
+        }
+        .boxed_unsync()
+    });
+    (tracked, flag)
+}
+
+pin_project_lite::pin_project! {
+    /// A request body on its way to a worker, counted; raises `whole` when it ends
+    /// having sent what its head declared.
+    struct Sending {
+        #[pin]
+        inner: ProxyBody,
+        declared: Option<u64>,
+        sent: u64,
+        whole: Arc<AtomicBool>,
+    }
+}
+
+impl Body for Sending {
+    type Data = Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    *this.sent += d.len() as u64;
+                }
+                // hyper polls no further once the body says it has ended.
+                this.inner.is_end_stream()
+            }
+            Poll::Ready(None) => true,
+            _ => false,
+        };
+        if ended && this.declared.is_none_or(|n| n == *this.sent) {
+            this.whole.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -254,4 +353,48 @@ pub async fn connect(
         }
     });
     Ok(sender)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn request(content_length: Option<&str>, body: ProxyBody) -> Request<ProxyBody> {
+        let mut req = Request::new(body);
+        if let Some(n) = content_length {
+            req.headers_mut()
+                .insert(header::CONTENT_LENGTH, n.parse().expect("header value"));
+        }
+        req
+    }
+
+    async fn sent_whole(content_length: Option<&str>, body: ProxyBody) -> bool {
+        let (req, flag) = track_sending(request(content_length, body));
+        let _ = req.into_body().collect().await;
+        flag.load(Ordering::Acquire)
+    }
+
+    #[tokio::test]
+    async fn a_request_is_whole_only_when_it_sent_what_it_declared() {
+        assert!(sent_whole(None, crate::body::empty()).await);
+        assert!(sent_whole(Some("0"), crate::body::empty()).await);
+        assert!(sent_whole(Some("3"), crate::body::full("abc")).await);
+        assert!(sent_whole(None, crate::body::full("abc")).await);
+        // The head announced more than the body carried (the smuggling case: an
+        // upgrade request's head with its body left behind).
+        assert!(!sent_whole(Some("144"), crate::body::empty()).await);
+        assert!(!sent_whole(Some("5"), crate::body::full("abc")).await);
+        assert!(!sent_whole(Some("x"), crate::body::full("abc")).await);
+    }
+
+    #[tokio::test]
+    async fn a_body_given_up_half_way_is_not_whole() {
+        let frames = futures_util::stream::iter(vec![
+            Ok::<_, crate::body::BoxError>(Frame::data(Bytes::from_static(b"ab"))),
+            Err("client went away".into()),
+        ]);
+        let body = http_body_util::StreamBody::new(frames).boxed_unsync();
+        assert!(!sent_whole(None, body).await);
+    }
 }

@@ -1,0 +1,439 @@
+//! Shared parts of the socket-level tests: corral started as its own process from a
+//! config written for the test, and a raw HTTP/1.1 worker served in-process that
+//! records exactly the bytes it received and can echo, answer early, delay or close.
+//!
+//! Everything listens on 127.0.0.1 only, and every wait is bounded.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A directory of the test's own files, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "corral-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+
+    pub fn file(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).expect("write temp file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// corral running as a child process; stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Corral {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub dir: TempDir,
+    pub log: PathBuf,
+}
+
+impl Corral {
+    /// Starts corral with `config` (TOML without `listen`, which is added) and waits
+    /// until it accepts connections.
+    pub fn start(config: &str) -> Corral {
+        Corral::start_with(config, |_| {})
+    }
+
+    /// As `start`, letting the caller adjust the command (environment, wrapper).
+    pub fn start_with(config: &str, adjust: impl FnOnce(&mut Command)) -> Corral {
+        let dir = TempDir::new("corral");
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let text = format!(
+            "listen = [\"{addr}\"]\nadmin_socket = \"{}\"\n{config}",
+            dir.0.join("admin.sock").display()
+        );
+        let path = dir.file("corral.toml", &text);
+        let log = dir.0.join("corral.log");
+        let out = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_corral"));
+        cmd.args(["run", "-c"])
+            .arg(&path)
+            .env("RUST_LOG", "corral=debug")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out);
+        adjust(&mut cmd);
+        let child = cmd.spawn().expect("start corral");
+        let mut c = Corral {
+            child,
+            addr,
+            dir,
+            log,
+        };
+        c.wait_ready();
+        c
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("corral exited ({status}): {}", self.log_text());
+            }
+            if self.log_text().contains("corral ready") && TcpStream::connect(self.addr).is_ok() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        panic!("corral did not start: {}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        // SAFETY: a plain signal to our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+    }
+
+    /// Waits up to `limit` for corral to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn connect(&self) -> TcpStream {
+        let s = TcpStream::connect(self.addr).expect("connect to corral");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s
+    }
+}
+
+impl Drop for Corral {
+    fn drop(&mut self) {
+        self.terminate();
+        if self.wait_exit(Duration::from_secs(10)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One request as the raw worker read it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// Which connection (in accept order, from 0) carried it.
+    pub conn: usize,
+    /// The head, as received.
+    pub head: String,
+    /// The body, decoded from its framing.
+    pub body: Vec<u8>,
+    /// The request ended before its framing said it would.
+    pub aborted: bool,
+}
+
+impl Seen {
+    pub fn target(&self) -> &str {
+        self.head.split(' ').nth(1).unwrap_or("")
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header_of(&self.head, name)
+    }
+}
+
+fn header_of<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.split("\r\n").skip(1).find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// How the raw worker answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Reads each request whole, then answers 200 with the body it received.
+    Echo,
+    /// Answers 200 right after the head, then reads the body (as its framing says)
+    /// before the next request, as a well-behaved server does.
+    AnswerEarly,
+    /// Reads the request, waits this long, answers.
+    Delay(Duration),
+    /// Answers the first request of each connection, then closes the connection
+    /// without answering the second.
+    CloseSecond,
+}
+
+/// An HTTP/1.1 worker on a raw socket that records every request it reads.
+pub struct RawWorker {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    conns: Arc<AtomicUsize>,
+}
+
+impl RawWorker {
+    pub fn start(mode: Mode) -> RawWorker {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind worker");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let conns = Arc::new(AtomicUsize::new(0));
+        let (s, c) = (seen.clone(), conns.clone());
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let id = c.fetch_add(1, Ordering::SeqCst);
+                let s = s.clone();
+                thread::spawn(move || serve(stream, id, mode, s));
+            }
+        });
+        RawWorker { addr, seen, conns }
+    }
+
+    /// Every request read so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("seen").clone()
+    }
+
+    /// Requests for `target`.
+    pub fn seen_for(&self, target: &str) -> Vec<Seen> {
+        self.seen()
+            .into_iter()
+            .filter(|s| s.target() == target)
+            .collect()
+    }
+
+    /// Connections accepted (health checks included).
+    pub fn connections(&self) -> usize {
+        self.conns.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `pred` holds over what was seen (up to 5 s).
+    pub fn wait_for(&self, pred: impl Fn(&[Seen]) -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if pred(&self.seen()) {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+fn serve(stream: TcpStream, conn: usize, mode: Mode, seen: Arc<Mutex<Vec<Seen>>>) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut out = match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let mut r = BufReader::new(stream);
+    let mut n = 0;
+    loop {
+        let Some(head) = read_head(&mut r) else {
+            return;
+        };
+        n += 1;
+        if mode == Mode::CloseSecond && n == 2 {
+            record(&seen, conn, head, Vec::new(), false);
+            return;
+        }
+        if mode == Mode::AnswerEarly && answer(&mut out, b"early").is_err() {
+            return;
+        }
+        let (body, complete) = read_body(&mut r, &head);
+        record(&seen, conn, head.clone(), body.clone(), !complete);
+        if !complete {
+            return;
+        }
+        if let Mode::Delay(d) = mode {
+            thread::sleep(d);
+        }
+        if mode != Mode::AnswerEarly && answer(&mut out, &body).is_err() {
+            return;
+        }
+    }
+}
+
+fn record(seen: &Mutex<Vec<Seen>>, conn: usize, head: String, body: Vec<u8>, aborted: bool) {
+    seen.lock().expect("seen").push(Seen {
+        conn,
+        head,
+        body,
+        aborted,
+    });
+}
+
+fn answer(out: &mut TcpStream, body: &[u8]) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    out.write_all(head.as_bytes())?;
+    out.write_all(body)
+}
+
+/// The request head up to and including the blank line, or None at EOF.
+fn read_head(r: &mut impl BufRead) -> Option<String> {
+    let mut head = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        let n = r.read_until(b'\n', &mut line).ok()?;
+        if n == 0 {
+            return None;
+        }
+        head.extend_from_slice(&line);
+        if line == b"\r\n" || line == b"\n" {
+            if head.len() == line.len() {
+                // Stray blank line between requests.
+                head.clear();
+                continue;
+            }
+            return Some(String::from_utf8_lossy(&head).into_owned());
+        }
+        if head.len() > 1 << 20 {
+            return None;
+        }
+    }
+}
+
+/// Reads the body as the head frames it; returns it and whether it was complete.
+fn read_body(r: &mut impl BufRead, head: &str) -> (Vec<u8>, bool) {
+    let chunked = header_of(head, "transfer-encoding")
+        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    if chunked {
+        return read_chunked(r);
+    }
+    let len: usize = header_of(head, "content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = Vec::with_capacity(len.min(1 << 20));
+    let got = r
+        .take(len as u64)
+        .read_to_end(&mut body)
+        .unwrap_or(body.len());
+    (body, got == len)
+}
+
+fn read_chunked(r: &mut impl BufRead) -> (Vec<u8>, bool) {
+    let mut body = Vec::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return (body, false);
+        }
+        let size = line.trim().split(';').next().unwrap_or("");
+        let Ok(size) = usize::from_str_radix(size, 16) else {
+            return (body, false);
+        };
+        if size == 0 {
+            // Trailers, then the blank line.
+            loop {
+                let mut t = String::new();
+                if r.read_line(&mut t).unwrap_or(0) == 0 {
+                    return (body, false);
+                }
+                if t == "\r\n" {
+                    return (body, true);
+                }
+            }
+        }
+        let mut chunk = vec![0u8; size];
+        if r.read_exact(&mut chunk).is_err() {
+            return (body, false);
+        }
+        body.extend_from_slice(&chunk);
+        let mut crlf = [0u8; 2];
+        if r.read_exact(&mut crlf).is_err() || &crlf != b"\r\n" {
+            return (body, false);
+        }
+    }
+}
+
+/// A response read off a raw client socket.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header_of(&self.head, name)
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Reads one response (Content-Length, chunked, or to EOF) from `r`.
+pub fn read_reply(r: &mut impl BufRead) -> Option<Reply> {
+    let head = read_head(r)?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    let chunked = header_of(&head, "transfer-encoding").is_some();
+    let body = if chunked {
+        read_chunked(r).0
+    } else if let Some(len) = header_of(&head, "content-length").and_then(|v| v.parse().ok()) {
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body).ok()?;
+        body
+    } else if status == 101 || status == 204 || status == 304 {
+        Vec::new()
+    } else {
+        let mut body = Vec::new();
+        let _ = r.read_to_end(&mut body);
+        body
+    };
+    Some(Reply { status, head, body })
+}
+
+/// Sends `bytes` on a new connection to `addr` and reads one response.
+pub fn exchange(addr: SocketAddr, bytes: &[u8]) -> Option<Reply> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(bytes).ok()?;
+    read_reply(&mut BufReader::new(s))
+}
+
+/// An htpasswd file with one `{SHA}` user.
+pub fn htpasswd(dir: &TempDir, user: &str, password: &str) -> PathBuf {
+    use base64::Engine as _;
+    use sha1::Digest as _;
+    let digest = sha1::Sha1::digest(password.as_bytes());
+    let b64 = base64::engine::general_purpose::STANDARD.encode(digest);
+    dir.file("htpasswd", &format!("{user}:{{SHA}}{b64}\n"))
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
