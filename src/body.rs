@@ -10,7 +10,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -33,28 +33,63 @@ pub fn empty() -> ProxyBody {
 #[error("request body larger than {0} bytes")]
 pub struct TooLarge(pub u64);
 
+/// What went wrong with a client's request body: the client's fault, so the answer
+/// is 413 or 400 rather than the 502 of a failing worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// More than the size limit.
+    TooLarge,
+    /// Broken framing (a bad chunk, a body cut short by the client).
+    Malformed,
+}
+
+/// Where a [`Limited`] body records its [`Fault`]; the first one stays.
+#[derive(Debug, Default)]
+pub struct Faults(AtomicU8);
+
+impl Faults {
+    pub fn get(&self) -> Option<Fault> {
+        match self.0.load(Ordering::Acquire) {
+            1 => Some(Fault::TooLarge),
+            2 => Some(Fault::Malformed),
+            _ => None,
+        }
+    }
+
+    fn set(&self, fault: Fault) {
+        let code = match fault {
+            Fault::TooLarge => 1,
+            Fault::Malformed => 2,
+        };
+        let _ = self
+            .0
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
 pin_project_lite::pin_project! {
-    /// Passes a body through, counting bytes; past `limit` it fails and raises `tripped`.
+    /// Passes a client's request body through, counting bytes; past `limit` it
+    /// fails. Either way a failure is recorded in `faults` as the client's.
     pub struct Limited<B> {
         #[pin]
         inner: B,
         seen: u64,
         limit: u64,
-        tripped: Arc<AtomicBool>,
+        faults: Arc<Faults>,
     }
 }
 
 impl<B> Limited<B> {
-    pub fn new(inner: B, limit: u64) -> (Self, Arc<AtomicBool>) {
-        let tripped = Arc::new(AtomicBool::new(false));
+    pub fn new(inner: B, limit: u64) -> (Self, Arc<Faults>) {
+        let faults = Arc::new(Faults::default());
         (
             Limited {
                 inner,
                 seen: 0,
                 limit,
-                tripped: tripped.clone(),
+                faults: faults.clone(),
             },
-            tripped,
+            faults,
         )
     }
 }
@@ -77,13 +112,16 @@ where
                 if let Some(data) = frame.data_ref() {
                     *this.seen += data.len() as u64;
                     if *this.seen > *this.limit {
-                        this.tripped.store(true, Ordering::Release);
+                        this.faults.set(Fault::TooLarge);
                         return Poll::Ready(Some(Err(TooLarge(*this.limit).into())));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => {
+                this.faults.set(Fault::Malformed);
+                Poll::Ready(Some(Err(e.into())))
+            }
             other => other.map(|_| None),
         }
     }
@@ -286,12 +324,19 @@ mod tests {
 
     #[tokio::test]
     async fn limited_passes_small_and_trips_large() {
-        let (small, tripped) = Limited::new(chunks(4, 10), 40);
+        let (small, faults) = Limited::new(chunks(4, 10), 40);
         assert_eq!(small.collect().await.expect("fits").to_bytes().len(), 40);
-        assert!(!tripped.load(Ordering::Acquire));
-        let (big, tripped) = Limited::new(chunks(5, 10), 40);
+        assert_eq!(faults.get(), None);
+        let (big, faults) = Limited::new(chunks(5, 10), 40);
         assert!(big.collect().await.is_err());
-        assert!(tripped.load(Ordering::Acquire));
+        assert_eq!(faults.get(), Some(Fault::TooLarge));
+        let broken = StreamBody::new(futures_util::stream::iter(vec![
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"ab"))),
+            Err("bad chunk".into()),
+        ]));
+        let (broken, faults) = Limited::new(broken, 40);
+        assert!(broken.collect().await.is_err());
+        assert_eq!(faults.get(), Some(Fault::Malformed));
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod status;
+pub mod strict;
 pub mod supervisor;
 pub mod tls;
 pub mod tunnel;

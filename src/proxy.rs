@@ -10,7 +10,7 @@
 
 use crate::access::{self, AccessLog};
 use crate::auth::BasicAuth;
-use crate::body::{self, Guarded, Limited, Prefixed, ProxyBody};
+use crate::body::{self, Fault, Guarded, Limited, Prefixed, ProxyBody};
 use crate::config::Config;
 use crate::engineio::{self, Parse};
 use crate::metrics::Metrics;
@@ -168,6 +168,9 @@ impl Proxy {
     }
 
     async fn route(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
+        if let Err(e) = crate::strict::check(&req) {
+            return short(StatusCode::BAD_REQUEST, &format!("corral: {e}\n"));
+        }
         if let Some(port) = peer.redirect_https {
             return redirect_https(&req, port);
         }
@@ -268,7 +271,7 @@ impl Proxy {
             headers.remove(header::ACCEPT_ENCODING);
         }
         let counted = body::Counted::new(incoming, self.metrics.clone(), false);
-        let (limited, tripped) = Limited::new(counted, self.cfg.limits.max_body);
+        let (limited, faults) = Limited::new(counted, self.cfg.limits.max_body);
         let wait = if is_eio {
             self.cfg.timeouts.engineio_read
         } else {
@@ -295,8 +298,10 @@ impl Proxy {
             let result =
                 tokio::time::timeout(wait, self.exchange(&worker, upstream_req, replay.as_ref()))
                     .await;
-            if tripped.load(Ordering::Acquire) {
-                return too_large(self.cfg.limits.max_body);
+            match faults.get() {
+                Some(Fault::TooLarge) => return too_large(self.cfg.limits.max_body),
+                Some(Fault::Malformed) => return malformed_body(),
+                None => {}
             }
             let err = match result {
                 Ok(Ok(answer)) => {
@@ -587,6 +592,13 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Forwarding headers that only a trusted proxy may pass on.
+const UNTRUSTED_DROPPED: [HeaderName; 3] = [
+    header::FORWARDED,
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+];
+
 /// Header rules for a request going to a worker: hop-by-hop headers out (but the
 /// upgrade pair kept for a websocket), forwarded headers in, Host kept.
 pub(crate) fn prepare_request_headers(
@@ -603,14 +615,14 @@ pub(crate) fn prepare_request_headers(
         headers.insert(header::UPGRADE, up);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    // HTTP/2 clients send :authority instead of Host.
-    if !headers.contains_key(header::HOST) {
-        if let Some(host) = uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            headers.insert(header::HOST, host);
-        }
+    // HTTP/2 clients send :authority instead of Host, and an absolute-form target's
+    // authority wins over Host (RFC 9112 3.2.2); `strict` has checked they agree
+    // on HTTP/2 and that neither carries userinfo.
+    if let Some(host) = uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        headers.insert(header::HOST, host);
     }
     let ip = peer.addr.ip().to_string();
     // From a trusted proxy the chain goes on; from anyone else it starts here, so a
@@ -635,6 +647,18 @@ pub(crate) fn prepare_request_headers(
         headers.insert("x-forwarded-for", v);
     }
     let keep = |h: &HeaderMap, name: &str| peer.trusted && h.contains_key(name);
+    if !peer.trusted {
+        // Only corral may say where a request came from: what an untrusted client
+        // claims in these is dropped (the X-Forwarded-* above and below are set).
+        for name in UNTRUSTED_DROPPED {
+            headers.remove(name);
+        }
+    }
+    if !keep(headers, "x-real-ip") {
+        if let Ok(v) = HeaderValue::from_str(&peer.addr.ip().to_string()) {
+            headers.insert("x-real-ip", v);
+        }
+    }
     if !keep(headers, "x-forwarded-proto") {
         headers.insert("x-forwarded-proto", HeaderValue::from_static(peer.scheme));
     }
@@ -707,6 +731,14 @@ pub(crate) fn unknown_sid() -> Response<ProxyBody> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    resp
+}
+
+/// The client's body broke its own framing; what reached the worker was aborted.
+fn malformed_body() -> Response<ProxyBody> {
+    let mut resp = short(StatusCode::BAD_REQUEST, "corral: malformed request body\n");
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
 }
 

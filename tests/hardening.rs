@@ -111,3 +111,200 @@ fn connection_mid_request_is_not_reused() {
     );
     drop(first);
 }
+
+/// One raw request that must be answered `status` without a complete request
+/// reaching the worker.
+struct Case {
+    name: &'static str,
+    bytes: &'static [u8],
+    status: u16,
+    /// Close the sending side after the bytes (a body cut short).
+    half_close: bool,
+}
+
+const REFUSED: &[Case] = &[
+    Case {
+        name: "two Host headers",
+        bytes: b"GET /ui HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n\r\n",
+        status: 400,
+        half_close: false,
+    },
+    Case {
+        name: "no Host on HTTP/1.1",
+        bytes: b"GET /ui HTTP/1.1\r\nUser-Agent: t\r\n\r\n",
+        status: 400,
+        half_close: false,
+    },
+    Case {
+        name: "absolute-form target with userinfo",
+        bytes: b"GET http://localhost@evil.example/ui HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        status: 400,
+        half_close: false,
+    },
+    Case {
+        name: "chunk size overflowing 64 bits",
+        bytes: b"POST /ui HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n1ffffffffffffffff\r\nhello\r\n0\r\n\r\n",
+        status: 400,
+        half_close: false,
+    },
+    Case {
+        name: "negative chunk size",
+        bytes: b"POST /ui HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n-5\r\nhello\r\n0\r\n\r\n",
+        status: 400,
+        half_close: false,
+    },
+    Case {
+        name: "chunk data without its CRLF",
+        bytes: b"POST /ui HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n5\r\nhelloXX0\r\n\r\n",
+        status: 400,
+        half_close: false,
+    },
+    Case {
+        name: "missing final CRLF",
+        bytes: b"POST /ui HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n",
+        status: 400,
+        half_close: true,
+    },
+    Case {
+        name: "bare LF chunk lines",
+        bytes: b"POST /ui HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n5\nhello\n0\n\n",
+        status: 400,
+        half_close: false,
+    },
+];
+
+/// Sends `case` on a connection of its own; the reply, or None if the connection
+/// closed without one.
+fn send_case(corral: &Corral, case: &Case) -> Option<support::Reply> {
+    let mut s = corral.connect();
+    s.write_all(case.bytes).ok()?;
+    if case.half_close {
+        s.shutdown(std::net::Shutdown::Write).ok()?;
+    }
+    read_reply(&mut BufReader::new(s))
+}
+
+#[test]
+fn malformed_requests_get_400_and_reach_no_worker_whole() {
+    let worker = RawWorker::start(Mode::Echo);
+    let corral = corral_for(&worker, "");
+    let mut wrong = Vec::new();
+    for case in REFUSED {
+        match send_case(&corral, case) {
+            Some(r) if r.status == case.status => {}
+            other => wrong.push(format!(
+                "{}: expected {}, got {:?}",
+                case.name,
+                case.status,
+                other.map(|r| (r.status, r.text()))
+            )),
+        }
+    }
+    thread::sleep(Duration::from_millis(200));
+    for s in worker.seen() {
+        if !s.aborted {
+            wrong.push(format!("a complete request reached the worker: {s:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    // A well-formed request on the same corral still works (the cases above did
+    // not just break it).
+    let ok = exchange(
+        corral.addr,
+        b"POST /ui HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .expect("reply");
+    assert_eq!((ok.status, ok.text().as_str()), (200, "hello"));
+}
+
+#[test]
+fn absolute_form_target_sets_host_and_http10_needs_none() {
+    let worker = RawWorker::start(Mode::Echo);
+    let corral = corral_for(&worker, "");
+    let r = exchange(
+        corral.addr,
+        b"GET http://example.org/abs HTTP/1.1\r\nHost: other.example\r\n\r\n",
+    )
+    .expect("reply");
+    assert_eq!(r.status, 200);
+    let r10 = exchange(corral.addr, b"GET /old HTTP/1.0\r\n\r\n").expect("reply");
+    assert_eq!(r10.status, 200);
+    let seen = worker.seen_for("/abs");
+    assert_eq!(seen.len(), 1, "{:?}", worker.seen());
+    // RFC 9112 3.2.2: the target's authority wins over the Host header.
+    assert_eq!(seen[0].header("host"), Some("example.org"));
+}
+
+/// Headers that say where a request came from are corral's to set: from a peer
+/// that is not a trusted proxy they are removed (or, X-Real-IP, set).
+#[test]
+fn forwarded_headers_from_untrusted_peers_are_not_passed_on() {
+    let worker = RawWorker::start(Mode::Echo);
+    let corral = corral_for(&worker, "");
+    let r = exchange(
+        corral.addr,
+        b"GET /fwd HTTP/1.1\r\nHost: localhost\r\nForwarded: for=6.6.6.6;proto=https\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-Port: 443\r\nX-Forwarded-Prefix: /admin\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Proto: https\r\n\r\n",
+    )
+    .expect("reply");
+    assert_eq!(r.status, 200);
+    let seen = &worker.seen_for("/fwd")[0];
+    assert_eq!(seen.header("forwarded"), None, "{}", seen.head);
+    assert_eq!(seen.header("x-forwarded-port"), None, "{}", seen.head);
+    assert_eq!(seen.header("x-forwarded-prefix"), None, "{}", seen.head);
+    assert_eq!(seen.header("x-real-ip"), Some("127.0.0.1"), "{}", seen.head);
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(seen.header("x-forwarded-host"), Some("localhost"));
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+}
+
+/// From a trusted proxy they pass, and X-Real-IP is kept.
+#[test]
+fn forwarded_headers_from_trusted_peers_pass() {
+    let worker = RawWorker::start(Mode::Echo);
+    let corral = corral_for(&worker, "trusted_proxies = [\"127.0.0.0/8\"]\n");
+    let r = exchange(
+        corral.addr,
+        b"GET /fwd HTTP/1.1\r\nHost: localhost\r\nForwarded: for=1.2.3.4\r\nX-Real-IP: 1.2.3.4\r\nX-Forwarded-Port: 443\r\nX-Forwarded-Prefix: /app\r\n\r\n",
+    )
+    .expect("reply");
+    assert_eq!(r.status, 200);
+    let seen = &worker.seen_for("/fwd")[0];
+    assert_eq!(seen.header("forwarded"), Some("for=1.2.3.4"));
+    assert_eq!(seen.header("x-real-ip"), Some("1.2.3.4"));
+    assert_eq!(seen.header("x-forwarded-port"), Some("443"));
+    assert_eq!(seen.header("x-forwarded-prefix"), Some("/app"));
+}
+
+/// HTTP/2 (cleartext, prior knowledge): a `host` header that differs from
+/// `:authority` is refused; one that agrees passes.
+#[test]
+fn h2_host_must_match_authority() {
+    let worker = RawWorker::start(Mode::Echo);
+    let corral = corral_for(&worker, "");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let statuses = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(corral.addr)
+            .await
+            .expect("connect");
+        let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        tokio::spawn(conn);
+        let mut out = Vec::new();
+        for (target, host) in [("/h2bad", "evil.example"), ("/h2good", "localhost")] {
+            let mut client = client.clone().ready().await.expect("ready");
+            let req = http::Request::builder()
+                .uri(format!("http://localhost{target}"))
+                .header("host", host)
+                .body(())
+                .expect("request");
+            let (resp, _) = client.send_request(req, true).expect("send");
+            out.push(resp.await.expect("response").status().as_u16());
+        }
+        out
+    });
+    assert_eq!(statuses, vec![400, 200]);
+    assert!(worker.seen_for("/h2bad").is_empty(), "{:?}", worker.seen());
+    assert_eq!(worker.seen_for("/h2good").len(), 1);
+}
