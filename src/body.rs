@@ -43,13 +43,28 @@ pub enum Fault {
     Malformed,
 }
 
-/// Where a [`Limited`] body records its [`Fault`]; the first one stays.
-#[derive(Debug, Default)]
-pub struct Faults(AtomicU8);
+/// Where a [`Limited`] body records its [`Fault`] (the first one stays) and, when it
+/// gives up, leaves the client's body: dropping that before the answer has gone out
+/// would reset an HTTP/2 stream (RST_STREAM CANCEL) and the client would never see
+/// the 413. Held by the answer instead, it goes once the answer is sent, and h2
+/// then closes the stream with NO_ERROR, as RFC 9113 8.1 asks.
+#[derive(Default)]
+pub struct Faults {
+    code: AtomicU8,
+    kept: std::sync::Mutex<Option<ProxyBody>>,
+}
+
+impl std::fmt::Debug for Faults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Faults")
+            .field("fault", &self.get())
+            .finish()
+    }
+}
 
 impl Faults {
     pub fn get(&self) -> Option<Fault> {
-        match self.0.load(Ordering::Acquire) {
+        match self.code.load(Ordering::Acquire) {
             1 => Some(Fault::TooLarge),
             2 => Some(Fault::Malformed),
             _ => None,
@@ -62,21 +77,28 @@ impl Faults {
             Fault::Malformed => 2,
         };
         let _ = self
-            .0
+            .code
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    fn keep(&self, body: ProxyBody) {
+        *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some(body);
+    }
+
+    /// The client's body a tripped [`Limited`] left behind, for the answer to hold.
+    pub fn take_kept(&self) -> Option<ProxyBody> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
 
-pin_project_lite::pin_project! {
-    /// Passes a client's request body through, counting bytes; past `limit` it
-    /// fails. Either way a failure is recorded in `faults` as the client's.
-    pub struct Limited<B> {
-        #[pin]
-        inner: B,
-        seen: u64,
-        limit: u64,
-        faults: Arc<Faults>,
-    }
+/// Passes a client's request body through, counting bytes; past `limit` it fails.
+/// Either way a failure is recorded in `faults` as the client's, and a body cut
+/// off at the limit is handed to `faults` rather than dropped.
+pub struct Limited<B> {
+    inner: Option<B>,
+    seen: u64,
+    limit: u64,
+    faults: Arc<Faults>,
 }
 
 impl<B> Limited<B> {
@@ -84,7 +106,7 @@ impl<B> Limited<B> {
         let faults = Arc::new(Faults::default());
         (
             Limited {
-                inner,
+                inner: Some(inner),
                 seen: 0,
                 limit,
                 faults: faults.clone(),
@@ -96,8 +118,8 @@ impl<B> Limited<B> {
 
 impl<B> Body for Limited<B>
 where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError> + 'static,
 {
     type Data = Bytes;
     type Error = BoxError;
@@ -106,14 +128,20 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    *this.seen += data.len() as u64;
-                    if *this.seen > *this.limit {
+                    this.seen += data.len() as u64;
+                    if this.seen > this.limit {
                         this.faults.set(Fault::TooLarge);
-                        return Poll::Ready(Some(Err(TooLarge(*this.limit).into())));
+                        if let Some(body) = this.inner.take() {
+                            this.faults.keep(body.map_err(Into::into).boxed_unsync());
+                        }
+                        return Poll::Ready(Some(Err(TooLarge(this.limit).into())));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -124,6 +152,90 @@ where
             }
             other => other.map(|_| None),
         }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+/// Most of an unread request body read and thrown away after corral answered early.
+const LINGER_BYTES: u64 = 1 << 20;
+/// Longest it is read for.
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A client's request body that corral answered without reading (a 413). It is
+/// kept until the answer has gone out and then read and thrown away for a moment,
+/// bounded in bytes and time, as nginx's lingering close does: an HTTP/2 stream
+/// reset (even NO_ERROR) that arrives with the answer makes some clients (curl
+/// 7.88) drop the answer, and an HTTP/1 close with unread bytes can turn into a
+/// TCP reset that does the same.
+pub struct Unread(Option<ProxyBody>);
+
+impl Unread {
+    pub fn new(body: Option<ProxyBody>) -> Unread {
+        Unread(body)
+    }
+}
+
+impl Drop for Unread {
+    fn drop(&mut self) {
+        let Some(mut body) = self.0.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // Bounded in time and bytes: the task ends by itself within LINGER_TIME.
+        rt.spawn(async move {
+            let mut read = 0u64;
+            let _ = tokio::time::timeout(LINGER_TIME, async {
+                while let Some(Ok(frame)) = body.frame().await {
+                    read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if read > LINGER_BYTES {
+                        break;
+                    }
+                }
+            })
+            .await;
+        });
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A body that holds an [`Unread`] request body until the body itself is
+    /// dropped, which is after it was sent.
+    pub struct Holding<B> {
+        #[pin]
+        inner: B,
+        unread: Unread,
+    }
+}
+
+impl<B> Holding<B> {
+    pub fn new(inner: B, unread: Option<ProxyBody>) -> Self {
+        Holding {
+            inner,
+            unread: Unread::new(unread),
+        }
+    }
+}
+
+impl<B: Body> Body for Holding<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -179,7 +179,9 @@ impl Proxy {
             return short(StatusCode::BAD_REQUEST, "corral: bad request path\n");
         };
         if declared_length(req.headers()).is_some_and(|n| n > self.cfg.limits.max_body) {
-            return too_large(self.cfg.limits.max_body);
+            // The unread body stays with the answer (see `body::Faults`).
+            let unread = req.into_body().map_err(Into::into).boxed_unsync();
+            return too_large(self.cfg.limits.max_body, Some(unread));
         }
         if let Some(auth) = &self.auth {
             if !auth.is_exempt(&path)
@@ -299,7 +301,9 @@ impl Proxy {
                 tokio::time::timeout(wait, self.exchange(&worker, upstream_req, replay.as_ref()))
                     .await;
             match faults.get() {
-                Some(Fault::TooLarge) => return too_large(self.cfg.limits.max_body),
+                Some(Fault::TooLarge) => {
+                    return too_large(self.cfg.limits.max_body, faults.take_kept())
+                }
                 Some(Fault::Malformed) => return malformed_body(),
                 None => {}
             }
@@ -742,10 +746,16 @@ fn malformed_body() -> Response<ProxyBody> {
     resp
 }
 
-fn too_large(limit: u64) -> Response<ProxyBody> {
-    let mut resp = short(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        &format!("corral: request body larger than {limit} bytes\n"),
+/// 413; `unread` is the client's body, held until the answer has gone out (an
+/// HTTP/2 stream reset before that would lose the answer).
+fn too_large(limit: u64, unread: Option<ProxyBody>) -> Response<ProxyBody> {
+    let text = format!("corral: request body larger than {limit} bytes\n");
+    let body = body::Holding::new(body::full(text), unread).boxed_unsync();
+    let mut resp = Response::new(body);
+    *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     // The rest of the body is not read, so the connection cannot be reused.
     resp.headers_mut()

@@ -308,3 +308,55 @@ fn h2_host_must_match_authority() {
     assert!(worker.seen_for("/h2bad").is_empty(), "{:?}", worker.seen());
     assert_eq!(worker.seen_for("/h2good").len(), 1);
 }
+
+/// curl (as browsers do) speaks HTTP/2 over TLS: a body over the limit must still
+/// bring it the 413, with or without a declared length, and over HTTP/1.1 too.
+#[test]
+fn curl_sees_413_over_h2_and_http1() {
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("curl is needed (.ci/run installs it)");
+    }
+    let worker = RawWorker::start(Mode::Echo);
+    let tls_port = support::free_port();
+    let corral = corral_for(
+        &worker,
+        &format!(
+            "[[listener]]\naddress = \"127.0.0.1:{tls_port}\"\ntls = \"self-signed\"\n[limits]\nmax_body = \"1M\"\n"
+        ),
+    );
+    let dir = TempDir::new("big");
+    let big = dir.file("big", &"x".repeat(2_000_000));
+    let mut wrong = Vec::new();
+    for version in ["--http2", "--http1.1"] {
+        for framing in [None, Some("Transfer-Encoding: chunked")] {
+            let mut cmd = std::process::Command::new("curl");
+            cmd.args(["-sk", version, "-o", "/dev/null", "-w", "%{http_code}"])
+                .arg("--data-binary")
+                .arg(format!("@{}", big.display()))
+                .arg(format!("https://127.0.0.1:{tls_port}/upload"))
+                .env_remove("CURL_CA_BUNDLE");
+            if let Some(h) = framing {
+                cmd.args(["-H", h]);
+            }
+            let out = cmd.output().expect("run curl");
+            let code = String::from_utf8_lossy(&out.stdout).into_owned();
+            if code != "413" || !out.status.success() {
+                wrong.push(format!(
+                    "{version} {framing:?}: status {code}, curl {}",
+                    out.status
+                ));
+            }
+        }
+    }
+    drop(corral);
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    assert!(
+        worker.seen().iter().all(|s| s.aborted),
+        "{:?}",
+        worker.seen()
+    );
+}
