@@ -164,6 +164,13 @@ pub struct MessageQueue {
     pub max_bulk: u64,
     /// Most arguments in one command.
     pub max_args: usize,
+    /// Most bytes in one command, its arguments together (Redis's
+    /// client-query-buffer-limit).
+    #[serde(with = "size")]
+    pub max_command: u64,
+    /// Most clients connected at once; one more is told so and closed (Redis's
+    /// maxclients).
+    pub max_clients: usize,
     /// A subscriber whose unsent backlog passes this is disconnected at once.
     #[serde(with = "size")]
     pub output_limit_hard: u64,
@@ -183,6 +190,8 @@ impl Default for MessageQueue {
             password: None,
             max_bulk: 64 << 20,
             max_args: 1024 * 1024,
+            max_command: 128 << 20,
+            max_clients: 10_000,
             output_limit_hard: 32 << 20,
             output_limit_soft: 8 << 20,
             output_limit_soft_for: Duration::from_secs(60),

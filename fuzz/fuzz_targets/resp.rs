@@ -10,6 +10,7 @@ fuzz_target!(|data: &[u8]| {
     let caps = Caps {
         max_bulk: 1 << 16,
         max_args: 1 << 10,
+        max_command: 1 << 17,
         unauthenticated: data.first() == Some(&0),
     };
     let mut total = 0;

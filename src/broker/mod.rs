@@ -44,6 +44,8 @@ pub struct Settings {
     pub password: Option<String>,
     pub max_bulk: u64,
     pub max_args: usize,
+    pub max_command: u64,
+    pub max_clients: usize,
     pub output: OutputLimit,
 }
 
@@ -83,15 +85,27 @@ impl Broker {
         }
     }
 
-    /// Accepts clients until the runtime stops.
+    /// Accepts clients until the runtime stops, at most `max_clients` at once: one
+    /// more gets Redis's error and is closed (as mini-redis, a semaphore bounds them).
     pub fn spawn(self: &Arc<Self>, listener: TcpListener) {
         let broker = self.clone();
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.settings.max_clients));
         tokio::spawn(async move {
             loop {
                 match listener.accept().await {
-                    Ok((stream, _)) => {
+                    Ok((mut stream, _)) => {
                         let _ = stream.set_nodelay(true);
-                        tokio::spawn(broker.clone().connection(stream));
+                        let Ok(permit) = slots.clone().try_acquire_owned() else {
+                            let _ = stream
+                                .write_all(b"-ERR max number of clients reached\r\n")
+                                .await;
+                            continue;
+                        };
+                        let b = broker.clone();
+                        tokio::spawn(async move {
+                            b.connection(stream).await;
+                            drop(permit);
+                        });
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "message queue accept failed");
@@ -112,6 +126,7 @@ impl Broker {
         let writing = tokio::spawn(write_loop(writer, handle.clone()));
         let mut client = Client {
             handle: handle.clone(),
+            reply: Reply::On,
             resp3: false,
             authenticated: self.settings.password.is_none(),
             name: None,
@@ -120,6 +135,7 @@ impl Broker {
             shard: HashSet::new(),
         };
         let mut buf = BytesMut::with_capacity(16 * 1024);
+        let mut parser = resp::Parser::default();
         'read: loop {
             let n = tokio::select! {
                 r = reader.read_buf(&mut buf) => r.unwrap_or(0),
@@ -132,9 +148,10 @@ impl Broker {
                 let caps = Caps {
                     max_bulk: self.settings.max_bulk as i64,
                     max_args: self.settings.max_args as i64,
+                    max_command: self.settings.max_command,
                     unauthenticated: !client.authenticated,
                 };
-                match resp::parse(&mut buf, caps) {
+                match parser.next(&mut buf, caps) {
                     Ok(Some(args)) if args.is_empty() => continue,
                     Ok(Some(args)) => {
                         if self.execute(&mut client, args) == Next::Close {
@@ -174,8 +191,19 @@ impl Broker {
 
     fn execute(&self, c: &mut Client, args: Vec<Bytes>) -> Next {
         let mut out = BytesMut::new();
+        let mode = c.reply;
+        if mode == Reply::Skip {
+            c.reply = Reply::On;
+        }
         let next = self.dispatch(c, &args, &mut out);
-        if !out.is_empty() {
+        // CLIENT REPLY OFF/SKIP silence command replies; RESP3 subscription pushes
+        // still go out, as Redis sends them (pubsub.tcl relies on it).
+        let silenced = match mode {
+            Reply::On => false,
+            Reply::Off => c.reply == Reply::Off,
+            Reply::Skip => true,
+        } && !(c.resp3 && is_subscription(&args[0]));
+        if !out.is_empty() && !silenced {
             c.handle.reply(&out);
         }
         next
@@ -196,16 +224,17 @@ impl Broker {
                 return Next::Go;
             }
         };
-        if !c.authenticated && !cmd.no_auth {
-            o.error(out, "NOAUTH Authentication required.");
-            return Next::Go;
-        }
+        // Redis checks the arity before authentication.
         let argc = args.len() as i32;
         if (arity > 0 && argc != arity) || argc < -arity {
             o.error(
                 out,
                 &format!("ERR wrong number of arguments for '{full}' command"),
             );
+            return Next::Go;
+        }
+        if !c.authenticated && !cmd.no_auth {
+            o.error(out, "NOAUTH Authentication required.");
             return Next::Go;
         }
         if !c.resp3 && c.subscriptions() + c.shard.len() > 0 && !cmd.in_subscribed_mode {
@@ -260,9 +289,32 @@ enum Next {
     Close,
 }
 
+/// CLIENT REPLY: whether command replies are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reply {
+    On,
+    Off,
+    /// Not for the next command, then on again.
+    Skip,
+}
+
+fn is_subscription(name: &[u8]) -> bool {
+    [
+        "subscribe",
+        "unsubscribe",
+        "psubscribe",
+        "punsubscribe",
+        "ssubscribe",
+        "sunsubscribe",
+    ]
+    .iter()
+    .any(|n| n.as_bytes().eq_ignore_ascii_case(name))
+}
+
 /// One connection's state, owned by its reader.
 struct Client {
     handle: Arc<ClientHandle>,
+    reply: Reply,
     resp3: bool,
     authenticated: bool,
     name: Option<Bytes>,
@@ -325,7 +377,13 @@ const COMMANDS: &[Command] = &[
         ..cmd("auth", -2, auth)
     },
     Command {
-        subcommands: &[("id", 2), ("setname", 3), ("getname", 2), ("setinfo", 4)],
+        subcommands: &[
+            ("id", 2),
+            ("setname", 3),
+            ("getname", 2),
+            ("setinfo", 4),
+            ("reply", 3),
+        ],
         ..cmd("client", -2, client)
     },
     cmd("select", 2, select),
@@ -380,6 +438,9 @@ const COMMANDS: &[Command] = &[
         ..cmd("command", -1, command)
     },
     cmd("info", -1, info),
+    // There is no keyspace to flush; Redis's own test harness sends these first.
+    cmd("flushall", -1, flush),
+    cmd("flushdb", -1, flush),
 ];
 
 /// The full name and arity to check: `client|setname` for a container's subcommand.
@@ -464,12 +525,11 @@ fn password_ok(b: &Broker, user: Option<&[u8]>, pass: &[u8]) -> bool {
     }
 }
 
+/// Equal in time that does not depend on where the bytes differ. (subtle answers at
+/// once for a different length, which tells only the length.)
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8;
-    for i in 0..a.len().max(b.len()) {
-        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
-    }
-    diff == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
@@ -601,6 +661,22 @@ fn client(_: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Nex
                 );
             }
         }
+        "reply" => match String::from_utf8_lossy(&args[2])
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "on" => {
+                c.reply = Reply::On;
+                o.simple(out, "OK");
+            }
+            "off" => c.reply = Reply::Off,
+            "skip" => {
+                if c.reply == Reply::On {
+                    c.reply = Reply::Skip;
+                }
+            }
+            _ => o.error(out, "ERR syntax error"),
+        },
         // setinfo (Redis 7.2): accepted and remembered nowhere, as it only labels.
         _ => {
             let attr = String::from_utf8_lossy(&args[2]).to_ascii_lowercase();
@@ -775,6 +851,13 @@ fn pubsub(b: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Nex
         Space::Channel
     };
     match sub.as_str() {
+        "channels" | "shardchannels" if args.len() > 3 => o.error(
+            out,
+            &format!(
+                "ERR unknown subcommand or wrong number of arguments for '{}'. Try PUBSUB HELP.",
+                truncate(&String::from_utf8_lossy(&args[1]), 128)
+            ),
+        ),
         "channels" | "shardchannels" => {
             let names = b.registry.names(space, args.get(2).map(|p| &p[..]));
             o.array(out, names.len());
@@ -790,6 +873,16 @@ fn pubsub(b: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Nex
             }
         }
         _ => o.int(out, b.registry.numpat() as i64),
+    }
+    Next::Go
+}
+
+fn flush(_: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next {
+    let o = c.out();
+    match args.get(1).map(|a| a.to_ascii_lowercase()) {
+        None => o.simple(out, "OK"),
+        Some(a) if args.len() == 2 && (a == b"sync" || a == b"async") => o.simple(out, "OK"),
+        Some(_) => o.error(out, "ERR syntax error"),
     }
     Next::Go
 }
@@ -916,6 +1009,8 @@ impl Settings {
             password: mq.password.clone().filter(|p| !p.is_empty()),
             max_bulk: mq.max_bulk,
             max_args: mq.max_args,
+            max_command: mq.max_command,
+            max_clients: mq.max_clients,
             output: OutputLimit {
                 hard: mq.output_limit_hard as usize,
                 soft: mq.output_limit_soft as usize,
@@ -1004,5 +1099,9 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
         assert!(!constant_time_eq(b"", b"a"));
+        // The hand-written compare truncated the length difference to a byte.
+        let mut padded = b"abc".to_vec();
+        padded.extend(std::iter::repeat_n(0u8, 256));
+        assert!(!constant_time_eq(b"abc", &padded));
     }
 }

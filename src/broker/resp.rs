@@ -16,6 +16,8 @@ const UNAUTH_BULK: i64 = 16384;
 pub struct Caps {
     pub max_bulk: i64,
     pub max_args: i64,
+    /// Most bytes of one command, all its arguments together.
+    pub max_command: u64,
     /// Before authentication, Redis allows only tiny commands.
     pub unauthenticated: bool,
 }
@@ -25,15 +27,149 @@ pub struct Caps {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProtocolError(pub String);
 
-/// Takes one command off the front of `buf`. `Ok(None)`: more bytes needed. An empty
-/// argument list (an empty inline line, `*0`, `*-1`) is returned as an empty Vec and
-/// should be skipped.
-pub fn parse(buf: &mut BytesMut, caps: Caps) -> Result<Option<Vec<Bytes>>, ProtocolError> {
-    match buf.first() {
-        None => Ok(None),
-        Some(b'*') => parse_multibulk(buf, caps),
-        Some(_) => parse_inline(buf),
+/// Reads commands off one connection's buffer. A multibulk command that arrives in
+/// pieces is parsed once: what was parsed is remembered between reads, so a command
+/// trickled a few arguments per packet costs what it costs in one piece.
+#[derive(Debug, Default)]
+pub struct Parser {
+    partial: Option<Partial>,
+    /// Bytes looked at, for the tests that check the work stays linear.
+    scanned: u64,
+}
+
+/// A multibulk command read in part; its bytes stay at the front of the buffer.
+#[derive(Debug)]
+struct Partial {
+    /// Arguments still to come.
+    left: i64,
+    /// Where the next argument starts.
+    pos: usize,
+    /// Where each argument read so far lies.
+    spans: Vec<(usize, usize)>,
+    /// Bytes the command has declared so far.
+    size: u64,
+}
+
+impl Parser {
+    /// Takes one command off the front of `buf`. `Ok(None)`: more bytes needed. An
+    /// empty argument list (an empty inline line, `*0`, `*-1`) is returned as an
+    /// empty Vec and should be skipped.
+    pub fn next(
+        &mut self,
+        buf: &mut BytesMut,
+        caps: Caps,
+    ) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+        if self.partial.is_none() {
+            match buf.first() {
+                None => return Ok(None),
+                Some(b'*') => {}
+                Some(_) => return parse_inline(buf),
+            }
+            let Some(end) = find_crlf(buf, 1) else {
+                if buf.len() > INLINE_MAX {
+                    return Err(err("too big mbulk count string"));
+                }
+                return Ok(None);
+            };
+            self.scanned += end as u64 + 2;
+            let count = parse_int(&buf[1..end])
+                .filter(|n| *n <= i32::MAX as i64)
+                .ok_or_else(|| err("invalid multibulk length"))?;
+            if caps.unauthenticated && count > UNAUTH_MULTIBULK {
+                return Err(err("unauthenticated multibulk length"));
+            }
+            if count > caps.max_args {
+                return Err(err("invalid multibulk length"));
+            }
+            if count <= 0 {
+                buf.advance(end + 2);
+                return Ok(Some(Vec::new()));
+            }
+            self.partial = Some(Partial {
+                left: count,
+                pos: end + 2,
+                spans: Vec::with_capacity(count.min(1024) as usize),
+                size: 0,
+            });
+        }
+        let done = self.resume(buf, caps);
+        if !matches!(done, Ok(None)) {
+            self.partial = None;
+        }
+        done
     }
+
+    fn resume(
+        &mut self,
+        buf: &mut BytesMut,
+        caps: Caps,
+    ) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+        let Some(p) = self.partial.as_mut() else {
+            return Ok(None);
+        };
+        while p.left > 0 {
+            let pos = p.pos;
+            let Some(&first) = buf.get(pos) else {
+                return Ok(None);
+            };
+            if first != b'$' {
+                return Err(ProtocolError(format!(
+                    "expected '$', got '{}'",
+                    first as char
+                )));
+            }
+            // A count line is short: a longer one is refused before it is scanned
+            // again and again.
+            let window = &buf[pos..buf.len().min(pos + BULK_COUNT_MAX)];
+            let Some(line_end) = find_crlf(window, 0).map(|e| e + pos) else {
+                if buf.len() - pos >= BULK_COUNT_MAX {
+                    return Err(err("too big bulk count string"));
+                }
+                return Ok(None);
+            };
+            let len = parse_int(&buf[pos + 1..line_end])
+                .filter(|n| *n >= 0 && *n <= caps.max_bulk)
+                .ok_or_else(|| err("invalid bulk length"))?;
+            if caps.unauthenticated && len > UNAUTH_BULK {
+                return Err(err("unauthenticated bulk length"));
+            }
+            if p.size + len as u64 > caps.max_command {
+                return Err(ProtocolError(format!(
+                    "command larger than {} bytes",
+                    caps.max_command
+                )));
+            }
+            let start = line_end + 2;
+            let stop = start + len as usize;
+            // Redis skips the two bytes after the data without checking them.
+            if buf.len() < stop + 2 {
+                return Ok(None);
+            }
+            self.scanned += (stop + 2 - pos) as u64;
+            p.size += len as u64;
+            p.spans.push((start, stop));
+            p.pos = stop + 2;
+            p.left -= 1;
+        }
+        let frozen = buf.split_to(p.pos).freeze();
+        let spans = std::mem::take(&mut p.spans);
+        Ok(Some(
+            spans.into_iter().map(|(a, b)| frozen.slice(a..b)).collect(),
+        ))
+    }
+
+    /// Bytes looked at so far.
+    pub fn scanned(&self) -> u64 {
+        self.scanned
+    }
+}
+
+/// Longest `$<len>\r\n` line read: 512 MB needs 9 digits.
+const BULK_COUNT_MAX: usize = 32;
+
+/// One command off a buffer with a parser of its own (for a whole buffer).
+pub fn parse(buf: &mut BytesMut, caps: Caps) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+    Parser::default().next(buf, caps)
 }
 
 fn err(s: &str) -> ProtocolError {
@@ -53,66 +189,6 @@ fn parse_int(s: &[u8]) -> Option<i64> {
         return if text == "0" { Some(0) } else { None };
     }
     text.parse().ok()
-}
-
-fn parse_multibulk(buf: &mut BytesMut, caps: Caps) -> Result<Option<Vec<Bytes>>, ProtocolError> {
-    let Some(end) = find_crlf(buf, 1) else {
-        if buf.len() > INLINE_MAX {
-            return Err(err("too big mbulk count string"));
-        }
-        return Ok(None);
-    };
-    let count = parse_int(&buf[1..end])
-        .filter(|n| *n <= i32::MAX as i64)
-        .ok_or_else(|| err("invalid multibulk length"))?;
-    if caps.unauthenticated && count > UNAUTH_MULTIBULK {
-        return Err(err("unauthenticated multibulk length"));
-    }
-    if count > caps.max_args {
-        return Err(err("invalid multibulk length"));
-    }
-    if count <= 0 {
-        buf.advance(end + 2);
-        return Ok(Some(Vec::new()));
-    }
-    // Parse without consuming until the whole command is here.
-    let mut pos = end + 2;
-    let mut spans = Vec::with_capacity(count.min(1024) as usize);
-    for _ in 0..count {
-        let Some(&first) = buf.get(pos) else {
-            return Ok(None);
-        };
-        let Some(line_end) = find_crlf(buf, pos) else {
-            if buf.len() - pos > INLINE_MAX {
-                return Err(err("too big bulk count string"));
-            }
-            return Ok(None);
-        };
-        if first != b'$' {
-            return Err(ProtocolError(format!(
-                "expected '$', got '{}'",
-                first as char
-            )));
-        }
-        let len = parse_int(&buf[pos + 1..line_end])
-            .filter(|n| *n >= 0 && *n <= caps.max_bulk)
-            .ok_or_else(|| err("invalid bulk length"))?;
-        if caps.unauthenticated && len > UNAUTH_BULK {
-            return Err(err("unauthenticated bulk length"));
-        }
-        let start = line_end + 2;
-        let stop = start + len as usize;
-        // Redis skips the two bytes after the data without checking them.
-        if buf.len() < stop + 2 {
-            return Ok(None);
-        }
-        spans.push((start, stop));
-        pos = stop + 2;
-    }
-    let frozen = buf.split_to(pos).freeze();
-    Ok(Some(
-        spans.into_iter().map(|(a, b)| frozen.slice(a..b)).collect(),
-    ))
 }
 
 fn parse_inline(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, ProtocolError> {
@@ -296,6 +372,7 @@ mod tests {
     const OPEN: Caps = Caps {
         max_bulk: 1 << 20,
         max_args: 1024,
+        max_command: 4 << 20,
         unauthenticated: false,
     };
 
@@ -347,6 +424,66 @@ mod tests {
         assert_eq!(
             parse(&mut BytesMut::from(&b"*1\r\n$16385\r\n"[..]), unauth),
             Err(err("unauthenticated bulk length"))
+        );
+    }
+
+    #[test]
+    fn a_trickled_command_is_parsed_once() {
+        let n = 16_000;
+        let mut cmd = format!("*{n}\r\n").into_bytes();
+        for i in 0..n {
+            let arg = format!("a{i}");
+            cmd.extend_from_slice(format!("${}\r\n{arg}\r\n", arg.len()).as_bytes());
+        }
+        let caps = Caps {
+            max_args: 1 << 20,
+            ..OPEN
+        };
+        let mut parser = Parser::default();
+        let mut buf = BytesMut::new();
+        let mut got = None;
+        // About ten arguments per read, as the reported slow case sent them.
+        for piece in cmd.chunks(100) {
+            buf.extend_from_slice(piece);
+            if let Some(args) = parser.next(&mut buf, caps).expect("valid") {
+                got = Some(args);
+            }
+        }
+        let args = got.expect("whole command");
+        assert_eq!(args.len(), n);
+        assert_eq!(&args[n - 1][..], format!("a{}", n - 1).as_bytes());
+        assert!(buf.is_empty());
+        // Parsing from the start on every read looked at ~1000x the command.
+        assert!(
+            parser.scanned() <= 2 * cmd.len() as u64,
+            "{} bytes looked at for a {}-byte command",
+            parser.scanned(),
+            cmd.len()
+        );
+    }
+
+    #[test]
+    fn a_command_is_bounded_in_total_size() {
+        let caps = Caps {
+            max_bulk: 100,
+            max_command: 250,
+            ..OPEN
+        };
+        let mut buf = BytesMut::from(&b"*3\r\n$100\r\n"[..]);
+        buf.extend_from_slice(&[b'x'; 100]);
+        buf.extend_from_slice(b"\r\n$100\r\n");
+        buf.extend_from_slice(&[b'x'; 100]);
+        buf.extend_from_slice(b"\r\n$100\r\n");
+        assert_eq!(
+            parse(&mut buf, caps),
+            Err(err("command larger than 250 bytes"))
+        );
+        assert_eq!(
+            parse(
+                &mut BytesMut::from(&b"*1\r\n$123456789012345678901234567890123\r\n"[..]),
+                OPEN
+            ),
+            Err(err("too big bulk count string"))
         );
     }
 
