@@ -265,6 +265,9 @@ impl Proxy {
         is_eio: bool,
     ) -> Response<ProxyBody> {
         let (parts, incoming) = req.into_parts();
+        // Judged by the body's own framing (hyper's view), before the hop-by-hop
+        // headers that carry it (Transfer-Encoding) are stripped.
+        let bodiless = incoming.is_end_stream();
         let mut headers = parts.headers;
         prepare_request_headers(&mut headers, &parts.uri, peer, false);
         if matches!(target.ticket, Ticket::New(_)) {
@@ -283,14 +286,29 @@ impl Proxy {
         // connection when a kept-alive one was closed under it, and (for requests
         // outside any session) on another worker when its own refuses connections.
         let uri = origin_form(&parts.uri);
-        let replay = (is_idempotent(&parts.method) && has_no_body(&headers)).then(|| Replay {
+        let replay = (is_idempotent(&parts.method) && bodiless).then(|| Replay {
             method: parts.method.clone(),
             uri: uri.clone(),
             headers: headers.clone(),
         });
         let Target { mut worker, ticket } = target;
         let elsewhere = matches!(ticket, Ticket::Plain) && self.pool.len() > 1;
-        let mut upstream_req = upstream_request(parts.method, uri, headers, limited.boxed_unsync());
+        let body = if is_eio && parts.method == Method::POST && !bodiless {
+            // Engine.IO POST bodies are small (the server's maxPayload, 1 MB by
+            // default) and some workers read them with one read of Content-Length
+            // bytes (python-engineio on aiohttp): sent whole, head and body together,
+            // as nginx does.
+            match self.read_whole(limited, &faults).await {
+                Ok(bytes) => {
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+                    body::full(bytes)
+                }
+                Err(resp) => return resp,
+            }
+        } else {
+            limited.boxed_unsync()
+        };
+        let mut upstream_req = upstream_request(parts.method, uri, headers, body);
         let mut retried = false;
         loop {
             let addr = worker.addr;
@@ -343,6 +361,29 @@ impl Proxy {
             retried = true;
             upstream_req = r.request();
             worker = w;
+        }
+    }
+
+    /// Reads a client's request body whole (it is already bounded by `limits.max_body`),
+    /// within `timeouts.read`.
+    async fn read_whole<B>(
+        &self,
+        body: B,
+        faults: &body::Faults,
+    ) -> Result<Bytes, Response<ProxyBody>>
+    where
+        B: http_body::Body<Data = Bytes>,
+    {
+        match tokio::time::timeout(self.cfg.timeouts.read, body.collect()).await {
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(_)) => Err(match faults.get() {
+                Some(Fault::TooLarge) => too_large(self.cfg.limits.max_body, faults.take_kept()),
+                _ => malformed_body(),
+            }),
+            Err(_) => Err(short(
+                StatusCode::REQUEST_TIMEOUT,
+                "corral: request body not received in time\n",
+            )),
         }
     }
 

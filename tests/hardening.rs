@@ -360,3 +360,31 @@ fn curl_sees_413_over_h2_and_http1() {
         worker.seen()
     );
 }
+
+/// An Engine.IO polling POST reaches the worker whole, with its length in the head
+/// (some workers read it with one read of Content-Length bytes); other bodies
+/// still stream.
+#[test]
+fn engineio_post_bodies_are_sent_whole() {
+    let worker = RawWorker::start(Mode::Echo);
+    let corral = corral_for(&worker, "[engineio]\nsticky = false\n");
+    let chunked = b"POST /socket.io/?EIO=4&transport=polling&sid=abc HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n4hell\r\n2\r\no!\r\n0\r\n\r\n";
+    let r = exchange(corral.addr, chunked).expect("reply");
+    assert_eq!((r.status, r.text().as_str()), (200, "4hello!"));
+    let other = b"POST /upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    assert_eq!(exchange(corral.addr, other).expect("reply").status, 200);
+    let seen = worker.seen();
+    let eio = seen
+        .iter()
+        .find(|s| s.target().starts_with("/socket.io/"))
+        .expect("the Engine.IO POST reached the worker");
+    assert_eq!(eio.header("content-length"), Some("7"), "{}", eio.head);
+    assert_eq!(eio.header("transfer-encoding"), None, "{}", eio.head);
+    let up = &worker.seen_for("/upload")[0];
+    assert_eq!(
+        up.header("transfer-encoding"),
+        Some("chunked"),
+        "{}",
+        up.head
+    );
+}

@@ -6,7 +6,8 @@ import os
 
 import socketio
 
-sio = socketio.AsyncServer(async_mode="asgi")
+# Room for the 900 KiB polling messages of the body tests (base64 on polling).
+sio = socketio.AsyncServer(async_mode="asgi", max_http_buffer_size=4_000_000)
 
 
 def worker_name():
@@ -32,3 +33,8 @@ async def connect(sid, environ, auth=None):
 async def broadcast(sid, data):
     await sio.emit("message", data, room=data.get("room", "all"))
     return "ok"
+
+
+@sio.event
+async def echo(sid, data):
+    return data
