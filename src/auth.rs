@@ -185,6 +185,20 @@ pub struct BasicAuth {
     cache: Mutex<HashMap<[u8; 32], Instant>>,
     /// Hash verifications done (cache misses), for tests and metrics.
     pub verifications: std::sync::atomic::AtomicU64,
+    /// Verifications that may run at once: bcrypt costs milliseconds of CPU each,
+    /// and a client guessing passwords must not take every blocking thread and core.
+    verify_slots: tokio::sync::Semaphore,
+    /// Most verifications seen running at once (for the test of the cap).
+    busy: std::sync::atomic::AtomicUsize,
+    busy_peak: std::sync::atomic::AtomicUsize,
+}
+
+/// How long a check waits for a verification slot before it counts as a failure.
+const VERIFY_WAIT: Duration = Duration::from_secs(2);
+
+/// One verification slot per core.
+fn verify_slots() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
@@ -212,6 +226,9 @@ impl BasicAuth {
             }),
             cache: Mutex::new(HashMap::new()),
             verifications: std::sync::atomic::AtomicU64::new(0),
+            verify_slots: tokio::sync::Semaphore::new(verify_slots()),
+            busy: Default::default(),
+            busy_peak: Default::default(),
         })
     }
 
@@ -236,16 +253,30 @@ impl BasicAuth {
         if self.cached(&key) {
             return true;
         }
+        // bcrypt is deliberately slow: keep it off the async workers, a few at a time.
+        let Ok(Ok(_slot)) = tokio::time::timeout(VERIFY_WAIT, self.verify_slots.acquire()).await
+        else {
+            tracing::warn!("too many password checks waiting; refusing this one");
+            return false;
+        };
         self.verifications
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // bcrypt is deliberately slow: keep it off the async workers.
+        let now = self.busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+        self.busy_peak
+            .fetch_max(now, std::sync::atomic::Ordering::AcqRel);
         let ok = tokio::task::spawn_blocking(move || verify(&hash, &password))
             .await
             .unwrap_or(false);
+        self.busy.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         if ok {
             self.remember(key);
         }
         ok
+    }
+
+    /// Most password verifications that ran at once so far.
+    pub fn busy_peak(&self) -> usize {
+        self.busy_peak.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn cached(&self, key: &[u8; 32]) -> bool {
@@ -330,6 +361,38 @@ fn credentials(value: &[u8]) -> Option<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wrong_passwords_verify_a_few_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("corral-auth-cap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("htpasswd");
+        let hash = bcrypt::hash("right", 8).expect("bcrypt");
+        std::fs::write(&file, format!("alice:{hash}\n")).expect("write");
+        let auth = Arc::new(BasicAuth::new(&file, "r", Vec::new()).expect("auth"));
+        let guesses: Vec<_> = (0..24)
+            .map(|i| {
+                let auth = auth.clone();
+                tokio::spawn(async move {
+                    let header = format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD.encode(format!("alice:guess{i}"))
+                    );
+                    auth.allows(Some(header.as_bytes())).await
+                })
+            })
+            .collect();
+        for g in guesses {
+            assert!(!g.await.expect("task"));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(auth.busy_peak() >= 1);
+        assert!(
+            auth.busy_peak() <= verify_slots(),
+            "{} verifications ran at once",
+            auth.busy_peak()
+        );
+    }
 
     #[test]
     fn apr1_known_vector() {

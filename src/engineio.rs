@@ -16,42 +16,26 @@ pub struct EioRequest {
     pub websocket: bool,
 }
 
-/// Reads `sid` and `transport` from a query string. Values are percent-decoded.
+/// Reads `sid` and `transport` from a query string, keys and values percent-decoded,
+/// the first non-empty value of each taken, as python-engineio (`parse_qs(...)[0]`)
+/// does: corral and the worker must agree on which session a request names.
 pub fn classify(query: Option<&str>) -> EioRequest {
     let mut sid = None;
-    let mut websocket = false;
-    for pair in query.unwrap_or("").split('&') {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match key {
-            "sid" if !value.is_empty() => sid = Some(percent_decode(value)),
-            "transport" => websocket = value == "websocket",
+    let mut transport = None;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        if value.is_empty() {
+            continue;
+        }
+        match &*key {
+            "sid" if sid.is_none() => sid = Some(value.into_owned()),
+            "transport" if transport.is_none() => transport = Some(value == "websocket"),
             _ => {}
         }
     }
-    EioRequest { sid, websocket }
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push(h * 16 + l);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if b == b'+' { b' ' } else { b });
-        i += 1;
+    EioRequest {
+        sid,
+        websocket: transport.unwrap_or(false),
     }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex(b: u8) -> Option<u8> {
-    (b as char).to_digit(16).map(|d| d as u8)
 }
 
 /// What a worker's handshake told us.
@@ -177,6 +161,12 @@ mod tests {
         assert_eq!(classify(Some("sid=")).sid, None);
         assert_eq!(classify(None).sid, None);
         assert_eq!(classify(Some("sid=%zz%")).sid.as_deref(), Some("%zz%"));
+        // Twice: the first counts, as in python-engineio; an empty one is skipped.
+        assert_eq!(classify(Some("sid=a&sid=b")).sid.as_deref(), Some("a"));
+        assert_eq!(classify(Some("sid=&sid=b")).sid.as_deref(), Some("b"));
+        // A percent-encoded key is the same key.
+        assert_eq!(classify(Some("%73id=x")).sid.as_deref(), Some("x"));
+        assert!(classify(Some("transport=websocket&transport=polling")).websocket);
     }
 
     #[test]

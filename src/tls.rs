@@ -71,6 +71,8 @@ impl Certs {
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // The server's cipher order, strongest first, as nginx's ssl_prefer_server_ciphers.
+        cfg.ignore_client_order = true;
         Ok(Arc::new(cfg))
     }
 }

@@ -388,3 +388,46 @@ fn engineio_post_bodies_are_sent_whole() {
         up.head
     );
 }
+
+/// The server picks the cipher (its order, strongest first), not the client:
+/// testssl.sh grades "no server order" HIGH.
+#[test]
+fn tls_prefers_the_server_cipher_order() {
+    let worker = RawWorker::start(Mode::Echo);
+    let tls_port = support::free_port();
+    let _corral = corral_for(
+        &worker,
+        &format!("[[listener]]\naddress = \"127.0.0.1:{tls_port}\"\ntls = \"self-signed\"\n"),
+    );
+    let chosen = |args: &[&str]| {
+        let mut child = std::process::Command::new("openssl")
+            .arg("s_client")
+            .args(args)
+            .args(["-connect", &format!("127.0.0.1:{tls_port}")])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl (.ci/run installs it)");
+        drop(child.stdin.take());
+        let out = child.wait_with_output().expect("openssl output");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // "New, TLSv1.3, Cipher is TLS_AES_256_GCM_SHA384"
+        text.lines()
+            .find_map(|l| l.split_once("Cipher is ").map(|(_, c)| c.trim().to_owned()))
+            .unwrap_or(text)
+    };
+    // The client lists the weaker suite first.
+    let v13 = chosen(&[
+        "-tls1_3",
+        "-ciphersuites",
+        "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384",
+    ]);
+    assert_eq!(v13, "TLS_AES_256_GCM_SHA384");
+    let v12 = chosen(&[
+        "-tls1_2",
+        "-cipher",
+        "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384",
+    ]);
+    assert!(v12.contains("AES256-GCM-SHA384"), "{v12}");
+}
