@@ -431,3 +431,25 @@ fn tls_prefers_the_server_cipher_order() {
     ]);
     assert!(v12.contains("AES256-GCM-SHA384"), "{v12}");
 }
+
+/// Content-Length beside Transfer-Encoding: chunked is read by the chunks, the
+/// Content-Length never reaches the worker, and the client connection closes after
+/// the answer (RFC 9112 6.1, as HAProxy does), so nothing can be smuggled behind it.
+#[test]
+fn length_beside_chunked_is_dropped_and_the_connection_closed() {
+    let worker = RawWorker::start(Mode::Echo);
+    let corral = corral_for(&worker, "");
+    let mut s = corral.connect();
+    s.write_all(b"POST /both HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /behind HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("write");
+    let mut r = BufReader::new(s);
+    let reply = read_reply(&mut r).expect("reply");
+    assert_eq!((reply.status, reply.text().as_str()), (200, "hello"));
+    assert!(
+        read_reply(&mut r).is_none(),
+        "a second answer came on the same connection"
+    );
+    let seen = &worker.seen_for("/both")[0];
+    assert_eq!(seen.header("content-length"), None, "{}", seen.head);
+    assert!(worker.seen_for("/behind").is_empty());
+}
