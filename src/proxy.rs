@@ -40,7 +40,17 @@ pub struct Proxy {
     pub(crate) pool: Arc<Pool>,
     pub(crate) router: Arc<Router>,
     upstream: upstream::Settings,
+    /// Cancelled at shutdown: open websocket tunnels close cleanly.
+    pub(crate) closing: tokio_util::sync::CancellationToken,
+    /// Every websocket tunnel's task, so that shutdown can wait for them.
+    pub(crate) tunnels: tokio_util::task::TaskTracker,
 }
+
+/// A client connection's place under `limits.max_connections`, shared by the
+/// connection and the websocket tunnel it may become: the place is given back when
+/// both have ended.
+#[derive(Clone)]
+pub struct ConnectionSlot(pub Arc<tokio::sync::OwnedSemaphorePermit>);
 
 /// Who sent a request, as the listener saw it.
 #[derive(Debug, Clone, Copy)]
@@ -120,7 +130,19 @@ impl Proxy {
             pool,
             router,
             upstream,
+            closing: tokio_util::sync::CancellationToken::new(),
+            tunnels: tokio_util::task::TaskTracker::new(),
         }
+    }
+
+    /// Shutdown, for the tunnels: each sends its client a close frame and ends.
+    /// Resolves once every tunnel has ended, or after `limit`; returns how many
+    /// were still open then.
+    pub async fn close_tunnels(&self, limit: std::time::Duration) -> usize {
+        self.closing.cancel();
+        self.tunnels.close();
+        let _ = tokio::time::timeout(limit, self.tunnels.wait()).await;
+        self.tunnels.len()
     }
 
     /// Serves one client request. Never fails: every error becomes a response.

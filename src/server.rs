@@ -14,12 +14,14 @@ use crate::config::{Config, TlsSetting};
 use crate::lanes::Lanes;
 use crate::metrics::{self, Metrics, Queue, Sources};
 use crate::pool::{self, Pool};
-use crate::proxy::{Peer, Proxy};
+use crate::proxy::{is_websocket_upgrade, ConnectionSlot, Peer, Proxy};
 use crate::router::{self, Router};
 use crate::status;
 use crate::supervisor::Supervisor;
 use crate::tls;
 use anyhow::Context;
+use http::Request;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -165,17 +167,31 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let _ = task.await;
     }
     let drain = cfg.timeouts.shutdown_drain;
-    // Every accept loop has ended, so this is the last reference.
-    if let Ok(graceful) = Arc::try_unwrap(graceful) {
-        if tokio::time::timeout(drain, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                ?drain,
-                "requests still in flight after the drain period; closing"
-            );
+    // Every accept loop has ended and each connection holds a watcher of its own,
+    // not this Arc, so this is the last reference.
+    let draining = async {
+        match Arc::try_unwrap(graceful) {
+            Ok(graceful) => graceful.shutdown().await,
+            Err(_) => tracing::error!("connections not drained: shutdown handle still shared"),
         }
+    };
+    // Requests in flight finish and idle keep-alive connections close, while open
+    // websocket tunnels send their clients a close frame.
+    let (drained, open_tunnels) = tokio::join!(
+        tokio::time::timeout(drain, draining),
+        proxy.close_tunnels(drain)
+    );
+    if drained.is_err() {
+        tracing::warn!(
+            ?drain,
+            "requests still in flight after the drain period; closing"
+        );
+    }
+    if open_tunnels > 0 {
+        tracing::warn!(
+            open_tunnels,
+            "websocket tunnels still open after the drain period"
+        );
     }
     if let Ok(lanes) = Arc::try_unwrap(lanes) {
         let _ = tokio::task::spawn_blocking(move || lanes.stop()).await;
@@ -305,13 +321,6 @@ async fn accept_loop(
         .timer(TokioTimer::new())
         .max_header_list_size(cfg.limits.max_header.min(u32::MAX as u64) as u32);
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            _ = stop.changed() => return,
-        };
         let (stream, addr) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(pair) => pair,
@@ -321,6 +330,17 @@ async fn accept_loop(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            },
+            _ = stop.changed() => return,
+        };
+        // The slot is taken after the accept: a loop that waited for a slot first
+        // would hold it while its socket (SO_REUSEPORT, one per thread) got nothing,
+        // and the connections the kernel gave another thread would wait on it. While
+        // this connection waits for a slot, this thread accepts no other.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
             },
             _ = stop.changed() => return,
         };
@@ -340,12 +360,20 @@ async fn accept_loop(
             },
         };
         let p = proxy.clone();
-        let service = service_fn(move |req| p.clone().handle(req, peer));
+        let slot = ConnectionSlot(Arc::new(permit));
+        let service = service_fn(move |mut req: Request<Incoming>| {
+            if is_websocket_upgrade(&req) {
+                req.extensions_mut().insert(slot.clone());
+            }
+            p.clone().handle(req, peer)
+        });
+        // Made here, before the task: a watcher made after shutdown began would
+        // never hear of it (hyper-util's note on `watcher`).
+        let watcher = graceful.watcher();
         match &kind {
             Kind::Tls(acceptor) => {
                 let acceptor = acceptor.clone();
                 let builder = builder.clone();
-                let graceful = graceful.clone();
                 let handshake = cfg.timeouts.header_read;
                 tokio::spawn(async move {
                     let tls = match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
@@ -357,23 +385,20 @@ async fn accept_loop(
                         Err(_) => return,
                     };
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                    if let Err(e) = graceful.watch(conn.into_owned()).await {
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
                         tracing::debug!(error = %e, "client connection ended with an error");
                     }
-                    drop(permit);
                 });
             }
             _ => {
                 let builder = builder.clone();
-                let graceful = graceful.clone();
                 tokio::spawn(async move {
                     let conn = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .into_owned();
-                    if let Err(e) = graceful.watch(conn).await {
+                    if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(error = %e, "client connection ended with an error");
                     }
-                    drop(permit);
                 });
             }
         }

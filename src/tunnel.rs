@@ -34,6 +34,11 @@ pub(crate) async fn upgrade(
     let worker = target.worker.id;
     let addr = target.worker.addr;
     let client_side = hyper::upgrade::on(&mut req);
+    // The client connection's slot (limits.max_connections) stays taken while its
+    // tunnel is open.
+    let slot = req
+        .extensions_mut()
+        .remove::<crate::proxy::ConnectionSlot>();
     let (parts, _) = req.into_parts();
     let mut headers = parts.headers;
     prepare_request_headers(&mut headers, &parts.uri, peer, true);
@@ -79,7 +84,9 @@ pub(crate) async fn upgrade(
         Ticket::Session(t) => Ticket::Session(t.into_tunnel()),
         other => other,
     };
-    tokio::spawn(async move {
+    let closing = proxy.closing.clone();
+    proxy.tunnels.spawn(async move {
+        let _slot = slot;
         let (client_io, worker_io) = match tokio::try_join!(client_side, worker_side) {
             Ok(pair) => pair,
             Err(e) => {
@@ -87,7 +94,13 @@ pub(crate) async fn upgrade(
                 return;
             }
         };
-        let (up, down) = splice(TokioIo::new(client_io), TokioIo::new(worker_io), idle).await;
+        let (up, down) = splice_until(
+            TokioIo::new(client_io),
+            TokioIo::new(worker_io),
+            idle,
+            closing.cancelled_owned(),
+        )
+        .await;
         metrics.bytes_in.fetch_add(up, Ordering::Relaxed);
         metrics.bytes_out.fetch_add(down, Ordering::Relaxed);
         // The session (or its count) ends with the tunnel.
@@ -105,20 +118,60 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    splice_until(a, b, idle, std::future::pending()).await
+}
+
+/// Longest a closing tunnel waits for the worker's frame in flight to end.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// A websocket close frame, status 1001 "going away": the server is shutting down.
+const GOING_AWAY: [u8; 4] = [0x88, 0x02, 0x03, 0xE9];
+
+/// As [`splice`], where `a` is the websocket client and `b` the worker. When
+/// `closing` resolves (corral is shutting down), the tunnel waits for the worker's
+/// frame in flight to end (up to a second), sends the client a close frame (1001,
+/// going away) so that its socket closes cleanly and it reconnects, and ends.
+pub async fn splice_until<A, B>(
+    a: A,
+    b: B,
+    idle: Duration,
+    closing: impl std::future::Future<Output = ()>,
+) -> (u64, u64)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
     let start = Instant::now();
     let last = Arc::new(AtomicU64::new(0));
     let mut a = Activity::new(a, start, last.clone());
     let mut b = Activity::new(b, start, last.clone());
+    let mut say_goodbye = false;
     {
         let copy = Bidirectional {
             a: &mut a,
             b: &mut b,
             a_to_b: Pump::default(),
-            b_to_a: Pump::default(),
+            b_to_a: Pump {
+                frames: Some(Frames::default()),
+                ..Pump::default()
+            },
         };
         tokio::pin!(copy);
+        tokio::pin!(closing);
+        let mut close_by: Option<Instant> = None;
         loop {
             let quiet_since = start + Duration::from_millis(last.load(Ordering::Relaxed));
+            if let Some(deadline) = close_by {
+                if copy.b_to_a.between_frames() {
+                    say_goodbye = true;
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    tracing::debug!("tunnel closing mid-frame");
+                    break;
+                }
+            }
+            let wake = close_by.map_or(quiet_since + idle, |d| d.min(quiet_since + idle));
             tokio::select! {
                 result = &mut copy => {
                     if let Err(e) = result {
@@ -126,9 +179,12 @@ where
                     }
                     break;
                 }
-                _ = tokio::time::sleep_until((quiet_since + idle).into()) => {
+                _ = &mut closing, if close_by.is_none() => {
+                    close_by = Some(Instant::now() + CLOSE_WAIT);
+                }
+                _ = tokio::time::sleep_until(wake.into()) => {
                     let quiet_since = start + Duration::from_millis(last.load(Ordering::Relaxed));
-                    if quiet_since.elapsed() >= idle {
+                    if close_by.is_none() && quiet_since.elapsed() >= idle {
                         tracing::debug!(?idle, "tunnel idle, closing");
                         break;
                     }
@@ -136,7 +192,78 @@ where
             }
         }
     }
+    if say_goodbye {
+        use tokio::io::AsyncWriteExt;
+        let bye = async {
+            a.write_all(&GOING_AWAY).await?;
+            a.flush().await?;
+            a.shutdown().await
+        };
+        if let Err(e) = tokio::time::timeout(CLOSE_WAIT, bye)
+            .await
+            .unwrap_or(Err(io::ErrorKind::TimedOut.into()))
+        {
+            tracing::debug!(error = %e, "close frame not delivered");
+        }
+    }
     (a.bytes, b.bytes)
+}
+
+/// Where a stream of websocket frames stands, counted on the bytes written on, so
+/// that a frame of corral's own can be put between two of them. Control frames may
+/// come between the fragments of a message (RFC 6455 5.4), so "between frames" is
+/// enough.
+#[derive(Default)]
+struct Frames {
+    head: [u8; 14],
+    /// Header bytes of the frame in progress seen so far (0: between frames or in
+    /// a payload).
+    have: usize,
+    /// Header length once its second byte is known.
+    need: usize,
+    /// Payload bytes still to come.
+    left: u64,
+}
+
+impl Frames {
+    fn between(&self) -> bool {
+        self.have == 0 && self.left == 0
+    }
+
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.left > 0 {
+                let n = self.left.min(data.len() as u64);
+                self.left -= n;
+                data = &data[n as usize..];
+                continue;
+            }
+            self.head[self.have] = data[0];
+            self.have += 1;
+            data = &data[1..];
+            if self.have == 2 {
+                let ext = match self.head[1] & 0x7f {
+                    126 => 2,
+                    127 => 8,
+                    _ => 0,
+                };
+                let mask = if self.head[1] & 0x80 != 0 { 4 } else { 0 };
+                self.need = 2 + ext + mask;
+            }
+            if self.have >= 2 && self.have == self.need {
+                self.left = match self.head[1] & 0x7f {
+                    126 => u16::from_be_bytes([self.head[2], self.head[3]]) as u64,
+                    127 => {
+                        let mut n = [0u8; 8];
+                        n.copy_from_slice(&self.head[2..10]);
+                        u64::from_be_bytes(n)
+                    }
+                    n => n as u64,
+                };
+                self.have = 0;
+            }
+        }
+    }
 }
 
 /// One direction of a tunnel. Bytes are read into a buffer on the stack and written
@@ -149,12 +276,25 @@ struct Pump {
     unflushed: bool,
     eof: bool,
     done: bool,
+    /// Websocket framing of what was written on (worker to client only).
+    frames: Option<Frames>,
 }
 
 /// Stack buffer for one read.
 const CHUNK: usize = 16 * 1024;
 
 impl Pump {
+    /// Nothing held back and the bytes written so far end with a whole frame.
+    fn between_frames(&self) -> bool {
+        self.pending.len() == self.pos && self.frames.as_ref().is_none_or(Frames::between)
+    }
+
+    fn wrote(&mut self, data: &[u8]) {
+        if let Some(f) = self.frames.as_mut() {
+            f.feed(data);
+        }
+    }
+
     fn poll<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -170,6 +310,9 @@ impl Pump {
                 let n = ready!(w.as_mut().poll_write(cx, &self.pending[self.pos..]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                if let Some(f) = self.frames.as_mut() {
+                    f.feed(&self.pending[self.pos..self.pos + n]);
                 }
                 self.pos += n;
             }
@@ -207,7 +350,10 @@ impl Pump {
             while off < data.len() {
                 match w.as_mut().poll_write(cx, &data[off..]) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                    Poll::Ready(Ok(n)) => off += n,
+                    Poll::Ready(Ok(n)) => {
+                        self.wrote(&data[off..off + n]);
+                        off += n;
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
                         self.pending = data[off..].to_vec();

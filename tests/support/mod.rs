@@ -192,6 +192,9 @@ pub enum Mode {
     /// Answers the first request of each connection, then closes the connection
     /// without answering the second.
     CloseSecond,
+    /// Upgrades `Upgrade: websocket` requests (101) and echoes each message back as
+    /// a server frame; other requests as `Echo`.
+    WebSocket,
 }
 
 /// An HTTP/1.1 worker on a raw socket that records every request it reads.
@@ -270,6 +273,11 @@ fn serve(stream: TcpStream, conn: usize, mode: Mode, seen: Arc<Mutex<Vec<Seen>>>
         if mode == Mode::AnswerEarly && answer(&mut out, b"early").is_err() {
             return;
         }
+        if mode == Mode::WebSocket && header_of(&head, "upgrade").is_some() {
+            record(&seen, conn, head.clone(), Vec::new(), false);
+            websocket_echo(r, out, &head);
+            return;
+        }
         let (body, complete) = read_body(&mut r, &head);
         record(&seen, conn, head.clone(), body.clone(), !complete);
         if !complete {
@@ -279,6 +287,65 @@ fn serve(stream: TcpStream, conn: usize, mode: Mode, seen: Arc<Mutex<Vec<Seen>>>
             thread::sleep(d);
         }
         if mode != Mode::AnswerEarly && answer(&mut out, &body).is_err() {
+            return;
+        }
+    }
+}
+
+/// The 101 for `head`, then every client frame back unmasked until the client
+/// closes (a close frame is answered with a close frame).
+fn websocket_echo(mut r: BufReader<TcpStream>, mut out: TcpStream, head: &str) {
+    use base64::Engine as _;
+    use sha1::Digest as _;
+    let key = header_of(head, "sec-websocket-key").unwrap_or("");
+    let accept = base64::engine::general_purpose::STANDARD.encode(sha1::Sha1::digest(
+        format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes(),
+    ));
+    let reply = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    if out.write_all(reply.as_bytes()).is_err() {
+        return;
+    }
+    loop {
+        let mut h = [0u8; 2];
+        if r.read_exact(&mut h).is_err() {
+            return;
+        }
+        let mut len = (h[1] & 0x7f) as u64;
+        if len == 126 {
+            let mut e = [0u8; 2];
+            if r.read_exact(&mut e).is_err() {
+                return;
+            }
+            len = u16::from_be_bytes(e) as u64;
+        } else if len == 127 {
+            let mut e = [0u8; 8];
+            if r.read_exact(&mut e).is_err() {
+                return;
+            }
+            len = u64::from_be_bytes(e);
+        }
+        let mut mask = [0u8; 4];
+        if h[1] & 0x80 != 0 && r.read_exact(&mut mask).is_err() {
+            return;
+        }
+        let mut payload = vec![0u8; len.min(1 << 20) as usize];
+        if r.read_exact(&mut payload).is_err() {
+            return;
+        }
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= mask[i % 4];
+        }
+        let mut frame = vec![h[0]];
+        if payload.len() < 126 {
+            frame.push(payload.len() as u8);
+        } else {
+            frame.push(126);
+            frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        }
+        frame.extend_from_slice(&payload);
+        if out.write_all(&frame).is_err() || h[0] & 0x0f == 0x8 {
             return;
         }
     }
