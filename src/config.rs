@@ -473,6 +473,12 @@ pub struct Health {
     pub timeout: Duration,
     /// Path to GET; a 2xx/3xx answer is healthy. Empty: a TCP connect is the check.
     pub path: String,
+    /// Passed checks in a row that bring a worker marked down back (HAProxy's rise).
+    pub rise: u32,
+    /// Failed checks in a row (health checks or refused connects) that mark a
+    /// worker down (HAProxy's fall). A supervised worker whose process exits is
+    /// down at once.
+    pub fall: u32,
 }
 
 impl Default for Health {
@@ -481,6 +487,8 @@ impl Default for Health {
             interval: Duration::from_secs(2),
             timeout: Duration::from_secs(2),
             path: String::new(),
+            rise: 2,
+            fall: 3,
         }
     }
 }

@@ -76,6 +76,9 @@ pub struct Worker {
     sessions: AtomicUsize,
     pid: AtomicU32,
     restarts: AtomicU64,
+    /// Failed checks (health checks or refused connects) in a row, and passed ones.
+    fails: AtomicU32,
+    passes: AtomicU32,
     /// Responses by status class (1xx..5xx).
     requests: [AtomicU64; 5],
     tunnels: AtomicUsize,
@@ -172,14 +175,34 @@ impl Worker {
 
     /// Moves to `to`; leaving service (down, retired) voids the sessions.
     fn set_state(&self, to: State) -> State {
-        let from = State::from_u8(self.state.swap(to as u8, Ordering::AcqRel));
+        self.transition(to, |_| true).unwrap_or(to)
+    }
+
+    /// Moves to `to` in one atomic step if the current state passes `allowed`;
+    /// returns the state it left, or None when it was not allowed (so a concurrent
+    /// change is never overwritten).
+    fn transition(&self, to: State, allowed: impl Fn(State) -> bool) -> Option<State> {
+        let from = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                allowed(State::from_u8(s)).then_some(to as u8)
+            })
+            .ok()
+            .map(State::from_u8)?;
         if matches!(to, State::Down | State::Retired)
             && !matches!(from, State::Down | State::Retired)
         {
             self.generation.fetch_add(1, Ordering::AcqRel);
             self.sessions.store(0, Ordering::Relaxed);
         }
-        from
+        Some(from)
+    }
+
+    /// A request of this worker was answered: its failed checks start over.
+    pub fn answered(&self) {
+        if self.fails.load(Ordering::Relaxed) != 0 {
+            self.fails.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Counts a request in flight on this worker until the guard is dropped.
@@ -209,16 +232,28 @@ pub struct Pool {
     policy: Policy,
     next: AtomicUsize,
     next_id: AtomicUsize,
+    /// Passed checks in a row that bring a worker down by checks back up.
+    rise: u32,
+    /// Failed checks in a row that mark a worker down.
+    fall: u32,
 }
 
 impl Pool {
     /// A pool of static workers, all considered up.
     pub fn new(addrs: &[SocketAddr], policy: Policy) -> Pool {
+        Pool::with_thresholds(addrs, policy, 2, 3)
+    }
+
+    /// A pool whose workers go down after `fall` failed checks in a row and come
+    /// back after `rise` passed ones (HAProxy's `rise 2 fall 3`).
+    pub fn with_thresholds(addrs: &[SocketAddr], policy: Policy, rise: u32, fall: u32) -> Pool {
         let pool = Pool {
             workers: RwLock::new(Vec::new()),
             policy,
             next: AtomicUsize::new(0),
             next_id: AtomicUsize::new(0),
+            rise: rise.max(1),
+            fall: fall.max(1),
         };
         for addr in addrs {
             pool.add(*addr, false);
@@ -261,6 +296,8 @@ impl Pool {
             sessions: AtomicUsize::new(0),
             pid: AtomicU32::new(0),
             restarts: AtomicU64::new(0),
+            fails: AtomicU32::new(0),
+            passes: AtomicU32::new(0),
             requests: Default::default(),
             tunnels: AtomicUsize::new(0),
             ready_at_ms: AtomicU64::new(0),
@@ -278,14 +315,45 @@ impl Pool {
         worker
     }
 
-    /// A managed worker's process is ready: it takes traffic.
+    /// A worker is ready: it takes traffic (from Starting, or Down after its checks
+    /// rose again; never from Draining or Retired).
     pub fn set_ready(&self, w: &Worker) {
         w.alive.store(true, Ordering::Release);
-        if w.managed && w.state() == State::Starting {
-            w.mark_ready();
+        w.fails.store(0, Ordering::Relaxed);
+        match w.transition(State::Up, |s| matches!(s, State::Starting | State::Down)) {
+            Some(State::Starting) if w.managed => {
+                w.mark_ready();
+                tracing::info!(worker = w.id, addr = %w.addr, "worker is up");
+            }
+            Some(_) => tracing::info!(worker = w.id, addr = %w.addr, "worker is up"),
+            None => {}
         }
-        if w.set_state(State::Up) != State::Up {
-            tracing::info!(worker = w.id, addr = %w.addr, "worker is up");
+    }
+
+    /// A check failed (health check, or a refused connect): after `fall` in a row
+    /// the worker is marked down. Returns whether this check marked it down.
+    pub fn check_failed(&self, w: &Worker) -> bool {
+        w.passes.store(0, Ordering::Relaxed);
+        let fails = w.fails.fetch_add(1, Ordering::AcqRel) + 1;
+        if fails < self.fall {
+            tracing::debug!(
+                worker = w.id,
+                fails,
+                fall = self.fall,
+                "worker check failed"
+            );
+            return false;
+        }
+        self.mark_down(w)
+    }
+
+    /// A check passed: a worker down by checks (its process alive) comes back after
+    /// `rise` in a row.
+    pub fn check_passed(&self, w: &Worker) {
+        w.fails.store(0, Ordering::Relaxed);
+        let passes = w.passes.fetch_add(1, Ordering::AcqRel) + 1;
+        if w.state() == State::Down && w.alive.load(Ordering::Acquire) && passes >= self.rise {
+            self.set_ready(w);
         }
     }
 
@@ -298,18 +366,16 @@ impl Pool {
     /// Marks a worker down (its sessions are void from now on). Returns whether it
     /// was taking traffic.
     pub fn mark_down(&self, w: &Worker) -> bool {
-        let from = w.set_state(State::Down);
-        if from == State::Starting || from == State::Retired {
-            // Not ours to change: the supervisor is (re)starting or has retired it.
-            w.state.store(from as u8, Ordering::Release);
+        // Starting and Retired are the supervisor's to change; one atomic step, so a
+        // concurrent `set_ready` is never undone.
+        let Some(from) = w.transition(State::Down, |s| matches!(s, State::Up | State::Draining))
+        else {
             return false;
-        }
+        };
+        w.passes.store(0, Ordering::Relaxed);
         w.conns.clear();
-        let was_serving = matches!(from, State::Up | State::Draining);
-        if was_serving {
-            tracing::warn!(worker = w.id, addr = %w.addr, "worker marked down");
-        }
-        was_serving
+        tracing::warn!(worker = w.id, addr = %w.addr, from = from.name(), "worker marked down");
+        true
     }
 
     /// A managed worker's process exited: down, and not to be brought back by health
@@ -480,14 +546,11 @@ pub fn spawn_health_checks(pool: Arc<Pool>, health: Health) {
                 }
             }
             while let Some(Ok((w, healthy))) = checks.join_next().await {
-                match (w.state(), healthy) {
-                    (State::Up, false) => {
-                        pool.mark_down(&w);
+                match healthy {
+                    true => pool.check_passed(&w),
+                    false => {
+                        pool.check_failed(&w);
                     }
-                    (State::Down, true) if w.alive.load(Ordering::Acquire) => {
-                        pool.set_ready(&w);
-                    }
-                    _ => {}
                 }
             }
         }
@@ -538,6 +601,43 @@ mod tests {
 
     fn ip() -> IpAddr {
         IpAddr::from([127, 0, 0, 1])
+    }
+
+    #[test]
+    fn a_worker_falls_and_rises_by_thresholds() {
+        let p = pool(1, Policy::LeastConnections);
+        let w = p.workers()[0].clone();
+        let s = p
+            .pick_for_session(IpAddr::from([1, 1, 1, 1]))
+            .expect("worker");
+        assert_eq!(s.sessions(), 1);
+        // One or two failed checks cost a live worker nothing.
+        assert!(!p.check_failed(&w));
+        assert!(!p.check_failed(&w));
+        assert_eq!((w.state(), w.sessions()), (State::Up, 1));
+        // An answer in between starts the count over.
+        w.answered();
+        assert!(!p.check_failed(&w));
+        assert!(!p.check_failed(&w));
+        assert!(p.check_failed(&w));
+        assert_eq!((w.state(), w.sessions()), (State::Down, 0));
+        p.check_passed(&w);
+        assert_eq!(w.state(), State::Down);
+        p.check_passed(&w);
+        assert_eq!(w.state(), State::Up);
+    }
+
+    #[test]
+    fn checks_never_revive_a_starting_or_retired_worker() {
+        let p = Pool::with_thresholds(&[], Policy::LeastConnections, 1, 1);
+        let w = p.add(SocketAddr::from(([127, 0, 0, 1], 6000)), true);
+        assert!(!p.check_failed(&w));
+        assert_eq!(w.state(), State::Starting);
+        p.check_passed(&w);
+        assert_eq!(w.state(), State::Starting);
+        p.retire(&w);
+        p.set_ready(&w);
+        assert_eq!(w.state(), State::Retired);
     }
 
     #[test]

@@ -351,6 +351,7 @@ impl Proxy {
                 Ok(Ok(answer)) => {
                     self.metrics.observe_latency(sent.elapsed());
                     worker.count_response(answer.response.status().as_u16());
+                    worker.answered();
                     return self.respond(answer, ticket, inflight).await;
                 }
                 Ok(Err(e)) => e,
@@ -371,7 +372,7 @@ impl Proxy {
                 );
             }
             tracing::warn!(worker = id, %addr, error = %err, "cannot connect to worker");
-            self.pool.mark_down(&worker);
+            self.pool.check_failed(&worker);
             // Only requests outside any session go elsewhere (`elsewhere`).
             let next = match (elsewhere && !retried, &replay) {
                 (true, Some(r)) => self.pool.pick_for_request(Some(id)).map(|w| (w, r)),

@@ -36,7 +36,12 @@ use tokio_rustls::TlsAcceptor;
 /// Runs corral until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
-    let pool = Arc::new(Pool::new(&cfg.upstreams, cfg.balance.policy));
+    let pool = Arc::new(Pool::with_thresholds(
+        &cfg.upstreams,
+        cfg.balance.policy,
+        cfg.health.rise,
+        cfg.health.fall,
+    ));
     let router = Arc::new(Router::new(
         pool.clone(),
         cfg.engineio.max_sessions,

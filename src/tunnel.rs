@@ -50,7 +50,7 @@ pub(crate) async fn upgrade(
         Ok(Ok(answer)) => answer,
         Ok(Err(SendError::Connect(e))) => {
             tracing::warn!(worker, %addr, error = %e, "cannot connect to worker for websocket");
-            proxy.pool.mark_down(&target.worker);
+            proxy.pool.check_failed(&target.worker);
             return proxy.unreachable(&target.ticket, addr);
         }
         Ok(Err(e)) => {

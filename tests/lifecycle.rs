@@ -118,3 +118,25 @@ fn a_tunnel_holds_its_connection_slot() {
         Message::text("b")
     );
 }
+
+/// One health check that times out costs a live worker nothing (fall 3); checks
+/// that keep failing do mark it down (so the first half can fail).
+#[test]
+fn one_slow_health_check_marks_nothing_down() {
+    let health = "[health]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"300ms\"\n";
+    let once = RawWorker::start(Mode::SlowHealth(1));
+    let always = RawWorker::start(Mode::SlowHealth(usize::MAX));
+    let c_once = corral_for(&once, health);
+    let c_always = corral_for(&always, health);
+    thread::sleep(Duration::from_secs(3));
+    assert!(
+        !c_once.log_text().contains("worker marked down"),
+        "{}",
+        c_once.log_text()
+    );
+    assert!(
+        c_always.log_text().contains("worker marked down"),
+        "{}",
+        c_always.log_text()
+    );
+}

@@ -192,6 +192,9 @@ pub enum Mode {
     /// Answers the first request of each connection, then closes the connection
     /// without answering the second.
     CloseSecond,
+    /// As `Echo`, but the first this-many requests for `/health` wait 2 s first (a
+    /// slow but live worker, as seen by a health check with a short timeout).
+    SlowHealth(usize),
     /// Upgrades `Upgrade: websocket` requests (101) and echoes each message back as
     /// a server frame; other requests as `Echo`.
     WebSocket,
@@ -211,12 +214,13 @@ impl RawWorker {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let conns = Arc::new(AtomicUsize::new(0));
         let (s, c) = (seen.clone(), conns.clone());
+        let health = Arc::new(AtomicUsize::new(0));
         thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 let id = c.fetch_add(1, Ordering::SeqCst);
-                let s = s.clone();
-                thread::spawn(move || serve(stream, id, mode, s));
+                let (s, h) = (s.clone(), health.clone());
+                thread::spawn(move || serve(stream, id, mode, s, h));
             }
         });
         RawWorker { addr, seen, conns }
@@ -253,7 +257,13 @@ impl RawWorker {
     }
 }
 
-fn serve(stream: TcpStream, conn: usize, mode: Mode, seen: Arc<Mutex<Vec<Seen>>>) {
+fn serve(
+    stream: TcpStream,
+    conn: usize,
+    mode: Mode,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    health: Arc<AtomicUsize>,
+) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let mut out = match stream.try_clone() {
         Ok(s) => s,
@@ -285,6 +295,11 @@ fn serve(stream: TcpStream, conn: usize, mode: Mode, seen: Arc<Mutex<Vec<Seen>>>
         }
         if let Mode::Delay(d) = mode {
             thread::sleep(d);
+        }
+        if let Mode::SlowHealth(n) = mode {
+            if head.starts_with("GET /health ") && health.fetch_add(1, Ordering::SeqCst) < n {
+                thread::sleep(Duration::from_secs(2));
+            }
         }
         if mode != Mode::AnswerEarly && answer(&mut out, &body).is_err() {
             return;
