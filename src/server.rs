@@ -140,10 +140,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| admin::default_path(cfg.first_port()));
     admin::serve(&admin_path, supervisor.clone()).await?;
+    // Tasks that live as long as corral: ended and awaited at shutdown.
+    let background = tokio_util::task::TaskTracker::new();
+    let stopping = tokio_util::sync::CancellationToken::new();
+    if std::process::id() == 1 {
+        tracing::info!("running as PID 1: reaping orphaned processes");
+        background.spawn(crate::supervisor::reap_orphans(
+            pool.clone(),
+            stopping.clone(),
+        ));
+    }
     if let Some(sup) = &supervisor {
         sup.start().await;
     }
-    print_summary(&cfg, &listeners, &pool);
+    print_summary(&listeners, &pool);
+    if supervisor.is_some() {
+        background.spawn(say_ready(pool.clone(), cfg.clone(), stopping.clone()));
+    } else {
+        announce_ready(&cfg, &pool);
+    }
 
     let graceful = Arc::new(GracefulShutdown::new());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -205,6 +220,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         sup.stop_all().await;
         tracing::info!("every worker stopped");
     }
+    stopping.cancel();
+    background.close();
+    background.wait().await;
     let _ = std::fs::remove_file(&admin_path);
     Ok(())
 }
@@ -274,7 +292,7 @@ fn raise_fd_limit() {
     }
 }
 
-fn print_summary(cfg: &Config, listeners: &[(Vec<std::net::TcpListener>, Kind)], pool: &Pool) {
+fn print_summary(listeners: &[(Vec<std::net::TcpListener>, Kind)], pool: &Pool) {
     for (sockets, kind) in listeners {
         if let Some(Ok(addr)) = sockets.first().map(|l| l.local_addr()) {
             match kind {
@@ -296,12 +314,44 @@ fn print_summary(cfg: &Config, listeners: &[(Vec<std::net::TcpListener>, Kind)],
             "worker"
         );
     }
+}
+
+/// "corral ready", with how many workers are not.
+fn announce_ready(cfg: &Config, pool: &Pool) {
+    let workers = pool.workers();
+    let up = workers.iter().filter(|w| w.is_up()).count();
     tracing::info!(
         policy = %cfg.balance.policy,
         engineio_path = %cfg.engineio.path,
         sticky = cfg.engineio.sticky,
+        workers_ready = up,
+        workers_not_ready = workers.len() - up,
         "corral ready"
     );
+}
+
+/// Says "corral ready" once at least one supervised worker is ready: before that,
+/// every request would fail, and orchestrators and scripts read the line as ready.
+async fn say_ready(pool: Arc<Pool>, cfg: Arc<Config>, stop: tokio_util::sync::CancellationToken) {
+    let mut warned = false;
+    loop {
+        let workers = pool.workers();
+        if workers.iter().any(|w| w.is_up()) {
+            announce_ready(&cfg, &pool);
+            return;
+        }
+        if !warned {
+            tracing::warn!(
+                workers_not_ready = workers.len(),
+                "no worker is ready yet: not ready to serve; retrying"
+            );
+            warned = true;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
 }
 
 async fn accept_loop(

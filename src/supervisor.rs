@@ -42,8 +42,10 @@ pub struct Supervisor {
     extra_env: Vec<(String, String)>,
     slots: tokio::sync::Mutex<Vec<Slot>>,
     next_index: AtomicUsize,
-    /// Serialises rolling restarts and scaling.
+    /// Serialises starting, rolling restarts, scaling and stopping.
     changes: tokio::sync::Mutex<()>,
+    /// Set by `stop_all` under `changes`: nothing starts after it.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 /// What `status` reports per worker.
@@ -68,13 +70,21 @@ impl Supervisor {
             slots: tokio::sync::Mutex::new(Vec::new()),
             next_index: AtomicUsize::new(0),
             changes: tokio::sync::Mutex::new(()),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
     }
 
     /// Starts the configured number of workers and waits (up to the start timeout)
     /// for each to be ready. Workers that fail keep being retried in the background.
     pub async fn start(&self) {
         let _change = self.changes.lock().await;
+        if self.is_stopped() {
+            return;
+        }
         self.add_workers(self.spec.count.resolve()).await;
     }
 
@@ -150,6 +160,9 @@ impl Supervisor {
     /// traffic to it, drain the old one (bounded), stop it.
     pub async fn rolling_restart(&self) -> Result<(), String> {
         let _change = self.changes.lock().await;
+        if self.is_stopped() {
+            return Err("corral is stopping: no rolling restart".into());
+        }
         let old: Vec<usize> = self.slots.lock().await.iter().map(|s| s.index).collect();
         tracing::info!(workers = old.len(), "rolling restart");
         for index in old {
@@ -170,6 +183,9 @@ impl Supervisor {
             return Err("worker count must be between 1 and 1024".into());
         }
         let _change = self.changes.lock().await;
+        if self.is_stopped() {
+            return Err("corral is stopping: not scaling".into());
+        }
         let current = self.slots.lock().await.len();
         if n > current {
             self.add_workers(n - current).await;
@@ -215,7 +231,10 @@ impl Supervisor {
     }
 
     /// Stops every worker: SIGTERM to each process group, SIGKILL after the grace.
+    /// A rolling restart or scale in progress finishes first, and none starts after.
     pub async fn stop_all(&self) {
+        let _change = self.changes.lock().await;
+        self.stopped.store(true, Ordering::Release);
         let slots: Vec<Slot> = std::mem::take(&mut *self.slots.lock().await);
         for s in &slots {
             let _ = s.stop.send(true);
@@ -442,15 +461,18 @@ fn spawn(
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .process_group(0);
-    // SAFETY: prctl is async-signal-safe; it only sets the child's parent-death signal,
-    // so the worker is killed even when corral itself is SIGKILLed.
+    // Taken before the fork: as a container's PID 1, corral's own pid is 1, so
+    // "parent is 1" does not mean "parent died".
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: prctl and getppid are async-signal-safe; this only sets the child's
+    // parent-death signal, so the worker is killed even when corral is SIGKILLed.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             // corral may have died between fork and prctl.
-            if libc::getppid() == 1 {
+            if libc::getppid() != parent {
                 return Err(std::io::Error::other("corral exited"));
             }
             Ok(())
@@ -540,6 +562,67 @@ async fn terminate(child: &mut Child, grace: Duration) {
     // The group too: a gunicorn worker may outlive its master.
     kill_group(pid, libc::SIGKILL);
     let _ = child.wait().await;
+}
+
+/// As PID 1 (a container's entrypoint), corral inherits every orphaned process of
+/// the container and must reap them, as tini does, or they stay zombies. Our own
+/// workers are reaped by their keepers; a zombie child that is no worker of the pool
+/// and was already a zombie one scan earlier (a second ago) is an orphan, and is
+/// reaped. Runs until `stop`.
+pub async fn reap_orphans(pool: Arc<Pool>, stop: tokio_util::sync::CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut chld = signal(SignalKind::child()).ok();
+    let mut seen_before: Vec<i32> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = async {
+                match chld.as_mut() {
+                    Some(s) => { s.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+        let ours: Vec<i32> = pool
+            .workers()
+            .iter()
+            .filter_map(|w| w.pid())
+            .filter_map(|p| i32::try_from(p).ok())
+            .collect();
+        let zombies = zombie_children();
+        for pid in &zombies {
+            if !ours.contains(pid) && seen_before.contains(pid) {
+                // SAFETY: reaps one exited child that no one else waits for.
+                let reaped = unsafe { libc::waitpid(*pid, std::ptr::null_mut(), libc::WNOHANG) };
+                if reaped == *pid {
+                    tracing::debug!(pid, "orphan reaped");
+                }
+            }
+        }
+        seen_before = zombies;
+    }
+}
+
+/// Our children that have exited and are not yet reaped (from /proc).
+fn zombie_children() -> Vec<i32> {
+    let me = std::process::id().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // "pid (comm) S ppid ...": comm may hold spaces and parentheses.
+            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+                return false;
+            };
+            let mut fields = rest.split_whitespace();
+            fields.next() == Some("Z") && fields.next() == Some(me.as_str())
+        })
+        .collect()
 }
 
 #[cfg(test)]

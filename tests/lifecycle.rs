@@ -140,3 +140,103 @@ fn one_slow_health_check_marks_nothing_down() {
         c_always.log_text()
     );
 }
+
+/// The children of `pid` (from /proc).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Zombie children of `pid`.
+fn zombies_of(pid: u32) -> Vec<u32> {
+    children(pid)
+        .into_iter()
+        .filter(|c| {
+            std::fs::read_to_string(format!("/proc/{c}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rfind(')')
+                        .map(|i| s[i + 1..].trim_start().starts_with('Z'))
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// As a container's entrypoint (PID 1 of a new pid namespace, as `docker run`
+/// makes it), corral starts its worker (it used to fail with EINVAL forever while
+/// saying "ready") and reaps the orphans the worker leaves, as tini does.
+#[test]
+fn as_pid_1_workers_start_and_orphans_are_reaped() {
+    let probe = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "true"])
+        .output();
+    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: unshare --pid is refused here ({probe:?}); CI runs as root");
+        return;
+    }
+    let port = support::free_port();
+    let dir = support::TempDir::new("pid1");
+    let log = dir.0.join("corral.log");
+    let out = std::fs::File::create(&log).expect("log");
+    // The worker leaves an orphan behind: a subshell's `sleep` whose parent exits.
+    let mut unshare = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+        .arg(env!("CARGO_BIN_EXE_corral"))
+        .args([
+            "run",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "-w",
+            "1",
+            "--",
+        ])
+        .args([
+            "sh",
+            "-c",
+            "(sleep 0.3 &); exec python3 -m http.server --bind 127.0.0.1 {port}",
+        ])
+        .env("CORRAL_LOG", "corral=debug")
+        .stdout(out.try_clone().expect("log"))
+        .stderr(out)
+        .spawn()
+        .expect("unshare");
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut answered = None;
+    while Instant::now() < deadline && answered.is_none() {
+        answered = support::exchange(
+            format!("127.0.0.1:{port}").parse().expect("addr"),
+            b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .filter(|r| r.status == 200);
+        thread::sleep(Duration::from_millis(200));
+    }
+    let corral = children(unshare.id()).first().copied();
+    // Orphans are reaped once they have been zombies for a scan (about a second).
+    thread::sleep(Duration::from_secs(3));
+    let zombies = corral.map(zombies_of).unwrap_or_default();
+    if let Some(pid) = corral {
+        // SAFETY: a plain signal to the corral this test started.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGTERM);
+        }
+    }
+    let stopped = (0..100).any(|_| {
+        thread::sleep(Duration::from_millis(100));
+        unshare.try_wait().ok().flatten().is_some()
+    });
+    if !stopped {
+        let _ = unshare.kill();
+        let _ = unshare.wait();
+    }
+    let log = text();
+    assert!(answered.is_some(), "the worker never answered: {log}");
+    assert!(!log.contains("Invalid argument"), "{log}");
+    assert!(log.contains("running as PID 1"), "{log}");
+    assert!(zombies.is_empty(), "zombies left: {zombies:?}\n{log}");
+    assert!(stopped, "corral did not stop on SIGTERM: {log}");
+}
