@@ -240,3 +240,44 @@ fn as_pid_1_workers_start_and_orphans_are_reaped() {
     assert!(zombies.is_empty(), "zombies left: {zombies:?}\n{log}");
     assert!(stopped, "corral did not stop on SIGTERM: {log}");
 }
+
+/// A chunked PUT that meets a kept-alive worker connection closing under it is not
+/// sent again without its body (it used to be, and the client got 200): its body
+/// cannot be sent again, so the client gets 502. A bodiless GET is sent again.
+#[test]
+fn a_retried_request_never_loses_its_body() {
+    let worker = RawWorker::start(Mode::CloseSecond);
+    // One serving thread: kept-alive worker connections are kept per thread.
+    let corral = corral_for(&worker, "threads = 1\n");
+    let warm = b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n";
+    let put = b"PUT /put HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    assert_eq!(
+        support::exchange(corral.addr, warm).expect("warm").status,
+        200
+    );
+    // The worker closes the kept-alive connection on the PUT, unanswered.
+    let r = support::exchange(corral.addr, put).expect("reply");
+    assert!(
+        r.status == 502 || (r.status == 200 && r.body == b"hello"),
+        "{r:?}: {:?}",
+        worker.seen()
+    );
+    for s in worker.seen_for("/put") {
+        assert!(
+            s.body.is_empty() && s.aborted || s.body == b"hello",
+            "{s:?}"
+        );
+        assert!(
+            !(s.body.is_empty() && !s.aborted),
+            "PUT replayed without its body: {s:?}"
+        );
+    }
+    // A GET on the next kept-alive connection that closes is sent again and served.
+    assert_eq!(
+        support::exchange(corral.addr, warm).expect("warm").status,
+        200
+    );
+    let get =
+        support::exchange(corral.addr, b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n").expect("reply");
+    assert_eq!(get.status, 200, "{:?}", worker.seen());
+}

@@ -277,7 +277,8 @@ fn serve(
         };
         n += 1;
         if mode == Mode::CloseSecond && n == 2 {
-            record(&seen, conn, head, Vec::new(), false);
+            // Closed unanswered, its body unread: recorded as aborted.
+            record(&seen, conn, head, Vec::new(), true);
             return;
         }
         if mode == Mode::AnswerEarly && answer(&mut out, b"early").is_err() {
