@@ -323,10 +323,10 @@ async fn keep(
         let started = Instant::now();
 
         let start = tokio::select! {
-            ready = wait_ready(worker.addr, &spec.ready_path, spec.start_timeout) => {
+            ready = wait_ready(worker.addr, &spec.ready_path, spec.start_timeout, pid) => {
                 if ready { Start::Ready } else { Start::NotReady }
             }
-            status = child.wait() => Start::Exited(status),
+            status = exited_then_wait(&mut child, pid) => Start::Exited(status),
             _ = stop.changed() => Start::Stop,
         };
         let end = match start {
@@ -337,7 +337,7 @@ async fn keep(
                     let _ = tx.send(Ok(()));
                 }
                 tokio::select! {
-                    status = child.wait() => End::Exited(status),
+                    status = exited_then_wait(&mut child, pid) => End::Exited(status),
                     _ = stop.changed() => End::Stop,
                 }
             }
@@ -364,8 +364,7 @@ async fn keep(
                 }
             }
             End::Exited(status) => {
-                // Whatever the process left in its group goes too.
-                kill_group(pid, libc::SIGKILL);
+                // What the process left in its group went with it (exited_then_wait).
                 let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
                 let msg = format!("exited ({status}); last output:\n{}", tail_text(&tail));
                 tracing::error!(worker = index, pid, "{msg}");
@@ -395,21 +394,92 @@ async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
     }
 }
 
-/// Polls until the worker answers HTTP (any status, or 2xx/3xx on `ready_path`).
-async fn wait_ready(addr: SocketAddr, ready_path: &str, timeout: Duration) -> bool {
+/// Polls until the worker answers HTTP (any status, or 2xx/3xx on `ready_path`) on
+/// a socket that a process of its own group listens on: another process that took
+/// the port meanwhile does not make it ready.
+async fn wait_ready(
+    addr: SocketAddr,
+    ready_path: &str,
+    timeout: Duration,
+    pid: Option<u32>,
+) -> bool {
     let deadline = Instant::now() + timeout;
     let path = if ready_path.is_empty() {
         "/"
     } else {
         ready_path
     };
+    let mut warned = false;
     while Instant::now() < deadline {
         match pool::http_status(addr, path, Duration::from_secs(2)).await {
-            Some(status) if ready_path.is_empty() || (200..400).contains(&status) => return true,
+            Some(status) if ready_path.is_empty() || (200..400).contains(&status) => {
+                if pid.is_none_or(|p| port_held_by_group(addr.port(), p)) {
+                    return true;
+                }
+                if !warned {
+                    tracing::warn!(
+                        port = addr.port(),
+                        pid,
+                        "port answers, but another process holds it; waiting for the worker"
+                    );
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
     false
+}
+
+/// Whether a process of process group `pgid` holds a socket listening on `port`
+/// (from /proc). Where /proc cannot tell, it says yes.
+fn port_held_by_group(port: u16, pgid: u32) -> bool {
+    let inodes = listening_inodes(port);
+    if inodes.is_empty() {
+        return true;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    let wanted: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| process_group(*pid) == Some(pgid))
+        .any(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .into_iter()
+                .flatten()
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .any(|link| wanted.iter().any(|w| link.as_os_str() == w.as_str()))
+        })
+}
+
+/// Inodes of the TCP sockets listening on `port` (IPv4 and IPv6).
+fn listening_inodes(port: u16) -> Vec<u64> {
+    let port_hex = format!("{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let f: Vec<&str> = line.split_whitespace().collect();
+                    let local_port = f.get(1)?.rsplit(':').next()?;
+                    (local_port == port_hex && f.get(3) == Some(&"0A"))
+                        .then(|| f.get(9)?.parse().ok())
+                        .flatten()
+                })
+                .collect::<Vec<u64>>()
+        })
+        .collect()
+}
+
+/// A process's group id (from /proc).
+fn process_group(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(2)?.parse().ok()
 }
 
 fn describe(cmd: &WorkerCommand) -> String {
@@ -556,12 +626,74 @@ fn kill_group(pid: Option<u32>, signal: i32) {
 async fn terminate(child: &mut Child, grace: Duration) {
     let pid = child.id();
     kill_group(pid, libc::SIGTERM);
-    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+    let stopped = match pid {
+        Some(p) => tokio::time::timeout(grace, exited(p)).await.is_ok(),
+        None => true,
+    };
+    if !stopped {
         tracing::warn!(pid, ?grace, "worker did not stop in time: SIGKILL");
     }
-    // The group too: a gunicorn worker may outlive its master.
+    // The group too (a gunicorn worker may outlive its master), while the leader is
+    // not yet reaped: its pid, the group's id, cannot have been reused.
     kill_group(pid, libc::SIGKILL);
     let _ = child.wait().await;
+}
+
+/// Waits until the process has exited, without reaping it: while it is a zombie
+/// its pid (the id of its process group) cannot be given to another process, so a
+/// signal to the group reaches only what it left behind. A pidfd becomes readable
+/// at exit (Linux 5.3); without one, this waits for ever and the caller's other
+/// branch (or reaping wait) decides.
+async fn exited(pid: u32) {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return std::future::pending().await;
+    }
+    // SAFETY: the descriptor was just made and is owned by nothing else.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // SAFETY: the OwnedFd keeps the descriptor open, unchanged, as long as the AsyncFd.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    };
+    match registered {
+        Ok(afd) => {
+            let _ = afd.readable().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// The process's exit: its group gets SIGKILL before it is reaped (see `exited`),
+/// then its status is collected. Without pidfds, the status first and the group
+/// after, as before.
+async fn exited_then_wait(
+    child: &mut Child,
+    pid: Option<u32>,
+) -> std::io::Result<std::process::ExitStatus> {
+    let Some(p) = pid else {
+        return child.wait().await;
+    };
+    if pidfd_works(p) {
+        exited(p).await;
+        kill_group(pid, libc::SIGKILL);
+        return child.wait().await;
+    }
+    let status = child.wait().await;
+    kill_group(pid, libc::SIGKILL);
+    status
+}
+
+fn pidfd_works(pid: u32) -> bool {
+    // SAFETY: as in `exited`; the descriptor is closed at once.
+    unsafe {
+        let fd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
+        if fd < 0 {
+            return false;
+        }
+        libc::close(fd as i32);
+    }
+    true
 }
 
 /// As PID 1 (a container's entrypoint), corral inherits every orphaned process of

@@ -282,3 +282,79 @@ fn a_retried_request_never_loses_its_body() {
         support::exchange(corral.addr, b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n").expect("reply");
     assert_eq!(get.status, 200, "{:?}", worker.seen());
 }
+
+/// A worker is ready when *it* answers: another process that took its port (here a
+/// worker that never listens, and the test answering on its port) does not make it
+/// ready.
+#[test]
+fn readiness_is_checked_against_the_workers_own_socket() {
+    let corral = Corral::start_until(
+        "[workers]\ncommand = [\"sleep\", \"30\"]\ncount = 1\nstart_timeout = \"20s\"\n",
+        "worker started",
+        |_| {},
+    );
+    let log = corral.log_text();
+    let port: u16 = log
+        .split("port=")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in the log: {log}"));
+    let intruder = RawWorker::start_on(
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+        Mode::Echo,
+    );
+    assert!(
+        intruder.wait_for(|s| !s.is_empty()),
+        "corral's readiness check never reached the port"
+    );
+    thread::sleep(Duration::from_millis(500));
+    let log = corral.log_text();
+    assert!(!log.contains("worker ready"), "{log}");
+    assert!(log.contains("another process holds it"), "{log}");
+}
+
+/// What a worker leaves in its process group when it exits is killed with it,
+/// while the worker's pid (the group's id) is still held by its zombie, so no other
+/// process can be signalled by a reused pid.
+#[test]
+fn an_exited_workers_group_goes_with_it() {
+    let corral = Corral::start_until(
+        "[workers]\ncommand = [\"sh\", \"-c\", \"sleep 30 & sleep 0.5; exit 3\"]\ncount = 1\nstart_timeout = \"20s\"\n",
+        "worker started",
+        |_| {},
+    );
+    let log = corral.log_text();
+    let pid: u32 = log
+        .split("pid=")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in the log: {log}"));
+    let in_group = || {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .ok()
+                    .and_then(|s| {
+                        let rest = s[s.rfind(')')? + 1..].to_owned();
+                        let mut f = rest.split_whitespace();
+                        let state = f.next()?.to_owned();
+                        let pgrp: u32 = f.nth(1)?.parse().ok()?;
+                        Some(pgrp == pid && state != "Z")
+                    })
+                    .unwrap_or(false)
+            })
+            .count()
+    };
+    assert!(in_group() >= 1, "the worker's group is not running");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && !corral.log_text().contains("exited (") {
+        thread::sleep(Duration::from_millis(50));
+    }
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(in_group(), 0, "left in the group: {}", corral.log_text());
+}

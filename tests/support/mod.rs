@@ -65,6 +65,11 @@ impl Corral {
 
     /// As `start`, letting the caller adjust the command (environment, wrapper).
     pub fn start_with(config: &str, adjust: impl FnOnce(&mut Command)) -> Corral {
+        Corral::start_until(config, "corral ready", adjust)
+    }
+
+    /// As `start`, but waits only until `marker` appears in the log.
+    pub fn start_until(config: &str, marker: &str, adjust: impl FnOnce(&mut Command)) -> Corral {
         let dir = TempDir::new("corral");
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
@@ -90,17 +95,17 @@ impl Corral {
             dir,
             log,
         };
-        c.wait_ready();
+        c.wait_ready(marker);
         c
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self, marker: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("corral exited ({status}): {}", self.log_text());
             }
-            if self.log_text().contains("corral ready") && TcpStream::connect(self.addr).is_ok() {
+            if self.log_text().contains(marker) && TcpStream::connect(self.addr).is_ok() {
                 return;
             }
             thread::sleep(Duration::from_millis(50));
@@ -209,7 +214,12 @@ pub struct RawWorker {
 
 impl RawWorker {
     pub fn start(mode: Mode) -> RawWorker {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind worker");
+        RawWorker::start_on("127.0.0.1:0".parse().expect("addr"), mode)
+    }
+
+    /// As `start`, on a given address.
+    pub fn start_on(addr: SocketAddr, mode: Mode) -> RawWorker {
+        let listener = TcpListener::bind(addr).expect("bind worker");
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let conns = Arc::new(AtomicUsize::new(0));
