@@ -176,24 +176,25 @@ const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(1);
 /// reset (even NO_ERROR) that arrives with the answer makes some clients (curl
 /// 7.88) drop the answer, and an HTTP/1 close with unread bytes can turn into a
 /// TCP reset that does the same.
-pub struct Unread(Option<ProxyBody>);
+pub struct Unread(Option<(ProxyBody, tokio_util::task::TaskTracker)>);
 
 impl Unread {
-    pub fn new(body: Option<ProxyBody>) -> Unread {
-        Unread(body)
+    /// `owner` owns the short task that reads the body away.
+    pub fn new(body: Option<ProxyBody>, owner: &tokio_util::task::TaskTracker) -> Unread {
+        Unread(body.map(|b| (b, owner.clone())))
     }
 }
 
 impl Drop for Unread {
     fn drop(&mut self) {
-        let Some(mut body) = self.0.take() else {
+        let Some((mut body, owner)) = self.0.take() else {
             return;
         };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        if tokio::runtime::Handle::try_current().is_err() {
             return;
-        };
+        }
         // Bounded in time and bytes: the task ends by itself within LINGER_TIME.
-        rt.spawn(async move {
+        owner.spawn(async move {
             let mut read = 0u64;
             let _ = tokio::time::timeout(LINGER_TIME, async {
                 while let Some(Ok(frame)) = body.frame().await {
@@ -219,11 +220,8 @@ pin_project_lite::pin_project! {
 }
 
 impl<B> Holding<B> {
-    pub fn new(inner: B, unread: Option<ProxyBody>) -> Self {
-        Holding {
-            inner,
-            unread: Unread::new(unread),
-        }
+    pub fn new(inner: B, unread: Unread) -> Self {
+        Holding { inner, unread }
     }
 }
 

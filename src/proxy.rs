@@ -42,7 +42,8 @@ pub struct Proxy {
     upstream: upstream::Settings,
     /// Cancelled at shutdown: open websocket tunnels close cleanly.
     pub(crate) closing: tokio_util::sync::CancellationToken,
-    /// Every websocket tunnel's task, so that shutdown can wait for them.
+    /// Every task that outlives its request (websocket tunnels, an unread body read
+    /// away after a 413), so that shutdown can wait for them.
     pub(crate) tunnels: tokio_util::task::TaskTracker,
 }
 
@@ -121,6 +122,7 @@ impl Proxy {
         let upstream = upstream::Settings {
             connect_timeout: cfg.timeouts.connect,
             idle_timeout: cfg.timeouts.upstream_idle,
+            drivers: tokio_util::task::TaskTracker::new(),
         };
         Proxy {
             cfg,
@@ -133,6 +135,24 @@ impl Proxy {
             closing: tokio_util::sync::CancellationToken::new(),
             tunnels: tokio_util::task::TaskTracker::new(),
         }
+    }
+
+    /// 413, the client's unread body read away by a task of `tunnels` (which owns
+    /// what outlives a request).
+    fn too_large(&self, unread: Option<ProxyBody>) -> Response<ProxyBody> {
+        too_large(self.cfg.limits.max_body, unread, &self.tunnels)
+    }
+
+    /// Shutdown, for the worker connections: idle ones are closed and the drivers of
+    /// all of them awaited (up to `limit`); returns how many were still running.
+    pub async fn close_upstreams(&self, limit: std::time::Duration) -> usize {
+        for w in self.pool.workers() {
+            w.conns.clear();
+        }
+        let drivers = &self.upstream.drivers;
+        drivers.close();
+        let _ = tokio::time::timeout(limit, drivers.wait()).await;
+        drivers.len()
     }
 
     /// Shutdown, for the tunnels: each sends its client a close frame and ends.
@@ -203,7 +223,7 @@ impl Proxy {
         if declared_length(req.headers()).is_some_and(|n| n > self.cfg.limits.max_body) {
             // The unread body stays with the answer (see `body::Faults`).
             let unread = req.into_body().map_err(Into::into).boxed_unsync();
-            return too_large(self.cfg.limits.max_body, Some(unread));
+            return self.too_large(Some(unread));
         }
         if let Some(auth) = &self.auth {
             if !auth.is_exempt(&path)
@@ -341,9 +361,7 @@ impl Proxy {
                 tokio::time::timeout(wait, self.exchange(&worker, upstream_req, replay.as_ref()))
                     .await;
             match faults.get() {
-                Some(Fault::TooLarge) => {
-                    return too_large(self.cfg.limits.max_body, faults.take_kept())
-                }
+                Some(Fault::TooLarge) => return self.too_large(faults.take_kept()),
                 Some(Fault::Malformed) => return malformed_body(),
                 None => {}
             }
@@ -400,7 +418,7 @@ impl Proxy {
         match tokio::time::timeout(self.cfg.timeouts.read, body.collect()).await {
             Ok(Ok(collected)) => Ok(collected.to_bytes()),
             Ok(Err(_)) => Err(match faults.get() {
-                Some(Fault::TooLarge) => too_large(self.cfg.limits.max_body, faults.take_kept()),
+                Some(Fault::TooLarge) => self.too_large(faults.take_kept()),
                 _ => malformed_body(),
             }),
             Err(_) => Err(short(
@@ -437,14 +455,14 @@ impl Proxy {
         req: Request<ProxyBody>,
         replay: Option<&Replay>,
     ) -> Result<Answer, SendError> {
-        match upstream::send(worker.clone(), worker.addr, self.upstream, req, false).await {
+        match upstream::send(worker.clone(), worker.addr, &self.upstream, req, false).await {
             Err(SendError::Stale(e)) => match replay {
                 Some(r) => {
                     tracing::debug!(worker = worker.id, error = %e, "kept-alive connection closed; sending again");
                     upstream::send(
                         worker.clone(),
                         worker.addr,
-                        self.upstream,
+                        &self.upstream,
                         r.request(),
                         true,
                     )
@@ -812,8 +830,13 @@ fn malformed_body() -> Response<ProxyBody> {
 
 /// 413; `unread` is the client's body, held until the answer has gone out (an
 /// HTTP/2 stream reset before that would lose the answer).
-fn too_large(limit: u64, unread: Option<ProxyBody>) -> Response<ProxyBody> {
+fn too_large(
+    limit: u64,
+    unread: Option<ProxyBody>,
+    owner: &tokio_util::task::TaskTracker,
+) -> Response<ProxyBody> {
     let text = format!("corral: request body larger than {limit} bytes\n");
+    let unread = body::Unread::new(unread, owner);
     let body = body::Holding::new(body::full(text), unread).boxed_unsync();
     let mut resp = Response::new(body);
     *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;

@@ -161,6 +161,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
 
     let graceful = Arc::new(GracefulShutdown::new());
+    // Every client connection's task (TLS handshake, HTTP, until hyper hands a
+    // websocket over to its tunnel).
+    let connections = tokio_util::task::TaskTracker::new();
     let (stop_tx, stop_rx) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(cfg.limits.max_connections));
     let mut accepting = Vec::new();
@@ -168,16 +171,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         for (i, socket) in sockets.into_iter().enumerate() {
             let (kind, proxy, graceful) = (kind.clone(), proxy.clone(), graceful.clone());
             let (stop_rx, slots) = (stop_rx.clone(), slots.clone());
+            let connections = connections.clone();
             accepting.push(lanes.spawn_on(i, async move {
                 match TcpListener::from_std(socket) {
-                    Ok(l) => accept_loop(l, kind, proxy, graceful, stop_rx, slots).await,
+                    Ok(l) => {
+                        let conns = Conns {
+                            graceful,
+                            tasks: connections,
+                            slots,
+                        };
+                        accept_loop(l, kind, proxy, conns, stop_rx).await
+                    }
                     Err(e) => tracing::error!(error = %e, "cannot accept on this thread"),
                 }
             }));
         }
     }
 
-    let signal = wait_for_stop(supervisor.clone(), certs).await;
+    let signal = wait_for_stop(supervisor.clone(), certs, &background).await;
     tracing::info!(
         signal,
         "stopping: no new connections, finishing requests in flight"
@@ -212,6 +223,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             open_tunnels,
             "websocket tunnels still open after the drain period"
         );
+    }
+    // Connections not drained in time are cut when their threads stop below; those
+    // in a TLS handshake end within the header timeout.
+    connections.close();
+    if tokio::time::timeout(Duration::from_secs(1), connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::debug!(
+            left = connections.len(),
+            "client connections cut at shutdown"
+        );
+    }
+    let drivers_left = proxy.close_upstreams(Duration::from_secs(1)).await;
+    if drivers_left > 0 {
+        tracing::debug!(drivers_left, "worker connections cut at shutdown");
     }
     if let Ok(lanes) = Arc::try_unwrap(lanes) {
         let _ = tokio::task::spawn_blocking(move || lanes.stop()).await;
@@ -354,14 +381,28 @@ async fn say_ready(pool: Arc<Pool>, cfg: Arc<Config>, stop: tokio_util::sync::Ca
     }
 }
 
+/// What owns the client connections of the accept loops.
+struct Conns {
+    /// Drains them at shutdown.
+    graceful: Arc<GracefulShutdown>,
+    /// Their tasks, awaited at shutdown.
+    tasks: tokio_util::task::TaskTracker,
+    /// `limits.max_connections`.
+    slots: Arc<Semaphore>,
+}
+
 async fn accept_loop(
     listener: TcpListener,
     kind: Kind,
     proxy: Arc<Proxy>,
-    graceful: Arc<GracefulShutdown>,
+    conns: Conns,
     mut stop: watch::Receiver<bool>,
-    slots: Arc<Semaphore>,
 ) {
+    let Conns {
+        graceful,
+        tasks,
+        slots,
+    } = conns;
     let cfg = proxy.cfg.clone();
     let trusted = cfg.trusted();
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -430,7 +471,7 @@ async fn accept_loop(
                 let acceptor = acceptor.clone();
                 let builder = builder.clone();
                 let handshake = cfg.timeouts.header_read;
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     let tls = match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => tls,
                         Ok(Err(e)) => {
@@ -447,7 +488,7 @@ async fn accept_loop(
             }
             _ => {
                 let builder = builder.clone();
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     let conn = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .into_owned();
@@ -499,6 +540,7 @@ fn normalise(addr: SocketAddr) -> SocketAddr {
 async fn wait_for_stop(
     supervisor: Option<Arc<Supervisor>>,
     certs: Vec<Arc<tls::Certs>>,
+    background: &tokio_util::task::TaskTracker,
 ) -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     let watch = |kind: SignalKind| match signal(kind) {
@@ -533,7 +575,9 @@ async fn wait_for_stop(
             tracing::warn!("no [workers] to restart or scale; signal ignored");
             continue;
         };
-        tokio::spawn(async move {
+        // Owned by `background`; stopping waits for a change in progress (the
+        // supervisor's change lock) and refuses new ones.
+        background.spawn(async move {
             let result = if change == 0 {
                 sup.rolling_restart().await
             } else {

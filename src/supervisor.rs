@@ -302,7 +302,10 @@ async fn keep(
         }
         pool.set_starting(&worker);
         let tail = Arc::new(Mutex::new(VecDeque::new()));
-        let mut child = match spawn(&spec, port, index, &extra_env, &tail) {
+        let Spawned {
+            mut child,
+            mut output,
+        } = match spawn(&spec, port, index, &extra_env, &tail) {
             Ok(c) => c,
             Err(e) => {
                 let msg = format!("cannot start `{}`: {e}", describe(&spec.command));
@@ -348,6 +351,7 @@ async fn keep(
         match end {
             End::Stop => {
                 terminate(&mut child, spec.stop_grace).await;
+                finish_output(&mut output).await;
                 pool.process_exited(&worker);
                 return;
             }
@@ -359,12 +363,14 @@ async fn keep(
                 );
                 tracing::error!(worker = index, pid, "{msg}");
                 terminate(&mut child, spec.stop_grace).await;
+                finish_output(&mut output).await;
                 if let Some(tx) = ready_tx.take() {
                     let _ = tx.send(Err(msg));
                 }
             }
             End::Exited(status) => {
                 // What the process left in its group went with it (exited_then_wait).
+                finish_output(&mut output).await;
                 let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
                 let msg = format!("exited ({status}); last output:\n{}", tail_text(&tail));
                 tracing::error!(worker = index, pid, "{msg}");
@@ -502,7 +508,7 @@ fn spawn(
     index: usize,
     extra_env: &[(String, String)],
     tail: &Arc<Mutex<VecDeque<String>>>,
-) -> std::io::Result<Child> {
+) -> std::io::Result<Spawned> {
     let mut cmd = match &spec.command {
         WorkerCommand::Shell(s) => {
             let mut c = Command::new("/bin/sh");
@@ -549,13 +555,31 @@ fn spawn(
         });
     }
     let mut child = cmd.spawn()?;
+    let mut output = tokio::task::JoinSet::new();
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(forward_lines(out, index, tail.clone()));
+        output.spawn(forward_lines(out, index, tail.clone()));
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(forward_lines(err, index, tail.clone()));
+        output.spawn(forward_lines(err, index, tail.clone()));
     }
-    Ok(child)
+    Ok(Spawned { child, output })
+}
+
+/// A started worker process and the tasks that forward its output.
+struct Spawned {
+    child: Child,
+    output: tokio::task::JoinSet<()>,
+}
+
+/// Waits (briefly) for a process's output to be read to its end: the last lines
+/// before an exit belong in the log and the tail. A descendant still holding the
+/// pipes open does not hold the keeper up; its forwarding ends with the JoinSet.
+async fn finish_output(output: &mut tokio::task::JoinSet<()>) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while output.join_next().await.is_some() {}
+    })
+    .await;
+    output.abort_all();
 }
 
 /// Forwards a worker's output to corral's log, one line at a time, keeping a tail.

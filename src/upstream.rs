@@ -33,13 +33,15 @@ use tokio::net::TcpStream;
 const MAX_IDLE: usize = 128;
 
 /// How connections are made and kept.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     pub connect_timeout: Duration,
     /// An idle connection older than this is closed rather than used: it must be
     /// shorter than the worker's own keep-alive timeout, or a request may go out on
     /// a connection the worker is closing at that moment.
     pub idle_timeout: Duration,
+    /// Owns every connection's driver task, so shutdown can wait for them.
+    pub drivers: tokio_util::task::TaskTracker,
 }
 
 /// Idle connections are kept per serving thread (`lanes`), this many sets at most:
@@ -199,7 +201,7 @@ fn lock(shard: &Mutex<VecDeque<Parked>>) -> std::sync::MutexGuard<'_, VecDeque<P
 pub async fn send(
     home: Arc<dyn Home>,
     addr: SocketAddr,
-    settings: Settings,
+    settings: &Settings,
     req: Request<ProxyBody>,
     fresh: bool,
 ) -> Result<Answer, SendError> {
@@ -233,7 +235,7 @@ fn answer(
     response: Response<Incoming>,
     sender: SendRequest<ProxyBody>,
     home: Arc<dyn Home>,
-    settings: Settings,
+    settings: &Settings,
     sent_whole: Arc<AtomicBool>,
 ) -> Answer {
     Answer {
@@ -329,7 +331,7 @@ impl Body for Sending {
 /// Opens a connection and starts its driver task.
 pub async fn connect(
     addr: SocketAddr,
-    settings: Settings,
+    settings: &Settings,
 ) -> Result<SendRequest<ProxyBody>, SendError> {
     let stream =
         match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
@@ -347,7 +349,9 @@ pub async fn connect(
         .handshake(TokioIo::new(stream))
         .await
         .map_err(SendError::Http)?;
-    tokio::spawn(async move {
+    // The driver ends when the connection does (closed by either side, or dropped
+    // from the cache); the tracker lets shutdown see that it has.
+    settings.drivers.spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "worker connection ended");
         }
