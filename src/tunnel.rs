@@ -1,16 +1,20 @@
-//! Websocket tunnels: forward an `Upgrade: websocket` request to its worker (on a
-//! kept-alive connection from `upstream` when one is idle, which then belongs to the
+//! Websocket tunnels: forward an `Upgrade: websocket` request to its worker (through
+//! `forward`, on a kept-alive connection when one is idle, which then belongs to the
 //! tunnel), relay the worker's 101, then copy bytes both ways until either side
 //! closes or the tunnel is idle too long.
 //!
-//! It owns the upgraded connections and nothing else; the caller has already chosen
+//! [`Tunnels`] owns the upgraded connections and their tasks, and at shutdown has
+//! each send its client a close frame; nothing else. The caller has already chosen
 //! the worker, and the ticket it hands over keeps the session counted while the
-//! tunnel is open.
+//! tunnel is open. It does not reach into the request path (`proxy`).
 
+use crate::answer::{self, short};
 use crate::body::{Guarded, ProxyBody};
-use crate::proxy::{
-    prepare_request_headers, short, strip_hop_by_hop, Peer, Proxy, Replay, Target, Ticket,
+use crate::forward::{
+    prepare_request_headers, strip_hop_by_hop, Forwarder, Peer, Replay, Target, Ticket,
 };
+use crate::metrics::Metrics;
+use crate::pool::Pool;
 use crate::upstream::SendError;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -23,92 +27,130 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-/// Forwards an upgrade request; on 101, splices the two connections.
-pub(crate) async fn upgrade(
-    proxy: Arc<Proxy>,
-    mut req: Request<Incoming>,
-    peer: Peer,
-    target: Target,
-) -> Response<ProxyBody> {
-    let worker = target.worker.id;
-    let addr = target.worker.addr;
-    let client_side = hyper::upgrade::on(&mut req);
-    // The client connection's slot (limits.max_connections) stays taken while its
-    // tunnel is open.
-    let slot = req
-        .extensions_mut()
-        .remove::<crate::proxy::ConnectionSlot>();
-    let (parts, _) = req.into_parts();
-    let mut headers = parts.headers;
-    prepare_request_headers(&mut headers, &parts.uri, peer, true);
-    let replay = Replay::new(parts.method, &parts.uri, headers);
-    let cfg = &proxy.cfg;
-    // A kept-alive connection serves as well as a new one, and saves a connect.
-    let exchange = proxy.exchange(&target.worker, replay.request(), Some(&replay));
-    let answer = match tokio::time::timeout(cfg.timeouts.read, exchange).await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(SendError::Connect(e))) => {
-            tracing::warn!(worker, %addr, error = %e, "cannot connect to worker for websocket");
-            proxy.pool.check_failed(&target.worker);
-            return proxy.unreachable(&target.ticket, addr);
+/// A client connection's place under `limits.max_connections`, shared by the
+/// connection and the websocket tunnel it may become: the place is given back when
+/// both have ended.
+#[derive(Clone)]
+pub struct ConnectionSlot(pub Arc<tokio::sync::OwnedSemaphorePermit>);
+
+/// The open tunnels: their tasks, and the signal that closes them.
+pub struct Tunnels {
+    tasks: TaskTracker,
+    closing: CancellationToken,
+    /// How long the worker may take to answer the upgrade.
+    read_timeout: Duration,
+    /// A tunnel with no bytes either way for this long is closed.
+    idle: Duration,
+}
+
+impl Tunnels {
+    pub fn new(read_timeout: Duration, idle: Duration) -> Tunnels {
+        Tunnels {
+            tasks: TaskTracker::new(),
+            closing: CancellationToken::new(),
+            read_timeout,
+            idle,
         }
-        Ok(Err(e)) => {
-            return short(
-                StatusCode::BAD_GATEWAY,
-                &format!("corral: worker {addr} failed: {e}\n"),
-            )
-        }
-        Err(_) => {
-            return short(
-                StatusCode::GATEWAY_TIMEOUT,
-                &format!("corral: worker {addr} did not answer the upgrade\n"),
-            )
-        }
-    };
-    let mut resp = answer.response;
-    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        // Refused upgrade (a 400 for a bad sid, say): pass the answer on as it is.
-        let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        let body = Guarded::new(body, (answer.lease, target.ticket))
-            .map_err(Into::into)
-            .boxed_unsync();
-        return Response::from_parts(parts, body);
     }
-    let worker_side = hyper::upgrade::on(&mut resp);
-    let idle = cfg.timeouts.websocket_idle;
-    let open = target.worker.open_tunnel();
-    let metrics = proxy.metrics.clone();
-    let ticket = match target.ticket {
-        Ticket::Session(t) => Ticket::Session(t.into_tunnel()),
-        other => other,
-    };
-    let closing = proxy.closing.clone();
-    proxy.tunnels.spawn(async move {
-        let _slot = slot;
-        let (client_io, worker_io) = match tokio::try_join!(client_side, worker_side) {
-            Ok(pair) => pair,
-            Err(e) => {
-                tracing::debug!(error = %e, "websocket upgrade did not complete");
-                return;
+
+    /// Shutdown: each tunnel sends its client a close frame and ends. Resolves once
+    /// every tunnel has ended, or after `limit`; returns how many were still open.
+    pub async fn close(&self, limit: Duration) -> usize {
+        self.closing.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(limit, self.tasks.wait()).await;
+        self.tasks.len()
+    }
+
+    /// Forwards an upgrade request; on 101, splices the two connections.
+    pub(crate) async fn upgrade(
+        &self,
+        forward: &Forwarder,
+        pool: &Pool,
+        metrics: &Arc<Metrics>,
+        mut req: Request<Incoming>,
+        peer: Peer,
+        target: Target,
+    ) -> Response<ProxyBody> {
+        let worker = target.worker.id;
+        let addr = target.worker.addr;
+        let client_side = hyper::upgrade::on(&mut req);
+        // The client connection's slot (limits.max_connections) stays taken while
+        // its tunnel is open.
+        let slot = req.extensions_mut().remove::<ConnectionSlot>();
+        let (parts, _) = req.into_parts();
+        let mut headers = parts.headers;
+        prepare_request_headers(&mut headers, &parts.uri, peer, true);
+        let replay = Replay::new(parts.method, &parts.uri, headers);
+        // A kept-alive connection serves as well as a new one, and saves a connect.
+        let exchange = forward.exchange(&target.worker, replay.request(), Some(&replay));
+        let answer = match tokio::time::timeout(self.read_timeout, exchange).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(SendError::Connect(e))) => {
+                tracing::warn!(worker, %addr, error = %e, "cannot connect to worker for websocket");
+                pool.check_failed(&target.worker);
+                return answer::unreachable(metrics, &target.ticket, addr);
+            }
+            Ok(Err(e)) => {
+                return short(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("corral: worker {addr} failed: {e}\n"),
+                )
+            }
+            Err(_) => {
+                return short(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &format!("corral: worker {addr} did not answer the upgrade\n"),
+                )
             }
         };
-        let (up, down) = splice_until(
-            TokioIo::new(client_io),
-            TokioIo::new(worker_io),
-            idle,
-            closing.cancelled_owned(),
-        )
-        .await;
-        metrics.bytes_in.fetch_add(up, Ordering::Relaxed);
-        metrics.bytes_out.fetch_add(down, Ordering::Relaxed);
-        // The session (or its count) ends with the tunnel.
-        drop(ticket);
-        drop(open);
-    });
-    let (parts, _) = resp.into_parts();
-    Response::from_parts(parts, crate::body::empty())
+        let mut resp = answer.response;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // Refused upgrade (a 400 for a bad sid, say): pass the answer on as it is.
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            let body = Guarded::new(body, (answer.lease, target.ticket))
+                .map_err(Into::into)
+                .boxed_unsync();
+            return Response::from_parts(parts, body);
+        }
+        let worker_side = hyper::upgrade::on(&mut resp);
+        let idle = self.idle;
+        let open = target.worker.open_tunnel();
+        let metrics = metrics.clone();
+        let ticket = match target.ticket {
+            Ticket::Session(t) => Ticket::Session(t.into_tunnel()),
+            other => other,
+        };
+        let closing = self.closing.clone();
+        self.tasks.spawn(async move {
+            let _slot = slot;
+            let (client_io, worker_io) = match tokio::try_join!(client_side, worker_side) {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::debug!(error = %e, "websocket upgrade did not complete");
+                    return;
+                }
+            };
+            let (up, down) = splice_until(
+                TokioIo::new(client_io),
+                TokioIo::new(worker_io),
+                idle,
+                closing.cancelled_owned(),
+            )
+            .await;
+            metrics.bytes_in.fetch_add(up, Ordering::Relaxed);
+            metrics.bytes_out.fetch_add(down, Ordering::Relaxed);
+            // The session (or its count) ends with the tunnel.
+            drop(ticket);
+            drop(open);
+        });
+        let (parts, _) = resp.into_parts();
+        Response::from_parts(parts, crate::body::empty())
+    }
 }
 
 /// Copies both ways until both directions end, an error, or `idle` without a byte.
