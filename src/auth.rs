@@ -319,9 +319,9 @@ impl BasicAuth {
     }
 
     /// Watches the file for changes once a second.
-    pub fn spawn_reloader(self: &Arc<Self>) {
+    pub fn spawn_reloader(self: &Arc<Self>, bg: &crate::tasks::Background) {
         let auth = self.clone();
-        tokio::spawn(async move {
+        bg.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;

@@ -29,6 +29,7 @@ pub mod server;
 pub mod status;
 pub mod strict;
 pub mod supervisor;
+pub mod tasks;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;

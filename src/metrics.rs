@@ -81,8 +81,8 @@ pub struct Sources {
 }
 
 /// Records sessions and requests/s every SAMPLE_EVERY for the status charts.
-pub fn spawn_sampler(src: Arc<Sources>) {
-    tokio::spawn(async move {
+pub fn spawn_sampler(src: Arc<Sources>, bg: &crate::tasks::Background) {
+    bg.spawn(async move {
         let mut tick = tokio::time::interval(SAMPLE_EVERY);
         let mut last_requests = total_requests(&src.pool);
         let mut last = Instant::now();

@@ -524,8 +524,8 @@ impl Drop for InflightGuard {
 
 /// Checks workers at `health.interval`: marks down those up that fail, and up those
 /// down (but alive) that answer. Runs until the runtime stops.
-pub fn spawn_health_checks(pool: Arc<Pool>, health: Health) {
-    tokio::spawn(async move {
+pub fn spawn_health_checks(pool: Arc<Pool>, health: Health, bg: &crate::tasks::Background) {
+    bg.spawn(async move {
         let mut tick = tokio::time::interval(health.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -203,8 +203,8 @@ impl Router {
 }
 
 /// Runs `sweep` periodically so idle sessions are forgotten and memory stays bounded.
-pub fn spawn_sweeper(router: Arc<Router>, every: Duration) {
-    tokio::spawn(async move {
+pub fn spawn_sweeper(router: Arc<Router>, every: Duration, bg: &crate::tasks::Background) {
+    bg.spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;

@@ -19,6 +19,7 @@ use crate::proxy::Proxy;
 use crate::router::{self, Router};
 use crate::status;
 use crate::supervisor::Supervisor;
+use crate::tasks::Background;
 use crate::tls;
 use crate::tunnel::ConnectionSlot;
 use anyhow::Context;
@@ -49,14 +50,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.engineio.max_sessions,
         cfg.engineio.session_idle,
     ));
-    pool::spawn_health_checks(pool.clone(), cfg.health.clone());
-    router::spawn_sweeper(router.clone(), Duration::from_secs(2));
+    // Tasks that live as long as corral: ended and awaited at shutdown.
+    let background = Background::new();
+    pool::spawn_health_checks(pool.clone(), cfg.health.clone(), &background);
+    router::spawn_sweeper(router.clone(), Duration::from_secs(2), &background);
     let auth = match &cfg.auth {
         Some(a) => {
             let auth = BasicAuth::new(&a.htpasswd, &a.realm, a.exempt.clone())
                 .map_err(anyhow::Error::msg)?;
             let auth = Arc::new(auth);
-            auth.spawn_reloader();
+            auth.spawn_reloader(&background);
             Some(auth)
         }
         None => None,
@@ -122,7 +125,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         started: std::time::Instant::now(),
         policy: cfg.balance.policy.to_string(),
     });
-    metrics::spawn_sampler(sources.clone());
+    metrics::spawn_sampler(sources.clone(), &background);
     if let Some(admin_cfg) = &cfg.admin {
         let auth = match &admin_cfg.htpasswd {
             Some(file) => Some(Arc::new(
@@ -142,14 +145,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| admin::default_path(cfg.first_port()));
     admin::serve(&admin_path, supervisor.clone()).await?;
-    // Tasks that live as long as corral: ended and awaited at shutdown.
-    let background = tokio_util::task::TaskTracker::new();
-    let stopping = tokio_util::sync::CancellationToken::new();
     if std::process::id() == 1 {
         tracing::info!("running as PID 1: reaping orphaned processes");
         background.spawn(crate::supervisor::reap_orphans(
             pool.clone(),
-            stopping.clone(),
+            background.stopping(),
         ));
     }
     if let Some(sup) = &supervisor {
@@ -157,7 +157,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     print_summary(&listeners, &pool);
     if supervisor.is_some() {
-        background.spawn(say_ready(pool.clone(), cfg.clone(), stopping.clone()));
+        background.spawn(say_ready(pool.clone(), cfg.clone(), background.stopping()));
     } else {
         announce_ready(&cfg, &pool);
     }
@@ -249,9 +249,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         sup.stop_all().await;
         tracing::info!("every worker stopped");
     }
-    stopping.cancel();
-    background.close();
-    background.wait().await;
+    background.stop().await;
     let _ = std::fs::remove_file(&admin_path);
     Ok(())
 }
@@ -542,7 +540,7 @@ fn normalise(addr: SocketAddr) -> SocketAddr {
 async fn wait_for_stop(
     supervisor: Option<Arc<Supervisor>>,
     certs: Vec<Arc<tls::Certs>>,
-    background: &tokio_util::task::TaskTracker,
+    background: &Background,
 ) -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     let watch = |kind: SignalKind| match signal(kind) {
