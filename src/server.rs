@@ -191,6 +191,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
 
     let signal = wait_for_stop(supervisor.clone(), certs, &background).await;
+    if let Some(sup) = &supervisor {
+        sup.begin_stop();
+    }
     tracing::info!(
         signal,
         "stopping: no new connections, finishing requests in flight"

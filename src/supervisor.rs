@@ -166,6 +166,9 @@ impl Supervisor {
         let old: Vec<usize> = self.slots.lock().await.iter().map(|s| s.index).collect();
         tracing::info!(workers = old.len(), "rolling restart");
         for index in old {
+            if self.is_stopped() {
+                return Err("rolling restart cut short: corral is stopping".into());
+            }
             let (new_index, ready) = self.start_slot().await;
             if let Err(e) = ready.await.unwrap_or(Err("keeper ended".into())) {
                 self.stop_slot(new_index, false).await;
@@ -232,9 +235,16 @@ impl Supervisor {
 
     /// Stops every worker: SIGTERM to each process group, SIGKILL after the grace.
     /// A rolling restart or scale in progress finishes first, and none starts after.
-    pub async fn stop_all(&self) {
-        let _change = self.changes.lock().await;
+    /// Shutdown has begun (the signal came): a rolling restart in progress replaces
+    /// no further worker, and no restart or scale starts from now on. The workers
+    /// keep serving until `stop_all`.
+    pub fn begin_stop(&self) {
         self.stopped.store(true, Ordering::Release);
+    }
+
+    pub async fn stop_all(&self) {
+        self.begin_stop();
+        let _change = self.changes.lock().await;
         let slots: Vec<Slot> = std::mem::take(&mut *self.slots.lock().await);
         for s in &slots {
             let _ = s.stop.send(true);

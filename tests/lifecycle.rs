@@ -358,3 +358,79 @@ fn an_exited_workers_group_goes_with_it() {
     thread::sleep(Duration::from_millis(300));
     assert_eq!(in_group(), 0, "left in the group: {}", corral.log_text());
 }
+
+/// A worker that starts in a second and answers `/slow` in three.
+const SLOW_WORKER: &str = r#"
+import http.server, sys, time
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path.startswith("/slow"):
+            time.sleep(3)
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *a):
+        pass
+time.sleep(1)
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// SIGHUP starts a rolling restart of two workers that each serve a 3 s request;
+/// SIGTERM comes while the first old worker drains. Stopping lets the requests
+/// finish, no worker is started after the signal, and every worker process is gone
+/// when corral exits. (Before, the restart went on and could start a worker after
+/// the stop had taken its list, which then died by SIGKILL with corral.)
+#[test]
+fn a_rolling_restart_racing_sigterm_starts_nothing_after_it() {
+    let dir = support::TempDir::new("slow");
+    let script = dir.file("slow.py", SLOW_WORKER);
+    let mut corral = Corral::start(&format!(
+        "[workers]\ncommand = [\"python3\", \"{}\", \"{{port}}\"]\ncount = 2\ndrain_timeout = \"10s\"\n[timeouts]\nshutdown_drain = \"10s\"\n",
+        script.display()
+    ));
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = corral.addr;
+            thread::spawn(move || {
+                support::exchange(addr, b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n").map(|r| r.status)
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(200));
+    // SAFETY: plain signals to the corral this test started.
+    unsafe {
+        libc::kill(corral.child.id() as i32, libc::SIGHUP);
+    }
+    // The first replacement is ready after a second; the old worker then drains
+    // its 3 s request.
+    thread::sleep(Duration::from_millis(1600));
+    corral.terminate();
+    let status = corral.wait_exit(Duration::from_secs(30));
+    let log = corral.log_text();
+    assert!(status.is_some(), "corral did not exit: {log}");
+    for t in slow {
+        assert_eq!(t.join().expect("client"), Some(200), "{log}");
+    }
+    let stopping = log.find("stopping:").unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        !log[stopping..].contains("worker started"),
+        "a worker started after the stop began:\n{log}"
+    );
+    for line in log.lines().filter(|l| l.contains("worker started")) {
+        let pid: u32 = line
+            .split("pid=")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|p| p.parse().ok())
+            .expect("pid");
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                !s[s.rfind(')').map_or(0, |i| i + 1)..]
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(false);
+        assert!(!alive, "worker {pid} outlived corral:\n{log}");
+    }
+}
