@@ -3,15 +3,24 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CARGO ?= cargo
 
-.PHONY: all build release demo test test-deps lint fmt clean bench bench-mq bench-socketio fuzz
+.PHONY: all build release profiling demo test test-deps lint fmt clean bench bench-mq bench-socketio fuzz man
 
 all: build
 
 build:
 	$(CARGO) build
 
+# The shipped build (stripped).
 release:
 	$(CARGO) build --release
+
+# The release build with symbols: benchmarks and profiling use it.
+profiling:
+	$(CARGO) build --profile profiling
+
+# Man pages (target/man/corral.1 and one per subcommand).
+man: build
+	target/debug/corral man target/man
 
 # Python venv and node packages the end-to-end tests use.
 test-deps: $(VENV)/.installed tests/apps/node/node_modules/.installed
@@ -42,7 +51,7 @@ bench: bench-mq bench-socketio
 	bench/proxies.sh 3 | tee target/bench-proxies.md
 
 # Socket.IO through corral vs the seed's nginx ip_hash, Flask-SocketIO on 2 workers.
-bench-socketio: release $(VENV)/.installed
+bench-socketio: profiling $(VENV)/.installed
 	command -v nginx >/dev/null || (apt-get update -q && apt-get install -y -q nginx)
 	$(PY) bench/sio_bench.py 3 | tee target/bench-socketio.md
 

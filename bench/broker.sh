@@ -7,9 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
 command -v redis-server >/dev/null || { apt-get update -q && apt-get install -y -q redis-server; }
-cargo build --release -q --bin corral --example mqbench
-corral=target/release/corral
-bench=target/release/examples/mqbench
+cargo build --profile profiling -q --bin corral --example mqbench
+corral=target/profiling/corral
+bench=target/profiling/examples/mqbench
 ulimit -n 65536 2>/dev/null || true
 
 port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }

@@ -15,7 +15,7 @@ idle=${IDLE_CONNS:-9000}
 need=()
 for p in nginx haproxy wrk; do command -v $p >/dev/null || need+=($p); done
 [ ${#need[@]} -eq 0 ] || { apt-get update -q >/dev/null && apt-get install -y -q "${need[@]}" >/dev/null; }
-cargo build --release -q --bin corral --example backend --example wsbench
+cargo build --profile profiling -q --bin corral --example backend --example wsbench
 ulimit -n "$(ulimit -Hn)"
 work=$(mktemp -d); mkdir -p "$work/tmp"
 pids=()
@@ -23,14 +23,14 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; nginx
 trap cleanup EXIT
 port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 backend=$(port)
-target/release/examples/backend "127.0.0.1:$backend" 2>/dev/null & pids+=($!)
+target/profiling/examples/backend "127.0.0.1:$backend" 2>/dev/null & pids+=($!)
 sleep 0.5
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 fill() { sed -e "s#@PORT@#$2#g" -e "s#@BACKEND@#$backend#g" -e "s#@DIR@#$work#g" "bench/conf/$1.in" > "$work/$1"; }
 
 start_proxy() { # name port -> sets proxy_pid (the process whose memory is measured)
   case $1 in
-    corral) fill corral.toml "$2"; target/release/corral run -c "$work/corral.toml" 2>"$work/corral.log" & proxy_pid=$!;;
+    corral) fill corral.toml "$2"; target/profiling/corral run -c "$work/corral.toml" 2>"$work/corral.log" & proxy_pid=$!;;
     nginx) fill nginx.conf "$2"; nginx -p "$work" -c "$work/nginx.conf" -g 'daemon off;' & proxy_pid=$!;;
     haproxy) fill haproxy.cfg "$2"; haproxy -f "$work/haproxy.cfg" -db 2>"$work/haproxy.log" & proxy_pid=$!;;
   esac
@@ -68,7 +68,7 @@ for proxy in corral nginx haproxy; do
   for n in 10 100 1000; do
     for r in $(seq "$rounds"); do
       t0=$(cpu_ticks "$proxy_pid")
-      target/release/examples/wsbench echo "ws://127.0.0.1:$p/ws" $n 8 > "$work/ws.json"
+      target/profiling/examples/wsbench echo "ws://127.0.0.1:$p/ws" $n 8 > "$work/ws.json"
       t1=$(cpu_ticks "$proxy_pid")
       python3 -c "import json;d=json.load(open('$work/ws.json'));print(d['messages_per_s'],d['p50_us'],d['p99_us'],f\"{($t1-$t0)*1e6/$(getconf CLK_TCK)/max(1,d['messages_per_s']*8):.1f}\")" >> "$work/$proxy.ws$n"
     done
@@ -77,7 +77,7 @@ for proxy in corral nginx haproxy; do
     R[$proxy,ws$n.cpu]=$(awk '{print $4}' "$work/$proxy.ws$n" | median)
   done
   before=$(rss_kib "$proxy_pid")
-  target/release/examples/wsbench idle "ws://127.0.0.1:$p/ws" "$idle" 15 4 > "$work/idle.out" &
+  target/profiling/examples/wsbench idle "ws://127.0.0.1:$p/ws" "$idle" 15 4 > "$work/idle.out" &
   idle_pid=$!
   for _ in $(seq 600); do grep -q connected "$work/idle.out" 2>/dev/null && break; sleep 0.2; done
   sleep 2

@@ -31,7 +31,7 @@ CLIENTS = int(os.environ.get("CLIENTS", "100"))
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 # For a quick look at one proxy: PROXIES=corral; CORRAL=path/to/another/build.
 PROXIES = os.environ.get("PROXIES", "corral,nginx").split(",")
-CORRAL = os.environ.get("CORRAL", str(ROOT / "target" / "release" / "corral"))
+CORRAL = os.environ.get("CORRAL", str(ROOT / "target" / "profiling" / "corral"))
 
 
 def free_port():

@@ -21,6 +21,7 @@ pub mod engineio;
 pub mod forward;
 pub mod lanes;
 pub mod metrics;
+pub mod notify;
 pub mod path;
 pub mod pool;
 pub mod proxy;

@@ -12,10 +12,18 @@ use std::process::ExitCode;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `corral --version`: the version and the commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("CORRAL_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "corral",
-    version,
+    version = VERSION,
     about = "One port in front of many Socket.IO workers"
 )]
 struct Cli {
@@ -43,6 +51,16 @@ enum Command {
     },
     /// Print a running corral's workers as JSON.
     Status(AdminArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (corral.1 and one per subcommand) into a directory.
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Run only the embedded message queue (a Redis-protocol pub/sub broker).
     Mq {
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:6379")]
@@ -125,6 +143,21 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "corral", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man { dir } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match std::fs::create_dir_all(&dir).and_then(|_| clap_mangen::generate_to(cmd, &dir)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("corral: cannot write man pages to {}: {e}", dir.display());
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Reload(a) => admin(a, "reload".into()),
         Command::Scale { admin: a, count } => admin(a, format!("scale {count}")),
         Command::Status(a) => admin(a, "status".into()),

@@ -191,6 +191,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
 
     let signal = wait_for_stop(supervisor.clone(), certs, &background).await;
+    crate::notify::notify("STOPPING=1\nSTATUS=stopping");
     if let Some(sup) = &supervisor {
         sup.begin_stop();
     }
@@ -358,6 +359,10 @@ fn announce_ready(cfg: &Config, pool: &Pool) {
         workers_not_ready = workers.len() - up,
         "corral ready"
     );
+    crate::notify::notify(&format!(
+        "READY=1\nSTATUS={up} of {} workers ready",
+        workers.len()
+    ));
 }
 
 /// Says "corral ready" once at least one supervised worker is ready: before that,

@@ -1,6 +1,8 @@
 //! The admin listener: `/metrics` (Prometheus text), `/status` (a live HTML page with
 //! no build step and nothing from a CDN) and `/status.json`, on a port of its own,
-//! loopback by default, optionally behind basic auth.
+//! loopback by default, optionally behind basic auth; and, without auth, the probes
+//! for load balancers and orchestrators: `/healthz` (corral is alive) and `/readyz`
+//! (at least one worker is ready, else 503; the counts in the body).
 //!
 //! It only reads: counters from `metrics`, worker state from the pool.
 
@@ -52,6 +54,13 @@ async fn answer(
     src: Arc<Sources>,
     auth: Option<Arc<BasicAuth>>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    // Probes carry no credentials (a Kubernetes probe or Docker HEALTHCHECK) and
+    // tell no more than a count.
+    match req.uri().path() {
+        "/healthz" => return Ok(reply(StatusCode::OK, "text/plain", "ok\n".into())),
+        "/readyz" => return Ok(readiness(&src)),
+        _ => {}
+    }
     if let Some(auth) = &auth {
         let given = req
             .headers()
@@ -83,6 +92,18 @@ async fn answer(
         "/status" | "/" => reply(StatusCode::OK, "text/html; charset=utf-8", PAGE.to_string()),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     })
+}
+
+/// 200 when at least one worker is ready, 503 otherwise; the counts in the body.
+fn readiness(src: &Sources) -> Response<ProxyBody> {
+    let workers = src.pool.workers();
+    let ready = workers.iter().filter(|w| w.is_up()).count();
+    let (status, word) = match ready {
+        0 => (StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+        _ => (StatusCode::OK, "ready"),
+    };
+    let text = format!("{word}: {ready} of {} workers ready\n", workers.len());
+    reply(status, "text/plain", text)
 }
 
 fn reply(status: StatusCode, kind: &'static str, text: String) -> Response<ProxyBody> {

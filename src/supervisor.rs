@@ -163,6 +163,19 @@ impl Supervisor {
         if self.is_stopped() {
             return Err("corral is stopping: no rolling restart".into());
         }
+        crate::notify::reloading();
+        let result = self.replace_all().await;
+        if !self.is_stopped() {
+            let n = self.slots.lock().await.len();
+            crate::notify::notify(&format!(
+                "READY=1\nSTATUS={n} workers after a rolling restart"
+            ));
+        }
+        result
+    }
+
+    /// The steps of a rolling restart (the change lock held by the caller).
+    async fn replace_all(&self) -> Result<(), String> {
         let old: Vec<usize> = self.slots.lock().await.iter().map(|s| s.index).collect();
         tracing::info!(workers = old.len(), "rolling restart");
         for index in old {
