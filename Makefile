@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CARGO ?= cargo
 
-.PHONY: all build release profiling demo test test-deps lint fmt clean bench bench-mq bench-socketio fuzz man
+.PHONY: all build release profiling demo test test-deps system-deps lint fmt clean bench bench-mq bench-socketio fuzz man
 
 all: build
 
@@ -22,8 +22,13 @@ profiling:
 man: build
 	target/debug/corral man target/man
 
+# System packages (Debian): installed when missing if run as root, else the one
+# command to run is printed.
+system-deps:
+	scripts/system-deps
+
 # Python venv and node packages the end-to-end tests use.
-test-deps: $(VENV)/.installed tests/apps/node/node_modules/.installed
+test-deps: system-deps $(VENV)/.installed tests/apps/node/node_modules/.installed
 
 $(VENV)/.installed: tests/requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,10 +42,10 @@ tests/apps/node/node_modules/.installed: tests/apps/node/package.json
 
 # Runs the chat example as the seed ran it (examples/chat/corral.toml): five gunicorn
 # workers started by corral, https://127.0.0.1:8443/ (demo / demo), status on :9000.
-demo: release $(VENV)/.installed
+demo: system-deps release $(VENV)/.installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" target/release/corral run -c examples/chat/corral.toml
 
-test: build test-deps
+test: system-deps build test-deps
 	$(CARGO) test
 	$(VENV)/bin/pytest tests/e2e
 
