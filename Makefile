@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CARGO ?= cargo
 
-.PHONY: all build release profiling demo test test-deps system-deps lint fmt clean bench bench-mq bench-socketio fuzz man
+.PHONY: all build release profiling demo test test-deps test-pip system-deps lint fmt clean bench bench-mq bench-socketio fuzz man
 
 all: build
 
@@ -48,6 +48,15 @@ demo: system-deps release $(VENV)/.installed
 test: system-deps build test-deps
 	$(CARGO) test
 	$(VENV)/bin/pytest tests/e2e
+
+# The pip way: a fresh venv, `pip install ./` (maturin builds the binary), `corral
+# --version`, and a supervisor end-to-end test run with that binary.
+PIPVENV := target/pip-venv
+test-pip: $(VENV)/.installed
+	rm -rf $(PIPVENV) && python3 -m venv $(PIPVENV)
+	$(PIPVENV)/bin/pip install -q ./
+	$(PIPVENV)/bin/corral --version
+	CORRAL_BIN=$(CURDIR)/$(PIPVENV)/bin/corral $(VENV)/bin/pytest tests/e2e/test_supervisor.py -q -k starts_four_workers
 
 # corral vs nginx and HAProxy (HTTP, websocket echo, idle websocket memory) and the
 # embedded broker vs redis-server; installs nginx, haproxy, wrk, redis-server if
