@@ -25,6 +25,30 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// The number after `key=` in the first line of `text` that has one.
+fn number_after(text: &str, key: &str) -> u32 {
+    text.split(&format!("{key}="))
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in: {text}"))
+}
+
+/// A process's state letter and group id (from /proc), or None once it is gone.
+fn proc_state(pid: u32) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let pgrp = f.nth(1)?.parse().ok()?;
+    Some((state, pgrp))
+}
+
+/// Running (not gone, not a zombie).
+fn alive(pid: u32) -> bool {
+    proc_state(pid).is_some_and(|(state, _)| state != 'Z')
+}
+
 /// SIGTERM half a second into a request the worker takes 2 s to answer: the answer
 /// still arrives (it used to be an empty reply at once), and corral then exits.
 #[test]
@@ -299,12 +323,7 @@ fn readiness_is_checked_against_the_workers_own_socket() {
         |_| {},
     );
     let log = corral.log_text();
-    let port: u16 = log
-        .split("port=")
-        .nth(1)
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in the log: {log}"));
+    let port = number_after(&log, "port") as u16;
     let intruder = RawWorker::start_on(
         format!("127.0.0.1:{port}").parse().expect("addr"),
         Mode::Echo,
@@ -330,29 +349,13 @@ fn an_exited_workers_group_goes_with_it() {
         |_| {},
     );
     let log = corral.log_text();
-    let pid: u32 = log
-        .split("pid=")
-        .nth(1)
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in the log: {log}"));
+    let pid = number_after(&log, "pid");
     let in_group = || {
         std::fs::read_dir("/proc")
             .into_iter()
             .flatten()
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/stat"))
-                    .ok()
-                    .and_then(|s| {
-                        let rest = s[s.rfind(')')? + 1..].to_owned();
-                        let mut f = rest.split_whitespace();
-                        let state = f.next()?.to_owned();
-                        let pgrp: u32 = f.nth(1)?.parse().ok()?;
-                        Some(pgrp == pid && state != "Z")
-                    })
-                    .unwrap_or(false)
-            })
+            .filter(|p| proc_state(*p).is_some_and(|(state, group)| group == pid && state != 'Z'))
             .count()
     };
     assert!(in_group() >= 1, "the worker's group is not running");
@@ -423,19 +426,7 @@ fn a_rolling_restart_racing_sigterm_starts_nothing_after_it() {
         "a worker started after the stop began:\n{log}"
     );
     for line in log.lines().filter(|l| l.contains("worker started")) {
-        let pid: u32 = line
-            .split("pid=")
-            .nth(1)
-            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|p| p.parse().ok())
-            .expect("pid");
-        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                !s[s.rfind(')').map_or(0, |i| i + 1)..]
-                    .trim_start()
-                    .starts_with('Z')
-            })
-            .unwrap_or(false);
-        assert!(!alive, "worker {pid} outlived corral:\n{log}");
+        let pid = number_after(line, "pid");
+        assert!(!alive(pid), "worker {pid} outlived corral:\n{log}");
     }
 }
