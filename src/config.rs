@@ -62,6 +62,67 @@ pub struct Config {
     /// a number, or `"auto"` (the default) for one per CPU.
     #[serde(default)]
     pub threads: Count,
+    /// `[cluster]`: this node's name and the key its sid tags are signed with (and,
+    /// with several nodes, the others).
+    #[serde(default)]
+    pub cluster: Cluster,
+}
+
+/// `[cluster]`: what tagged sids need (`engineio.tag_sids`): this node's name and the
+/// key every node shares; the other nodes, when there are several.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cluster {
+    /// This node's name, the same on every start (it is part of each tag).
+    pub node: String,
+    /// The key tags are signed with, shared by every node. Without `key` or
+    /// `key_file`, a random key per start: tags then do not survive a restart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// A file holding the key (its bytes, trailing whitespace removed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            node: "corral".into(),
+            key: None,
+            key_file: None,
+        }
+    }
+}
+
+impl Cluster {
+    /// The signing key: from `key`, `key_file`, or random (and said so).
+    pub fn signing_key(&self) -> Result<Vec<u8>, String> {
+        if let Some(k) = &self.key {
+            return Ok(k.as_bytes().to_vec());
+        }
+        if let Some(f) = &self.key_file {
+            let bytes = std::fs::read(f)
+                .map_err(|e| format!("cluster.key_file {}: cannot read: {e}", f.display()))?;
+            let end = bytes
+                .iter()
+                .rposition(|b| !b.is_ascii_whitespace())
+                .map_or(0, |i| i + 1);
+            if end < 16 {
+                return Err(format!(
+                    "cluster.key_file {}: a key of at least 16 bytes is needed",
+                    f.display()
+                ));
+            }
+            return Ok(bytes[..end].to_vec());
+        }
+        let mut key = vec![0u8; 32];
+        // SAFETY: getrandom fills the buffer it is given, up to its length.
+        let n = unsafe { libc::getrandom(key.as_mut_ptr().cast(), key.len(), 0) };
+        if n != key.len() as isize {
+            return Err("cannot make a random tag key (getrandom failed)".into());
+        }
+        Ok(key)
+    }
 }
 
 /// The command line of a worker: a string run by `/bin/sh -c` (quotes as in a shell)
@@ -422,6 +483,10 @@ pub struct EngineIo {
     /// from the worker's handshake: pingInterval + pingTimeout + 15 s.
     #[serde(with = "opt_duration")]
     pub session_idle: Option<Duration>,
+    /// Carry each session's worker in its sid (`sid.TAG`, signed with
+    /// `cluster.key`), so that a restarted corral, or another node, routes it
+    /// without having seen the handshake. Off: the session table alone routes.
+    pub tag_sids: bool,
 }
 
 impl Default for EngineIo {
@@ -431,6 +496,7 @@ impl Default for EngineIo {
             sticky: true,
             max_sessions: 1_000_000,
             session_idle: None,
+            tag_sids: false,
         }
     }
 }
@@ -622,6 +688,9 @@ impl Config {
                 *sock = base.join(&*sock);
             }
         }
+        if let Some(k) = config.cluster.key_file.as_mut() {
+            rebase(k);
+        }
         Ok(config)
     }
 
@@ -658,6 +727,15 @@ impl Config {
             key: key.into(),
             message: message.into(),
         };
+        if self.cluster.key.is_some() && self.cluster.key_file.is_some() {
+            return Err(bad("cluster.key_file", "give key or key_file, not both"));
+        }
+        if self.cluster.key.as_ref().is_some_and(|k| k.len() < 16) {
+            return Err(bad("cluster.key", "a key of at least 16 bytes is needed"));
+        }
+        if self.cluster.node.is_empty() {
+            return Err(bad("cluster.node", "must not be empty"));
+        }
         for (i, l) in self.listener.iter().enumerate() {
             if let Some(TlsSetting::Mode(m)) = &l.tls {
                 if m != "self-signed" {

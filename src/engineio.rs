@@ -126,6 +126,44 @@ fn open_packet_start(buf: &[u8]) -> Result<usize, Parse> {
     }
 }
 
+/// The open packet at the start of `buf` with its sid `sid` replaced by `tagged`,
+/// framing lengths fixed (EIO=3 text `97:0{…}` and binary `\x00 9 7 \xff 0{…}` count
+/// the packet's length; EIO=4 counts nothing), and the rest of `buf` as it was.
+/// None when `buf` does not start with that open packet.
+pub fn retag_handshake(buf: &[u8], sid: &str, tagged: &str) -> Option<Vec<u8>> {
+    let start = open_packet_start(buf).ok()?;
+    let quoted = format!("\"{sid}\"");
+    let at = start + find(&buf[start..], quoted.as_bytes())?;
+    let delta = tagged.len() - sid.len();
+    let mut out = Vec::with_capacity(buf.len() + delta + 2);
+    // The length prefix of the EIO=3 framings, rewritten.
+    match buf[0] {
+        0 => {
+            let digits = &buf[1..start - 2];
+            let len: usize = digits.iter().fold(0, |n, d| n * 10 + *d as usize);
+            out.push(0);
+            out.extend((len + delta).to_string().bytes().map(|c| c - b'0'));
+            out.push(0xff);
+        }
+        b'1'..=b'9' => {
+            let digits = std::str::from_utf8(&buf[..start - 2]).ok()?;
+            let len: usize = digits.parse().ok()?;
+            out.extend_from_slice(format!("{}:", len + delta).as_bytes());
+        }
+        _ => {}
+    }
+    out.extend_from_slice(&buf[start - 1..at]);
+    out.push(b'"');
+    out.extend_from_slice(tagged.as_bytes());
+    out.push(b'"');
+    out.extend_from_slice(&buf[at + quoted.len()..]);
+    Some(out)
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
 #[derive(serde::Deserialize)]
 struct OpenPacket {
     sid: String,
@@ -141,6 +179,44 @@ pub const UNKNOWN_SID_BODY: &str = r#"{"code":1,"message":"Session ID unknown"}"
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handshakes_are_retagged_in_every_framing() {
+        let open =
+            r#"0{"sid":"abc","upgrades":["websocket"],"pingInterval":25000,"pingTimeout":20000}"#;
+        let tagged = "abc.TAGTAGTAG";
+        let want = open.replace("\"abc\"", &format!("\"{tagged}\""));
+        // EIO=4, with a packet after it.
+        let eio4 = format!("{open}\x1e40");
+        let got = retag_handshake(eio4.as_bytes(), "abc", tagged).expect("eio4");
+        assert_eq!(got, format!("{want}\x1e40").into_bytes());
+        // EIO=3 text: the length counts the longer packet.
+        let eio3 = format!("{}:{open}2:40", open.len());
+        let got = retag_handshake(eio3.as_bytes(), "abc", tagged).expect("eio3");
+        assert_eq!(got, format!("{}:{want}2:40", want.len()).into_bytes());
+        let Parse::Found(hs) = parse_handshake(&got) else {
+            panic!("the result parses")
+        };
+        assert_eq!(hs.sid, tagged);
+        // EIO=3 binary: the length is in digit bytes.
+        let mut bin = vec![0u8];
+        bin.extend(open.len().to_string().bytes().map(|c| c - b'0'));
+        bin.push(0xff);
+        bin.extend_from_slice(open.as_bytes());
+        let got = retag_handshake(&bin, "abc", tagged).expect("binary");
+        let mut want_bin = vec![0u8];
+        want_bin.extend(want.len().to_string().bytes().map(|c| c - b'0'));
+        want_bin.push(0xff);
+        want_bin.extend_from_slice(want.as_bytes());
+        assert_eq!(got, want_bin);
+        // Split across reads: nothing is found until the open packet is whole.
+        for cut in 1..eio3.len() {
+            if let Parse::Found(_) = parse_handshake(&eio3.as_bytes()[..cut]) {
+                assert!(cut > eio3.find('}').expect("brace"));
+            }
+        }
+        assert_eq!(retag_handshake(b"<html>", "abc", tagged), None);
+    }
 
     #[test]
     fn classifies_queries() {

@@ -27,6 +27,7 @@ pub mod pool;
 pub mod proxy;
 pub mod router;
 pub mod server;
+pub mod sidtag;
 pub mod status;
 pub mod strict;
 pub mod supervisor;

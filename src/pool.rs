@@ -67,6 +67,9 @@ pub struct Worker {
     pub conns: crate::upstream::Idle,
     /// Started and watched by corral's supervisor (as opposed to a static upstream).
     pub managed: bool,
+    /// Its reference in tagged sids (`sidtag`), from its configured identity: the
+    /// address of a static upstream, the id of a supervised worker.
+    pub tag_ref: crate::sidtag::Ref,
     state: AtomicU8,
     /// For managed workers: the process is running and was ready once, so a health
     /// check may bring it back up. Static workers are always "alive".
@@ -215,6 +218,11 @@ impl Worker {
 
     /// Forgets one session counted here, unless the worker went down since
     /// (`generation` differs), which already forgot them all.
+    /// A session of this worker is counted (one corral had not seen start).
+    pub fn session_adopted(&self) {
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn session_ended(&self, generation: u64) {
         if self.generation() == generation {
             // Never below zero, even if a down/up race reset the count.
@@ -282,8 +290,14 @@ impl Pool {
 
     /// Adds a worker: static ones start up, managed ones start `Starting`.
     pub fn add(&self, addr: SocketAddr, managed: bool) -> Arc<Worker> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let identity = match managed {
+            true => format!("worker:{id}"),
+            false => format!("addr:{addr}"),
+        };
         let worker = Arc::new(Worker {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            id,
+            tag_ref: crate::sidtag::worker_ref(&identity),
             addr,
             authority: http::uri::Authority::try_from(addr.to_string().as_str())
                 .unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1")),
@@ -401,6 +415,15 @@ impl Pool {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|x| x.id != w.id);
+    }
+
+    /// The worker a tag names, if it is one of this pool's and can take requests of
+    /// its sessions (up or draining).
+    pub fn by_tag(&self, r: crate::sidtag::Ref) -> Option<Arc<Worker>> {
+        self.list()
+            .iter()
+            .find(|w| w.tag_ref == r && matches!(w.state(), State::Up | State::Draining))
+            .cloned()
     }
 
     /// Chooses the worker for a new Engine.IO session and counts the session on it.

@@ -22,6 +22,7 @@ use crate::forward::{
 use crate::metrics::Metrics;
 use crate::pool::{InflightGuard, Pool};
 use crate::router::{NewSession, Route, Router};
+use crate::sidtag::{self, Sid};
 use crate::tunnel::Tunnels;
 use crate::upstream::{self, Answer, SendError};
 use bytes::{Bytes, BytesMut};
@@ -50,6 +51,14 @@ pub struct Proxy {
     tunnels: Tunnels,
     /// Unread request bodies read away after a 413 (each for a second at most).
     lingering: tokio_util::task::TaskTracker,
+    /// Tagged sids (`engineio.tag_sids`): the signer and this node's reference.
+    pub(crate) tags: Option<Tags>,
+}
+
+/// What tagging sids needs.
+pub struct Tags {
+    pub tagger: sidtag::Tagger,
+    pub node: sidtag::Ref,
 }
 
 /// Why no worker was chosen.
@@ -101,6 +110,7 @@ impl Proxy {
             forward: Forwarder { upstream },
             tunnels,
             lingering: tokio_util::task::TaskTracker::new(),
+            tags: None,
         }
     }
 
@@ -207,7 +217,16 @@ impl Proxy {
             }
         }
         let is_eio = self.is_engineio(&path);
-        let target = match self.choose(&req, peer, is_eio) {
+        let mut req = req;
+        let tagged = match self.read_tag(&mut req, is_eio) {
+            Ok(t) => t,
+            Err(refusal) => return refusal.response(&self),
+        };
+        let chosen = match tagged {
+            Some((raw, worker)) => self.choose_tagged(&raw, worker),
+            None => self.choose(&req, peer, is_eio),
+        };
+        let target = match chosen {
             Ok(t) => t,
             Err(refusal) => return refusal.response(&self),
         };
@@ -232,6 +251,59 @@ impl Proxy {
     fn is_engineio(&self, path: &str) -> bool {
         let prefix = &self.cfg.engineio.path;
         path.starts_with(prefix.as_str()) || path == &prefix[..prefix.len() - 1]
+    }
+
+    /// A tagged sid (`sidtag`): checks its tag, finds the worker it names and gives
+    /// the request the worker's own sid. None for a request without a tag (or with
+    /// tags off); a tag that does not check out, or names a worker this node does
+    /// not have, gets "Session ID unknown", as the worker would answer.
+    fn read_tag(
+        &self,
+        req: &mut Request<Incoming>,
+        is_eio: bool,
+    ) -> Result<Option<(String, Arc<crate::pool::Worker>)>, Refusal> {
+        let Some(tags) = self
+            .tags
+            .as_ref()
+            .filter(|_| is_eio && self.cfg.engineio.sticky)
+        else {
+            return Ok(None);
+        };
+        let Some(sid) = engineio::classify(req.uri().query()).sid else {
+            return Ok(None);
+        };
+        let (raw, route) = match tags.tagger.read(&sid) {
+            Sid::Plain(_) => return Ok(None),
+            Sid::Bad => return Err(Refusal::UnknownSid),
+            Sid::Tagged { raw, route } => (raw.to_owned(), route),
+        };
+        if route.node != tags.node {
+            return Err(Refusal::UnknownSid);
+        }
+        let worker = self.pool.by_tag(route.worker).ok_or(Refusal::UnknownSid)?;
+        let query = req.uri().query().unwrap_or("");
+        let stripped = sidtag::strip_query(query, &raw).ok_or(Refusal::UnknownSid)?;
+        let pq = format!("{}?{stripped}", req.uri().path());
+        let mut parts = req.uri().clone().into_parts();
+        parts.path_and_query = pq.parse().ok();
+        *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| Refusal::UnknownSid)?;
+        Ok(Some((raw, worker)))
+    }
+
+    /// The target of a tagged request: the worker its tag names.
+    fn choose_tagged(
+        &self,
+        raw: &str,
+        worker: Arc<crate::pool::Worker>,
+    ) -> Result<Target, Refusal> {
+        match self.router.tagged(raw, worker) {
+            Route::Session(t) => Ok(Target {
+                worker: t.worker.clone(),
+                ticket: Ticket::Session(t),
+            }),
+            Route::Full => Err(Refusal::Full),
+            _ => Err(Refusal::UnknownSid),
+        }
     }
 
     /// Picks the worker: by session on the Engine.IO path, least busy elsewhere.
@@ -423,8 +495,13 @@ impl Proxy {
         }
         let (prefix, ticket) = match ticket {
             Ticket::New(new) if parts.status == StatusCode::OK => {
+                let tag_ref = new.worker.tag_ref;
                 match self.learn_sid(new, &mut body).await {
-                    Ok(prefix) => (prefix, Ticket::Plain),
+                    Ok((prefix, Some(hs))) if self.tags.is_some() => (
+                        self.tag_handshake(prefix, &hs.sid, tag_ref, &mut parts.headers),
+                        Ticket::Plain,
+                    ),
+                    Ok((prefix, _)) => (prefix, Ticket::Plain),
                     Err(resp) => return resp,
                 }
             }
@@ -438,23 +515,55 @@ impl Proxy {
         Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
     }
 
-    /// Reads just enough of a handshake response to learn the sid; returns what it read.
+    /// The handshake's first bytes with the sid tagged (`sid.TAG`), the framing and
+    /// Content-Length fixed to the longer sid.
+    fn tag_handshake(
+        &self,
+        prefix: Bytes,
+        sid: &str,
+        worker: sidtag::Ref,
+        headers: &mut http::HeaderMap,
+    ) -> Bytes {
+        let Some(tags) = &self.tags else {
+            return prefix;
+        };
+        let tagged = tags.tagger.tag(
+            sid,
+            sidtag::Route {
+                node: tags.node,
+                worker,
+            },
+        );
+        let Some(rewritten) = engineio::retag_handshake(&prefix, sid, &tagged) else {
+            return prefix;
+        };
+        let grew = (rewritten.len() - prefix.len()) as u64;
+        if let Some(n) = declared_length(headers) {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n + grew));
+        }
+        Bytes::from(rewritten)
+    }
+
+    /// Reads just enough of a handshake response to learn the sid; returns what it
+    /// read, and the handshake if it was one.
     async fn learn_sid<B>(
         &self,
         new: NewSession,
         incoming: &mut B,
-    ) -> Result<Bytes, Response<ProxyBody>>
+    ) -> Result<(Bytes, Option<engineio::Handshake>), Response<ProxyBody>>
     where
         B: http_body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
         let mut seen = BytesMut::new();
         let wait = self.cfg.timeouts.engineio_read;
+        let mut learned = None;
         loop {
             match engineio::parse_handshake(&seen) {
                 Parse::Found(hs) => {
                     tracing::debug!(sid = %hs.sid, worker = new.worker.id, "session learned");
                     new.learn(&hs);
+                    learned = Some(hs);
                     break;
                 }
                 Parse::NotHandshake => break,
@@ -481,7 +590,7 @@ impl Proxy {
                 seen.extend_from_slice(&data);
             }
         }
-        Ok(seen.freeze())
+        Ok((seen.freeze(), learned))
     }
 }
 

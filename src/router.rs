@@ -122,6 +122,47 @@ impl Router {
         })
     }
 
+    /// Routes a request whose tag names `worker` (`sidtag`): its session as known,
+    /// or, when this corral has not seen the session (it was restarted), the
+    /// session taken on as the worker's, counted and expired like the others.
+    pub fn tagged(self: &Arc<Self>, sid: &str, worker: Arc<Worker>) -> Route {
+        let mut table = self.table();
+        let known = table.get(sid).is_some_and(|s| {
+            Arc::ptr_eq(&s.worker, &worker) && s.worker.generation() == s.generation
+        });
+        if !known {
+            if table.len() >= self.max_sessions {
+                return Route::Full;
+            }
+            worker.session_adopted();
+            let idle = self.idle_override.unwrap_or(DEFAULT_LIVENESS + IDLE_SLACK);
+            let adopted = Session {
+                generation: worker.generation(),
+                worker: worker.clone(),
+                last_seen: Instant::now(),
+                idle,
+                inflight: 0,
+                tunnels: 0,
+                tunnel_closed: false,
+            };
+            if let Some(old) = table.insert(sid.to_owned(), adopted) {
+                old.worker.session_ended(old.generation);
+            }
+            tracing::debug!(sid, worker = worker.id, "session taken on from its tag");
+        }
+        let Some(s) = table.get_mut(sid) else {
+            return Route::UnknownSid;
+        };
+        s.inflight += 1;
+        Route::Session(SessionTicket {
+            router: self.clone(),
+            sid: sid.to_owned(),
+            worker,
+            tunnel: false,
+            answered: false,
+        })
+    }
+
     /// Routes a handshake (no sid): picks a worker by the balancing policy.
     pub fn handshake(self: &Arc<Self>, client: IpAddr) -> Route {
         if self.len() >= self.max_sessions {

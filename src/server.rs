@@ -74,14 +74,30 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         )?),
         false => None,
     };
-    let proxy = Arc::new(Proxy::new(
+    let mut proxy = Proxy::new(
         cfg.clone(),
         pool.clone(),
         router.clone(),
         auth,
         metrics.clone(),
         access,
-    ));
+    );
+    if cfg.engineio.tag_sids {
+        let cluster = &cfg.cluster;
+        if cluster.key.is_none() && cluster.key_file.is_none() {
+            tracing::warn!(
+                "engineio.tag_sids without cluster.key: a random key, so tagged sessions \
+                 will not survive a restart"
+            );
+        }
+        let key = cluster.signing_key().map_err(anyhow::Error::msg)?;
+        proxy.tags = Some(crate::proxy::Tags {
+            tagger: crate::sidtag::Tagger::new(&key),
+            node: crate::sidtag::node_ref(&cluster.node),
+        });
+        tracing::info!(node = %cluster.node, "sids carry their worker (tagged)");
+    }
+    let proxy = Arc::new(proxy);
 
     raise_fd_limit();
     let lanes = Arc::new(Lanes::start(cfg.threads.resolve()).context("cannot start threads")?);
