@@ -82,6 +82,9 @@ pub struct Cluster {
     /// A file holding the key (its bytes, trailing whitespace removed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
+    /// The other nodes: name = "address of its listener" (plain HTTP). A request
+    /// whose tag names one of them is sent there once, marked as a hop.
+    pub nodes: BTreeMap<String, SocketAddr>,
 }
 
 impl Default for Cluster {
@@ -90,6 +93,7 @@ impl Default for Cluster {
             node: "corral".into(),
             key: None,
             key_file: None,
+            nodes: BTreeMap::new(),
         }
     }
 }
@@ -735,6 +739,26 @@ impl Config {
         }
         if self.cluster.node.is_empty() {
             return Err(bad("cluster.node", "must not be empty"));
+        }
+        if !self.cluster.nodes.is_empty() {
+            if self.cluster.nodes.contains_key(&self.cluster.node) {
+                return Err(bad(
+                    "cluster.nodes",
+                    "lists this node itself (cluster.node); list only the others",
+                ));
+            }
+            if self.cluster.key.is_none() && self.cluster.key_file.is_none() {
+                return Err(bad(
+                    "cluster.key",
+                    "several nodes need a key they share (key or key_file)",
+                ));
+            }
+            if !self.engineio.tag_sids {
+                return Err(bad(
+                    "engineio.tag_sids",
+                    "several nodes route by tagged sids: set it to true",
+                ));
+            }
         }
         for (i, l) in self.listener.iter().enumerate() {
             if let Some(TlsSetting::Mode(m)) = &l.tls {

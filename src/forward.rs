@@ -38,6 +38,8 @@ pub(crate) enum Ticket {
     New(NewSession),
     /// Anything else.
     Plain,
+    /// A request for a session on another corral node, sent there once.
+    Hop,
 }
 
 /// A session's ticket is let go when its response ends or is given up alike.
@@ -55,9 +57,19 @@ pub(crate) struct Target {
 /// Sends requests to workers over `upstream`'s connections.
 pub(crate) struct Forwarder {
     pub(crate) upstream: upstream::Settings,
+    /// This node's hop header value, when there are other nodes.
+    pub(crate) hop: Option<HeaderValue>,
 }
 
 impl Forwarder {
+    /// A request going to another node carries this node's hop mark; one going to a
+    /// worker never carries one (`prepare_request_headers` removed the client's).
+    pub(crate) fn mark_hop(&self, headers: &mut HeaderMap, ticket: &Ticket) {
+        if let (Ticket::Hop, Some(v)) = (ticket, &self.hop) {
+            headers.insert(crate::sidtag::HOP_HEADER, v.clone());
+        }
+    }
+
     /// One request to a worker. A replayable request that meets a kept-alive
     /// connection closing under it (the worker's keep-alive timeout, or a restart)
     /// goes out once more on a new connection, as nginx does.
@@ -276,6 +288,8 @@ pub(crate) fn prepare_request_headers(
             headers.remove(name);
         }
     }
+    // A hop mark is this node's to set (`Forwarder::mark_hop`), never passed on.
+    headers.remove(crate::sidtag::HOP_HEADER);
     if !keep(headers, "x-real-ip") {
         if let Ok(v) = HeaderValue::from_str(&peer.addr.ip().to_string()) {
             headers.insert("x-real-ip", v);

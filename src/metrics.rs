@@ -31,6 +31,9 @@ pub struct Metrics {
     latency_sum_us: AtomicU64,
     pub handshakes: AtomicU64,
     pub unknown_sid: AtomicU64,
+    /// Requests sent to another corral node by their tag, and received from one.
+    pub hops_out: AtomicU64,
+    pub hops_in: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub access_log_dropped: AtomicU64,
@@ -78,6 +81,8 @@ pub struct Sources {
     pub queue: Queue,
     pub started: Instant,
     pub policy: String,
+    /// This node's name (`cluster.node`).
+    pub node: String,
 }
 
 /// Records sessions and requests/s every SAMPLE_EVERY for the status charts.
@@ -117,11 +122,25 @@ fn total_requests(pool: &Pool) -> u64 {
     pool.workers().iter().map(|w| w.requests_total()).sum()
 }
 
+/// A label value as the exposition format wants it.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 /// The Prometheus text exposition (format 0.0.4).
 pub fn prometheus(src: &Sources) -> String {
     let m = &src.metrics;
     let mut e = Exposition::default();
     let workers = src.pool.workers();
+
+    let n = e.family(
+        "corral_node_info",
+        "gauge",
+        "This corral node (cluster.node), always 1.",
+    );
+    e.line(format!("{n}{{node=\"{}\"}} 1", escape_label(&src.node)));
 
     let n = e.family(
         "corral_requests_total",
@@ -211,6 +230,8 @@ pub fn prometheus(src: &Sources) -> String {
     for (name, help, value) in [
         ("corral_engineio_handshakes_total", "Engine.IO handshakes routed to a worker.", Metrics::count(&m.handshakes)),
         ("corral_engineio_unknown_sid_total", "Requests answered \"Session ID unknown\" (the thrash counter: near 0 when sessions stick).", Metrics::count(&m.unknown_sid)),
+        ("corral_cluster_forwarded_total", "Requests sent to another corral node because their sid's tag names it.", Metrics::count(&m.hops_out)),
+        ("corral_cluster_received_total", "Requests another corral node sent here.", Metrics::count(&m.hops_in)),
         ("corral_bytes_in_total", "Bytes received from clients (bodies and tunnels).", Metrics::count(&m.bytes_in)),
         ("corral_bytes_out_total", "Bytes sent to clients (bodies and tunnels).", Metrics::count(&m.bytes_out)),
         ("corral_access_log_dropped_total", "Access log lines dropped because the writer fell behind.", Metrics::count(&m.access_log_dropped)),
@@ -391,7 +412,10 @@ pub fn status_json(src: &Sources) -> serde_json::Value {
             "rps": workers.iter().map(|w| w.rps).sum::<f64>(),
             "handshakes": Metrics::count(&m.handshakes),
             "unknown_sid": Metrics::count(&m.unknown_sid),
+            "forwarded_to_nodes": Metrics::count(&m.hops_out),
+            "received_from_nodes": Metrics::count(&m.hops_in),
         },
+        "node": src.node,
         "workers": workers,
         "message_queue": queue,
         "history": history,

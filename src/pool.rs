@@ -290,6 +290,21 @@ impl Pool {
 
     /// Adds a worker: static ones start up, managed ones start `Starting`.
     pub fn add(&self, addr: SocketAddr, managed: bool) -> Arc<Worker> {
+        let worker = self.make(addr, managed);
+        self.workers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(worker.clone());
+        worker
+    }
+
+    /// A worker outside the balancing: another corral node, which requests are sent
+    /// to with the same connections and rules as to a worker.
+    pub fn detached(&self, addr: SocketAddr) -> Arc<Worker> {
+        self.make(addr, false)
+    }
+
+    fn make(&self, addr: SocketAddr, managed: bool) -> Arc<Worker> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let identity = match managed {
             true => format!("worker:{id}"),
@@ -322,10 +337,6 @@ impl Pool {
         if !managed {
             worker.mark_ready();
         }
-        self.workers
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(worker.clone());
         worker
     }
 

@@ -58,7 +58,28 @@ pub struct Proxy {
 /// What tagging sids needs.
 pub struct Tags {
     pub tagger: sidtag::Tagger,
+    /// This node's name and reference.
+    pub name: String,
     pub node: sidtag::Ref,
+    /// The other nodes.
+    pub peers: Vec<NodePeer>,
+}
+
+/// Another corral node.
+pub struct NodePeer {
+    pub name: String,
+    pub node: sidtag::Ref,
+    pub addr: std::net::SocketAddr,
+    /// Requests go to it as to a worker (its connections, timeouts and rules).
+    pub target: Arc<crate::pool::Worker>,
+}
+
+/// Where a request's tag sends it.
+enum Tagged {
+    /// A worker of this node; its own sid.
+    Here(String, Arc<crate::pool::Worker>),
+    /// Another node, which routes it (sent once, marked as a hop).
+    There(Arc<crate::pool::Worker>),
 }
 
 /// Why no worker was chosen.
@@ -107,11 +128,37 @@ impl Proxy {
             access,
             pool,
             router,
-            forward: Forwarder { upstream },
+            forward: Forwarder {
+                upstream,
+                hop: None,
+            },
             tunnels,
             lingering: tokio_util::task::TaskTracker::new(),
             tags: None,
         }
+    }
+
+    /// Turns tagged sids on (and, with other nodes, hops to them).
+    pub fn enable_tags(&mut self, tags: Tags) {
+        if !tags.peers.is_empty() {
+            let proof = tags.tagger.hop_proof(&tags.name);
+            self.forward.hop = HeaderValue::from_str(&proof).ok();
+        }
+        self.tags = Some(tags);
+    }
+
+    /// A request another node sent here (a hop mark naming a configured node, made
+    /// with the shared key): it is never sent on to a third node, and its forwarded
+    /// headers are kept, as from a trusted proxy. The key is the proof, not the
+    /// source address: a node's connections may leave from any of its addresses.
+    fn is_hop(&self, req: &Request<Incoming>) -> bool {
+        let (Some(tags), Some(value)) = (&self.tags, req.headers().get(sidtag::HOP_HEADER)) else {
+            return false;
+        };
+        let Some(from) = value.to_str().ok().and_then(|v| tags.tagger.check_hop(v)) else {
+            return false;
+        };
+        tags.peers.iter().any(|p| p.name == from)
     }
 
     /// 413, the client's unread body read away by a task of `lingering`.
@@ -217,13 +264,31 @@ impl Proxy {
             }
         }
         let is_eio = self.is_engineio(&path);
+        let hopped = self.is_hop(&req);
+        let peer = match hopped {
+            true => {
+                self.metrics.hops_in.fetch_add(1, Ordering::Relaxed);
+                Peer {
+                    trusted: true,
+                    ..peer
+                }
+            }
+            false => peer,
+        };
         let mut req = req;
-        let tagged = match self.read_tag(&mut req, is_eio) {
+        let tagged = match self.read_tag(&mut req, is_eio, hopped) {
             Ok(t) => t,
             Err(refusal) => return refusal.response(&self),
         };
         let chosen = match tagged {
-            Some((raw, worker)) => self.choose_tagged(&raw, worker),
+            Some(Tagged::Here(raw, worker)) => self.choose_tagged(&raw, worker),
+            Some(Tagged::There(node)) => {
+                self.metrics.hops_out.fetch_add(1, Ordering::Relaxed);
+                Ok(Target {
+                    worker: node,
+                    ticket: Ticket::Hop,
+                })
+            }
             None => self.choose(&req, peer, is_eio),
         };
         let target = match chosen {
@@ -261,7 +326,8 @@ impl Proxy {
         &self,
         req: &mut Request<Incoming>,
         is_eio: bool,
-    ) -> Result<Option<(String, Arc<crate::pool::Worker>)>, Refusal> {
+        hopped: bool,
+    ) -> Result<Option<Tagged>, Refusal> {
         let Some(tags) = self
             .tags
             .as_ref()
@@ -278,7 +344,11 @@ impl Proxy {
             Sid::Tagged { raw, route } => (raw.to_owned(), route),
         };
         if route.node != tags.node {
-            return Err(Refusal::UnknownSid);
+            // Another node's session: sent there once, never on from a hop.
+            return match tags.peers.iter().find(|p| p.node == route.node) {
+                Some(p) if !hopped => Ok(Some(Tagged::There(p.target.clone()))),
+                _ => Err(Refusal::UnknownSid),
+            };
         }
         let worker = self.pool.by_tag(route.worker).ok_or(Refusal::UnknownSid)?;
         let query = req.uri().query().unwrap_or("");
@@ -287,7 +357,7 @@ impl Proxy {
         let mut parts = req.uri().clone().into_parts();
         parts.path_and_query = pq.parse().ok();
         *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| Refusal::UnknownSid)?;
-        Ok(Some((raw, worker)))
+        Ok(Some(Tagged::Here(raw, worker)))
     }
 
     /// The target of a tagged request: the worker its tag names.
@@ -356,6 +426,7 @@ impl Proxy {
         let bodiless = incoming.is_end_stream();
         let mut headers = parts.headers;
         prepare_request_headers(&mut headers, &parts.uri, peer, false);
+        self.forward.mark_hop(&mut headers, &target.ticket);
         if matches!(target.ticket, Ticket::New(_)) {
             self.metrics.handshakes.fetch_add(1, Ordering::Relaxed);
             // The sid must be readable in the handshake response.

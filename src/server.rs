@@ -91,11 +91,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             );
         }
         let key = cluster.signing_key().map_err(anyhow::Error::msg)?;
-        proxy.tags = Some(crate::proxy::Tags {
+        let peers = cluster
+            .nodes
+            .iter()
+            .map(|(name, addr)| crate::proxy::NodePeer {
+                name: name.clone(),
+                node: crate::sidtag::node_ref(name),
+                addr: *addr,
+                target: pool.detached(*addr),
+            })
+            .collect();
+        proxy.enable_tags(crate::proxy::Tags {
             tagger: crate::sidtag::Tagger::new(&key),
+            name: cluster.node.clone(),
             node: crate::sidtag::node_ref(&cluster.node),
+            peers,
         });
-        tracing::info!(node = %cluster.node, "sids carry their worker (tagged)");
+        tracing::info!(node = %cluster.node, others = cluster.nodes.len(), "sids carry their worker (tagged)");
     }
     let proxy = Arc::new(proxy);
 
@@ -140,6 +152,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         queue,
         started: std::time::Instant::now(),
         policy: cfg.balance.policy.to_string(),
+        node: cfg.cluster.node.clone(),
     });
     metrics::spawn_sampler(sources.clone(), &background);
     if let Some(admin_cfg) = &cfg.admin {

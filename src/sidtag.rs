@@ -134,6 +134,33 @@ impl Tagger {
     }
 }
 
+/// The header that marks a request one node sent to another (a hop): it is sent
+/// on once at most, and only a configured node with the key can make one.
+pub const HOP_HEADER: &str = "x-corral-hop";
+
+impl Tagger {
+    fn hop_mac(&self, from: &str) -> String {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(b"corral-hop\0");
+        mac.update(from.as_bytes());
+        let full = mac.finalize().into_bytes();
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&full[..12])
+    }
+
+    /// The hop header's value for requests this node (`from`) sends to another.
+    pub fn hop_proof(&self, from: &str) -> String {
+        format!("{from} {}", self.hop_mac(from))
+    }
+
+    /// The node a hop header says sent the request, if its proof checks out.
+    pub fn check_hop<'a>(&self, value: &'a str) -> Option<&'a str> {
+        let (from, mac) = value.split_once(' ')?;
+        use subtle::ConstantTimeEq;
+        bool::from(self.hop_mac(from).as_bytes().ct_eq(mac.as_bytes())).then_some(from)
+    }
+}
+
 /// Replaces the first `sid=` value of a query (as python-engineio reads the first)
 /// with `raw`, so that the worker sees its own sid.
 pub fn strip_query(query: &str, raw: &str) -> Option<String> {
@@ -223,6 +250,16 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn hop_proofs_need_the_key() {
+        let t = Tagger::new(b"shared-key");
+        let proof = t.hop_proof("a");
+        assert_eq!(t.check_hop(&proof), Some("a"));
+        assert_eq!(Tagger::new(b"other-key").check_hop(&proof), None);
+        assert_eq!(t.check_hop(&proof.replacen('a', "b", 1)), None);
+        assert_eq!(t.check_hop("a"), None);
     }
 
     #[test]

@@ -84,6 +84,7 @@ impl Tunnels {
         let (parts, _) = req.into_parts();
         let mut headers = parts.headers;
         prepare_request_headers(&mut headers, &parts.uri, peer, true);
+        forward.mark_hop(&mut headers, &target.ticket);
         let replay = Replay::new(parts.method, &parts.uri, headers);
         // A kept-alive connection serves as well as a new one, and saves a connect.
         let exchange = forward.exchange(&target.worker, replay.request(), Some(&replay));
