@@ -82,9 +82,11 @@ pub struct Cluster {
     /// A file holding the key (its bytes, trailing whitespace removed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
-    /// The other nodes: name = "address of its listener" (plain HTTP). A request
-    /// whose tag names one of them is sent there once, marked as a hop.
-    pub nodes: BTreeMap<String, SocketAddr>,
+    /// The other nodes: name = "host:port of its listener" (plain HTTP; the host may
+    /// be a DNS name, looked up again every few seconds, as a Kubernetes headless
+    /// service gives). A request whose tag names one of them is sent there once,
+    /// marked as a hop.
+    pub nodes: BTreeMap<String, String>,
 }
 
 impl Default for Cluster {
@@ -752,6 +754,18 @@ impl Config {
                     "cluster.key",
                     "several nodes need a key they share (key or key_file)",
                 ));
+            }
+            for (name, addr) in &self.cluster.nodes {
+                let port = addr.rsplit_once(':').and_then(|(h, p)| {
+                    (!h.is_empty()).then_some(())?;
+                    p.parse::<u16>().ok()
+                });
+                if port.is_none() {
+                    return Err(bad(
+                        &format!("cluster.nodes.{name}"),
+                        "must be \"host:port\" (the node's listener)",
+                    ));
+                }
             }
             if !self.engineio.tag_sids {
                 return Err(bad(

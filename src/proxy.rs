@@ -69,9 +69,52 @@ pub struct Tags {
 pub struct NodePeer {
     pub name: String,
     pub node: sidtag::Ref,
-    pub addr: std::net::SocketAddr,
-    /// Requests go to it as to a worker (its connections, timeouts and rules).
-    pub target: Arc<crate::pool::Worker>,
+    /// `host:port` as configured; the host may be a DNS name.
+    pub host: String,
+    /// Where requests for it go, as to a worker (its connections, timeouts and
+    /// rules); None until the host is resolved. Replaced when the name resolves to
+    /// another address (a restarted pod).
+    pub target: std::sync::Mutex<Option<Arc<crate::pool::Worker>>>,
+}
+
+impl NodePeer {
+    fn target(&self) -> Option<Arc<crate::pool::Worker>> {
+        self.target
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Looks the other nodes' names up, at start and every few seconds after (their
+/// addresses may change), and points each at what its name resolves to now.
+pub async fn resolve_nodes(proxy: Arc<Proxy>) {
+    let Some(tags) = &proxy.tags else {
+        return;
+    };
+    if tags.peers.is_empty() {
+        return;
+    }
+    loop {
+        for p in &tags.peers {
+            let found = tokio::net::lookup_host(p.host.as_str())
+                .await
+                .ok()
+                .and_then(|mut addrs| addrs.next());
+            let mut target = p.target.lock().unwrap_or_else(|e| e.into_inner());
+            match (found, target.as_ref()) {
+                (Some(addr), Some(t)) if t.addr == addr => {}
+                (Some(addr), _) => {
+                    tracing::info!(node = %p.name, %addr, "cluster node resolved");
+                    *target = Some(proxy.pool.detached(addr));
+                }
+                (None, _) => {
+                    tracing::warn!(node = %p.name, host = %p.host, "cluster node does not resolve")
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    }
 }
 
 /// Where a request's tag sends it.
@@ -346,7 +389,10 @@ impl Proxy {
         if route.node != tags.node {
             // Another node's session: sent there once, never on from a hop.
             return match tags.peers.iter().find(|p| p.node == route.node) {
-                Some(p) if !hopped => Ok(Some(Tagged::There(p.target.clone()))),
+                Some(p) if !hopped => p
+                    .target()
+                    .map(|t| Some(Tagged::There(t)))
+                    .ok_or(Refusal::UnknownSid),
                 _ => Err(Refusal::UnknownSid),
             };
         }

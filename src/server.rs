@@ -94,11 +94,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let peers = cluster
             .nodes
             .iter()
-            .map(|(name, addr)| crate::proxy::NodePeer {
+            .map(|(name, host)| crate::proxy::NodePeer {
                 name: name.clone(),
                 node: crate::sidtag::node_ref(name),
-                addr: *addr,
-                target: pool.detached(*addr),
+                host: host.clone(),
+                target: std::sync::Mutex::new(None),
             })
             .collect();
         proxy.enable_tags(crate::proxy::Tags {
@@ -110,6 +110,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tracing::info!(node = %cluster.node, others = cluster.nodes.len(), "sids carry their worker (tagged)");
     }
     let proxy = Arc::new(proxy);
+    background.spawn(crate::proxy::resolve_nodes(proxy.clone()));
 
     raise_fd_limit();
     let lanes = Arc::new(Lanes::start(cfg.threads.resolve()).context("cannot start threads")?);

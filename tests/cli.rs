@@ -72,6 +72,31 @@ fn check_names_file_and_key() {
             "engineio.path",
         ),
         ("syntax.toml", "upstreams = [\n", "syntax.toml"),
+        (
+            "shortkey.toml",
+            "upstreams = [\"127.0.0.1:1\"]\n[cluster]\nkey = \"short\"\n",
+            "cluster.key",
+        ),
+        (
+            "nokey.toml",
+            "upstreams = [\"127.0.0.1:1\"]\n[engineio]\ntag_sids = true\n[cluster]\nnode = \"a\"\nnodes = { b = \"10.0.0.2:8000\" }\n",
+            "cluster.key",
+        ),
+        (
+            "notags.toml",
+            "upstreams = [\"127.0.0.1:1\"]\n[cluster]\nnode = \"a\"\nkey = \"0123456789abcdef\"\nnodes = { b = \"10.0.0.2:8000\" }\n",
+            "engineio.tag_sids",
+        ),
+        (
+            "badnode.toml",
+            "upstreams = [\"127.0.0.1:1\"]\n[engineio]\ntag_sids = true\n[cluster]\nnode = \"a\"\nkey = \"0123456789abcdef\"\nnodes = { b = \"no-port\" }\n",
+            "cluster.nodes.b",
+        ),
+        (
+            "selfnode.toml",
+            "upstreams = [\"127.0.0.1:1\"]\n[engineio]\ntag_sids = true\n[cluster]\nnode = \"a\"\nkey = \"0123456789abcdef\"\nnodes = { a = \"h:1\" }\n",
+            "cluster.nodes",
+        ),
     ] {
         let path = write(name, text);
         let out = corral()

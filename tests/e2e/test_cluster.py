@@ -166,10 +166,11 @@ def test_two_nodes_one_address(stack, tmp_path):
 
         # kill -9 node a: its workers die with it (parent-death signal).
         dead = "a"
+        sids = {c.i: c.sio.eio.sid for c in clients}
         nodes[dead].popen.send_signal(signal.SIGKILL)
         nodes[dead].popen.wait(timeout=10)
         affected = [c for c in clients
-                    if node_of(c.sio.eio.sid) == dead or c.home == urls[dead]]
+                    if node_of(sids[c.i]) == dead or c.home == urls[dead]]
         untouched = [c for c in clients if c not in affected]
         assert affected and untouched
         # The affected reconnect (through node b, the only one left).

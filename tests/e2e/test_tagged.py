@@ -66,6 +66,10 @@ def restart_under_clients(stack, tmp_path, tags):
     clients = [Polling(i, url) for i in range(CLIENTS)]
     if tags:
         assert all("." in c.sid for c in clients), [c.sid for c in clients]
+    # Every client's long-poll is in flight (a request still in the listen backlog
+    # when the first corral closes its socket is reset, as with any proxy that stops
+    # accepting; its client reconnects).
+    time.sleep(1)
     # The first corral stops accepting at once and drains its long-polls; the
     # second takes the port as soon as it is free.
     first.popen.send_signal(signal.SIGTERM)
@@ -99,7 +103,7 @@ def test_polling_sessions_survive_a_restart_with_tags(stack, tmp_path):
             if c.i not in c.received and c.disconnects == 0:
                 c.sio.emit("broadcast", {"from": c.i, "room": "all"})
     assert all(c.i in c.received for c in clients), \
-        [(c.i, sorted(c.received), c.disconnects) for c in clients]
+        [(c.i, sorted(c.received), c.disconnects) for c in clients if c.i not in c.received]
     assert [c.disconnects for c in clients] == [0] * CLIENTS
     assert [c.sio.eio.sid for c in clients] == [c.sid for c in clients]
     assert "session taken on from its tag" in second.output()
