@@ -12,11 +12,12 @@ kill -9 of one node: the clients of its workers (and those whose websocket went
 through it) reconnect through the other node, and the rest see nothing."""
 import base64
 import hashlib
-import os
+import json
 import random
 import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -133,7 +134,7 @@ def totals(node):
     return requests.get(node.admin + "/status.json", timeout=5).json()["totals"]
 
 
-def test_two_nodes_one_address(stack, tmp_path):
+def start_cluster(stack, tmp_path):
     redis_port = free_port_on(REDIS_IP)
     redis = Proc(["redis-server", "--bind", REDIS_IP, "--port", str(redis_port),
                   "--save", "", "--appendonly", "no"], tmp_path / "redis.log")
@@ -142,6 +143,80 @@ def test_two_nodes_one_address(stack, tmp_path):
     nodes = {n: start_node(stack, tmp_path, n, ports, redis_port) for n in NODES}
     for n in nodes.values():
         wait_http(n.url + "/health", timeout=60, proc=n.popen, log=n.log)
+    return nodes
+
+
+class RoundRobinL4:
+    """A TCP balancer without affinity on 127.0.0.14: each new connection goes to
+    the next node, as a cloud L4 load balancer or DNS round-robin spreads them."""
+
+    def __init__(self, targets):
+        self.targets = targets
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.14", 0))
+        self.sock.listen(128)
+        self.url = f"http://127.0.0.14:{self.sock.getsockname()[1]}"
+        self.n = 0
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            host, port = self.targets[self.n % len(self.targets)]
+            self.n += 1
+            try:
+                upstream = socket.create_connection((host, port))
+            except OSError:
+                client.close()
+                continue
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def pump(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.sock.close()
+
+
+def test_node_clients_through_an_l4_balancer(stack, tmp_path):
+    """Node's socket.io-client, through a balancer that sends each connection to
+    the next node: every request finds its session, broadcasts reach everyone."""
+    node_dir = APPS / "node"
+    if shutil.which("node") is None or not (node_dir / "node_modules").is_dir():
+        pytest.skip("node or tests/apps/node/node_modules missing (make test-deps)")
+    nodes = start_cluster(stack, tmp_path)
+    lb = RoundRobinL4([(NODES[n], int(nodes[n].url.rsplit(":", 1)[1])) for n in NODES])
+    try:
+        out = subprocess.run(["node", str(node_dir / "clients.js"), lb.url, "20", "all"],
+                             capture_output=True, text=True, timeout=90, cwd=node_dir)
+    finally:
+        lb.close()
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [r for r in report if r["error"]] == []
+    assert all(r["upgraded"] for r in report), report
+    assert all(len(r["received"]) == r["expected"] == 20 for r in report), report
+    t = {n: totals(nodes[n]) for n in NODES}
+    assert all(t[n]["unknown_sid"] == 0 for n in NODES), t
+    assert sum(t[n]["forwarded_to_nodes"] for n in NODES) > 0, t
+
+
+def test_two_nodes_one_address(stack, tmp_path):
+    nodes = start_cluster(stack, tmp_path)
     urls = {n: nodes[n].url for n in NODES}
 
     from concurrent.futures import ThreadPoolExecutor
