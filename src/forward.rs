@@ -259,6 +259,8 @@ pub(crate) fn prepare_request_headers(
         headers.insert(header::HOST, host);
     }
     let ip = peer.addr.ip().to_string();
+    // Made once: X-Real-IP is the same address.
+    let real_ip = HeaderValue::from_str(&ip).ok();
     // From a trusted proxy the chain goes on; from anyone else it starts here, so a
     // client cannot pass a forged address, scheme or host to the workers.
     let prior = match peer.trusted {
@@ -291,7 +293,7 @@ pub(crate) fn prepare_request_headers(
     // A hop mark is this node's to set (`Forwarder::mark_hop`), never passed on.
     headers.remove(crate::sidtag::HOP_HEADER);
     if !keep(headers, "x-real-ip") {
-        if let Ok(v) = HeaderValue::from_str(&peer.addr.ip().to_string()) {
+        if let Some(v) = real_ip {
             headers.insert("x-real-ip", v);
         }
     }
