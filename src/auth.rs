@@ -97,11 +97,10 @@ pub fn verify(hash: &Hash, password: &str) -> bool {
     }
 }
 
+/// Equal in time that does not depend on where the bytes differ (`subtle`).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 /// Apache's MD5-based crypt (`$apr1$salt$digest`).

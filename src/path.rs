@@ -69,22 +69,9 @@ fn normalise_slow(raw: &str) -> Option<String> {
     Some(out)
 }
 
+/// Percent-decoded once; an invalid escape stays as it is.
 fn percent_decode(b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            let hex = |c: u8| (c as char).to_digit(16);
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
+    percent_encoding::percent_decode(b).collect()
 }
 
 /// Whether `path` (normalised) is `prefix` or below it, segment-wise: `/health`
