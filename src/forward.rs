@@ -179,10 +179,6 @@ pub(crate) fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-pub(crate) fn has_no_body(h: &HeaderMap) -> bool {
-    !h.contains_key(header::TRANSFER_ENCODING) && declared_length(h).is_none_or(|n| n == 0)
-}
-
 pub(crate) fn declared_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?
         .to_str()

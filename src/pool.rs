@@ -345,13 +345,12 @@ impl Pool {
     pub fn set_ready(&self, w: &Worker) {
         w.alive.store(true, Ordering::Release);
         w.fails.store(0, Ordering::Relaxed);
-        match w.transition(State::Up, |s| matches!(s, State::Starting | State::Down)) {
-            Some(State::Starting) if w.managed => {
+        if let Some(from) = w.transition(State::Up, |s| matches!(s, State::Starting | State::Down))
+        {
+            if from == State::Starting && w.managed {
                 w.mark_ready();
-                tracing::info!(worker = w.id, addr = %w.addr, "worker is up");
             }
-            Some(_) => tracing::info!(worker = w.id, addr = %w.addr, "worker is up"),
-            None => {}
+            tracing::info!(worker = w.id, addr = %w.addr, "worker is up");
         }
     }
 
@@ -426,6 +425,12 @@ impl Pool {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|x| x.id != w.id);
+    }
+
+    /// How many workers are up, and how many there are (readiness).
+    pub fn up_count(&self) -> (usize, usize) {
+        let list = self.list();
+        (list.iter().filter(|w| w.is_up()).count(), list.len())
     }
 
     /// The worker a tag names, if it is one of this pool's and can take requests of

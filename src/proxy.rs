@@ -15,9 +15,8 @@ use crate::body::{self, Fault, Guarded, Limited, Prefixed, ProxyBody};
 use crate::config::Config;
 use crate::engineio::{self, Parse};
 use crate::forward::{
-    declared_length, has_no_body, is_idempotent, is_websocket_upgrade, origin_form,
-    prepare_request_headers, strip_hop_by_hop, upstream_request, Forwarder, Peer, Replay, Target,
-    Ticket,
+    declared_length, is_idempotent, is_websocket_upgrade, origin_form, prepare_request_headers,
+    strip_hop_by_hop, upstream_request, Forwarder, Peer, Replay, Target, Ticket,
 };
 use crate::metrics::Metrics;
 use crate::pool::{InflightGuard, Pool};
@@ -123,6 +122,23 @@ enum Tagged {
     Here(String, Arc<crate::pool::Worker>),
     /// Another node, which routes it (sent once, marked as a hop).
     There(Arc<crate::pool::Worker>),
+}
+
+/// Where the router sends an Engine.IO request, as a target or a refusal.
+fn to_target(route: Route) -> Result<Target, Refusal> {
+    match route {
+        Route::Session(t) => Ok(Target {
+            worker: t.worker.clone(),
+            ticket: Ticket::Session(t),
+        }),
+        Route::New(n) => Ok(Target {
+            worker: n.worker.clone(),
+            ticket: Ticket::New(n),
+        }),
+        Route::UnknownSid => Err(Refusal::UnknownSid),
+        Route::NoWorker => Err(Refusal::NoWorker),
+        Route::Full => Err(Refusal::Full),
+    }
 }
 
 /// Why no worker was chosen.
@@ -306,6 +322,17 @@ impl Proxy {
                 return unauthorized(&auth.realm);
             }
         }
+        let upgrade = is_websocket_upgrade(&req);
+        if upgrade && !req.body().is_end_stream() {
+            // Its body would have to be sent before the tunnel, and a worker that
+            // answers without upgrading would be left waiting for it on a connection
+            // corral reuses: refused, as nothing legitimate sends one. Judged by the
+            // body's own framing, as the retry rule is, and before any routing.
+            return short(
+                StatusCode::BAD_REQUEST,
+                "corral: an upgrade request must not carry a body\n",
+            );
+        }
         let is_eio = self.is_engineio(&path);
         let hopped = self.is_hop(&req);
         let peer = match hopped {
@@ -318,13 +345,18 @@ impl Proxy {
             }
             false => peer,
         };
+        // The sid, read once: for its tag, then for the session table.
+        let sticky = is_eio && self.cfg.engineio.sticky;
+        let sid = sticky
+            .then(|| engineio::classify(req.uri().query()).sid)
+            .flatten();
         let mut req = req;
-        let tagged = match self.read_tag(&mut req, is_eio, hopped) {
+        let tagged = match self.read_tag(&mut req, sid.as_deref(), hopped) {
             Ok(t) => t,
             Err(refusal) => return refusal.response(&self),
         };
         let chosen = match tagged {
-            Some(Tagged::Here(raw, worker)) => self.choose_tagged(&raw, worker),
+            Some(Tagged::Here(raw, worker)) => to_target(self.router.tagged(&raw, worker)),
             Some(Tagged::There(node)) => {
                 self.metrics.hops_out.fetch_add(1, Ordering::Relaxed);
                 Ok(Target {
@@ -332,22 +364,17 @@ impl Proxy {
                     ticket: Ticket::Hop,
                 })
             }
-            None => self.choose(&req, peer, is_eio),
+            None if sticky => to_target(match sid {
+                Some(sid) => self.router.existing(&sid),
+                None => self.router.handshake(peer.addr.ip()),
+            }),
+            None => self.pick_plain(),
         };
         let target = match chosen {
             Ok(t) => t,
             Err(refusal) => return refusal.response(&self),
         };
-        if is_websocket_upgrade(&req) {
-            if !has_no_body(req.headers()) {
-                // Its body would have to be sent before the tunnel, and a worker that
-                // answers without upgrading would be left waiting for it on a
-                // connection corral reuses: refused, as nothing legitimate sends one.
-                return short(
-                    StatusCode::BAD_REQUEST,
-                    "corral: an upgrade request must not carry a body\n",
-                );
-            }
+        if upgrade {
             return self
                 .tunnels
                 .upgrade(&self.forward, &self.pool, &self.metrics, req, peer, target)
@@ -368,20 +395,13 @@ impl Proxy {
     fn read_tag(
         &self,
         req: &mut Request<Incoming>,
-        is_eio: bool,
+        sid: Option<&str>,
         hopped: bool,
     ) -> Result<Option<Tagged>, Refusal> {
-        let Some(tags) = self
-            .tags
-            .as_ref()
-            .filter(|_| is_eio && self.cfg.engineio.sticky)
-        else {
+        let (Some(tags), Some(sid)) = (self.tags.as_ref(), sid) else {
             return Ok(None);
         };
-        let Some(sid) = engineio::classify(req.uri().query()).sid else {
-            return Ok(None);
-        };
-        let (raw, route) = match tags.tagger.read(&sid) {
+        let (raw, route) = match tags.tagger.read(sid) {
             Sid::Plain(_) => return Ok(None),
             Sid::Bad => return Err(Refusal::UnknownSid),
             Sid::Tagged { raw, route } => (raw.to_owned(), route),
@@ -406,49 +426,8 @@ impl Proxy {
         Ok(Some(Tagged::Here(raw, worker)))
     }
 
-    /// The target of a tagged request: the worker its tag names.
-    fn choose_tagged(
-        &self,
-        raw: &str,
-        worker: Arc<crate::pool::Worker>,
-    ) -> Result<Target, Refusal> {
-        match self.router.tagged(raw, worker) {
-            Route::Session(t) => Ok(Target {
-                worker: t.worker.clone(),
-                ticket: Ticket::Session(t),
-            }),
-            Route::Full => Err(Refusal::Full),
-            _ => Err(Refusal::UnknownSid),
-        }
-    }
-
-    /// Picks the worker: by session on the Engine.IO path, least busy elsewhere.
-    pub(crate) fn choose(
-        &self,
-        req: &Request<Incoming>,
-        peer: Peer,
-        is_eio: bool,
-    ) -> Result<Target, Refusal> {
-        if is_eio && self.cfg.engineio.sticky {
-            let eio = engineio::classify(req.uri().query());
-            let route = match eio.sid {
-                Some(sid) => self.router.existing(&sid),
-                None => self.router.handshake(peer.addr.ip()),
-            };
-            return match route {
-                Route::Session(t) => Ok(Target {
-                    worker: t.worker.clone(),
-                    ticket: Ticket::Session(t),
-                }),
-                Route::New(n) => Ok(Target {
-                    worker: n.worker.clone(),
-                    ticket: Ticket::New(n),
-                }),
-                Route::UnknownSid => Err(Refusal::UnknownSid),
-                Route::NoWorker => Err(Refusal::NoWorker),
-                Route::Full => Err(Refusal::Full),
-            };
-        }
+    /// A request outside any session: the least busy worker.
+    fn pick_plain(&self) -> Result<Target, Refusal> {
         match self.pool.pick_for_request(None) {
             Some(worker) => Ok(Target {
                 worker,

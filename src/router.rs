@@ -46,6 +46,29 @@ impl Session {
     }
 }
 
+/// Puts a new session in the table. An entry it replaces (a worker reused a sid)
+/// gives its count back.
+fn remember(
+    table: &mut HashMap<String, Session>,
+    sid: String,
+    worker: Arc<Worker>,
+    generation: u64,
+    idle: Duration,
+) {
+    let session = Session {
+        worker,
+        generation,
+        last_seen: Instant::now(),
+        idle,
+        inflight: 0,
+        tunnels: 0,
+        tunnel_closed: false,
+    };
+    if let Some(old) = table.insert(sid, session) {
+        old.worker.session_ended(old.generation);
+    }
+}
+
 /// Where a request on the Engine.IO path goes.
 #[derive(Debug)]
 pub enum Route {
@@ -136,18 +159,8 @@ impl Router {
             }
             worker.session_adopted();
             let idle = self.idle_override.unwrap_or(DEFAULT_LIVENESS + IDLE_SLACK);
-            let adopted = Session {
-                generation: worker.generation(),
-                worker: worker.clone(),
-                last_seen: Instant::now(),
-                idle,
-                inflight: 0,
-                tunnels: 0,
-                tunnel_closed: false,
-            };
-            if let Some(old) = table.insert(sid.to_owned(), adopted) {
-                old.worker.session_ended(old.generation);
-            }
+            let generation = worker.generation();
+            remember(&mut table, sid.to_owned(), worker.clone(), generation, idle);
             tracing::debug!(sid, worker = worker.id, "session taken on from its tag");
         }
         let Some(s) = table.get_mut(sid) else {
@@ -203,19 +216,7 @@ impl Router {
         let idle = self
             .idle_override
             .unwrap_or_else(|| hs.liveness.unwrap_or(DEFAULT_LIVENESS) + IDLE_SLACK);
-        let session = Session {
-            worker,
-            generation,
-            last_seen: Instant::now(),
-            idle,
-            inflight: 0,
-            tunnels: 0,
-            tunnel_closed: false,
-        };
-        if let Some(old) = self.table().insert(hs.sid.clone(), session) {
-            // A worker reused a sid: the old entry's count goes with it.
-            old.worker.session_ended(old.generation);
-        }
+        remember(&mut self.table(), hs.sid.clone(), worker, generation, idle);
     }
 
     fn release(&self, sid: &str, tunnel: bool, answered: bool) {

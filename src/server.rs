@@ -379,20 +379,16 @@ fn print_summary(listeners: &[(Vec<std::net::TcpListener>, Kind)], pool: &Pool) 
 
 /// "corral ready", with how many workers are not.
 fn announce_ready(cfg: &Config, pool: &Pool) {
-    let workers = pool.workers();
-    let up = workers.iter().filter(|w| w.is_up()).count();
+    let (up, total) = pool.up_count();
     tracing::info!(
         policy = %cfg.balance.policy,
         engineio_path = %cfg.engineio.path,
         sticky = cfg.engineio.sticky,
         workers_ready = up,
-        workers_not_ready = workers.len() - up,
+        workers_not_ready = total - up,
         "corral ready"
     );
-    crate::notify::notify(&format!(
-        "READY=1\nSTATUS={up} of {} workers ready",
-        workers.len()
-    ));
+    crate::notify::notify(&format!("READY=1\nSTATUS={up} of {total} workers ready"));
 }
 
 /// Says "corral ready" once at least one supervised worker is ready: before that,
@@ -400,14 +396,14 @@ fn announce_ready(cfg: &Config, pool: &Pool) {
 async fn say_ready(pool: Arc<Pool>, cfg: Arc<Config>, stop: tokio_util::sync::CancellationToken) {
     let mut warned = false;
     loop {
-        let workers = pool.workers();
-        if workers.iter().any(|w| w.is_up()) {
+        let (up, total) = pool.up_count();
+        if up > 0 {
             announce_ready(&cfg, &pool);
             return;
         }
         if !warned {
             tracing::warn!(
-                workers_not_ready = workers.len(),
+                workers_not_ready = total,
                 "no worker is ready yet: not ready to serve; retrying"
             );
             warned = true;

@@ -82,14 +82,19 @@ impl Tagger {
         Tagger { key: key.to_vec() }
     }
 
-    fn mac(&self, route: Route, sid: &str) -> [u8; 8] {
+    /// HMAC-SHA-256 under the key of `parts`, one after the other.
+    fn hmac(&self, parts: &[&[u8]]) -> [u8; 32] {
         // HMAC accepts a key of any length.
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key)
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-        mac.update(&route.node);
-        mac.update(&route.worker);
-        mac.update(sid.as_bytes());
-        let full = mac.finalize().into_bytes();
+        for p in parts {
+            mac.update(p);
+        }
+        mac.finalize().into_bytes().into()
+    }
+
+    fn mac(&self, route: Route, sid: &str) -> [u8; 8] {
+        let full = self.hmac(&[&route.node, &route.worker, sid.as_bytes()]);
         let mut out = [0u8; 8];
         out.copy_from_slice(&full[..8]);
         out
@@ -140,11 +145,7 @@ pub const HOP_HEADER: &str = "x-corral-hop";
 
 impl Tagger {
     fn hop_mac(&self, from: &str) -> String {
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key)
-            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-        mac.update(b"corral-hop\0");
-        mac.update(from.as_bytes());
-        let full = mac.finalize().into_bytes();
+        let full = self.hmac(&[b"corral-hop\0", from.as_bytes()]);
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&full[..12])
     }
 

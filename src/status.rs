@@ -96,13 +96,12 @@ async fn answer(
 
 /// 200 when at least one worker is ready, 503 otherwise; the counts in the body.
 fn readiness(src: &Sources) -> Response<ProxyBody> {
-    let workers = src.pool.workers();
-    let ready = workers.iter().filter(|w| w.is_up()).count();
+    let (ready, total) = src.pool.up_count();
     let (status, word) = match ready {
         0 => (StatusCode::SERVICE_UNAVAILABLE, "not ready"),
         _ => (StatusCode::OK, "ready"),
     };
-    let text = format!("{word}: {ready} of {} workers ready\n", workers.len());
+    let text = format!("{word}: {ready} of {total} workers ready\n");
     reply(status, "text/plain", text)
 }
 

@@ -468,12 +468,9 @@ fn port_held_by_group(port: u16, pgid: u32) -> bool {
     if inodes.is_empty() {
         return true;
     }
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return true;
-    };
     let wanted: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| process_group(*pid) == Some(pgid))
+    all_pids()
+        .filter(|pid| proc_stat(*pid).is_some_and(|p| p.pgrp == pgid))
         .any(|pid| {
             std::fs::read_dir(format!("/proc/{pid}/fd"))
                 .into_iter()
@@ -504,11 +501,30 @@ fn listening_inodes(port: u16) -> Vec<u64> {
         .collect()
 }
 
-/// A process's group id (from /proc).
-fn process_group(pid: u32) -> Option<u32> {
+/// What /proc says of a process: its state letter, parent and group.
+struct ProcStat {
+    state: char,
+    ppid: u32,
+    pgrp: u32,
+}
+
+fn proc_stat(pid: u32) -> Option<ProcStat> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(2)?.parse().ok()
+    // "pid (comm) S ppid pgrp ...": comm may hold spaces and parentheses.
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    Some(ProcStat {
+        state: fields.next()?.chars().next()?,
+        ppid: fields.next()?.parse().ok()?,
+        pgrp: fields.next()?.parse().ok()?,
+    })
+}
+
+/// The pids /proc lists.
+fn all_pids() -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
 }
 
 fn describe(cmd: &WorkerCommand) -> String {
@@ -673,74 +689,54 @@ fn kill_group(pid: Option<u32>, signal: i32) {
 async fn terminate(child: &mut Child, grace: Duration) {
     let pid = child.id();
     kill_group(pid, libc::SIGTERM);
-    let stopped = match pid {
-        Some(p) => tokio::time::timeout(grace, exited(p)).await.is_ok(),
-        None => true,
+    let stopped = match pid.and_then(exit_watch) {
+        Some(exit) => tokio::time::timeout(grace, exit.readable()).await.is_ok(),
+        // Without a pidfd: wait (and reap) as before.
+        None => tokio::time::timeout(grace, child.wait()).await.is_ok(),
     };
     if !stopped {
         tracing::warn!(pid, ?grace, "worker did not stop in time: SIGKILL");
     }
     // The group too (a gunicorn worker may outlive its master), while the leader is
-    // not yet reaped: its pid, the group's id, cannot have been reused.
+    // not yet reaped where a pidfd let us wait without reaping: its pid, the group's
+    // id, cannot have been reused.
     kill_group(pid, libc::SIGKILL);
     let _ = child.wait().await;
 }
 
-/// Waits until the process has exited, without reaping it: while it is a zombie
-/// its pid (the id of its process group) cannot be given to another process, so a
-/// signal to the group reaches only what it left behind. A pidfd becomes readable
-/// at exit (Linux 5.3); without one, this waits for ever and the caller's other
-/// branch (or reaping wait) decides.
-async fn exited(pid: u32) {
+/// A pidfd of the process (Linux 5.3): readable once the process has exited, and
+/// waiting on it does not reap, so while the process is a zombie its pid (the id
+/// of its process group) cannot be given to another process and a signal to the
+/// group reaches only what it left behind. None where pidfds are not to be had.
+fn exit_watch(pid: u32) -> Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if fd < 0 {
-        return std::future::pending().await;
+        return None;
     }
     // SAFETY: the descriptor was just made and is owned by nothing else.
     let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
     // SAFETY: the OwnedFd keeps the descriptor open, unchanged, as long as the AsyncFd.
-    let registered = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-    };
-    match registered {
-        Ok(afd) => {
-            let _ = afd.readable().await;
-        }
-        Err(_) => std::future::pending().await,
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE).ok()
     }
 }
 
-/// The process's exit: its group gets SIGKILL before it is reaped (see `exited`),
-/// then its status is collected. Without pidfds, the status first and the group
-/// after, as before.
+/// The process's exit: its group gets SIGKILL before it is reaped (see
+/// `exit_watch`), then its status is collected. Without a pidfd, the status first
+/// and the group after, as before.
 async fn exited_then_wait(
     child: &mut Child,
     pid: Option<u32>,
 ) -> std::io::Result<std::process::ExitStatus> {
-    let Some(p) = pid else {
-        return child.wait().await;
-    };
-    if pidfd_works(p) {
-        exited(p).await;
+    if let Some(exit) = pid.and_then(exit_watch) {
+        let _ = exit.readable().await;
         kill_group(pid, libc::SIGKILL);
         return child.wait().await;
     }
     let status = child.wait().await;
     kill_group(pid, libc::SIGKILL);
     status
-}
-
-fn pidfd_works(pid: u32) -> bool {
-    // SAFETY: as in `exited`; the descriptor is closed at once.
-    unsafe {
-        let fd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
-        if fd < 0 {
-            return false;
-        }
-        libc::close(fd as i32);
-    }
-    true
 }
 
 /// As PID 1 (a container's entrypoint), corral inherits every orphaned process of
@@ -785,22 +781,10 @@ pub async fn reap_orphans(pool: Arc<Pool>, stop: tokio_util::sync::CancellationT
 
 /// Our children that have exited and are not yet reaped (from /proc).
 fn zombie_children() -> Vec<i32> {
-    let me = std::process::id().to_string();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                return false;
-            };
-            // "pid (comm) S ppid ...": comm may hold spaces and parentheses.
-            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-                return false;
-            };
-            let mut fields = rest.split_whitespace();
-            fields.next() == Some("Z") && fields.next() == Some(me.as_str())
-        })
+    let me = std::process::id();
+    all_pids()
+        .filter(|pid| proc_stat(*pid).is_some_and(|p| p.state == 'Z' && p.ppid == me))
+        .filter_map(|pid| i32::try_from(pid).ok())
         .collect()
 }
 

@@ -108,8 +108,8 @@ pub struct Lease {
     sender: Option<SendRequest<ProxyBody>>,
     home: Arc<dyn Home>,
     idle_timeout: Duration,
-    /// Set once the request body went out whole (see [`Sending`]).
-    sent_whole: Arc<AtomicBool>,
+    /// Whether the request body went out whole (see [`Sending`]).
+    sent_whole: Whole,
 }
 
 /// Where a lease goes back to: the worker's idle cache.
@@ -125,7 +125,7 @@ impl crate::body::Guard for Lease {
         let Some(sender) = self.sender.take() else {
             return;
         };
-        if self.sent_whole.load(Ordering::Acquire) {
+        if self.sent_whole.get() {
             self.home.idle().park(sender, self.idle_timeout);
         } else {
             tracing::debug!("request not sent whole; worker connection closed, not reused");
@@ -236,7 +236,7 @@ fn answer(
     sender: SendRequest<ProxyBody>,
     home: Arc<dyn Home>,
     settings: &Settings,
-    sent_whole: Arc<AtomicBool>,
+    sent_whole: Whole,
 ) -> Answer {
     Answer {
         response,
@@ -249,23 +249,38 @@ fn answer(
     }
 }
 
-/// Gives the request a flag that says when its body has gone out whole: ended, and
-/// exactly as long as its Content-Length said. A bodiless request (the usual GET)
-/// is whole at once and keeps its body as it is.
-fn track_sending(req: Request<ProxyBody>) -> (Request<ProxyBody>, Arc<AtomicBool>) {
+/// Whether a request went out whole: known from its head for a bodiless request
+/// (the usual GET, which then costs no allocation), or raised by [`Sending`] when
+/// its body ends.
+enum Whole {
+    Known(bool),
+    Tracked(Arc<AtomicBool>),
+}
+
+impl Whole {
+    fn get(&self) -> bool {
+        match self {
+            Whole::Known(w) => *w,
+            Whole::Tracked(flag) => flag.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// Tells when the request's body has gone out whole: ended, and exactly as long
+/// as its Content-Length said. A bodiless request keeps its body as it is.
+fn track_sending(req: Request<ProxyBody>) -> (Request<ProxyBody>, Whole) {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .map(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()));
     // An unreadable Content-Length is never whole.
     let declared = match declared {
-        Some(None) => return (req, Arc::new(AtomicBool::new(false))),
+        Some(None) => return (req, Whole::Known(false)),
         Some(Some(n)) => Some(n),
         None => None,
     };
     if req.body().is_end_stream() {
-        let whole = declared.is_none_or(|n| n == 0);
-        return (req, Arc::new(AtomicBool::new(whole)));
+        return (req, Whole::Known(declared.is_none_or(|n| n == 0)));
     }
     let flag = Arc::new(AtomicBool::new(false));
     let tracked = req.map(|inner| {
@@ -277,7 +292,7 @@ fn track_sending(req: Request<ProxyBody>) -> (Request<ProxyBody>, Arc<AtomicBool
         }
         .boxed_unsync()
     });
-    (tracked, flag)
+    (tracked, Whole::Tracked(flag))
 }
 
 pin_project_lite::pin_project! {
@@ -374,9 +389,9 @@ mod tests {
     }
 
     async fn sent_whole(content_length: Option<&str>, body: ProxyBody) -> bool {
-        let (req, flag) = track_sending(request(content_length, body));
+        let (req, whole) = track_sending(request(content_length, body));
         let _ = req.into_body().collect().await;
-        flag.load(Ordering::Acquire)
+        whole.get()
     }
 
     #[tokio::test]
