@@ -34,14 +34,19 @@ pub struct Config {
     #[serde(default)]
     pub upstreams: Vec<SocketAddr>,
     #[serde(default)]
+    /// Engine.IO routing: path, stickiness, session table bounds, tagged sids.
     pub engineio: EngineIo,
     #[serde(default)]
+    /// How new sessions are spread over workers.
     pub balance: Balance,
     #[serde(default)]
+    /// Active health checks of the workers.
     pub health: Health,
     #[serde(default)]
+    /// Size and count limits.
     pub limits: Limits,
     #[serde(default)]
+    /// Timeouts, on the client side and towards workers.
     pub timeouts: Timeouts,
     /// Worker processes corral starts and supervises.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -53,6 +58,7 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<AdminConfig>,
     #[serde(default)]
+    /// The access log.
     pub access_log: AccessLogConfig,
     /// Unix socket for `corral reload`, `corral scale` and `corral status`. Default:
     /// `corral-<first listen port>.sock` in the temporary directory.
@@ -102,22 +108,26 @@ impl Default for Cluster {
 
 impl Cluster {
     /// The signing key: from `key`, `key_file`, or random (and said so).
-    pub fn signing_key(&self) -> Result<Vec<u8>, String> {
+    pub fn signing_key(&self) -> Result<Vec<u8>, BadValue> {
         if let Some(k) = &self.key {
             return Ok(k.as_bytes().to_vec());
         }
         if let Some(f) = &self.key_file {
-            let bytes = std::fs::read(f)
-                .map_err(|e| format!("cluster.key_file {}: cannot read: {e}", f.display()))?;
+            let bytes = std::fs::read(f).map_err(|e| {
+                BadValue::new(format!(
+                    "cluster.key_file {}: cannot read: {e}",
+                    f.display()
+                ))
+            })?;
             let end = bytes
                 .iter()
                 .rposition(|b| !b.is_ascii_whitespace())
                 .map_or(0, |i| i + 1);
             if end < 16 {
-                return Err(format!(
+                return Err(BadValue::new(format!(
                     "cluster.key_file {}: a key of at least 16 bytes is needed",
                     f.display()
-                ));
+                )));
             }
             return Ok(bytes[..end].to_vec());
         }
@@ -125,7 +135,9 @@ impl Cluster {
         // SAFETY: getrandom fills the buffer it is given, up to its length.
         let n = unsafe { libc::getrandom(key.as_mut_ptr().cast(), key.len(), 0) };
         if n != key.len() as isize {
-            return Err("cannot make a random tag key (getrandom failed)".into());
+            return Err(BadValue::new(
+                "cannot make a random tag key (getrandom failed)".into(),
+            ));
         }
         Ok(key)
     }
@@ -136,19 +148,24 @@ impl Cluster {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum WorkerCommand {
+    /// One string, run by `/bin/sh -c`.
     Shell(String),
+    /// A program and its arguments, run as is.
     Args(Vec<String>),
 }
 
 /// How many workers: a number, or `"auto"` for one per CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Count {
+    /// This many.
     Fixed(usize),
     #[default]
+    /// One per CPU.
     Auto,
 }
 
 impl Count {
+    /// The number of workers this means on this machine.
     pub fn resolve(self) -> usize {
         match self {
             Count::Fixed(n) => n,
@@ -182,21 +199,26 @@ impl<'de> Deserialize<'de> for Count {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Workers {
+    /// The command that starts one worker; `{port}` is replaced by its port.
     pub command: WorkerCommand,
     #[serde(default = "default_count")]
+    /// How many workers to run.
     pub count: Count,
     /// First port; workers take the lowest free ports from here. Unset: corral picks
     /// free loopback ports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_port: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The directory workers start in.
     pub cwd: Option<PathBuf>,
     #[serde(default)]
+    /// Extra environment for the workers.
     pub env: BTreeMap<String, String>,
     /// Readiness: empty means any HTTP answer to `GET /`; a path must answer 2xx/3xx.
     #[serde(default)]
     pub ready_path: String,
     #[serde(default = "default_start_timeout", with = "duration")]
+    /// How long a worker may take to answer HTTP after it starts.
     pub start_timeout: Duration,
     /// Between SIGTERM and SIGKILL when a worker is stopped.
     #[serde(default = "default_stop_grace", with = "duration")]
@@ -245,6 +267,7 @@ pub struct MessageQueue {
     #[serde(with = "size")]
     pub output_limit_soft: u64,
     #[serde(with = "duration")]
+    /// How long a subscriber may stay over the soft output limit.
     pub output_limit_soft_for: Duration,
 }
 
@@ -295,6 +318,7 @@ impl Config {
         self.listeners()[0].address.port()
     }
 
+    /// The networks whose forwarded headers are believed (`trusted_proxies`).
     pub fn trusted(&self) -> Vec<Cidr> {
         self.trusted_proxies
             .iter()
@@ -348,6 +372,7 @@ impl Workers {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
+    /// The address to listen on.
     pub address: SocketAddr,
     /// `"self-signed"`, or `{ cert = "chain.pem", key = "key.pem" }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -359,17 +384,27 @@ pub struct Listener {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(untagged)]
+/// A listener's certificate: `"self-signed"` or PEM files.
 pub enum TlsSetting {
+    /// `"self-signed"`.
     Mode(String),
-    Files { cert: PathBuf, key: PathBuf },
+    /// PEM files.
+    Files {
+        /// The certificate chain.
+        cert: PathBuf,
+        /// The private key.
+        key: PathBuf,
+    },
 }
 
 /// `[auth]`: HTTP basic authentication from an htpasswd file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
+    /// The htpasswd file (bcrypt, apr1 MD5, SHA-1 entries).
     pub htpasswd: PathBuf,
     #[serde(default = "default_realm")]
+    /// The realm named in the 401 challenge.
     pub realm: String,
     /// Path prefixes (segment-wise) that need no credentials, e.g. a health check.
     #[serde(default)]
@@ -385,6 +420,7 @@ fn default_realm() -> String {
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     #[serde(default = "default_admin_listen")]
+    /// The address of the admin listener (status page, metrics, probes).
     pub listen: SocketAddr,
     /// Optional basic auth for the admin pages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -399,19 +435,32 @@ fn default_admin_listen() -> SocketAddr {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AccessLogConfig {
+    /// Whether requests are logged.
     pub enabled: bool,
-    pub format: crate::access::Format,
+    /// Line format.
+    pub format: LogFormat,
     /// `-` for stdout, or a file appended to.
     pub path: String,
     /// Log Engine.IO requests too (a polling client makes one every few seconds).
     pub engineio: bool,
 }
 
+/// How access log lines are written: nginx's combined format, or one JSON object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    /// nginx's `combined` format.
+    Combined,
+    /// One JSON object per line.
+    Json,
+}
+
 impl Default for AccessLogConfig {
     fn default() -> Self {
         AccessLogConfig {
             enabled: false,
-            format: crate::access::Format::Combined,
+            format: LogFormat::Combined,
             path: "-".into(),
             engineio: false,
         }
@@ -426,7 +475,8 @@ pub struct Cidr {
 }
 
 impl Cidr {
-    pub fn parse(s: &str) -> Result<Cidr, String> {
+    /// Parses `a.b.c.d/n`, `a:b::/n` or a bare address.
+    pub fn parse(s: &str) -> Result<Cidr, BadValue> {
         let (ip, bits) = match s.split_once('/') {
             Some((ip, b)) => (ip, Some(b)),
             None => (s, None),
@@ -434,7 +484,7 @@ impl Cidr {
         let net: std::net::IpAddr = ip
             .trim()
             .parse()
-            .map_err(|_| format!("`{s}` is not an address or CIDR range"))?;
+            .map_err(|_| BadValue::new(format!("`{s}` is not an address or CIDR range")))?;
         let max = if net.is_ipv4() { 32 } else { 128 };
         let bits = match bits {
             Some(b) => b
@@ -442,12 +492,13 @@ impl Cidr {
                 .parse::<u8>()
                 .ok()
                 .filter(|b| *b <= max)
-                .ok_or_else(|| format!("`{s}`: bad prefix length"))?,
+                .ok_or_else(|| BadValue::new(format!("`{s}`: bad prefix length")))?,
             None => max,
         };
         Ok(Cidr { net, bits })
     }
 
+    /// Whether `ip` is in this network.
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {
         fn bits(ip: std::net::IpAddr) -> u128 {
             match ip {
@@ -514,6 +565,7 @@ pub enum Policy {
     /// Fewest live Engine.IO sessions, ties broken round-robin.
     #[default]
     LeastConnections,
+    /// Each worker in turn.
     RoundRobin,
     /// Hash of the client address, as nginx's `ip_hash` (for comparison).
     IpHash,
@@ -531,7 +583,9 @@ impl fmt::Display for Policy {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+/// How new sessions are spread over workers.
 pub struct Balance {
+    /// The balancing policy.
     pub policy: Policy,
 }
 
@@ -540,8 +594,10 @@ pub struct Balance {
 #[serde(deny_unknown_fields, default)]
 pub struct Health {
     #[serde(with = "duration")]
+    /// How often each worker is checked.
     pub interval: Duration,
     #[serde(with = "duration")]
+    /// How long a check may take before it counts as failed.
     pub timeout: Duration,
     /// Path to GET; a 2xx/3xx answer is healthy. Empty: a TCP connect is the check.
     pub path: String,
@@ -567,6 +623,7 @@ impl Default for Health {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+/// Size and count limits: bodies, headers, connections.
 pub struct Limits {
     /// Largest request body accepted (413 beyond it), counted while streaming.
     #[serde(with = "size")]
@@ -590,6 +647,7 @@ impl Default for Limits {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+/// Timeouts, on the client side and towards workers.
 pub struct Timeouts {
     /// Connecting to a worker (502 when it fails).
     #[serde(with = "duration")]
@@ -634,19 +692,32 @@ impl Default for Timeouts {
 /// A configuration error that says where and what.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file cannot be read.
     #[error("{file}: cannot read: {source}")]
     Read {
+        /// The file.
         file: String,
+        /// What the system said.
         source: std::io::Error,
     },
+    /// A key has a wrong or missing value.
     #[error("{file}: key `{key}`: {message}")]
     Key {
+        /// The file.
         file: String,
+        /// The key, as dotted path.
         key: String,
+        /// What is wrong with its value.
         message: String,
     },
+    /// The file is not valid TOML.
     #[error("{file}: {message}")]
-    Syntax { file: String, message: String },
+    Syntax {
+        /// The file.
+        file: String,
+        /// What the parser said, with the line.
+        message: String,
+    },
 }
 
 impl Config {
@@ -807,7 +878,7 @@ impl Config {
             }
         }
         for p in &self.trusted_proxies {
-            Cidr::parse(p).map_err(|e| bad("trusted_proxies", &e))?;
+            Cidr::parse(p).map_err(|e| bad("trusted_proxies", &e.to_string()))?;
         }
         if self.upstreams.is_empty() && self.workers.is_none() {
             return Err(bad(
@@ -950,51 +1021,71 @@ fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Er
         .collect()
 }
 
+/// A value that cannot be used, and why (the message names the value).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadValue(String);
+
+impl BadValue {
+    /// A value refused for the reason `why`.
+    pub fn new(why: String) -> BadValue {
+        BadValue(why)
+    }
+}
+
 /// Parses `"10s"`, `"500ms"`, `"2m"`, `"1h"` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, BadValue> {
     let s = s.trim();
     let split = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like \"10s\", \"500ms\", \"2m\""))?;
+    let value: f64 = num.parse().map_err(|_| {
+        BadValue::new(format!(
+            "`{s}` is not a duration like \"10s\", \"500ms\", \"2m\""
+        ))
+    })?;
     let secs = match unit.trim() {
         "" | "s" => value,
         "ms" => value / 1000.0,
         "m" => value * 60.0,
         "h" => value * 3600.0,
         other => {
-            return Err(format!(
+            return Err(BadValue::new(format!(
                 "unknown duration unit `{other}` (use ms, s, m or h)"
-            ))
+            )))
         }
     };
     if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
-        return Err(format!("`{s}` is out of range"));
+        return Err(BadValue::new(format!("`{s}` is out of range")));
     }
     Ok(Duration::from_secs_f64(secs))
 }
 
 /// Parses `"200M"`, `"64K"`, `"1G"` (powers of 1024, as nginx) or a bare byte count.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, BadValue> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size like \"200M\", \"64K\" or 1048576"))?;
+    let value: u64 = num.parse().map_err(|_| {
+        BadValue::new(format!(
+            "`{s}` is not a size like \"200M\", \"64K\" or 1048576"
+        ))
+    })?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" => 1 << 10,
         "m" | "mb" => 1 << 20,
         "g" | "gb" => 1 << 30,
-        other => return Err(format!("unknown size unit `{other}` (use K, M or G)")),
+        other => {
+            return Err(BadValue::new(format!(
+                "unknown size unit `{other}` (use K, M or G)"
+            )))
+        }
     };
     value
         .checked_mul(mult)
-        .ok_or_else(|| format!("`{s}` is too large"))
+        .ok_or_else(|| BadValue::new(format!("`{s}` is too large")))
 }
 
 #[derive(Deserialize)]

@@ -1,37 +1,42 @@
 //! corral: one port in front of many Socket.IO / Engine.IO worker processes.
 //!
-//! The data path runs one way: [`server`] (listeners, connection limits, shutdown) →
-//! [`strict`] (request heads) and [`proxy`] (limits, auth, headers, choice of worker
-//! through [`router`] on the Engine.IO path, [`pool`] elsewhere) → [`forward`] (the
-//! request as a worker gets it, one exchange, the retry rule) → [`upstream`]
-//! (keep-alive connections to each worker) — or, for websockets, [`tunnel`], which
-//! sends its upgrade through [`forward`] too and never reaches back into [`proxy`].
-//! [`answer`] holds corral's own answers, [`body`] the body adapters. [`config`]
-//! reads the file and [`engineio`] holds the protocol knowledge. [`supervisor`]
-//! starts and watches the worker processes and [`admin`] takes commands for it from
-//! `corral reload`.
-pub mod access;
-pub mod admin;
-pub mod answer;
-pub mod auth;
-pub mod body;
+//! The folders follow the data path, one way, each part using only the parts below
+//! it (`tests/layers.rs` fails on a `use` that goes back up):
+//!
+//! ```text
+//! run            wires the parts together, owns startup and shutdown
+//!  └ edge        listeners, TLS, serving threads' accept loops, the gate:
+//!  │             strict heads, redirect, path normalisation, limits, auth
+//!  └ proxy       the request path: choice of worker, headers, one exchange with
+//!  │             the retry rule, corral's own answers, websocket tunnels
+//!  └ engineio    the protocol, tagged sids, the session table (router)
+//!  └ workers     the pool (state, load, health) and the supervisor (processes)
+//!  └ transport   kept-alive connections to workers, body adapters
+//!  observe       counters (a leaf everyone writes to) and, on top, the views that
+//!                read pool, router and broker: Prometheus, status page, access
+//!                log, admin socket
+//!  broker        the embedded Redis-protocol pub/sub broker
+//!  runtime       serving threads, background tasks, systemd notification
+//!  config        the file, read and checked once
+//! ```
+#![deny(missing_docs)]
+
 pub mod broker;
 pub mod config;
-pub mod engineio;
-pub mod forward;
-pub mod lanes;
-pub mod metrics;
-pub mod notify;
-pub mod path;
-pub mod pool;
-pub mod proxy;
-pub mod router;
-pub mod server;
-pub mod sidtag;
-pub mod status;
-pub mod strict;
-pub mod supervisor;
-pub mod tasks;
-pub mod tls;
-pub mod tunnel;
-pub mod upstream;
+pub(crate) mod edge;
+pub(crate) mod engineio;
+pub(crate) mod observe;
+pub use observe::admin;
+pub(crate) mod proxy;
+pub mod run;
+pub(crate) mod runtime;
+pub(crate) mod transport;
+pub(crate) mod workers;
+
+/// Entry points for the fuzz targets (`fuzz/`), not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::broker::resp::{parse as parse_resp, Caps};
+    pub use crate::edge::auth::{parse as parse_htpasswd, verify, Hash};
+    pub use crate::edge::path::normalise;
+}

@@ -112,21 +112,23 @@ struct RunArgs {
     command: Vec<String>,
 }
 
-fn parse_count(s: &str) -> Result<Count, String> {
+fn parse_count(s: &str) -> Result<Count, config::BadValue> {
     if s == "auto" {
         return Ok(Count::Auto);
     }
     s.parse()
         .map(Count::Fixed)
-        .map_err(|_| "expected a number or \"auto\"".into())
+        .map_err(|_| config::BadValue::new("expected a number or \"auto\"".into()))
 }
 
-fn parse_policy(s: &str) -> Result<Policy, String> {
+fn parse_policy(s: &str) -> Result<Policy, config::BadValue> {
     match s {
         "least-connections" => Ok(Policy::LeastConnections),
         "round-robin" => Ok(Policy::RoundRobin),
         "ip-hash" => Ok(Policy::IpHash),
-        _ => Err("expected least-connections, round-robin or ip-hash".into()),
+        _ => Err(config::BadValue::new(
+            "expected least-connections, round-robin or ip-hash".into(),
+        )),
     }
 }
 
@@ -174,7 +176,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            run_until_done(corral::server::run(config))
+            run_until_done(corral::run::run(config))
         }
     }
 }

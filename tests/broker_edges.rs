@@ -2,7 +2,7 @@
 //! passwords, clients are capped, and the replies Redis's own pub/sub tests and
 //! harness rely on (CLIENT REPLY, FLUSHALL, PUBSUB arity, arity before NOAUTH).
 
-use corral::broker::{self, registry::OutputLimit, Settings};
+use corral::broker::{self, OutputLimit, Settings};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

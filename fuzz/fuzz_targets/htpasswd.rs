@@ -6,11 +6,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(users) = corral::auth::parse(text) {
+    if let Ok(users) = corral::fuzzing::parse_htpasswd(text) {
         for hash in users.values() {
             // bcrypt is skipped: its cost would slow the fuzzer to a crawl.
-            if !matches!(hash, corral::auth::Hash::Bcrypt(_)) {
-                let _ = corral::auth::verify(hash, "password");
+            if !matches!(hash, corral::fuzzing::Hash::Bcrypt(_)) {
+                let _ = corral::fuzzing::verify(hash, "password");
             }
         }
     }

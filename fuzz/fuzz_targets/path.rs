@@ -6,7 +6,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(raw) = std::str::from_utf8(data) else {
         return;
     };
-    if let Some(p) = corral::path::normalise(raw) {
+    if let Some(p) = corral::fuzzing::normalise(raw) {
         assert!(p.starts_with('/'), "{p:?}");
         assert!(!p.contains("//"), "{p:?}");
         assert!(!p.contains('\\'), "{p:?}");

@@ -2,7 +2,7 @@
 //! back more than it was given.
 #![no_main]
 use bytes::BytesMut;
-use corral::broker::resp::{parse, Caps};
+use corral::fuzzing::{parse_resp as parse, Caps};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -7,12 +7,13 @@
 //! pattern rules. It is not a Redis: commands other than the pub/sub set get Redis's
 //! own unknown-command error. It must not touch the proxy's state.
 
-pub mod glob;
-pub mod registry;
-pub mod resp;
+pub(crate) mod glob;
+pub(crate) mod registry;
+pub(crate) mod resp;
 
-use bytes::{BufMut, Bytes, BytesMut};
-use registry::{ClientHandle, Kind, OutputLimit, Registry, Space};
+use bytes::{Bytes, BytesMut};
+pub use registry::OutputLimit;
+use registry::{ClientHandle, Registry, Space};
 use resp::{Caps, Out};
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -29,26 +30,40 @@ pub const REDIS_VERSION: &str = "7.0.15";
 const DATABASES: i64 = 16;
 
 #[derive(Debug, Clone, Copy)]
+/// What the broker has done, for metrics and the status page.
 pub struct BrokerStats {
+    /// Clients connected now.
     pub connected: u64,
+    /// Channel, pattern and shard subscriptions now.
     pub subscriptions: u64,
+    /// PUBLISH and SPUBLISH commands.
     pub published: u64,
+    /// Messages queued to subscribers.
     pub delivered: u64,
+    /// Messages not delivered: the subscriber was over its output limit.
     pub dropped: u64,
+    /// Subscribers disconnected at their output limit.
     pub over_limit: u64,
 }
 
 /// How the broker is set up.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// `requirepass`: clients must AUTH with it (None: no AUTH).
     pub password: Option<String>,
+    /// Largest bulk string accepted.
     pub max_bulk: u64,
+    /// Most arguments in one command.
     pub max_args: usize,
+    /// Largest command, all arguments together.
     pub max_command: u64,
+    /// Most clients at once (`maxclients`).
     pub max_clients: usize,
+    /// Output limits of a subscriber (`client-output-buffer-limit pubsub`).
     pub output: OutputLimit,
 }
 
+/// A running broker: its registry and counters.
 pub struct Broker {
     settings: Settings,
     registry: Registry,
@@ -58,6 +73,7 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// A broker with these settings, for a listener on `port`.
     pub fn new(settings: Settings, port: u16) -> Arc<Broker> {
         Arc::new(Broker {
             settings,
@@ -68,6 +84,7 @@ impl Broker {
         })
     }
 
+    /// The pub/sub core.
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
@@ -217,12 +234,9 @@ impl Broker {
             return Next::Go;
         };
         // Container commands: the subcommand has its own arity and name.
-        let (full, arity) = match subcommand(cmd, args) {
-            Ok(v) => v,
-            Err(e) => {
-                o.error(out, &e);
-                return Next::Go;
-            }
+        let Some((full, arity)) = subcommand(cmd, args) else {
+            o.error(out, &unknown_subcommand(cmd, &args[1]));
+            return Next::Go;
         };
         // Redis checks the arity before authentication.
         let argc = args.len() as i32;
@@ -443,20 +457,24 @@ const COMMANDS: &[Command] = &[
     cmd("flushdb", -1, flush),
 ];
 
-/// The full name and arity to check: `client|setname` for a container's subcommand.
-fn subcommand(cmd: &Command, args: &[Bytes]) -> Result<(String, i32), String> {
+/// The full name and arity to check: `client|setname` for a container's subcommand;
+/// None for a subcommand the container does not have.
+fn subcommand(cmd: &Command, args: &[Bytes]) -> Option<(String, i32)> {
     if cmd.subcommands.is_empty() || args.len() < 2 {
-        return Ok((cmd.name.to_string(), cmd.arity));
+        return Some((cmd.name.to_string(), cmd.arity));
     }
     let sub = String::from_utf8_lossy(&args[1]).to_ascii_lowercase();
-    match cmd.subcommands.iter().find(|(n, _)| *n == sub) {
-        Some((n, arity)) => Ok((format!("{}|{n}", cmd.name), *arity)),
-        None => Err(format!(
-            "ERR unknown subcommand '{}'. Try {} HELP.",
-            truncate(&String::from_utf8_lossy(&args[1]), 128),
-            cmd.name.to_ascii_uppercase()
-        )),
-    }
+    let (n, arity) = cmd.subcommands.iter().find(|(n, _)| *n == sub)?;
+    Some((format!("{}|{n}", cmd.name), *arity))
+}
+
+/// Redis's text for a subcommand a container does not have.
+fn unknown_subcommand(cmd: &Command, sub: &[u8]) -> String {
+    format!(
+        "ERR unknown subcommand '{}'. Try {} HELP.",
+        truncate(&String::from_utf8_lossy(sub), 128),
+        cmd.name.to_ascii_uppercase()
+    )
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -977,33 +995,8 @@ async fn write_loop(mut writer: OwnedWriteHalf, handle: Arc<ClientHandle>) {
     }
 }
 
-/// Everything of a message's framing up to (not including) the payload bytes.
-pub(super) fn frame_message(
-    b: &mut BytesMut,
-    resp3: bool,
-    kind: Kind,
-    pattern: Option<&[u8]>,
-    channel: &[u8],
-    payload_len: usize,
-) {
-    let o = Out { resp3 };
-    let (name, n): (&[u8], usize) = match kind {
-        Kind::Message => (b"message", 3),
-        Kind::PMessage => (b"pmessage", 4),
-        Kind::SMessage => (b"smessage", 3),
-    };
-    o.push(b, n);
-    o.bulk(b, name);
-    if let Some(p) = pattern {
-        o.bulk(b, p);
-    }
-    o.bulk(b, channel);
-    b.put_u8(b'$');
-    b.put_slice(payload_len.to_string().as_bytes());
-    b.put_slice(b"\r\n");
-}
-
 impl Settings {
+    /// The settings `[message_queue]` asks for.
     pub fn from_config(mq: &crate::config::MessageQueue) -> Settings {
         Settings {
             password: mq.password.clone().filter(|p| !p.is_empty()),
@@ -1046,15 +1039,24 @@ pub fn url_for(addr: SocketAddr, password: Option<&str>) -> String {
     }
 }
 
+/// The broker's address is taken or not ours.
+#[derive(Debug, thiserror::Error)]
+#[error("message queue cannot listen on {addr}: {source}")]
+pub struct ListenError {
+    /// The configured address.
+    pub addr: SocketAddr,
+    /// What the system said.
+    pub source: std::io::Error,
+}
+
 /// Binds and starts a broker; returns it and the address it listens on.
 pub async fn start(
     addr: SocketAddr,
     settings: Settings,
-) -> anyhow::Result<(Arc<Broker>, SocketAddr)> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("message queue cannot listen on {addr}: {e}"))?;
-    let local = listener.local_addr()?;
+) -> Result<(Arc<Broker>, SocketAddr), ListenError> {
+    let listen_error = |source| ListenError { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
+    let local = listener.local_addr().map_err(listen_error)?;
     let broker = Broker::new(settings, local.port());
     broker.spawn(listener);
     Ok((broker, local))
@@ -1083,10 +1085,17 @@ mod tests {
     #[test]
     fn message_framing() {
         let mut b = BytesMut::new();
-        frame_message(&mut b, false, Kind::Message, None, b"ch", 3);
+        registry::frame_message(&mut b, false, registry::Kind::Message, None, b"ch", 3);
         assert_eq!(&b[..], b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$3\r\n");
         b.clear();
-        frame_message(&mut b, true, Kind::PMessage, Some(b"c*"), b"ch", 0);
+        registry::frame_message(
+            &mut b,
+            true,
+            registry::Kind::PMessage,
+            Some(b"c*"),
+            b"ch",
+            0,
+        );
         assert_eq!(
             &b[..],
             b">4\r\n$8\r\npmessage\r\n$2\r\nc*\r\n$2\r\nch\r\n$0\r\n"

@@ -7,6 +7,8 @@
 //! limits: one that falls too far behind is closed, not allowed to grow.
 
 use super::glob;
+use super::resp::Out;
+use bytes::BufMut;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -17,8 +19,11 @@ use tokio::sync::Notify;
 /// Redis's `client-output-buffer-limit pubsub` in spirit.
 #[derive(Debug, Clone, Copy)]
 pub struct OutputLimit {
+    /// Bytes queued to a subscriber that disconnect it at once (0: no limit).
     pub hard: usize,
+    /// Bytes queued that disconnect it when held for `soft_for` (0: no limit).
     pub soft: usize,
+    /// How long the soft limit may be exceeded.
     pub soft_for: Duration,
 }
 
@@ -288,7 +293,7 @@ impl Registry {
                 let mut b = BytesMut::with_capacity(
                     channel.len() + payload.len() + pattern.map_or(0, |p| p.len()) + 48,
                 );
-                super::frame_message(
+                frame_message(
                     &mut b,
                     resp3,
                     kind,
@@ -344,4 +349,29 @@ impl Registry {
     pub fn numpat(&self) -> usize {
         read(&self.patterns).len()
     }
+}
+/// Everything of a message's framing up to (not including) the payload bytes.
+pub fn frame_message(
+    b: &mut BytesMut,
+    resp3: bool,
+    kind: Kind,
+    pattern: Option<&[u8]>,
+    channel: &[u8],
+    payload_len: usize,
+) {
+    let o = Out { resp3 };
+    let (name, n): (&[u8], usize) = match kind {
+        Kind::Message => (b"message", 3),
+        Kind::PMessage => (b"pmessage", 4),
+        Kind::SMessage => (b"smessage", 3),
+    };
+    o.push(b, n);
+    o.bulk(b, name);
+    if let Some(p) = pattern {
+        o.bulk(b, p);
+    }
+    o.bulk(b, channel);
+    b.put_u8(b'$');
+    b.put_slice(payload_len.to_string().as_bytes());
+    b.put_slice(b"\r\n");
 }

@@ -14,7 +14,9 @@ const UNAUTH_BULK: i64 = 16384;
 /// Bounds on what one command may make the broker hold.
 #[derive(Debug, Clone, Copy)]
 pub struct Caps {
+    /// Largest bulk string.
     pub max_bulk: i64,
+    /// Most arguments.
     pub max_args: i64,
     /// Most bytes of one command, all its arguments together.
     pub max_command: u64,
@@ -158,6 +160,7 @@ impl Parser {
         ))
     }
 
+    #[cfg(test)]
     /// Bytes looked at so far.
     pub fn scanned(&self) -> u64 {
         self.scanned

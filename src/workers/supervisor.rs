@@ -8,7 +8,8 @@
 //! and never touches sessions: the router voids a dead worker's sessions by itself.
 
 use crate::config::{WorkerCommand, Workers};
-use crate::pool::{self, Pool, Worker};
+use crate::workers::health;
+use crate::workers::pool::{Pool, Worker};
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener};
 use std::process::Stdio;
@@ -19,6 +20,55 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+
+/// Why a worker did not start or a change to the workers did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The command could not be run.
+    #[error("cannot start `{command}`: {source}")]
+    Spawn {
+        /// The command, as configured.
+        command: String,
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// It did not answer HTTP in time.
+    #[error("not ready within {within:?}; last output:\n{output}")]
+    NotReady {
+        /// `workers.start_timeout`.
+        within: Duration,
+        /// The last lines it printed.
+        output: String,
+    },
+    /// It exited.
+    #[error("exited ({status}); last output:\n{output}")]
+    Exited {
+        /// Its exit status.
+        status: String,
+        /// The last lines it printed.
+        output: String,
+    },
+    /// The task that keeps the worker running ended before telling.
+    #[error("keeper ended")]
+    KeeperEnded,
+    /// corral is stopping, so nothing new starts.
+    #[error("corral is stopping: {0}")]
+    Stopping(&'static str),
+    /// A stop signal came in the middle of a rolling restart.
+    #[error("rolling restart cut short: corral is stopping")]
+    CutShort,
+    /// A replacement worker of a rolling restart did not get ready.
+    #[error("replacement for worker {index} not ready: {source}")]
+    Replacement {
+        /// The worker being replaced.
+        index: usize,
+        /// Why its replacement failed.
+        source: Box<Error>,
+    },
+    /// `corral scale` asked for an impossible count.
+    #[error("worker count must be between 1 and 1024 (asked: {0})")]
+    BadCount(usize),
+}
 
 /// Output lines kept per worker to explain a failed start.
 const TAIL_LINES: usize = 20;
@@ -96,7 +146,7 @@ impl Supervisor {
             waiting.push(self.start_slot().await);
         }
         for (index, ready) in waiting {
-            if let Err(e) = ready.await.unwrap_or(Err("keeper ended".into())) {
+            if let Err(e) = ready.await.unwrap_or(Err(Error::KeeperEnded)) {
                 tracing::error!(
                     worker = index,
                     "worker not ready: {e}; retrying in the background"
@@ -106,7 +156,7 @@ impl Supervisor {
     }
 
     /// Starts one more worker; the receiver tells when it is first ready (or why not).
-    async fn start_slot(&self) -> (usize, oneshot::Receiver<Result<(), String>>) {
+    async fn start_slot(&self) -> (usize, oneshot::Receiver<Result<(), Error>>) {
         let index = self.next_index.fetch_add(1, Ordering::Relaxed);
         let mut slots = self.slots.lock().await;
         let port = self.pick_port(&slots);
@@ -158,16 +208,16 @@ impl Supervisor {
 
     /// Replaces every worker, one at a time: start the new one, wait until ready, move
     /// traffic to it, drain the old one (bounded), stop it.
-    pub async fn rolling_restart(&self) -> Result<(), String> {
+    pub async fn rolling_restart(&self) -> Result<(), Error> {
         let _change = self.changes.lock().await;
         if self.is_stopped() {
-            return Err("corral is stopping: no rolling restart".into());
+            return Err(Error::Stopping("no rolling restart"));
         }
-        crate::notify::reloading();
+        crate::runtime::notify::reloading();
         let result = self.replace_all().await;
         if !self.is_stopped() {
             let n = self.slots.lock().await.len();
-            crate::notify::notify(&format!(
+            crate::runtime::notify::notify(&format!(
                 "READY=1\nSTATUS={n} workers after a rolling restart"
             ));
         }
@@ -175,17 +225,20 @@ impl Supervisor {
     }
 
     /// The steps of a rolling restart (the change lock held by the caller).
-    async fn replace_all(&self) -> Result<(), String> {
+    async fn replace_all(&self) -> Result<(), Error> {
         let old: Vec<usize> = self.slots.lock().await.iter().map(|s| s.index).collect();
         tracing::info!(workers = old.len(), "rolling restart");
         for index in old {
             if self.is_stopped() {
-                return Err("rolling restart cut short: corral is stopping".into());
+                return Err(Error::CutShort);
             }
             let (new_index, ready) = self.start_slot().await;
-            if let Err(e) = ready.await.unwrap_or(Err("keeper ended".into())) {
+            if let Err(e) = ready.await.unwrap_or(Err(Error::KeeperEnded)) {
                 self.stop_slot(new_index, false).await;
-                return Err(format!("replacement for worker {index} not ready: {e}"));
+                return Err(Error::Replacement {
+                    index,
+                    source: Box::new(e),
+                });
             }
             self.stop_slot(index, true).await;
             tracing::info!(old = index, new = new_index, "worker replaced");
@@ -194,13 +247,13 @@ impl Supervisor {
     }
 
     /// Brings the number of workers to `n`: new ones started, the newest stopped.
-    pub async fn scale(&self, n: usize) -> Result<(), String> {
+    pub async fn scale(&self, n: usize) -> Result<(), Error> {
         if n == 0 || n > 1024 {
-            return Err("worker count must be between 1 and 1024".into());
+            return Err(Error::BadCount(n));
         }
         let _change = self.changes.lock().await;
         if self.is_stopped() {
-            return Err("corral is stopping: not scaling".into());
+            return Err(Error::Stopping("not scaling"));
         }
         let current = self.slots.lock().await.len();
         if n > current {
@@ -276,12 +329,12 @@ impl Supervisor {
             .map(|s| WorkerStatus {
                 id: s.worker.id,
                 index: s.index,
-                pid: s.worker.pid(),
+                pid: s.worker.process.pid(),
                 port: s.worker.addr.port(),
                 state: s.worker.state().name(),
                 sessions: s.worker.sessions(),
                 inflight: s.worker.inflight(),
-                restarts: s.worker.restarts(),
+                restarts: s.worker.process.restarts(),
             })
             .collect()
     }
@@ -314,7 +367,7 @@ async fn keep(
     index: usize,
     extra_env: Vec<(String, String)>,
     mut stop: watch::Receiver<bool>,
-    ready_tx: oneshot::Sender<Result<(), String>>,
+    ready_tx: oneshot::Sender<Result<(), Error>>,
 ) {
     let mut ready_tx = Some(ready_tx);
     let mut backoff = FIRST_BACKOFF;
@@ -331,7 +384,10 @@ async fn keep(
         } = match spawn(&spec, port, index, &extra_env, &tail) {
             Ok(c) => c,
             Err(e) => {
-                let msg = format!("cannot start `{}`: {e}", describe(&spec.command));
+                let msg = Error::Spawn {
+                    command: describe(&spec.command),
+                    source: e,
+                };
                 tracing::error!(worker = index, "{msg}");
                 if let Some(tx) = ready_tx.take() {
                     let _ = tx.send(Err(msg));
@@ -344,7 +400,7 @@ async fn keep(
             }
         };
         let pid = child.id();
-        worker.set_pid(pid);
+        worker.process.set_pid(pid);
         tracing::info!(worker = index, pid, port, "worker started");
         let started = Instant::now();
 
@@ -379,11 +435,10 @@ async fn keep(
                 return;
             }
             End::NotReady => {
-                let msg = format!(
-                    "not ready within {:?}; last output:\n{}",
-                    spec.start_timeout,
-                    tail_text(&tail)
-                );
+                let msg = Error::NotReady {
+                    within: spec.start_timeout,
+                    output: tail_text(&tail),
+                };
                 tracing::error!(worker = index, pid, "{msg}");
                 terminate(&mut child, spec.stop_grace).await;
                 finish_output(&mut output).await;
@@ -395,7 +450,10 @@ async fn keep(
                 // What the process left in its group went with it (exited_then_wait).
                 finish_output(&mut output).await;
                 let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
-                let msg = format!("exited ({status}); last output:\n{}", tail_text(&tail));
+                let msg = Error::Exited {
+                    status,
+                    output: tail_text(&tail),
+                };
                 tracing::error!(worker = index, pid, "{msg}");
                 if let Some(tx) = ready_tx.take() {
                     let _ = tx.send(Err(msg));
@@ -403,7 +461,7 @@ async fn keep(
             }
         }
         pool.process_exited(&worker);
-        worker.count_restart();
+        worker.process.count_restart();
         if started.elapsed() >= STABLE_RUN {
             backoff = FIRST_BACKOFF;
         }
@@ -440,7 +498,7 @@ async fn wait_ready(
     };
     let mut warned = false;
     while Instant::now() < deadline {
-        match pool::http_status(addr, path, Duration::from_secs(2)).await {
+        match health::http_status(addr, path, Duration::from_secs(2)).await {
             Some(status) if ready_path.is_empty() || (200..400).contains(&status) => {
                 if pid.is_none_or(|p| port_held_by_group(addr.port(), p)) {
                     return true;
@@ -762,7 +820,7 @@ pub async fn reap_orphans(pool: Arc<Pool>, stop: tokio_util::sync::CancellationT
         let ours: Vec<i32> = pool
             .workers()
             .iter()
-            .filter_map(|w| w.pid())
+            .filter_map(|w| w.process.pid())
             .filter_map(|p| i32::try_from(p).ok())
             .collect();
         let zombies = zombie_children();

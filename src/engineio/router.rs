@@ -6,8 +6,8 @@
 //! worker health or connections. Sessions of a worker that went down are recognised by
 //! the worker's generation and answered as unknown, so their clients reconnect at once.
 
-use crate::engineio::Handshake;
-use crate::pool::{Pool, Worker};
+use crate::engineio::protocol::Handshake;
+use crate::workers::pool::{Pool, Worker};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -118,10 +118,6 @@ impl Router {
     /// Number of remembered sessions.
     pub fn len(&self) -> usize {
         self.table().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Routes a request that carries `sid`.
@@ -245,7 +241,7 @@ impl Router {
 }
 
 /// Runs `sweep` periodically so idle sessions are forgotten and memory stays bounded.
-pub fn spawn_sweeper(router: Arc<Router>, every: Duration, bg: &crate::tasks::Background) {
+pub fn spawn_sweeper(router: Arc<Router>, every: Duration, bg: &crate::runtime::tasks::Background) {
     bg.spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {
@@ -385,7 +381,7 @@ mod tests {
         // The busy request was never answered: it does not prove the session alive.
         std::thread::sleep(Duration::from_millis(80));
         assert_eq!(r.sweep(), 1);
-        assert!(r.is_empty());
+        assert_eq!(r.len(), 0);
         new_on(&r).learn(&hs("ok"));
         let total: usize = r.pool.workers().iter().map(|w| w.sessions()).sum();
         assert_eq!(total, 1);
@@ -413,7 +409,7 @@ mod tests {
         n.learn(&hs("s1"));
         r.pool.mark_down(&w);
         assert!(matches!(r.existing("s1"), Route::UnknownSid));
-        assert!(r.is_empty());
+        assert_eq!(r.len(), 0);
     }
 
     #[test]

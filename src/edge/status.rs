@@ -4,11 +4,11 @@
 //! for load balancers and orchestrators: `/healthz` (corral is alive) and `/readyz`
 //! (at least one worker is ready, else 503; the counts in the body).
 //!
-//! It only reads: counters from `metrics`, worker state from the pool.
+//! It only reads, through the views of `observe::metrics`.
 
-use crate::auth::BasicAuth;
-use crate::body::{self, ProxyBody};
-use crate::metrics::{self, Sources};
+use crate::edge::auth::BasicAuth;
+use crate::observe::metrics::{self, Sources};
+use crate::transport::body::{self, ProxyBody};
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -19,18 +19,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
-const PAGE: &str = include_str!("../assets/status.html");
+const PAGE: &str = include_str!("../../assets/status.html");
 
 /// Binds the admin listener and serves it until the runtime stops.
 pub async fn serve(
     addr: SocketAddr,
     sources: Arc<Sources>,
     auth: Option<Arc<BasicAuth>>,
-) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("admin listener cannot listen on {addr}: {e}"))?;
-    let local = listener.local_addr()?;
+) -> Result<SocketAddr, crate::observe::Error> {
+    let listen_error = |source| crate::observe::Error::Listen { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
+    let local = listener.local_addr().map_err(listen_error)?;
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {

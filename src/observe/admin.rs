@@ -5,7 +5,8 @@
 //! It owns the socket file and the tiny line protocol; the work itself is the
 //! supervisor's. Only the local user can reach it (file mode 0600).
 
-use crate::supervisor::Supervisor;
+use crate::observe::Error;
+use crate::workers::supervisor::Supervisor;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,18 +23,17 @@ pub fn default_path(port: u16) -> PathBuf {
 }
 
 /// Binds the socket (replacing a stale file no one answers on) and serves commands.
-pub async fn serve(path: &Path, supervisor: Option<Arc<Supervisor>>) -> anyhow::Result<()> {
+pub async fn serve(path: &Path, supervisor: Option<Arc<Supervisor>>) -> Result<(), Error> {
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
-            anyhow::bail!(
-                "admin socket {} is in use by another corral",
-                path.display()
-            );
+            return Err(Error::SocketInUse(path.to_path_buf()));
         }
         let _ = std::fs::remove_file(path);
     }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| anyhow::anyhow!("cannot create admin socket {}: {e}", path.display()))?;
+    let listener = UnixListener::bind(path).map_err(|source| Error::Socket {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
     tokio::spawn(async move {
         loop {
@@ -86,17 +86,17 @@ async fn run_command(cmd: &str, supervisor: Option<&Supervisor>) -> String {
 }
 
 /// Sends one command to a running corral and returns its answer.
-pub async fn send(path: &Path, command: &str, timeout: Duration) -> anyhow::Result<String> {
-    let mut stream = UnixStream::connect(path).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach corral at {}: {e} (is it running? see `admin_socket`)",
-            path.display()
-        )
-    })?;
+pub async fn send(path: &Path, command: &str, timeout: Duration) -> Result<String, Error> {
+    let mut stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| Error::Unreachable {
+            path: path.to_path_buf(),
+            source,
+        })?;
     stream.write_all(format!("{command}\n").as_bytes()).await?;
     let mut reply = String::new();
     tokio::time::timeout(timeout, stream.read_to_string(&mut reply))
         .await
-        .map_err(|_| anyhow::anyhow!("no answer within {timeout:?}"))??;
+        .map_err(|_| Error::NoAnswer(timeout))??;
     Ok(reply)
 }

@@ -8,29 +8,26 @@
 //! (the router does) or mark workers up (the health checks do); it only reports a
 //! worker it could not reach. Websocket upgrades are handed to `tunnel`.
 
-use crate::access::{self, AccessLog};
-use crate::answer::{self, short};
-use crate::auth::BasicAuth;
-use crate::body::{self, Fault, Guarded, Limited, Prefixed, ProxyBody};
 use crate::config::Config;
-use crate::engineio::{self, Parse};
-use crate::forward::{
-    declared_length, is_idempotent, is_websocket_upgrade, origin_form, prepare_request_headers,
-    strip_hop_by_hop, upstream_request, Forwarder, Peer, Replay, Target, Ticket,
+use crate::engineio::protocol::{self as engineio, Parse};
+use crate::engineio::router::{NewSession, Route, Router};
+use crate::engineio::sidtag::{self, Sid};
+use crate::observe::counters::Counters;
+use crate::proxy::answer::{self, short};
+use crate::proxy::forward::{
+    declared_length, is_idempotent, origin_form, prepare_request_headers, strip_hop_by_hop,
+    upstream_request, Forwarder, Peer, Replay, Target, Ticket,
 };
-use crate::metrics::Metrics;
-use crate::pool::{InflightGuard, Pool};
-use crate::router::{NewSession, Route, Router};
-use crate::sidtag::{self, Sid};
-use crate::tunnel::Tunnels;
-use crate::upstream::{self, Answer, SendError};
+use crate::proxy::tunnel::Tunnels;
+use crate::transport::body::{self, Fault, Guarded, Limited, Prefixed, ProxyBody};
+use crate::transport::upstream::{self, Answer, SendError};
+use crate::workers::pool::{InflightGuard, Pool};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -40,9 +37,7 @@ const HANDSHAKE_PEEK: usize = 4096;
 
 pub struct Proxy {
     pub(crate) cfg: Arc<Config>,
-    auth: Option<Arc<BasicAuth>>,
-    pub(crate) metrics: Arc<Metrics>,
-    access: Option<AccessLog>,
+    pub(crate) metrics: Arc<Counters>,
     pub(crate) pool: Arc<Pool>,
     pub(crate) router: Arc<Router>,
     forward: Forwarder,
@@ -73,11 +68,11 @@ pub struct NodePeer {
     /// Where requests for it go, as to a worker (its connections, timeouts and
     /// rules); None until the host is resolved. Replaced when the name resolves to
     /// another address (a restarted pod).
-    pub target: std::sync::Mutex<Option<Arc<crate::pool::Worker>>>,
+    pub target: std::sync::Mutex<Option<Arc<crate::workers::pool::Worker>>>,
 }
 
 impl NodePeer {
-    fn target(&self) -> Option<Arc<crate::pool::Worker>> {
+    fn target(&self) -> Option<Arc<crate::workers::pool::Worker>> {
         self.target
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -119,9 +114,9 @@ pub async fn resolve_nodes(proxy: Arc<Proxy>) {
 /// Where a request's tag sends it.
 enum Tagged {
     /// A worker of this node; its own sid.
-    Here(String, Arc<crate::pool::Worker>),
+    Here(String, Arc<crate::workers::pool::Worker>),
     /// Another node, which routes it (sent once, marked as a hop).
-    There(Arc<crate::pool::Worker>),
+    There(Arc<crate::workers::pool::Worker>),
 }
 
 /// Where the router sends an Engine.IO request, as a target or a refusal.
@@ -170,9 +165,7 @@ impl Proxy {
         cfg: Arc<Config>,
         pool: Arc<Pool>,
         router: Arc<Router>,
-        auth: Option<Arc<BasicAuth>>,
-        metrics: Arc<Metrics>,
-        access: Option<AccessLog>,
+        metrics: Arc<Counters>,
     ) -> Proxy {
         let upstream = upstream::Settings {
             connect_timeout: cfg.timeouts.connect,
@@ -182,9 +175,7 @@ impl Proxy {
         let tunnels = Tunnels::new(cfg.timeouts.read, cfg.timeouts.websocket_idle);
         Proxy {
             cfg,
-            auth,
             metrics,
-            access,
             pool,
             router,
             forward: Forwarder {
@@ -222,7 +213,7 @@ impl Proxy {
 
     /// 413, the client's unread body read away by a task of `lingering`.
     fn too_large(&self, unread: Option<ProxyBody>) -> Response<ProxyBody> {
-        too_large(self.cfg.limits.max_body, unread, &self.lingering)
+        answer::too_large(self.cfg.limits.max_body, unread, &self.lingering)
     }
 
     /// Shutdown, for the worker connections: idle ones are closed and the drivers of
@@ -249,91 +240,16 @@ impl Proxy {
         open
     }
 
-    /// Serves one client request. Never fails: every error becomes a response.
-    pub async fn handle(
+    /// Routes one request the edge has let in (`is_eio`: its normalised path is on
+    /// the Engine.IO path): chooses the worker and forwards it, or tunnels it when it
+    /// is a websocket upgrade (`upgrade`). Never fails: every error becomes a response.
+    pub async fn route(
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: Peer,
-    ) -> Result<Response<ProxyBody>, Infallible> {
-        let Some(log) = &self.access else {
-            return Ok(self.route(req, peer).await);
-        };
-        let started = Instant::now();
-        let eio = self.is_engineio(req.uri().path());
-        if eio && !log.engineio {
-            return Ok(self.clone().route(req, peer).await);
-        }
-        let header = |name: header::HeaderName| {
-            req.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        let (referer, agent) = (header(header::REFERER), header(header::USER_AGENT));
-        let method = req.method().clone();
-        let target = req
-            .uri()
-            .path_and_query()
-            .map_or("/".into(), |p| p.to_string());
-        let version = format!("{:?}", req.version());
-        let resp = self.clone().route(req, peer).await;
-        log.log(&access::Entry {
-            peer: peer.addr,
-            user: None,
-            method: method.as_str(),
-            target: &target,
-            version: &version,
-            status: resp.status().as_u16(),
-            bytes: resp.body().size_hint().exact(),
-            referer: referer.as_deref(),
-            user_agent: agent.as_deref(),
-            duration: started.elapsed(),
-            worker: None,
-        });
-        Ok(resp)
-    }
-
-    async fn route(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
-        if let Err(e) = crate::strict::check(&req) {
-            return short(StatusCode::BAD_REQUEST, &format!("corral: {e}\n"));
-        }
-        if let Some(port) = peer.redirect_https {
-            return redirect_https(&req, port);
-        }
-        // Every decision below is made on the normalised path.
-        let Some(path) = crate::path::normalise(req.uri().path()) else {
-            return short(StatusCode::BAD_REQUEST, "corral: bad request path\n");
-        };
-        if declared_length(req.headers()).is_some_and(|n| n > self.cfg.limits.max_body) {
-            // The unread body stays with the answer (see `body::Faults`).
-            let unread = req.into_body().map_err(Into::into).boxed_unsync();
-            return self.too_large(Some(unread));
-        }
-        if let Some(auth) = &self.auth {
-            if !auth.is_exempt(&path)
-                && !auth
-                    .allows(
-                        req.headers()
-                            .get(header::AUTHORIZATION)
-                            .map(|v| v.as_bytes()),
-                    )
-                    .await
-            {
-                return unauthorized(&auth.realm);
-            }
-        }
-        let upgrade = is_websocket_upgrade(&req);
-        if upgrade && !req.body().is_end_stream() {
-            // Its body would have to be sent before the tunnel, and a worker that
-            // answers without upgrading would be left waiting for it on a connection
-            // corral reuses: refused, as nothing legitimate sends one. Judged by the
-            // body's own framing, as the retry rule is, and before any routing.
-            return short(
-                StatusCode::BAD_REQUEST,
-                "corral: an upgrade request must not carry a body\n",
-            );
-        }
-        let is_eio = self.is_engineio(&path);
+        is_eio: bool,
+        upgrade: bool,
+    ) -> Response<ProxyBody> {
         let hopped = self.is_hop(&req);
         let peer = match hopped {
             true => {
@@ -383,7 +299,8 @@ impl Proxy {
         self.pass_on(req, peer, target, is_eio).await
     }
 
-    fn is_engineio(&self, path: &str) -> bool {
+    /// Whether `path` is on the Engine.IO path.
+    pub fn is_engineio(&self, path: &str) -> bool {
         let prefix = &self.cfg.engineio.path;
         path.starts_with(prefix.as_str()) || path == &prefix[..prefix.len() - 1]
     }
@@ -511,7 +428,9 @@ impl Proxy {
             let err = match result {
                 Ok(Ok(answer)) => {
                     self.metrics.observe_latency(sent.elapsed());
-                    worker.count_response(answer.response.status().as_u16());
+                    worker
+                        .traffic
+                        .count_response(answer.response.status().as_u16());
                     worker.answered();
                     return self.respond(answer, ticket, inflight).await;
                 }
@@ -690,98 +609,10 @@ impl Proxy {
     }
 }
 
-fn unauthorized(realm: &str) -> Response<ProxyBody> {
-    let mut resp = short(StatusCode::UNAUTHORIZED, "401 Unauthorized\n");
-    if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\"")) {
-        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-    }
-    resp
-}
-
-/// 301 to the same host and path on https.
-fn redirect_https<B>(req: &Request<B>, port: u16) -> Response<ProxyBody> {
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().host())
-        .unwrap_or("localhost");
-    // Drop any port from Host (a bracketed IPv6 literal keeps its brackets).
-    let name = match host.rfind(':') {
-        Some(i) if !host[i..].contains(']') => &host[..i],
-        _ => host,
-    };
-    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let location = if port == 443 {
-        format!("https://{name}{pq}")
-    } else {
-        format!("https://{name}:{port}{pq}")
-    };
-    let mut resp = short(StatusCode::MOVED_PERMANENTLY, "corral: use https\n");
-    match HeaderValue::from_str(&location) {
-        Ok(v) => {
-            resp.headers_mut().insert(header::LOCATION, v);
-            resp
-        }
-        Err(_) => short(StatusCode::BAD_REQUEST, "corral: bad Host header\n"),
-    }
-}
-
 /// The client's body broke its own framing; what reached the worker was aborted.
 fn malformed_body() -> Response<ProxyBody> {
     let mut resp = short(StatusCode::BAD_REQUEST, "corral: malformed request body\n");
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
-}
-
-/// 413; `unread` is the client's body, held until the answer has gone out (an
-/// HTTP/2 stream reset before that would lose the answer).
-fn too_large(
-    limit: u64,
-    unread: Option<ProxyBody>,
-    owner: &tokio_util::task::TaskTracker,
-) -> Response<ProxyBody> {
-    let text = format!("corral: request body larger than {limit} bytes\n");
-    let unread = body::Unread::new(unread, owner);
-    let body = body::Holding::new(body::full(text), unread).boxed_unsync();
-    let mut resp = Response::new(body);
-    *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    // The rest of the body is not read, so the connection cannot be reused.
-    resp.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    resp
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redirect_keeps_host_and_path() {
-        let req = Request::builder()
-            .uri("/a?b=1")
-            .header(header::HOST, "example.org:8080")
-            .body(())
-            .expect("request");
-        let resp = redirect_https(&req, 8443);
-        assert_eq!(resp.status(), StatusCode::MOVED_PERMANENTLY);
-        assert_eq!(
-            resp.headers()[header::LOCATION],
-            "https://example.org:8443/a?b=1"
-        );
-        let req = Request::builder()
-            .uri("/")
-            .header(header::HOST, "[::1]:80")
-            .body(())
-            .expect("request");
-        assert_eq!(
-            redirect_https(&req, 443).headers()[header::LOCATION],
-            "https://[::1]/"
-        );
-    }
 }

@@ -16,35 +16,24 @@
 
 use base64::Engine as _;
 use hmac::{Hmac, KeyInit, Mac};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 
 /// What separates a worker's sid from its tag.
 pub const SEPARATOR: char = '.';
 /// Length of a tag as text.
 pub const TAG_LEN: usize = 22;
 
-/// A reference: the first 4 bytes of a hash of a name.
-pub type Ref = [u8; 4];
+pub use crate::workers::pool::Ref;
 
 /// The reference of a node, from its name.
 pub fn node_ref(name: &str) -> Ref {
-    reference("corral-node", name)
+    crate::workers::pool::stable_ref("corral-node", name)
 }
 
-/// The reference of a worker, from its configured identity.
+#[cfg(test)]
+/// The reference of a worker, from its configured identity (as the pool makes it).
 pub fn worker_ref(identity: &str) -> Ref {
-    reference("corral-worker", identity)
-}
-
-fn reference(kind: &str, name: &str) -> Ref {
-    let digest = Sha256::new()
-        .chain_update(kind.as_bytes())
-        .chain_update([0u8])
-        .chain_update(name.as_bytes())
-        .finalize();
-    let mut r = [0u8; 4];
-    r.copy_from_slice(&digest[..4]);
-    r
+    crate::workers::pool::stable_ref("corral-worker", identity)
 }
 
 /// Makes and checks tags under one key.

@@ -1,47 +1,25 @@
-//! What corral counts and how it reports it: the global counters the data path bumps
-//! (latency histogram, handshakes, "Session ID unknown" answers, bytes), a history of
-//! sessions and requests/s for the status page, and the Prometheus text and status
-//! JSON renderings.
+//! The Prometheus text and status JSON views, and the history of sessions and
+//! requests/s behind the status page's charts.
 //!
-//! Counting is lock-free atomics on the hot path; rendering reads a snapshot. It owns
-//! no traffic and changes nothing it reads.
+//! It reads counters, the pool, the router and the broker, and changes nothing it
+//! reads; nothing below it imports it.
 
 use crate::broker::Broker;
-use crate::pool::{Pool, State};
-use crate::router::Router;
+use crate::engineio::router::Router;
+use crate::observe::counters::{read, Counters, BUCKETS};
+use crate::workers::pool::{Pool, State, Worker};
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Upper bounds (seconds) of the request latency buckets.
-const BUCKETS: [f64; 14] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
 /// One history sample every this long; HISTORY of them (5 minutes).
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 const HISTORY: usize = 150;
 
-#[derive(Debug, Default)]
-pub struct Metrics {
-    latency_buckets: [AtomicU64; BUCKETS.len()],
-    latency_count: AtomicU64,
-    latency_sum_us: AtomicU64,
-    pub handshakes: AtomicU64,
-    pub unknown_sid: AtomicU64,
-    /// Requests sent to another corral node by their tag, and received from one.
-    pub hops_out: AtomicU64,
-    pub hops_in: AtomicU64,
-    pub bytes_in: AtomicU64,
-    pub bytes_out: AtomicU64,
-    pub access_log_dropped: AtomicU64,
-    history: Mutex<VecDeque<Sample>>,
-}
-
 #[derive(Debug, Clone, Serialize)]
-struct Sample {
+pub struct Sample {
     /// Seconds since corral started.
     t: u64,
     sessions: usize,
@@ -56,26 +34,11 @@ pub enum Queue {
     Embedded(Arc<Broker>, String),
 }
 
-impl Metrics {
-    /// Time from the request to the worker's response head.
-    pub fn observe_latency(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-            self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.latency_count.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_us
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    fn count(c: &AtomicU64) -> u64 {
-        c.load(Ordering::Relaxed)
-    }
-}
-
 /// Everything the admin listener reports from.
 pub struct Sources {
-    pub metrics: Arc<Metrics>,
+    pub counters: Arc<Counters>,
+    /// Sessions and requests/s, one sample every SAMPLE_EVERY.
+    pub history: Mutex<VecDeque<Sample>>,
     pub pool: Arc<Pool>,
     pub router: Arc<Router>,
     pub queue: Queue,
@@ -86,7 +49,7 @@ pub struct Sources {
 }
 
 /// Records sessions and requests/s every SAMPLE_EVERY for the status charts.
-pub fn spawn_sampler(src: Arc<Sources>, bg: &crate::tasks::Background) {
+pub fn spawn_sampler(src: Arc<Sources>, bg: &crate::runtime::tasks::Background) {
     bg.spawn(async move {
         let mut tick = tokio::time::interval(SAMPLE_EVERY);
         let mut last_requests = total_requests(&src.pool);
@@ -101,15 +64,11 @@ pub fn spawn_sampler(src: Arc<Sources>, bg: &crate::tasks::Background) {
                 rps: now.saturating_sub(last_requests) as f64 / secs,
             };
             for w in src.pool.workers() {
-                w.sample_rate(secs);
+                w.traffic.sample_rate(secs);
             }
             last_requests = now;
             last = Instant::now();
-            let mut h = src
-                .metrics
-                .history
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut h = src.history.lock().unwrap_or_else(|e| e.into_inner());
             if h.len() == HISTORY {
                 h.pop_front();
             }
@@ -119,7 +78,10 @@ pub fn spawn_sampler(src: Arc<Sources>, bg: &crate::tasks::Background) {
 }
 
 fn total_requests(pool: &Pool) -> u64 {
-    pool.workers().iter().map(|w| w.requests_total()).sum()
+    pool.workers()
+        .iter()
+        .map(|w| w.traffic.requests_total())
+        .sum()
 }
 
 /// A label value as the exposition format wants it.
@@ -131,7 +93,7 @@ fn escape_label(v: &str) -> String {
 
 /// The Prometheus text exposition (format 0.0.4).
 pub fn prometheus(src: &Sources) -> String {
-    let m = &src.metrics;
+    let m = &src.counters;
     let mut e = Exposition::default();
     let workers = src.pool.workers();
 
@@ -148,7 +110,7 @@ pub fn prometheus(src: &Sources) -> String {
         "Responses passed from workers, by worker and status class.",
     );
     for w in &workers {
-        for (class, count) in w.requests_by_class().iter().enumerate() {
+        for (class, count) in w.traffic.requests_by_class().iter().enumerate() {
             e.line(format!(
                 "{n}{{worker=\"{}\",addr=\"{}\",class=\"{}xx\"}} {count}",
                 w.id,
@@ -163,29 +125,27 @@ pub fn prometheus(src: &Sources) -> String {
         "histogram",
         "Time from request to the worker's response head.",
     );
+    let latency = m.latency();
     let mut cumulative = 0;
-    for (i, b) in BUCKETS.iter().enumerate() {
-        cumulative += Metrics::count(&m.latency_buckets[i]);
+    for (b, in_bucket) in BUCKETS.iter().zip(latency.buckets) {
+        cumulative += in_bucket;
         e.line(format!("{n}_bucket{{le=\"{b}\"}} {cumulative}"));
     }
-    let count = Metrics::count(&m.latency_count);
+    let count = latency.count;
     e.line(format!("{n}_bucket{{le=\"+Inf\"}} {count}"));
-    e.line(format!(
-        "{n}_sum {}",
-        Metrics::count(&m.latency_sum_us) as f64 / 1e6
-    ));
+    e.line(format!("{n}_sum {}", latency.sum.as_secs_f64()));
     e.line(format!("{n}_count {count}"));
 
     for (name, help, get) in [
         (
             "corral_engineio_sessions",
             "Live Engine.IO sessions per worker.",
-            (|w: &crate::pool::Worker| w.sessions() as u64) as fn(&crate::pool::Worker) -> u64,
+            (|w: &Worker| w.sessions() as u64) as fn(&Worker) -> u64,
         ),
         (
             "corral_websocket_tunnels",
             "Open websocket tunnels per worker.",
-            |w| w.tunnels() as u64,
+            |w| w.traffic.tunnels() as u64,
         ),
         (
             "corral_requests_in_flight",
@@ -223,18 +183,18 @@ pub fn prometheus(src: &Sources) -> String {
             "{n}{{worker=\"{}\",addr=\"{}\"}} {}",
             w.id,
             w.addr,
-            w.restarts()
+            w.process.restarts()
         ));
     }
 
     for (name, help, value) in [
-        ("corral_engineio_handshakes_total", "Engine.IO handshakes routed to a worker.", Metrics::count(&m.handshakes)),
-        ("corral_engineio_unknown_sid_total", "Requests answered \"Session ID unknown\" (the thrash counter: near 0 when sessions stick).", Metrics::count(&m.unknown_sid)),
-        ("corral_cluster_forwarded_total", "Requests sent to another corral node because their sid's tag names it.", Metrics::count(&m.hops_out)),
-        ("corral_cluster_received_total", "Requests another corral node sent here.", Metrics::count(&m.hops_in)),
-        ("corral_bytes_in_total", "Bytes received from clients (bodies and tunnels).", Metrics::count(&m.bytes_in)),
-        ("corral_bytes_out_total", "Bytes sent to clients (bodies and tunnels).", Metrics::count(&m.bytes_out)),
-        ("corral_access_log_dropped_total", "Access log lines dropped because the writer fell behind.", Metrics::count(&m.access_log_dropped)),
+        ("corral_engineio_handshakes_total", "Engine.IO handshakes routed to a worker.", read(&m.handshakes)),
+        ("corral_engineio_unknown_sid_total", "Requests answered \"Session ID unknown\" (the thrash counter: near 0 when sessions stick).", read(&m.unknown_sid)),
+        ("corral_cluster_forwarded_total", "Requests sent to another corral node because their sid's tag names it.", read(&m.hops_out)),
+        ("corral_cluster_received_total", "Requests another corral node sent here.", read(&m.hops_in)),
+        ("corral_bytes_in_total", "Bytes received from clients (bodies and tunnels).", read(&m.bytes_in)),
+        ("corral_bytes_out_total", "Bytes sent to clients (bodies and tunnels).", read(&m.bytes_out)),
+        ("corral_access_log_dropped_total", "Access log lines dropped because the writer fell behind.", read(&m.access_log_dropped)),
     ] {
         let n = e.family(name, "counter", help);
         e.line(format!("{n} {value}"));
@@ -340,25 +300,25 @@ struct QueueJson {
 
 /// The data behind /status, as JSON.
 pub fn status_json(src: &Sources) -> serde_json::Value {
-    let m = &src.metrics;
+    let m = &src.counters;
     let workers: Vec<WorkerJson> = src
         .pool
         .workers()
         .iter()
         .map(|w| WorkerJson {
             id: w.id,
-            pid: w.pid(),
+            pid: w.process.pid(),
             addr: w.addr.to_string(),
             port: w.addr.port(),
             state: w.state().name(),
             managed: w.managed,
             sessions: w.sessions(),
-            tunnels: w.tunnels(),
+            tunnels: w.traffic.tunnels(),
             inflight: w.inflight(),
-            requests: w.requests_total(),
-            rps: w.rate(),
-            restarts: w.restarts(),
-            uptime_s: w.uptime().map(|d| d.as_secs()),
+            requests: w.traffic.requests_total(),
+            rps: w.traffic.rate(),
+            restarts: w.process.restarts(),
+            uptime_s: w.process.uptime().map(|d| d.as_secs()),
         })
         .collect();
     let queue = match &src.queue {
@@ -393,7 +353,7 @@ pub fn status_json(src: &Sources) -> serde_json::Value {
             }
         }
     };
-    let history: Vec<Sample> = m
+    let history: Vec<Sample> = src
         .history
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -410,30 +370,14 @@ pub fn status_json(src: &Sources) -> serde_json::Value {
             "tunnels": workers.iter().map(|w| w.tunnels).sum::<usize>(),
             "requests": workers.iter().map(|w| w.requests).sum::<u64>(),
             "rps": workers.iter().map(|w| w.rps).sum::<f64>(),
-            "handshakes": Metrics::count(&m.handshakes),
-            "unknown_sid": Metrics::count(&m.unknown_sid),
-            "forwarded_to_nodes": Metrics::count(&m.hops_out),
-            "received_from_nodes": Metrics::count(&m.hops_in),
+            "handshakes": read(&m.handshakes),
+            "unknown_sid": read(&m.unknown_sid),
+            "forwarded_to_nodes": read(&m.hops_out),
+            "received_from_nodes": read(&m.hops_in),
         },
         "node": src.node,
         "workers": workers,
         "message_queue": queue,
         "history": history,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn histogram_is_cumulative() {
-        let m = Metrics::default();
-        m.observe_latency(Duration::from_micros(500));
-        m.observe_latency(Duration::from_millis(30));
-        m.observe_latency(Duration::from_secs(100));
-        assert_eq!(Metrics::count(&m.latency_count), 3);
-        assert_eq!(Metrics::count(&m.latency_buckets[0]), 1);
-        assert_eq!(Metrics::count(&m.latency_buckets[5]), 1);
-    }
 }

@@ -11,7 +11,7 @@
 //! would be read as part of this one (request smuggling). That rule lives here and
 //! only here, in [`Lease`].
 
-use crate::body::ProxyBody;
+use crate::transport::body::ProxyBody;
 use bytes::Bytes;
 use http::{header, Request, Response};
 use http_body::{Body, Frame, SizeHint};
@@ -120,7 +120,7 @@ pub trait Home: Send + Sync {
 /// Held by the response body (`body::Guarded`): read to the end, the connection is
 /// parked for the next request if its request was also sent whole; otherwise (or
 /// dropped before the end) it is closed.
-impl crate::body::Guard for Lease {
+impl crate::transport::body::Guard for Lease {
     fn ended(mut self) {
         let Some(sender) = self.sender.take() else {
             return;
@@ -156,7 +156,7 @@ impl Idle {
 
     /// This thread's set.
     fn mine(&self) -> std::sync::MutexGuard<'_, VecDeque<Parked>> {
-        lock(&self.shards[crate::lanes::current() % SHARDS])
+        lock(&self.shards[crate::runtime::lanes::current() % SHARDS])
     }
 
     /// The most recently parked connection still young enough to use.
@@ -309,7 +309,7 @@ pin_project_lite::pin_project! {
 
 impl Body for Sending {
     type Data = Bytes;
-    type Error = crate::body::BoxError;
+    type Error = crate::transport::body::BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -396,21 +396,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_is_whole_only_when_it_sent_what_it_declared() {
-        assert!(sent_whole(None, crate::body::empty()).await);
-        assert!(sent_whole(Some("0"), crate::body::empty()).await);
-        assert!(sent_whole(Some("3"), crate::body::full("abc")).await);
-        assert!(sent_whole(None, crate::body::full("abc")).await);
+        assert!(sent_whole(None, crate::transport::body::empty()).await);
+        assert!(sent_whole(Some("0"), crate::transport::body::empty()).await);
+        assert!(sent_whole(Some("3"), crate::transport::body::full("abc")).await);
+        assert!(sent_whole(None, crate::transport::body::full("abc")).await);
         // The head announced more than the body carried (the smuggling case: an
         // upgrade request's head with its body left behind).
-        assert!(!sent_whole(Some("144"), crate::body::empty()).await);
-        assert!(!sent_whole(Some("5"), crate::body::full("abc")).await);
-        assert!(!sent_whole(Some("x"), crate::body::full("abc")).await);
+        assert!(!sent_whole(Some("144"), crate::transport::body::empty()).await);
+        assert!(!sent_whole(Some("5"), crate::transport::body::full("abc")).await);
+        assert!(!sent_whole(Some("x"), crate::transport::body::full("abc")).await);
     }
 
     #[tokio::test]
     async fn a_body_given_up_half_way_is_not_whole() {
         let frames = futures_util::stream::iter(vec![
-            Ok::<_, crate::body::BoxError>(Frame::data(Bytes::from_static(b"ab"))),
+            Ok::<_, crate::transport::body::BoxError>(Frame::data(Bytes::from_static(b"ab"))),
             Err("client went away".into()),
         ]);
         let body = http_body_util::StreamBody::new(frames).boxed_unsync();

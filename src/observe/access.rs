@@ -5,28 +5,20 @@
 //! Lines go through a bounded queue to a writer task, so a slow disk never blocks a
 //! request; lines that do not fit are counted as dropped.
 
-use crate::metrics::Metrics;
+use crate::config::LogFormat as Format;
+use crate::observe::counters::Counters;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 
 const QUEUE: usize = 16 * 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    #[default]
-    Combined,
-    Json,
-}
-
 /// What one line says.
 pub struct Entry<'a> {
     pub peer: SocketAddr,
-    pub user: Option<&'a str>,
     pub method: &'a str,
     pub target: &'a str,
     pub version: &'a str,
@@ -35,14 +27,13 @@ pub struct Entry<'a> {
     pub referer: Option<&'a str>,
     pub user_agent: Option<&'a str>,
     pub duration: Duration,
-    pub worker: Option<std::net::SocketAddr>,
 }
 
 pub struct AccessLog {
     format: Format,
     pub engineio: bool,
     tx: mpsc::Sender<String>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<Counters>,
 }
 
 impl AccessLog {
@@ -51,8 +42,8 @@ impl AccessLog {
         path: &str,
         format: Format,
         engineio: bool,
-        metrics: Arc<Metrics>,
-    ) -> anyhow::Result<AccessLog> {
+        metrics: Arc<Counters>,
+    ) -> Result<AccessLog, crate::observe::Error> {
         let mut out: Box<dyn Write + Send> = if path == "-" {
             Box::new(std::io::stdout())
         } else {
@@ -61,7 +52,10 @@ impl AccessLog {
                     .create(true)
                     .append(true)
                     .open(path)
-                    .map_err(|e| anyhow::anyhow!("access log {path}: {e}"))?,
+                    .map_err(|source| crate::observe::Error::AccessLog {
+                        path: path.to_string(),
+                        source,
+                    })?,
             )
         };
         let (tx, mut rx) = mpsc::channel::<String>(QUEUE);
@@ -103,12 +97,11 @@ fn quote(s: Option<&str>) -> String {
     }
 }
 
-/// `ip - user [10/Oct/2000:13:55:36 +0000] "GET / HTTP/1.1" 200 2326 "ref" "ua"`
+/// `ip - - [10/Oct/2000:13:55:36 +0000] "GET / HTTP/1.1" 200 2326 "ref" "ua"`
 fn combined(e: &Entry<'_>) -> String {
     format!(
-        "{} - {} [{}] \"{} {} {}\" {} {} \"{}\" \"{}\"\n",
+        "{} - - [{}] \"{} {} {}\" {} {} \"{}\" \"{}\"\n",
         e.peer.ip(),
-        e.user.unwrap_or("-"),
         clf_time(SystemTime::now()),
         e.method,
         quote(Some(e.target)),
@@ -124,7 +117,6 @@ fn json(e: &Entry<'_>) -> String {
     let v = serde_json::json!({
         "time": clf_time(SystemTime::now()),
         "remote_addr": e.peer.ip().to_string(),
-        "user": e.user,
         "method": e.method,
         "target": e.target,
         "protocol": e.version,
@@ -133,40 +125,28 @@ fn json(e: &Entry<'_>) -> String {
         "referer": e.referer,
         "user_agent": e.user_agent,
         "duration_ms": e.duration.as_secs_f64() * 1000.0,
-        "upstream": e.worker.map(|w| w.to_string()),
     });
     format!("{v}\n")
 }
 
-/// `10/Oct/2000:13:55:36 +0000`, in UTC.
+/// `10/Oct/2000:13:55:36 +0000`, in UTC: the fields of an HTTP date
+/// (`Tue, 10 Oct 2000 13:55:36 GMT`, fixed width) in the Common Log Format's order.
 pub fn clf_time(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
+    let http = httpdate::fmt_http_date(t);
+    let field = |r: std::ops::Range<usize>| http.get(r).unwrap_or("?");
     format!(
-        "{day:02}/{}/{year}:{:02}:{:02}:{:02} +0000",
-        MONTHS[(month - 1) as usize],
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
+        "{}/{}/{}:{} +0000",
+        field(5..7),
+        field(8..11),
+        field(12..16),
+        field(17..25)
     )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     #[test]
     fn clf_dates() {
@@ -181,7 +161,6 @@ mod tests {
     fn combined_line() {
         let e = Entry {
             peer: SocketAddr::from(([127, 0, 0, 1], 1)),
-            user: Some("alice"),
             method: "GET",
             target: "/a?\"b\"",
             version: "HTTP/1.1",
@@ -190,10 +169,9 @@ mod tests {
             referer: None,
             user_agent: Some("curl/8"),
             duration: Duration::from_millis(3),
-            worker: None,
         };
         let line = combined(&e);
-        assert!(line.starts_with("127.0.0.1 - alice ["), "{line}");
+        assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
         assert!(
             line.ends_with("\"GET /a?\\\"b\\\" HTTP/1.1\" 200 12 \"-\" \"curl/8\"\n"),
             "{line}"

@@ -8,14 +8,14 @@
 //! the worker, and the ticket it hands over keeps the session counted while the
 //! tunnel is open. It does not reach into the request path (`proxy`).
 
-use crate::answer::{self, short};
-use crate::body::{Guarded, ProxyBody};
-use crate::forward::{
+use crate::observe::counters::Counters;
+use crate::proxy::answer::{self, short};
+use crate::proxy::forward::{
     prepare_request_headers, strip_hop_by_hop, Forwarder, Peer, Replay, Target, Ticket,
 };
-use crate::metrics::Metrics;
-use crate::pool::Pool;
-use crate::upstream::SendError;
+use crate::transport::body::{Guarded, ProxyBody};
+use crate::transport::upstream::SendError;
+use crate::workers::pool::Pool;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -34,7 +34,18 @@ use tokio_util::task::TaskTracker;
 /// connection and the websocket tunnel it may become: the place is given back when
 /// both have ended.
 #[derive(Clone)]
-pub struct ConnectionSlot(pub Arc<tokio::sync::OwnedSemaphorePermit>);
+pub struct ConnectionSlot {
+    _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl ConnectionSlot {
+    /// The slot of a connection that holds `permit`.
+    pub fn new(permit: tokio::sync::OwnedSemaphorePermit) -> ConnectionSlot {
+        ConnectionSlot {
+            _permit: Arc::new(permit),
+        }
+    }
+}
 
 /// The open tunnels: their tasks, and the signal that closes them.
 pub struct Tunnels {
@@ -70,7 +81,7 @@ impl Tunnels {
         &self,
         forward: &Forwarder,
         pool: &Pool,
-        metrics: &Arc<Metrics>,
+        metrics: &Arc<Counters>,
         mut req: Request<Incoming>,
         peer: Peer,
         target: Target,
@@ -150,10 +161,11 @@ impl Tunnels {
             drop(open);
         });
         let (parts, _) = resp.into_parts();
-        Response::from_parts(parts, crate::body::empty())
+        Response::from_parts(parts, crate::transport::body::empty())
     }
 }
 
+#[cfg(test)]
 /// Copies both ways until both directions end, an error, or `idle` without a byte.
 /// Returns the bytes copied from `a` to `b` and from `b` to `a`.
 pub async fn splice<A, B>(a: A, b: B, idle: Duration) -> (u64, u64)

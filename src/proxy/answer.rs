@@ -2,12 +2,13 @@
 //! (counted: it is the thrash metric), and the answer when a worker cannot be
 //! reached. Shared by the request path and the tunnel; it decides nothing.
 
-use crate::body::{self, ProxyBody};
-use crate::engineio;
-use crate::forward::Ticket;
-use crate::metrics::Metrics;
+use crate::engineio::protocol as engineio;
+use crate::observe::counters::Counters;
+use crate::proxy::forward::Ticket;
+use crate::transport::body::{self, ProxyBody};
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
+use http_body_util::BodyExt;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
@@ -35,7 +36,7 @@ pub(crate) fn unknown_sid() -> Response<ProxyBody> {
 }
 
 /// "Session ID unknown", counted: the thrash counter of the metrics.
-pub(crate) fn unknown_sid_counted(metrics: &Metrics) -> Response<ProxyBody> {
+pub(crate) fn unknown_sid_counted(metrics: &Counters) -> Response<ProxyBody> {
     metrics.unknown_sid.fetch_add(1, Ordering::Relaxed);
     unknown_sid()
 }
@@ -43,7 +44,7 @@ pub(crate) fn unknown_sid_counted(metrics: &Metrics) -> Response<ProxyBody> {
 /// The answer when a worker refuses connections: a session died with it, so its
 /// client is told the session is unknown and starts anew; anything else gets 502.
 pub(crate) fn unreachable(
-    metrics: &Metrics,
+    metrics: &Counters,
     ticket: &Ticket,
     addr: SocketAddr,
 ) -> Response<ProxyBody> {
@@ -54,4 +55,26 @@ pub(crate) fn unreachable(
             &format!("corral: cannot connect to worker {addr}\n"),
         ),
     }
+}
+
+/// 413; `unread` is the client's body, held until the answer has gone out (an
+/// HTTP/2 stream reset before that would lose the answer).
+pub fn too_large(
+    limit: u64,
+    unread: Option<ProxyBody>,
+    owner: &tokio_util::task::TaskTracker,
+) -> Response<ProxyBody> {
+    let text = format!("corral: request body larger than {limit} bytes\n");
+    let unread = body::Unread::new(unread, owner);
+    let body = body::Holding::new(body::full(text), unread).boxed_unsync();
+    let mut resp = Response::new(body);
+    *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    // The rest of the body is not read, so the connection cannot be reused.
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }

@@ -14,10 +14,61 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+/// Why a certificate could not be loaded or made. Each message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The certificate file cannot be read, or is not PEM.
+    #[error("{path}: {what}: {detail}")]
+    Certificate {
+        /// The certificate file.
+        path: PathBuf,
+        /// What went wrong, in words.
+        what: &'static str,
+        /// The parser's or the system's message.
+        detail: String,
+    },
+    /// The certificate file holds no certificate.
+    #[error("{0}: no certificate found in the file")]
+    NoCertificate(PathBuf),
+    /// The key file holds no key rustls can use.
+    #[error("{path}: {what}: {detail}")]
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// What went wrong, in words.
+        what: &'static str,
+        /// The parser's message.
+        detail: String,
+    },
+    /// The key is not the certificate's.
+    #[error("{key} and {cert}: key does not match the certificate: {detail}")]
+    Mismatch {
+        /// The key file.
+        key: PathBuf,
+        /// The certificate file.
+        cert: PathBuf,
+        /// rustls's message.
+        detail: String,
+    },
+    /// A self-signed certificate could not be made.
+    #[error("cannot generate a self-signed certificate: {0}")]
+    SelfSigned(String),
+    /// rustls refused the configuration.
+    #[error("TLS setup: {0}")]
+    Setup(#[from] rustls::Error),
+}
+
 /// Where a listener's certificate comes from.
 #[derive(Debug, Clone)]
 pub enum Source {
-    Files { cert: PathBuf, key: PathBuf },
+    /// PEM files, read again on reload.
+    Files {
+        /// The certificate chain.
+        cert: PathBuf,
+        /// The private key.
+        key: PathBuf,
+    },
+    /// Made at start, for local development.
     SelfSigned,
 }
 
@@ -42,7 +93,7 @@ impl ResolvesServerCert for Certs {
 impl Certs {
     /// Loads (or, for self-signed, generates) the certificate. `label` names the
     /// listener in messages.
-    pub fn new(source: Source, label: &str) -> Result<Arc<Certs>, String> {
+    pub fn new(source: Source, label: &str) -> Result<Arc<Certs>, Error> {
         let key = match &source {
             Source::Files { cert, key } => load(cert, key)?,
             Source::SelfSigned => self_signed(label)?,
@@ -54,7 +105,7 @@ impl Certs {
     }
 
     /// Reads the files again; on error the old certificate stays in use.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), Error> {
         if let Source::Files { cert, key } = &self.source {
             let fresh = load(cert, key)?;
             *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
@@ -63,11 +114,11 @@ impl Certs {
         Ok(())
     }
 
-    pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, String> {
+    /// The rustls configuration of a listener using these certificates.
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, Error> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut cfg = ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -78,45 +129,50 @@ impl Certs {
 }
 
 /// Reads a PEM chain and key; errors name the file and the problem.
-pub fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+pub fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, Error> {
+    let cert_error = |what, detail: String| Error::Certificate {
+        path: cert.to_path_buf(),
+        what,
+        detail,
+    };
+    let key_error = |what, detail: String| Error::Key {
+        path: key.to_path_buf(),
+        what,
+        detail,
+    };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("{}: cannot read certificate: {e}", cert.display()))?
+        .map_err(|e| cert_error("cannot read certificate", e.to_string()))?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: bad certificate PEM: {e}", cert.display()))?;
+        .map_err(|e| cert_error("bad certificate PEM", e.to_string()))?;
     if chain.is_empty() {
-        return Err(format!(
-            "{}: no certificate found in the file",
-            cert.display()
-        ));
+        return Err(Error::NoCertificate(cert.to_path_buf()));
     }
     let der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-        format!(
-            "{}: no usable private key (RSA, EC or PKCS#8 PEM): {e}",
-            key.display()
+        key_error(
+            "no usable private key (RSA, EC or PKCS#8 PEM)",
+            e.to_string(),
         )
     })?;
     let signing = rustls::crypto::ring::sign::any_supported_type(&der)
-        .map_err(|e| format!("{}: unsupported private key: {e}", key.display()))?;
+        .map_err(|e| key_error("unsupported private key", e.to_string()))?;
     let certified = CertifiedKey::new(chain, signing);
-    certified.keys_match().map_err(|e| {
-        format!(
-            "{} and {}: key does not match the certificate: {e}",
-            key.display(),
-            cert.display()
-        )
+    certified.keys_match().map_err(|e| Error::Mismatch {
+        key: key.to_path_buf(),
+        cert: cert.to_path_buf(),
+        detail: e.to_string(),
     })?;
     Ok(certified)
 }
 
 /// A certificate for localhost and 127.0.0.1, made now; its fingerprint is logged
 /// and its PEM written next to the temporary files so clients can trust it.
-fn self_signed(label: &str) -> Result<CertifiedKey, String> {
+fn self_signed(label: &str) -> Result<CertifiedKey, Error> {
     let generated = rcgen::generate_simple_self_signed(vec![
         "localhost".to_string(),
         "127.0.0.1".to_string(),
         "::1".to_string(),
     ])
-    .map_err(|e| format!("cannot generate a self-signed certificate: {e}"))?;
+    .map_err(|e| Error::SelfSigned(e.to_string()))?;
     let der = generated.cert.der().clone();
     let fingerprint = fingerprint(&der);
     let pem_path = std::env::temp_dir().join(format!("corral-{label}-self-signed.pem"));
@@ -131,7 +187,7 @@ fn self_signed(label: &str) -> Result<CertifiedKey, String> {
     );
     let key = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
     let signing = rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|e| format!("self-signed key: {e}"))?;
+        .map_err(|e| Error::SelfSigned(format!("key: {e}")))?;
     Ok(CertifiedKey::new(vec![der], signing))
 }
 

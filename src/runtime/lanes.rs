@@ -63,10 +63,6 @@ impl Lanes {
         self.handles.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
-
     /// Runs `task` on lane `i` (counted from 0, wrapping).
     pub fn spawn_on<F>(&self, i: usize, task: F) -> tokio::task::JoinHandle<()>
     where

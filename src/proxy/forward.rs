@@ -9,10 +9,10 @@
 //! It chooses no worker (the router and the pool do) and keeps no state; connections
 //! are `upstream`'s.
 
-use crate::body::{self, ProxyBody};
-use crate::pool::Worker;
-use crate::router::{NewSession, SessionTicket};
-use crate::upstream::{self, Answer, SendError};
+use crate::engineio::router::{NewSession, SessionTicket};
+use crate::transport::body::{self, ProxyBody};
+use crate::transport::upstream::{self, Answer, SendError};
+use crate::workers::pool::Worker;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri, Version};
 use std::net::SocketAddr;
@@ -66,7 +66,7 @@ impl Forwarder {
     /// worker never carries one (`prepare_request_headers` removed the client's).
     pub(crate) fn mark_hop(&self, headers: &mut HeaderMap, ticket: &Ticket) {
         if let (Ticket::Hop, Some(v)) = (ticket, &self.hop) {
-            headers.insert(crate::sidtag::HOP_HEADER, v.clone());
+            headers.insert(crate::engineio::sidtag::HOP_HEADER, v.clone());
         }
     }
 
@@ -287,7 +287,7 @@ pub(crate) fn prepare_request_headers(
         }
     }
     // A hop mark is this node's to set (`Forwarder::mark_hop`), never passed on.
-    headers.remove(crate::sidtag::HOP_HEADER);
+    headers.remove(crate::engineio::sidtag::HOP_HEADER);
     if !keep(headers, "x-real-ip") {
         if let Some(v) = real_ip {
             headers.insert("x-real-ip", v);

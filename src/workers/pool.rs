@@ -10,13 +10,11 @@
 //! `generation` that moves every time it goes down, so the router can tell that the
 //! sessions it remembers for that worker died with it.
 
-use crate::config::{Health, Policy};
+use crate::config::Policy;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Where a worker is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,70 +54,100 @@ impl State {
     }
 }
 
-/// One upstream worker.
+/// A short, stable reference: the first 4 bytes of a hash of a kind and a name.
+/// Tagged sids name workers (and nodes) by it, so it depends only on configured
+/// names, never on start order or a free port.
+pub type Ref = [u8; 4];
+
+/// The reference of `name` among things of `kind`.
+pub fn stable_ref(kind: &str, name: &str) -> Ref {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(kind.as_bytes())
+        .chain_update([0u8])
+        .chain_update(name.as_bytes())
+        .finalize();
+    let mut r = [0u8; 4];
+    r.copy_from_slice(&digest[..4]);
+    r
+}
+
+/// One upstream worker: who it is, and three parts kept apart — what routing reads
+/// and health checks change, what the supervisor knows of its process, and what it
+/// served (for the views) — beside the cache of connections to it.
 #[derive(Debug)]
 pub struct Worker {
+    /// Its number in this corral, never reused.
     pub id: usize,
+    /// Where it listens.
     pub addr: SocketAddr,
     /// `addr` as a URI authority, made once (not per request).
     pub authority: http::uri::Authority,
-    /// Keep-alive connections to it, ready for the next request.
-    pub conns: crate::upstream::Idle,
     /// Started and watched by corral's supervisor (as opposed to a static upstream).
     pub managed: bool,
-    /// Its reference in tagged sids (`sidtag`), from its configured identity: the
-    /// address of a static upstream, the id of a supervised worker.
-    pub tag_ref: crate::sidtag::Ref,
+    /// Its reference in tagged sids, from its configured identity: the address of a
+    /// static upstream, the id of a supervised worker.
+    pub tag_ref: Ref,
+    routing: Routing,
+    /// Its process, as the supervisor tells it.
+    pub process: Process,
+    /// What it served.
+    pub traffic: Traffic,
+    /// Keep-alive connections to it, ready for the next request.
+    pub conns: crate::transport::upstream::Idle,
+}
+
+/// What the balancer and the router read and health changes.
+#[derive(Debug)]
+struct Routing {
     state: AtomicU8,
     /// For managed workers: the process is running and was ready once, so a health
     /// check may bring it back up. Static workers are always "alive".
     alive: AtomicBool,
+    /// Moves every time the worker leaves service: sessions remembered under an
+    /// older generation died with it.
     generation: AtomicU64,
     inflight: AtomicUsize,
     sessions: AtomicUsize,
-    pid: AtomicU32,
-    restarts: AtomicU64,
     /// Failed checks (health checks or refused connects) in a row, and passed ones.
     fails: AtomicU32,
     passes: AtomicU32,
-    /// Responses by status class (1xx..5xx).
-    requests: [AtomicU64; 5],
-    tunnels: AtomicUsize,
+}
+
+/// What the supervisor knows of a worker's process.
+#[derive(Debug)]
+pub struct Process {
+    pid: AtomicU32,
+    restarts: AtomicU64,
     /// When it last became ready, as milliseconds since `epoch` (0: not up yet).
     ready_at_ms: AtomicU64,
     epoch: std::time::Instant,
-    /// Requests/s over the last sample period, as f64 bits; and the count then.
-    rate_bits: AtomicU64,
-    rate_mark: AtomicU64,
 }
 
-impl crate::upstream::Home for Worker {
-    fn idle(&self) -> &crate::upstream::Idle {
-        &self.conns
-    }
-}
-
-impl Worker {
-    /// Counts a response the worker gave.
-    pub fn count_response(&self, status: u16) {
-        let class = (status / 100).clamp(1, 5) as usize - 1;
-        self.requests[class].fetch_add(1, Ordering::Relaxed);
-    }
-    pub fn requests_by_class(&self) -> [u64; 5] {
-        std::array::from_fn(|i| self.requests[i].load(Ordering::Relaxed))
-    }
-    pub fn requests_total(&self) -> u64 {
-        self.requests_by_class().iter().sum()
-    }
-    pub fn tunnels(&self) -> usize {
-        self.tunnels.load(Ordering::Relaxed)
-    }
-    /// Counts an open websocket tunnel until the guard is dropped.
-    pub fn open_tunnel(self: &Arc<Self>) -> TunnelGuard {
-        self.tunnels.fetch_add(1, Ordering::Relaxed);
-        TunnelGuard {
-            worker: self.clone(),
+impl Process {
+    fn new() -> Process {
+        Process {
+            pid: AtomicU32::new(0),
+            restarts: AtomicU64::new(0),
+            ready_at_ms: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
         }
+    }
+    /// Its process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.pid.load(Ordering::Relaxed)).filter(|p| *p != 0)
+    }
+    /// Records the running process (None: exited).
+    pub fn set_pid(&self, pid: Option<u32>) {
+        self.pid.store(pid.unwrap_or(0), Ordering::Relaxed);
+    }
+    /// Times it was restarted after exiting.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+    /// Counts a restart.
+    pub fn count_restart(&self) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
     }
     /// How long since it last became ready.
     pub fn uptime(&self) -> Option<Duration> {
@@ -136,6 +164,37 @@ impl Worker {
         let ms = self.epoch.elapsed().as_millis() as u64 + 1;
         self.ready_at_ms.store(ms, Ordering::Relaxed);
     }
+}
+
+/// What a worker served: responses by status class, open tunnels, the recent rate.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// Responses by status class (1xx..5xx).
+    requests: [AtomicU64; 5],
+    tunnels: AtomicUsize,
+    /// Requests/s over the last sample period, as f64 bits; and the count then.
+    rate_bits: AtomicU64,
+    rate_mark: AtomicU64,
+}
+
+impl Traffic {
+    /// Counts a response the worker gave.
+    pub fn count_response(&self, status: u16) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.requests[class].fetch_add(1, Ordering::Relaxed);
+    }
+    /// Responses by status class, 1xx first.
+    pub fn requests_by_class(&self) -> [u64; 5] {
+        std::array::from_fn(|i| self.requests[i].load(Ordering::Relaxed))
+    }
+    /// All responses.
+    pub fn requests_total(&self) -> u64 {
+        self.requests_by_class().iter().sum()
+    }
+    /// Open websocket tunnels.
+    pub fn tunnels(&self) -> usize {
+        self.tunnels.load(Ordering::Relaxed)
+    }
     /// Requests/s over the last sample period.
     pub fn rate(&self) -> f64 {
         f64::from_bits(self.rate_bits.load(Ordering::Relaxed))
@@ -147,33 +206,46 @@ impl Worker {
         let rate = now.saturating_sub(before) as f64 / secs;
         self.rate_bits.store(rate.to_bits(), Ordering::Relaxed);
     }
+}
 
-    pub fn state(&self) -> State {
-        State::from_u8(self.state.load(Ordering::Acquire))
+impl crate::transport::upstream::Home for Worker {
+    fn idle(&self) -> &crate::transport::upstream::Idle {
+        &self.conns
     }
+}
+
+impl Worker {
+    /// Counts an open websocket tunnel until the guard is dropped.
+    pub fn open_tunnel(self: &Arc<Self>) -> TunnelGuard {
+        self.traffic.tunnels.fetch_add(1, Ordering::Relaxed);
+        TunnelGuard {
+            worker: self.clone(),
+        }
+    }
+
+    /// Where it is in its life.
+    pub fn state(&self) -> State {
+        State::from_u8(self.routing.state.load(Ordering::Acquire))
+    }
+    /// Whether it takes new sessions and requests.
     pub fn is_up(&self) -> bool {
         self.state() == State::Up
     }
+    /// Whether its process runs and was ready once (always, for static workers).
+    pub fn is_alive(&self) -> bool {
+        self.routing.alive.load(Ordering::Acquire)
+    }
+    /// Moves every time it leaves service.
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+        self.routing.generation.load(Ordering::Acquire)
     }
+    /// Requests in flight on it.
     pub fn inflight(&self) -> usize {
-        self.inflight.load(Ordering::Relaxed)
+        self.routing.inflight.load(Ordering::Relaxed)
     }
+    /// Live Engine.IO sessions counted on it.
     pub fn sessions(&self) -> usize {
-        self.sessions.load(Ordering::Relaxed)
-    }
-    pub fn pid(&self) -> Option<u32> {
-        Some(self.pid.load(Ordering::Relaxed)).filter(|p| *p != 0)
-    }
-    pub fn set_pid(&self, pid: Option<u32>) {
-        self.pid.store(pid.unwrap_or(0), Ordering::Relaxed);
-    }
-    pub fn restarts(&self) -> u64 {
-        self.restarts.load(Ordering::Relaxed)
-    }
-    pub fn count_restart(&self) {
-        self.restarts.fetch_add(1, Ordering::Relaxed);
+        self.routing.sessions.load(Ordering::Relaxed)
     }
 
     /// Moves to `to`; leaving service (down, retired) voids the sessions.
@@ -185,7 +257,8 @@ impl Worker {
     /// returns the state it left, or None when it was not allowed (so a concurrent
     /// change is never overwritten).
     fn transition(&self, to: State, allowed: impl Fn(State) -> bool) -> Option<State> {
-        let from = self
+        let r = &self.routing;
+        let from = r
             .state
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
                 allowed(State::from_u8(s)).then_some(to as u8)
@@ -195,38 +268,39 @@ impl Worker {
         if matches!(to, State::Down | State::Retired)
             && !matches!(from, State::Down | State::Retired)
         {
-            self.generation.fetch_add(1, Ordering::AcqRel);
-            self.sessions.store(0, Ordering::Relaxed);
+            r.generation.fetch_add(1, Ordering::AcqRel);
+            r.sessions.store(0, Ordering::Relaxed);
         }
         Some(from)
     }
 
     /// A request of this worker was answered: its failed checks start over.
     pub fn answered(&self) {
-        if self.fails.load(Ordering::Relaxed) != 0 {
-            self.fails.store(0, Ordering::Relaxed);
+        if self.routing.fails.load(Ordering::Relaxed) != 0 {
+            self.routing.fails.store(0, Ordering::Relaxed);
         }
     }
 
     /// Counts a request in flight on this worker until the guard is dropped.
     pub fn start_request(self: &Arc<Self>) -> InflightGuard {
-        self.inflight.fetch_add(1, Ordering::Relaxed);
+        self.routing.inflight.fetch_add(1, Ordering::Relaxed);
         InflightGuard {
             worker: self.clone(),
         }
     }
 
-    /// Forgets one session counted here, unless the worker went down since
-    /// (`generation` differs), which already forgot them all.
     /// A session of this worker is counted (one corral had not seen start).
     pub fn session_adopted(&self) {
-        self.sessions.fetch_add(1, Ordering::Relaxed);
+        self.routing.sessions.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Forgets one session counted here, unless the worker went down since
+    /// (`generation` differs), which already forgot them all.
     pub fn session_ended(&self, generation: u64) {
         if self.generation() == generation {
             // Never below zero, even if a down/up race reset the count.
             let _ = self
+                .routing
                 .sessions
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         }
@@ -312,30 +386,26 @@ impl Pool {
         };
         let worker = Arc::new(Worker {
             id,
-            tag_ref: crate::sidtag::worker_ref(&identity),
+            tag_ref: stable_ref("corral-worker", &identity),
             addr,
             authority: http::uri::Authority::try_from(addr.to_string().as_str())
                 .unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1")),
-            conns: Default::default(),
             managed,
-            state: AtomicU8::new(if managed { State::Starting } else { State::Up } as u8),
-            alive: AtomicBool::new(!managed),
-            generation: AtomicU64::new(0),
-            inflight: AtomicUsize::new(0),
-            sessions: AtomicUsize::new(0),
-            pid: AtomicU32::new(0),
-            restarts: AtomicU64::new(0),
-            fails: AtomicU32::new(0),
-            passes: AtomicU32::new(0),
-            requests: Default::default(),
-            tunnels: AtomicUsize::new(0),
-            ready_at_ms: AtomicU64::new(0),
-            epoch: std::time::Instant::now(),
-            rate_bits: AtomicU64::new(0),
-            rate_mark: AtomicU64::new(0),
+            routing: Routing {
+                state: AtomicU8::new(if managed { State::Starting } else { State::Up } as u8),
+                alive: AtomicBool::new(!managed),
+                generation: AtomicU64::new(0),
+                inflight: AtomicUsize::new(0),
+                sessions: AtomicUsize::new(0),
+                fails: AtomicU32::new(0),
+                passes: AtomicU32::new(0),
+            },
+            process: Process::new(),
+            traffic: Traffic::default(),
+            conns: Default::default(),
         });
         if !managed {
-            worker.mark_ready();
+            worker.process.mark_ready();
         }
         worker
     }
@@ -343,12 +413,12 @@ impl Pool {
     /// A worker is ready: it takes traffic (from Starting, or Down after its checks
     /// rose again; never from Draining or Retired).
     pub fn set_ready(&self, w: &Worker) {
-        w.alive.store(true, Ordering::Release);
-        w.fails.store(0, Ordering::Relaxed);
+        w.routing.alive.store(true, Ordering::Release);
+        w.routing.fails.store(0, Ordering::Relaxed);
         if let Some(from) = w.transition(State::Up, |s| matches!(s, State::Starting | State::Down))
         {
             if from == State::Starting && w.managed {
-                w.mark_ready();
+                w.process.mark_ready();
             }
             tracing::info!(worker = w.id, addr = %w.addr, "worker is up");
         }
@@ -357,8 +427,8 @@ impl Pool {
     /// A check failed (health check, or a refused connect): after `fall` in a row
     /// the worker is marked down. Returns whether this check marked it down.
     pub fn check_failed(&self, w: &Worker) -> bool {
-        w.passes.store(0, Ordering::Relaxed);
-        let fails = w.fails.fetch_add(1, Ordering::AcqRel) + 1;
+        w.routing.passes.store(0, Ordering::Relaxed);
+        let fails = w.routing.fails.fetch_add(1, Ordering::AcqRel) + 1;
         if fails < self.fall {
             tracing::debug!(
                 worker = w.id,
@@ -374,16 +444,19 @@ impl Pool {
     /// A check passed: a worker down by checks (its process alive) comes back after
     /// `rise` in a row.
     pub fn check_passed(&self, w: &Worker) {
-        w.fails.store(0, Ordering::Relaxed);
-        let passes = w.passes.fetch_add(1, Ordering::AcqRel) + 1;
-        if w.state() == State::Down && w.alive.load(Ordering::Acquire) && passes >= self.rise {
+        w.routing.fails.store(0, Ordering::Relaxed);
+        let passes = w.routing.passes.fetch_add(1, Ordering::AcqRel) + 1;
+        if w.state() == State::Down
+            && w.routing.alive.load(Ordering::Acquire)
+            && passes >= self.rise
+        {
             self.set_ready(w);
         }
     }
 
     /// A managed worker's process is starting (again): no traffic until ready.
     pub fn set_starting(&self, w: &Worker) {
-        w.alive.store(false, Ordering::Release);
+        w.routing.alive.store(false, Ordering::Release);
         w.set_state(State::Starting);
     }
 
@@ -396,7 +469,7 @@ impl Pool {
         else {
             return false;
         };
-        w.passes.store(0, Ordering::Relaxed);
+        w.routing.passes.store(0, Ordering::Relaxed);
         w.conns.clear();
         tracing::warn!(worker = w.id, addr = %w.addr, from = from.name(), "worker marked down");
         true
@@ -405,8 +478,8 @@ impl Pool {
     /// A managed worker's process exited: down, and not to be brought back by health
     /// checks until the supervisor has it ready again.
     pub fn process_exited(&self, w: &Worker) {
-        w.alive.store(false, Ordering::Release);
-        w.set_pid(None);
+        w.routing.alive.store(false, Ordering::Release);
+        w.process.set_pid(None);
         w.set_state(State::Down);
         w.conns.clear();
     }
@@ -418,7 +491,7 @@ impl Pool {
 
     /// Removes a worker for good.
     pub fn retire(&self, w: &Worker) {
-        w.alive.store(false, Ordering::Release);
+        w.routing.alive.store(false, Ordering::Release);
         w.set_state(State::Retired);
         w.conns.clear();
         self.workers
@@ -435,7 +508,7 @@ impl Pool {
 
     /// The worker a tag names, if it is one of this pool's and can take requests of
     /// its sessions (up or draining).
-    pub fn by_tag(&self, r: crate::sidtag::Ref) -> Option<Arc<Worker>> {
+    pub fn by_tag(&self, r: Ref) -> Option<Arc<Worker>> {
         self.list()
             .iter()
             .find(|w| w.tag_ref == r && matches!(w.state(), State::Up | State::Draining))
@@ -450,7 +523,7 @@ impl Pool {
             Policy::RoundRobin => self.round_robin(&list),
             Policy::IpHash => by_ip(&list, client),
         }?;
-        w.sessions.fetch_add(1, Ordering::Relaxed);
+        w.routing.sessions.fetch_add(1, Ordering::Relaxed);
         Some(w)
     }
 
@@ -540,7 +613,7 @@ pub struct TunnelGuard {
 
 impl Drop for TunnelGuard {
     fn drop(&mut self) {
-        self.worker.tunnels.fetch_sub(1, Ordering::Relaxed);
+        self.worker.traffic.tunnels.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -551,80 +624,14 @@ pub struct InflightGuard {
 }
 
 /// Dropped when the response body ends or is given up alike.
-impl crate::body::Guard for InflightGuard {
+impl crate::transport::body::Guard for InflightGuard {
     fn ended(self) {}
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.worker.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.worker.routing.inflight.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// Checks workers at `health.interval`: marks down those up that fail, and up those
-/// down (but alive) that answer. Runs until the runtime stops.
-pub fn spawn_health_checks(pool: Arc<Pool>, health: Health, bg: &crate::tasks::Background) {
-    bg.spawn(async move {
-        let mut tick = tokio::time::interval(health.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let mut checks = tokio::task::JoinSet::new();
-            for w in pool.workers() {
-                let candidate = match w.state() {
-                    State::Up => true,
-                    State::Down => w.alive.load(Ordering::Acquire),
-                    _ => false,
-                };
-                if candidate {
-                    let (path, timeout) = (health.path.clone(), health.timeout);
-                    checks.spawn(async move {
-                        let healthy = check(w.addr, &path, timeout).await;
-                        (w, healthy)
-                    });
-                }
-            }
-            while let Some(Ok((w, healthy))) = checks.join_next().await {
-                match healthy {
-                    true => pool.check_passed(&w),
-                    false => {
-                        pool.check_failed(&w);
-                    }
-                }
-            }
-        }
-    });
-}
-
-/// One health check: a TCP connect, or, with a path, a GET answered 2xx or 3xx.
-pub async fn check(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
-    if path.is_empty() {
-        return tokio::time::timeout(timeout, TcpStream::connect(addr))
-            .await
-            .is_ok_and(|r| r.is_ok());
-    }
-    matches!(http_status(addr, path, timeout).await, Some(200..=399))
-}
-
-/// The status of `GET path` on a worker, or None when it does not answer HTTP.
-pub async fn http_status(addr: SocketAddr, path: &str, timeout: Duration) -> Option<u16> {
-    tokio::time::timeout(timeout, async {
-        let mut stream = TcpStream::connect(addr).await.ok()?;
-        let req = format!(
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: corral-health\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(req.as_bytes()).await.ok()?;
-        let mut head = [0u8; 12];
-        stream.read_exact(&mut head).await.ok()?;
-        // "HTTP/1.1 200"
-        if !head.starts_with(b"HTTP/1.") {
-            return None;
-        }
-        std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
-    })
-    .await
-    .ok()
-    .flatten()
 }
 
 #[cfg(test)]

@@ -25,36 +25,83 @@ const MAX_HEADER: usize = 4096;
 /// A stored password hash.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Hash {
+    /// `$2y$…`, as `htpasswd -B` writes.
     Bcrypt(String),
-    Apr1 { salt: String, full: String },
+    /// Apache's MD5 (`$apr1$salt$digest`, `htpasswd -m`).
+    Apr1 {
+        /// The salt.
+        salt: String,
+        /// The whole hash, as stored.
+        full: String,
+    },
+    /// `{SHA}` and base64 of SHA-1 (`htpasswd -s`).
     Sha1(Vec<u8>),
+}
+
+/// What is wrong with an htpasswd file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file cannot be read.
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// A line is not `user:hash`.
+    #[error("line {0}: expected user:hash")]
+    NotUserHash(usize),
+    /// A line has no user name.
+    #[error("line {0}: empty user name")]
+    EmptyUser(usize),
+    /// A line's hash is malformed or of an unsupported kind.
+    #[error("line {line} (user {user}): {problem}")]
+    Hash {
+        /// The line number, from 1.
+        line: usize,
+        /// The user it names.
+        user: String,
+        /// What is wrong with the hash.
+        problem: &'static str,
+    },
+    /// The same, in a file.
+    #[error("{}: {source}", path.display())]
+    InFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong in it.
+        source: Box<Error>,
+    },
 }
 
 /// Parses htpasswd text: `user:hash` per line; blank lines and `#` comments skipped.
 /// An error names the line and what is wrong with it.
-pub fn parse(text: &str) -> Result<HashMap<String, Hash>, String> {
+pub fn parse(text: &str) -> Result<HashMap<String, Hash>, Error> {
     let mut users = HashMap::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim_end_matches('\r');
         if line.trim().is_empty() || line.starts_with('#') {
             continue;
         }
-        let (user, hash) = line
-            .split_once(':')
-            .ok_or_else(|| format!("line {}: expected user:hash", n + 1))?;
+        let (user, hash) = line.split_once(':').ok_or(Error::NotUserHash(n + 1))?;
         if user.is_empty() {
-            return Err(format!("line {}: empty user name", n + 1));
+            return Err(Error::EmptyUser(n + 1));
         }
-        let hash = parse_hash(hash).map_err(|e| format!("line {} (user {user}): {e}", n + 1))?;
+        let hash = parse_hash(hash).map_err(|problem| Error::Hash {
+            line: n + 1,
+            user: user.to_string(),
+            problem,
+        })?;
         users.insert(user.to_string(), hash);
     }
     Ok(users)
 }
 
-fn parse_hash(h: &str) -> Result<Hash, String> {
+fn parse_hash(h: &str) -> Result<Hash, &'static str> {
     if ["$2y$", "$2b$", "$2a$"].iter().any(|p| h.starts_with(p)) {
         if h.len() != 60 {
-            return Err("bcrypt hash is not 60 characters".into());
+            return Err("bcrypt hash is not 60 characters");
         }
         return Ok(Hash::Bcrypt(h.to_string()));
     }
@@ -63,7 +110,7 @@ fn parse_hash(h: &str) -> Result<Hash, String> {
             .split_once('$')
             .ok_or("apr1 hash without a '$' after the salt")?;
         if salt.is_empty() || salt.len() > 8 || digest.len() != 22 {
-            return Err("malformed apr1 hash".into());
+            return Err("malformed apr1 hash");
         }
         return Ok(Hash::Apr1 {
             salt: salt.to_string(),
@@ -75,11 +122,11 @@ fn parse_hash(h: &str) -> Result<Hash, String> {
             .decode(b64)
             .map_err(|_| "{SHA} hash is not base64")?;
         if digest.len() != 20 {
-            return Err("{SHA} hash is not 20 bytes".into());
+            return Err("{SHA} hash is not 20 bytes");
         }
         return Ok(Hash::Sha1(digest));
     }
-    Err("unsupported hash (use htpasswd -B for bcrypt, -m for MD5 or -s for SHA)".into())
+    Err("unsupported hash (use htpasswd -B for bcrypt, -m for MD5 or -s for SHA)")
 }
 
 /// Whether `password` matches `hash` (constant-time where the comparison is ours).
@@ -205,14 +252,19 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     Some((m.modified().ok()?, m.len()))
 }
 
-fn load(path: &Path) -> Result<HashMap<String, Hash>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+fn load(path: &Path) -> Result<HashMap<String, Hash>, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text).map_err(|e| Error::InFile {
+        path: path.to_path_buf(),
+        source: Box::new(e),
+    })
 }
 
 impl BasicAuth {
-    pub fn new(file: &Path, realm: &str, exempt: Vec<String>) -> Result<BasicAuth, String> {
+    pub fn new(file: &Path, realm: &str, exempt: Vec<String>) -> Result<BasicAuth, Error> {
         let table = load(file)?;
         Ok(BasicAuth {
             file: file.to_path_buf(),
@@ -233,7 +285,9 @@ impl BasicAuth {
 
     /// Whether a normalised path needs no credentials.
     pub fn is_exempt(&self, path: &str) -> bool {
-        self.exempt.iter().any(|p| crate::path::under(path, p))
+        self.exempt
+            .iter()
+            .any(|p| crate::edge::path::under(path, p))
     }
 
     /// Checks an `Authorization` header value.
@@ -273,6 +327,7 @@ impl BasicAuth {
         ok
     }
 
+    #[cfg(test)]
     /// Most password verifications that ran at once so far.
     pub fn busy_peak(&self) -> usize {
         self.busy_peak.load(std::sync::atomic::Ordering::Acquire)
@@ -318,7 +373,7 @@ impl BasicAuth {
     }
 
     /// Watches the file for changes once a second.
-    pub fn spawn_reloader(self: &Arc<Self>, bg: &crate::tasks::Background) {
+    pub fn spawn_reloader(self: &Arc<Self>, bg: &crate::runtime::tasks::Background) {
         let auth = self.clone();
         bg.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -421,11 +476,20 @@ mod tests {
 
     #[test]
     fn bad_lines_are_named() {
-        assert!(parse("nocolon\n").unwrap_err().contains("line 1"));
-        assert!(parse("a:plaintext\n").unwrap_err().contains("unsupported"));
+        assert!(parse("nocolon\n")
+            .unwrap_err()
+            .to_string()
+            .contains("line 1"));
+        assert!(parse("a:plaintext\n")
+            .unwrap_err()
+            .to_string()
+            .contains("unsupported"));
         assert!(parse("a:{SHA}!!!\n").is_err());
         assert!(parse("a:$apr1$nosalt\n").is_err());
-        assert!(parse(":$apr1$a$b\n").unwrap_err().contains("empty user"));
+        assert!(parse(":$apr1$a$b\n")
+            .unwrap_err()
+            .to_string()
+            .contains("empty user"));
     }
 
     #[test]

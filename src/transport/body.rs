@@ -303,14 +303,14 @@ pin_project_lite::pin_project! {
     pub struct Counted<B> {
         #[pin]
         inner: B,
-        counter: Arc<crate::metrics::Metrics>,
+        counter: Arc<crate::observe::counters::Counters>,
         outbound: bool,
     }
 }
 
 impl<B> Counted<B> {
     /// Counts into the metrics' bytes out (`outbound`) or bytes in.
-    pub fn new(inner: B, counter: Arc<crate::metrics::Metrics>, outbound: bool) -> Self {
+    pub fn new(inner: B, counter: Arc<crate::observe::counters::Counters>, outbound: bool) -> Self {
         Counted {
             inner,
             counter,

@@ -1,0 +1,377 @@
+//! The listeners: binds the configured addresses (one `SO_REUSEPORT` socket per
+//! serving thread, see `lanes`), accepts client connections (bounded in number),
+//! terminates TLS, serves HTTP on each with header-read and keep-alive limits, and at
+//! shutdown stops accepting and lets requests in flight finish (bounded).
+//!
+//! It owns the sockets and the client connections' tasks; every request goes to
+//! `Gate::handle`. It must not decide anything about a request itself.
+
+use crate::config::{Config, TlsSetting};
+use crate::edge::gate::Gate;
+use crate::edge::tls;
+use crate::proxy::forward::{is_websocket_upgrade, Peer};
+use crate::proxy::tunnel::ConnectionSlot;
+use crate::runtime::lanes::Lanes;
+use http::Request;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+/// Why the listeners could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The address is taken, or not ours to bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// The certificate or key would not load.
+    #[error("listener {addr}: {source}")]
+    Tls {
+        /// The configured address.
+        addr: SocketAddr,
+        /// What was wrong.
+        source: tls::Error,
+    },
+}
+
+/// The bound, not yet accepting, listeners: bound first, so a port in use fails at
+/// once; accepting starts once workers are ready.
+pub struct Bound {
+    listeners: Vec<(Vec<std::net::TcpListener>, Kind)>,
+    /// The certificates of the TLS listeners, reloaded on SIGHUP.
+    pub certs: Vec<Arc<tls::Certs>>,
+}
+
+/// Binds every configured listener, `lanes` sockets each.
+pub fn bind(cfg: &Config, lanes: usize) -> Result<Bound, Error> {
+    let all = cfg.listeners();
+    let https_port = all
+        .iter()
+        .find(|l| l.tls.is_some())
+        .map(|l| l.address.port());
+    let mut listeners = Vec::new();
+    let mut certs = Vec::new();
+    for l in &all {
+        let addr = l.address;
+        let sockets =
+            listen_per_lane(addr, lanes).map_err(|source| Error::Bind { addr, source })?;
+        let kind = match &l.tls {
+            Some(setting) => {
+                let source = match setting {
+                    TlsSetting::Files { cert, key } => tls::Source::Files {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                    },
+                    TlsSetting::Mode(_) => tls::Source::SelfSigned,
+                };
+                let tls_error = |source| Error::Tls { addr, source };
+                let c = tls::Certs::new(source, &addr.port().to_string()).map_err(tls_error)?;
+                let acceptor = TlsAcceptor::from(c.server_config().map_err(tls_error)?);
+                certs.push(c);
+                Kind::Tls(acceptor)
+            }
+            None if l.redirect_https => Kind::Redirect(https_port.unwrap_or(443)),
+            None => Kind::Plain,
+        };
+        listeners.push((sockets, kind));
+    }
+    Ok(Bound { listeners, certs })
+}
+
+impl Bound {
+    /// Logs each listener's address and kind.
+    pub fn describe(&self) {
+        for (sockets, kind) in &self.listeners {
+            if let Some(Ok(addr)) = sockets.first().map(|l| l.local_addr()) {
+                match kind {
+                    Kind::Plain => tracing::info!("listening on http://{addr}"),
+                    Kind::Tls(_) => tracing::info!("listening on https://{addr}"),
+                    Kind::Redirect(port) => {
+                        tracing::info!(
+                            "listening on http://{addr} (redirects to https port {port})"
+                        )
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts accepting on every socket, each on its lane, all requests going
+    /// through `gate`.
+    pub fn serve(self, lanes: &Lanes, gate: Arc<Gate>) -> Serving {
+        let graceful = Arc::new(GracefulShutdown::new());
+        let connections = tokio_util::task::TaskTracker::new();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let slots = Arc::new(Semaphore::new(gate.cfg().limits.max_connections));
+        let mut accepting = Vec::new();
+        for (sockets, kind) in self.listeners {
+            for (i, socket) in sockets.into_iter().enumerate() {
+                let (kind, gate) = (kind.clone(), gate.clone());
+                let (stop_rx, conns) = (
+                    stop_rx.clone(),
+                    Conns {
+                        graceful: graceful.clone(),
+                        tasks: connections.clone(),
+                        slots: slots.clone(),
+                    },
+                );
+                accepting.push(lanes.spawn_on(i, async move {
+                    match TcpListener::from_std(socket) {
+                        Ok(l) => accept_loop(l, kind, gate, conns, stop_rx).await,
+                        Err(e) => tracing::error!(error = %e, "cannot accept on this thread"),
+                    }
+                }));
+            }
+        }
+        Serving {
+            graceful,
+            connections,
+            stop: stop_tx,
+            accepting,
+        }
+    }
+}
+
+/// The accept loops and the client connections they took.
+pub struct Serving {
+    graceful: Arc<GracefulShutdown>,
+    /// Every client connection's task (TLS handshake, HTTP, until hyper hands a
+    /// websocket over to its tunnel).
+    connections: tokio_util::task::TaskTracker,
+    stop: watch::Sender<bool>,
+    accepting: Vec<JoinHandle<()>>,
+}
+
+impl Serving {
+    /// Stops accepting, then lets requests in flight finish and idle keep-alive
+    /// connections close, for up to `drain`. Returns whether all finished in time.
+    pub async fn drain(self, drain: Duration) -> Drained {
+        let _ = self.stop.send(true);
+        for task in self.accepting {
+            let _ = task.await;
+        }
+        // Every accept loop has ended and each connection holds a watcher of its own,
+        // not this Arc, so this is the last reference.
+        let draining = async {
+            match Arc::try_unwrap(self.graceful) {
+                Ok(graceful) => graceful.shutdown().await,
+                Err(_) => tracing::error!("connections not drained: shutdown handle still shared"),
+            }
+        };
+        let in_time = tokio::time::timeout(drain, draining).await.is_ok();
+        Drained {
+            in_time,
+            connections: self.connections,
+        }
+    }
+}
+
+/// The client connections after the drain period.
+pub struct Drained {
+    /// Whether every request finished within the drain period.
+    pub in_time: bool,
+    connections: tokio_util::task::TaskTracker,
+}
+
+impl Drained {
+    /// Waits up to `limit` for the connection tasks still running (those in a TLS
+    /// handshake end within the header timeout); returns how many were left, which
+    /// are cut when their threads stop.
+    pub async fn cut(self, limit: Duration) -> usize {
+        self.connections.close();
+        let _ = tokio::time::timeout(limit, self.connections.wait()).await;
+        self.connections.len()
+    }
+}
+
+/// What a listener does with its connections.
+#[derive(Clone)]
+enum Kind {
+    Plain,
+    Tls(TlsAcceptor),
+    /// Answers everything with a redirect to https on this port.
+    Redirect(u16),
+}
+
+/// Lets corral hold as many connections as the hard limit allows (as nginx's
+/// worker_rlimit_nofile): 10,000 idle websockets need 20,000 descriptors.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// What owns the client connections of the accept loops.
+struct Conns {
+    /// Drains them at shutdown.
+    graceful: Arc<GracefulShutdown>,
+    /// Their tasks, awaited at shutdown.
+    tasks: tokio_util::task::TaskTracker,
+    /// `limits.max_connections`.
+    slots: Arc<Semaphore>,
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    kind: Kind,
+    gate: Arc<Gate>,
+    conns: Conns,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Conns {
+        graceful,
+        tasks,
+        slots,
+    } = conns;
+    let cfg = gate.cfg().clone();
+    let trusted = cfg.trusted();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.timeouts.header_read)
+        .max_buf_size(cfg.limits.max_header.max(8192) as usize)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(cfg.limits.max_header.min(u32::MAX as u64) as u32);
+    loop {
+        let (stream, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        // The slot is taken after the accept: a loop that waited for a slot first
+        // would hold it while its socket (SO_REUSEPORT, one per thread) got nothing,
+        // and the connections the kernel gave another thread would wait on it. While
+        // this connection waits for a slot, this thread accepts no other.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = stop.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let addr = normalise(addr);
+        let peer = Peer {
+            addr,
+            scheme: if matches!(kind, Kind::Tls(_)) {
+                "https"
+            } else {
+                "http"
+            },
+            trusted: trusted.iter().any(|c| c.contains(addr.ip())),
+            redirect_https: match kind {
+                Kind::Redirect(port) => Some(port),
+                _ => None,
+            },
+        };
+        let g = gate.clone();
+        let slot = ConnectionSlot::new(permit);
+        let service = service_fn(move |mut req: Request<Incoming>| {
+            if is_websocket_upgrade(&req) {
+                req.extensions_mut().insert(slot.clone());
+            }
+            g.clone().handle(req, peer)
+        });
+        // Made here, before the task: a watcher made after shutdown began would
+        // never hear of it (hyper-util's note on `watcher`).
+        let watcher = graceful.watcher();
+        match &kind {
+            Kind::Tls(acceptor) => {
+                let acceptor = acceptor.clone();
+                let builder = builder.clone();
+                let handshake = cfg.timeouts.header_read;
+                tasks.spawn(async move {
+                    let tls = match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        tracing::debug!(error = %e, "client connection ended with an error");
+                    }
+                });
+            }
+            _ => {
+                let builder = builder.clone();
+                tasks.spawn(async move {
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
+                        tracing::debug!(error = %e, "client connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// One listening socket per lane on `addr`, with SO_REUSEPORT so that the kernel
+/// shares new connections out among the lanes (as nginx's `reuseport`).
+fn listen_per_lane(addr: SocketAddr, lanes: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    // A plain bind first: with SO_REUSEPORT alone, a port another process of this
+    // user holds the same way would be shared with it instead of refused.
+    let probe = std::net::TcpListener::bind(addr)?;
+    let addr = probe.local_addr()?;
+    drop(probe);
+    (0..lanes)
+        .map(|_| {
+            let socket = match addr {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.set_reuseaddr(true)?;
+            socket.set_reuseport(true)?;
+            socket.bind(addr)?;
+            // Listening now queues early clients until the accept loops start.
+            socket.listen(1024)?.into_std()
+        })
+        .collect()
+}
+
+/// IPv4 clients of a dual-stack socket appear as `::ffff:a.b.c.d`; show them as IPv4.
+fn normalise(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}

@@ -1,0 +1,348 @@
+//! Running corral: builds the parts from the configuration (pool, router, proxy,
+//! broker, supervisor, admin and status listeners, background tasks), starts them in
+//! order, waits for a stop signal and shuts them down in order, each waiting for what
+//! it owns. It is the only part that knows every other; none of them knows it.
+
+use crate::broker;
+use crate::config::Config;
+use crate::edge::auth::BasicAuth;
+use crate::edge::gate::Gate;
+use crate::edge::status;
+use crate::edge::{listen, tls};
+use crate::engineio::router::{self, Router};
+use crate::observe::access::AccessLog;
+use crate::observe::admin;
+use crate::observe::counters::Counters;
+use crate::observe::metrics::{self, Queue, Sources};
+use crate::proxy::route::Proxy;
+use crate::runtime::lanes::Lanes;
+use crate::runtime::tasks::Background;
+use crate::workers::health;
+use crate::workers::pool::Pool;
+use crate::workers::supervisor::Supervisor;
+use anyhow::Context;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Runs corral until SIGTERM or SIGINT.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let pool = Arc::new(Pool::with_thresholds(
+        &cfg.upstreams,
+        cfg.balance.policy,
+        cfg.health.rise,
+        cfg.health.fall,
+    ));
+    let router = Arc::new(Router::new(
+        pool.clone(),
+        cfg.engineio.max_sessions,
+        cfg.engineio.session_idle,
+    ));
+    // Tasks that live as long as corral: ended and awaited at shutdown.
+    let background = Background::new();
+    health::spawn_health_checks(pool.clone(), cfg.health.clone(), &background);
+    router::spawn_sweeper(router.clone(), Duration::from_secs(2), &background);
+    let auth = match &cfg.auth {
+        Some(a) => {
+            let auth = BasicAuth::new(&a.htpasswd, &a.realm, a.exempt.clone())?;
+            let auth = Arc::new(auth);
+            auth.spawn_reloader(&background);
+            Some(auth)
+        }
+        None => None,
+    };
+    let metrics = Arc::new(Counters::default());
+    let access = match cfg.access_log.enabled {
+        true => Some(AccessLog::start(
+            &cfg.access_log.path,
+            cfg.access_log.format,
+            cfg.access_log.engineio,
+            metrics.clone(),
+        )?),
+        false => None,
+    };
+    let mut proxy = Proxy::new(cfg.clone(), pool.clone(), router.clone(), metrics.clone());
+    if cfg.engineio.tag_sids {
+        let cluster = &cfg.cluster;
+        if cluster.key.is_none() && cluster.key_file.is_none() {
+            tracing::warn!(
+                "engineio.tag_sids without cluster.key: a random key, so tagged sessions \
+                 will not survive a restart"
+            );
+        }
+        let key = cluster.signing_key()?;
+        let peers = cluster
+            .nodes
+            .iter()
+            .map(|(name, host)| crate::proxy::route::NodePeer {
+                name: name.clone(),
+                node: crate::engineio::sidtag::node_ref(name),
+                host: host.clone(),
+                target: std::sync::Mutex::new(None),
+            })
+            .collect();
+        proxy.enable_tags(crate::proxy::route::Tags {
+            tagger: crate::engineio::sidtag::Tagger::new(&key),
+            name: cluster.node.clone(),
+            node: crate::engineio::sidtag::node_ref(&cluster.node),
+            peers,
+        });
+        tracing::info!(node = %cluster.node, others = cluster.nodes.len(), "sids carry their worker (tagged)");
+    }
+    let proxy = Arc::new(proxy);
+    background.spawn(crate::proxy::route::resolve_nodes(proxy.clone()));
+    let gate = Arc::new(Gate::new(cfg.clone(), auth, access, proxy.clone()));
+
+    listen::raise_fd_limit();
+    let lanes = Arc::new(Lanes::start(cfg.threads.resolve()).context("cannot start threads")?);
+    let bound = listen::bind(&cfg, lanes.len())?;
+    let (queue_url, queue) = message_queue(&cfg).await?;
+    let sources = Arc::new(Sources {
+        counters: metrics.clone(),
+        history: Default::default(),
+        pool: pool.clone(),
+        router: router.clone(),
+        queue,
+        started: std::time::Instant::now(),
+        policy: cfg.balance.policy.to_string(),
+        node: cfg.cluster.node.clone(),
+    });
+    metrics::spawn_sampler(sources.clone(), &background);
+    if let Some(admin_cfg) = &cfg.admin {
+        let auth = match &admin_cfg.htpasswd {
+            Some(file) => Some(Arc::new(BasicAuth::new(file, "corral admin", Vec::new())?)),
+            None => None,
+        };
+        let at = status::serve(admin_cfg.listen, sources.clone(), auth).await?;
+        tracing::info!("status page on http://{at}/status, metrics on http://{at}/metrics");
+    }
+    let supervisor = cfg.workers.clone().map(|spec| {
+        let env = queue_env(queue_url.as_deref(), &spec.env);
+        Arc::new(Supervisor::new(spec, pool.clone(), env))
+    });
+    let admin_path = cfg
+        .admin_socket
+        .clone()
+        .unwrap_or_else(|| admin::default_path(cfg.first_port()));
+    admin::serve(&admin_path, supervisor.clone()).await?;
+    if std::process::id() == 1 {
+        tracing::info!("running as PID 1: reaping orphaned processes");
+        background.spawn(crate::workers::supervisor::reap_orphans(
+            pool.clone(),
+            background.stopping(),
+        ));
+    }
+    if let Some(sup) = &supervisor {
+        sup.start().await;
+    }
+    bound.describe();
+    describe_workers(&pool);
+    if supervisor.is_some() {
+        background.spawn(say_ready(pool.clone(), cfg.clone(), background.stopping()));
+    } else {
+        announce_ready(&cfg, &pool);
+    }
+
+    let certs = bound.certs.clone();
+    let serving = bound.serve(&lanes, gate.clone());
+
+    let signal = wait_for_stop(supervisor.clone(), certs, &background).await;
+    crate::runtime::notify::notify("STOPPING=1\nSTATUS=stopping");
+    if let Some(sup) = &supervisor {
+        sup.begin_stop();
+    }
+    tracing::info!(
+        signal,
+        "stopping: no new connections, finishing requests in flight"
+    );
+    let drain = cfg.timeouts.shutdown_drain;
+    // Requests in flight finish and idle keep-alive connections close, while open
+    // websocket tunnels send their clients a close frame.
+    let (drained, open_tunnels) = tokio::join!(serving.drain(drain), gate.close(drain));
+    if !drained.in_time {
+        tracing::warn!(
+            ?drain,
+            "requests still in flight after the drain period; closing"
+        );
+    }
+    if open_tunnels > 0 {
+        tracing::warn!(
+            open_tunnels,
+            "websocket tunnels still open after the drain period"
+        );
+    }
+    let cut = drained.cut(Duration::from_secs(1)).await;
+    if cut > 0 {
+        tracing::debug!(left = cut, "client connections cut at shutdown");
+    }
+    let drivers_left = proxy.close_upstreams(Duration::from_secs(1)).await;
+    if drivers_left > 0 {
+        tracing::debug!(drivers_left, "worker connections cut at shutdown");
+    }
+    if let Ok(lanes) = Arc::try_unwrap(lanes) {
+        let _ = tokio::task::spawn_blocking(move || lanes.stop()).await;
+    }
+    if let Some(sup) = &supervisor {
+        sup.stop_all().await;
+        tracing::info!("every worker stopped");
+    }
+    background.stop().await;
+    let _ = std::fs::remove_file(&admin_path);
+    Ok(())
+}
+
+/// Starts the embedded broker if configured; returns the queue URL for the workers.
+async fn message_queue(cfg: &Config) -> anyhow::Result<(Option<String>, Queue)> {
+    let mq = &cfg.message_queue;
+    if !cfg.embedded_broker() {
+        return Ok(match &mq.url {
+            Some(url) => {
+                tracing::info!(url = %redact(url), "message queue: external");
+                (Some(url.clone()), Queue::External(redact(url)))
+            }
+            None => (None, Queue::None),
+        });
+    }
+    let (broker, addr) = broker::start(mq.listen, broker::Settings::from_config(mq)).await?;
+    let url = broker::url_for(addr, mq.password.as_deref());
+    tracing::info!(%addr, "message queue: embedded broker listening");
+    Ok((Some(url.clone()), Queue::Embedded(broker, redact(&url))))
+}
+
+/// CORRAL_MESSAGE_QUEUE always; REDIS_URL unless the environment already sets it.
+fn queue_env(
+    url: Option<&str>,
+    worker_env: &std::collections::BTreeMap<String, String>,
+) -> Vec<(String, String)> {
+    let Some(url) = url else {
+        return Vec::new();
+    };
+    let mut env = vec![("CORRAL_MESSAGE_QUEUE".to_string(), url.to_string())];
+    if std::env::var_os("REDIS_URL").is_none() && !worker_env.contains_key("REDIS_URL") {
+        env.push(("REDIS_URL".to_string(), url.to_string()));
+    }
+    env
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+fn describe_workers(pool: &Pool) {
+    for w in pool.workers() {
+        tracing::info!(
+            worker = w.id,
+            pid = w.process.pid(),
+            addr = %w.addr,
+            state = w.state().name(),
+            managed = w.managed,
+            "worker"
+        );
+    }
+}
+
+/// "corral ready", with how many workers are not.
+fn announce_ready(cfg: &Config, pool: &Pool) {
+    let (up, total) = pool.up_count();
+    tracing::info!(
+        policy = %cfg.balance.policy,
+        engineio_path = %cfg.engineio.path,
+        sticky = cfg.engineio.sticky,
+        workers_ready = up,
+        workers_not_ready = total - up,
+        "corral ready"
+    );
+    crate::runtime::notify::notify(&format!("READY=1\nSTATUS={up} of {total} workers ready"));
+}
+
+/// Says "corral ready" once at least one supervised worker is ready: before that,
+/// every request would fail, and orchestrators and scripts read the line as ready.
+async fn say_ready(pool: Arc<Pool>, cfg: Arc<Config>, stop: tokio_util::sync::CancellationToken) {
+    let mut warned = false;
+    loop {
+        let (up, total) = pool.up_count();
+        if up > 0 {
+            announce_ready(&cfg, &pool);
+            return;
+        }
+        if !warned {
+            tracing::warn!(
+                workers_not_ready = total,
+                "no worker is ready yet: not ready to serve; retrying"
+            );
+            warned = true;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+/// Handles signals until SIGTERM or SIGINT: SIGHUP rolls the workers, SIGTTIN and
+/// SIGTTOU add and remove one (as gunicorn does).
+async fn wait_for_stop(
+    supervisor: Option<Arc<Supervisor>>,
+    certs: Vec<Arc<tls::Certs>>,
+    background: &Background,
+) -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let watch = |kind: SignalKind| match signal(kind) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch a signal");
+            None
+        }
+    };
+    let mut term = watch(SignalKind::terminate());
+    let mut int = watch(SignalKind::interrupt());
+    let mut hup = watch(SignalKind::hangup());
+    let mut ttin = watch(SignalKind::from_raw(libc::SIGTTIN));
+    let mut ttou = watch(SignalKind::from_raw(libc::SIGTTOU));
+    loop {
+        let change: i64 = tokio::select! {
+            _ = recv(&mut term) => return "SIGTERM",
+            _ = recv(&mut int) => return "SIGINT",
+            _ = recv(&mut hup) => 0,
+            _ = recv(&mut ttin) => 1,
+            _ = recv(&mut ttou) => -1,
+        };
+        if change == 0 {
+            // SIGHUP: new certificates first (open connections keep theirs).
+            for c in &certs {
+                if let Err(e) = c.reload() {
+                    tracing::error!("TLS certificate not reloaded, keeping the old one: {e}");
+                }
+            }
+        }
+        let Some(sup) = supervisor.clone() else {
+            tracing::warn!("no [workers] to restart or scale; signal ignored");
+            continue;
+        };
+        // Owned by `background`; stopping waits for a change in progress (the
+        // supervisor's change lock) and refuses new ones.
+        background.spawn(async move {
+            let result = if change == 0 {
+                sup.rolling_restart().await
+            } else {
+                let n = sup.count().await as i64 + change;
+                sup.scale(n.max(1) as usize).await
+            };
+            if let Err(e) = result {
+                tracing::error!("{e}");
+            }
+        });
+    }
+}
+
+async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}

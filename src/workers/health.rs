@@ -1,0 +1,123 @@
+//! Active health checks: at `health.interval`, each worker that is up, or down with
+//! its process alive, is asked `GET health.path` (or, without a path, connected
+//! to); the pool counts the result against the worker's `rise`/`fall` thresholds.
+//! The supervisor's readiness probe asks the same question.
+//!
+//! It owns the probe and nothing else: state changes are the pool's.
+
+use crate::config::Health;
+use crate::runtime::tasks::Background;
+use crate::workers::pool::{Pool, State};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+/// Checks workers at `health.interval`: marks down those up that fail, and up those
+/// down (but alive) that answer. Runs until `bg` stops.
+pub fn spawn_health_checks(pool: Arc<Pool>, health: Health, bg: &Background) {
+    bg.spawn(async move {
+        let mut tick = tokio::time::interval(health.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let mut checks = tokio::task::JoinSet::new();
+            for w in pool.workers() {
+                let candidate = match w.state() {
+                    State::Up => true,
+                    State::Down => w.is_alive(),
+                    _ => false,
+                };
+                if candidate {
+                    let (path, timeout) = (health.path.clone(), health.timeout);
+                    checks.spawn(async move {
+                        let healthy = check(w.addr, &path, timeout).await;
+                        (w, healthy)
+                    });
+                }
+            }
+            while let Some(Ok((w, healthy))) = checks.join_next().await {
+                match healthy {
+                    true => pool.check_passed(&w),
+                    false => {
+                        pool.check_failed(&w);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// One health check: a TCP connect, or, with a path, a GET answered 2xx or 3xx.
+pub async fn check(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
+    if path.is_empty() {
+        return tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .is_ok_and(|r| r.is_ok());
+    }
+    matches!(http_status(addr, path, timeout).await, Some(200..=399))
+}
+
+/// The status of `GET path` on a worker, or None when it does not answer HTTP
+/// within `timeout`.
+pub async fn http_status(addr: SocketAddr, path: &str, timeout: Duration) -> Option<u16> {
+    tokio::time::timeout(timeout, async {
+        let stream = TcpStream::connect(addr).await.ok()?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
+        // The connection's driver ends with this future: the probe owns it.
+        let driving = async {
+            let _ = conn.await;
+            std::future::pending::<()>().await;
+        };
+        let req = http::Request::get(path)
+            .header(http::header::HOST, addr.to_string())
+            .header(http::header::USER_AGENT, "corral-health")
+            .header(http::header::CONNECTION, "close")
+            .body(Empty::<bytes::Bytes>::new())
+            .ok()?;
+        tokio::select! {
+            resp = sender.send_request(req) => resp.ok().map(|r| r.status().as_u16()),
+            _ = driving => None,
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn answering(reply: &'static [u8]) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(reply).await;
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_probe_reads_the_status_and_refuses_what_is_not_http() {
+        let t = Duration::from_secs(2);
+        let ok = answering(b"HTTP/1.1 204 No Content\r\n\r\n").await;
+        assert_eq!(http_status(ok, "/health", t).await, Some(204));
+        assert!(check(ok, "/health", t).await);
+        let bad = answering(b"HTTP/1.1 503 Unavailable\r\ncontent-length: 0\r\n\r\n").await;
+        assert!(!check(bad, "/health", t).await);
+        let junk = answering(b"SSH-2.0-OpenSSH\r\n").await;
+        assert_eq!(http_status(junk, "/health", t).await, None);
+    }
+}
