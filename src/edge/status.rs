@@ -80,7 +80,7 @@ async fn answer(
     Ok(match req.uri().path() {
         "/metrics" => reply(
             StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
+            metrics::CONTENT_TYPE,
             metrics::prometheus(&src),
         ),
         "/status.json" => reply(

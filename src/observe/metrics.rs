@@ -8,9 +8,14 @@ use crate::broker::Broker;
 use crate::engineio::router::Router;
 use crate::observe::counters::{read, Counters, BUCKETS};
 use crate::workers::pool::{Pool, State, Worker};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{text, DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use serde::Serialize;
 use std::collections::VecDeque;
-use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -84,189 +89,209 @@ fn total_requests(pool: &Pool) -> u64 {
         .sum()
 }
 
-/// A label value as the exposition format wants it.
-fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// The OpenMetrics text exposition, written by the Prometheus project's own client
+/// (`prometheus-client`) from the counters read at scrape time: the data path
+/// keeps its plain atomics, the crate does the format (names, escaping, `# EOF`).
+pub fn prometheus(src: &Arc<Sources>) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Scrape(src.clone())));
+    let mut out = String::new();
+    if let Err(e) = text::encode(&mut out, &registry) {
+        tracing::error!("metrics not encoded: {e}");
+    }
+    out
 }
 
-/// The Prometheus text exposition (format 0.0.4).
-pub fn prometheus(src: &Sources) -> String {
-    let m = &src.counters;
-    let mut e = Exposition::default();
-    let workers = src.pool.workers();
+/// The content type of [`prometheus`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-    let n = e.family(
-        "corral_node_info",
-        "gauge",
-        "This corral node (cluster.node), always 1.",
-    );
-    e.line(format!("{n}{{node=\"{}\"}} 1", escape_label(&src.node)));
+/// One scrape: reads the sources as the registry asks for them.
+#[derive(Debug)]
+struct Scrape(Arc<Sources>);
 
-    let n = e.family(
-        "corral_requests_total",
-        "counter",
-        "Responses passed from workers, by worker and status class.",
-    );
-    for w in &workers {
-        for (class, count) in w.traffic.requests_by_class().iter().enumerate() {
-            e.line(format!(
-                "{n}{{worker=\"{}\",addr=\"{}\",class=\"{}xx\"}} {count}",
-                w.id,
-                w.addr,
-                class + 1
-            ));
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sources")
+    }
+}
+
+type Labels<'a> = Vec<(&'static str, std::borrow::Cow<'a, str>)>;
+
+fn worker_labels(w: &Worker) -> Labels<'static> {
+    vec![
+        ("worker", w.id.to_string().into()),
+        ("addr", w.addr.to_string().into()),
+    ]
+}
+
+/// One family with one sample per label set.
+fn family<'a, M: EncodeMetric>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels<'a>, M)>,
+) -> std::fmt::Result {
+    let mut samples = samples.into_iter().peekable();
+    let Some((_, first)) = samples.peek() else {
+        return Ok(());
+    };
+    let mut m = e.encode_descriptor(name, help, None, first.metric_type())?;
+    for (labels, metric) in samples {
+        metric.encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// One family with a single unlabelled sample.
+fn single<M: EncodeMetric>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> std::fmt::Result {
+    metric.encode(e.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let src = &self.0;
+        let m = &src.counters;
+        let workers = src.pool.workers();
+        let node: Labels = vec![("node", src.node.as_str().into())];
+        family(
+            &mut e,
+            "corral_node_info",
+            "This corral node (cluster.node), always 1",
+            [(node, ConstGauge::new(1i64))],
+        )?;
+        family(
+            &mut e,
+            "corral_requests",
+            "Responses passed from workers, by worker and status class",
+            workers.iter().flat_map(|w| {
+                let by_class = w.traffic.requests_by_class();
+                (0..5).map(move |class| {
+                    let mut labels = worker_labels(w);
+                    labels.push(("class", format!("{}xx", class + 1).into()));
+                    (labels, ConstCounter::new(by_class[class]))
+                })
+            }),
+        )?;
+        let latency = m.latency();
+        let mut buckets: Vec<(f64, u64)> = BUCKETS.iter().copied().zip(latency.buckets).collect();
+        let in_buckets: u64 = latency.buckets.iter().sum();
+        buckets.push((f64::INFINITY, latency.count.saturating_sub(in_buckets)));
+        let mut h = e.encode_descriptor(
+            "corral_request_duration_seconds",
+            "Time from request to the worker's response head",
+            None,
+            MetricType::Histogram,
+        )?;
+        h.encode_histogram::<NoLabelSet>(latency.sum.as_secs_f64(), latency.count, &buckets, None)?;
+
+        type Get = fn(&Worker) -> i64;
+        let gauges: [(&str, &str, Get); 5] = [
+            (
+                "corral_engineio_sessions",
+                "Live Engine.IO sessions per worker",
+                |w| w.sessions() as i64,
+            ),
+            (
+                "corral_websocket_tunnels",
+                "Open websocket tunnels per worker",
+                |w| w.traffic.tunnels() as i64,
+            ),
+            (
+                "corral_requests_in_flight",
+                "Requests in flight per worker",
+                |w| w.inflight() as i64,
+            ),
+            (
+                "corral_upstream_idle_connections",
+                "Kept-alive connections to the worker waiting for a request",
+                |w| w.conns.len() as i64,
+            ),
+            (
+                "corral_worker_up",
+                "1 when the worker takes new traffic",
+                |w| i64::from(w.state() == State::Up),
+            ),
+        ];
+        for (name, help, get) in gauges {
+            family(
+                &mut e,
+                name,
+                help,
+                workers
+                    .iter()
+                    .map(|w| (worker_labels(w), ConstGauge::new(get(w)))),
+            )?;
         }
-    }
-
-    let n = e.family(
-        "corral_request_duration_seconds",
-        "histogram",
-        "Time from request to the worker's response head.",
-    );
-    let latency = m.latency();
-    let mut cumulative = 0;
-    for (b, in_bucket) in BUCKETS.iter().zip(latency.buckets) {
-        cumulative += in_bucket;
-        e.line(format!("{n}_bucket{{le=\"{b}\"}} {cumulative}"));
-    }
-    let count = latency.count;
-    e.line(format!("{n}_bucket{{le=\"+Inf\"}} {count}"));
-    e.line(format!("{n}_sum {}", latency.sum.as_secs_f64()));
-    e.line(format!("{n}_count {count}"));
-
-    for (name, help, get) in [
-        (
-            "corral_engineio_sessions",
-            "Live Engine.IO sessions per worker.",
-            (|w: &Worker| w.sessions() as u64) as fn(&Worker) -> u64,
-        ),
-        (
-            "corral_websocket_tunnels",
-            "Open websocket tunnels per worker.",
-            |w| w.traffic.tunnels() as u64,
-        ),
-        (
-            "corral_requests_in_flight",
-            "Requests in flight per worker.",
-            |w| w.inflight() as u64,
-        ),
-        (
-            "corral_upstream_idle_connections",
-            "Kept-alive connections to the worker waiting for a request.",
-            |w| w.conns.len() as u64,
-        ),
-        (
-            "corral_worker_up",
-            "1 when the worker takes new traffic.",
-            |w| u64::from(w.state() == State::Up),
-        ),
-    ] {
-        let n = e.family(name, "gauge", help);
-        for w in &workers {
-            e.line(format!(
-                "{n}{{worker=\"{}\",addr=\"{}\"}} {}",
-                w.id,
-                w.addr,
-                get(w)
-            ));
-        }
-    }
-    let n = e.family(
-        "corral_worker_restarts_total",
-        "counter",
-        "Times a supervised worker was restarted after exiting.",
-    );
-    for w in &workers {
-        e.line(format!(
-            "{n}{{worker=\"{}\",addr=\"{}\"}} {}",
-            w.id,
-            w.addr,
-            w.process.restarts()
-        ));
-    }
-
-    for (name, help, value) in [
-        ("corral_engineio_handshakes_total", "Engine.IO handshakes routed to a worker.", read(&m.handshakes)),
-        ("corral_engineio_unknown_sid_total", "Requests answered \"Session ID unknown\" (the thrash counter: near 0 when sessions stick).", read(&m.unknown_sid)),
-        ("corral_cluster_forwarded_total", "Requests sent to another corral node because their sid's tag names it.", read(&m.hops_out)),
-        ("corral_cluster_received_total", "Requests another corral node sent here.", read(&m.hops_in)),
-        ("corral_bytes_in_total", "Bytes received from clients (bodies and tunnels).", read(&m.bytes_in)),
-        ("corral_bytes_out_total", "Bytes sent to clients (bodies and tunnels).", read(&m.bytes_out)),
-        ("corral_access_log_dropped_total", "Access log lines dropped because the writer fell behind.", read(&m.access_log_dropped)),
-    ] {
-        let n = e.family(name, "counter", help);
-        e.line(format!("{n} {value}"));
-    }
-    let n = e.family(
-        "corral_sessions_remembered",
-        "gauge",
-        "Entries in the session table.",
-    );
-    e.line(format!("{n} {}", src.router.len()));
-
-    if let Queue::Embedded(broker, _) = &src.queue {
-        let s = broker.stats();
-        for (name, kind, help, value) in [
-            (
-                "corral_mq_connections",
-                "gauge",
-                "Clients connected to the embedded message queue.",
-                s.connected,
-            ),
-            (
-                "corral_mq_subscriptions",
-                "gauge",
-                "Channel, pattern and shard subscriptions.",
-                s.subscriptions,
-            ),
-            (
-                "corral_mq_messages_published_total",
-                "counter",
-                "PUBLISH and SPUBLISH commands.",
-                s.published,
-            ),
-            (
-                "corral_mq_messages_delivered_total",
-                "counter",
-                "Messages queued to subscribers.",
-                s.delivered,
-            ),
-            (
-                "corral_mq_messages_dropped_total",
-                "counter",
-                "Messages not delivered: the subscriber was over its output limit.",
-                s.dropped,
-            ),
-            (
-                "corral_mq_clients_over_limit_total",
-                "counter",
-                "Subscribers disconnected at their output limit.",
-                s.over_limit,
-            ),
+        family(
+            &mut e,
+            "corral_worker_restarts",
+            "Times a supervised worker was restarted after exiting",
+            workers
+                .iter()
+                .map(|w| (worker_labels(w), ConstCounter::new(w.process.restarts()))),
+        )?;
+        for (name, help, value) in [
+            ("corral_engineio_handshakes", "Engine.IO handshakes routed to a worker", &m.handshakes),
+            ("corral_engineio_unknown_sid", "Requests answered \"Session ID unknown\" (the thrash counter: near 0 when sessions stick)", &m.unknown_sid),
+            ("corral_cluster_forwarded", "Requests sent to another corral node because their sid's tag names it", &m.hops_out),
+            ("corral_cluster_received", "Requests another corral node sent here", &m.hops_in),
+            ("corral_bytes_in", "Bytes received from clients (bodies and tunnels)", &m.bytes_in),
+            ("corral_bytes_out", "Bytes sent to clients (bodies and tunnels)", &m.bytes_out),
+            ("corral_access_log_dropped", "Access log lines dropped because the writer fell behind", &m.access_log_dropped),
         ] {
-            let n = e.family(name, kind, help);
-            e.line(format!("{n} {value}"));
+            single(&mut e, name, help, ConstCounter::new(read(value)))?;
         }
-    }
-    e.out
-}
-
-/// Builds the text exposition: a HELP/TYPE header per family, then its samples.
-#[derive(Default)]
-struct Exposition {
-    out: String,
-}
-
-impl Exposition {
-    fn family(&mut self, name: &str, kind: &str, help: &str) -> String {
-        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        name.to_string()
-    }
-    fn line(&mut self, sample: String) {
-        self.out.push_str(&sample);
-        self.out.push('\n');
+        single(
+            &mut e,
+            "corral_sessions_remembered",
+            "Entries in the session table",
+            ConstGauge::new(src.router.len() as i64),
+        )?;
+        if let Queue::Embedded(broker, _) = &src.queue {
+            let s = broker.stats();
+            single(
+                &mut e,
+                "corral_mq_connections",
+                "Clients connected to the embedded message queue",
+                ConstGauge::new(s.connected as i64),
+            )?;
+            single(
+                &mut e,
+                "corral_mq_subscriptions",
+                "Channel, pattern and shard subscriptions",
+                ConstGauge::new(s.subscriptions as i64),
+            )?;
+            for (name, help, value) in [
+                (
+                    "corral_mq_messages_published",
+                    "PUBLISH and SPUBLISH commands",
+                    s.published,
+                ),
+                (
+                    "corral_mq_messages_delivered",
+                    "Messages queued to subscribers",
+                    s.delivered,
+                ),
+                (
+                    "corral_mq_messages_dropped",
+                    "Messages not delivered: the subscriber was over its output limit",
+                    s.dropped,
+                ),
+                (
+                    "corral_mq_clients_over_limit",
+                    "Subscribers disconnected at their output limit",
+                    s.over_limit,
+                ),
+            ] {
+                single(&mut e, name, help, ConstCounter::new(value))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -380,4 +405,49 @@ pub fn status_json(src: &Sources) -> serde_json::Value {
         "message_queue": queue,
         "history": history,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Policy;
+    use std::net::SocketAddr;
+
+    #[test]
+    fn the_exposition_reads_the_counters() {
+        let pool = Arc::new(Pool::new(
+            &[SocketAddr::from(([127, 0, 0, 1], 5000))],
+            Policy::LeastConnections,
+        ));
+        let router = Arc::new(Router::new(pool.clone(), 100, None));
+        let src = Arc::new(Sources {
+            counters: Arc::new(Counters::default()),
+            history: Default::default(),
+            pool: pool.clone(),
+            router,
+            queue: Queue::None,
+            started: Instant::now(),
+            policy: "least-connections".into(),
+            node: "a\"b".into(),
+        });
+        pool.workers()[0].traffic.count_response(204);
+        src.counters.observe_latency(Duration::from_millis(3));
+        src.counters.observe_latency(Duration::from_secs(100));
+        let text = prometheus(&src);
+        for line in [
+            "# TYPE corral_requests counter",
+            "corral_requests_total{worker=\"0\",addr=\"127.0.0.1:5000\",class=\"2xx\"} 1",
+            "corral_node_info{node=\"a\\\"b\"} 1",
+            "corral_request_duration_seconds_bucket{le=\"0.005\"} 1",
+            "corral_request_duration_seconds_bucket{le=\"+Inf\"} 2",
+            "corral_request_duration_seconds_count 2",
+            "corral_worker_up{worker=\"0\",addr=\"127.0.0.1:5000\"} 1",
+            "# EOF",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
+        }
+    }
 }

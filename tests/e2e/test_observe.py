@@ -5,7 +5,7 @@ import json
 import time
 
 import requests
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from clients import connect_many, disconnect_all, spread, wait_until
 from conftest import free_port
@@ -14,7 +14,8 @@ from conftest import free_port
 def scrape(url):
     r = requests.get(url + "/metrics")
     assert r.status_code == 200
-    assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    # OpenMetrics, parsed by the Prometheus client's strict OpenMetrics parser.
+    assert r.headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
     samples = {}
     for family in text_string_to_metric_families(r.text):
         for s in family.samples:
