@@ -1,4 +1,4 @@
-//! Sending one request to a worker, for the request path (`proxy`) and the websocket
+//! Sending one request to a worker, for the request path (`route`) and the websocket
 //! tunnel (`tunnel`) alike: who sent it ([`Peer`]) and what it holds while it uses a
 //! worker ([`Target`], [`Ticket`]); the request as a worker gets it (origin form,
 //! HTTP/1.1, hop-by-hop headers out, forwarded headers in); one exchange on a

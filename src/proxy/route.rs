@@ -1,12 +1,13 @@
-//! The request path: for each client request, decide the worker (through the router
-//! on the Engine.IO path, the pool elsewhere), rewrite headers, stream the request to
-//! the worker and the response back, and turn failures into short, clear answers
-//! (400 unknown session, 413, 502, 503, 504).
+//! The request path, for each request the edge's gate let in: decide the worker
+//! (through the router on the Engine.IO path, the pool elsewhere; by its tag for a
+//! tagged sid, or another node), rewrite headers, stream the request to the worker
+//! and the response back, and turn failures into short, clear answers (400 unknown
+//! session, 413, 502, 503, 504).
 //!
 //! It owns the header rules and the retry rules; connections to workers are
-//! `upstream`'s. It must not keep session state
-//! (the router does) or mark workers up (the health checks do); it only reports a
-//! worker it could not reach. Websocket upgrades are handed to `tunnel`.
+//! `transport::upstream`'s. It must not keep session state (the router does), mark
+//! workers up (the health checks do) or judge request heads (the gate did); it only
+//! reports a worker it could not reach. Websocket upgrades are handed to `tunnel`.
 
 use crate::config::Config;
 use crate::engineio::protocol::{self as engineio, Parse};

@@ -6,7 +6,7 @@
 //! [`Tunnels`] owns the upgraded connections and their tasks, and at shutdown has
 //! each send its client a close frame; nothing else. The caller has already chosen
 //! the worker, and the ticket it hands over keeps the session counted while the
-//! tunnel is open. It does not reach into the request path (`proxy`).
+//! tunnel is open. It does not reach into the request path (`route`).
 
 use crate::observe::counters::Counters;
 use crate::proxy::answer::{self, short};

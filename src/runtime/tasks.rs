@@ -2,7 +2,7 @@
 //! metrics sampler, the htpasswd reloader, the orphan reaper): each runs until
 //! shutdown cancels it, and shutdown waits until each has ended. It owns nothing
 //! else; client connections, tunnels and worker connections have owners of their own
-//! (`server`, `tunnel`, `upstream`).
+//! (`edge::listen`, `proxy::tunnel`, `transport::upstream`).
 
 use std::future::Future;
 use tokio_util::sync::CancellationToken;
