@@ -1041,12 +1041,12 @@ pub fn url_for(addr: SocketAddr, password: Option<&str>) -> String {
 
 /// The broker's address is taken or not ours.
 #[derive(Debug, thiserror::Error)]
-#[error("message queue cannot listen on {addr}: {source}")]
+#[error("message queue cannot listen on {addr}: {cause}")]
 pub struct ListenError {
     /// The configured address.
     pub addr: SocketAddr,
     /// What the system said.
-    pub source: std::io::Error,
+    pub cause: std::io::Error,
 }
 
 /// Binds and starts a broker; returns it and the address it listens on.
@@ -1054,7 +1054,7 @@ pub async fn start(
     addr: SocketAddr,
     settings: Settings,
 ) -> Result<(Arc<Broker>, SocketAddr), ListenError> {
-    let listen_error = |source| ListenError { addr, source };
+    let listen_error = |cause| ListenError { addr, cause };
     let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
     let local = listener.local_addr().map_err(listen_error)?;
     let broker = Broker::new(settings, local.port());

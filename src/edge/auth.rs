@@ -42,12 +42,12 @@ pub enum Hash {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The file cannot be read.
-    #[error("{}: cannot read: {source}", path.display())]
+    #[error("{}: cannot read: {cause}", path.display())]
     Read {
         /// The file.
         path: std::path::PathBuf,
         /// What the system said.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A line is not `user:hash`.
     #[error("line {0}: expected user:hash")]
@@ -66,12 +66,12 @@ pub enum Error {
         problem: &'static str,
     },
     /// The same, in a file.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {cause}", path.display())]
     InFile {
         /// The file.
         path: std::path::PathBuf,
         /// What is wrong in it.
-        source: Box<Error>,
+        cause: Box<Error>,
     },
 }
 
@@ -253,13 +253,13 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 }
 
 fn load(path: &Path) -> Result<HashMap<String, Hash>, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+    let text = std::fs::read_to_string(path).map_err(|cause| Error::Read {
         path: path.to_path_buf(),
-        source,
+        cause,
     })?;
     parse(&text).map_err(|e| Error::InFile {
         path: path.to_path_buf(),
-        source: Box::new(e),
+        cause: Box::new(e),
     })
 }
 

@@ -30,20 +30,20 @@ use tokio_rustls::TlsAcceptor;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The address is taken, or not ours to bind.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {cause}")]
     Bind {
         /// The configured address.
         addr: SocketAddr,
         /// What the system said.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The certificate or key would not load.
-    #[error("listener {addr}: {source}")]
+    #[error("listener {addr}: {cause}")]
     Tls {
         /// The configured address.
         addr: SocketAddr,
         /// What was wrong.
-        source: tls::Error,
+        cause: tls::Error,
     },
 }
 
@@ -67,7 +67,7 @@ pub fn bind(cfg: &Config, lanes: usize) -> Result<Bound, Error> {
     for l in &all {
         let addr = l.address;
         let sockets =
-            listen_per_lane(addr, lanes).map_err(|source| Error::Bind { addr, source })?;
+            listen_per_lane(addr, lanes).map_err(|cause| Error::Bind { addr, cause })?;
         let kind = match &l.tls {
             Some(setting) => {
                 let source = match setting {
@@ -77,7 +77,7 @@ pub fn bind(cfg: &Config, lanes: usize) -> Result<Bound, Error> {
                     },
                     TlsSetting::Mode(_) => tls::Source::SelfSigned,
                 };
-                let tls_error = |source| Error::Tls { addr, source };
+                let tls_error = |cause| Error::Tls { addr, cause };
                 let c = tls::Certs::new(source, &addr.port().to_string()).map_err(tls_error)?;
                 let acceptor = TlsAcceptor::from(c.server_config().map_err(tls_error)?);
                 certs.push(c);

@@ -27,7 +27,7 @@ pub async fn serve(
     sources: Arc<Sources>,
     auth: Option<Arc<BasicAuth>>,
 ) -> Result<SocketAddr, crate::observe::Error> {
-    let listen_error = |source| crate::observe::Error::Listen { addr, source };
+    let listen_error = |cause| crate::observe::Error::Listen { addr, cause };
     let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
     let local = listener.local_addr().map_err(listen_error)?;
     tokio::spawn(async move {

@@ -52,9 +52,9 @@ impl AccessLog {
                     .create(true)
                     .append(true)
                     .open(path)
-                    .map_err(|source| crate::observe::Error::AccessLog {
+                    .map_err(|cause| crate::observe::Error::AccessLog {
                         path: path.to_string(),
-                        source,
+                        cause,
                     })?,
             )
         };

@@ -30,9 +30,9 @@ pub async fn serve(path: &Path, supervisor: Option<Arc<Supervisor>>) -> Result<(
         }
         let _ = std::fs::remove_file(path);
     }
-    let listener = UnixListener::bind(path).map_err(|source| Error::Socket {
+    let listener = UnixListener::bind(path).map_err(|cause| Error::Socket {
         path: path.to_path_buf(),
-        source,
+        cause,
     })?;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
     tokio::spawn(async move {
@@ -89,9 +89,9 @@ async fn run_command(cmd: &str, supervisor: Option<&Supervisor>) -> String {
 pub async fn send(path: &Path, command: &str, timeout: Duration) -> Result<String, Error> {
     let mut stream = UnixStream::connect(path)
         .await
-        .map_err(|source| Error::Unreachable {
+        .map_err(|cause| Error::Unreachable {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
     stream.write_all(format!("{command}\n").as_bytes()).await?;
     let mut reply = String::new();

@@ -17,39 +17,39 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The access log file cannot be opened for appending.
-    #[error("access log {path}: {source}")]
+    #[error("access log {path}: {cause}")]
     AccessLog {
         /// The configured path.
         path: String,
         /// What the system said.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The admin listener's address is taken or not ours.
-    #[error("admin listener cannot listen on {addr}: {source}")]
+    #[error("admin listener cannot listen on {addr}: {cause}")]
     Listen {
         /// The configured address.
         addr: SocketAddr,
         /// What the system said.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// Another corral answers on the admin socket.
     #[error("admin socket {} is in use by another corral", .0.display())]
     SocketInUse(PathBuf),
     /// The admin socket cannot be made.
-    #[error("cannot create admin socket {}: {source}", path.display())]
+    #[error("cannot create admin socket {}: {cause}", path.display())]
     Socket {
         /// The socket's path.
         path: PathBuf,
         /// What the system said.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// No corral listens on the admin socket.
-    #[error("cannot reach corral at {}: {source} (is it running? see `admin_socket`)", path.display())]
+    #[error("cannot reach corral at {}: {cause} (is it running? see `admin_socket`)", path.display())]
     Unreachable {
         /// The socket's path.
         path: PathBuf,
         /// What the system said.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The running corral did not answer in time.
     #[error("no answer within {0:?}")]

@@ -25,12 +25,12 @@ use tokio::task::JoinHandle;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The command could not be run.
-    #[error("cannot start `{command}`: {source}")]
+    #[error("cannot start `{command}`: {cause}")]
     Spawn {
         /// The command, as configured.
         command: String,
         /// What the system said.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// It did not answer HTTP in time.
     #[error("not ready within {within:?}; last output:\n{output}")]
@@ -58,12 +58,12 @@ pub enum Error {
     #[error("rolling restart cut short: corral is stopping")]
     CutShort,
     /// A replacement worker of a rolling restart did not get ready.
-    #[error("replacement for worker {index} not ready: {source}")]
+    #[error("replacement for worker {index} not ready: {cause}")]
     Replacement {
         /// The worker being replaced.
         index: usize,
         /// Why its replacement failed.
-        source: Box<Error>,
+        cause: Box<Error>,
     },
     /// `corral scale` asked for an impossible count.
     #[error("worker count must be between 1 and 1024 (asked: {0})")]
@@ -237,7 +237,7 @@ impl Supervisor {
                 self.stop_slot(new_index, false).await;
                 return Err(Error::Replacement {
                     index,
-                    source: Box::new(e),
+                    cause: Box::new(e),
                 });
             }
             self.stop_slot(index, true).await;
@@ -386,7 +386,7 @@ async fn keep(
             Err(e) => {
                 let msg = Error::Spawn {
                     command: describe(&spec.command),
-                    source: e,
+                    cause: e,
                 };
                 tracing::error!(worker = index, "{msg}");
                 if let Some(tx) = ready_tx.take() {
