@@ -82,9 +82,10 @@ impl Gate {
             .path_and_query()
             .map_or("/".into(), |p| p.to_string());
         let version = format!("{:?}", req.version());
+        let addr = peer.addr;
         let resp = self.admit(req, peer).await;
         log.log(&access::Entry {
-            peer: peer.addr,
+            peer: addr,
             method: method.as_str(),
             target: &target,
             version: &version,

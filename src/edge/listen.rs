@@ -283,26 +283,25 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let addr = normalise(addr);
-        let peer = Peer {
+        let peer = Peer::new(
             addr,
-            scheme: if matches!(kind, Kind::Tls(_)) {
-                "https"
-            } else {
-                "http"
+            match kind {
+                Kind::Tls(_) => "https",
+                _ => "http",
             },
-            trusted: trusted.iter().any(|c| c.contains(addr.ip())),
-            redirect_https: match kind {
+            trusted.iter().any(|c| c.contains(addr.ip())),
+            match kind {
                 Kind::Redirect(port) => Some(port),
                 _ => None,
             },
-        };
+        );
         let g = gate.clone();
         let slot = ConnectionSlot::new(permit);
         let service = service_fn(move |mut req: Request<Incoming>| {
             if is_websocket_upgrade(&req) {
                 req.extensions_mut().insert(slot.clone());
             }
-            g.clone().handle(req, peer)
+            g.clone().handle(req, peer.clone())
         });
         // Made here, before the task: a watcher made after shutdown began would
         // never hear of it (hyper-util's note on `watcher`).

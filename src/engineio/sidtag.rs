@@ -130,7 +130,7 @@ impl Tagger {
 
 /// The header that marks a request one node sent to another (a hop): it is sent
 /// on once at most, and only a configured node with the key can make one.
-pub const HOP_HEADER: &str = "x-corral-hop";
+pub const HOP_HEADER: http::HeaderName = http::HeaderName::from_static("x-corral-hop");
 
 impl Tagger {
     fn hop_mac(&self, from: &str) -> String {

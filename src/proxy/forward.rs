@@ -19,9 +19,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// Who sent a request, as the listener saw it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Peer {
     pub addr: SocketAddr,
+    /// `addr`'s IP as a header value (X-Forwarded-For, X-Real-IP), made once per
+    /// connection rather than per request.
+    pub ip: HeaderValue,
     pub scheme: &'static str,
     /// A trusted proxy: its X-Forwarded-* headers are kept and appended to.
     pub trusted: bool,
@@ -188,9 +191,39 @@ pub(crate) fn declared_length(h: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+impl Peer {
+    /// A peer at `addr`.
+    pub fn new(
+        addr: SocketAddr,
+        scheme: &'static str,
+        trusted: bool,
+        redirect_https: Option<u16>,
+    ) -> Peer {
+        let ip = HeaderValue::from_maybe_shared(bytes::Bytes::from(addr.ip().to_string()))
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Peer {
+            addr,
+            ip,
+            scheme,
+            trusted,
+            redirect_https,
+        }
+    }
+}
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// Headers for one hop only (RFC 9110 7.6.1), removed before a request or response
+/// goes on.
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
+    KEEP_ALIVE,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
@@ -199,42 +232,72 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// Which of `names` a header map holds, as a bit per name: one pass over the few
+/// headers a request has, instead of a lookup per name.
+fn present(headers: &HeaderMap, names: &[HeaderName]) -> u32 {
+    let mut mask = 0;
+    for key in headers.keys() {
+        if let Some(i) = names.iter().position(|n| n == key) {
+            mask |= 1 << i;
+        }
+    }
+    mask
+}
+
+/// Removes the names of `names` whose bit is set in `mask`.
+fn remove_present(headers: &mut HeaderMap, names: &[HeaderName], mask: u32) {
+    for (i, name) in names.iter().enumerate() {
+        if mask & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+}
+
 /// Removes hop-by-hop headers, including those the Connection header names.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most requests carry none but Connection: one pass over the few names present
-    // is cheaper than looking each hop-by-hop name up.
-    let present = headers.keys().any(|k| HOP_BY_HOP.contains(k));
-    if !present {
+    let mask = present(headers, &HOP_BY_HOP);
+    if mask == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
+    // Names the Connection header lists besides the usual tokens (rare): removed too.
+    let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| !["close", "keep-alive", "upgrade", ""].iter().any(|u| t.eq_ignore_ascii_case(u)))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
-    for name in named {
+    for name in listed {
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
+    remove_present(headers, &HOP_BY_HOP, mask);
 }
 
-/// Forwarding headers that only a trusted proxy may pass on.
-const UNTRUSTED_DROPPED: [HeaderName; 3] = [
+/// What the forwarding rules look at, in one pass (bits of [`present`]).
+const FORWARDING: [HeaderName; 7] = [
+    X_FORWARDED_FOR,
+    X_REAL_IP,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    // Only a trusted proxy may pass these on.
     header::FORWARDED,
-    HeaderName::from_static("x-forwarded-port"),
-    HeaderName::from_static("x-forwarded-prefix"),
+    X_FORWARDED_PORT,
+    X_FORWARDED_PREFIX,
 ];
+const HAS_XFF: u32 = 1;
+const HAS_REAL_IP: u32 = 1 << 1;
+const HAS_PROTO: u32 = 1 << 2;
+const HAS_HOST: u32 = 1 << 3;
+const UNTRUSTED_DROPPED: u32 = 0b111 << 4;
 
 /// Header rules for a request going to a worker: hop-by-hop headers out (but the
 /// upgrade pair kept for a websocket), forwarded headers in, Host kept.
 pub(crate) fn prepare_request_headers(
     headers: &mut HeaderMap,
     uri: &Uri,
-    peer: Peer,
+    peer: &Peer,
     websocket: bool,
 ) {
     let upgrade = websocket
@@ -254,55 +317,52 @@ pub(crate) fn prepare_request_headers(
     {
         headers.insert(header::HOST, host);
     }
-    let ip = peer.addr.ip().to_string();
-    // Made once: X-Real-IP is the same address.
-    let real_ip = HeaderValue::from_str(&ip).ok();
-    // From a trusted proxy the chain goes on; from anyone else it starts here, so a
-    // client cannot pass a forged address, scheme or host to the workers.
-    let prior = match peer.trusted {
-        true => headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .collect::<Vec<_>>()
-            .join(", "),
-        false => String::new(),
-    };
-    let xff = if prior.is_empty() {
-        ip
-    } else {
-        format!("{prior}, {ip}")
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
-    }
-    let keep = |h: &HeaderMap, name: &str| peer.trusted && h.contains_key(name);
-    if !peer.trusted {
-        // Only corral may say where a request came from: what an untrusted client
-        // claims in these is dropped (the X-Forwarded-* above and below are set).
-        for name in UNTRUSTED_DROPPED {
-            headers.remove(name);
-        }
-    }
     // A hop mark is this node's to set (`Forwarder::mark_hop`), never passed on.
     headers.remove(crate::engineio::sidtag::HOP_HEADER);
-    if !keep(headers, "x-real-ip") {
-        if let Some(v) = real_ip {
-            headers.insert("x-real-ip", v);
+    let found = present(headers, &FORWARDING);
+    // From a trusted proxy the chain goes on and what it set is kept; from anyone
+    // else it starts here, so a client cannot pass a forged address, scheme or host
+    // to the workers.
+    let kept = match peer.trusted {
+        true => found,
+        false => 0,
+    };
+    if !peer.trusted {
+        remove_present(headers, &FORWARDING, found & UNTRUSTED_DROPPED);
+    }
+    let xff = match kept & HAS_XFF {
+        0 => peer.ip.clone(),
+        _ => {
+            let prior = headers
+                .get_all(X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let ip = peer.ip.to_str().unwrap_or_default();
+            match prior.is_empty() {
+                true => peer.ip.clone(),
+                false => HeaderValue::from_str(&format!("{prior}, {ip}"))
+                    .unwrap_or_else(|_| peer.ip.clone()),
+            }
         }
+    };
+    headers.insert(X_FORWARDED_FOR, xff);
+    if kept & HAS_REAL_IP == 0 {
+        headers.insert(X_REAL_IP, peer.ip.clone());
     }
-    if !keep(headers, "x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static(peer.scheme));
+    if kept & HAS_PROTO == 0 {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(peer.scheme));
     }
-    if !keep(headers, "x-forwarded-host") {
+    if kept & HAS_HOST == 0 {
         match headers.get(header::HOST).cloned() {
             Some(host) => {
-                headers.insert("x-forwarded-host", host);
+                headers.insert(X_FORWARDED_HOST, host);
             }
             None => {
-                headers.remove("x-forwarded-host");
+                headers.remove(X_FORWARDED_HOST);
             }
         }
     }
@@ -313,12 +373,7 @@ mod tests {
     use super::*;
 
     fn peer() -> Peer {
-        Peer {
-            addr: SocketAddr::from(([10, 1, 2, 3], 4444)),
-            scheme: "http",
-            trusted: true,
-            redirect_https: None,
-        }
+        Peer::new(SocketAddr::from(([10, 1, 2, 3], 4444)), "http", true, None)
     }
 
     #[test]
@@ -335,7 +390,7 @@ mod tests {
             trusted: false,
             ..peer()
         };
-        prepare_request_headers(&mut h, &Uri::from_static("/"), untrusted, false);
+        prepare_request_headers(&mut h, &Uri::from_static("/"), &untrusted, false);
         assert_eq!(h["x-forwarded-for"], "10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "real.example");
@@ -352,7 +407,7 @@ mod tests {
         );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
-        prepare_request_headers(&mut h, &Uri::from_static("/"), peer(), false);
+        prepare_request_headers(&mut h, &Uri::from_static("/"), &peer(), false);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "example.org:8000");
@@ -368,7 +423,7 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("a"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        prepare_request_headers(&mut h, &Uri::from_static("/"), peer(), true);
+        prepare_request_headers(&mut h, &Uri::from_static("/"), &peer(), true);
         assert_eq!(h[header::UPGRADE], "websocket");
         assert_eq!(h[header::CONNECTION], "upgrade");
     }

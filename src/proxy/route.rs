@@ -203,7 +203,10 @@ impl Proxy {
     /// headers are kept, as from a trusted proxy. The key is the proof, not the
     /// source address: a node's connections may leave from any of its addresses.
     fn is_hop(&self, req: &Request<Incoming>) -> bool {
-        let (Some(tags), Some(value)) = (&self.tags, req.headers().get(sidtag::HOP_HEADER)) else {
+        let Some(tags) = &self.tags else {
+            return false;
+        };
+        let Some(value) = req.headers().get(sidtag::HOP_HEADER) else {
             return false;
         };
         let Some(from) = value.to_str().ok().and_then(|v| tags.tagger.check_hop(v)) else {
@@ -368,7 +371,7 @@ impl Proxy {
         // headers that carry it (Transfer-Encoding) are stripped.
         let bodiless = incoming.is_end_stream();
         let mut headers = parts.headers;
-        prepare_request_headers(&mut headers, &parts.uri, peer, false);
+        prepare_request_headers(&mut headers, &parts.uri, &peer, false);
         self.forward.mark_hop(&mut headers, &target.ticket);
         if matches!(target.ticket, Ticket::New(_)) {
             self.metrics.handshakes.fetch_add(1, Ordering::Relaxed);

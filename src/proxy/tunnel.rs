@@ -94,7 +94,7 @@ impl Tunnels {
         let slot = req.extensions_mut().remove::<ConnectionSlot>();
         let (parts, _) = req.into_parts();
         let mut headers = parts.headers;
-        prepare_request_headers(&mut headers, &parts.uri, peer, true);
+        prepare_request_headers(&mut headers, &parts.uri, &peer, true);
         forward.mark_hop(&mut headers, &target.ticket);
         let replay = Replay::new(parts.method, &parts.uri, headers);
         // A kept-alive connection serves as well as a new one, and saves a connect.
