@@ -68,6 +68,12 @@ pub struct Config {
     /// a number, or `"auto"` (the default) for one per CPU.
     #[serde(default)]
     pub threads: Count,
+    /// Accept HTTP/2 with prior knowledge (h2c) on the plain-HTTP listeners, as
+    /// nginx's `listen ... http2` does. Off by default: browsers and curl speak h2
+    /// only over TLS (where ALPN picks it), and a plain listener that serves
+    /// HTTP/1.1 alone skips the protocol detection on every connection.
+    #[serde(default)]
+    pub h2c: bool,
     /// `[cluster]`: this node's name and the key its sid tags are signed with (and,
     /// with several nodes, the others).
     #[serde(default)]

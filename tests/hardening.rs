@@ -275,12 +275,12 @@ fn forwarded_headers_from_trusted_peers_pass() {
     assert_eq!(seen.header("x-forwarded-prefix"), Some("/app"));
 }
 
-/// HTTP/2 (cleartext, prior knowledge): a `host` header that differs from
-/// `:authority` is refused; one that agrees passes.
+/// HTTP/2 (cleartext, prior knowledge, `h2c = true`): a `host` header that differs
+/// from `:authority` is refused; one that agrees passes.
 #[test]
 fn h2_host_must_match_authority() {
     let worker = RawWorker::start(Mode::Echo);
-    let corral = corral_for(&worker, "");
+    let corral = corral_for(&worker, "h2c = true");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -452,4 +452,38 @@ fn length_beside_chunked_is_dropped_and_the_connection_closed() {
     let seen = &worker.seen_for("/both")[0];
     assert_eq!(seen.header("content-length"), None, "{}", seen.head);
     assert!(worker.seen_for("/behind").is_empty());
+}
+
+/// A plain listener speaks HTTP/1.1 only unless `h2c = true`: an HTTP/2
+/// prior-knowledge client is answered as HTTP/1.1 would answer its preface.
+#[test]
+fn h2c_is_opt_in() {
+    let worker = RawWorker::start(Mode::Echo);
+    let corral = corral_for(&worker, "");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let refused = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(corral.addr)
+            .await
+            .expect("connect");
+        let Ok((client, conn)) = h2::client::handshake(tcp).await else {
+            return true;
+        };
+        tokio::spawn(conn);
+        let Ok(mut client) = client.ready().await else {
+            return true;
+        };
+        let req = http::Request::builder()
+            .uri("http://localhost/h2c")
+            .body(())
+            .expect("request");
+        match client.send_request(req, true) {
+            Ok((resp, _)) => resp.await.is_err(),
+            Err(_) => true,
+        }
+    });
+    assert!(refused, "an h2c request was served without h2c = true");
+    assert!(worker.seen_for("/h2c").is_empty());
 }

@@ -17,14 +17,15 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
 /// Why the listeners could not start.
 #[derive(Debug, thiserror::Error)]
@@ -66,8 +67,7 @@ pub fn bind(cfg: &Config, lanes: usize) -> Result<Bound, Error> {
     let mut certs = Vec::new();
     for l in &all {
         let addr = l.address;
-        let sockets =
-            listen_per_lane(addr, lanes).map_err(|cause| Error::Bind { addr, cause })?;
+        let sockets = listen_per_lane(addr, lanes).map_err(|cause| Error::Bind { addr, cause })?;
         let kind = match &l.tls {
             Some(setting) => {
                 let source = match setting {
@@ -112,7 +112,7 @@ impl Bound {
     /// Starts accepting on every socket, each on its lane, all requests going
     /// through `gate`.
     pub fn serve(self, lanes: &Lanes, gate: Arc<Gate>) -> Serving {
-        let graceful = Arc::new(GracefulShutdown::new());
+        let draining = CancellationToken::new();
         let connections = tokio_util::task::TaskTracker::new();
         let (stop_tx, stop_rx) = watch::channel(false);
         let slots = Arc::new(Semaphore::new(gate.cfg().limits.max_connections));
@@ -123,7 +123,7 @@ impl Bound {
                 let (stop_rx, conns) = (
                     stop_rx.clone(),
                     Conns {
-                        graceful: graceful.clone(),
+                        draining: draining.clone(),
                         tasks: connections.clone(),
                         slots: slots.clone(),
                     },
@@ -137,7 +137,7 @@ impl Bound {
             }
         }
         Serving {
-            graceful,
+            draining,
             connections,
             stop: stop_tx,
             accepting,
@@ -147,7 +147,7 @@ impl Bound {
 
 /// The accept loops and the client connections they took.
 pub struct Serving {
-    graceful: Arc<GracefulShutdown>,
+    draining: CancellationToken,
     /// Every client connection's task (TLS handshake, HTTP, until hyper hands a
     /// websocket over to its tunnel).
     connections: tokio_util::task::TaskTracker,
@@ -163,15 +163,12 @@ impl Serving {
         for task in self.accepting {
             let _ = task.await;
         }
-        // Every accept loop has ended and each connection holds a watcher of its own,
-        // not this Arc, so this is the last reference.
-        let draining = async {
-            match Arc::try_unwrap(self.graceful) {
-                Ok(graceful) => graceful.shutdown().await,
-                Err(_) => tracing::error!("connections not drained: shutdown handle still shared"),
-            }
-        };
-        let in_time = tokio::time::timeout(drain, draining).await.is_ok();
+        // No connection is added now: every accept loop has ended.
+        self.draining.cancel();
+        self.connections.close();
+        let in_time = tokio::time::timeout(drain, self.connections.wait())
+            .await
+            .is_ok();
         Drained {
             in_time,
             connections: self.connections,
@@ -224,8 +221,9 @@ pub fn raise_fd_limit() {
 
 /// What owns the client connections of the accept loops.
 struct Conns {
-    /// Drains them at shutdown.
-    graceful: Arc<GracefulShutdown>,
+    /// Cancelled at shutdown: each connection finishes the requests in flight and
+    /// closes (a TLS handshake not yet done is dropped).
+    draining: CancellationToken,
     /// Their tasks, awaited at shutdown.
     tasks: tokio_util::task::TaskTracker,
     /// `limits.max_connections`.
@@ -240,23 +238,13 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let Conns {
-        graceful,
+        draining,
         tasks,
         slots,
     } = conns;
     let cfg = gate.cfg().clone();
     let trusted = cfg.trusted();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.timeouts.header_read)
-        .max_buf_size(cfg.limits.max_header.max(8192) as usize)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(cfg.limits.max_header.min(u32::MAX as u64) as u32);
+    let protocols = Protocols::new(&cfg);
     loop {
         let (stream, addr) = tokio::select! {
             r = listener.accept() => match r {
@@ -303,41 +291,160 @@ async fn accept_loop(
             }
             g.clone().handle(req, peer.clone())
         });
-        // Made here, before the task: a watcher made after shutdown began would
-        // never hear of it (hyper-util's note on `watcher`).
-        let watcher = graceful.watcher();
+        let (protocols, draining) = (protocols.clone(), draining.clone());
         match &kind {
             Kind::Tls(acceptor) => {
                 let acceptor = acceptor.clone();
-                let builder = builder.clone();
                 let handshake = cfg.timeouts.header_read;
                 tasks.spawn(async move {
-                    let tls = match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
+                    let accepting = tokio::time::timeout(handshake, acceptor.accept(stream));
+                    let tls = tokio::select! {
+                        r = accepting => match r {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        },
+                        _ = draining.cancelled() => return,
                     };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                    if let Err(e) = watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(error = %e, "client connection ended with an error");
+                    // ALPN has chosen the protocol: no detection needed.
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let io = TokioIo::new(tls);
+                    match h2 {
+                        true => {
+                            until_drained(protocols.h2.serve_connection(io, service), draining)
+                                .await
+                        }
+                        false => {
+                            let conn = protocols.h1.serve_connection(io, service).with_upgrades();
+                            until_drained(conn, draining).await
+                        }
                     }
                 });
             }
             _ => {
-                let builder = builder.clone();
                 tasks.spawn(async move {
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::debug!(error = %e, "client connection ended with an error");
+                    let io = TokioIo::new(stream);
+                    match &protocols.h2c {
+                        Some(auto) => {
+                            let conn = auto
+                                .serve_connection_with_upgrades(io, service)
+                                .into_owned();
+                            until_drained(conn, draining).await
+                        }
+                        None => {
+                            let conn = protocols.h1.serve_connection(io, service).with_upgrades();
+                            until_drained(conn, draining).await
+                        }
                     }
                 });
             }
         }
+    }
+}
+
+/// How client connections are served: HTTP/1.1, HTTP/2 (chosen by ALPN over TLS),
+/// and, with `h2c`, either on a plain listener, told apart by the first bytes.
+#[derive(Clone)]
+struct Protocols {
+    h1: hyper::server::conn::http1::Builder,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    h2c: Option<auto::Builder<TokioExecutor>>,
+}
+
+impl Protocols {
+    fn new(cfg: &Config) -> Protocols {
+        let max_buf = cfg.limits.max_header.max(8192) as usize;
+        let max_list = cfg.limits.max_header.min(u32::MAX as u64) as u32;
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(cfg.timeouts.header_read)
+            .max_buf_size(max_buf)
+            .keep_alive(true);
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new()).max_header_list_size(max_list);
+        let h2c = cfg.h2c.then(|| {
+            let mut auto = auto::Builder::new(TokioExecutor::new());
+            auto.http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(cfg.timeouts.header_read)
+                .max_buf_size(max_buf)
+                .keep_alive(true);
+            auto.http2()
+                .timer(TokioTimer::new())
+                .max_header_list_size(max_list);
+            auto
+        });
+        Protocols { h1, h2, h2c }
+    }
+}
+
+/// A served connection that can be asked to finish what is in flight and close.
+trait Drain {
+    fn drain(self: Pin<&mut Self>);
+}
+
+impl<I, S> Drain for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S::ResBody: http_body::Body + 'static,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn drain(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, E> Drain for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S::ResBody: http_body::Body + 'static,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn drain(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, E, B> Drain for auto::UpgradeableConnection<'_, I, S, E>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = http::Response<B>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn drain(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Serves `conn` until it ends; once `draining` is cancelled (at once, if it
+/// already was), it finishes the requests in flight and closes.
+async fn until_drained<C, E>(conn: C, draining: CancellationToken)
+where
+    C: std::future::Future<Output = Result<(), E>> + Drain,
+    E: std::fmt::Display,
+{
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = draining.cancelled() => {
+            conn.as_mut().drain();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "client connection ended with an error");
     }
 }
 

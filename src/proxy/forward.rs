@@ -266,7 +266,11 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|t| !["close", "keep-alive", "upgrade", ""].iter().any(|u| t.eq_ignore_ascii_case(u)))
+        .filter(|t| {
+            !["close", "keep-alive", "upgrade", ""]
+                .iter()
+                .any(|u| t.eq_ignore_ascii_case(u))
+        })
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for name in listed {
