@@ -51,17 +51,31 @@ async fn main() {
     let source = move |i: usize| Ipv4Addr::new(127, 0, 0, 1 + (i % sources as usize) as u8);
 
     if mode == "idle" {
+        // Opened 64 at a time: one at a time would measure the round trips, not the
+        // proxy; all at once would measure the listen backlog.
+        let started = Instant::now();
+        let url = std::sync::Arc::new(url);
         let mut held = Vec::with_capacity(conns);
         let mut failed = 0;
-        for i in 0..conns {
-            match open(&url, source(i)).await {
+        let mut opening = futures_util::stream::iter(0..conns)
+            .map(|i| {
+                let url = url.clone();
+                async move { open(&url, source(i)).await }
+            })
+            .buffer_unordered(64);
+        while let Some(ws) = opening.next().await {
+            match ws {
                 Some(ws) => held.push(ws),
                 None => failed += 1,
             }
         }
-        println!("connected {}", held.len());
+        let open_s = started.elapsed().as_secs_f64();
+        println!("connected {} {open_s:.1}", held.len());
         tokio::time::sleep(Duration::from_secs(seconds)).await;
-        println!("{{\"connected\":{},\"failed\":{failed}}}", held.len());
+        println!(
+            "{{\"connected\":{},\"failed\":{failed},\"open_s\":{open_s:.1}}}",
+            held.len()
+        );
         return;
     }
 
