@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Small HTTP requests through corral, nginx and HAProxy, the same backend and the
+# same wrk, in four ways: keep-alive clients and clients that open a new connection
+# per request (`Connection: close`), over cleartext and over TLS 1.3 (one ECDSA
+# P-256 certificate for all three). All three proxies run at once on their own
+# ports and the rounds go round them in turn, so drift in the machine hits all
+# alike. Reports req/s, p99 and the proxy's CPU (user + system, workers included)
+# per request, medians of the rounds, and the ratios.
+#   bench/http.sh [rounds] [seconds]          (make bench)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-3}
+secs=${2:-8}
+need=()
+for p in nginx haproxy wrk openssl; do command -v $p >/dev/null || need+=($p); done
+[ ${#need[@]} -eq 0 ] || { apt-get update -q >/dev/null && apt-get install -y -q "${need[@]}" >/dev/null; }
+cargo build --profile profiling -q --bin corral --example backend
+ulimit -n "$(ulimit -Hn)"
+work=$(mktemp -d); mkdir -p "$work/tmp"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj /CN=localhost -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+cat "$work/cert.pem" "$work/key.pem" > "$work/both.pem"
+backend=$(port)
+target/profiling/examples/backend "127.0.0.1:$backend" 2>/dev/null & pids+=($!)
+declare -A plain tls pid
+for p in corral nginx haproxy; do plain[$p]=$(port); tls[$p]=$(port); done
+
+cat > "$work/corral.toml" <<EOC
+upstreams = ["127.0.0.1:$backend"]
+admin_socket = "$work/corral.sock"
+[[listener]]
+address = "127.0.0.1:${plain[corral]}"
+[[listener]]
+address = "127.0.0.1:${tls[corral]}"
+tls = { cert = "$work/cert.pem", key = "$work/key.pem" }
+[limits]
+max_connections = 9000
+EOC
+target/profiling/corral run -c "$work/corral.toml" 2>"$work/corral.log" & pid[corral]=$!
+cat > "$work/nginx.conf" <<EOC
+worker_processes auto;
+worker_rlimit_nofile 20000;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 9000; multi_accept on; }
+http {
+    access_log off;
+    keepalive_requests 100000;
+    client_body_temp_path $work/tmp;
+    proxy_temp_path $work/tmp;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    upstream backend { server 127.0.0.1:$backend; keepalive 256; }
+    server {
+        listen 127.0.0.1:${plain[nginx]} backlog=65535 reuseport;
+        listen 127.0.0.1:${tls[nginx]} ssl http2 backlog=65535 reuseport;
+        ssl_certificate $work/cert.pem;
+        ssl_certificate_key $work/key.pem;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+        }
+    }
+}
+EOC
+nginx -p "$work" -c "$work/nginx.conf" -g 'daemon off;' & pid[nginx]=$!
+cat > "$work/haproxy.cfg" <<EOC
+global
+    maxconn 9000
+    nbthread 2
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+    mode http
+    option http-keep-alive
+    option forwardfor
+    http-reuse always
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend front
+    bind 127.0.0.1:${plain[haproxy]}
+    bind 127.0.0.1:${tls[haproxy]} ssl crt $work/both.pem alpn h2,http/1.1
+    http-request set-header X-Forwarded-Proto https if { ssl_fc }
+    default_backend back
+backend back
+    server s1 127.0.0.1:$backend maxconn 9000
+EOC
+haproxy -f "$work/haproxy.cfg" -db 2>"$work/haproxy.log" & pid[haproxy]=$!
+pids+=("${pid[@]}")
+for p in corral nginx haproxy; do
+  for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:${plain[$p]}/" && break; sleep 0.1; done
+  curl -sk -o /dev/null --fail "https://127.0.0.1:${tls[$p]}/" || { echo "$p does not answer https" >&2; exit 1; }
+done
+cpu_ticks() { local t=0; for q in $(pgrep -P "$1") "$1"; do t=$((t + $(awk '{print $14 + $15}' /proc/$q/stat 2>/dev/null || echo 0))); done; echo $t; }
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+to_ms() { python3 -c "import sys;v=sys.argv[1];u=v.lstrip('0123456789.');n=float(v[:len(v)-len(u)]);print(round(n*{'us':0.001,'ms':1,'s':1000}[u],3))" "$1"; }
+
+scenarios="plain-keepalive plain-close tls-keepalive tls-close"
+url() { case $1 in plain-*) echo "http://127.0.0.1:${plain[$2]}/";; tls-*) echo "https://127.0.0.1:${tls[$2]}/";; esac; }
+args() { case $1 in *-close) echo "-c32 -H Connection:close";; *) echo "-c64";; esac; }
+for s in $scenarios; do for p in corral nginx haproxy; do wrk -t2 $(args $s) -d2s "$(url $s $p)" >/dev/null 2>&1 || true; done; done
+for r in $(seq "$rounds"); do
+  for s in $scenarios; do
+    for p in corral nginx haproxy; do
+      t0=$(cpu_ticks "${pid[$p]}")
+      out=$(wrk -t2 $(args $s) -d"${secs}s" --latency "$(url $s $p)")
+      t1=$(cpu_ticks "${pid[$p]}")
+      n=$(echo "$out" | awk '/requests in/ {print $1}')
+      echo "$out" | awk '/Requests\/sec/ {print $2}' >> "$work/$s.$p.rps"
+      to_ms "$(echo "$out" | awk '$1=="99%" {print $2}')" >> "$work/$s.$p.p99"
+      python3 -c "print(f'{($t1-$t0)*1e6/$(getconf CLK_TCK)/max(1,$n):.1f}')" >> "$work/$s.$p.cpu"
+      errors=$(echo "$out" | awk '/Socket errors|Non-2xx/ {print}')
+      [ -z "$errors" ] || echo "round $r $s $p: $errors" >&2
+    done
+  done
+done
+ratio() { python3 -c "a,b=float('$1'),float('$2');print(f'{a/b:.2f}' if b else '-')"; }
+echo "| scenario | measure | corral | nginx | HAProxy | corral/nginx | corral/HAProxy |"
+echo "|---|---|---:|---:|---:|---:|---:|"
+for s in $scenarios; do
+  for m in rps p99 cpu; do
+    c=$(median < "$work/$s.corral.$m"); n=$(median < "$work/$s.nginx.$m"); h=$(median < "$work/$s.haproxy.$m")
+    name=$(case $m in rps) echo "req/s";; p99) echo "p99 ms";; cpu) echo "proxy CPU µs/request";; esac)
+    echo "| $s | $name | $c | $n | $h | $(ratio "$c" "$n") | $(ratio "$c" "$h") |"
+  done
+done
