@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CARGO ?= cargo
 
-.PHONY: all build release profiling demo test test-deps test-pip system-deps lint fmt clean bench bench-mq bench-socketio fuzz man
+.PHONY: all build release profiling demo test test-deps test-pip system-deps lint fmt clean bench bench-mq bench-socketio bench-idle fuzz man
 
 all: build
 
@@ -63,6 +63,11 @@ test-pip: $(VENV)/.installed
 # missing. Benchmarks, not tests: results go in docs/benchmarks.md.
 bench: bench-mq bench-socketio
 	bench/proxies.sh 3 | tee target/bench-proxies.md
+	bench/http.sh 3 | tee target/bench-http.md
+
+# Idle websockets at scale (root: raises descriptor limits; 100,000 by default).
+bench-idle:
+	bench/idle.sh $(IDLE_CONNS) | tee target/bench-idle.md
 
 # Socket.IO through corral vs the seed's nginx ip_hash, Flask-SocketIO on 2 workers.
 bench-socketio: profiling $(VENV)/.installed
@@ -77,6 +82,7 @@ bench-mq:
 # each (not part of `make test`). cargo-fuzz needs nightly features; RUSTC_BOOTSTRAP
 # lets the stable toolchain use them, and -s none skips the sanitizer runtime.
 FUZZ_SECONDS ?= 30
+IDLE_CONNS ?= 100000
 fuzz:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	for t in htpasswd path resp; do \
