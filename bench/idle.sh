@@ -3,6 +3,7 @@
 # (default 100,000) idle websockets to the benchmark backend; reports each proxy's
 # resident memory per connection and the time to open them all.
 #   bench/idle.sh [CONNS]            (root: raises the descriptor limits)
+#   PROXIES=corral CORRAL=path/to/corral bench/idle.sh   (one proxy, another build)
 # Clients come from 8 source addresses (127.0.0.1-8) and the proxies spread over 4
 # backend ports, so no address runs out of ports; the ephemeral port range is
 # widened for the run and put back after.
@@ -53,7 +54,7 @@ start() { # name port
         echo "[limits]"; echo "max_connections = $per_conn"
         echo "[timeouts]"; echo 'websocket_idle = "3600s"'; echo 'header_read = "3600s"'
       } > "$work/corral.toml"
-      target/profiling/corral run -c "$work/corral.toml" 2>"$work/corral.log" & proxy_pid=$!;;
+      "${CORRAL:-target/profiling/corral}" run -c "$work/corral.toml" 2>"$work/corral.log" & proxy_pid=$!;;
     nginx)
       cat > "$work/nginx.conf" <<EOC
 worker_processes auto;
@@ -108,7 +109,7 @@ EOC
 echo "| proxy | idle websockets held | time to open all (s) | proxy RSS (MiB) | bytes of RSS per connection |"
 echo "|---|---:|---:|---:|---:|"
 declare -A per
-for proxy in corral nginx haproxy; do
+for proxy in ${PROXIES:-corral nginx haproxy}; do
   p=$(port); start $proxy "$p"
   sleep 1
   before=$(rss_kib "$proxy_pid")
@@ -125,4 +126,6 @@ for proxy in corral nginx haproxy; do
   kill "$proxy_pid" 2>/dev/null || true; wait "$proxy_pid" 2>/dev/null || true
   sleep 2
 done
-python3 -c "c,n,h=${per[corral]},${per[nginx]},${per[haproxy]};print(f'\ncorral/nginx memory per connection: {c/n:.2f}; corral/HAProxy: {c/h:.2f}')"
+if [ -n "${per[nginx]:-}" ] && [ -n "${per[haproxy]:-}" ]; then
+  python3 -c "c,n,h=${per[corral]},${per[nginx]},${per[haproxy]};print(f'\ncorral/nginx memory per connection: {c/n:.2f}; corral/HAProxy: {c/h:.2f}')"
+fi
