@@ -184,9 +184,9 @@ pub struct Drained {
 }
 
 impl Drained {
-    /// Waits up to `limit` for the connection tasks still running (those in a TLS
-    /// handshake end within the header timeout); returns how many were left, which
-    /// are cut when their threads stop.
+    /// Waits up to `limit` more for the connection tasks still running after the
+    /// drain period; returns how many were left, which are cut when their threads
+    /// stop.
     pub async fn cut(self, limit: Duration) -> usize {
         self.connections.close();
         let _ = tokio::time::timeout(limit, self.connections.wait()).await;
