@@ -67,6 +67,60 @@ fn sigterm_lets_a_request_in_flight_finish() {
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
 
+/// SIGTERM with a kept-alive client connection idle between requests: corral
+/// closes it at once (the drain tells every connection), rather than leaving it
+/// open until the drain period (30 s here) runs out, and exits.
+#[test]
+fn sigterm_closes_idle_keepalive_connections_at_once() {
+    let worker = RawWorker::start(Mode::Echo);
+    let mut corral = corral_for(&worker, "[timeouts]\nshutdown_drain = \"30s\"\n");
+    let s = corral.connect();
+    let mut reader = BufReader::new(s.try_clone().expect("clone"));
+    (&s).write_all(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("write");
+    let reply = read_reply(&mut reader).expect("first reply");
+    assert_eq!(reply.status, 200);
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    corral.terminate();
+    let mut rest = Vec::new();
+    let read = std::io::Read::read_to_end(&mut reader, &mut rest);
+    assert!(
+        read.is_ok(),
+        "the idle connection was not closed within 5 s of SIGTERM: {read:?}"
+    );
+    let status = corral.wait_exit(Duration::from_secs(5));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}
+
+/// SIGTERM while a client has connected to a TLS listener but not begun its
+/// handshake (the handshake may take up to `header_read`, 30 s here): the
+/// connection is dropped at once and corral exits, instead of the drain waiting
+/// for a handshake that may never come.
+#[test]
+fn sigterm_drops_a_tls_handshake_not_yet_done() {
+    let worker = RawWorker::start(Mode::Echo);
+    let tls_port = support::free_port();
+    let mut corral = corral_for(
+        &worker,
+        &format!(
+            "[[listener]]\naddress = \"127.0.0.1:{tls_port}\"\ntls = \"self-signed\"\n\
+             [timeouts]\nheader_read = \"30s\"\nshutdown_drain = \"30s\"\n"
+        ),
+    );
+    let s = std::net::TcpStream::connect(("127.0.0.1", tls_port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    // Accepted and waiting for a ClientHello before the signal.
+    thread::sleep(Duration::from_millis(300));
+    corral.terminate();
+    let mut rest = Vec::new();
+    let read = std::io::Read::read_to_end(&mut &s, &mut rest);
+    assert!(read.is_ok(), "still open 5 s after SIGTERM: {read:?}");
+    let status = corral.wait_exit(Duration::from_secs(5));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}
+
 /// At shutdown an open websocket gets a close frame, 1001 "going away", so the
 /// client sees a clean close and reconnects; the worker connection is closed too.
 #[test]

@@ -3,14 +3,14 @@
 //! (`path`), the declared body size, basic auth (`auth`), and the refusal of an
 //! upgrade request with a body — and the access log line written around it all.
 //!
-//! It owns those checks and the reading away of refused bodies; it decides nothing
+//! It owns those checks (refused bodies are read away by the proxy's tasks); it decides nothing
 //! about workers. A request it lets in goes to `Proxy::route`, told whether its
 //! normalised path is on the Engine.IO path.
 
 use crate::config::Config;
 use crate::edge::auth::BasicAuth;
 use crate::observe::access::{self, AccessLog};
-use crate::proxy::answer::{self, short};
+use crate::proxy::answer::short;
 use crate::proxy::forward::{declared_length, is_websocket_upgrade, Peer};
 use crate::proxy::route::Proxy;
 use crate::transport::body::ProxyBody;
@@ -22,7 +22,6 @@ use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_util::task::TaskTracker;
 
 /// The checks, the access log, and the proxy behind them.
 pub struct Gate {
@@ -30,8 +29,6 @@ pub struct Gate {
     auth: Option<Arc<BasicAuth>>,
     access: Option<AccessLog>,
     proxy: Arc<Proxy>,
-    /// Refused request bodies read away after a 413 (each for a second at most).
-    lingering: TaskTracker,
 }
 
 impl Gate {
@@ -47,7 +44,6 @@ impl Gate {
             auth,
             access,
             proxy,
-            lingering: TaskTracker::new(),
         }
     }
 
@@ -110,11 +106,11 @@ impl Gate {
         let Some(path) = crate::edge::path::normalise(req.uri().path()) else {
             return short(StatusCode::BAD_REQUEST, "corral: bad request path\n");
         };
-        let limit = self.cfg.limits.max_body;
-        if declared_length(req.headers()).is_some_and(|n| n > limit) {
-            // The unread body stays with the answer (see `body::Faults`).
+        if declared_length(req.headers()).is_some_and(|n| n > self.cfg.limits.max_body) {
+            // The unread body stays with the answer (see `body::Faults`), read away
+            // by the proxy's lingering tasks.
             let unread = req.into_body().map_err(Into::into).boxed_unsync();
-            return answer::too_large(limit, Some(unread), &self.lingering);
+            return self.proxy.too_large(Some(unread));
         }
         if let Some(auth) = &self.auth {
             if !auth.is_exempt(&path)
@@ -145,15 +141,11 @@ impl Gate {
     }
 
     /// Shutdown, for what outlived its request: refused bodies still being read
-    /// away, and the proxy's tunnels (each sends its client a close frame). Resolves
-    /// once all have ended, or after `limit`; returns how many tunnels were open then.
+    /// away and the websocket tunnels (each sends its client a close frame), both
+    /// the proxy's. Resolves once all have ended, or after `limit`; returns how many
+    /// tunnels were open then.
     pub async fn close(&self, limit: Duration) -> usize {
-        self.lingering.close();
-        let (open, _) = tokio::join!(
-            self.proxy.close_tunnels(limit),
-            tokio::time::timeout(limit, self.lingering.wait())
-        );
-        open
+        self.proxy.close_tunnels(limit).await
     }
 }
 

@@ -188,7 +188,7 @@ impl Drained {
     /// drain period; returns how many were left, which are cut when their threads
     /// stop.
     pub async fn cut(self, limit: Duration) -> usize {
-        self.connections.close();
+        // Closed by `drain` already: this only waits longer.
         let _ = tokio::time::timeout(limit, self.connections.wait()).await;
         self.connections.len()
     }

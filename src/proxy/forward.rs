@@ -280,7 +280,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// What the forwarding rules look at, in one pass (bits of [`present`]).
-const FORWARDING: [HeaderName; 7] = [
+const FORWARDING: [HeaderName; 8] = [
     X_FORWARDED_FOR,
     X_REAL_IP,
     X_FORWARDED_PROTO,
@@ -289,12 +289,15 @@ const FORWARDING: [HeaderName; 7] = [
     header::FORWARDED,
     X_FORWARDED_PORT,
     X_FORWARDED_PREFIX,
+    // A hop mark is this node's to set (`Forwarder::mark_hop`), never passed on.
+    crate::engineio::sidtag::HOP_HEADER,
 ];
 const HAS_XFF: u32 = 1;
 const HAS_REAL_IP: u32 = 1 << 1;
 const HAS_PROTO: u32 = 1 << 2;
 const HAS_HOST: u32 = 1 << 3;
 const UNTRUSTED_DROPPED: u32 = 0b111 << 4;
+const HAS_HOP: u32 = 1 << 7;
 
 /// Header rules for a request going to a worker: hop-by-hop headers out (but the
 /// upgrade pair kept for a websocket), forwarded headers in, Host kept.
@@ -321,8 +324,6 @@ pub(crate) fn prepare_request_headers(
     {
         headers.insert(header::HOST, host);
     }
-    // A hop mark is this node's to set (`Forwarder::mark_hop`), never passed on.
-    headers.remove(crate::engineio::sidtag::HOP_HEADER);
     let found = present(headers, &FORWARDING);
     // From a trusted proxy the chain goes on and what it set is kept; from anyone
     // else it starts here, so a client cannot pass a forged address, scheme or host
@@ -331,9 +332,11 @@ pub(crate) fn prepare_request_headers(
         true => found,
         false => 0,
     };
-    if !peer.trusted {
-        remove_present(headers, &FORWARDING, found & UNTRUSTED_DROPPED);
-    }
+    let dropped = match peer.trusted {
+        true => HAS_HOP,
+        false => HAS_HOP | UNTRUSTED_DROPPED,
+    };
+    remove_present(headers, &FORWARDING, found & dropped);
     let xff = match kept & HAS_XFF {
         0 => peer.ip.clone(),
         _ => {
@@ -430,6 +433,37 @@ mod tests {
         prepare_request_headers(&mut h, &Uri::from_static("/"), &peer(), true);
         assert_eq!(h[header::UPGRADE], "websocket");
         assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Keep-Alive, X-Secret"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        prepare_request_headers(&mut h, &Uri::from_static("/"), &peer(), false);
+        for gone in ["connection", "keep-alive", "x-secret", "te"] {
+            assert!(!h.contains_key(gone), "{gone} passed on");
+        }
+        assert_eq!(h["x-kept"], "1");
+    }
+
+    #[test]
+    fn a_clients_hop_mark_never_reaches_a_worker() {
+        for trusted in [false, true] {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static("a"));
+            h.insert("x-corral-hop", HeaderValue::from_static("forged"));
+            let p = Peer { trusted, ..peer() };
+            prepare_request_headers(&mut h, &Uri::from_static("/"), &p, false);
+            assert!(!h.contains_key("x-corral-hop"), "trusted: {trusted}");
+        }
     }
 
     #[test]

@@ -215,8 +215,9 @@ impl Proxy {
         tags.peers.iter().any(|p| p.name == from)
     }
 
-    /// 413, the client's unread body read away by a task of `lingering`.
-    fn too_large(&self, unread: Option<ProxyBody>) -> Response<ProxyBody> {
+    /// 413, the client's unread body read away by a task of `lingering` (the
+    /// gate's refusals by declared size too: one owner for all of them).
+    pub(crate) fn too_large(&self, unread: Option<ProxyBody>) -> Response<ProxyBody> {
         answer::too_large(self.cfg.limits.max_body, unread, &self.lingering)
     }
 
