@@ -11,16 +11,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
 secs=${2:-8}
-need=()
-for p in nginx haproxy wrk openssl; do command -v $p >/dev/null || need+=($p); done
-[ ${#need[@]} -eq 0 ] || { apt-get update -q >/dev/null && apt-get install -y -q "${need[@]}" >/dev/null; }
+. bench/lib.sh
+need nginx haproxy wrk openssl
 cargo build --profile profiling -q --bin corral --example backend
 ulimit -n "$(ulimit -Hn)"
 work=$(mktemp -d); mkdir -p "$work/tmp"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
   -subj /CN=localhost -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
 cat "$work/cert.pem" "$work/key.pem" > "$work/both.pem"
@@ -98,9 +96,6 @@ for p in corral nginx haproxy; do
   for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:${plain[$p]}/" && break; sleep 0.1; done
   curl -sk -o /dev/null --fail "https://127.0.0.1:${tls[$p]}/" || { echo "$p does not answer https" >&2; exit 1; }
 done
-cpu_ticks() { local t=0; for q in $(pgrep -P "$1") "$1"; do t=$((t + $(awk '{print $14 + $15}' /proc/$q/stat 2>/dev/null || echo 0))); done; echo $t; }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-to_ms() { python3 -c "import sys;v=sys.argv[1];u=v.lstrip('0123456789.');n=float(v[:len(v)-len(u)]);print(round(n*{'us':0.001,'ms':1,'s':1000}[u],3))" "$1"; }
 
 scenarios="plain-keepalive plain-close tls-keepalive tls-close"
 url() { case $1 in plain-*) echo "http://127.0.0.1:${plain[$2]}/";; tls-*) echo "https://127.0.0.1:${tls[$2]}/";; esac; }

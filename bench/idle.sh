@@ -11,7 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 conns=${1:-100000}
 [ "$(id -u)" = 0 ] || { echo "bench/idle.sh needs root (descriptor limits, port range)" >&2; exit 1; }
-for p in nginx haproxy; do command -v $p >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q $p >/dev/null; }; done
+. bench/lib.sh
+need nginx haproxy
 cargo build --profile profiling -q --bin corral --example backend --example wsbench
 # Each proxied connection takes two descriptors in the proxy. Where the hard limit
 # cannot be raised (no CAP_SYS_RESOURCE, as in some containers), the run is capped
@@ -35,14 +36,12 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 backends=()
 for _ in 1 2 3 4; do
   b=$(port); backends+=("$b")
   target/profiling/examples/backend "127.0.0.1:$b" 2>/dev/null & pids+=($!)
 done
 sleep 0.5
-rss_kib() { local t=0; for p in $(pgrep -P "$1") "$1"; do t=$((t + $(awk '/VmRSS/ {print $2}' /proc/$p/status 2>/dev/null || echo 0))); done; echo $t; }
 per_conn=$((conns + 40))
 
 start() { # name port

@@ -12,20 +12,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
 idle=${IDLE_CONNS:-9000}
-need=()
-for p in nginx haproxy wrk; do command -v $p >/dev/null || need+=($p); done
-[ ${#need[@]} -eq 0 ] || { apt-get update -q >/dev/null && apt-get install -y -q "${need[@]}" >/dev/null; }
+. bench/lib.sh
+need nginx haproxy wrk
 cargo build --profile profiling -q --bin corral --example backend --example wsbench
 ulimit -n "$(ulimit -Hn)"
 work=$(mktemp -d); mkdir -p "$work/tmp"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 backend=$(port)
 target/profiling/examples/backend "127.0.0.1:$backend" 2>/dev/null & pids+=($!)
 sleep 0.5
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 fill() { sed -e "s#@PORT@#$2#g" -e "s#@BACKEND@#$backend#g" -e "s#@DIR@#$work#g" "bench/conf/$1.in" > "$work/$1"; }
 
 start_proxy() { # name port -> sets proxy_pid (the process whose memory is measured)
@@ -42,11 +39,7 @@ stop_proxy() {
   if [ "$1" = nginx ]; then nginx -p "$work" -c "$work/nginx.conf" -s quit 2>/dev/null || true; fi
   kill "$proxy_pid" 2>/dev/null || true; wait "$proxy_pid" 2>/dev/null || true; sleep 0.5
 }
-# CPU time (user + system, clock ticks) of the proxy and its children.
-cpu_ticks() { local t=0; for p in $(pgrep -P "$1") "$1"; do t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat 2>/dev/null || echo 0))); done; echo $t; }
 per_op_us() { python3 -c "import sys;print(f'{($2-$1)*1e6/$(getconf CLK_TCK)/max(1,$3):.1f}')"; }
-# Resident memory of the proxy and its children (nginx workers), in KiB.
-rss_kib() { local total=0; for p in $(pgrep -P "$1") "$1"; do total=$((total + $(awk '/VmRSS/ {print $2}' /proc/$p/status 2>/dev/null || echo 0))); done; echo $total; }
 
 declare -A R
 for proxy in corral nginx haproxy; do
@@ -62,7 +55,6 @@ for proxy in corral nginx haproxy; do
   done
   R[$proxy,rps]=$(median < "$work/$proxy.rps")
   R[$proxy,cpu]=$(median < "$work/$proxy.cpu")
-  to_ms() { python3 -c "import sys;v=sys.argv[1];u=v.lstrip('0123456789.');n=float(v[:len(v)-len(u)]);print(round(n*{'us':0.001,'ms':1,'s':1000}[u],3))" "$1"; }
   R[$proxy,p50]=$(for v in $(cat "$work/$proxy.p50"); do to_ms "$v"; done | median)
   R[$proxy,p99]=$(for v in $(cat "$work/$proxy.p99"); do to_ms "$v"; done | median)
   for n in 10 100 1000; do
