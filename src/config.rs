@@ -78,6 +78,28 @@ pub struct Config {
     /// with several nodes, the others).
     #[serde(default)]
     pub cluster: Cluster,
+    /// `[experimental]`: switches for newer code paths, each with the older path one
+    /// setting away.
+    #[serde(default)]
+    pub experimental: Experimental,
+}
+
+/// `[experimental]`: newer code paths that can be turned off.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Experimental {
+    /// Requests whose body is in hand (none, or an Engine.IO POST read whole) go to
+    /// the worker over corral's own HTTP/1.1 exchange instead of hyper's client
+    /// (one task instead of two per request); false sends everything through hyper.
+    pub http1_fast_path: bool,
+}
+
+impl Default for Experimental {
+    fn default() -> Self {
+        Experimental {
+            http1_fast_path: true,
+        }
+    }
 }
 
 /// `[cluster]`: what tagged sids need (`engineio.tag_sids`): this node's name and the

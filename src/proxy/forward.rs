@@ -11,7 +11,8 @@
 
 use crate::engineio::router::{NewSession, SessionTicket};
 use crate::transport::body::{self, ProxyBody};
-use crate::transport::upstream::{self, Answer, SendError};
+use crate::transport::http1;
+use crate::transport::upstream::{self, Answer, FastAnswer, SendError};
 use crate::workers::pool::Worker;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri, Version};
@@ -97,6 +98,28 @@ impl Forwarder {
                 }
                 None => Err(SendError::Http(e)),
             },
+            other => other,
+        }
+    }
+}
+
+impl Forwarder {
+    /// One request encoded for the fast path (`http1`), as [`Forwarder::exchange`]:
+    /// a `replayable` request that meets a kept-alive connection closing under it
+    /// goes out once more on a new connection.
+    pub(crate) async fn exchange_fast(
+        &self,
+        worker: &Arc<Worker>,
+        req: &http1::Request,
+        replayable: bool,
+    ) -> Result<FastAnswer, SendError> {
+        let home = worker.clone();
+        match upstream::send_fast(home, worker.addr, &self.upstream, req, false).await {
+            Err(SendError::Stale(e)) if replayable => {
+                tracing::debug!(worker = worker.id, error = %e, "kept-alive connection closed; sending again");
+                upstream::send_fast(worker.clone(), worker.addr, &self.upstream, req, true).await
+            }
+            Err(SendError::Stale(e)) => Err(SendError::Http(e)),
             other => other,
         }
     }

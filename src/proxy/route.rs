@@ -21,8 +21,9 @@ use crate::proxy::forward::{
 };
 use crate::proxy::tunnel::Tunnels;
 use crate::transport::body::{self, Fault, Guarded, Limited, Prefixed, ProxyBody};
-use crate::transport::upstream::{self, Answer, SendError};
-use crate::workers::pool::{InflightGuard, Pool};
+use crate::transport::http1;
+use crate::transport::upstream::{self, Answer, FastAnswer, Lease, SendError};
+use crate::workers::pool::{InflightGuard, Pool, Worker};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -386,18 +387,12 @@ impl Proxy {
         } else {
             self.cfg.timeouts.read
         };
+        let uri = origin_form(&parts.uri);
         // Only a request that can be sent again unchanged is sent again: on a fresh
         // connection when a kept-alive one was closed under it, and (for requests
         // outside any session) on another worker when its own refuses connections.
-        let uri = origin_form(&parts.uri);
-        let replay = (is_idempotent(&parts.method) && bodiless).then(|| Replay {
-            method: parts.method.clone(),
-            uri: uri.clone(),
-            headers: headers.clone(),
-        });
-        let Target { mut worker, ticket } = target;
-        let elsewhere = matches!(ticket, Ticket::Plain) && self.pool.len() > 1;
-        let body = if is_eio && parts.method == Method::POST && !bodiless {
+        let replayable = is_idempotent(&parts.method) && bodiless;
+        let in_hand = if is_eio && parts.method == Method::POST && !bodiless {
             // Engine.IO POST bodies are small (the server's maxPayload, 1 MB by
             // default) and some workers read them with one read of Content-Length
             // bytes (python-engineio on aiohttp): sent whole, head and body together,
@@ -405,39 +400,63 @@ impl Proxy {
             match self.read_whole(limited, &faults).await {
                 Ok(bytes) => {
                     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-                    body::full(bytes)
+                    Ok(bytes)
                 }
                 Err(resp) => return resp,
             }
+        } else if bodiless {
+            Ok(Bytes::new())
         } else {
-            limited.boxed_unsync()
+            Err(limited.boxed_unsync())
         };
-        let mut upstream_req = upstream_request(parts.method, uri, headers, body);
+        let mut outgoing = match in_hand {
+            Ok(whole) if self.cfg.experimental.http1_fast_path => {
+                Outgoing::Fast(http1::encode(&parts.method, &uri, &headers, whole))
+            }
+            in_hand => {
+                let replay = replayable.then(|| Replay {
+                    method: parts.method.clone(),
+                    uri: uri.clone(),
+                    headers: headers.clone(),
+                });
+                let body = match in_hand {
+                    Ok(whole) if whole.is_empty() => body::empty(),
+                    Ok(whole) => body::full(whole),
+                    Err(streamed) => streamed,
+                };
+                let req = upstream_request(parts.method, uri, headers, body);
+                Outgoing::Hyper(Some(req), replay)
+            }
+        };
+        let Target { mut worker, ticket } = target;
+        let elsewhere = matches!(ticket, Ticket::Plain) && self.pool.len() > 1;
         let mut retried = false;
         loop {
             let addr = worker.addr;
             let id = worker.id;
             let inflight = worker.start_request();
             let sent = Instant::now();
-            let result = tokio::time::timeout(
-                wait,
-                self.forward
-                    .exchange(&worker, upstream_req, replay.as_ref()),
-            )
-            .await;
+            let result =
+                tokio::time::timeout(wait, self.attempt(&worker, &mut outgoing, replayable)).await;
             match faults.get() {
                 Some(Fault::TooLarge) => return self.too_large(faults.take_kept()),
                 Some(Fault::Malformed) => return malformed_body(),
                 None => {}
             }
             let err = match result {
-                Ok(Ok(answer)) => {
+                Ok(Ok(reply)) => {
                     self.metrics.observe_latency(sent.elapsed());
-                    worker
-                        .traffic
-                        .count_response(answer.response.status().as_u16());
+                    worker.traffic.count_response(reply.status().as_u16());
                     worker.answered();
-                    return self.respond(answer, ticket, inflight).await;
+                    return match reply {
+                        Reply::Fast(response) => {
+                            self.respond(response, None, ticket, inflight).await
+                        }
+                        Reply::Hyper(answer) => {
+                            let lease = Some(answer.lease);
+                            self.respond(answer.response, lease, ticket, inflight).await
+                        }
+                    };
                 }
                 Ok(Err(e)) => e,
                 Err(_) => {
@@ -459,16 +478,42 @@ impl Proxy {
             tracing::warn!(worker = id, %addr, error = %err, "cannot connect to worker");
             self.pool.check_failed(&worker);
             // Only requests outside any session go elsewhere (`elsewhere`).
-            let next = match (elsewhere && !retried, &replay) {
-                (true, Some(r)) => self.pool.pick_for_request(Some(id)).map(|w| (w, r)),
-                _ => None,
-            };
-            let Some((w, r)) = next else {
+            let next = (elsewhere && !retried && replayable)
+                .then(|| self.pool.pick_for_request(Some(id)))
+                .flatten();
+            let Some(w) = next else {
                 return answer::unreachable(&self.metrics, &ticket, addr);
             };
+            if let Outgoing::Hyper(req, Some(replay)) = &mut outgoing {
+                *req = Some(replay.request());
+            }
             retried = true;
-            upstream_req = r.request();
             worker = w;
+        }
+    }
+
+    /// One try at sending `outgoing` to `worker`.
+    async fn attempt(
+        &self,
+        worker: &Arc<Worker>,
+        outgoing: &mut Outgoing,
+        replayable: bool,
+    ) -> Result<Reply, SendError> {
+        match outgoing {
+            Outgoing::Fast(req) => self
+                .forward
+                .exchange_fast(worker, req, replayable)
+                .await
+                .map(Reply::Fast),
+            Outgoing::Hyper(req, replay) => {
+                let Some(req) = req.take() else {
+                    return Err(SendError::Http("request already sent".into()));
+                };
+                self.forward
+                    .exchange(worker, req, replay.as_ref())
+                    .await
+                    .map(Reply::Hyper)
+            }
         }
     }
 
@@ -500,14 +545,20 @@ impl Proxy {
         answer::unknown_sid_counted(&self.metrics)
     }
 
-    /// Passes a worker's response on; for a handshake, reads the sid first.
-    async fn respond(
+    /// Passes a worker's response on; for a handshake, reads the sid first. The body
+    /// holds `lease` (hyper's connection; a fast-path body holds its own) until it ends.
+    async fn respond<B>(
         &self,
-        answer: Answer,
+        response: Response<B>,
+        lease: Option<Lease>,
         ticket: Ticket,
         inflight: InflightGuard,
-    ) -> Response<ProxyBody> {
-        let (mut parts, mut body) = answer.response.into_parts();
+    ) -> Response<ProxyBody>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+        B::Error: Into<body::BoxError> + std::fmt::Display,
+    {
+        let (mut parts, mut body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let mut ticket = ticket;
         if let (Ticket::Session(t), true) = (&mut ticket, parts.status.is_success()) {
@@ -531,7 +582,7 @@ impl Proxy {
         // holding the worker connection and the session and in-flight counts until
         // it ends (read to the end, the connection goes back for the next request).
         let body = body::Counted::new(Prefixed::new(prefix, body), self.metrics.clone(), true);
-        let body = Guarded::new(body, (answer.lease, (ticket, inflight)));
+        let body = Guarded::new(body, (lease, (ticket, inflight)));
         Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
     }
 
@@ -611,6 +662,30 @@ impl Proxy {
             }
         }
         Ok((seen.freeze(), learned))
+    }
+}
+
+/// A request on its way to a worker, by one of the two HTTP/1.1 clients.
+enum Outgoing {
+    /// Encoded once for the fast path (`http1`); any try sends the same bytes.
+    Fast(http1::Request),
+    /// Through hyper's client; a replayable request is rebuilt from its `Replay`
+    /// for a second try.
+    Hyper(Option<Request<ProxyBody>>, Option<Replay>),
+}
+
+/// A worker's response, from the client that sent the request.
+enum Reply {
+    Fast(FastAnswer),
+    Hyper(Answer),
+}
+
+impl Reply {
+    fn status(&self) -> StatusCode {
+        match self {
+            Reply::Fast(r) => r.status(),
+            Reply::Hyper(a) => a.response.status(),
+        }
     }
 }
 

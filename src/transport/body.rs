@@ -357,6 +357,14 @@ pub trait Guard {
     fn ended(self);
 }
 
+impl<G: Guard> Guard for Option<G> {
+    fn ended(self) {
+        if let Some(g) = self {
+            g.ended();
+        }
+    }
+}
+
 impl<A: Guard, B: Guard> Guard for (A, B) {
     fn ended(self) {
         self.0.ended();

@@ -11,13 +11,14 @@
 //! would be read as part of this one (request smuggling). That rule lives here and
 //! only here, in [`Lease`].
 
-use crate::transport::body::ProxyBody;
+use crate::transport::body::{BoxError, ProxyBody};
+use crate::transport::http1;
 use bytes::Bytes;
 use http::{header, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
+use hyper::client::conn::http1::{self as hyper_http1, SendRequest};
 use hyper_util::rt::TokioIo;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -49,10 +50,12 @@ pub struct Settings {
 /// another thread would wake that thread for every read and write.
 const SHARDS: usize = 16;
 
-/// The idle connections to one worker.
+/// The idle connections to one worker: hyper's (for streamed bodies and upgrades)
+/// and the fast path's (`http1`), kept apart.
 #[derive(Default)]
 pub struct Idle {
     shards: [Mutex<VecDeque<Parked>>; SHARDS],
+    raw: [Mutex<VecDeque<RawParked>>; SHARDS],
 }
 
 impl std::fmt::Debug for Idle {
@@ -66,17 +69,22 @@ struct Parked {
     since: Instant,
 }
 
+struct RawParked {
+    conn: http1::Conn,
+    since: Instant,
+}
+
 /// Why a request got no response.
 #[derive(Debug)]
 pub enum SendError {
     /// No connection could be made: the worker is not listening.
     Connect(std::io::Error),
     /// The connection failed after the request was (maybe) written.
-    Http(hyper::Error),
+    Http(BoxError),
     /// A kept-alive connection closed before any answer: most likely the worker
     /// closed it as the request went out, so it is safe to send a request that
     /// can be replayed once more on a new connection.
-    Stale(hyper::Error),
+    Stale(BoxError),
 }
 
 impl std::fmt::Display for SendError {
@@ -85,7 +93,7 @@ impl std::fmt::Display for SendError {
             SendError::Connect(e) => write!(f, "connect: {e}"),
             SendError::Http(e) | SendError::Stale(e) => {
                 write!(f, "{e}")?;
-                let mut src = std::error::Error::source(e);
+                let mut src = e.source();
                 while let Some(inner) = src {
                     write!(f, ": {inner}")?;
                     src = inner.source();
@@ -98,8 +106,8 @@ impl std::fmt::Display for SendError {
 
 /// A response from a worker and, if the worker keeps the connection open, the
 /// connection to give back once the body is read.
-pub struct Answer {
-    pub response: Response<Incoming>,
+pub struct Answer<B = Incoming> {
+    pub response: Response<B>,
     pub lease: Lease,
 }
 
@@ -136,10 +144,23 @@ impl crate::transport::body::Guard for Lease {
 impl Idle {
     /// Idle connections still open (those the worker closed are counted out).
     pub fn len(&self) -> usize {
-        self.shards
+        let hyper: usize = self
+            .shards
             .iter()
             .map(|s| lock(s).iter().filter(|p| !p.sender.is_closed()).count())
-            .sum()
+            .sum();
+        let raw: usize = self
+            .raw
+            .iter()
+            .map(|s| {
+                lock(s)
+                    .iter_mut()
+                    .map(|p| p.conn.is_fresh())
+                    .filter(|fresh| *fresh)
+                    .count()
+            })
+            .sum();
+        hyper + raw
     }
 
     pub fn is_empty(&self) -> bool {
@@ -151,6 +172,35 @@ impl Idle {
         for shard in &self.shards {
             let drained: Vec<Parked> = lock(shard).drain(..).collect();
             drop(drained);
+        }
+        for shard in &self.raw {
+            let drained: Vec<RawParked> = lock(shard).drain(..).collect();
+            drop(drained);
+        }
+    }
+
+    /// The most recently parked fast-path connection still young and open.
+    fn take_raw(&self, idle_timeout: Duration) -> Option<http1::Conn> {
+        let mut conns = lock(&self.raw[crate::runtime::lanes::current() % SHARDS]);
+        while let Some(mut p) = conns.pop_back() {
+            if p.since.elapsed() < idle_timeout && p.conn.is_fresh() {
+                return Some(p.conn);
+            }
+        }
+        None
+    }
+
+    fn park_raw(&self, conn: http1::Conn, idle_timeout: Duration) {
+        let now = Instant::now();
+        let mut conns = lock(&self.raw[crate::runtime::lanes::current() % SHARDS]);
+        while conns
+            .front()
+            .is_some_and(|p| now.duration_since(p.since) >= idle_timeout)
+        {
+            conns.pop_front();
+        }
+        if conns.len() < MAX_IDLE {
+            conns.push_back(RawParked { conn, since: now });
         }
     }
 
@@ -190,7 +240,7 @@ impl Idle {
     }
 }
 
-fn lock(shard: &Mutex<VecDeque<Parked>>) -> std::sync::MutexGuard<'_, VecDeque<Parked>> {
+fn lock<T>(shard: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     shard.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -206,10 +256,10 @@ pub async fn send(
     fresh: bool,
 ) -> Result<Answer, SendError> {
     let (mut req, sent_whole) = track_sending(req);
-    while let Some(mut sender) = (!fresh)
-        .then(|| home.idle().take(settings.idle_timeout))
-        .flatten()
-    {
+    while let Some(mut sender) = match fresh {
+        true => None,
+        false => idle_sender(&home, settings).await,
+    } {
         match sender.try_send_request(req).await {
             Ok(response) => return Ok(answer(response, sender, home, settings, sent_whole)),
             Err(mut e) => match e.take_message() {
@@ -217,8 +267,8 @@ pub async fn send(
                 None => {
                     let e = e.into_error();
                     return Err(match e.is_incomplete_message() {
-                        true => SendError::Stale(e),
-                        false => SendError::Http(e),
+                        true => SendError::Stale(e.into()),
+                        false => SendError::Http(e.into()),
                     });
                 }
             },
@@ -227,8 +277,64 @@ pub async fn send(
     let mut sender = connect(addr, settings).await?;
     match sender.send_request(req).await {
         Ok(response) => Ok(answer(response, sender, home, settings, sent_whole)),
-        Err(e) => Err(SendError::Http(e)),
+        Err(e) => Err(SendError::Http(e.into())),
     }
+}
+
+/// Where a fast-path connection goes back to once its response has been read.
+pub struct Parking {
+    home: Arc<dyn Home>,
+    idle_timeout: Duration,
+}
+
+impl http1::Keep for Parking {
+    fn keep(self, conn: http1::Conn) {
+        self.home.idle().park_raw(conn, self.idle_timeout);
+    }
+}
+
+/// A response read on the fast path; its body returns the connection at its end.
+pub type FastAnswer = Response<http1::Reading<Parking>>;
+
+/// Sends an encoded request (`http1`, a body in hand) on an idle fast-path
+/// connection if one is ready, else on a new one (`fresh`: a new one only). A
+/// kept-alive connection that closes before any answer is `Stale`: the caller
+/// decides whether the request may go out again.
+pub async fn send_fast(
+    home: Arc<dyn Home>,
+    addr: SocketAddr,
+    settings: &Settings,
+    req: &http1::Request,
+    fresh: bool,
+) -> Result<FastAnswer, SendError> {
+    let idle = (!fresh)
+        .then(|| home.idle().take_raw(settings.idle_timeout))
+        .flatten();
+    let reused = idle.is_some();
+    let conn = match idle {
+        Some(conn) => conn,
+        None => http1::Conn::new(open(addr, settings).await?),
+    };
+    let parking = Parking {
+        home,
+        idle_timeout: settings.idle_timeout,
+    };
+    http1::exchange(conn, req, parking)
+        .await
+        .map_err(|failure| match failure {
+            http1::Failure::Unanswered(_) if reused => SendError::Stale(failure.into()),
+            other => SendError::Http(other.into()),
+        })
+}
+
+/// An idle connection for hyper's client: one of its own, else a fast-path one
+/// handed over, so a streamed request goes out on a warm connection too.
+async fn idle_sender(home: &Arc<dyn Home>, settings: &Settings) -> Option<SendRequest<ProxyBody>> {
+    if let Some(sender) = home.idle().take(settings.idle_timeout) {
+        return Some(sender);
+    }
+    let conn = home.idle().take_raw(settings.idle_timeout)?;
+    handshake(conn.into_stream(), settings).await.ok()
 }
 
 fn answer(
@@ -343,11 +449,8 @@ impl Body for Sending {
     }
 }
 
-/// Opens a connection and starts its driver task.
-pub async fn connect(
-    addr: SocketAddr,
-    settings: &Settings,
-) -> Result<SendRequest<ProxyBody>, SendError> {
+/// Opens a TCP connection to a worker, within the connect timeout.
+async fn open(addr: SocketAddr, settings: &Settings) -> Result<TcpStream, SendError> {
     let stream =
         match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
@@ -360,10 +463,27 @@ pub async fn connect(
             }
         };
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = http1::Builder::new()
+    Ok(stream)
+}
+
+/// Opens a connection and starts its driver task.
+pub async fn connect(
+    addr: SocketAddr,
+    settings: &Settings,
+) -> Result<SendRequest<ProxyBody>, SendError> {
+    handshake(open(addr, settings).await?, settings).await
+}
+
+/// Starts hyper's client on an open connection, its driver task owned by
+/// `settings.drivers`.
+async fn handshake(
+    stream: TcpStream,
+    settings: &Settings,
+) -> Result<SendRequest<ProxyBody>, SendError> {
+    let (sender, conn) = hyper_http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
-        .map_err(SendError::Http)?;
+        .map_err(|e| SendError::Http(e.into()))?;
     // The driver ends when the connection does (closed by either side, or dropped
     // from the cache); the tracker lets shutdown see that it has.
     settings.drivers.spawn(async move {

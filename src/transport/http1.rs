@@ -1,0 +1,752 @@
+//! HTTP/1.1 to a worker on `httparse`, for a request whose body is already in hand
+//! (none, or read whole): the task serving the client writes the request and reads
+//! the response itself, with no connection task and no channel between them. The
+//! hyper client costs a task and a hand-off each way per request, more than the
+//! rest of the request path (docs/http1-fast-path.md).
+//!
+//! It owns the framing of what it writes and reads (RFC 9112 sections 6 and 9.3) and
+//! the rule for when a connection may carry another request: only when its request
+//! was written whole and its response read exactly to its end, with nothing after
+//! it. It must not choose workers or decide on sending again (the proxy does; it is
+//! told when a connection closed before any byte of an answer), and it carries no
+//! streamed request body and no upgrade: those stay on hyper (`upstream`).
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Uri, Version};
+use http_body::{Frame, SizeHint};
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::transport::body::BoxError;
+
+/// Most headers in a response head, and most bytes of one (hyper's client limits).
+const MAX_HEADERS: usize = 100;
+const MAX_HEAD: usize = 8192 + 4096 * 100;
+/// Most bytes of chunk extensions and trailers together in one body (hyper's limit
+/// on extensions); trailers are read and dropped.
+const MAX_CHUNK_META: usize = 16 * 1024;
+/// Bytes asked for per read.
+const READ_SIZE: usize = 8192;
+
+/// An open connection to a worker, with what was read past the last message
+/// (always nothing while it is parked).
+pub struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
+}
+
+impl Conn {
+    pub fn new(io: TcpStream) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// The socket, for hyper's client to carry on with. Only a parked connection
+    /// is handed over, and a parked connection has nothing read ahead.
+    pub fn into_stream(self) -> TcpStream {
+        debug_assert!(self.buf.is_empty());
+        self.io
+    }
+
+    /// Whether a parked connection can take a request: nothing has arrived on it
+    /// since its last response, neither its end nor stray bytes. Costs a system
+    /// call only when the socket was reported readable.
+    pub fn is_fresh(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+}
+
+/// A request, encoded once, so it can go out again unchanged (on a fresh
+/// connection, or to another worker).
+pub struct Request {
+    bytes: Bytes,
+    head: bool,
+}
+
+/// The request as a worker gets it: `uri` in origin form, HTTP/1.1, `headers` as
+/// the proxy left them, and `body` framed by a Content-Length written here (any the
+/// headers carry is replaced, so the framing always matches the bytes sent).
+pub fn encode(method: &Method, uri: &Uri, headers: &HeaderMap, body: Bytes) -> Request {
+    let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let mut out = Vec::with_capacity(64 + target.len() + headers.len() * 40 + body.len());
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut declared = false;
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH {
+            declared = true;
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if declared || !body.is_empty() {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(body.len().to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&body);
+    Request {
+        bytes: Bytes::from(out),
+        head: method == Method::HEAD,
+    }
+}
+
+/// Why an exchange gave no response.
+#[derive(Debug)]
+pub enum Failure {
+    /// The connection failed before any byte of an answer: whether the worker read
+    /// the request cannot be known. On a kept-alive connection this is most often
+    /// the worker closing it as the request went out.
+    Unanswered(io::Error),
+    /// Anything else: a broken or refused response, or a failure mid-answer.
+    Broken(BoxError),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Unanswered(e) => write!(f, "connection closed without an answer: {e}"),
+            Failure::Broken(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// Where a connection goes once its response was read to the end and it may carry
+/// another request (the worker's idle cache, in `upstream`).
+pub trait Keep {
+    fn keep(self, conn: Conn);
+}
+
+/// Sends `req` on `conn` and reads the response head; the body is read as the
+/// response is passed on, and at its end the connection goes to `keep` if it may
+/// be used again.
+pub async fn exchange<K: Keep>(
+    mut conn: Conn,
+    req: &Request,
+    keep: K,
+) -> Result<Response<Reading<K>>, Failure> {
+    conn.io
+        .write_all(&req.bytes)
+        .await
+        .map_err(Failure::Unanswered)?;
+    let head = read_head(&mut conn).await?;
+    let (state, mut reusable) = framing(&head, req.head).map_err(Failure::Broken)?;
+    reusable &= head.version == Version::HTTP_11 && !wants_close(&head.headers);
+    let mut body = Reading {
+        conn: Some(conn),
+        state,
+        reusable,
+        keep: Some(keep),
+        meta: 0,
+    };
+    if matches!(body.state, State::Length(0)) {
+        body.finish();
+    }
+    let mut resp = Response::new(body);
+    *resp.status_mut() = head.status;
+    *resp.version_mut() = head.version;
+    *resp.headers_mut() = head.headers;
+    if let Some(reason) = head.reason {
+        resp.extensions_mut().insert(reason);
+    }
+    Ok(resp)
+}
+
+/// A response head as read.
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    /// A reason phrase other than the status code's usual one, passed on as hyper's
+    /// client passes it.
+    reason: Option<hyper::ext::ReasonPhrase>,
+}
+
+/// Reads until a final (not 1xx) response head is whole; informational responses
+/// before it are skipped.
+async fn read_head(conn: &mut Conn) -> Result<Head, Failure> {
+    let mut answered = false;
+    loop {
+        if !conn.buf.is_empty() {
+            answered = true;
+            if let Some(head) = parse_head(&mut conn.buf).map_err(Failure::Broken)? {
+                match head.status.as_u16() {
+                    101 => {
+                        return Err(Failure::Broken(
+                            "101 Switching Protocols to a request that asked for no upgrade".into(),
+                        ))
+                    }
+                    100..=199 => continue,
+                    _ => return Ok(head),
+                }
+            }
+            if conn.buf.len() >= MAX_HEAD {
+                return Err(Failure::Broken(
+                    format!("response head longer than {MAX_HEAD} bytes").into(),
+                ));
+            }
+        }
+        conn.buf.reserve(READ_SIZE);
+        match conn.io.read_buf(&mut conn.buf).await {
+            Ok(0) if !answered => {
+                return Err(Failure::Unanswered(io::ErrorKind::UnexpectedEof.into()))
+            }
+            Ok(0) => return Err(Failure::Broken("connection closed mid-head".into())),
+            Ok(_) => {}
+            Err(e) if !answered => return Err(Failure::Unanswered(e)),
+            Err(e) => return Err(Failure::Broken(e.into())),
+        }
+    }
+}
+
+/// Where a header's name and value lie in the head's bytes.
+#[derive(Clone, Copy, Default)]
+struct Span {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
+/// Takes one whole response head off the front of `buf`; None when it is not all
+/// there yet.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
+    let mut spans = [Span::default(); MAX_HEADERS];
+    let (len, code, version, count, reason) = {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut headers);
+        let len = match res.parse(buf)? {
+            httparse::Status::Complete(len) => len,
+            httparse::Status::Partial => return Ok(None),
+        };
+        let base = buf.as_ptr() as usize;
+        let at = |s: &[u8]| {
+            let start = s.as_ptr() as usize - base;
+            (start, start + s.len())
+        };
+        for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
+            *span = Span {
+                name: at(h.name.as_bytes()),
+                value: at(h.value),
+            };
+        }
+        let code = res.code.unwrap_or(0);
+        let reason = res.reason.map(|r| at(r.as_bytes()));
+        (len, code, res.version, res.headers.len(), reason)
+    };
+    let head = buf.split_to(len).freeze();
+    let status = StatusCode::from_u16(code).map_err(|_| format!("bad status code {code}"))?;
+    let version = match version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let mut headers = HeaderMap::with_capacity(count);
+    for span in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[span.name.0..span.name.1])?;
+        let value = HeaderValue::from_maybe_shared(head.slice(span.value.0..span.value.1))?;
+        headers.append(name, value);
+    }
+    let reason = reason
+        .map(|(s, e)| head.slice(s..e))
+        .filter(|r| status.canonical_reason().map(str::as_bytes) != Some(&r[..]))
+        .and_then(|r| hyper::ext::ReasonPhrase::try_from(r).ok());
+    Ok(Some(Head {
+        status,
+        version,
+        headers,
+        reason,
+    }))
+}
+
+/// How the response body is delimited (RFC 9112 section 6.3), and whether the
+/// connection can carry another request after it as far as the framing goes.
+fn framing(head: &Head, head_request: bool) -> Result<(State, bool), BoxError> {
+    let status = head.status.as_u16();
+    if head_request || status == 204 || status == 304 {
+        return Ok((State::Length(0), true));
+    }
+    let headers = &head.headers;
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        if head.version == Version::HTTP_10 {
+            return Err("Transfer-Encoding in an HTTP/1.0 response".into());
+        }
+        if !ends_chunked(headers) {
+            return Ok((State::Close, false));
+        }
+        // Chunked wins over a Content-Length beside it; a worker that sent both
+        // is not trusted with another request.
+        let alone = !headers.contains_key(header::CONTENT_LENGTH);
+        return Ok((State::Chunk(Chunk::Size { n: 0, digits: 0 }), alone));
+    }
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        return content_length(headers)
+            .map(|n| (State::Length(n), true))
+            .ok_or_else(|| "invalid or conflicting Content-Length".into());
+    }
+    Ok((State::Close, false))
+}
+
+/// The one length every Content-Length value states, or None if any is not a
+/// number or they differ.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut found = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || !part.iter().all(u8::is_ascii_digit) || part.len() > 19 {
+                return None;
+            }
+            let n: u64 = std::str::from_utf8(part).ok()?.parse().ok()?;
+            if found.is_some_and(|f| f != n) {
+                return None;
+            }
+            found = Some(n);
+        }
+    }
+    found
+}
+
+/// Whether the last transfer coding named is `chunked`.
+fn ends_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+fn wants_close(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+    })
+}
+
+/// Where a body's reading is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// This many bytes still to come.
+    Length(u64),
+    Chunk(Chunk),
+    /// Until the worker closes the connection.
+    Close,
+    Done,
+}
+
+/// Where a chunked body's decoding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Reading the size's hex digits.
+    Size {
+        n: u64,
+        digits: u8,
+    },
+    /// Skipping an extension (or spaces) up to the size line's CR.
+    Ext {
+        n: u64,
+    },
+    /// After the size line's CR.
+    SizeLf {
+        n: u64,
+    },
+    Data(u64),
+    DataCr,
+    DataLf,
+    /// A trailer line, this many bytes in; the last chunk is followed by trailer
+    /// lines and an empty one.
+    Trailer {
+        line: usize,
+    },
+    TrailerLf {
+        line: usize,
+    },
+}
+
+/// What one step of chunked decoding gave.
+#[derive(Debug, PartialEq)]
+enum Step {
+    Data(Bytes),
+    /// Needs more bytes.
+    More,
+    /// The last chunk and the trailers are read.
+    End,
+}
+
+/// Decodes from the front of `buf` until it has data to give, needs more bytes,
+/// or the body has ended; `meta` counts extension and trailer bytes.
+fn chunk_step(state: &mut Chunk, buf: &mut BytesMut, meta: &mut usize) -> Result<Step, BoxError> {
+    loop {
+        if let Chunk::Data(rem) = *state {
+            if buf.is_empty() {
+                return Ok(Step::More);
+            }
+            let n = rem.min(buf.len() as u64);
+            let data = buf.split_to(n as usize).freeze();
+            *state = match rem - n {
+                0 => Chunk::DataCr,
+                left => Chunk::Data(left),
+            };
+            return Ok(Step::Data(data));
+        }
+        let Some(&b) = buf.first() else {
+            return Ok(Step::More);
+        };
+        buf.advance(1);
+        *state = match (*state, b) {
+            (Chunk::Size { n, digits }, b) if b.is_ascii_hexdigit() => {
+                if digits == 16 {
+                    return Err("chunk size too large".into());
+                }
+                let v = (b as char).to_digit(16).unwrap_or(0) as u64;
+                Chunk::Size {
+                    n: n << 4 | v,
+                    digits: digits + 1,
+                }
+            }
+            (Chunk::Size { digits: 0, .. }, _) => return Err("chunk size missing".into()),
+            (Chunk::Size { n, .. }, b';' | b' ' | b'\t') => Chunk::Ext { n },
+            (Chunk::Size { n, .. } | Chunk::Ext { n }, b'\r') => Chunk::SizeLf { n },
+            (Chunk::Ext { n }, b) if b != b'\n' => {
+                *meta += 1;
+                if *meta > MAX_CHUNK_META {
+                    return Err("chunk extensions too long".into());
+                }
+                Chunk::Ext { n }
+            }
+            (Chunk::SizeLf { n: 0 }, b'\n') => Chunk::Trailer { line: 0 },
+            (Chunk::SizeLf { n }, b'\n') => Chunk::Data(n),
+            (Chunk::DataCr, b'\r') => Chunk::DataLf,
+            (Chunk::DataLf, b'\n') => Chunk::Size { n: 0, digits: 0 },
+            (Chunk::Trailer { line }, b'\r') => Chunk::TrailerLf { line },
+            (Chunk::Trailer { line }, b) if b != b'\n' => {
+                *meta += 1;
+                if *meta > MAX_CHUNK_META {
+                    return Err("trailers too long".into());
+                }
+                Chunk::Trailer { line: line + 1 }
+            }
+            (Chunk::TrailerLf { line: 0 }, b'\n') => return Ok(Step::End),
+            (Chunk::TrailerLf { .. }, b'\n') => Chunk::Trailer { line: 0 },
+            _ => return Err("malformed chunked body".into()),
+        };
+    }
+}
+
+/// A worker's response body, read from its connection as it is polled. Read to its
+/// end, the connection goes to `keep` when it may carry another request; dropped
+/// before that, the connection is closed.
+pub struct Reading<K: Keep> {
+    conn: Option<Conn>,
+    state: State,
+    reusable: bool,
+    keep: Option<K>,
+    meta: usize,
+}
+
+impl<K: Keep> Reading<K> {
+    /// The body has ended: the connection is kept only if nothing followed it.
+    fn finish(&mut self) {
+        self.state = State::Done;
+        let conn = self.conn.take();
+        let keep = self.keep.take();
+        if let (Some(conn), Some(keep)) = (conn, keep) {
+            if self.reusable && conn.buf.is_empty() {
+                keep.keep(conn);
+            }
+        }
+    }
+
+    /// What the buffered bytes give: a frame, the end, or a read to do first.
+    fn from_buffer(&mut self) -> Result<Next, BoxError> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(Next::End);
+        };
+        let buf = &mut conn.buf;
+        let (next, ended) = match &mut self.state {
+            State::Done => return Ok(Next::End),
+            State::Length(0) => (Next::End, true),
+            State::Length(_) if buf.is_empty() => (Next::Read, false),
+            State::Length(rem) => {
+                let n = (*rem).min(buf.len() as u64);
+                *rem -= n;
+                (Next::Data(buf.split_to(n as usize).freeze()), *rem == 0)
+            }
+            State::Close if buf.is_empty() => (Next::Read, false),
+            State::Close => (Next::Data(buf.split().freeze()), false),
+            State::Chunk(chunk) => match chunk_step(chunk, buf, &mut self.meta)? {
+                Step::Data(data) => (Next::Data(data), false),
+                Step::More => (Next::Read, false),
+                Step::End => (Next::End, true),
+            },
+        };
+        if ended {
+            self.finish();
+        }
+        Ok(next)
+    }
+}
+
+/// What a body does next.
+enum Next {
+    Data(Bytes),
+    End,
+    Read,
+}
+
+impl<K: Keep + Unpin> http_body::Body for Reading<K> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            match this.from_buffer() {
+                Ok(Next::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(Next::End) => return Poll::Ready(None),
+                Ok(Next::Read) => {}
+                Err(e) => {
+                    this.state = State::Done;
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let want = match this.state {
+                State::Length(rem) => (rem as usize).clamp(1, 64 * 1024),
+                _ => READ_SIZE,
+            };
+            conn.buf.reserve(want.max(READ_SIZE));
+            let read = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut conn.io),
+                cx,
+                &mut conn.buf
+            ));
+            match read {
+                Ok(0) if this.state == State::Close => {
+                    this.state = State::Done;
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    this.state = State::Done;
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(
+                        "worker closed the connection before the body ended".into(),
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.state = State::Done;
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state == State::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Length(n) => SizeHint::with_exact(n),
+            State::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(input: &[u8]) -> Result<(Vec<u8>, bool), BoxError> {
+        let mut state = Chunk::Size { n: 0, digits: 0 };
+        let mut buf = BytesMut::from(input);
+        let mut meta = 0;
+        let mut out = Vec::new();
+        loop {
+            match chunk_step(&mut state, &mut buf, &mut meta)? {
+                Step::Data(d) => out.extend_from_slice(&d),
+                Step::More => return Ok((out, false)),
+                Step::End => return Ok((out, buf.is_empty())),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_with_extensions_and_trailers() {
+        assert_eq!(
+            decode(b"5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\n").ok(),
+            Some((b"hello world".to_vec(), true))
+        );
+        assert_eq!(
+            decode(b"A \r\n0123456789\r\n0\r\nX-T: 1\r\n\r\n").ok(),
+            Some((b"0123456789".to_vec(), true))
+        );
+        // Cut short: what came so far, and not ended.
+        assert_eq!(decode(b"5\r\nhel").ok(), Some((b"hel".to_vec(), false)));
+    }
+
+    #[test]
+    fn broken_chunked_bodies_are_refused() {
+        for bad in [
+            &b"5\nhello\r\n0\r\n\r\n"[..],
+            b"5\r\nhelloX\r\n0\r\n\r\n",
+            b"\r\nhello",
+            b"zz\r\n",
+            b"11111111111111111\r\n",
+            b"0\r\nX-T: 1\n\r\n",
+        ] {
+            assert!(decode(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    fn head(text: &str) -> Head {
+        let mut buf = BytesMut::from(text.as_bytes());
+        parse_head(&mut buf).expect("parses").expect("whole head")
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let f = |text: &str, head_req: bool| framing(&head(text), head_req).ok();
+        let chunked = State::Chunk(Chunk::Size { n: 0, digits: 0 });
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false),
+            Some((State::Length(5), true))
+        );
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true),
+            Some((State::Length(0), true))
+        );
+        assert_eq!(
+            f(
+                "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+                false
+            ),
+            Some((State::Length(0), true))
+        );
+        assert_eq!(
+            f(
+                "HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false
+            ),
+            Some((State::Length(0), true))
+        );
+        assert_eq!(
+            f(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false
+            ),
+            Some((chunked, true))
+        );
+        assert_eq!(
+            f(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+                false
+            ),
+            Some((chunked, false))
+        );
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false),
+            Some((State::Close, false))
+        );
+        assert_eq!(
+            f(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                false
+            ),
+            Some((chunked, true))
+        );
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\n\r\n", false),
+            Some((State::Close, false))
+        );
+        assert_eq!(
+            f(
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+                false
+            ),
+            Some((State::Length(5), true))
+        );
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n", false),
+            Some((State::Length(5), true))
+        );
+        assert_eq!(
+            f(
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+                false
+            ),
+            None
+        );
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n", false),
+            None
+        );
+        assert_eq!(
+            f(
+                "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn a_head_keeps_its_header_order_and_an_unusual_reason() {
+        let h = head("HTTP/1.1 200 Fine\r\nSet-Cookie: a=1\r\nX-A: b\r\nSet-Cookie: c=2\r\n\r\n");
+        let cookies: Vec<_> = h.headers.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "c=2"]);
+        assert_eq!(h.reason.as_ref().map(|r| r.as_bytes()), Some(&b"Fine"[..]));
+        assert!(head("HTTP/1.1 200 OK\r\n\r\n").reason.is_none());
+        let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nX-A: b\r\n"[..]);
+        assert!(matches!(parse_head(&mut partial), Ok(None)));
+        let mut bad = BytesMut::from(&b"HTTP/1.1 200 OK\r\nX-A: b\x01\r\n\r\n"[..]);
+        assert!(parse_head(&mut bad).is_err());
+    }
+
+    #[test]
+    fn a_request_is_framed_by_what_it_carries() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("a"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
+        let uri: Uri = "/x?y=1".parse().expect("uri");
+        let req = encode(&Method::POST, &uri, &headers, Bytes::from_static(b"abc"));
+        assert_eq!(
+            &req.bytes[..],
+            b"POST /x?y=1 HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\nabc"
+        );
+        headers.remove(header::CONTENT_LENGTH);
+        let req = encode(&Method::GET, &uri, &headers, Bytes::new());
+        assert_eq!(&req.bytes[..], b"GET /x?y=1 HTTP/1.1\r\nhost: a\r\n\r\n");
+    }
+}
