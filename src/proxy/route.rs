@@ -559,6 +559,11 @@ impl Proxy {
         B::Error: Into<body::BoxError> + std::fmt::Display,
     {
         let (mut parts, mut body) = response.into_parts();
+        // A Content-Length beside Transfer-Encoding is not passed on (RFC 9112 6.3):
+        // the body was read by its chunks, and the client must frame it the same way.
+        if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
         strip_hop_by_hop(&mut parts.headers);
         let mut ticket = ticket;
         if let (Ticket::Session(t), true) = (&mut ticket, parts.status.is_success()) {
@@ -666,6 +671,9 @@ impl Proxy {
 }
 
 /// A request on its way to a worker, by one of the two HTTP/1.1 clients.
+// One per request, held in the request's future: boxing the larger variant would
+// cost an allocation for nothing.
+#[allow(clippy::large_enum_variant)]
 enum Outgoing {
     /// Encoded once for the fast path (`http1`); any try sends the same bytes.
     Fast(http1::Request),

@@ -37,6 +37,9 @@ const READ_SIZE: usize = 8192;
 pub struct Conn {
     io: TcpStream,
     buf: BytesMut,
+    /// Found closed or sent stray bytes while parked: the probe that saw stray bytes
+    /// took one, so this flag is what remembers them.
+    spoiled: bool,
 }
 
 impl Conn {
@@ -44,6 +47,7 @@ impl Conn {
         Conn {
             io,
             buf: BytesMut::new(),
+            spoiled: false,
         }
     }
 
@@ -58,15 +62,20 @@ impl Conn {
     /// since its last response, neither its end nor stray bytes. Costs a system
     /// call only when the socket was reported readable.
     pub fn is_fresh(&mut self) -> bool {
+        if self.spoiled {
+            return false;
+        }
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
+        let fresh = match self.io.poll_read_ready(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
             Poll::Ready(Ok(())) => {
                 let mut probe = [0u8; 1];
                 matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
-        }
+        };
+        self.spoiled = !fresh;
+        fresh
     }
 }
 
@@ -160,6 +169,7 @@ pub async fn exchange<K: Keep>(
         reusable,
         keep: Some(keep),
         meta: 0,
+        failed: None,
     };
     if matches!(body.state, State::Length(0)) {
         body.finish();
@@ -463,6 +473,11 @@ pub struct Reading<K: Keep> {
     reusable: bool,
     keep: Option<K>,
     meta: usize,
+    /// A failure met, given on the next poll: hyper's server drops a connection on
+    /// a body error without writing what it holds, so the bytes read before the
+    /// failure get one turn to go out first (as they do through hyper's client,
+    /// whose failure comes a task hand-off later).
+    failed: Option<BoxError>,
 }
 
 impl<K: Keep> Reading<K> {
@@ -479,7 +494,7 @@ impl<K: Keep> Reading<K> {
     }
 
     /// What the buffered bytes give: a frame, the end, or a read to do first.
-    fn from_buffer(&mut self) -> Result<Next, BoxError> {
+    fn next_buffered(&mut self) -> Result<Next, BoxError> {
         let Some(conn) = self.conn.as_mut() else {
             return Ok(Next::End);
         };
@@ -508,6 +523,36 @@ impl<K: Keep> Reading<K> {
     }
 }
 
+impl<K: Keep> Reading<K> {
+    /// Reads more of the body: true when bytes came, false at a close that ends a
+    /// close-delimited body.
+    fn read(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, BoxError>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(Ok(false));
+        };
+        let want = match self.state {
+            State::Length(rem) => (rem as usize).min(64 * 1024),
+            _ => READ_SIZE,
+        };
+        conn.buf.reserve(want.max(READ_SIZE));
+        let read = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut conn.io),
+            cx,
+            &mut conn.buf
+        ));
+        Poll::Ready(match read {
+            Ok(0) if self.state == State::Close => {
+                self.state = State::Done;
+                self.conn = None;
+                Ok(false)
+            }
+            Ok(0) => Err("worker closed the connection before the body ended".into()),
+            Ok(_) => Ok(true),
+            Err(e) => Err(e.into()),
+        })
+    }
+}
+
 /// What a body does next.
 enum Next {
     Data(Bytes),
@@ -524,50 +569,26 @@ impl<K: Keep + Unpin> http_body::Body for Reading<K> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         loop {
-            match this.from_buffer() {
+            let failure = match this.next_buffered() {
                 Ok(Next::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                 Ok(Next::End) => return Poll::Ready(None),
-                Ok(Next::Read) => {}
-                Err(e) => {
-                    this.state = State::Done;
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(e)));
-                }
-            }
-            let Some(conn) = this.conn.as_mut() else {
-                return Poll::Ready(None);
+                Ok(Next::Read) => match this.read(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(true)) => continue,
+                    Poll::Ready(Ok(false)) => return Poll::Ready(None),
+                    Poll::Ready(Err(e)) => e,
+                },
+                Err(e) => e,
             };
-            let want = match this.state {
-                State::Length(rem) => (rem as usize).clamp(1, 64 * 1024),
-                _ => READ_SIZE,
-            };
-            conn.buf.reserve(want.max(READ_SIZE));
-            let read = ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut conn.io),
-                cx,
-                &mut conn.buf
-            ));
-            match read {
-                Ok(0) if this.state == State::Close => {
-                    this.state = State::Done;
-                    this.conn = None;
-                    return Poll::Ready(None);
-                }
-                Ok(0) => {
-                    this.state = State::Done;
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(
-                        "worker closed the connection before the body ended".into(),
-                    )));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    this.state = State::Done;
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(e.into())));
-                }
-            }
+            this.state = State::Done;
+            this.conn = None;
+            this.failed = Some(failure);
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
         }
     }
 

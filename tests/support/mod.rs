@@ -203,6 +203,9 @@ pub enum Mode {
     /// Upgrades `Upgrade: websocket` requests (101) and echoes each message back as
     /// a server frame; other requests as `Echo`.
     WebSocket,
+    /// Answers requests for `/canned…` with these bytes as they are (closing the
+    /// connection after them when the flag says so); other requests as `Echo`.
+    Canned(&'static [u8], bool),
 }
 
 /// An HTTP/1.1 worker on a raw socket that records every request it reads.
@@ -310,6 +313,18 @@ fn serve(
         if let Mode::SlowHealth(n) = mode {
             if head.starts_with("GET /health ") && health.fetch_add(1, Ordering::SeqCst) < n {
                 thread::sleep(Duration::from_secs(2));
+            }
+        }
+        if let Mode::Canned(bytes, close) = mode {
+            if head
+                .split(' ')
+                .nth(1)
+                .is_some_and(|t| t.starts_with("/canned"))
+            {
+                if out.write_all(bytes).is_err() || close {
+                    return;
+                }
+                continue;
             }
         }
         if mode != Mode::AnswerEarly && answer(&mut out, &body).is_err() {
