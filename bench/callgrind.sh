@@ -3,7 +3,9 @@
 # corral (one serving thread) or nginx (one worker, no master) in front of the
 # bench backend, REQUESTS keep-alive GETs from ab with a browser-like header set.
 #   bench/callgrind.sh corral|nginx [REQUESTS]     (prints instructions/request)
+# CORRAL_EXTRA adds TOML to corral's config (e.g. "[experimental]\nhttp1_fast_path = false").
 # Startup is measured with one request and subtracted.
+# CALLGRIND_OUT=file keeps the callgrind output (for callgrind_annotate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 who=$1; n=${2:-20000}
@@ -18,7 +20,7 @@ run() { # requests -> callgrind output file
   local p; p=$(port)
   case $who in
     corral)
-      printf 'listen = ["127.0.0.1:%s"]\nupstreams = ["127.0.0.1:%s"]\nadmin_socket = "%s/c.sock"\nthreads = 1\n' "$p" "$backend" "$work" > "$work/c.toml"
+      printf 'listen = ["127.0.0.1:%s"]\nupstreams = ["127.0.0.1:%s"]\nadmin_socket = "%s/c.sock"\nthreads = 1\n%b\n' "$p" "$backend" "$work" "${CORRAL_EXTRA:-}" > "$work/c.toml"
       valgrind --tool=callgrind --callgrind-out-file="$work/out.$1" target/profiling/corral run -c "$work/c.toml" >/dev/null 2>&1 & pid=$!;;
     nginx)
       sed -e "s#@PORT@#$p#g" -e "s#@BACKEND@#$backend#g" -e "s#@DIR@#$work#g" \
@@ -34,3 +36,4 @@ run 1; run "$n"
 one=$(awk '/^summary:/ {print $2}' "$work/out.1"); all=$(awk '/^summary:/ {print $2}' "$work/out.$n")
 echo "$who: $(( (all - one) / n )) instructions per request (user space)"
 if [ "$who" = corral ]; then python3 bench/allocs.py "$work/out.$n" "$n"; fi
+if [ -n "${CALLGRIND_OUT:-}" ]; then cp "$work/out.$n" "$CALLGRIND_OUT"; fi

@@ -244,7 +244,7 @@ const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Headers for one hop only (RFC 9110 7.6.1), removed before a request or response
 /// goes on.
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     KEEP_ALIVE,
     header::PROXY_AUTHENTICATE,
@@ -303,7 +303,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// What the forwarding rules look at, in one pass (bits of [`present`]).
-const FORWARDING: [HeaderName; 8] = [
+static FORWARDING: [HeaderName; 8] = [
     X_FORWARDED_FOR,
     X_REAL_IP,
     X_FORWARDED_PROTO,

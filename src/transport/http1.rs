@@ -16,6 +16,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Uri, Version};
 use http_body::{Frame, SizeHint};
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -231,55 +232,43 @@ async fn read_head(conn: &mut Conn) -> Result<Head, Failure> {
     }
 }
 
-/// Where a header's name and value lie in the head's bytes.
-#[derive(Clone, Copy, Default)]
-struct Span {
-    name: (usize, usize),
-    value: (usize, usize),
-}
-
 /// Takes one whole response head off the front of `buf`; None when it is not all
-/// there yet.
+/// there yet. The bytes read so far are frozen first, so header values are slices
+/// of them rather than copies; what follows the head goes back into `buf`.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
-    let mut spans = [Span::default(); MAX_HEADERS];
-    let (len, code, version, count, reason) = {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut res = httparse::Response::new(&mut headers);
-        let len = match res.parse(buf)? {
-            httparse::Status::Complete(len) => len,
-            httparse::Status::Partial => return Ok(None),
-        };
-        let base = buf.as_ptr() as usize;
-        let at = |s: &[u8]| {
-            let start = s.as_ptr() as usize - base;
-            (start, start + s.len())
-        };
-        for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
-            *span = Span {
-                name: at(h.name.as_bytes()),
-                value: at(h.value),
-            };
+    let read = std::mem::take(buf).freeze();
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut res, &read, &mut slots);
+    let len = match parsed {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => {
+            drop(res);
+            *buf = BytesMut::from(read);
+            return Ok(None);
         }
-        let code = res.code.unwrap_or(0);
-        let reason = res.reason.map(|r| at(r.as_bytes()));
-        (len, code, res.version, res.headers.len(), reason)
+        Err(e) => return Err(e.into()),
     };
-    let head = buf.split_to(len).freeze();
+    let code = res.code.unwrap_or(0);
     let status = StatusCode::from_u16(code).map_err(|_| format!("bad status code {code}"))?;
-    let version = match version {
+    let version = match res.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let mut headers = HeaderMap::with_capacity(count);
-    for span in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[span.name.0..span.name.1])?;
-        let value = HeaderValue::from_maybe_shared(head.slice(span.value.0..span.value.1))?;
+    let mut headers = HeaderMap::with_capacity(res.headers.len());
+    for h in res.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())?;
+        let value = HeaderValue::from_maybe_shared(read.slice_ref(h.value))?;
         headers.append(name, value);
     }
-    let reason = reason
-        .map(|(s, e)| head.slice(s..e))
-        .filter(|r| status.canonical_reason().map(str::as_bytes) != Some(&r[..]))
-        .and_then(|r| hyper::ext::ReasonPhrase::try_from(r).ok());
+    let reason = res
+        .reason
+        .filter(|r| status.canonical_reason() != Some(*r))
+        .and_then(|r| hyper::ext::ReasonPhrase::try_from(read.slice_ref(r.as_bytes())).ok());
+    if read.len() > len {
+        *buf = BytesMut::from(&read[len..]);
+    }
     Ok(Some(Head {
         status,
         version,
