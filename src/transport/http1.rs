@@ -244,7 +244,6 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
     let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => {
-            let _ = res;
             *buf = BytesMut::from(read);
             return Ok(None);
         }
