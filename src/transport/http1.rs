@@ -83,7 +83,7 @@ impl Conn {
 /// A request, encoded once, so it can go out again unchanged (on a fresh
 /// connection, or to another worker).
 pub struct Request {
-    bytes: Bytes,
+    bytes: Vec<u8>,
     head: bool,
 }
 
@@ -116,7 +116,7 @@ pub fn encode(method: &Method, uri: &Uri, headers: &HeaderMap, body: Bytes) -> R
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(&body);
     Request {
-        bytes: Bytes::from(out),
+        bytes: out,
         head: method == Method::HEAD,
     }
 }
