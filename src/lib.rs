@@ -11,7 +11,7 @@
 //!  │             the retry rule, corral's own answers, websocket tunnels
 //!  └ engineio    the protocol, tagged sids, the session table (router)
 //!  └ workers     the pool (state, load, health) and the supervisor (processes)
-//!  └ transport   kept-alive connections to workers, body adapters
+//!  └ transport   kept-alive connections to workers, the HTTP/1.1 fast path, body adapters
 //!  observe       counters (a leaf everyone writes to) and, on top, the views that
 //!                read pool, router and broker: Prometheus, status page, access
 //!                log, admin socket
