@@ -92,12 +92,17 @@ pub struct Experimental {
     /// the worker over corral's own HTTP/1.1 exchange instead of hyper's client
     /// (one task instead of two per request); false sends everything through hyper.
     pub http1_fast_path: bool,
+    /// Plain HTTP/1.1 requests without a body are read and answered by corral's own
+    /// loop on each client connection; the first request that is anything else
+    /// hands the connection to hyper's server. false: hyper serves every connection.
+    pub http1_fast_server: bool,
 }
 
 impl Default for Experimental {
     fn default() -> Self {
         Experimental {
             http1_fast_path: true,
+            http1_fast_server: true,
         }
     }
 }

@@ -13,12 +13,11 @@ use crate::observe::access::{self, AccessLog};
 use crate::proxy::answer::short;
 use crate::proxy::forward::{declared_length, is_websocket_upgrade, Peer};
 use crate::proxy::route::Proxy;
-use crate::transport::body::ProxyBody;
+use crate::transport::body::{ProxyBody, RequestBody};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,7 +54,7 @@ impl Gate {
     /// Serves one client request. Never fails: every error becomes a response.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         peer: Peer,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let Some(log) = &self.access else {
@@ -95,7 +94,7 @@ impl Gate {
     }
 
     /// The checks, then the proxy.
-    async fn admit(&self, req: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
+    async fn admit(&self, req: Request<RequestBody>, peer: Peer) -> Response<ProxyBody> {
         if let Err(e) = crate::edge::strict::check(&req) {
             return short(StatusCode::BAD_REQUEST, &format!("corral: {e}\n"));
         }

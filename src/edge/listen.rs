@@ -7,11 +7,13 @@
 //! `Gate::handle`. It must not decide anything about a request itself.
 
 use crate::config::{Config, TlsSetting};
+use crate::edge::fast;
 use crate::edge::gate::Gate;
 use crate::edge::tls;
 use crate::proxy::forward::{is_websocket_upgrade, Peer};
 use crate::proxy::tunnel::ConnectionSlot;
 use crate::runtime::lanes::Lanes;
+use crate::transport::body::RequestBody;
 use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -25,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 /// Why the listeners could not start.
@@ -245,6 +248,10 @@ async fn accept_loop(
     let cfg = gate.cfg().clone();
     let trusted = cfg.trusted();
     let protocols = Protocols::new(&cfg);
+    let fast_limits = cfg.experimental.http1_fast_server.then(|| fast::Limits {
+        max_head: cfg.limits.max_header.max(8192) as usize,
+        header_read: cfg.timeouts.header_read,
+    });
     loop {
         let (stream, addr) = tokio::select! {
             r = listener.accept() => match r {
@@ -283,14 +290,21 @@ async fn accept_loop(
                 _ => None,
             },
         );
-        let g = gate.clone();
+        let (g, p) = (gate.clone(), peer.clone());
         let slot = ConnectionSlot::new(permit);
         let service = service_fn(move |mut req: Request<Incoming>| {
             if is_websocket_upgrade(&req) {
                 req.extensions_mut().insert(slot.clone());
             }
-            g.clone().handle(req, peer.clone())
+            g.clone().handle(req.map(RequestBody::Hyper), p.clone())
         });
+        // The fast path serves plain HTTP/1.1 requests; not the redirect-only
+        // listener (its few requests are hyper's).
+        let fast = match kind {
+            Kind::Redirect(_) => None,
+            _ => fast_limits,
+        };
+        let gate = gate.clone();
         let (protocols, draining) = (protocols.clone(), draining.clone());
         match &kind {
             Kind::Tls(acceptor) => {
@@ -311,31 +325,51 @@ async fn accept_loop(
                     };
                     // ALPN has chosen the protocol: no detection needed.
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                    let io = TokioIo::new(tls);
-                    match h2 {
-                        true => {
-                            until_drained(protocols.h2.serve_connection(io, service), draining)
-                                .await
-                        }
-                        false => {
-                            let conn = protocols.h1.serve_connection(io, service).with_upgrades();
-                            until_drained(conn, draining).await
-                        }
+                    if h2 {
+                        let io = TokioIo::new(tls);
+                        until_drained(protocols.h2.serve_connection(io, service), draining).await;
+                        return;
                     }
+                    let tls = match fast {
+                        Some(limits) => {
+                            match fast::serve(tls, &gate, &peer, limits, &draining).await {
+                                fast::Outcome::Closed => return,
+                                fast::Outcome::Handover(io) => Either::Right(io),
+                            }
+                        }
+                        None => Either::Left(tls),
+                    };
+                    let conn = protocols
+                        .h1
+                        .serve_connection(TokioIo::new(tls), service)
+                        .with_upgrades();
+                    until_drained(conn, draining).await
                 });
             }
             _ => {
                 tasks.spawn(async move {
-                    let io = TokioIo::new(stream);
                     match &protocols.h2c {
                         Some(auto) => {
                             let conn = auto
-                                .serve_connection_with_upgrades(io, service)
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service)
                                 .into_owned();
                             until_drained(conn, draining).await
                         }
                         None => {
-                            let conn = protocols.h1.serve_connection(io, service).with_upgrades();
+                            let stream = match fast {
+                                Some(limits) => {
+                                    match fast::serve(stream, &gate, &peer, limits, &draining).await
+                                    {
+                                        fast::Outcome::Closed => return,
+                                        fast::Outcome::Handover(io) => Either::Right(io),
+                                    }
+                                }
+                                None => Either::Left(stream),
+                            };
+                            let conn = protocols
+                                .h1
+                                .serve_connection(TokioIo::new(stream), service)
+                                .with_upgrades();
                             until_drained(conn, draining).await
                         }
                     }

@@ -5,6 +5,7 @@
 //! client connections' tasks; what a request asks for is the proxy's business.
 
 pub mod auth;
+pub mod fast;
 pub mod gate;
 pub mod listen;
 pub mod path;

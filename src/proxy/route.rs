@@ -20,7 +20,7 @@ use crate::proxy::forward::{
     upstream_request, Forwarder, Peer, Replay, Target, Ticket,
 };
 use crate::proxy::tunnel::Tunnels;
-use crate::transport::body::{self, Fault, Guarded, Limited, Prefixed, ProxyBody};
+use crate::transport::body::{self, Fault, Guarded, Limited, Prefixed, ProxyBody, RequestBody};
 use crate::transport::http1;
 use crate::transport::upstream::{self, Answer, FastAnswer, Lease, SendError};
 use crate::workers::pool::{InflightGuard, Pool, Worker};
@@ -29,7 +29,6 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -203,7 +202,7 @@ impl Proxy {
     /// with the shared key): it is never sent on to a third node, and its forwarded
     /// headers are kept, as from a trusted proxy. The key is the proof, not the
     /// source address: a node's connections may leave from any of its addresses.
-    fn is_hop(&self, req: &Request<Incoming>) -> bool {
+    fn is_hop(&self, req: &Request<RequestBody>) -> bool {
         let Some(tags) = &self.tags else {
             return false;
         };
@@ -251,7 +250,7 @@ impl Proxy {
     /// is a websocket upgrade (`upgrade`). Never fails: every error becomes a response.
     pub async fn route(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         peer: Peer,
         is_eio: bool,
         upgrade: bool,
@@ -317,7 +316,7 @@ impl Proxy {
     /// not have, gets "Session ID unknown", as the worker would answer.
     fn read_tag(
         &self,
-        req: &mut Request<Incoming>,
+        req: &mut Request<RequestBody>,
         sid: Option<&str>,
         hopped: bool,
     ) -> Result<Option<Tagged>, Refusal> {
@@ -363,7 +362,7 @@ impl Proxy {
     /// Sends a (non-upgrade) request to its worker and the answer back.
     async fn pass_on(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         peer: Peer,
         target: Target,
         is_eio: bool,

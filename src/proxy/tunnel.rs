@@ -13,12 +13,11 @@ use crate::proxy::answer::{self, short};
 use crate::proxy::forward::{
     prepare_request_headers, strip_hop_by_hop, Forwarder, Peer, Replay, Target, Ticket,
 };
-use crate::transport::body::{Guarded, ProxyBody};
+use crate::transport::body::{Guarded, ProxyBody, RequestBody};
 use crate::transport::upstream::SendError;
 use crate::workers::pool::Pool;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::io;
 use std::pin::Pin;
@@ -82,7 +81,7 @@ impl Tunnels {
         forward: &Forwarder,
         pool: &Pool,
         metrics: &Arc<Counters>,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         peer: Peer,
         target: Target,
     ) -> Response<ProxyBody> {

@@ -28,6 +28,42 @@ pub fn empty() -> ProxyBody {
     full(Bytes::new())
 }
 
+/// A client's request body: hyper's, or none at all for a request the edge's own
+/// HTTP/1.1 loop read (it takes only requests without a body).
+pub enum RequestBody {
+    Hyper(hyper::body::Incoming),
+    Empty,
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Hyper(inner) => Pin::new(inner).poll_frame(cx),
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Hyper(inner) => inner.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Hyper(inner) => inner.size_hint(),
+            RequestBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// The error a [`Limited`] body ends with when the client sent too much.
 #[derive(Debug, thiserror::Error)]
 #[error("request body larger than {0} bytes")]

@@ -1,0 +1,557 @@
+//! The client side's HTTP/1.1 fast path: a connection's plain requests — complete
+//! HTTP/1.1 heads with no body (no Content-Length, no Transfer-Encoding), no
+//! upgrade, no expectation — are read with `httparse` and answered by this loop,
+//! one after another on the connection's own task. At the first request that is
+//! anything else, or a head it cannot read whole and clean, the connection goes to
+//! hyper's server for the rest of its life with every byte read so far
+//! ([`Rewind`]), so every rule hyper enforces — 400 and 431 answers, body framing,
+//! `100-continue`, HTTP/1.0, upgrades — stays hyper's alone.
+//!
+//! It owns reading request heads and writing responses (as hyper's server writes
+//! them: the same status line, header lines, `content-length` or chunking, `date`,
+//! and `connection: close` when it closes). It must not judge requests (the gate
+//! does, for both paths) and never reads a request body: a request with one is not
+//! its to serve.
+
+use crate::edge::gate::Gate;
+use crate::proxy::forward::Peer;
+use crate::transport::body::{ProxyBody, RequestBody};
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_util::sync::CancellationToken;
+
+/// hyper's limit on request header lines; a head with more goes to hyper (431).
+const MAX_HEADERS: usize = 100;
+const READ_SIZE: usize = 8192;
+
+/// What the loop needs to know of the listener's limits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Longest request head read here; a longer one goes to hyper, which answers 431.
+    pub max_head: usize,
+    /// Time for a whole request head, from the end of the previous answer (hyper's
+    /// `header_read_timeout`, which also closes idle keep-alive connections).
+    pub header_read: Duration,
+}
+
+/// How the loop left a connection.
+pub(crate) enum Outcome<I> {
+    /// Closed (by either side, a timeout, a failure, or the drain).
+    Closed,
+    /// Not the loop's to serve further: hyper's, with the bytes read so far.
+    Handover(Rewind<I>),
+}
+
+/// Serves the plain requests of a connection until it closes or a request is not
+/// plain. Once `draining` is cancelled, an idle connection closes at once and a
+/// request in flight is answered first.
+pub(crate) async fn serve<I>(
+    mut io: I,
+    gate: &Arc<Gate>,
+    peer: &Peer,
+    limits: Limits,
+    draining: &CancellationToken,
+) -> Outcome<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    let mut out = Vec::with_capacity(1024);
+    let deadline = tokio::time::sleep(limits.header_read);
+    tokio::pin!(deadline);
+    loop {
+        deadline
+            .as_mut()
+            .reset(tokio::time::Instant::now() + limits.header_read);
+        let (req, client_close) = loop {
+            match parse_request(&mut buf) {
+                Parsed::Plain(req, close) => break (req, close),
+                Parsed::Other => return Outcome::Handover(Rewind::new(io, buf.freeze())),
+                Parsed::Partial if buf.len() >= limits.max_head => {
+                    return Outcome::Handover(Rewind::new(io, buf.freeze()))
+                }
+                Parsed::Partial => {}
+            }
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(READ_SIZE);
+            }
+            let idle = buf.is_empty();
+            let read = tokio::select! {
+                r = io.read_buf(&mut buf) => r,
+                _ = &mut deadline => return Outcome::Closed,
+                _ = draining.cancelled(), if idle => return Outcome::Closed,
+            };
+            match read {
+                Ok(0) | Err(_) => return Outcome::Closed,
+                Ok(_) => {}
+            }
+        };
+        let head_request = req.method() == Method::HEAD;
+        let Ok(resp) = gate.clone().handle(req, peer.clone()).await;
+        let keep = !client_close && !draining.is_cancelled();
+        match write_response(&mut io, &mut out, resp, head_request, keep).await {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                let _ = io.shutdown().await;
+                return Outcome::Closed;
+            }
+        }
+    }
+}
+
+/// What the front of the read buffer holds.
+enum Parsed {
+    /// A plain request, taken off the buffer; whether the client asked to close.
+    Plain(Request<RequestBody>, bool),
+    /// Not all of a head yet.
+    Partial,
+    /// A head this loop does not serve (or cannot read): hyper's.
+    Other,
+}
+
+/// Takes a plain request head off the front of `buf`. The bytes are frozen first so
+/// the target and header values are slices of them, not copies; what follows the
+/// head (a pipelined request) goes back into `buf`.
+fn parse_request(buf: &mut BytesMut) -> Parsed {
+    if buf.is_empty() {
+        return Parsed::Partial;
+    }
+    let read = std::mem::take(buf).freeze();
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut req, &read, &mut slots);
+    let len = match parsed {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => {
+            *buf = BytesMut::from(read);
+            return Parsed::Partial;
+        }
+        Err(_) => {
+            *buf = BytesMut::from(read);
+            return Parsed::Other;
+        }
+    };
+    let built = build_request(&read, &req);
+    if read.len() > len || built.is_none() {
+        // A pipelined request after this one, or a head for hyper: the bytes stay.
+        let from = if built.is_some() { len } else { 0 };
+        let mut rest = BytesMut::with_capacity((read.len() - from).max(READ_SIZE));
+        rest.extend_from_slice(&read[from..]);
+        *buf = rest;
+    }
+    match built {
+        Some((req, close)) => Parsed::Plain(req, close),
+        None => Parsed::Other,
+    }
+}
+
+/// The request, if it is plain: HTTP/1.1, no body, no upgrade, no expectation, a
+/// target and headers `http` accepts.
+fn build_request(
+    read: &Bytes,
+    req: &httparse::Request<'_, '_>,
+) -> Option<(Request<RequestBody>, bool)> {
+    if req.version != Some(1) {
+        return None;
+    }
+    let method = Method::from_bytes(req.method?.as_bytes()).ok()?;
+    if method == Method::CONNECT {
+        return None;
+    }
+    let uri = Uri::from_maybe_shared(read.slice_ref(req.path?.as_bytes())).ok()?;
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    let mut close = false;
+    for h in req.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::EXPECT
+            || name == header::UPGRADE
+        {
+            return None;
+        }
+        let value = HeaderValue::from_maybe_shared(read.slice_ref(h.value)).ok()?;
+        if name == header::CONNECTION {
+            close |= has_token(&value, b"close");
+        }
+        headers.append(name, value);
+    }
+    let mut request = Request::new(RequestBody::Empty);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    Some((request, close))
+}
+
+fn has_token(value: &HeaderValue, token: &[u8]) -> bool {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// How a response body is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Exactly this many bytes (what the head's Content-Length says).
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (an HTTP/1.0 response of unknown length).
+    Close,
+    /// None at all (HEAD, 204, 304).
+    Nothing,
+}
+
+/// Writes `resp` as hyper's server would; returns whether the connection can carry
+/// another request (`keep`: the client did not ask to close and no drain began).
+async fn write_response<I>(
+    io: &mut I,
+    out: &mut Vec<u8>,
+    resp: Response<ProxyBody>,
+    head_request: bool,
+    keep: bool,
+) -> io::Result<bool>
+where
+    I: AsyncWrite + Unpin,
+{
+    let (parts, mut body) = resp.into_parts();
+    out.clear();
+    let (framing, mut keep) = encode_head(out, &parts, &body, head_request, keep);
+    if framing == Framing::Nothing {
+        drop(body);
+        io.write_all(out).await?;
+        return Ok(keep);
+    }
+    // The first frame goes out with the head when it is there already (the usual
+    // small answer: one write); a body still to come does not hold the head back.
+    let first = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+        Poll::Ready(frame) => Poll::Ready(Some(frame)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await;
+    let mut sent = 0u64;
+    let mut pending = first;
+    loop {
+        let frame = match pending.take() {
+            Some(frame) => frame,
+            None => {
+                if !out.is_empty() {
+                    io.write_all(out).await?;
+                    out.clear();
+                }
+                body.frame().await
+            }
+        };
+        match frame {
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue; // trailers are not passed on, as hyper does not here
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                sent += data.len() as u64;
+                match framing {
+                    Framing::Length(n) if sent > n => {
+                        return Err(io::Error::other("body longer than its length"))
+                    }
+                    Framing::Chunked => {
+                        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                        out.extend_from_slice(&data);
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    _ => out.extend_from_slice(&data),
+                }
+                if out.len() >= 64 * 1024 {
+                    io.write_all(out).await?;
+                    out.clear();
+                }
+            }
+            Some(Err(_)) => {
+                io.write_all(out).await?;
+                return Ok(false);
+            }
+            None => break,
+        }
+    }
+    match framing {
+        Framing::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+        Framing::Length(n) if sent != n => keep = false,
+        Framing::Close => keep = false,
+        _ => {}
+    }
+    io.write_all(out).await?;
+    out.clear();
+    Ok(keep)
+}
+
+/// The status line and headers, as hyper's server writes them, and how the body
+/// goes and whether the connection stays open after it.
+fn encode_head(
+    out: &mut Vec<u8>,
+    parts: &http::response::Parts,
+    body: &ProxyBody,
+    head_request: bool,
+    keep: bool,
+) -> (Framing, bool) {
+    let status = parts.status;
+    let http10 = parts.version == Version::HTTP_10;
+    let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
+    if !http10 && status == StatusCode::OK && reason.is_none() {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        out.extend_from_slice(if http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        match reason {
+            Some(r) => out.extend_from_slice(r.as_bytes()),
+            None => out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    // What hyper's dispatcher tells its encoder of the body.
+    let known = match body.is_end_stream() {
+        true => Some(0),
+        false => body.size_hint().exact(),
+    };
+    let no_body = head_request || matches!(status.as_u16(), 204 | 304);
+    let may_have_length = !matches!(status.as_u16(), 204 | 304);
+    // hyper writes every Connection value on one line where the first was, adding
+    // `close` when it will close (the client asked, or a drain began).
+    let mut keep = keep;
+    let own_close = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| has_token(v, b"close"));
+    let add_close = !keep && !own_close;
+    keep &= !own_close;
+    let mut length: Option<u64> = None;
+    let mut wrote_date = false;
+    let mut wrote_connection = false;
+    let mut last_name: Option<&HeaderName> = None;
+    for (name, value) in &parts.headers {
+        let repeat = last_name == Some(name);
+        last_name = Some(name);
+        match *name {
+            header::CONTENT_LENGTH => {
+                if repeat {
+                    continue;
+                }
+                let Some(n) = value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                if body.is_end_stream() && !head_request {
+                    // No body to send: the header goes, an implicit 0 is written below.
+                    continue;
+                }
+                length = Some(known.unwrap_or(n));
+            }
+            header::CONNECTION => {
+                if !wrote_connection {
+                    wrote_connection = true;
+                    write_connection(out, &parts.headers, add_close);
+                }
+                continue;
+            }
+            header::TRANSFER_ENCODING | header::TRAILER => continue,
+            header::DATE => wrote_date = true,
+            _ => {}
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !wrote_connection && add_close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    let framing = match (length, known) {
+        (Some(n), _) => Framing::Length(n),
+        (None, Some(n)) => {
+            if may_have_length && (n != 0 || !head_request) {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(n.to_string().as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            Framing::Length(n)
+        }
+        (None, None) if http10 || no_body => Framing::Close,
+        (None, None) => {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            Framing::Chunked
+        }
+    };
+    if !wrote_date {
+        out.extend_from_slice(b"date: ");
+        date::extend(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if no_body {
+        return (Framing::Nothing, keep);
+    }
+    if framing == Framing::Close {
+        keep = false;
+    }
+    (framing, keep)
+}
+
+/// The one `connection` line: every value, then `close` if it is to be added.
+fn write_connection(out: &mut Vec<u8>, headers: &HeaderMap, add_close: bool) {
+    out.extend_from_slice(b"connection: ");
+    for (i, v) in headers.get_all(header::CONNECTION).iter().enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(v.as_bytes());
+    }
+    if add_close {
+        out.extend_from_slice(b", close");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The `date` header's value, made once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+
+    pub(super) fn extend(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHED.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.0 != secs || c.1.is_empty() {
+                *c = (secs, httpdate::fmt_http_date(now));
+            }
+            out.extend_from_slice(c.1.as_bytes());
+        });
+    }
+}
+
+/// A connection given to hyper after this loop read from it: reads yield the bytes
+/// already read first, then the connection's own.
+pub(crate) struct Rewind<I> {
+    prefix: Bytes,
+    inner: I,
+}
+
+impl<I> Rewind<I> {
+    fn new(inner: I, prefix: Bytes) -> Rewind<I> {
+        Rewind { prefix, inner }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &[u8]) -> (Parsed, BytesMut) {
+        let mut buf = BytesMut::from(text);
+        let p = parse_request(&mut buf);
+        (p, buf)
+    }
+
+    #[test]
+    fn only_plain_heads_are_taken() {
+        let (p, rest) = parse(
+            b"GET /a?b HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, close\r\n\r\nGET /next",
+        );
+        let Parsed::Plain(req, close) = p else {
+            panic!("not plain");
+        };
+        assert!(close);
+        assert_eq!(req.uri(), "/a?b");
+        assert_eq!(req.headers()["host"], "x");
+        assert_eq!(&rest[..], b"GET /next");
+        for other in [
+            &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
+            b"GET / HTTP/1.0\r\n\r\n",
+            b"CONNECT x:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
+        ] {
+            let (p, rest) = parse(other);
+            assert!(
+                matches!(p, Parsed::Other),
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+            // Every byte stays for hyper.
+            assert_eq!(&rest[..], other);
+        }
+        let (p, rest) = parse(b"GET / HTTP/1.1\r\nHost: x\r\n");
+        assert!(matches!(p, Parsed::Partial));
+        assert_eq!(&rest[..], b"GET / HTTP/1.1\r\nHost: x\r\n");
+    }
+}
