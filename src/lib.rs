@@ -38,5 +38,7 @@ pub(crate) mod workers;
 pub mod fuzzing {
     pub use crate::broker::resp::{parse as parse_resp, Caps};
     pub use crate::edge::auth::{parse as parse_htpasswd, verify, Hash};
+    pub use crate::edge::fast::fuzz_request;
     pub use crate::edge::path::normalise;
+    pub use crate::transport::http1::fuzz_response;
 }

@@ -593,6 +593,29 @@ impl<K: Keep + Unpin> http_body::Body for Reading<K> {
     }
 }
 
+/// For the fuzz target: a worker's response head and chunked body read from `data`
+/// never panic, never give more body than the bytes that came, and an accepted
+/// head leaves exactly the bytes after it.
+#[doc(hidden)]
+pub fn fuzz_response(data: &[u8]) {
+    let mut buf = BytesMut::from(data);
+    if let Ok(Some(head)) = parse_head(&mut buf) {
+        assert!(buf.len() < data.len());
+        assert_eq!(&buf[..], &data[data.len() - buf.len()..]);
+        let _ = framing(&head, false);
+        let _ = framing(&head, true);
+    }
+    let mut buf = BytesMut::from(data);
+    let mut state = Chunk::Size { n: 0, digits: 0 };
+    let mut meta = 0;
+    let mut body = 0;
+    while let Ok(Step::Data(d)) = chunk_step(&mut state, &mut buf, &mut meta) {
+        body += d.len();
+    }
+    assert!(body <= data.len());
+    assert!(meta <= MAX_CHUNK_META + 1);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
