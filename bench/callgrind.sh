@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # User-space instructions and allocations per proxied request, under callgrind:
 # corral (one serving thread) or nginx (one worker, no master) in front of the
-# bench backend, REQUESTS keep-alive GETs from ab with a browser-like header set.
+# bench backend, keep-alive GETs with a browser-like header set: from wrk (HTTP/1.1,
+# 8 connections, WRK_SECS seconds, the requests counted by wrk) by default, or with
+# CLIENT=ab REQUESTS of them from ab (HTTP/1.0 keep-alive, which corral's fast
+# client-side loop leaves to hyper).
 #   bench/callgrind.sh corral|nginx [REQUESTS]     (prints instructions/request)
 # CORRAL_EXTRA adds TOML to corral's config (e.g. "[experimental]\nhttp1_fast_path = false").
 # Startup is measured with one request and subtracted.
 # CALLGRIND_OUT=file keeps the callgrind output (for callgrind_annotate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-who=$1; n=${2:-20000}
-command -v valgrind >/dev/null && command -v ab >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q valgrind apache2-utils >/dev/null; }
+who=$1; n=${2:-20000}; client=${CLIENT:-wrk}
+command -v valgrind >/dev/null && command -v ab >/dev/null && command -v wrk >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q valgrind apache2-utils wrk >/dev/null; }
 cargo build --profile profiling -q --bin corral --example backend
 work=$(mktemp -d); mkdir -p "$work/tmp"
 port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
@@ -28,12 +31,19 @@ run() { # requests -> callgrind output file
       valgrind --tool=callgrind --callgrind-out-file="$work/out.$1" nginx -p "$work" -c "$work/nginx.conf" >/dev/null 2>&1 & pid=$!;;
   esac
   for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$p/" && break; sleep 0.2; done
-  ab -q -k -n "$1" -c "$(( $1 < 8 ? $1 : 8 ))" -H "User-Agent: Mozilla/5.0 bench" -H "Accept-Encoding: gzip" "http://127.0.0.1:$p/" >/dev/null
+  if [ "$client" = wrk ] && [ "$1" != 1 ]; then
+    wrk -t1 -c8 -d"${WRK_SECS:-20}s" -H "User-Agent: Mozilla/5.0 bench" -H "Accept-Encoding: gzip" "http://127.0.0.1:$p/" > "$work/wrk.out"
+    awk '/requests in/ {print $1}' "$work/wrk.out" > "$work/count"
+  else
+    ab -q -k -n "$1" -c "$(( $1 < 8 ? $1 : 8 ))" -H "User-Agent: Mozilla/5.0 bench" -H "Accept-Encoding: gzip" "http://127.0.0.1:$p/" >/dev/null
+    echo "$1" > "$work/count"
+  fi
   case $who in corral) kill -TERM $pid;; nginx) kill -QUIT $pid;; esac
   wait $pid 2>/dev/null || true
 }
 run 1; run "$n"
 one=$(awk '/^summary:/ {print $2}' "$work/out.1"); all=$(awk '/^summary:/ {print $2}' "$work/out.$n")
-echo "$who: $(( (all - one) / n )) instructions per request (user space)"
-if [ "$who" = corral ]; then python3 bench/allocs.py "$work/out.$n" "$n"; fi
+reqs=$(cat "$work/count")
+echo "$who ($client, $reqs requests): $(( (all - one) / reqs )) instructions per request (user space)"
+if [ "$who" = corral ]; then python3 bench/allocs.py "$work/out.$n" "$reqs"; fi
 if [ -n "${CALLGRIND_OUT:-}" ]; then cp "$work/out.$n" "$CALLGRIND_OUT"; fi

@@ -86,6 +86,10 @@ const REQUESTS: &[&[u8]] = &[
     b"GET /r22 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
     b"GET /r23 HTTP/1.1\r\nHost: localhost\r\nConnection: upgrade\r\n\r\n",
     b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    // Every forwarding and hop-by-hop header a client may forge, with a plain
+    // Connection header (the fast path's direct forwarding rules).
+    b"GET /r25 HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nForwarded: for=6.6.6.6\r\nX-Forwarded-Host: evil\r\nX-Forwarded-Port: 1\r\nX-Forwarded-Prefix: /x\r\nX-Corral-Hop: forged\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: Basic eA==\r\nTrailer: x\r\n\r\n",
+    b"POST /socket.io/?EIO=4&transport=polling&t=r26 HTTP/1.1\r\nHost: localhost:81\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: close\r\nContent-Length: 2\r\n\r\n2a",
 ];
 
 /// A second request sent right behind each of the corpus (pipelined), which closes

@@ -173,7 +173,9 @@ fn build_request(
         return None;
     }
     let uri = Uri::from_maybe_shared(read.slice_ref(req.path?.as_bytes())).ok()?;
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    // Room for the forwarding headers the proxy adds (four, and Host), so the map
+    // does not grow on the way.
+    let mut headers = HeaderMap::with_capacity(req.headers.len() + 5);
     let mut close = false;
     for h in req.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;

@@ -322,6 +322,47 @@ const HAS_HOST: u32 = 1 << 3;
 const UNTRUSTED_DROPPED: u32 = 0b111 << 4;
 const HAS_HOP: u32 = 1 << 7;
 
+/// The forwarding headers of the common request, decided without rewriting its
+/// header map: from an untrusted peer (so every forwarding header the client sent
+/// goes and corral's own replace them), with an origin-form target (its Host is
+/// the client's), and a Connection header that names no other header. None for
+/// anything else, whose map `prepare_request_headers` rewrites. What it gives must
+/// equal what `prepare_request_headers` makes (`tests/fastpath.rs` compares them
+/// through the worker).
+pub(crate) fn direct_forwarding(
+    headers: &HeaderMap,
+    uri: &Uri,
+    peer: &Peer,
+) -> Option<[(HeaderName, HeaderValue); 4]> {
+    if peer.trusted || uri.authority().is_some() {
+        return None;
+    }
+    let plain_connection = headers.get_all(header::CONNECTION).iter().all(|v| {
+        v.as_bytes().split(|&b| b == b',').all(|t| {
+            let t = t.trim_ascii();
+            t.eq_ignore_ascii_case(b"keep-alive")
+                || t.eq_ignore_ascii_case(b"close")
+                || t.is_empty()
+        })
+    });
+    if !plain_connection {
+        return None;
+    }
+    let host = headers.get(header::HOST)?.clone();
+    Some([
+        (X_FORWARDED_FOR, peer.ip.clone()),
+        (X_REAL_IP, peer.ip.clone()),
+        (X_FORWARDED_PROTO, HeaderValue::from_static(peer.scheme)),
+        (X_FORWARDED_HOST, host),
+    ])
+}
+
+/// Whether a client's header stays behind when `direct_forwarding` applies: the
+/// hop-by-hop ones and every forwarding header (corral's own take their place).
+pub(crate) fn dropped_direct(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || FORWARDING.contains(name)
+}
+
 /// Header rules for a request going to a worker: hop-by-hop headers out (but the
 /// upgrade pair kept for a websocket), forwarded headers in, Host kept.
 pub(crate) fn prepare_request_headers(

@@ -16,8 +16,9 @@ use crate::engineio::sidtag::{self, Sid};
 use crate::observe::counters::Counters;
 use crate::proxy::answer::{self, short};
 use crate::proxy::forward::{
-    declared_length, is_idempotent, origin_form, prepare_request_headers, strip_hop_by_hop,
-    upstream_request, Forwarder, Peer, Replay, Target, Ticket,
+    declared_length, direct_forwarding, dropped_direct, is_idempotent, origin_form,
+    prepare_request_headers, strip_hop_by_hop, upstream_request, Forwarder, Peer, Replay, Target,
+    Ticket,
 };
 use crate::proxy::tunnel::Tunnels;
 use crate::transport::body::{self, Fault, Guarded, Limited, Prefixed, ProxyBody, RequestBody};
@@ -372,8 +373,19 @@ impl Proxy {
         // headers that carry it (Transfer-Encoding) are stripped.
         let bodiless = incoming.is_end_stream();
         let mut headers = parts.headers;
-        prepare_request_headers(&mut headers, &parts.uri, &peer, false);
-        self.forward.mark_hop(&mut headers, &target.ticket);
+        // A request the fast path will carry (its body in hand) usually gets its
+        // forwarding headers written straight into the bytes sent (`direct`); any
+        // other has its header map rewritten.
+        let fast = self.cfg.experimental.http1_fast_path
+            && (bodiless || (is_eio && parts.method == Method::POST))
+            && !matches!(target.ticket, Ticket::Hop);
+        let direct = fast
+            .then(|| direct_forwarding(&headers, &parts.uri, &peer))
+            .flatten();
+        if direct.is_none() {
+            prepare_request_headers(&mut headers, &parts.uri, &peer, false);
+            self.forward.mark_hop(&mut headers, &target.ticket);
+        }
         if matches!(target.ticket, Ticket::New(_)) {
             self.metrics.handshakes.fetch_add(1, Ordering::Relaxed);
             // The sid must be readable in the handshake response.
@@ -409,10 +421,19 @@ impl Proxy {
             Err(limited.boxed_unsync())
         };
         let mut outgoing = match in_hand {
-            Ok(whole) if self.cfg.experimental.http1_fast_path => {
-                Outgoing::Fast(http1::encode(&parts.method, &uri, &headers, whole))
+            Ok(whole) if fast => {
+                let request = match &direct {
+                    Some(added) => {
+                        http1::encode(&parts.method, &uri, &headers, dropped_direct, added, whole)
+                    }
+                    None => http1::encode(&parts.method, &uri, &headers, |_| false, &[], whole),
+                };
+                Outgoing::Fast(request)
             }
             in_hand => {
+                if direct.is_some() {
+                    prepare_request_headers(&mut headers, &parts.uri, &peer, false);
+                }
                 let replay = replayable.then(|| Replay {
                     method: parts.method.clone(),
                     uri: uri.clone(),

@@ -87,22 +87,32 @@ pub struct Request {
     head: bool,
 }
 
-/// The request as a worker gets it: `uri` in origin form, HTTP/1.1, `headers` as
-/// the proxy left them, and `body` framed by a Content-Length written here (any the
-/// headers carry is replaced, so the framing always matches the bytes sent).
-pub fn encode(method: &Method, uri: &Uri, headers: &HeaderMap, body: Bytes) -> Request {
+/// The request as a worker gets it: `uri` in origin form, HTTP/1.1, `headers` but
+/// those `skip` names, then `added`, and `body` framed by a Content-Length written
+/// here (any the headers carry is replaced, so the framing always matches the bytes
+/// sent).
+pub fn encode(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    skip: impl Fn(&HeaderName) -> bool,
+    added: &[(HeaderName, HeaderValue)],
+    body: Bytes,
+) -> Request {
     let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let mut out = Vec::with_capacity(64 + target.len() + headers.len() * 40 + body.len());
+    let lines = headers.len() + added.len();
+    let mut out = Vec::with_capacity(64 + target.len() + lines * 40 + body.len());
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut declared = false;
-    for (name, value) in headers {
-        if name == header::CONTENT_LENGTH {
-            declared = true;
-            continue;
-        }
+    let kept = headers.iter().filter(|(name, _)| {
+        let length = *name == header::CONTENT_LENGTH;
+        declared |= length;
+        !length && !skip(name)
+    });
+    for (name, value) in kept.chain(added.iter().map(|(n, v)| (n, v))) {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -266,7 +276,11 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
         .filter(|r| status.canonical_reason() != Some(*r))
         .and_then(|r| hyper::ext::ReasonPhrase::try_from(read.slice_ref(r.as_bytes())).ok());
     if read.len() > len {
-        *buf = BytesMut::from(&read[len..]);
+        // Room for the next read too, so the body's next bytes need no realloc.
+        let rest = &read[len..];
+        let mut kept = BytesMut::with_capacity(rest.len().max(READ_SIZE));
+        kept.extend_from_slice(rest);
+        *buf = kept;
     }
     Ok(Some(Head {
         status,
@@ -772,13 +786,38 @@ mod tests {
         headers.insert(header::HOST, HeaderValue::from_static("a"));
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
         let uri: Uri = "/x?y=1".parse().expect("uri");
-        let req = encode(&Method::POST, &uri, &headers, Bytes::from_static(b"abc"));
+        let req = encode(
+            &Method::POST,
+            &uri,
+            &headers,
+            |_| false,
+            &[],
+            Bytes::from_static(b"abc"),
+        );
         assert_eq!(
             &req.bytes[..],
             b"POST /x?y=1 HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\nabc"
         );
         headers.remove(header::CONTENT_LENGTH);
-        let req = encode(&Method::GET, &uri, &headers, Bytes::new());
+        let req = encode(&Method::GET, &uri, &headers, |_| false, &[], Bytes::new());
         assert_eq!(&req.bytes[..], b"GET /x?y=1 HTTP/1.1\r\nhost: a\r\n\r\n");
+        // Skipped names out, added ones last.
+        headers.insert("x-drop", HeaderValue::from_static("1"));
+        let added = [(
+            HeaderName::from_static("x-add"),
+            HeaderValue::from_static("2"),
+        )];
+        let req = encode(
+            &Method::GET,
+            &uri,
+            &headers,
+            |n| n == "x-drop",
+            &added,
+            Bytes::new(),
+        );
+        assert_eq!(
+            &req.bytes[..],
+            b"GET /x?y=1 HTTP/1.1\r\nhost: a\r\nx-add: 2\r\n\r\n"
+        );
     }
 }
