@@ -4,7 +4,7 @@
 # bench backend, keep-alive GETs with a browser-like header set: from wrk (HTTP/1.1,
 # 8 connections, WRK_SECS seconds, the requests counted by wrk) by default, or with
 # CLIENT=ab REQUESTS of them from ab (HTTP/1.0 keep-alive, which corral's fast
-# client-side loop leaves to hyper).
+# client-side loop leaves to hyper). CLOSE=1: a new connection per request (wrk).
 #   bench/callgrind.sh corral|nginx [REQUESTS]     (prints instructions/request)
 # CORRAL_EXTRA adds TOML to corral's config (e.g. "[experimental]\nhttp1_fast_path = false").
 # Startup is measured with one request and subtracted.
@@ -32,7 +32,8 @@ run() { # requests -> callgrind output file
   esac
   for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$p/" && break; sleep 0.2; done
   if [ "$client" = wrk ] && [ "$1" != 1 ]; then
-    wrk -t1 -c8 -d"${WRK_SECS:-20}s" -H "User-Agent: Mozilla/5.0 bench" -H "Accept-Encoding: gzip" "http://127.0.0.1:$p/" > "$work/wrk.out"
+    wrk -t1 -c8 -d"${WRK_SECS:-20}s" -H "User-Agent: Mozilla/5.0 bench" -H "Accept-Encoding: gzip" \
+      ${CLOSE:+-H "Connection: close"} "http://127.0.0.1:$p/" > "$work/wrk.out"
     awk '/requests in/ {print $1}' "$work/wrk.out" > "$work/count"
   else
     ab -q -k -n "$1" -c "$(( $1 < 8 ? $1 : 8 ))" -H "User-Agent: Mozilla/5.0 bench" -H "Accept-Encoding: gzip" "http://127.0.0.1:$p/" >/dev/null

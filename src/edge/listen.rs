@@ -310,7 +310,10 @@ async fn accept_loop(
             Kind::Tls(acceptor) => {
                 let acceptor = acceptor.clone();
                 let handshake = cfg.timeouts.header_read;
-                tasks.spawn(async move {
+                // Boxed: the task's future holds TLS, the fast loop and hyper's
+                // connection, and tokio moves a task's future a few times as it
+                // spawns it (thousands of bytes for each new connection otherwise).
+                tasks.spawn(Box::pin(async move {
                     let accepting = tokio::time::timeout(handshake, acceptor.accept(stream));
                     let tls = tokio::select! {
                         r = accepting => match r {
@@ -332,7 +335,8 @@ async fn accept_loop(
                     }
                     let tls = match fast {
                         Some(limits) => {
-                            match fast::serve(tls, &gate, &peer, limits, &draining).await {
+                            match Box::pin(fast::serve(tls, &gate, &peer, limits, &draining)).await
+                            {
                                 fast::Outcome::Closed => return,
                                 fast::Outcome::Handover(io) => Either::Right(io),
                             }
@@ -344,10 +348,10 @@ async fn accept_loop(
                         .serve_connection(TokioIo::new(tls), service)
                         .with_upgrades();
                     until_drained(conn, draining).await
-                });
+                }));
             }
             _ => {
-                tasks.spawn(async move {
+                tasks.spawn(Box::pin(async move {
                     match &protocols.h2c {
                         Some(auto) => {
                             let conn = auto
@@ -358,7 +362,10 @@ async fn accept_loop(
                         None => {
                             let stream = match fast {
                                 Some(limits) => {
-                                    match fast::serve(stream, &gate, &peer, limits, &draining).await
+                                    match Box::pin(fast::serve(
+                                        stream, &gate, &peer, limits, &draining,
+                                    ))
+                                    .await
                                     {
                                         fast::Outcome::Closed => return,
                                         fast::Outcome::Handover(io) => Either::Right(io),
@@ -373,7 +380,7 @@ async fn accept_loop(
                             until_drained(conn, draining).await
                         }
                     }
-                });
+                }));
             }
         }
     }
