@@ -42,6 +42,10 @@ pub(crate) struct Limits {
     /// Time for a whole request head, from the end of the previous answer (hyper's
     /// `header_read_timeout`, which also closes idle keep-alive connections).
     pub header_read: Duration,
+    /// Shut the connection down before closing it after an answer: over TLS that
+    /// sends close_notify. A plain socket's close sends the same FIN as a shutdown
+    /// right before it would, so it is one system call saved per such answer.
+    pub shutdown: bool,
 }
 
 /// How the loop left a connection.
@@ -102,7 +106,9 @@ where
         match write_response(&mut io, &mut out, resp, head_request, keep).await {
             Ok(true) => {}
             Ok(false) | Err(_) => {
-                let _ = io.shutdown().await;
+                if limits.shutdown {
+                    let _ = io.shutdown().await;
+                }
                 return Outcome::Closed;
             }
         }

@@ -251,6 +251,7 @@ async fn accept_loop(
     let fast_limits = cfg.experimental.http1_fast_server.then(|| fast::Limits {
         max_head: cfg.limits.max_header.max(8192) as usize,
         header_read: cfg.timeouts.header_read,
+        shutdown: matches!(kind, Kind::Tls(_)),
     });
     loop {
         let (stream, addr) = tokio::select! {
