@@ -334,21 +334,8 @@ async fn accept_loop(
                         until_drained(protocols.h2.serve_connection(io, service), draining).await;
                         return;
                     }
-                    let tls = match fast {
-                        Some(limits) => {
-                            match Box::pin(fast::serve(tls, &gate, &peer, limits, &draining)).await
-                            {
-                                fast::Outcome::Closed => return,
-                                fast::Outcome::Handover(io) => Either::Right(io),
-                            }
-                        }
-                        None => Either::Left(tls),
-                    };
-                    let conn = protocols
-                        .h1
-                        .serve_connection(TokioIo::new(tls), service)
-                        .with_upgrades();
-                    until_drained(conn, draining).await
+                    let fast = fast.map(|limits| (limits, &gate, &peer));
+                    serve_http1(tls, fast, &protocols.h1, service, draining).await
                 }));
             }
             _ => {
@@ -361,30 +348,47 @@ async fn accept_loop(
                             until_drained(conn, draining).await
                         }
                         None => {
-                            let stream = match fast {
-                                Some(limits) => {
-                                    match Box::pin(fast::serve(
-                                        stream, &gate, &peer, limits, &draining,
-                                    ))
-                                    .await
-                                    {
-                                        fast::Outcome::Closed => return,
-                                        fast::Outcome::Handover(io) => Either::Right(io),
-                                    }
-                                }
-                                None => Either::Left(stream),
-                            };
-                            let conn = protocols
-                                .h1
-                                .serve_connection(TokioIo::new(stream), service)
-                                .with_upgrades();
-                            until_drained(conn, draining).await
+                            let fast = fast.map(|limits| (limits, &gate, &peer));
+                            serve_http1(stream, fast, &protocols.h1, service, draining).await
                         }
                     }
                 }));
             }
         }
     }
+}
+
+/// HTTP/1.1 on a connection: its plain requests on the fast loop (`fast`, when on)
+/// and, from the first other request (or from the start), hyper's server with the
+/// bytes the loop read; either way until the connection closes or is drained.
+async fn serve_http1<I, S>(
+    io: I,
+    fast: Option<(fast::Limits, &Arc<Gate>, &Peer)>,
+    h1: &hyper::server::conn::http1::Builder,
+    service: S,
+    draining: CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: http_body::Body + Send + 'static,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let io = match fast {
+        // Boxed: the loop's future holds a whole request's (a few KB), and it is
+        // moved into place once per connection rather than with the task each time.
+        Some((limits, gate, peer)) => {
+            match Box::pin(fast::serve(io, gate, peer, limits, &draining)).await {
+                fast::Outcome::Closed => return,
+                fast::Outcome::Handover(io) => Either::Right(io),
+            }
+        }
+        None => Either::Left(io),
+    };
+    let conn = h1
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    until_drained(conn, draining).await
 }
 
 /// How client connections are served: HTTP/1.1, HTTP/2 (chosen by ALPN over TLS),
