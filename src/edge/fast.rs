@@ -16,6 +16,8 @@
 use crate::edge::gate::Gate;
 use crate::proxy::forward::Peer;
 use crate::transport::body::{ProxyBody, RequestBody};
+// A request head with more lines than hyper allows goes to hyper (431).
+use crate::transport::http1::{has_token, read_ahead, wants_close, MAX_HEADERS, READ_SIZE};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -29,10 +31,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
-
-/// hyper's limit on request header lines; a head with more goes to hyper (431).
-const MAX_HEADERS: usize = 100;
-const READ_SIZE: usize = 8192;
 
 /// What the loop needs to know of the listener's limits.
 #[derive(Debug, Clone, Copy)]
@@ -155,9 +153,7 @@ fn parse_request(buf: &mut BytesMut) -> Parsed {
     if read.len() > len || built.is_none() {
         // A pipelined request after this one, or a head for hyper: the bytes stay.
         let from = if built.is_some() { len } else { 0 };
-        let mut rest = BytesMut::with_capacity((read.len() - from).max(READ_SIZE));
-        rest.extend_from_slice(&read[from..]);
-        *buf = rest;
+        *buf = read_ahead(&read[from..]);
     }
     match built {
         Some((req, close)) => Parsed::Plain(req, close),
@@ -204,13 +200,6 @@ fn build_request(
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
     Some((request, close))
-}
-
-fn has_token(value: &HeaderValue, token: &[u8]) -> bool {
-    value
-        .as_bytes()
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// How a response body is sent.
@@ -346,11 +335,7 @@ fn encode_head(
     // hyper writes every Connection value on one line where the first was, adding
     // `close` when it will close (the client asked, or a drain began).
     let mut keep = keep;
-    let own_close = parts
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| has_token(v, b"close"));
+    let own_close = wants_close(&parts.headers);
     let add_close = !keep && !own_close;
     keep &= !own_close;
     let mut length: Option<u64> = None;

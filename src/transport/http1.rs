@@ -24,14 +24,16 @@ use tokio::net::TcpStream;
 
 use crate::transport::body::BoxError;
 
-/// Most headers in a response head, and most bytes of one (hyper's client limits).
-const MAX_HEADERS: usize = 100;
+/// Most header lines in a head (hyper's limit, both ways; `edge::fast` uses it for
+/// requests).
+pub(crate) const MAX_HEADERS: usize = 100;
+/// Most bytes of a response head (hyper's client limit).
 const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// Most bytes of chunk extensions and trailers together in one body (hyper's limit
 /// on extensions); trailers are read and dropped.
 const MAX_CHUNK_META: usize = 16 * 1024;
-/// Bytes asked for per read.
-const READ_SIZE: usize = 8192;
+/// Bytes asked for per read (here and in `edge::fast`).
+pub(crate) const READ_SIZE: usize = 8192;
 
 /// An open connection to a worker, with what was read past the last message
 /// (always nothing while it is parked).
@@ -276,11 +278,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
         .filter(|r| status.canonical_reason() != Some(*r))
         .and_then(|r| hyper::ext::ReasonPhrase::try_from(read.slice_ref(r.as_bytes())).ok());
     if read.len() > len {
-        // Room for the next read too, so the body's next bytes need no realloc.
-        let rest = &read[len..];
-        let mut kept = BytesMut::with_capacity(rest.len().max(READ_SIZE));
-        kept.extend_from_slice(rest);
-        *buf = kept;
+        *buf = read_ahead(&read[len..]);
     }
     Ok(Some(Head {
         status,
@@ -348,12 +346,28 @@ fn ends_chunked(headers: &HeaderMap) -> bool {
         .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
-fn wants_close(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-    })
+/// Whether a Connection header's values say `close`.
+pub(crate) fn wants_close(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| has_token(v, b"close"))
+}
+
+/// Whether a comma-separated header value lists `token` (any case).
+pub(crate) fn has_token(value: &HeaderValue, token: &[u8]) -> bool {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Bytes read past a message, kept for the next one in a buffer with room for
+/// the next read too (so that read needs no reallocation).
+pub(crate) fn read_ahead(rest: &[u8]) -> BytesMut {
+    let mut kept = BytesMut::with_capacity(rest.len().max(READ_SIZE));
+    kept.extend_from_slice(rest);
+    kept
 }
 
 /// Where a body's reading is.

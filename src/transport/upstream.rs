@@ -54,8 +54,8 @@ const SHARDS: usize = 16;
 /// and the fast path's (`http1`), kept apart.
 #[derive(Default)]
 pub struct Idle {
-    shards: [Mutex<VecDeque<Parked>>; SHARDS],
-    raw: [Mutex<VecDeque<RawParked>>; SHARDS],
+    hyper: Shelf<SendRequest<ProxyBody>>,
+    raw: Shelf<http1::Conn>,
 }
 
 impl std::fmt::Debug for Idle {
@@ -64,14 +64,94 @@ impl std::fmt::Debug for Idle {
     }
 }
 
-struct Parked {
-    sender: SendRequest<ProxyBody>,
+/// A connection that can tell whether it can still take a request.
+trait Open {
+    fn is_open(&mut self) -> bool;
+}
+
+impl Open for SendRequest<ProxyBody> {
+    fn is_open(&mut self) -> bool {
+        !self.is_closed()
+    }
+}
+
+impl Open for http1::Conn {
+    fn is_open(&mut self) -> bool {
+        self.is_fresh()
+    }
+}
+
+/// Parked connections of one kind, a last-in-first-out set per serving thread.
+struct Shelf<C> {
+    shards: [Mutex<VecDeque<Parked<C>>>; SHARDS],
+}
+
+impl<C> Default for Shelf<C> {
+    fn default() -> Self {
+        Shelf {
+            shards: std::array::from_fn(|_| Mutex::new(VecDeque::new())),
+        }
+    }
+}
+
+struct Parked<C> {
+    conn: C,
     since: Instant,
 }
 
-struct RawParked {
-    conn: http1::Conn,
-    since: Instant,
+impl<C: Open> Shelf<C> {
+    /// This thread's set.
+    fn mine(&self) -> std::sync::MutexGuard<'_, VecDeque<Parked<C>>> {
+        lock(&self.shards[crate::runtime::lanes::current() % SHARDS])
+    }
+
+    /// Those still open.
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                lock(s)
+                    .iter_mut()
+                    .map(|p| p.conn.is_open())
+                    .filter(|o| *o)
+                    .count()
+            })
+            .sum()
+    }
+
+    fn clear(&self) {
+        for shard in &self.shards {
+            let drained: Vec<Parked<C>> = lock(shard).drain(..).collect();
+            drop(drained);
+        }
+    }
+
+    /// The most recently parked connection still young enough to use and open.
+    fn take(&self, idle_timeout: Duration) -> Option<C> {
+        let mut conns = self.mine();
+        while let Some(mut p) = conns.pop_back() {
+            if p.since.elapsed() < idle_timeout && p.conn.is_open() {
+                return Some(p.conn);
+            }
+        }
+        None
+    }
+
+    fn park(&self, conn: C, idle_timeout: Duration) {
+        let now = Instant::now();
+        let mut conns = self.mine();
+        // The oldest are at the front; drop those past their time so a quiet worker
+        // does not hold connections it has long stopped wanting.
+        while conns
+            .front()
+            .is_some_and(|p| now.duration_since(p.since) >= idle_timeout)
+        {
+            conns.pop_front();
+        }
+        if conns.len() < MAX_IDLE {
+            conns.push_back(Parked { conn, since: now });
+        }
+    }
 }
 
 /// Why a request got no response.
@@ -133,10 +213,10 @@ impl crate::transport::body::Guard for Lease {
         let Some(sender) = self.sender.take() else {
             return;
         };
-        if self.sent_whole.get() {
-            self.home.idle().park(sender, self.idle_timeout);
-        } else {
+        if !self.sent_whole.get() {
             tracing::debug!("request not sent whole; worker connection closed, not reused");
+        } else if !sender.is_closed() {
+            self.home.idle().hyper.park(sender, self.idle_timeout);
         }
     }
 }
@@ -144,23 +224,7 @@ impl crate::transport::body::Guard for Lease {
 impl Idle {
     /// Idle connections still open (those the worker closed are counted out).
     pub fn len(&self) -> usize {
-        let hyper: usize = self
-            .shards
-            .iter()
-            .map(|s| lock(s).iter().filter(|p| !p.sender.is_closed()).count())
-            .sum();
-        let raw: usize = self
-            .raw
-            .iter()
-            .map(|s| {
-                lock(s)
-                    .iter_mut()
-                    .map(|p| p.conn.is_fresh())
-                    .filter(|fresh| *fresh)
-                    .count()
-            })
-            .sum();
-        hyper + raw
+        self.hyper.len() + self.raw.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -169,74 +233,8 @@ impl Idle {
 
     /// Closes every idle connection (the worker went down or away).
     pub fn clear(&self) {
-        for shard in &self.shards {
-            let drained: Vec<Parked> = lock(shard).drain(..).collect();
-            drop(drained);
-        }
-        for shard in &self.raw {
-            let drained: Vec<RawParked> = lock(shard).drain(..).collect();
-            drop(drained);
-        }
-    }
-
-    /// The most recently parked fast-path connection still young and open.
-    fn take_raw(&self, idle_timeout: Duration) -> Option<http1::Conn> {
-        let mut conns = lock(&self.raw[crate::runtime::lanes::current() % SHARDS]);
-        while let Some(mut p) = conns.pop_back() {
-            if p.since.elapsed() < idle_timeout && p.conn.is_fresh() {
-                return Some(p.conn);
-            }
-        }
-        None
-    }
-
-    fn park_raw(&self, conn: http1::Conn, idle_timeout: Duration) {
-        let now = Instant::now();
-        let mut conns = lock(&self.raw[crate::runtime::lanes::current() % SHARDS]);
-        while conns
-            .front()
-            .is_some_and(|p| now.duration_since(p.since) >= idle_timeout)
-        {
-            conns.pop_front();
-        }
-        if conns.len() < MAX_IDLE {
-            conns.push_back(RawParked { conn, since: now });
-        }
-    }
-
-    /// This thread's set.
-    fn mine(&self) -> std::sync::MutexGuard<'_, VecDeque<Parked>> {
-        lock(&self.shards[crate::runtime::lanes::current() % SHARDS])
-    }
-
-    /// The most recently parked connection still young enough to use.
-    fn take(&self, idle_timeout: Duration) -> Option<SendRequest<ProxyBody>> {
-        let mut conns = self.mine();
-        while let Some(p) = conns.pop_back() {
-            if p.since.elapsed() < idle_timeout && !p.sender.is_closed() {
-                return Some(p.sender);
-            }
-        }
-        None
-    }
-
-    fn park(&self, sender: SendRequest<ProxyBody>, idle_timeout: Duration) {
-        if sender.is_closed() {
-            return;
-        }
-        let now = Instant::now();
-        let mut conns = self.mine();
-        // The oldest are at the front; drop those past their time so a quiet worker
-        // does not hold connections it has long stopped wanting.
-        while conns
-            .front()
-            .is_some_and(|p| now.duration_since(p.since) >= idle_timeout)
-        {
-            conns.pop_front();
-        }
-        if conns.len() < MAX_IDLE {
-            conns.push_back(Parked { sender, since: now });
-        }
+        self.hyper.clear();
+        self.raw.clear();
     }
 }
 
@@ -289,7 +287,7 @@ pub struct Parking {
 
 impl http1::Keep for Parking {
     fn keep(self, conn: http1::Conn) {
-        self.home.idle().park_raw(conn, self.idle_timeout);
+        self.home.idle().raw.park(conn, self.idle_timeout);
     }
 }
 
@@ -308,7 +306,7 @@ pub async fn send_fast(
     fresh: bool,
 ) -> Result<FastAnswer, SendError> {
     let idle = (!fresh)
-        .then(|| home.idle().take_raw(settings.idle_timeout))
+        .then(|| home.idle().raw.take(settings.idle_timeout))
         .flatten();
     let reused = idle.is_some();
     let conn = match idle {
@@ -330,10 +328,10 @@ pub async fn send_fast(
 /// An idle connection for hyper's client: one of its own, else a fast-path one
 /// handed over, so a streamed request goes out on a warm connection too.
 async fn idle_sender(home: &Arc<dyn Home>, settings: &Settings) -> Option<SendRequest<ProxyBody>> {
-    if let Some(sender) = home.idle().take(settings.idle_timeout) {
+    if let Some(sender) = home.idle().hyper.take(settings.idle_timeout) {
         return Some(sender);
     }
-    let conn = home.idle().take_raw(settings.idle_timeout)?;
+    let conn = home.idle().raw.take(settings.idle_timeout)?;
     handshake(conn.into_stream(), settings).await.ok()
 }
 
