@@ -291,3 +291,25 @@ fn a_parked_connection_closed_by_the_worker_is_not_used() {
         .collect();
     assert_ne!(canned.last().map(|s| s.conn), posted.last().map(|s| s.conn));
 }
+
+/// An answer to `Connection: close` ends the connection: the client reads that one
+/// answer and then end of stream at once, and a request pipelined behind it is
+/// never served (the fast loop closes a plain socket without a shutdown first; its
+/// close sends the FIN).
+#[test]
+fn a_closing_answer_ends_the_connection() {
+    let worker = RawWorker::start(Mode::Echo);
+    let corral = corral_for(&worker, true);
+    let mut s = TcpStream::connect(corral.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\nGET /y HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("write");
+    let mut got = Vec::new();
+    let ended = s.read_to_end(&mut got);
+    assert!(ended.is_ok(), "no end of stream: {ended:?}");
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert!(worker.seen_for("/y").is_empty());
+}
