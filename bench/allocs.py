@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Allocations per request from callgrind output: calls into the global allocator
-(__rust_alloc, __rust_alloc_zeroed, __rust_realloc) divided by the requests.
+"""Allocations per request from callgrind output: calls into mimalloc's entry points
+(what Rust's global allocator calls; `__rust_alloc` and its kin are inlined away
+in an LTO build) divided by the requests.
 
     python3 bench/allocs.py callgrind.out REQUESTS [callgrind.out REQUESTS ...]
 """
 import re, sys
-def count(path, names=("__rust_alloc", "__rust_alloc_zeroed", "__rust_realloc")):
+def count(path, names=("mi_malloc", "mi_zalloc", "mi_realloc", "mi_malloc_aligned", "mi_zalloc_aligned", "mi_realloc_aligned")):
     ids = {}
     total = {n: 0 for n in names}
     cur = None
@@ -31,4 +32,4 @@ def count(path, names=("__rust_alloc", "__rust_alloc_zeroed", "__rust_realloc"))
     return total
 for path, n in zip(sys.argv[1::2], sys.argv[2::2]):
     t = count(path)
-    print(path, {k: round(v / int(n), 2) for k, v in t.items()})
+    print(path, {k: round(v / int(n), 2) for k, v in t.items() if v})

@@ -13,18 +13,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 who=$1; n=${2:-20000}; client=${CLIENT:-wrk}
 command -v valgrind >/dev/null && command -v ab >/dev/null && command -v wrk >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q valgrind apache2-utils wrk >/dev/null; }
+tgt=${CARGO_TARGET_DIR:-target}
 cargo build --profile profiling -q --bin corral --example backend
 work=$(mktemp -d); mkdir -p "$work/tmp"
 port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 backend=$(port)
-target/profiling/examples/backend "127.0.0.1:$backend" 2>/dev/null & bp=$!
+$tgt/profiling/examples/backend "127.0.0.1:$backend" 2>/dev/null & bp=$!
 trap 'kill $bp 2>/dev/null; rm -rf "$work"' EXIT
 run() { # requests -> callgrind output file
   local p; p=$(port)
   case $who in
     corral)
       printf 'listen = ["127.0.0.1:%s"]\nupstreams = ["127.0.0.1:%s"]\nadmin_socket = "%s/c.sock"\nthreads = 1\n%b\n' "$p" "$backend" "$work" "${CORRAL_EXTRA:-}" > "$work/c.toml"
-      valgrind --tool=callgrind --callgrind-out-file="$work/out.$1" target/profiling/corral run -c "$work/c.toml" >/dev/null 2>&1 & pid=$!;;
+      valgrind --tool=callgrind --callgrind-out-file="$work/out.$1" $tgt/profiling/corral run -c "$work/c.toml" >/dev/null 2>&1 & pid=$!;;
     nginx)
       sed -e "s#@PORT@#$p#g" -e "s#@BACKEND@#$backend#g" -e "s#@DIR@#$work#g" \
           -e 's/worker_processes auto;/worker_processes 1; master_process off; daemon off;/' bench/conf/nginx.conf.in > "$work/nginx.conf"

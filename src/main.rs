@@ -10,7 +10,48 @@ use std::process::ExitCode;
 // per-thread pages make that several times cheaper than glibc's malloc (about 15 %
 // of corral's instructions under load with glibc, by callgrind).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: Mimalloc = Mimalloc;
+
+/// mimalloc, asked for a plain block whenever the alignment wanted is one every
+/// block has. The `mimalloc` crate always calls the aligned entry points, whose
+/// slow path over-allocates: 4 of a proxied request's 18 allocations took it, at
+/// about 350 instructions each.
+struct Mimalloc;
+
+/// Every block mimalloc hands out is aligned to a word at least.
+const PLAIN_ALIGN: usize = std::mem::size_of::<usize>();
+
+// SAFETY: each call is mimalloc's own for that purpose; a block is freed by
+// `mi_free` whichever entry point made it.
+unsafe impl std::alloc::GlobalAlloc for Mimalloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        use libmimalloc_sys::{mi_malloc, mi_malloc_aligned};
+        match layout.align() <= PLAIN_ALIGN {
+            true => mi_malloc(layout.size()).cast(),
+            false => mi_malloc_aligned(layout.size(), layout.align()).cast(),
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        use libmimalloc_sys::{mi_zalloc, mi_zalloc_aligned};
+        match layout.align() <= PLAIN_ALIGN {
+            true => mi_zalloc(layout.size()).cast(),
+            false => mi_zalloc_aligned(layout.size(), layout.align()).cast(),
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, _layout: std::alloc::Layout) {
+        libmimalloc_sys::mi_free(ptr.cast());
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        use libmimalloc_sys::{mi_realloc, mi_realloc_aligned};
+        match layout.align() <= PLAIN_ALIGN {
+            true => mi_realloc(ptr.cast(), size).cast(),
+            false => mi_realloc_aligned(ptr.cast(), size, layout.align()).cast(),
+        }
+    }
+}
 
 /// `corral --version`: the version and the commit it was built from.
 const VERSION: &str = concat!(

@@ -44,6 +44,58 @@ pub(crate) struct Limits {
     /// sends close_notify. A plain socket's close sends the same FIN as a shutdown
     /// right before it would, so it is one system call saved per such answer.
     pub shutdown: bool,
+    /// The socket still has Nagle's algorithm on: the loop turns it off before the
+    /// connection's second write (and at a hand-over), as nginx turns it off only for
+    /// a connection it keeps alive. A first write goes out at once either way, so a
+    /// connection that carries one answer in one write saves the system call.
+    pub nagle: bool,
+}
+
+/// A client connection's socket, whose Nagle's algorithm can be turned off.
+pub(crate) trait NoDelay {
+    /// Sets TCP_NODELAY.
+    fn no_delay(&self);
+}
+
+impl NoDelay for tokio::net::TcpStream {
+    fn no_delay(&self) {
+        let _ = self.set_nodelay(true);
+    }
+}
+
+impl NoDelay for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    fn no_delay(&self) {
+        self.get_ref().0.no_delay()
+    }
+}
+
+/// Whether Nagle's algorithm is still on, and whether anything was written yet.
+struct Nagle {
+    on: bool,
+    wrote: bool,
+}
+
+impl Nagle {
+    /// Called before each write of `bytes`: turns the algorithm off before the
+    /// second that sends anything.
+    fn before_write<I: NoDelay>(&mut self, io: &I, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.on && self.wrote {
+            io.no_delay();
+            self.on = false;
+        }
+        self.wrote = true;
+    }
+
+    /// Hyper's server writes as it likes: off before the hand-over.
+    fn hand_over<I: NoDelay>(&mut self, io: &I) {
+        if self.on {
+            io.no_delay();
+            self.on = false;
+        }
+    }
 }
 
 /// How the loop left a connection.
@@ -65,8 +117,12 @@ pub(crate) async fn serve<I>(
     draining: &CancellationToken,
 ) -> Outcome<I>
 where
-    I: AsyncRead + AsyncWrite + Unpin,
+    I: AsyncRead + AsyncWrite + Unpin + NoDelay,
 {
+    let mut nagle = Nagle {
+        on: limits.nagle,
+        wrote: false,
+    };
     let mut buf = BytesMut::with_capacity(READ_SIZE);
     let mut out = Vec::with_capacity(1024);
     let deadline = tokio::time::sleep(limits.header_read);
@@ -78,9 +134,13 @@ where
         let (req, client_close) = loop {
             match parse_request(&mut buf) {
                 Parsed::Plain(req, close) => break (req, close),
-                Parsed::Other => return Outcome::Handover(Rewind::new(io, buf.freeze())),
+                Parsed::Other => {
+                    nagle.hand_over(&io);
+                    return Outcome::Handover(Rewind::new(io, buf.freeze()));
+                }
                 Parsed::Partial if buf.len() >= limits.max_head => {
-                    return Outcome::Handover(Rewind::new(io, buf.freeze()))
+                    nagle.hand_over(&io);
+                    return Outcome::Handover(Rewind::new(io, buf.freeze()));
                 }
                 Parsed::Partial => {}
             }
@@ -101,7 +161,7 @@ where
         let head_request = req.method() == Method::HEAD;
         let Ok(resp) = gate.clone().handle(req, peer.clone()).await;
         let keep = !client_close && !draining.is_cancelled();
-        match write_response(&mut io, &mut out, resp, head_request, keep).await {
+        match write_response(&mut io, &mut nagle, &mut out, resp, head_request, keep).await {
             Ok(true) => {}
             Ok(false) | Err(_) => {
                 if limits.shutdown {
@@ -218,19 +278,21 @@ enum Framing {
 /// another request (`keep`: the client did not ask to close and no drain began).
 async fn write_response<I>(
     io: &mut I,
+    nagle: &mut Nagle,
     out: &mut Vec<u8>,
     resp: Response<ProxyBody>,
     head_request: bool,
     keep: bool,
 ) -> io::Result<bool>
 where
-    I: AsyncWrite + Unpin,
+    I: AsyncWrite + Unpin + NoDelay,
 {
     let (parts, mut body) = resp.into_parts();
     out.clear();
     let (framing, mut keep) = encode_head(out, &parts, &body, head_request, keep);
     if framing == Framing::Nothing {
         drop(body);
+        nagle.before_write(io, out);
         io.write_all(out).await?;
         io.flush().await?;
         return Ok(keep);
@@ -249,6 +311,7 @@ where
             Some(frame) => frame,
             None => {
                 if !out.is_empty() {
+                    nagle.before_write(io, out);
                     io.write_all(out).await?;
                     io.flush().await?;
                     out.clear();
@@ -277,11 +340,13 @@ where
                     _ => out.extend_from_slice(&data),
                 }
                 if out.len() >= 64 * 1024 {
+                    nagle.before_write(io, out);
                     io.write_all(out).await?;
                     out.clear();
                 }
             }
             Some(Err(_)) => {
+                nagle.before_write(io, out);
                 io.write_all(out).await?;
                 io.flush().await?;
                 return Ok(false);
@@ -295,6 +360,7 @@ where
         Framing::Close => keep = false,
         _ => {}
     }
+    nagle.before_write(io, out);
     io.write_all(out).await?;
     io.flush().await?;
     out.clear();
@@ -536,6 +602,57 @@ pub fn fuzz_request(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+
+    /// Counts the times TCP_NODELAY would have been set.
+    struct Counting(Cell<u32>);
+
+    impl NoDelay for Counting {
+        fn no_delay(&self) {
+            self.0.set(self.0.get() + 1)
+        }
+    }
+
+    #[test]
+    fn nagle_goes_off_before_the_second_write_that_sends_anything() {
+        let io = Counting(Cell::new(0));
+        let mut nagle = Nagle {
+            on: true,
+            wrote: false,
+        };
+        nagle.before_write(&io, b"");
+        nagle.before_write(&io, b"HTTP/1.1 200 OK\r\n\r\n");
+        nagle.before_write(&io, b"");
+        assert_eq!(
+            io.0.get(),
+            0,
+            "one answer in one write keeps the system call"
+        );
+        nagle.before_write(&io, b"more");
+        nagle.before_write(&io, b"and more");
+        nagle.hand_over(&io);
+        assert_eq!(io.0.get(), 1);
+
+        let io = Counting(Cell::new(0));
+        let mut nagle = Nagle {
+            on: true,
+            wrote: false,
+        };
+        nagle.hand_over(&io);
+        nagle.before_write(&io, b"x");
+        nagle.before_write(&io, b"y");
+        assert_eq!(io.0.get(), 1, "hyper's server gets the socket with it off");
+
+        let io = Counting(Cell::new(0));
+        let mut nagle = Nagle {
+            on: false,
+            wrote: false,
+        };
+        nagle.before_write(&io, b"x");
+        nagle.before_write(&io, b"y");
+        nagle.hand_over(&io);
+        assert_eq!(io.0.get(), 0, "already off (TLS): never set again");
+    }
 
     fn parse(text: &[u8]) -> (Parsed, BytesMut) {
         let mut buf = BytesMut::from(text);

@@ -252,7 +252,12 @@ async fn accept_loop(
         max_head: cfg.limits.max_header.max(8192) as usize,
         header_read: cfg.timeouts.header_read,
         shutdown: matches!(kind, Kind::Tls(_)),
+        // Over TLS the handshake writes first: turned off at the accept.
+        nagle: matches!(kind, Kind::Plain),
     });
+    // Turned off at the accept unless the fast loop will, lazily.
+    let nodelay_now =
+        !matches!(kind, Kind::Plain) || fast_limits.is_none() || protocols.h2c.is_some();
     loop {
         let (stream, addr) = tokio::select! {
             r = listener.accept() => match r {
@@ -277,7 +282,9 @@ async fn accept_loop(
             },
             _ = stop.changed() => return,
         };
-        let _ = stream.set_nodelay(true);
+        if nodelay_now {
+            let _ = stream.set_nodelay(true);
+        }
         let addr = normalise(addr);
         let peer = Peer::new(
             addr,
@@ -314,7 +321,7 @@ async fn accept_loop(
                 // Boxed: the task's future holds TLS, the fast loop and hyper's
                 // connection, and tokio moves a task's future a few times as it
                 // spawns it (thousands of bytes for each new connection otherwise).
-                tasks.spawn(Box::pin(async move {
+                tasks.spawn(boxed(|| async move {
                     let accepting = tokio::time::timeout(handshake, acceptor.accept(stream));
                     let tls = tokio::select! {
                         r = accepting => match r {
@@ -339,7 +346,7 @@ async fn accept_loop(
                 }));
             }
             _ => {
-                tasks.spawn(Box::pin(async move {
+                tasks.spawn(boxed(|| async move {
                     match &protocols.h2c {
                         Some(auto) => {
                             let conn = auto
@@ -368,27 +375,33 @@ async fn serve_http1<I, S>(
     service: S,
     draining: CancellationToken,
 ) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static + fast::NoDelay,
     S: hyper::service::HttpService<Incoming>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     S::ResBody: http_body::Body + Send + 'static,
     <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let io = match fast {
-        // Boxed: the loop's future holds a whole request's (a few KB), and it is
-        // moved into place once per connection rather than with the task each time.
-        Some((limits, gate, peer)) => {
-            match Box::pin(fast::serve(io, gate, peer, limits, &draining)).await {
-                fast::Outcome::Closed => return,
-                fast::Outcome::Handover(io) => Either::Right(io),
-            }
-        }
+        Some((limits, gate, peer)) => match fast::serve(io, gate, peer, limits, &draining).await {
+            fast::Outcome::Closed => return,
+            fast::Outcome::Handover(io) => Either::Right(io),
+        },
         None => Either::Left(io),
     };
     let conn = h1
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     until_drained(conn, draining).await
+}
+
+/// `make()`'s future in a box, made in its heap slot: built on the stack first, a
+/// connection's future (several KB) would be copied into the box for every new
+/// connection.
+fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    let mut slot = Box::<F>::new_uninit();
+    slot.write(make());
+    // SAFETY: written just above.
+    Box::into_pin(unsafe { slot.assume_init() })
 }
 
 /// How client connections are served: HTTP/1.1, HTTP/2 (chosen by ALPN over TLS),
