@@ -24,7 +24,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Semaphore, TryAcquireError};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
@@ -258,6 +258,9 @@ async fn accept_loop(
     // Turned off at the accept unless the fast loop will, lazily.
     let nodelay_now =
         !matches!(kind, Kind::Plain) || fast_limits.is_none() || protocols.h2c.is_some();
+    // Made once: a `changed()` future made for every connection cost a few hundred
+    // instructions each.
+    let mut stopped = std::pin::pin!(stop.changed());
     loop {
         let (stream, addr) = tokio::select! {
             r = listener.accept() => match r {
@@ -269,18 +272,22 @@ async fn accept_loop(
                     continue;
                 }
             },
-            _ = stop.changed() => return,
+            _ = &mut stopped => return,
         };
         // The slot is taken after the accept: a loop that waited for a slot first
         // would hold it while its socket (SO_REUSEPORT, one per thread) got nothing,
         // and the connections the kernel gave another thread would wait on it. While
         // this connection waits for a slot, this thread accepts no other.
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(TryAcquireError::Closed) => return,
+            Err(TryAcquireError::NoPermits) => tokio::select! {
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = &mut stopped => return,
             },
-            _ = stop.changed() => return,
         };
         if nodelay_now {
             let _ = stream.set_nodelay(true);
