@@ -17,7 +17,9 @@ use crate::edge::gate::Gate;
 use crate::proxy::forward::Peer;
 use crate::transport::body::{ProxyBody, RequestBody};
 // A request head with more lines than hyper allows goes to hyper (431).
-use crate::transport::http1::{has_token, read_ahead, wants_close, MAX_HEADERS, READ_SIZE};
+use crate::transport::http1::{
+    lines_of, lists_token, make_room, span, take_head, wants_close, Line, MAX_HEADERS, READ_SIZE,
+};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -144,9 +146,7 @@ where
                 }
                 Parsed::Partial => {}
             }
-            if buf.capacity() - buf.len() < 1024 {
-                buf.reserve(READ_SIZE);
-            }
+            make_room(&mut buf);
             let idle = buf.is_empty();
             let read = tokio::select! {
                 r = io.read_buf(&mut buf) => r,
@@ -186,47 +186,52 @@ enum Parsed {
     Other,
 }
 
-/// Takes a plain request head off the front of `buf`. The bytes are frozen first so
-/// the target and header values are slices of them, not copies; what follows the
-/// head (a pipelined request) goes back into `buf`.
+/// Takes a plain request head off the front of `buf`. The head is split off the
+/// buffer it was read into (`take_head`), so the target and header values are
+/// slices of it, not copies; a pipelined request behind it stays in `buf`.
 fn parse_request(buf: &mut BytesMut) -> Parsed {
     if buf.is_empty() {
         return Parsed::Partial;
     }
-    let read = std::mem::take(buf).freeze();
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let parsed = httparse::ParserConfig::default()
-        .parse_request_with_uninit_headers(&mut req, &read, &mut slots);
+        .parse_request_with_uninit_headers(&mut req, buf, &mut slots);
     let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => {
-            *buf = BytesMut::from(read);
-            return Parsed::Partial;
-        }
-        Err(_) => {
-            *buf = BytesMut::from(read);
-            return Parsed::Other;
-        }
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Other,
     };
-    let built = build_request(&read, &req);
-    if read.len() > len || built.is_none() {
-        // A pipelined request after this one, or a head for hyper: the bytes stay.
-        let from = if built.is_some() { len } else { 0 };
-        *buf = read_ahead(&read[from..]);
-    }
-    match built {
-        Some((req, close)) => Parsed::Plain(req, close),
-        None => Parsed::Other,
+    let Some(plan) = plan_request(buf, &req) else {
+        return Parsed::Other;
+    };
+    let head = take_head(buf, len);
+    match build_request(&head, &plan) {
+        Some(req) => Parsed::Plain(req, plan.close),
+        None => {
+            // A name, value or target `http` refuses: hyper's, with every byte.
+            let mut all = BytesMut::with_capacity(head.len() + buf.len());
+            all.extend_from_slice(&head);
+            all.extend_from_slice(buf);
+            *buf = all;
+            Parsed::Other
+        }
     }
 }
 
-/// The request, if it is plain: HTTP/1.1, no body, no upgrade, no expectation, a
-/// target and headers `http` accepts.
-fn build_request(
-    read: &Bytes,
-    req: &httparse::Request<'_, '_>,
-) -> Option<(Request<RequestBody>, bool)> {
+/// A plain request as parsed, by where its parts lie in its head.
+struct Plan {
+    method: Method,
+    target: (usize, usize),
+    lines: [Line; MAX_HEADERS],
+    count: usize,
+    /// The client asked to close after it.
+    close: bool,
+}
+
+/// The plan of `req` (parsed out of `read`) if it is plain: HTTP/1.1, no body, no
+/// upgrade, no expectation, not CONNECT.
+fn plan_request(read: &[u8], req: &httparse::Request<'_, '_>) -> Option<Plan> {
     if req.version != Some(1) {
         return None;
     }
@@ -234,32 +239,50 @@ fn build_request(
     if method == Method::CONNECT {
         return None;
     }
-    let uri = Uri::from_maybe_shared(read.slice_ref(req.path?.as_bytes())).ok()?;
-    // Room for the forwarding headers the proxy adds (four, and Host), so the map
-    // does not grow on the way.
-    let mut headers = HeaderMap::with_capacity(req.headers.len() + 5);
     let mut close = false;
     for h in req.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
-        if name == header::CONTENT_LENGTH
-            || name == header::TRANSFER_ENCODING
-            || name == header::EXPECT
-            || name == header::UPGRADE
+        let name = h.name.as_bytes();
+        let is = |n: &HeaderName| name.eq_ignore_ascii_case(n.as_str().as_bytes());
+        if is(&header::CONTENT_LENGTH)
+            || is(&header::TRANSFER_ENCODING)
+            || is(&header::EXPECT)
+            || is(&header::UPGRADE)
         {
             return None;
         }
-        let value = HeaderValue::from_maybe_shared(read.slice_ref(h.value)).ok()?;
-        if name == header::CONNECTION {
-            close |= has_token(&value, b"close");
+        if is(&header::CONNECTION) {
+            close |= lists_token(h.value, b"close");
         }
+    }
+    let mut plan = Plan {
+        method,
+        target: span(read, req.path?.as_bytes()),
+        lines: [Line::default(); MAX_HEADERS],
+        count: 0,
+        close,
+    };
+    plan.count = lines_of(read, req.headers, &mut plan.lines);
+    Some(plan)
+}
+
+/// The request `plan` describes, its parts slices of `head`; None if `http`
+/// refuses its target or a header.
+fn build_request(head: &Bytes, plan: &Plan) -> Option<Request<RequestBody>> {
+    let uri = Uri::from_maybe_shared(head.slice(plan.target.0..plan.target.1)).ok()?;
+    // Room for the forwarding headers the proxy adds (four, and Host), so the map
+    // does not grow on the way.
+    let mut headers = HeaderMap::with_capacity(plan.count + 5);
+    for line in &plan.lines[..plan.count] {
+        let name = HeaderName::from_bytes(line.name(head)).ok()?;
+        let value = HeaderValue::from_maybe_shared(line.value(head)).ok()?;
         headers.append(name, value);
     }
     let mut request = Request::new(RequestBody::Empty);
-    *request.method_mut() = method;
+    *request.method_mut() = plan.method.clone();
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
-    Some((request, close))
+    Some(request)
 }
 
 /// How a response body is sent.
@@ -690,6 +713,22 @@ mod tests {
             );
             // Every byte stays for hyper.
             assert_eq!(&rest[..], other);
+        }
+        // Heads httparse reads whole but `http` refuses (found only once the head
+        // is split off its buffer): every byte, the pipelined request's too, is
+        // put back for hyper.
+        for refused in [
+            &b"GET http://[::1 HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\n\r\n"[..],
+            b"GET /<> HTTP/1.1\r\nHost: x\r\n\r\nGET /next",
+            b"GET http://a:b:c/ HTTP/1.1\r\nHost: x\r\n\r\nGET /next",
+        ] {
+            let (p, rest) = parse(refused);
+            assert!(
+                matches!(p, Parsed::Other),
+                "{}",
+                String::from_utf8_lossy(refused)
+            );
+            assert_eq!(&rest[..], refused);
         }
         let (p, rest) = parse(b"GET / HTTP/1.1\r\nHost: x\r\n");
         assert!(matches!(p, Parsed::Partial));

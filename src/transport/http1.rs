@@ -231,7 +231,7 @@ async fn read_head(conn: &mut Conn) -> Result<Head, Failure> {
                 ));
             }
         }
-        conn.buf.reserve(READ_SIZE);
+        make_room(&mut conn.buf);
         match conn.io.read_buf(&mut conn.buf).await {
             Ok(0) if !answered => {
                 return Err(Failure::Unanswered(io::ErrorKind::UnexpectedEof.into()))
@@ -245,20 +245,17 @@ async fn read_head(conn: &mut Conn) -> Result<Head, Failure> {
 }
 
 /// Takes one whole response head off the front of `buf`; None when it is not all
-/// there yet. The bytes read so far are frozen first, so header values are slices
-/// of them rather than copies; what follows the head goes back into `buf`.
+/// there yet. The head is split off the buffer it was read into (`take_head`), so
+/// header values are slices of it rather than copies, and what follows the head
+/// stays where it was read.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
-    let read = std::mem::take(buf).freeze();
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut res = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default()
-        .parse_response_with_uninit_headers(&mut res, &read, &mut slots);
+        .parse_response_with_uninit_headers(&mut res, buf, &mut slots);
     let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => {
-            *buf = BytesMut::from(read);
-            return Ok(None);
-        }
+        Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     let code = res.code.unwrap_or(0);
@@ -267,25 +264,89 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let mut headers = HeaderMap::with_capacity(res.headers.len());
-    for h in res.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())?;
-        let value = HeaderValue::from_maybe_shared(read.slice_ref(h.value))?;
-        headers.append(name, value);
-    }
+    let mut lines = [Line::default(); MAX_HEADERS];
+    let n = lines_of(buf, res.headers, &mut lines);
     let reason = res
         .reason
         .filter(|r| status.canonical_reason() != Some(*r))
-        .and_then(|r| hyper::ext::ReasonPhrase::try_from(read.slice_ref(r.as_bytes())).ok());
-    if read.len() > len {
-        *buf = read_ahead(&read[len..]);
+        .map(|r| span(buf, r.as_bytes()));
+    let head = take_head(buf, len);
+    let mut headers = HeaderMap::with_capacity(n);
+    for line in &lines[..n] {
+        let name = HeaderName::from_bytes(line.name(&head))?;
+        let value = HeaderValue::from_maybe_shared(line.value(&head))?;
+        headers.append(name, value);
     }
+    let reason =
+        reason.and_then(|(from, to)| hyper::ext::ReasonPhrase::try_from(head.slice(from..to)).ok());
     Ok(Some(Head {
         status,
         version,
         headers,
         reason,
     }))
+}
+
+/// Where a header line's name and value lie in the head it was read from.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Line {
+    name: (u32, u32),
+    value: (u32, u32),
+}
+
+impl Line {
+    /// The name's bytes in `head`.
+    pub(crate) fn name<'a>(&self, head: &'a Bytes) -> &'a [u8] {
+        &head[self.name.0 as usize..self.name.1 as usize]
+    }
+
+    /// The value, a slice of `head`.
+    pub(crate) fn value(&self, head: &Bytes) -> Bytes {
+        head.slice(self.value.0 as usize..self.value.1 as usize)
+    }
+}
+
+/// Where `part`, parsed out of `whole`, lies in it. An empty part may point
+/// anywhere (a parser can hand out a static empty slice): it is the empty span.
+pub(crate) fn span(whole: &[u8], part: &[u8]) -> (usize, usize) {
+    let from = (part.as_ptr() as usize).wrapping_sub(whole.as_ptr() as usize);
+    match from.checked_add(part.len()) {
+        Some(to) if !part.is_empty() && to <= whole.len() => (from, to),
+        _ => (0, 0),
+    }
+}
+
+/// Where each of `headers` (parsed out of `whole`) lies in it; how many there are.
+pub(crate) fn lines_of(
+    whole: &[u8],
+    headers: &[httparse::Header<'_>],
+    lines: &mut [Line; MAX_HEADERS],
+) -> usize {
+    for (line, h) in lines.iter_mut().zip(headers) {
+        let (name, value) = (span(whole, h.name.as_bytes()), span(whole, h.value));
+        *line = Line {
+            name: (name.0 as u32, name.1 as u32),
+            value: (value.0 as u32, value.1 as u32),
+        };
+    }
+    headers.len()
+}
+
+/// Splits the first `len` bytes (a message head) off `buf`. They share its memory:
+/// nothing is copied, what was read past the head stays in `buf` with the room
+/// behind it for the next read, and once nothing refers to the head any more the
+/// buffer is read into again rather than another allocated (`make_room`).
+pub(crate) fn take_head(buf: &mut BytesMut, len: usize) -> Bytes {
+    buf.split_to(len).freeze()
+}
+
+/// Room for the next read into `buf`: its own when a fair amount is left (heads
+/// taken off its front share it), else `READ_SIZE` more, which reuses the memory in
+/// place when nothing else refers to it.
+pub(crate) fn make_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(READ_SIZE);
+    }
 }
 
 /// How the response body is delimited (RFC 9112 section 6.3), and whether the
@@ -356,18 +417,14 @@ pub(crate) fn wants_close(headers: &HeaderMap) -> bool {
 
 /// Whether a comma-separated header value lists `token` (any case).
 pub(crate) fn has_token(value: &HeaderValue, token: &[u8]) -> bool {
-    value
-        .as_bytes()
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+    lists_token(value.as_bytes(), token)
 }
 
-/// Bytes read past a message, kept for the next one in a buffer with room for
-/// the next read too (so that read needs no reallocation).
-pub(crate) fn read_ahead(rest: &[u8]) -> BytesMut {
-    let mut kept = BytesMut::with_capacity(rest.len().max(READ_SIZE));
-    kept.extend_from_slice(rest);
-    kept
+/// Whether the comma-separated `value` lists `token` (any case).
+pub(crate) fn lists_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Where a body's reading is.
