@@ -202,11 +202,12 @@ fn parse_request(buf: &mut BytesMut) -> Parsed {
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(_) => return Parsed::Other,
     };
-    let Some(plan) = plan_request(buf, &req) else {
+    let mut lines = [Line::default(); MAX_HEADERS];
+    let Some(plan) = plan_request(buf, &req, &mut lines) else {
         return Parsed::Other;
     };
     let head = take_head(buf, len);
-    match build_request(&head, &plan) {
+    match build_request(&head, &plan, &lines[..plan.count]) {
         Some(req) => Parsed::Plain(req, plan.close),
         None => {
             // A name, value or target `http` refuses: hyper's, with every byte.
@@ -219,19 +220,24 @@ fn parse_request(buf: &mut BytesMut) -> Parsed {
     }
 }
 
-/// A plain request as parsed, by where its parts lie in its head.
+/// A plain request as parsed, by where its parts lie in its head (its header
+/// lines are kept beside it: moving them with it cost a 1.6 KB copy or two).
 struct Plan {
     method: Method,
     target: (usize, usize),
-    lines: [Line; MAX_HEADERS],
+    /// How many header lines there are.
     count: usize,
     /// The client asked to close after it.
     close: bool,
 }
 
 /// The plan of `req` (parsed out of `read`) if it is plain: HTTP/1.1, no body, no
-/// upgrade, no expectation, not CONNECT.
-fn plan_request(read: &[u8], req: &httparse::Request<'_, '_>) -> Option<Plan> {
+/// upgrade, no expectation, not CONNECT; where its header lines lie goes to `lines`.
+fn plan_request(
+    read: &[u8],
+    req: &httparse::Request<'_, '_>,
+    lines: &mut [Line; MAX_HEADERS],
+) -> Option<Plan> {
     if req.version != Some(1) {
         return None;
     }
@@ -254,25 +260,22 @@ fn plan_request(read: &[u8], req: &httparse::Request<'_, '_>) -> Option<Plan> {
             close |= lists_token(h.value, b"close");
         }
     }
-    let mut plan = Plan {
+    Some(Plan {
         method,
         target: span(read, req.path?.as_bytes()),
-        lines: [Line::default(); MAX_HEADERS],
-        count: 0,
+        count: lines_of(read, req.headers, lines),
         close,
-    };
-    plan.count = lines_of(read, req.headers, &mut plan.lines);
-    Some(plan)
+    })
 }
 
-/// The request `plan` describes, its parts slices of `head`; None if `http`
-/// refuses its target or a header.
-fn build_request(head: &Bytes, plan: &Plan) -> Option<Request<RequestBody>> {
+/// The request `plan` and its header `lines` describe, its parts slices of
+/// `head`; None if `http` refuses its target or a header.
+fn build_request(head: &Bytes, plan: &Plan, lines: &[Line]) -> Option<Request<RequestBody>> {
     let uri = Uri::from_maybe_shared(head.slice(plan.target.0..plan.target.1)).ok()?;
     // Room for the forwarding headers the proxy adds (four, and Host), so the map
     // does not grow on the way.
     let mut headers = HeaderMap::with_capacity(plan.count + 5);
-    for line in &plan.lines[..plan.count] {
+    for line in lines {
         let name = HeaderName::from_bytes(line.name(head)).ok()?;
         let value = HeaderValue::from_maybe_shared(line.value(head)).ok()?;
         headers.append(name, value);
