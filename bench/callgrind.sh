@@ -9,6 +9,7 @@
 # CORRAL_EXTRA adds TOML to corral's config (e.g. "[experimental]\nhttp1_fast_path = false").
 # Startup is measured with one request and subtracted.
 # CALLGRIND_OUT=file keeps the callgrind output (for callgrind_annotate).
+# CARGO_TARGET_DIR builds (and runs) elsewhere, e.g. with other profile settings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 who=$1; n=${2:-20000}; client=${CLIENT:-wrk}

@@ -248,16 +248,17 @@ async fn accept_loop(
     let cfg = gate.cfg().clone();
     let trusted = cfg.trusted();
     let protocols = Protocols::new(&cfg);
+    // Nagle's algorithm is turned off lazily by the fast loop on a plain listener
+    // it serves, else at the accept (over TLS the handshake writes first).
+    let lazy_nodelay = matches!(kind, Kind::Plain)
+        && cfg.experimental.http1_fast_server
+        && protocols.h2c.is_none();
     let fast_limits = cfg.experimental.http1_fast_server.then(|| fast::Limits {
         max_head: cfg.limits.max_header.max(8192) as usize,
         header_read: cfg.timeouts.header_read,
         shutdown: matches!(kind, Kind::Tls(_)),
-        // Over TLS the handshake writes first: turned off at the accept.
-        nagle: matches!(kind, Kind::Plain),
+        nagle: lazy_nodelay,
     });
-    // Turned off at the accept unless the fast loop will, lazily.
-    let nodelay_now =
-        !matches!(kind, Kind::Plain) || fast_limits.is_none() || protocols.h2c.is_some();
     // Made once: a `changed()` future made for every connection cost a few hundred
     // instructions each.
     let mut stopped = std::pin::pin!(stop.changed());
@@ -289,7 +290,7 @@ async fn accept_loop(
                 _ = &mut stopped => return,
             },
         };
-        if nodelay_now {
+        if !lazy_nodelay {
             let _ = stream.set_nodelay(true);
         }
         let addr = normalise(addr);

@@ -431,9 +431,9 @@ impl Proxy {
                 Outgoing::Fast(request)
             }
             in_hand => {
-                if direct.is_some() {
-                    prepare_request_headers(&mut headers, &parts.uri, &peer, false);
-                }
+                // `direct` is only made for a request the fast path carries, and
+                // each such has its body in hand: this map was rewritten above.
+                debug_assert!(direct.is_none());
                 let replay = replayable.then(|| Replay {
                     method: parts.method.clone(),
                     uri: uri.clone(),

@@ -271,12 +271,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
         .filter(|r| status.canonical_reason() != Some(*r))
         .map(|r| span(buf, r.as_bytes()));
     let head = take_head(buf, len);
-    let mut headers = HeaderMap::with_capacity(n);
-    for line in &lines[..n] {
-        let name = HeaderName::from_bytes(line.name(&head))?;
-        let value = HeaderValue::from_maybe_shared(line.value(&head))?;
-        headers.append(name, value);
-    }
+    let headers = header_map(&head, &lines[..n], 0)?;
     let reason =
         reason.and_then(|(from, to)| hyper::ext::ReasonPhrase::try_from(head.slice(from..to)).ok());
     Ok(Some(Head {
@@ -304,6 +299,18 @@ impl Line {
     pub(crate) fn value(&self, head: &Bytes) -> Bytes {
         head.slice(self.value.0 as usize..self.value.1 as usize)
     }
+}
+
+/// The header map of `lines`, names and values slices of `head`, with room for
+/// `more` headers besides.
+pub(crate) fn header_map(head: &Bytes, lines: &[Line], more: usize) -> Result<HeaderMap, BoxError> {
+    let mut headers = HeaderMap::with_capacity(lines.len() + more);
+    for line in lines {
+        let name = HeaderName::from_bytes(line.name(head))?;
+        let value = HeaderValue::from_maybe_shared(line.value(head))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
 }
 
 /// Where `part`, parsed out of `whole`, lies in it. An empty part may point
