@@ -74,6 +74,11 @@ pub struct Config {
     /// HTTP/1.1 alone skips the protocol detection on every connection.
     #[serde(default)]
     pub h2c: bool,
+    /// Pass on request header names with an underscore (`X_Forwarded_For`). Off by
+    /// default, as nginx's `underscores_in_headers`: a CGI or WSGI server maps `-`
+    /// and `_` to one key, so such a name could pose as one corral sets.
+    #[serde(default)]
+    pub underscores_in_headers: bool,
     /// `[cluster]`: this node's name and the key its sid tags are signed with (and,
     /// with several nodes, the others).
     #[serde(default)]

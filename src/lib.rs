@@ -25,6 +25,7 @@ pub mod broker;
 pub mod config;
 pub(crate) mod edge;
 pub(crate) mod engineio;
+pub(crate) mod http1;
 pub(crate) mod observe;
 pub use observe::admin;
 pub(crate) mod proxy;
@@ -38,7 +39,7 @@ pub(crate) mod workers;
 pub mod fuzzing {
     pub use crate::broker::resp::{parse as parse_resp, Caps};
     pub use crate::edge::auth::{parse as parse_htpasswd, verify, Hash};
-    pub use crate::edge::fast::fuzz_request;
     pub use crate::edge::path::normalise;
-    pub use crate::transport::http1::fuzz_response;
+    pub use crate::http1::fuzz::request as fuzz_request;
+    pub use crate::http1::fuzz::response as fuzz_response;
 }

@@ -19,6 +19,8 @@ const RANKS: &[(&str, u32)] = &[
     ("workers", 40),
     ("broker", 40),
     ("transport", 30),
+    // The HTTP/1 vocabulary: a leaf (`http1_is_a_leaf`).
+    ("http1", 15),
     ("runtime", 10),
     ("config", 0),
     ("lib", 100),
@@ -169,6 +171,20 @@ fn no_use_goes_back_up() {
         "uses going up or sideways:\n{}",
         wrong.join("\n")
     );
+}
+
+#[test]
+fn http1_is_a_leaf() {
+    let leaning: Vec<String> = graph()
+        .into_iter()
+        .filter(|(m, _)| rank(m).0 == "http1")
+        .flat_map(|(m, uses)| {
+            uses.into_iter()
+                .filter(|u| rank(u).0 != "http1")
+                .map(move |u| format!("{m} uses {u}"))
+        })
+        .collect();
+    assert!(leaning.is_empty(), "http1 uses:\n{}", leaning.join("\n"));
 }
 
 #[test]

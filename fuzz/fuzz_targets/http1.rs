@@ -1,5 +1,5 @@
-//! The two HTTP/1.1 readers of the fast paths: a client's request head (edge::fast)
-//! and a worker's response head and chunked body (transport::http1). Neither
+//! The two HTTP/1.1 readers of the fast paths (both in `http1::head`): a client's request head
+//! and a worker's response head and chunked body (`http1::chunked`). Neither
 //! panics, loses a byte, or lets a request with body framing through.
 #![no_main]
 use libfuzzer_sys::fuzz_target;

@@ -14,20 +14,16 @@
 //! its to serve.
 
 use crate::edge::gate::Gate;
+use crate::http1::encode::{refusal_head, response_head, BodyKnown, Framing};
+use crate::http1::head::{parse_plain_request, Parsed};
+use crate::http1::{make_room, READ_SIZE};
 use crate::proxy::forward::Peer;
 use crate::transport::body::{ProxyBody, RequestBody};
-// A request head with more lines than hyper allows goes to hyper (431).
-use crate::transport::http1::{
-    header_map, lines_of, lists_token, make_room, span, take_head, wants_close, Line, MAX_HEADERS,
-    READ_SIZE,
-};
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use std::io::{self, Write as _};
-use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -38,7 +34,8 @@ use tokio_util::sync::CancellationToken;
 /// What the loop needs to know of the listener's limits.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
-    /// Longest request head read here; a longer one goes to hyper, which answers 431.
+    /// Longest request head (`limits.max_header`): a longer one, whole or not, is
+    /// answered 431 here, and the connection closed.
     pub max_head: usize,
     /// Time for a whole request head, from the end of the previous answer (hyper's
     /// `header_read_timeout`, which also closes idle keep-alive connections).
@@ -135,15 +132,16 @@ where
             .as_mut()
             .reset(tokio::time::Instant::now() + limits.header_read);
         let (req, client_close) = loop {
-            match parse_request(&mut buf) {
+            match parse_plain_request(&mut buf, limits.max_head, || RequestBody::Empty) {
                 Parsed::Plain(req, close) => break (req, close),
                 Parsed::Other => {
                     nagle.hand_over(&io);
                     return Outcome::Handover(Rewind::new(io, buf.freeze()));
                 }
-                Parsed::Partial if buf.len() >= limits.max_head => {
-                    nagle.hand_over(&io);
-                    return Outcome::Handover(Rewind::new(io, buf.freeze()));
+                Parsed::TooLarge => {
+                    let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+                    refuse(&mut io, &mut nagle, status).await;
+                    return Outcome::Closed;
                 }
                 Parsed::Partial => {}
             }
@@ -174,127 +172,37 @@ where
     }
 }
 
-/// What the front of the read buffer holds.
-// Made and taken apart once per request: boxing the request would cost an
-// allocation for nothing.
-#[allow(clippy::large_enum_variant)]
-enum Parsed {
-    /// A plain request, taken off the buffer; whether the client asked to close.
-    Plain(Request<RequestBody>, bool),
-    /// Not all of a head yet.
-    Partial,
-    /// A head this loop does not serve (or cannot read): hyper's.
-    Other,
-}
-
-/// Takes a plain request head off the front of `buf`. The head is split off the
-/// buffer it was read into (`take_head`), so the target and header values are
-/// slices of it, not copies; a pipelined request behind it stays in `buf`.
-fn parse_request(buf: &mut BytesMut) -> Parsed {
-    if buf.is_empty() {
-        return Parsed::Partial;
+/// Answers a head the loop will not read on with hyper's refusal (`refusal_head`),
+/// then closes. What the client is still sending is read away for a moment first
+/// (nginx's lingering close): closed with unread bytes, the socket would send a
+/// reset that can overtake the answer.
+async fn refuse<I>(io: &mut I, nagle: &mut Nagle, status: StatusCode)
+where
+    I: AsyncRead + AsyncWrite + Unpin + NoDelay,
+{
+    let mut out = Vec::with_capacity(128);
+    refusal_head(&mut out, status);
+    nagle.before_write(io, &out);
+    if io.write_all(&out).await.is_err() || io.flush().await.is_err() {
+        return;
     }
-    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut []);
-    let parsed = httparse::ParserConfig::default()
-        .parse_request_with_uninit_headers(&mut req, buf, &mut slots);
-    let len = match parsed {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(_) => return Parsed::Other,
+    let _ = io.shutdown().await;
+    let linger = async {
+        let mut sink = [0u8; 4096];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match io.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
     };
-    let mut lines = [Line::default(); MAX_HEADERS];
-    let Some(plan) = plan_request(buf, &req, &mut lines) else {
-        return Parsed::Other;
-    };
-    let head = take_head(buf, len);
-    match build_request(&head, &plan, &lines[..plan.count]) {
-        Some(req) => Parsed::Plain(req, plan.close),
-        None => {
-            // A name, value or target `http` refuses: hyper's, with every byte.
-            let mut all = BytesMut::with_capacity(head.len() + buf.len());
-            all.extend_from_slice(&head);
-            all.extend_from_slice(buf);
-            *buf = all;
-            Parsed::Other
-        }
-    }
+    let _ = tokio::time::timeout(LINGER, linger).await;
 }
 
-/// A plain request as parsed, by where its parts lie in its head (its header
-/// lines are kept beside it: moving them with it cost a 1.6 KB copy or two).
-struct Plan {
-    method: Method,
-    target: (usize, usize),
-    /// How many header lines there are.
-    count: usize,
-    /// The client asked to close after it.
-    close: bool,
-}
-
-/// The plan of `req` (parsed out of `read`) if it is plain: HTTP/1.1, no body, no
-/// upgrade, no expectation, not CONNECT; where its header lines lie goes to `lines`.
-fn plan_request(
-    read: &[u8],
-    req: &httparse::Request<'_, '_>,
-    lines: &mut [Line; MAX_HEADERS],
-) -> Option<Plan> {
-    if req.version != Some(1) {
-        return None;
-    }
-    let method = Method::from_bytes(req.method?.as_bytes()).ok()?;
-    if method == Method::CONNECT {
-        return None;
-    }
-    let mut close = false;
-    for h in req.headers.iter() {
-        let name = h.name.as_bytes();
-        let is = |n: &HeaderName| name.eq_ignore_ascii_case(n.as_str().as_bytes());
-        if is(&header::CONTENT_LENGTH)
-            || is(&header::TRANSFER_ENCODING)
-            || is(&header::EXPECT)
-            || is(&header::UPGRADE)
-        {
-            return None;
-        }
-        if is(&header::CONNECTION) {
-            close |= lists_token(h.value, b"close");
-        }
-    }
-    Some(Plan {
-        method,
-        target: span(read, req.path?.as_bytes()),
-        count: lines_of(read, req.headers, lines),
-        close,
-    })
-}
-
-/// The request `plan` and its header `lines` describe, its parts slices of
-/// `head`; None if `http` refuses its target or a header.
-fn build_request(head: &Bytes, plan: &Plan, lines: &[Line]) -> Option<Request<RequestBody>> {
-    let uri = Uri::from_maybe_shared(head.slice(plan.target.0..plan.target.1)).ok()?;
-    // Room for the forwarding headers the proxy adds (four, and Host), so the map
-    // does not grow on the way.
-    let headers = header_map(head, lines, 5).ok()?;
-    let mut request = Request::new(RequestBody::Empty);
-    *request.method_mut() = plan.method.clone();
-    *request.uri_mut() = uri;
-    *request.version_mut() = Version::HTTP_11;
-    *request.headers_mut() = headers;
-    Some(request)
-}
-
-/// How a response body is sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    /// Exactly this many bytes (what the head's Content-Length says).
-    Length(u64),
-    Chunked,
-    /// Until the connection closes (an HTTP/1.0 response of unknown length).
-    Close,
-    /// None at all (HEAD, 204, 304).
-    Nothing,
-}
+/// How long, and how much at most, a refused client's bytes are read away.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
 
 /// Writes `resp` as hyper's server would; returns whether the connection can carry
 /// another request (`keep`: the client did not ask to close and no drain began).
@@ -311,7 +219,11 @@ where
 {
     let (parts, mut body) = resp.into_parts();
     out.clear();
-    let (framing, mut keep) = encode_head(out, &parts, &body, head_request, keep);
+    let known = BodyKnown {
+        ended: body.is_end_stream(),
+        exact: body.size_hint().exact(),
+    };
+    let (framing, mut keep) = response_head(out, &parts, known, head_request, keep);
     if framing == Framing::Nothing {
         drop(body);
         nagle.before_write(io, out);
@@ -389,155 +301,6 @@ where
     Ok(keep)
 }
 
-/// The status line and headers, as hyper's server writes them, and how the body
-/// goes and whether the connection stays open after it.
-fn encode_head(
-    out: &mut Vec<u8>,
-    parts: &http::response::Parts,
-    body: &ProxyBody,
-    head_request: bool,
-    keep: bool,
-) -> (Framing, bool) {
-    let status = parts.status;
-    let http10 = parts.version == Version::HTTP_10;
-    let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
-    if !http10 && status == StatusCode::OK && reason.is_none() {
-        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
-    } else {
-        out.extend_from_slice(if http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
-        out.extend_from_slice(status.as_str().as_bytes());
-        out.push(b' ');
-        match reason {
-            Some(r) => out.extend_from_slice(r.as_bytes()),
-            None => out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
-        }
-        out.extend_from_slice(b"\r\n");
-    }
-    // What hyper's dispatcher tells its encoder of the body.
-    let known = match body.is_end_stream() {
-        true => Some(0),
-        false => body.size_hint().exact(),
-    };
-    let no_body = head_request || matches!(status.as_u16(), 204 | 304);
-    let may_have_length = !matches!(status.as_u16(), 204 | 304);
-    // hyper writes every Connection value on one line where the first was, adding
-    // `close` when it will close (the client asked, or a drain began).
-    let mut keep = keep;
-    let own_close = wants_close(&parts.headers);
-    let add_close = !keep && !own_close;
-    keep &= !own_close;
-    let mut length: Option<u64> = None;
-    let mut wrote_date = false;
-    let mut wrote_connection = false;
-    let mut last_name: Option<&HeaderName> = None;
-    for (name, value) in &parts.headers {
-        let repeat = last_name == Some(name);
-        last_name = Some(name);
-        match *name {
-            header::CONTENT_LENGTH => {
-                if repeat {
-                    continue;
-                }
-                let Some(n) = value
-                    .to_str()
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                else {
-                    continue;
-                };
-                if body.is_end_stream() && !head_request {
-                    // No body to send: the header goes, an implicit 0 is written below.
-                    continue;
-                }
-                length = Some(known.unwrap_or(n));
-            }
-            header::CONNECTION => {
-                if !wrote_connection {
-                    wrote_connection = true;
-                    write_connection(out, &parts.headers, add_close);
-                }
-                continue;
-            }
-            header::TRANSFER_ENCODING | header::TRAILER => continue,
-            header::DATE => wrote_date = true,
-            _ => {}
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if !wrote_connection && add_close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    let framing = match (length, known) {
-        (Some(n), _) => Framing::Length(n),
-        (None, Some(n)) => {
-            if may_have_length && (n != 0 || !head_request) {
-                out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(n.to_string().as_bytes());
-                out.extend_from_slice(b"\r\n");
-            }
-            Framing::Length(n)
-        }
-        (None, None) if http10 || no_body => Framing::Close,
-        (None, None) => {
-            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-            Framing::Chunked
-        }
-    };
-    if !wrote_date {
-        out.extend_from_slice(b"date: ");
-        date::extend(out);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    if no_body {
-        return (Framing::Nothing, keep);
-    }
-    if framing == Framing::Close {
-        keep = false;
-    }
-    (framing, keep)
-}
-
-/// The one `connection` line: every value, then `close` if it is to be added.
-fn write_connection(out: &mut Vec<u8>, headers: &HeaderMap, add_close: bool) {
-    out.extend_from_slice(b"connection: ");
-    for (i, v) in headers.get_all(header::CONNECTION).iter().enumerate() {
-        if i > 0 {
-            out.extend_from_slice(b", ");
-        }
-        out.extend_from_slice(v.as_bytes());
-    }
-    if add_close {
-        out.extend_from_slice(b", close");
-    }
-    out.extend_from_slice(b"\r\n");
-}
-
-/// The `date` header's value, made once a second per thread.
-mod date {
-    use std::cell::RefCell;
-    use std::time::{SystemTime, UNIX_EPOCH};
-
-    thread_local! {
-        static CACHED: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
-    }
-
-    pub(super) fn extend(out: &mut Vec<u8>) {
-        let now = SystemTime::now();
-        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        CACHED.with(|c| {
-            let mut c = c.borrow_mut();
-            if c.0 != secs || c.1.is_empty() {
-                *c = (secs, httpdate::fmt_http_date(now));
-            }
-            out.extend_from_slice(c.1.as_bytes());
-        });
-    }
-}
-
 /// A connection given to hyper after this loop read from it: reads yield the bytes
 /// already read first, then the connection's own.
 pub(crate) struct Rewind<I> {
@@ -597,30 +360,6 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
     }
 }
 
-/// For the fuzz target: a client's bytes never panic the head reader; a request
-/// it takes carries nothing that frames a body or asks for an upgrade, and no byte
-/// is lost: what it does not take stays in the buffer as it came.
-#[doc(hidden)]
-pub fn fuzz_request(data: &[u8]) {
-    let mut buf = BytesMut::from(data);
-    match parse_request(&mut buf) {
-        Parsed::Plain(req, _) => {
-            for name in [
-                header::CONTENT_LENGTH,
-                header::TRANSFER_ENCODING,
-                header::UPGRADE,
-                header::EXPECT,
-            ] {
-                assert!(!req.headers().contains_key(name));
-            }
-            assert_eq!(req.version(), Version::HTTP_11);
-            assert_eq!(&buf[..], &data[data.len() - buf.len()..]);
-            assert!(buf.len() < data.len());
-        }
-        Parsed::Partial | Parsed::Other => assert_eq!(&buf[..], data),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -674,52 +413,5 @@ mod tests {
         nagle.before_write(&io, b"y");
         nagle.hand_over(&io);
         assert_eq!(io.0.get(), 0, "already off (TLS): never set again");
-    }
-
-    fn parse(text: &[u8]) -> (Parsed, BytesMut) {
-        let mut buf = BytesMut::from(text);
-        let p = parse_request(&mut buf);
-        (p, buf)
-    }
-
-    #[test]
-    fn only_plain_heads_are_taken() {
-        let (p, rest) = parse(
-            b"GET /a?b HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, close\r\n\r\nGET /next",
-        );
-        let Parsed::Plain(req, close) = p else {
-            panic!("not plain");
-        };
-        assert!(close);
-        assert_eq!(req.uri(), "/a?b");
-        assert_eq!(req.headers()["host"], "x");
-        assert_eq!(&rest[..], b"GET /next");
-        for other in [
-            &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"[..],
-            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
-            b"GET / HTTP/1.0\r\n\r\n",
-            b"CONNECT x:443 HTTP/1.1\r\nHost: x\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost x\r\n\r\n",
-            b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
-            // Heads httparse reads whole but `http` refuses, found only once the
-            // head is split off its buffer: put back with the pipelined request.
-            b"GET http://[::1 HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\n\r\n",
-            b"GET /<> HTTP/1.1\r\nHost: x\r\n\r\nGET /next",
-            b"GET http://a:b:c/ HTTP/1.1\r\nHost: x\r\n\r\nGET /next",
-        ] {
-            let (p, rest) = parse(other);
-            assert!(
-                matches!(p, Parsed::Other),
-                "{}",
-                String::from_utf8_lossy(other)
-            );
-            // Every byte stays for hyper.
-            assert_eq!(&rest[..], other);
-        }
-        let (p, rest) = parse(b"GET / HTTP/1.1\r\nHost: x\r\n");
-        assert!(matches!(p, Parsed::Partial));
-        assert_eq!(&rest[..], b"GET / HTTP/1.1\r\nHost: x\r\n");
     }
 }

@@ -1,5 +1,5 @@
 //! The gate: what every request passes before the proxy sees it, in this order —
-//! strict head rules (`strict`), the redirect to https, path normalisation
+//! strict head rules (`http1::check`), the redirect to https, path normalisation
 //! (`path`), the declared body size, basic auth (`auth`), and the refusal of an
 //! upgrade request with a body — and the access log line written around it all.
 //!
@@ -9,9 +9,11 @@
 
 use crate::config::Config;
 use crate::edge::auth::BasicAuth;
+use crate::http1::check::{self, Refused};
+use crate::http1::{content_length, is_websocket_upgrade};
 use crate::observe::access::{self, AccessLog};
 use crate::proxy::answer::short;
-use crate::proxy::forward::{declared_length, is_websocket_upgrade, Peer};
+use crate::proxy::forward::Peer;
 use crate::proxy::route::Proxy;
 use crate::transport::body::{ProxyBody, RequestBody};
 use http::header::{self, HeaderValue};
@@ -95,8 +97,8 @@ impl Gate {
 
     /// The checks, then the proxy.
     async fn admit(&self, req: Request<RequestBody>, peer: Peer) -> Response<ProxyBody> {
-        if let Err(e) = crate::edge::strict::check(&req) {
-            return short(StatusCode::BAD_REQUEST, &format!("corral: {e}\n"));
+        if let Err(refused) = self.check_head(&req) {
+            return refusal(refused);
         }
         if let Some(port) = peer.redirect_https {
             return redirect_https(&req, port);
@@ -105,7 +107,7 @@ impl Gate {
         let Some(path) = crate::edge::path::normalise(req.uri().path()) else {
             return short(StatusCode::BAD_REQUEST, "corral: bad request path\n");
         };
-        if declared_length(req.headers()).is_some_and(|n| n > self.cfg.limits.max_body) {
+        if content_length(req.headers()).is_some_and(|n| n > self.cfg.limits.max_body) {
             // The unread body stays with the answer (see `body::Faults`), read away
             // by the proxy's lingering tasks.
             let unread = req.into_body().map_err(Into::into).boxed_unsync();
@@ -124,7 +126,7 @@ impl Gate {
                 return unauthorized(&auth.realm);
             }
         }
-        let upgrade = is_websocket_upgrade(&req);
+        let upgrade = is_websocket_upgrade(req.headers());
         if upgrade && !req.body().is_end_stream() {
             // Its body would have to be sent before the tunnel, and a worker that
             // answers without upgrading would be left waiting for it on a connection
@@ -146,6 +148,30 @@ impl Gate {
     pub async fn close(&self, limit: Duration) -> usize {
         self.proxy.close_tunnels(limit).await
     }
+}
+
+impl Gate {
+    /// The head rules (`http1::check`): every request's, and for a head hyper's
+    /// server read, its size and transfer coding too (the fast server reads only
+    /// heads without a coding, and holds them to the size itself).
+    fn check_head(&self, req: &Request<RequestBody>) -> Result<(), Refused> {
+        check::request(req)?;
+        if let RequestBody::Hyper(_) = req.body() {
+            check::read_by_hyper(req, self.cfg.limits.max_header as usize)?;
+        }
+        Ok(())
+    }
+}
+
+/// The answer to a refused head; one whose body cannot be skipped safely closes
+/// the connection.
+fn refusal(refused: Refused) -> Response<ProxyBody> {
+    let mut resp = short(refused.status(), &format!("corral: {refused}\n"));
+    if refused.closes() {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 fn unauthorized(realm: &str) -> Response<ProxyBody> {

@@ -10,7 +10,8 @@ use crate::config::{Config, TlsSetting};
 use crate::edge::fast;
 use crate::edge::gate::Gate;
 use crate::edge::tls;
-use crate::proxy::forward::{is_websocket_upgrade, Peer};
+use crate::http1::is_websocket_upgrade;
+use crate::proxy::forward::Peer;
 use crate::proxy::tunnel::ConnectionSlot;
 use crate::runtime::lanes::Lanes;
 use crate::transport::body::RequestBody;
@@ -254,7 +255,7 @@ async fn accept_loop(
         && cfg.experimental.http1_fast_server
         && protocols.h2c.is_none();
     let fast_limits = cfg.experimental.http1_fast_server.then(|| fast::Limits {
-        max_head: cfg.limits.max_header.max(8192) as usize,
+        max_head: cfg.limits.max_header as usize,
         header_read: cfg.timeouts.header_read,
         shutdown: matches!(kind, Kind::Tls(_)),
         nagle: lazy_nodelay,
@@ -309,7 +310,7 @@ async fn accept_loop(
         let (g, p) = (gate.clone(), peer.clone());
         let slot = ConnectionSlot::new(permit);
         let service = service_fn(move |mut req: Request<Incoming>| {
-            if is_websocket_upgrade(&req) {
+            if is_websocket_upgrade(req.headers()) {
                 req.extensions_mut().insert(slot.clone());
             }
             g.clone().handle(req.map(RequestBody::Hyper), p.clone())

@@ -11,5 +11,4 @@ pub mod gate;
 pub mod listen;
 pub mod path;
 pub mod status;
-pub mod strict;
 pub mod tls;

@@ -10,6 +10,8 @@
 //! are `upstream`'s.
 
 use crate::engineio::router::{NewSession, SessionTicket};
+use crate::http1::fields::{connection_is_plain, present, remove_present, remove_underscored};
+use crate::http1::{origin_form, strip_hop_by_hop};
 use crate::transport::body::{self, ProxyBody};
 use crate::transport::http1;
 use crate::transport::upstream::{self, Answer, FastAnswer, SendError};
@@ -63,6 +65,8 @@ pub(crate) struct Forwarder {
     pub(crate) upstream: upstream::Settings,
     /// This node's hop header value, when there are other nodes.
     pub(crate) hop: Option<HeaderValue>,
+    /// `underscores_in_headers`: names with an underscore are passed on.
+    pub(crate) underscores: bool,
 }
 
 impl Forwarder {
@@ -168,50 +172,11 @@ pub(crate) fn upstream_request(
     req
 }
 
-/// `/path?query` of a request (an HTTP/2 request's URI also has scheme and
-/// authority, which HTTP/1.1 to the worker must not carry).
-pub(crate) fn origin_form(uri: &Uri) -> Uri {
-    if uri.scheme().is_none() && uri.authority().is_none() {
-        return uri.clone();
-    }
-    match uri.path_and_query() {
-        Some(pq) => Uri::from(pq.clone()),
-        None => Uri::from_static("/"),
-    }
-}
-
-pub(crate) fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
-    let upgrade = req
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    upgrade && connection_has(req.headers(), "upgrade")
-}
-
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
 pub(crate) fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     )
-}
-
-pub(crate) fn declared_length(h: &HeaderMap) -> Option<u64> {
-    h.get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 impl Peer {
@@ -268,73 +233,12 @@ fn ip_text(ip: IpAddr) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-
-/// Headers for one hop only (RFC 9110 7.6.1), removed before a request or response
-/// goes on.
-static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    KEEP_ALIVE,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// Which of `names` a header map holds, as a bit per name: one pass over the few
-/// headers a request has, instead of a lookup per name.
-fn present(headers: &HeaderMap, names: &[HeaderName]) -> u32 {
-    let mut mask = 0;
-    for key in headers.keys() {
-        if let Some(i) = names.iter().position(|n| n == key) {
-            mask |= 1 << i;
-        }
-    }
-    mask
-}
-
-/// Removes the names of `names` whose bit is set in `mask`.
-fn remove_present(headers: &mut HeaderMap, names: &[HeaderName], mask: u32) {
-    for (i, name) in names.iter().enumerate() {
-        if mask & (1 << i) != 0 {
-            headers.remove(name);
-        }
-    }
-}
-
-/// Removes hop-by-hop headers, including those the Connection header names.
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let mask = present(headers, &HOP_BY_HOP);
-    if mask == 0 {
-        return;
-    }
-    // Names the Connection header lists besides the usual tokens (rare): removed too.
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| {
-            !["close", "keep-alive", "upgrade", ""]
-                .iter()
-                .any(|u| t.eq_ignore_ascii_case(u))
-        })
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
-    }
-    remove_present(headers, &HOP_BY_HOP, mask);
-}
 
 /// What the forwarding rules look at, in one pass (bits of [`present`]).
 static FORWARDING: [HeaderName; 8] = [
@@ -371,15 +275,7 @@ pub(crate) fn direct_forwarding(
     if peer.trusted || uri.authority().is_some() {
         return None;
     }
-    let plain_connection = headers.get_all(header::CONNECTION).iter().all(|v| {
-        v.as_bytes().split(|&b| b == b',').all(|t| {
-            let t = t.trim_ascii();
-            t.eq_ignore_ascii_case(b"keep-alive")
-                || t.eq_ignore_ascii_case(b"close")
-                || t.is_empty()
-        })
-    });
-    if !plain_connection {
+    if !connection_is_plain(headers) {
         return None;
     }
     let host = headers.get(header::HOST)?.clone();
@@ -418,17 +314,22 @@ pub(crate) fn dropped_direct(name: &HeaderName) -> bool {
 }
 
 /// Header rules for a request going to a worker: hop-by-hop headers out (but the
-/// upgrade pair kept for a websocket), forwarded headers in, Host kept.
+/// upgrade pair kept for a websocket), names with underscores out unless
+/// `underscores` allows them, forwarded headers in, Host kept.
 pub(crate) fn prepare_request_headers(
     headers: &mut HeaderMap,
     uri: &Uri,
     peer: &Peer,
     websocket: bool,
+    underscores: bool,
 ) {
     let upgrade = websocket
         .then(|| headers.get(header::UPGRADE).cloned())
         .flatten();
     strip_hop_by_hop(headers);
+    if !underscores {
+        remove_underscored(headers);
+    }
     if let Some(up) = upgrade {
         headers.insert(header::UPGRADE, up);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -496,6 +397,7 @@ pub(crate) fn prepare_request_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http1::fields::HOP_BY_HOP;
 
     #[test]
     fn ip_text_writes_what_display_writes() {
@@ -555,7 +457,7 @@ mod tests {
             trusted: false,
             ..peer()
         };
-        prepare_request_headers(&mut h, &Uri::from_static("/"), &untrusted, false);
+        prepare_request_headers(&mut h, &Uri::from_static("/"), &untrusted, false, false);
         assert_eq!(h["x-forwarded-for"], "10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "real.example");
@@ -572,7 +474,7 @@ mod tests {
         );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
-        prepare_request_headers(&mut h, &Uri::from_static("/"), &peer(), false);
+        prepare_request_headers(&mut h, &Uri::from_static("/"), &peer(), false, false);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "example.org:8000");
@@ -588,7 +490,7 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("a"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        prepare_request_headers(&mut h, &Uri::from_static("/"), &peer(), true);
+        prepare_request_headers(&mut h, &Uri::from_static("/"), &peer(), true, false);
         assert_eq!(h[header::UPGRADE], "websocket");
         assert_eq!(h[header::CONNECTION], "upgrade");
     }
@@ -605,7 +507,7 @@ mod tests {
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert("x-kept", HeaderValue::from_static("1"));
-        prepare_request_headers(&mut h, &Uri::from_static("/"), &peer(), false);
+        prepare_request_headers(&mut h, &Uri::from_static("/"), &peer(), false, false);
         for gone in ["connection", "keep-alive", "x-secret", "te"] {
             assert!(!h.contains_key(gone), "{gone} passed on");
         }
@@ -619,21 +521,8 @@ mod tests {
             h.insert(header::HOST, HeaderValue::from_static("a"));
             h.insert("x-corral-hop", HeaderValue::from_static("forged"));
             let p = Peer { trusted, ..peer() };
-            prepare_request_headers(&mut h, &Uri::from_static("/"), &p, false);
+            prepare_request_headers(&mut h, &Uri::from_static("/"), &p, false, false);
             assert!(!h.contains_key("x-corral-hop"), "trusted: {trusted}");
         }
-    }
-
-    #[test]
-    fn origin_form_keeps_path_and_query() {
-        let u = origin_form(&Uri::from_static(
-            "https://example.org/socket.io/?EIO=4&transport=polling",
-        ));
-        assert_eq!(u.to_string(), "/socket.io/?EIO=4&transport=polling");
-        assert_eq!(origin_form(&Uri::from_static("/a?b")).to_string(), "/a?b");
-        assert_eq!(
-            origin_form(&Uri::from_static("http://example.org")).to_string(),
-            "/"
-        );
     }
 }

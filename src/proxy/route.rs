@@ -13,12 +13,13 @@ use crate::config::Config;
 use crate::engineio::protocol::{self as engineio, Parse};
 use crate::engineio::router::{NewSession, Route, Router};
 use crate::engineio::sidtag::{self, Sid};
+use crate::http1::fields::has_underscore;
+use crate::http1::{content_length, origin_form, strip_hop_by_hop};
 use crate::observe::counters::Counters;
 use crate::proxy::answer::{self, short};
 use crate::proxy::forward::{
-    declared_length, direct_forwarding, dropped_direct, is_idempotent, origin_form,
-    prepare_request_headers, strip_hop_by_hop, upstream_request, Forwarder, Peer, Replay, Target,
-    Ticket,
+    direct_forwarding, dropped_direct, is_idempotent, prepare_request_headers, upstream_request,
+    Forwarder, Peer, Replay, Target, Ticket,
 };
 use crate::proxy::tunnel::Tunnels;
 use crate::transport::body::{self, Fault, Guarded, Limited, Prefixed, ProxyBody, RequestBody};
@@ -175,6 +176,7 @@ impl Proxy {
             drivers: tokio_util::task::TaskTracker::new(),
         };
         let tunnels = Tunnels::new(cfg.timeouts.read, cfg.timeouts.websocket_idle);
+        let underscores = cfg.underscores_in_headers;
         Proxy {
             cfg,
             metrics,
@@ -183,6 +185,7 @@ impl Proxy {
             forward: Forwarder {
                 upstream,
                 hop: None,
+                underscores,
             },
             tunnels,
             lingering: tokio_util::task::TaskTracker::new(),
@@ -383,7 +386,8 @@ impl Proxy {
             .then(|| direct_forwarding(&headers, &parts.uri, &peer))
             .flatten();
         if direct.is_none() {
-            prepare_request_headers(&mut headers, &parts.uri, &peer, false);
+            let underscores = self.forward.underscores;
+            prepare_request_headers(&mut headers, &parts.uri, &peer, false, underscores);
             self.forward.mark_hop(&mut headers, &target.ticket);
         }
         if matches!(target.ticket, Ticket::New(_)) {
@@ -424,7 +428,10 @@ impl Proxy {
             Ok(whole) if fast => {
                 let request = match &direct {
                     Some(added) => {
-                        http1::encode(&parts.method, &uri, &headers, dropped_direct, added, whole)
+                        let underscores = self.forward.underscores;
+                        let dropped =
+                            |n: &_| dropped_direct(n) || (!underscores && has_underscore(n));
+                        http1::encode(&parts.method, &uri, &headers, dropped, added, whole)
                     }
                     None => http1::encode(&parts.method, &uri, &headers, |_| false, &[], whole),
                 };
@@ -634,7 +641,7 @@ impl Proxy {
             return prefix;
         };
         let grew = (rewritten.len() - prefix.len()) as u64;
-        if let Some(n) = declared_length(headers) {
+        if let Some(n) = content_length(headers) {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n + grew));
         }
         Bytes::from(rewritten)

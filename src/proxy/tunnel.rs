@@ -8,11 +8,10 @@
 //! the worker, and the ticket it hands over keeps the session counted while the
 //! tunnel is open. It does not reach into the request path (`route`).
 
+use crate::http1::strip_hop_by_hop;
 use crate::observe::counters::Counters;
 use crate::proxy::answer::{self, short};
-use crate::proxy::forward::{
-    prepare_request_headers, strip_hop_by_hop, Forwarder, Peer, Replay, Target, Ticket,
-};
+use crate::proxy::forward::{prepare_request_headers, Forwarder, Peer, Replay, Target, Ticket};
 use crate::transport::body::{Guarded, ProxyBody, RequestBody};
 use crate::transport::upstream::SendError;
 use crate::workers::pool::Pool;
@@ -93,7 +92,7 @@ impl Tunnels {
         let slot = req.extensions_mut().remove::<ConnectionSlot>();
         let (parts, _) = req.into_parts();
         let mut headers = parts.headers;
-        prepare_request_headers(&mut headers, &parts.uri, &peer, true);
+        prepare_request_headers(&mut headers, &parts.uri, &peer, true, forward.underscores);
         forward.mark_hop(&mut headers, &target.ticket);
         let replay = Replay::new(parts.method, &parts.uri, headers);
         // A kept-alive connection serves as well as a new one, and saves a connect.

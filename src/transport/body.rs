@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The one error type of bodies and exchanges (`http1`'s).
+pub use crate::http1::Error as BoxError;
 /// The one body type the proxy hands on, to clients and to workers.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 

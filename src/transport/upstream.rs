@@ -376,7 +376,7 @@ fn track_sending(req: Request<ProxyBody>) -> (Request<ProxyBody>, Whole) {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
-        .map(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()));
+        .map(crate::http1::framing::content_length_value);
     // An unreadable Content-Length is never whole.
     let declared = match declared {
         Some(None) => return (req, Whole::Known(false)),
