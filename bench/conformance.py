@@ -44,6 +44,14 @@ CASES = [
      b"POST /ui HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", False),
     ("well-formed chunked POST (control)",
      b"POST /ui HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", False),
+    ("`CONNECT host:443`", b"CONNECT localhost:443 HTTP/1.1\r\nHost: localhost:443\r\n\r\n", False),
+    ("empty `Host:`", b"GET /ui HTTP/1.1\r\nHost:\r\n\r\n", False),
+    ("`Transfer-Encoding: gzip, chunked`",
+     b"POST /ui HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", False),
+    ("`GET *`", b"GET * HTTP/1.1\r\nHost: localhost\r\n\r\n", False),
+    ("`OPTIONS *` (control)", b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n", False),
+    ("a 70 KB head", b"GET /ui HTTP/1.1\r\nHost: localhost\r\n" + b"X-Pad: " + b"p" * 600 + b"\r\n" * 1
+     + (b"X-Pad: " + b"p" * 600 + b"\r\n") * 118 + b"\r\n", False),
 ]
 
 

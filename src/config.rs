@@ -505,61 +505,37 @@ impl Default for AccessLogConfig {
     }
 }
 
-/// A trusted proxy range.
+/// A trusted proxy range (`ipnet`'s), where an IPv4 range also holds the
+/// IPv4-mapped IPv6 form of its addresses (a dual-stack listener's view).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Cidr {
-    net: std::net::IpAddr,
-    bits: u8,
-}
+pub struct Cidr(ipnet::IpNet);
 
 impl Cidr {
     /// Parses `a.b.c.d/n`, `a:b::/n` or a bare address.
     pub fn parse(s: &str) -> Result<Cidr, BadValue> {
-        let (ip, bits) = match s.split_once('/') {
-            Some((ip, b)) => (ip, Some(b)),
-            None => (s, None),
-        };
-        let net: std::net::IpAddr = ip
-            .trim()
-            .parse()
-            .map_err(|_| BadValue::new(format!("`{s}` is not an address or CIDR range")))?;
-        let max = if net.is_ipv4() { 32 } else { 128 };
-        let bits = match bits {
-            Some(b) => b
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|b| *b <= max)
-                .ok_or_else(|| BadValue::new(format!("`{s}`: bad prefix length")))?,
-            None => max,
-        };
-        Ok(Cidr { net, bits })
+        let text = s.trim();
+        if let Ok(ip) = text.parse::<std::net::IpAddr>() {
+            return Ok(Cidr(ip.into()));
+        }
+        text.parse::<ipnet::IpNet>().map(Cidr).map_err(|_| {
+            BadValue::new(format!(
+                "`{s}` is not an address or CIDR range (a.b.c.d/n or a:b::/n)"
+            ))
+        })
     }
 
     /// Whether `ip` is in this network.
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {
-        fn bits(ip: std::net::IpAddr) -> u128 {
-            match ip {
-                std::net::IpAddr::V4(v) => u32::from(v) as u128,
-                std::net::IpAddr::V6(v) => u128::from(v),
-            }
-        }
         let ip = match ip {
-            std::net::IpAddr::V6(v6) if self.net.is_ipv4() => match v6.to_ipv4_mapped() {
-                Some(v4) => std::net::IpAddr::V4(v4),
-                None => return false,
-            },
+            std::net::IpAddr::V6(v6) if matches!(self.0, ipnet::IpNet::V4(_)) => {
+                match v6.to_ipv4_mapped() {
+                    Some(v4) => std::net::IpAddr::V4(v4),
+                    None => return false,
+                }
+            }
             other => other,
         };
-        if ip.is_ipv4() != self.net.is_ipv4() {
-            return false;
-        }
-        let width = if ip.is_ipv4() { 32 } else { 128 };
-        if self.bits == 0 {
-            return true;
-        }
-        let shift = width - self.bits as u32;
-        (bits(ip) >> shift) == (bits(self.net) >> shift)
+        self.0.contains(&ip)
     }
 }
 
@@ -1277,6 +1253,31 @@ mod tests {
     fn missing_upstreams_is_an_error() {
         let e = Config::parse("", "e.toml").unwrap_err().to_string();
         assert!(e.contains("upstreams"), "{e}");
+    }
+
+    #[test]
+    fn trusted_ranges_hold_their_addresses() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        let net = Cidr::parse("10.0.0.0/8").expect("range");
+        assert!(net.contains(ip("10.200.1.2")));
+        assert!(net.contains(ip("::ffff:10.1.2.3")), "IPv4-mapped");
+        assert!(!net.contains(ip("11.0.0.1")));
+        let one = Cidr::parse(" 127.0.0.1 ").expect("address");
+        assert!(one.contains(ip("127.0.0.1")) && !one.contains(ip("127.0.0.2")));
+        let v6 = Cidr::parse("fd00::/8").expect("range");
+        assert!(v6.contains(ip("fd12::1")) && !v6.contains(ip("10.0.0.1")));
+        assert!(Cidr::parse("0.0.0.0/0")
+            .expect("all")
+            .contains(ip("8.8.8.8")));
+        for bad in [
+            "10.0.0.0/33",
+            "fd00::/129",
+            "host",
+            "10.0.0/8",
+            "10.0.0.0/x",
+        ] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -42,4 +42,5 @@ pub mod fuzzing {
     pub use crate::edge::path::normalise;
     pub use crate::http1::fuzz::request as fuzz_request;
     pub use crate::http1::fuzz::response as fuzz_response;
+    pub use crate::http1::fuzz::{first_request, Framed};
 }

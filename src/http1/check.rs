@@ -38,10 +38,10 @@ pub enum Refused {
 }
 
 impl Refused {
-    /// The answer's status, as nginx's for the same request.
+    /// The answer's status, as nginx's for the same request (but 431, which says
+    /// what nginx's 400 does not).
     pub fn status(self) -> StatusCode {
         match self {
-            Refused::Connect => StatusCode::METHOD_NOT_ALLOWED,
             Refused::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refused::Coding => StatusCode::NOT_IMPLEMENTED,
             _ => StatusCode::BAD_REQUEST,
@@ -210,7 +210,7 @@ mod tests {
         );
         let connect = with(Method::CONNECT, HTTP_11, "a:443", &["a:443"]);
         assert_eq!(request(&connect), Err(Refused::Connect));
-        assert_eq!(Refused::Connect.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(Refused::Connect.status(), StatusCode::BAD_REQUEST);
         assert_eq!(request(&req(HTTP_11, "*", &["a"])), Err(Refused::Asterisk));
         assert_eq!(
             request(&with(Method::OPTIONS, HTTP_11, "*", &["a"])),

@@ -24,4 +24,3 @@ pub mod head;
 pub use fields::{is_websocket_upgrade, origin_form, strip_hop_by_hop, wants_close};
 pub use framing::{content_length, Error};
 pub use head::{make_room, READ_SIZE};
-

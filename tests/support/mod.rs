@@ -83,7 +83,7 @@ impl Corral {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_corral"));
         cmd.args(["run", "-c"])
             .arg(&path)
-            .env("RUST_LOG", "corral=debug")
+            .env("CORRAL_LOG", "corral=debug")
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log"))
             .stderr(out);
