@@ -21,16 +21,18 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod broker;
 pub mod config;
+pub(crate) mod counters;
 pub(crate) mod edge;
 pub(crate) mod engineio;
 pub(crate) mod http1;
 pub(crate) mod observe;
-pub use observe::admin;
 pub(crate) mod proxy;
 pub mod run;
 pub(crate) mod runtime;
+pub use runtime::tasks::Background;
 pub(crate) mod transport;
 pub(crate) mod workers;
 

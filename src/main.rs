@@ -274,14 +274,16 @@ fn run_broker(listen: SocketAddr, password: Option<String>, output_limit: Option
         return ExitCode::from(2);
     }
     run_until_done(async move {
-        let (_broker, addr) =
-            corral::broker::start(mq.listen, corral::broker::Settings::from_config(&mq)).await?;
+        let owner = corral::Background::new();
+        let settings = corral::broker::Settings::from_config(&mq);
+        let (_broker, addr) = corral::broker::start(mq.listen, settings, &owner).await?;
         tracing::info!(%addr, "message queue listening");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
+        owner.stop().await;
         anyhow::Ok(())
     })
 }

@@ -3,16 +3,16 @@
 //! order, waits for a stop signal and shuts them down in order, each waiting for what
 //! it owns. It is the only part that knows every other; none of them knows it.
 
+use crate::admin;
 use crate::broker;
 use crate::config::Config;
+use crate::counters::Counters;
 use crate::edge::auth::BasicAuth;
 use crate::edge::gate::Gate;
 use crate::edge::status;
 use crate::edge::{listen, tls};
 use crate::engineio::router::{self, Router};
 use crate::observe::access::AccessLog;
-use crate::observe::admin;
-use crate::observe::counters::Counters;
 use crate::observe::metrics::{self, Queue, Sources};
 use crate::proxy::route::Proxy;
 use crate::runtime::lanes::Lanes;
@@ -26,187 +26,275 @@ use std::time::Duration;
 
 /// Runs corral until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let cfg = Arc::new(cfg);
-    let pool = Arc::new(Pool::with_thresholds(
-        &cfg.upstreams,
-        cfg.balance.policy,
-        cfg.health.rise,
-        cfg.health.fall,
-    ));
-    let router = Arc::new(Router::new(
-        pool.clone(),
-        cfg.engineio.max_sessions,
-        cfg.engineio.session_idle,
-    ));
-    // Tasks that live as long as corral: ended and awaited at shutdown.
-    let background = Background::new();
-    health::spawn_health_checks(pool.clone(), cfg.health.clone(), &background);
-    router::spawn_sweeper(router.clone(), Duration::from_secs(2), &background);
-    let auth = match &cfg.auth {
-        Some(a) => {
-            let auth = BasicAuth::new(&a.htpasswd, &a.realm, a.exempt.clone())?;
-            let auth = Arc::new(auth);
-            auth.spawn_reloader(&background);
-            Some(auth)
-        }
-        None => None,
-    };
-    let metrics = Arc::new(Counters::default());
-    let access = match cfg.access_log.enabled {
-        true => Some(AccessLog::start(
-            &cfg.access_log.path,
-            cfg.access_log.format,
-            cfg.access_log.engineio,
-            metrics.clone(),
-        )?),
-        false => None,
-    };
-    let mut proxy = Proxy::new(cfg.clone(), pool.clone(), router.clone(), metrics.clone());
-    if cfg.engineio.tag_sids {
-        let cluster = &cfg.cluster;
-        if cluster.key.is_none() && cluster.key_file.is_none() {
-            tracing::warn!(
-                "engineio.tag_sids without cluster.key: a random key, so tagged sessions \
-                 will not survive a restart"
-            );
-        }
-        let key = cluster.signing_key()?;
-        let peers = cluster
-            .nodes
-            .iter()
-            .map(|(name, host)| crate::proxy::route::NodePeer {
-                name: name.clone(),
-                node: crate::engineio::sidtag::node_ref(name),
-                host: host.clone(),
-                target: std::sync::Mutex::new(None),
-            })
-            .collect();
-        proxy.enable_tags(crate::proxy::route::Tags {
-            tagger: crate::engineio::sidtag::Tagger::new(&key),
-            name: cluster.node.clone(),
-            node: crate::engineio::sidtag::node_ref(&cluster.node),
-            peers,
-        });
-        tracing::info!(node = %cluster.node, others = cluster.nodes.len(), "sids carry their worker (tagged)");
-    }
-    let proxy = Arc::new(proxy);
-    background.spawn(crate::proxy::route::resolve_nodes(proxy.clone()));
-    let gate = Arc::new(Gate::new(cfg.clone(), auth, access, proxy.clone()));
-
-    listen::raise_fd_limit();
-    let lanes = Arc::new(Lanes::start(cfg.threads.resolve()).context("cannot start threads")?);
-    let bound = listen::bind(&cfg, lanes.len())?;
-    let (queue_url, queue) = message_queue(&cfg).await?;
-    let sources = Arc::new(Sources {
-        counters: metrics.clone(),
-        history: Default::default(),
-        pool: pool.clone(),
-        router: router.clone(),
-        queue,
-        started: std::time::Instant::now(),
-        policy: cfg.balance.policy.to_string(),
-        node: cfg.cluster.node.clone(),
-    });
-    metrics::spawn_sampler(sources.clone(), &background);
-    if let Some(admin_cfg) = &cfg.admin {
-        let auth = match &admin_cfg.htpasswd {
-            Some(file) => Some(Arc::new(BasicAuth::new(file, "corral admin", Vec::new())?)),
-            None => None,
-        };
-        let at = status::serve(admin_cfg.listen, sources.clone(), auth).await?;
-        tracing::info!("status page on http://{at}/status, metrics on http://{at}/metrics");
-    }
-    let supervisor = cfg.workers.clone().map(|spec| {
-        let env = queue_env(queue_url.as_deref(), &spec.env);
-        Arc::new(Supervisor::new(spec, pool.clone(), env))
-    });
-    let admin_path = cfg
-        .admin_socket
-        .clone()
-        .unwrap_or_else(|| admin::default_path(cfg.first_port()));
-    admin::serve(&admin_path, supervisor.clone()).await?;
-    if std::process::id() == 1 {
-        tracing::info!("running as PID 1: reaping orphaned processes");
-        background.spawn(crate::workers::supervisor::reap_orphans(
-            pool.clone(),
-            background.stopping(),
-        ));
-    }
-    if let Some(sup) = &supervisor {
-        sup.start().await;
-    }
-    bound.describe();
-    describe_workers(&pool);
-    if supervisor.is_some() {
-        background.spawn(say_ready(pool.clone(), cfg.clone(), background.stopping()));
-    } else {
-        announce_ready(&cfg, &pool);
-    }
-
-    let certs = bound.certs.clone();
-    let serving = bound.serve(&lanes, gate.clone());
-
-    let signal = wait_for_stop(supervisor.clone(), certs, &background).await;
-    crate::runtime::notify::notify("STOPPING=1\nSTATUS=stopping");
-    if let Some(sup) = &supervisor {
-        sup.begin_stop();
-    }
-    tracing::info!(
-        signal,
-        "stopping: no new connections, finishing requests in flight"
-    );
-    let drain = cfg.timeouts.shutdown_drain;
-    // Requests in flight finish and idle keep-alive connections close, while open
-    // websocket tunnels send their clients a close frame.
-    let (drained, open_tunnels) = tokio::join!(serving.drain(drain), gate.close(drain));
-    if !drained.in_time {
-        tracing::warn!(
-            ?drain,
-            "requests still in flight after the drain period; closing"
-        );
-    }
-    if open_tunnels > 0 {
-        tracing::warn!(
-            open_tunnels,
-            "websocket tunnels still open after the drain period"
-        );
-    }
-    let cut = drained.cut(Duration::from_secs(1)).await;
-    if cut > 0 {
-        tracing::debug!(left = cut, "client connections cut at shutdown");
-    }
-    let drivers_left = proxy.close_upstreams(Duration::from_secs(1)).await;
-    if drivers_left > 0 {
-        tracing::debug!(drivers_left, "worker connections cut at shutdown");
-    }
-    if let Ok(lanes) = Arc::try_unwrap(lanes) {
-        let _ = tokio::task::spawn_blocking(move || lanes.stop()).await;
-    }
-    if let Some(sup) = &supervisor {
-        sup.stop_all().await;
-        tracing::info!("every worker stopped");
-    }
-    background.stop().await;
-    let _ = std::fs::remove_file(&admin_path);
+    let app = App::start(cfg).await?;
+    let signal = wait_for_stop(app.supervisor.clone(), app.certs.clone(), &app.background).await;
+    app.stop(signal).await;
     Ok(())
 }
 
+/// A running corral: every part built and started, the addresses it is bound to,
+/// and the one owner of every task it started (`background`: health checks, the
+/// sweeper, the sampler, the broker, the status listener and the admin socket;
+/// the client connections are `serving`'s, the tunnels and worker connections the
+/// proxy's). [`App::stop`] ends them all, in order, each waiting for what it owns.
+pub struct App {
+    cfg: Arc<Config>,
+    /// The client listeners, as bound (port 0 in the config: the port chosen).
+    listeners: Vec<std::net::SocketAddr>,
+    /// The status listener's address, when `[admin]` is configured.
+    status: Option<std::net::SocketAddr>,
+    /// The embedded broker's address, when it runs.
+    broker: Option<std::net::SocketAddr>,
+    admin_path: std::path::PathBuf,
+    supervisor: Option<Arc<Supervisor>>,
+    certs: Vec<Arc<tls::Certs>>,
+    serving: listen::Serving,
+    gate: Arc<Gate>,
+    proxy: Arc<Proxy>,
+    lanes: Arc<Lanes>,
+    background: Background,
+}
+
+impl App {
+    /// The client listeners' bound addresses, in the config's order.
+    pub fn listeners(&self) -> &[std::net::SocketAddr] {
+        &self.listeners
+    }
+
+    /// The status listener's bound address (`[admin] listen`).
+    pub fn status(&self) -> Option<std::net::SocketAddr> {
+        self.status
+    }
+
+    /// The embedded message queue's bound address.
+    pub fn broker(&self) -> Option<std::net::SocketAddr> {
+        self.broker
+    }
+
+    /// Builds every part from `cfg`, binds every socket and starts serving: once it
+    /// returns, each listener accepts.
+    pub async fn start(cfg: Config) -> anyhow::Result<App> {
+        let cfg = Arc::new(cfg);
+        let pool = Arc::new(Pool::with_thresholds(
+            &cfg.upstreams,
+            cfg.balance.policy,
+            cfg.health.rise,
+            cfg.health.fall,
+        ));
+        let router = Arc::new(Router::new(
+            pool.clone(),
+            cfg.engineio.max_sessions,
+            cfg.engineio.session_idle,
+        ));
+        // Tasks that live as long as corral: ended and awaited at shutdown.
+        let background = Background::new();
+        health::spawn_health_checks(pool.clone(), cfg.health.clone(), &background);
+        router::spawn_sweeper(router.clone(), Duration::from_secs(2), &background);
+        let auth = match &cfg.auth {
+            Some(a) => {
+                let auth = BasicAuth::new(&a.htpasswd, &a.realm, a.exempt.clone())?;
+                let auth = Arc::new(auth);
+                auth.spawn_reloader(&background);
+                Some(auth)
+            }
+            None => None,
+        };
+        let metrics = Arc::new(Counters::default());
+        let access = match cfg.access_log.enabled {
+            true => Some(AccessLog::start(
+                &cfg.access_log.path,
+                cfg.access_log.format,
+                cfg.access_log.engineio,
+                metrics.clone(),
+            )?),
+            false => None,
+        };
+        let mut proxy = Proxy::new(cfg.clone(), pool.clone(), router.clone(), metrics.clone());
+        if cfg.engineio.tag_sids {
+            let cluster = &cfg.cluster;
+            if cluster.key.is_none() && cluster.key_file.is_none() {
+                tracing::warn!(
+                    "engineio.tag_sids without cluster.key: a random key, so tagged sessions \
+                 will not survive a restart"
+                );
+            }
+            let key = cluster.signing_key()?;
+            let peers = cluster
+                .nodes
+                .iter()
+                .map(|(name, host)| crate::proxy::route::NodePeer {
+                    name: name.clone(),
+                    node: crate::engineio::sidtag::node_ref(name),
+                    host: host.clone(),
+                    target: std::sync::Mutex::new(None),
+                })
+                .collect();
+            proxy.enable_tags(crate::proxy::route::Tags {
+                tagger: crate::engineio::sidtag::Tagger::new(&key),
+                name: cluster.node.clone(),
+                node: crate::engineio::sidtag::node_ref(&cluster.node),
+                peers,
+            });
+            tracing::info!(node = %cluster.node, others = cluster.nodes.len(), "sids carry their worker (tagged)");
+        }
+        let proxy = Arc::new(proxy);
+        background.spawn(crate::proxy::route::resolve_nodes(proxy.clone()));
+        let gate = Arc::new(Gate::new(cfg.clone(), auth, access, proxy.clone()));
+
+        listen::raise_fd_limit();
+        let lanes = Arc::new(Lanes::start(cfg.threads.resolve()).context("cannot start threads")?);
+        let bound = listen::bind(&cfg, lanes.len())?;
+        let listeners = bound.addrs();
+        let (queue_url, queue, broker_addr) = message_queue(&cfg, &background).await?;
+        let sources = Arc::new(Sources {
+            counters: metrics.clone(),
+            history: Default::default(),
+            pool: pool.clone(),
+            router: router.clone(),
+            queue,
+            started: std::time::Instant::now(),
+            policy: cfg.balance.policy.to_string(),
+            node: cfg.cluster.node.clone(),
+        });
+        metrics::spawn_sampler(sources.clone(), &background);
+        let mut status_addr = None;
+        if let Some(admin_cfg) = &cfg.admin {
+            let auth = match &admin_cfg.htpasswd {
+                Some(file) => Some(Arc::new(BasicAuth::new(file, "corral admin", Vec::new())?)),
+                None => None,
+            };
+            let at = status::serve(admin_cfg.listen, sources.clone(), auth, &background).await?;
+            tracing::info!("status page on http://{at}/status, metrics on http://{at}/metrics");
+            status_addr = Some(at);
+        }
+        let supervisor = cfg.workers.clone().map(|spec| {
+            let env = queue_env(queue_url.as_deref(), &spec.env);
+            Arc::new(Supervisor::new(spec, pool.clone(), env))
+        });
+        let admin_path = cfg
+            .admin_socket
+            .clone()
+            .unwrap_or_else(|| admin::default_path(cfg.first_port()));
+        admin::serve(&admin_path, supervisor.clone(), &background).await?;
+        if std::process::id() == 1 {
+            tracing::info!("running as PID 1: reaping orphaned processes");
+            background.spawn(crate::workers::supervisor::reap_orphans(
+                pool.clone(),
+                background.stopping(),
+            ));
+        }
+        if let Some(sup) = &supervisor {
+            sup.start().await;
+        }
+        bound.describe();
+        describe_workers(&pool);
+        if supervisor.is_some() {
+            background.spawn(say_ready(pool.clone(), cfg.clone(), background.stopping()));
+        } else {
+            announce_ready(&cfg, &pool);
+        }
+
+        let certs = bound.certs.clone();
+        let serving = bound.serve(&lanes, gate.clone());
+        Ok(App {
+            cfg,
+            listeners,
+            status: status_addr,
+            broker: broker_addr,
+            admin_path,
+            supervisor,
+            certs,
+            serving,
+            gate,
+            proxy,
+            lanes,
+            background,
+        })
+    }
+
+    /// Shuts down (`signal` names why, for the log): no new connections, requests
+    /// in flight finish and tunnels close within the drain period, then worker
+    /// connections, serving threads, workers and every background task, each
+    /// awaited.
+    pub async fn stop(self, signal: &str) {
+        let App {
+            cfg,
+            admin_path,
+            supervisor,
+            serving,
+            gate,
+            proxy,
+            lanes,
+            background,
+            ..
+        } = self;
+        crate::runtime::notify::notify("STOPPING=1\nSTATUS=stopping");
+        if let Some(sup) = &supervisor {
+            sup.begin_stop();
+        }
+        tracing::info!(
+            signal,
+            "stopping: no new connections, finishing requests in flight"
+        );
+        let drain = cfg.timeouts.shutdown_drain;
+        // Requests in flight finish and idle keep-alive connections close, while open
+        // websocket tunnels send their clients a close frame.
+        let (drained, open_tunnels) = tokio::join!(serving.drain(drain), gate.close(drain));
+        if !drained.in_time {
+            tracing::warn!(
+                ?drain,
+                "requests still in flight after the drain period; closing"
+            );
+        }
+        if open_tunnels > 0 {
+            tracing::warn!(
+                open_tunnels,
+                "websocket tunnels still open after the drain period"
+            );
+        }
+        let cut = drained.cut(Duration::from_secs(1)).await;
+        if cut > 0 {
+            tracing::debug!(left = cut, "client connections cut at shutdown");
+        }
+        let drivers_left = proxy.close_upstreams(Duration::from_secs(1)).await;
+        if drivers_left > 0 {
+            tracing::debug!(drivers_left, "worker connections cut at shutdown");
+        }
+        if let Ok(lanes) = Arc::try_unwrap(lanes) {
+            let _ = tokio::task::spawn_blocking(move || lanes.stop()).await;
+        }
+        if let Some(sup) = &supervisor {
+            sup.stop_all().await;
+            tracing::info!("every worker stopped");
+        }
+        background.stop().await;
+        let _ = std::fs::remove_file(&admin_path);
+    }
+}
+
 /// Starts the embedded broker if configured; returns the queue URL for the workers.
-async fn message_queue(cfg: &Config) -> anyhow::Result<(Option<String>, Queue)> {
+async fn message_queue(
+    cfg: &Config,
+    owner: &Background,
+) -> anyhow::Result<(Option<String>, Queue, Option<std::net::SocketAddr>)> {
     let mq = &cfg.message_queue;
     if !cfg.embedded_broker() {
         return Ok(match &mq.url {
             Some(url) => {
                 tracing::info!(url = %redact(url), "message queue: external");
-                (Some(url.clone()), Queue::External(redact(url)))
+                (Some(url.clone()), Queue::External(redact(url)), None)
             }
-            None => (None, Queue::None),
+            None => (None, Queue::None, None),
         });
     }
-    let (broker, addr) = broker::start(mq.listen, broker::Settings::from_config(mq)).await?;
+    let (broker, addr) = broker::start(mq.listen, broker::Settings::from_config(mq), owner).await?;
     let url = broker::url_for(addr, mq.password.as_deref());
     tracing::info!(%addr, "message queue: embedded broker listening");
-    Ok((Some(url.clone()), Queue::Embedded(broker, redact(&url))))
+    Ok((
+        Some(url.clone()),
+        Queue::Embedded(broker, redact(&url)),
+        Some(addr),
+    ))
 }
 
 /// CORRAL_MESSAGE_QUEUE always; REDIS_URL unless the environment already sets it.

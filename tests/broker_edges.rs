@@ -24,13 +24,46 @@ fn settings(password: Option<&str>, max_clients: usize) -> Settings {
 }
 
 async fn start(password: Option<&str>, max_clients: usize) -> SocketAddr {
+    // The test's runtime, ending with the test, ends the broker's tasks.
+    let owner = corral::Background::new();
     let (_, addr) = broker::start(
         "127.0.0.1:0".parse().expect("addr"),
         settings(password, max_clients),
+        &owner,
     )
     .await
     .expect("broker");
     addr
+}
+
+/// The broker's tasks are its owner's: stopping the owner closes every client's
+/// connection and the listener, and returns only once they have ended.
+#[tokio::test]
+async fn stopping_the_owner_ends_the_broker() {
+    let owner = corral::Background::new();
+    let (_, addr) = broker::start(
+        "127.0.0.1:0".parse().expect("addr"),
+        settings(None, 10),
+        &owner,
+    )
+    .await
+    .expect("broker");
+    let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    client.write_all(&cmd(&[b"PING"])).await.expect("ping");
+    let mut buf = [0u8; 64];
+    let n = client.read(&mut buf).await.expect("pong");
+    assert_eq!(&buf[..n], b"+PONG\r\n");
+    tokio::time::timeout(Duration::from_secs(5), owner.stop())
+        .await
+        .expect("stop returns");
+    let n = tokio::time::timeout(Duration::from_secs(2), client.read(&mut buf))
+        .await
+        .expect("the connection ends");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the listener is closed"
+    );
 }
 
 /// A RESP command in multibulk form.

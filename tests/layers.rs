@@ -13,7 +13,7 @@ const RANKS: &[(&str, u32)] = &[
     ("run", 90),
     ("edge", 80),
     ("proxy", 70),
-    ("observe::counters", 10),
+    ("admin", 65),
     ("observe", 60),
     ("engineio", 50),
     ("workers", 40),
@@ -22,6 +22,7 @@ const RANKS: &[(&str, u32)] = &[
     // The HTTP/1 vocabulary: a leaf (`http1_is_a_leaf`).
     ("http1", 15),
     ("runtime", 10),
+    ("counters", 10),
     ("config", 0),
     ("lib", 100),
 ];

@@ -11,6 +11,8 @@ pub(crate) mod glob;
 pub(crate) mod registry;
 pub(crate) mod resp;
 
+use tokio_util::sync::CancellationToken;
+use crate::runtime::tasks::Background;
 use bytes::{Bytes, BytesMut};
 pub use registry::OutputLimit;
 use registry::{ClientHandle, Registry, Space};
@@ -102,12 +104,15 @@ impl Broker {
         }
     }
 
-    /// Accepts clients until the runtime stops, at most `max_clients` at once: one
+    /// Accepts clients until `owner` stops, at most `max_clients` at once: one
     /// more gets Redis's error and is closed (as mini-redis, a semaphore bounds them).
-    pub fn spawn(self: &Arc<Self>, listener: TcpListener) {
+    /// The accept loop and every client's task are `owner`'s: its stop ends them and
+    /// waits until they have.
+    pub fn spawn(self: &Arc<Self>, listener: TcpListener, owner: &Background) {
         let broker = self.clone();
         let slots = Arc::new(tokio::sync::Semaphore::new(self.settings.max_clients));
-        tokio::spawn(async move {
+        let tasks = owner.clone();
+        owner.spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((mut stream, _)) => {
@@ -118,9 +123,10 @@ impl Broker {
                                 .await;
                             continue;
                         };
-                        let b = broker.clone();
-                        tokio::spawn(async move {
-                            b.connection(stream).await;
+                        let (b, stop) = (broker.clone(), tasks.stopping());
+                        // Ends itself at the stop, dropping its subscriptions.
+                        tasks.spawn_ending(async move {
+                            b.connection(stream, stop).await;
                             drop(permit);
                         });
                     }
@@ -133,7 +139,7 @@ impl Broker {
         });
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream) {
+    async fn connection(self: Arc<Self>, stream: TcpStream, stop: CancellationToken) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let stats = &self.registry.stats;
         stats.connections.fetch_add(1, Ordering::Relaxed);
@@ -157,6 +163,7 @@ impl Broker {
             let n = tokio::select! {
                 r = reader.read_buf(&mut buf) => r.unwrap_or(0),
                 _ = handle.kill.notified() => 0,
+                _ = stop.cancelled() => 0,
             };
             if n == 0 {
                 break;
@@ -1049,16 +1056,18 @@ pub struct ListenError {
     pub cause: std::io::Error,
 }
 
-/// Binds and starts a broker; returns it and the address it listens on.
+/// Binds and starts a broker, its tasks `owner`'s; returns it and the address it
+/// listens on (port 0: the one the system chose).
 pub async fn start(
     addr: SocketAddr,
     settings: Settings,
+    owner: &Background,
 ) -> Result<(Arc<Broker>, SocketAddr), ListenError> {
     let listen_error = |cause| ListenError { addr, cause };
     let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
     let local = listener.local_addr().map_err(listen_error)?;
     let broker = Broker::new(settings, local.port());
-    broker.spawn(listener);
+    broker.spawn(listener, owner);
     Ok((broker, local))
 }
 

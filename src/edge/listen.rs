@@ -96,6 +96,15 @@ pub fn bind(cfg: &Config, lanes: usize) -> Result<Bound, Error> {
 }
 
 impl Bound {
+    /// Each listener's bound address (a configured port 0 made a real one), in the
+    /// config's order.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|(sockets, _)| sockets.first()?.local_addr().ok())
+            .collect()
+    }
+
     /// Logs each listener's address and kind.
     pub fn describe(&self) {
         for (sockets, kind) in &self.listeners {

@@ -8,6 +8,7 @@
 
 use crate::edge::auth::BasicAuth;
 use crate::observe::metrics::{self, Sources};
+use crate::runtime::tasks::Background;
 use crate::transport::body::{self, ProxyBody};
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -21,16 +22,19 @@ use tokio::net::TcpListener;
 
 const PAGE: &str = include_str!("../../assets/status.html");
 
-/// Binds the admin listener and serves it until the runtime stops.
+/// Binds the status listener and serves it until `owner` stops, which ends the
+/// accept loop and every connection and waits for them; returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
     sources: Arc<Sources>,
     auth: Option<Arc<BasicAuth>>,
+    owner: &Background,
 ) -> Result<SocketAddr, crate::observe::Error> {
     let listen_error = |cause| crate::observe::Error::Listen { addr, cause };
     let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
     let local = listener.local_addr().map_err(listen_error)?;
-    tokio::spawn(async move {
+    let tasks = owner.clone();
+    owner.spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -38,7 +42,7 @@ pub async fn serve(
             };
             let (src, auth) = (sources.clone(), auth.clone());
             let service = service_fn(move |req| answer(req, src.clone(), auth.clone()));
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
                     .await;

@@ -6,7 +6,7 @@
 //! request; lines that do not fit are counted as dropped.
 
 use crate::config::LogFormat as Format;
-use crate::observe::counters::Counters;
+use crate::counters::Counters;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;

@@ -5,8 +5,8 @@
 //! reads; nothing below it imports it.
 
 use crate::broker::Broker;
+use crate::counters::{read, Counters, BUCKETS};
 use crate::engineio::router::Router;
-use crate::observe::counters::{read, Counters, BUCKETS};
 use crate::workers::pool::{Pool, State, Worker};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{text, DescriptorEncoder, EncodeMetric, NoLabelSet};

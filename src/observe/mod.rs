@@ -1,19 +1,16 @@
-//! What corral tells about itself. [`counters`] is a leaf the data path writes to;
-//! the views on top ([`metrics`]: Prometheus text, status JSON, history) read
-//! counters, pool, router and broker and change nothing; the edge's admin listener
-//! serves them. [`access`] writes the access log, [`admin`] serves the admin socket
-//! (`corral reload|scale|status`).
+//! What corral tells about itself: the views ([`metrics`]: Prometheus text, status
+//! JSON, history) read the counters (`crate::counters`, a leaf the data path writes
+//! to), the pool, the router and the broker, and change nothing; the edge's status
+//! listener serves them. [`access`] writes the access log. Commands that change
+//! things (`corral reload|scale`) are the admin socket's (`crate::admin`), not
+//! this part's.
 
 pub mod access;
-pub mod admin;
-pub mod counters;
 pub mod metrics;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
 
-/// Why an observing part could not start, or an admin command got no answer.
+/// Why an observing part could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The access log file cannot be opened for appending.
@@ -32,29 +29,4 @@ pub enum Error {
         /// What the system said.
         cause: std::io::Error,
     },
-    /// Another corral answers on the admin socket.
-    #[error("admin socket {} is in use by another corral", .0.display())]
-    SocketInUse(PathBuf),
-    /// The admin socket cannot be made.
-    #[error("cannot create admin socket {}: {cause}", path.display())]
-    Socket {
-        /// The socket's path.
-        path: PathBuf,
-        /// What the system said.
-        cause: std::io::Error,
-    },
-    /// No corral listens on the admin socket.
-    #[error("cannot reach corral at {}: {cause} (is it running? see `admin_socket`)", path.display())]
-    Unreachable {
-        /// The socket's path.
-        path: PathBuf,
-        /// What the system said.
-        cause: std::io::Error,
-    },
-    /// The running corral did not answer in time.
-    #[error("no answer within {0:?}")]
-    NoAnswer(Duration),
-    /// The admin conversation broke off.
-    #[error("admin socket: {0}")]
-    Io(#[from] std::io::Error),
 }

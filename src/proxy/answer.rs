@@ -2,8 +2,8 @@
 //! (counted: it is the thrash metric), and the answer when a worker cannot be
 //! reached. Shared by the request path and the tunnel; it decides nothing.
 
+use crate::counters::Counters;
 use crate::engineio::protocol as engineio;
-use crate::observe::counters::Counters;
 use crate::proxy::forward::Ticket;
 use crate::transport::body::{self, ProxyBody};
 use http::header::{self, HeaderValue};

@@ -10,12 +10,12 @@
 //! reports a worker it could not reach. Websocket upgrades are handed to `tunnel`.
 
 use crate::config::Config;
+use crate::counters::Counters;
 use crate::engineio::protocol::{self as engineio, Parse};
 use crate::engineio::router::{NewSession, Route, Router};
 use crate::engineio::sidtag::{self, Sid};
 use crate::http1::fields::has_underscore;
 use crate::http1::{content_length, origin_form, strip_hop_by_hop};
-use crate::observe::counters::Counters;
 use crate::proxy::answer::{self, short};
 use crate::proxy::forward::{
     direct_forwarding, dropped_direct, is_idempotent, prepare_request_headers, upstream_request,

@@ -8,8 +8,8 @@
 //! the worker, and the ticket it hands over keeps the session counted while the
 //! tunnel is open. It does not reach into the request path (`route`).
 
+use crate::counters::Counters;
 use crate::http1::strip_hop_by_hop;
-use crate::observe::counters::Counters;
 use crate::proxy::answer::{self, short};
 use crate::proxy::forward::{prepare_request_headers, Forwarder, Peer, Replay, Target, Ticket};
 use crate::transport::body::{Guarded, ProxyBody, RequestBody};

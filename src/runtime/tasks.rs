@@ -16,6 +16,7 @@ pub struct Background {
 }
 
 impl Background {
+    /// No tasks yet.
     pub fn new() -> Background {
         Background::default()
     }
@@ -29,6 +30,12 @@ impl Background {
                 _ = task => {}
             }
         });
+    }
+
+    /// Runs `task`, which ends by itself once `stopping()` is cancelled (to finish
+    /// cleanly rather than be dropped mid-way); shutdown waits for it.
+    pub fn spawn_ending(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(task);
     }
 
     /// The signal, for a task that ends by itself at shutdown.

@@ -340,14 +340,14 @@ pin_project_lite::pin_project! {
     pub struct Counted<B> {
         #[pin]
         inner: B,
-        counter: Arc<crate::observe::counters::Counters>,
+        counter: Arc<crate::counters::Counters>,
         outbound: bool,
     }
 }
 
 impl<B> Counted<B> {
     /// Counts into the metrics' bytes out (`outbound`) or bytes in.
-    pub fn new(inner: B, counter: Arc<crate::observe::counters::Counters>, outbound: bool) -> Self {
+    pub fn new(inner: B, counter: Arc<crate::counters::Counters>, outbound: bool) -> Self {
         Counted {
             inner,
             counter,

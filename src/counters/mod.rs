@@ -3,7 +3,8 @@
 //! dropped access log lines.
 //!
 //! A leaf: lock-free atomics that every part may write to and that use no other
-//! part of corral. The views that read them (`metrics`, and the admin listener in `edge::status`) sit above.
+//! part of corral. The views that read them (`observe::metrics`, served by the
+//! status listener in `edge::status`) sit above.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! It owns the socket file and the tiny line protocol; the work itself is the
 //! supervisor's. Only the local user can reach it (file mode 0600).
 
-use crate::observe::Error;
+use crate::runtime::tasks::Background;
 use crate::workers::supervisor::Supervisor;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -13,6 +13,36 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+
+/// Why the admin socket could not start, or a command got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Another corral answers on the admin socket.
+    #[error("admin socket {} is in use by another corral", .0.display())]
+    SocketInUse(PathBuf),
+    /// The admin socket cannot be made.
+    #[error("cannot create admin socket {}: {cause}", path.display())]
+    Socket {
+        /// The socket's path.
+        path: PathBuf,
+        /// What the system said.
+        cause: std::io::Error,
+    },
+    /// No corral listens on the admin socket.
+    #[error("cannot reach corral at {}: {cause} (is it running? see `admin_socket`)", path.display())]
+    Unreachable {
+        /// The socket's path.
+        path: PathBuf,
+        /// What the system said.
+        cause: std::io::Error,
+    },
+    /// The running corral did not answer in time.
+    #[error("no answer within {0:?}")]
+    NoAnswer(Duration),
+    /// The admin conversation broke off.
+    #[error("admin socket: {0}")]
+    Io(#[from] std::io::Error),
+}
 
 /// Longest command line accepted.
 const MAX_COMMAND: u64 = 256;
@@ -23,7 +53,13 @@ pub fn default_path(port: u16) -> PathBuf {
 }
 
 /// Binds the socket (replacing a stale file no one answers on) and serves commands.
-pub async fn serve(path: &Path, supervisor: Option<Arc<Supervisor>>) -> Result<(), Error> {
+/// Serves the admin socket at `path` until `owner` stops, which ends the accept
+/// loop and every command's task and waits for them.
+pub async fn serve(
+    path: &Path,
+    supervisor: Option<Arc<Supervisor>>,
+    owner: &Background,
+) -> Result<(), Error> {
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
             return Err(Error::SocketInUse(path.to_path_buf()));
@@ -35,13 +71,16 @@ pub async fn serve(path: &Path, supervisor: Option<Arc<Supervisor>>) -> Result<(
         cause,
     })?;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-    tokio::spawn(async move {
+    let tasks = owner.clone();
+    owner.spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
+                // Out of descriptors and the like: pause instead of spinning.
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
             let sup = supervisor.clone();
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 let _ = answer(stream, sup).await;
             });
         }
