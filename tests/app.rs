@@ -51,9 +51,8 @@ fn an_app_on_port_zero_tells_its_addresses_and_stop_ends_everything() {
     held.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
 
-    let stopped = runtime.block_on(async {
-        tokio::time::timeout(Duration::from_secs(20), app.stop("test")).await
-    });
+    let stopped = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(20), app.stop("test")).await });
     assert!(stopped.is_ok(), "stop returned");
     let mut buf = [0u8; 8];
     assert!(matches!(held.read(&mut buf), Ok(0) | Err(_)));

@@ -11,7 +11,6 @@ pub(crate) mod glob;
 pub(crate) mod registry;
 pub(crate) mod resp;
 
-use tokio_util::sync::CancellationToken;
 use crate::runtime::tasks::Background;
 use bytes::{Bytes, BytesMut};
 pub use registry::OutputLimit;
@@ -25,6 +24,7 @@ use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 
 /// The Redis version whose replies the broker reproduces (and reports, as other
 /// Redis-protocol servers do, so clients enable the features it has).
