@@ -243,6 +243,59 @@ struct Conns {
     slots: Arc<Semaphore>,
 }
 
+/// How one listener serves its connections, decided once for all of them.
+struct Serve {
+    kind: Kind,
+    cfg: Arc<Config>,
+    trusted: Vec<crate::config::Cidr>,
+    protocols: Protocols,
+    /// Nagle's algorithm is turned off lazily by the fast loop on a plain listener
+    /// it serves, else at the accept (over TLS the handshake writes first).
+    lazy_nodelay: bool,
+    /// The fast loop's limits, when it serves this listener's connections (not the
+    /// redirect-only listener's: its few requests are hyper's).
+    fast: Option<fast::Limits>,
+}
+
+impl Serve {
+    fn new(kind: Kind, cfg: Arc<Config>) -> Serve {
+        let protocols = Protocols::new(&cfg);
+        let fast_server = cfg.experimental.http1_fast_server;
+        let lazy_nodelay = matches!(kind, Kind::Plain) && fast_server && protocols.h2c.is_none();
+        let fast = (fast_server && !matches!(kind, Kind::Redirect(_))).then(|| fast::Limits {
+            max_head: cfg.limits.max_header as usize,
+            header_read: cfg.timeouts.header_read,
+            shutdown: matches!(kind, Kind::Tls(_)),
+            nagle: lazy_nodelay,
+        });
+        Serve {
+            trusted: cfg.trusted(),
+            kind,
+            cfg,
+            protocols,
+            lazy_nodelay,
+            fast,
+        }
+    }
+
+    /// Who is at `addr`, as this listener sees them.
+    fn peer(&self, addr: SocketAddr) -> Peer {
+        let addr = normalise(addr);
+        Peer::new(
+            addr,
+            match self.kind {
+                Kind::Tls(_) => "https",
+                _ => "http",
+            },
+            self.trusted.iter().any(|c| c.contains(addr.ip())),
+            match self.kind {
+                Kind::Redirect(port) => Some(port),
+                _ => None,
+            },
+        )
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     kind: Kind,
@@ -250,25 +303,7 @@ async fn accept_loop(
     conns: Conns,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Conns {
-        draining,
-        tasks,
-        slots,
-    } = conns;
-    let cfg = gate.cfg().clone();
-    let trusted = cfg.trusted();
-    let protocols = Protocols::new(&cfg);
-    // Nagle's algorithm is turned off lazily by the fast loop on a plain listener
-    // it serves, else at the accept (over TLS the handshake writes first).
-    let lazy_nodelay = matches!(kind, Kind::Plain)
-        && cfg.experimental.http1_fast_server
-        && protocols.h2c.is_none();
-    let fast_limits = cfg.experimental.http1_fast_server.then(|| fast::Limits {
-        max_head: cfg.limits.max_header as usize,
-        header_read: cfg.timeouts.header_read,
-        shutdown: matches!(kind, Kind::Tls(_)),
-        nagle: lazy_nodelay,
-    });
+    let serve = Serve::new(kind, gate.cfg().clone());
     // Made once: a `changed()` future made for every connection cost a few hundred
     // instructions each.
     let mut stopped = std::pin::pin!(stop.changed());
@@ -285,100 +320,105 @@ async fn accept_loop(
             },
             _ = &mut stopped => return,
         };
-        // The slot is taken after the accept: a loop that waited for a slot first
-        // would hold it while its socket (SO_REUSEPORT, one per thread) got nothing,
-        // and the connections the kernel gave another thread would wait on it. While
-        // this connection waits for a slot, this thread accepts no other.
-        let permit = match slots.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(TryAcquireError::Closed) => return,
-            Err(TryAcquireError::NoPermits) => tokio::select! {
-                p = slots.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-                _ = &mut stopped => return,
-            },
+        let Some(permit) = take_slot(&conns.slots, &mut stopped).await else {
+            return;
         };
-        if !lazy_nodelay {
+        if !serve.lazy_nodelay {
             let _ = stream.set_nodelay(true);
         }
-        let addr = normalise(addr);
-        let peer = Peer::new(
-            addr,
-            match kind {
-                Kind::Tls(_) => "https",
-                _ => "http",
-            },
-            trusted.iter().any(|c| c.contains(addr.ip())),
-            match kind {
-                Kind::Redirect(port) => Some(port),
-                _ => None,
-            },
-        );
-        let (g, p) = (gate.clone(), peer.clone());
-        let slot = ConnectionSlot::new(permit);
-        let service = service_fn(move |mut req: Request<Incoming>| {
-            if is_websocket_upgrade(req.headers()) {
-                req.extensions_mut().insert(slot.clone());
-            }
-            g.clone().handle(req.map(RequestBody::Hyper), p.clone())
-        });
-        // The fast path serves plain HTTP/1.1 requests; not the redirect-only
-        // listener (its few requests are hyper's).
-        let fast = match kind {
-            Kind::Redirect(_) => None,
-            _ => fast_limits,
-        };
-        let gate = gate.clone();
-        let (protocols, draining) = (protocols.clone(), draining.clone());
-        match &kind {
-            Kind::Tls(acceptor) => {
-                let acceptor = acceptor.clone();
-                let handshake = cfg.timeouts.header_read;
-                // Boxed: the task's future holds TLS, the fast loop and hyper's
-                // connection, and tokio moves a task's future a few times as it
-                // spawns it (thousands of bytes for each new connection otherwise).
-                tasks.spawn(boxed(|| async move {
-                    let accepting = tokio::time::timeout(handshake, acceptor.accept(stream));
-                    let tls = tokio::select! {
-                        r = accepting => match r {
-                            Ok(Ok(tls)) => tls,
-                            Ok(Err(e)) => {
-                                tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => return,
-                        },
-                        _ = draining.cancelled() => return,
-                    };
-                    // ALPN has chosen the protocol: no detection needed.
-                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                    if h2 {
-                        let io = TokioIo::new(tls);
-                        until_drained(protocols.h2.serve_connection(io, service), draining).await;
-                        return;
-                    }
-                    let fast = fast.map(|limits| (limits, &gate, &peer));
-                    serve_http1(tls, fast, &protocols.h1, service, draining).await
-                }));
-            }
-            _ => {
-                tasks.spawn(boxed(|| async move {
-                    match &protocols.h2c {
-                        Some(auto) => {
-                            let conn = auto
-                                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                                .into_owned();
-                            until_drained(conn, draining).await
+        let peer = serve.peer(addr);
+        spawn_connection(&serve, &gate, &conns, stream, peer, permit);
+    }
+}
+
+/// A connection slot (`limits.max_connections`); None once the listeners stop.
+/// The slot is taken after the accept: a loop that waited for a slot first would
+/// hold it while its socket (SO_REUSEPORT, one per thread) got nothing, and the
+/// connections the kernel gave another thread would wait on it. While this
+/// connection waits for a slot, this thread accepts no other.
+async fn take_slot<S: std::future::Future + Unpin>(
+    slots: &Arc<Semaphore>,
+    stopped: &mut S,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    match slots.clone().try_acquire_owned() {
+        Ok(p) => Some(p),
+        Err(TryAcquireError::Closed) => None,
+        Err(TryAcquireError::NoPermits) => tokio::select! {
+            p = slots.clone().acquire_owned() => p.ok(),
+            _ = stopped => None,
+        },
+    }
+}
+
+/// Serves one accepted connection on a task of `conns`: TLS first where the
+/// listener has it (ALPN choosing h2 or HTTP/1.1), h2c detection where it is on,
+/// else HTTP/1.1 (`serve_http1`).
+fn spawn_connection(
+    serve: &Serve,
+    gate: &Arc<Gate>,
+    conns: &Conns,
+    stream: tokio::net::TcpStream,
+    peer: Peer,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let (g, p) = (gate.clone(), peer.clone());
+    let slot = ConnectionSlot::new(permit);
+    let service = service_fn(move |mut req: Request<Incoming>| {
+        if is_websocket_upgrade(req.headers()) {
+            req.extensions_mut().insert(slot.clone());
+        }
+        g.clone().handle(req.map(RequestBody::Hyper), p.clone())
+    });
+    let fast = serve.fast;
+    let gate = gate.clone();
+    let (protocols, draining) = (serve.protocols.clone(), conns.draining.clone());
+    match &serve.kind {
+        Kind::Tls(acceptor) => {
+            let acceptor = acceptor.clone();
+            let handshake = serve.cfg.timeouts.header_read;
+            let addr = peer.addr;
+            // Boxed: the task's future holds TLS, the fast loop and hyper's
+            // connection, and tokio moves a task's future a few times as it
+            // spawns it (thousands of bytes for each new connection otherwise).
+            conns.tasks.spawn(boxed(|| async move {
+                let accepting = tokio::time::timeout(handshake, acceptor.accept(stream));
+                let tls = tokio::select! {
+                    r = accepting => match r {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+                            return;
                         }
-                        None => {
-                            let fast = fast.map(|limits| (limits, &gate, &peer));
-                            serve_http1(stream, fast, &protocols.h1, service, draining).await
-                        }
+                        Err(_) => return,
+                    },
+                    _ = draining.cancelled() => return,
+                };
+                // ALPN has chosen the protocol: no detection needed.
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                if h2 {
+                    let io = TokioIo::new(tls);
+                    until_drained(protocols.h2.serve_connection(io, service), draining).await;
+                    return;
+                }
+                let fast = fast.map(|limits| (limits, &gate, &peer));
+                serve_http1(tls, fast, &protocols.h1, service, draining).await
+            }));
+        }
+        _ => {
+            conns.tasks.spawn(boxed(|| async move {
+                match &protocols.h2c {
+                    Some(auto) => {
+                        let conn = auto
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                            .into_owned();
+                        until_drained(conn, draining).await
                     }
-                }));
-            }
+                    None => {
+                        let fast = fast.map(|limits| (limits, &gate, &peer));
+                        serve_http1(stream, fast, &protocols.h1, service, draining).await
+                    }
+                }
+            }));
         }
     }
 }

@@ -363,7 +363,10 @@ impl Proxy {
         }
     }
 
-    /// Sends a (non-upgrade) request to its worker and the answer back.
+    /// Sends a (non-upgrade) request to its worker and the answer back: its
+    /// headers as the worker gets them, its body in hand where it must be, the
+    /// request encoded for one of the two clients, then sent (again, where that
+    /// is safe).
     async fn pass_on(
         &self,
         req: Request<RequestBody>,
@@ -375,39 +378,16 @@ impl Proxy {
         // Judged by the body's own framing (hyper's view), before the hop-by-hop
         // headers that carry it (Transfer-Encoding) are stripped.
         let bodiless = incoming.is_end_stream();
-        let mut headers = parts.headers;
-        // A request the fast path will carry (its body in hand) usually gets its
-        // forwarding headers written straight into the bytes sent (`direct`); any
-        // other has its header map rewritten.
+        let eio_post = is_eio && parts.method == Method::POST;
+        // A request the fast path will carry has its body in hand.
         let fast = self.cfg.experimental.http1_fast_path
-            && (bodiless || (is_eio && parts.method == Method::POST))
+            && (bodiless || eio_post)
             && !matches!(target.ticket, Ticket::Hop);
-        let direct = fast
-            .then(|| direct_forwarding(&headers, &parts.uri, &peer))
-            .flatten();
-        if direct.is_none() {
-            let underscores = self.forward.underscores;
-            prepare_request_headers(&mut headers, &parts.uri, &peer, false, underscores);
-            self.forward.mark_hop(&mut headers, &target.ticket);
-        }
-        if matches!(target.ticket, Ticket::New(_)) {
-            self.metrics.handshakes.fetch_add(1, Ordering::Relaxed);
-            // The sid must be readable in the handshake response.
-            headers.remove(header::ACCEPT_ENCODING);
-        }
+        let mut headers = parts.headers;
+        let direct = self.forwarding_headers(&mut headers, &parts.uri, &peer, &target, fast);
         let counted = body::Counted::new(incoming, self.metrics.clone(), false);
         let (limited, faults) = Limited::new(counted, self.cfg.limits.max_body);
-        let wait = if is_eio {
-            self.cfg.timeouts.engineio_read
-        } else {
-            self.cfg.timeouts.read
-        };
-        let uri = origin_form(&parts.uri);
-        // Only a request that can be sent again unchanged is sent again: on a fresh
-        // connection when a kept-alive one was closed under it, and (for requests
-        // outside any session) on another worker when its own refuses connections.
-        let replayable = is_idempotent(&parts.method) && bodiless;
-        let in_hand = if is_eio && parts.method == Method::POST && !bodiless {
+        let in_hand = if eio_post && !bodiless {
             // Engine.IO POST bodies are small (the server's maxPayload, 1 MB by
             // default) and some workers read them with one read of Content-Length
             // bytes (python-engineio on aiohttp): sent whole, head and body together,
@@ -424,25 +404,81 @@ impl Proxy {
         } else {
             Err(limited.boxed_unsync())
         };
-        let mut outgoing = match in_hand {
-            Ok(whole) if fast => {
-                let request = match &direct {
-                    Some(added) => {
-                        let underscores = self.forward.underscores;
-                        let dropped =
-                            |n: &_| dropped_direct(n) || (!underscores && has_underscore(n));
-                        http1::encode(&parts.method, &uri, &headers, dropped, added, whole)
-                    }
-                    None => http1::encode(&parts.method, &uri, &headers, |_| false, &[], whole),
-                };
-                Outgoing::Fast(request)
-            }
+        // Only a request that can be sent again unchanged is sent again: on a fresh
+        // connection when a kept-alive one was closed under it, and (for requests
+        // outside any session) on another worker when its own refuses connections.
+        let replayable = is_idempotent(&parts.method) && bodiless;
+        let sending = Sending {
+            uri: origin_form(&parts.uri),
+            method: parts.method,
+            headers,
+            replayable,
+        };
+        let outgoing = self.encode(sending, in_hand, fast, direct.as_ref());
+        let wait = if is_eio {
+            self.cfg.timeouts.engineio_read
+        } else {
+            self.cfg.timeouts.read
+        };
+        self.send(outgoing, &faults, replayable, target, wait).await
+    }
+
+    /// The forwarding headers of a request going to its worker: for the common
+    /// request the fast path carries, the four it adds, written straight into the
+    /// bytes sent later (`direct_forwarding`); for any other, None, its header map
+    /// rewritten here. A handshake's Accept-Encoding goes either way: its sid must
+    /// be readable in the response.
+    fn forwarding_headers(
+        &self,
+        headers: &mut http::HeaderMap,
+        uri: &http::Uri,
+        peer: &Peer,
+        target: &Target,
+        fast: bool,
+    ) -> Option<[(header::HeaderName, HeaderValue); 4]> {
+        let direct = fast.then(|| direct_forwarding(headers, uri, peer)).flatten();
+        if direct.is_none() {
+            let underscores = self.forward.underscores;
+            prepare_request_headers(headers, uri, peer, false, underscores);
+            self.forward.mark_hop(headers, &target.ticket);
+        }
+        if matches!(target.ticket, Ticket::New(_)) {
+            self.metrics.handshakes.fetch_add(1, Ordering::Relaxed);
+            headers.remove(header::ACCEPT_ENCODING);
+        }
+        direct
+    }
+
+    /// The request for one of the two clients: encoded once for the fast path
+    /// (its body in hand), else a hyper request, with what a second try needs.
+    fn encode(
+        &self,
+        sending: Sending,
+        in_hand: Result<Bytes, ProxyBody>,
+        fast: bool,
+        direct: Option<&[(header::HeaderName, HeaderValue); 4]>,
+    ) -> Outgoing {
+        let Sending {
+            method,
+            uri,
+            headers,
+            replayable,
+        } = sending;
+        match in_hand {
+            Ok(whole) if fast => Outgoing::Fast(match direct {
+                Some(added) => {
+                    let underscores = self.forward.underscores;
+                    let dropped = |n: &_| dropped_direct(n) || (!underscores && has_underscore(n));
+                    http1::encode(&method, &uri, &headers, dropped, added, whole)
+                }
+                None => http1::encode(&method, &uri, &headers, |_| false, &[], whole),
+            }),
             in_hand => {
                 // `direct` is only made for a request the fast path carries, and
-                // each such has its body in hand: this map was rewritten above.
+                // each such has its body in hand: this map was rewritten.
                 debug_assert!(direct.is_none());
                 let replay = replayable.then(|| Replay {
-                    method: parts.method.clone(),
+                    method: method.clone(),
                     uri: uri.clone(),
                     headers: headers.clone(),
                 });
@@ -451,10 +487,22 @@ impl Proxy {
                     Ok(whole) => body::full(whole),
                     Err(streamed) => streamed,
                 };
-                let req = upstream_request(parts.method, uri, headers, body);
-                Outgoing::Hyper(Some(req), replay)
+                Outgoing::Hyper(Some(upstream_request(method, uri, headers, body)), replay)
             }
-        };
+        }
+    }
+
+    /// Sends `outgoing` to the target's worker within `wait` and passes the answer
+    /// on; a replayable request outside any session that finds its worker refusing
+    /// connections goes once to another.
+    async fn send(
+        &self,
+        mut outgoing: Outgoing,
+        faults: &body::Faults,
+        replayable: bool,
+        target: Target,
+        wait: std::time::Duration,
+    ) -> Response<ProxyBody> {
         let Target { mut worker, ticket } = target;
         let elsewhere = matches!(ticket, Ticket::Plain) && self.pool.len() > 1;
         let mut retried = false;
@@ -695,6 +743,16 @@ impl Proxy {
         }
         Ok((seen.freeze(), learned))
     }
+}
+
+/// A request's parts as its worker gets them.
+struct Sending {
+    method: Method,
+    /// In origin form.
+    uri: http::Uri,
+    headers: http::HeaderMap,
+    /// It may be sent again (idempotent, no body).
+    replayable: bool,
 }
 
 /// A request on its way to a worker, by one of the two HTTP/1.1 clients.
