@@ -78,15 +78,15 @@ bench-socketio: profiling $(VENV)/.installed
 bench-mq:
 	bench/broker.sh 3 | tee target/bench-mq.md
 
-# Fuzz the htpasswd parser, the path normaliser, the RESP parser and the fast
-# paths' HTTP/1.1 readers, FUZZ_SECONDS
+# Fuzz the htpasswd parser, the path normaliser, the RESP parser, the fast
+# paths' HTTP/1.1 readers and http1 against hyper (framing), FUZZ_SECONDS
 # each (not part of `make test`). cargo-fuzz needs nightly features; RUSTC_BOOTSTRAP
 # lets the stable toolchain use them, and -s none skips the sanitizer runtime.
 FUZZ_SECONDS ?= 30
 IDLE_CONNS ?= 100000
 fuzz:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	for t in htpasswd path resp http1; do \
+	for t in htpasswd path resp http1 http1_hyper; do \
 	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -s none $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
 

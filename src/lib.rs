@@ -4,19 +4,21 @@
 //! it (`tests/layers.rs` fails on a `use` that goes back up):
 //!
 //! ```text
-//! run            wires the parts together, owns startup and shutdown
+//! run            the App: wires the parts together, owns startup and shutdown
+//!  └ admin       the admin socket: reload, scale, status
 //!  └ edge        listeners, TLS, serving threads' accept loops, the gate:
-//!  │             strict heads, redirect, path normalisation, limits, auth
-//!  └ proxy       the request path: choice of worker, headers, one exchange with
-//!  │             the retry rule, corral's own answers, websocket tunnels
+//!  │             head rules, redirect, path normalisation, limits, auth
+//!  └ proxy       the request path: choice of worker, header policy, one exchange
+//!  │             with the retry rule, corral's own answers, websocket tunnels
+//!  └ observe     views that read counters, pool, router and broker: Prometheus,
+//!  │             status JSON, access log
 //!  └ engineio    the protocol, tagged sids, the session table (router)
 //!  └ workers     the pool (state, load, health) and the supervisor (processes)
-//!  └ transport   kept-alive connections to workers, the HTTP/1.1 fast path, body adapters
-//!  observe       counters (a leaf everyone writes to) and, on top, the views that
-//!                read pool, router and broker: Prometheus, status page, access
-//!                log, admin socket
-//!  broker        the embedded Redis-protocol pub/sub broker
-//!  runtime       serving threads, background tasks, systemd notification
+//!  └ broker      the embedded Redis-protocol pub/sub broker
+//!  └ transport   kept-alive connections to workers, the worker exchange, bodies
+//!  http1         the HTTP/1 vocabulary both stacks share (a leaf)
+//!  counters      the counters the data path bumps (a leaf)
+//!  runtime       serving threads, background tasks and the stop, systemd
 //!  config        the file, read and checked once
 //! ```
 #![deny(missing_docs)]

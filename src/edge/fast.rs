@@ -7,11 +7,11 @@
 //! ([`Rewind`]), so every rule hyper enforces — 400 and 431 answers, body framing,
 //! `100-continue`, HTTP/1.0, upgrades — stays hyper's alone.
 //!
-//! It owns reading request heads and writing responses (as hyper's server writes
-//! them: the same status line, header lines, `content-length` or chunking, `date`,
-//! and `connection: close` when it closes). It must not judge requests (the gate
-//! does, for both paths) and never reads a request body: a request with one is not
-//! its to serve.
+//! It owns the connection's loop: reading heads (`http1::head`, which also says
+//! when one passes `limits.max_header`: 431, every byte counted, whole or not) and
+//! writing answers as hyper's server writes them (`http1::encode`). It must not
+//! judge requests (the gate does, for both paths) and never reads a request body:
+//! a request with one is not its to serve.
 
 use crate::edge::gate::Gate;
 use crate::http1::encode::{refusal_head, response_head, BodyKnown, Framing};

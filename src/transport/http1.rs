@@ -4,10 +4,10 @@
 //! hyper client costs a task and a hand-off each way per request, more than the
 //! rest of the request path (docs/http1-fast-path.md).
 //!
-//! It owns the framing of what it writes and reads (RFC 9112 sections 6 and 9.3) and
-//! the rule for when a connection may carry another request: only when its request
-//! was written whole and its response read exactly to its end, with nothing after
-//! it. It must not choose workers or decide on sending again (the proxy does; it is
+//! It owns the exchange and the rule for when a connection may carry another
+//! request: only when its request was written whole and its response read exactly
+//! to its end, with nothing after it. How messages are written, read and framed is
+//! `http1`'s (RFC 9112 sections 6 and 9.3), shared with hyper's path. It must not choose workers or decide on sending again (the proxy does; it is
 //! told when a connection closed before any byte of an answer), and it carries no
 //! streamed request body and no upgrade: those stay on hyper (`upstream`).
 
