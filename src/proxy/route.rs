@@ -436,7 +436,9 @@ impl Proxy {
         target: &Target,
         fast: bool,
     ) -> Option<[(header::HeaderName, HeaderValue); 4]> {
-        let direct = fast.then(|| direct_forwarding(headers, uri, peer)).flatten();
+        let direct = fast
+            .then(|| direct_forwarding(headers, uri, peer))
+            .flatten();
         if direct.is_none() {
             let underscores = self.forward.underscores;
             prepare_request_headers(headers, uri, peer, false, underscores);
