@@ -484,3 +484,42 @@ fn a_rolling_restart_racing_sigterm_starts_nothing_after_it() {
         assert!(!alive(pid), "worker {pid} outlived corral:\n{log}");
     }
 }
+
+/// A request outside any session whose worker refuses the connection goes once
+/// to another worker, if it can be sent again (no body); one with a body is not
+/// sent again, and gets corral's own answer.
+#[test]
+fn a_refused_connection_sends_a_bodiless_request_to_another_worker() {
+    let live = RawWorker::start(Mode::Echo);
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    // The dead worker first: with no load anywhere, it is the first choice.
+    let corral = support::Corral::start(&format!(
+        "threads = 1\nupstreams = [\"{dead}\", \"{}\"]\n[health]\ninterval = \"60s\"\nfall = 100\n[engineio]\nsticky = false\n",
+        live.addr
+    ));
+    let get =
+        support::exchange(corral.addr, b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n").expect("reply");
+    assert_eq!(get.status, 200, "{get:?}");
+    assert!(
+        corral.log_text().contains("cannot connect to worker"),
+        "the dead worker was never tried: {}",
+        corral.log_text()
+    );
+    assert_eq!(live.seen_for("/first").len(), 1);
+    let post = b"POST /post HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello";
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(support::exchange(corral.addr, post).expect("reply").status);
+    }
+    // Least connections alternates between the two: some POSTs met the dead one
+    // and were not sent on; each that reached the live one arrived once.
+    assert!(statuses.iter().any(|s| *s != 200), "{statuses:?}");
+    assert_eq!(
+        live.seen_for("/post").len(),
+        statuses.iter().filter(|s| **s == 200).count(),
+        "{statuses:?}"
+    );
+}

@@ -52,9 +52,9 @@ pub fn default_path(port: u16) -> PathBuf {
     std::env::temp_dir().join(format!("corral-{port}.sock"))
 }
 
-/// Binds the socket (replacing a stale file no one answers on) and serves commands.
-/// Serves the admin socket at `path` until `owner` stops, which ends the accept
-/// loop and every command's task and waits for them.
+/// Binds the socket at `path` (replacing a stale file no one answers on) and
+/// serves commands until `owner` stops, which ends the accept loop and every
+/// command's task and waits for them.
 pub async fn serve(
     path: &Path,
     supervisor: Option<Arc<Supervisor>>,

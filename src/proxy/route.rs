@@ -365,8 +365,8 @@ impl Proxy {
 
     /// Sends a (non-upgrade) request to its worker and the answer back: its
     /// headers as the worker gets them, its body in hand where it must be, the
-    /// request encoded for one of the two clients, then sent (again, where that
-    /// is safe).
+    /// request encoded for one of the two clients, then sent (`attempt`), again
+    /// where that is safe (`elsewhere`), and the answer passed on (`respond`).
     async fn pass_on(
         &self,
         req: Request<RequestBody>,
@@ -408,19 +408,64 @@ impl Proxy {
         // connection when a kept-alive one was closed under it, and (for requests
         // outside any session) on another worker when its own refuses connections.
         let replayable = is_idempotent(&parts.method) && bodiless;
-        let sending = Sending {
-            uri: origin_form(&parts.uri),
-            method: parts.method,
+        let uri = origin_form(&parts.uri);
+        let mut outgoing = self.encode(
+            parts.method,
+            uri,
             headers,
+            in_hand,
+            fast,
+            direct.as_ref(),
             replayable,
-        };
-        let outgoing = self.encode(sending, in_hand, fast, direct.as_ref());
+        );
         let wait = if is_eio {
             self.cfg.timeouts.engineio_read
         } else {
             self.cfg.timeouts.read
         };
-        self.send(outgoing, &faults, replayable, target, wait).await
+        // The retry loop stays in this future: as a function of its own, its
+        // future (a kilobyte and more) was copied into this one for every request.
+        let Target { mut worker, ticket } = target;
+        let mut elsewhere = matches!(ticket, Ticket::Plain) && self.pool.len() > 1 && replayable;
+        loop {
+            let inflight = worker.start_request();
+            let sent = Instant::now();
+            let result =
+                tokio::time::timeout(wait, self.attempt(&worker, &mut outgoing, replayable)).await;
+            match faults.get() {
+                Some(Fault::TooLarge) => return self.too_large(faults.take_kept()),
+                Some(Fault::Malformed) => return malformed_body(),
+                None => {}
+            }
+            let err = match result {
+                Ok(Ok(reply)) => {
+                    self.metrics.observe_latency(sent.elapsed());
+                    worker.traffic.count_response(reply.status().as_u16());
+                    worker.answered();
+                    return match reply {
+                        Reply::Fast(response) => {
+                            self.respond(response, None, ticket, inflight).await
+                        }
+                        Reply::Hyper(answer) => {
+                            let lease = Some(answer.lease);
+                            self.respond(answer.response, lease, ticket, inflight).await
+                        }
+                    };
+                }
+                Ok(Err(e)) => Some(e),
+                Err(_) => None,
+            };
+            drop(inflight);
+            worker = match self.elsewhere(err, &worker, &ticket, elsewhere, wait) {
+                Ok(next) => next,
+                Err(resp) => return resp,
+            };
+            // Once only.
+            elsewhere = false;
+            if let Outgoing::Hyper(req, Some(replay)) = &mut outgoing {
+                *req = Some(replay.request());
+            }
+        }
     }
 
     /// The forwarding headers of a request going to its worker: for the common
@@ -453,19 +498,17 @@ impl Proxy {
 
     /// The request for one of the two clients: encoded once for the fast path
     /// (its body in hand), else a hyper request, with what a second try needs.
+    #[allow(clippy::too_many_arguments)]
     fn encode(
         &self,
-        sending: Sending,
+        method: Method,
+        uri: http::Uri,
+        headers: http::HeaderMap,
         in_hand: Result<Bytes, ProxyBody>,
         fast: bool,
         direct: Option<&[(header::HeaderName, HeaderValue); 4]>,
+        replayable: bool,
     ) -> Outgoing {
-        let Sending {
-            method,
-            uri,
-            headers,
-            replayable,
-        } = sending;
         match in_hand {
             Ok(whole) if fast => Outgoing::Fast(match direct {
                 Some(added) => {
@@ -494,79 +537,42 @@ impl Proxy {
         }
     }
 
-    /// Sends `outgoing` to the target's worker within `wait` and passes the answer
-    /// on; a replayable request outside any session that finds its worker refusing
-    /// connections goes once to another.
-    async fn send(
+    /// After a try that failed (`err`; None: no answer within `wait`), the worker
+    /// to try next: only a request outside any session that may go `elsewhere`,
+    /// whose worker refused the connection, goes to another; any other failure is
+    /// the answer (502, 503 or 504).
+    // The answer is the large variant, on the failure path only: boxing it would
+    // cost an allocation there for nothing.
+    #[allow(clippy::result_large_err)]
+    fn elsewhere(
         &self,
-        mut outgoing: Outgoing,
-        faults: &body::Faults,
-        replayable: bool,
-        target: Target,
+        err: Option<SendError>,
+        worker: &Arc<Worker>,
+        ticket: &Ticket,
+        elsewhere: bool,
         wait: std::time::Duration,
-    ) -> Response<ProxyBody> {
-        let Target { mut worker, ticket } = target;
-        let elsewhere = matches!(ticket, Ticket::Plain) && self.pool.len() > 1;
-        let mut retried = false;
-        loop {
-            let addr = worker.addr;
-            let id = worker.id;
-            let inflight = worker.start_request();
-            let sent = Instant::now();
-            let result =
-                tokio::time::timeout(wait, self.attempt(&worker, &mut outgoing, replayable)).await;
-            match faults.get() {
-                Some(Fault::TooLarge) => return self.too_large(faults.take_kept()),
-                Some(Fault::Malformed) => return malformed_body(),
-                None => {}
-            }
-            let err = match result {
-                Ok(Ok(reply)) => {
-                    self.metrics.observe_latency(sent.elapsed());
-                    worker.traffic.count_response(reply.status().as_u16());
-                    worker.answered();
-                    return match reply {
-                        Reply::Fast(response) => {
-                            self.respond(response, None, ticket, inflight).await
-                        }
-                        Reply::Hyper(answer) => {
-                            let lease = Some(answer.lease);
-                            self.respond(answer.response, lease, ticket, inflight).await
-                        }
-                    };
-                }
-                Ok(Err(e)) => e,
-                Err(_) => {
-                    tracing::warn!(worker = id, %addr, "worker timed out");
-                    return short(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        &format!("corral: worker {addr} did not answer in {wait:?}\n"),
-                    );
-                }
-            };
-            drop(inflight);
-            if !matches!(err, SendError::Connect(_)) {
-                tracing::warn!(worker = id, %addr, error = %err, "worker failed");
-                return short(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("corral: worker {addr} failed: {err}\n"),
-                );
-            }
-            tracing::warn!(worker = id, %addr, error = %err, "cannot connect to worker");
-            self.pool.check_failed(&worker);
-            // Only requests outside any session go elsewhere (`elsewhere`).
-            let next = (elsewhere && !retried && replayable)
-                .then(|| self.pool.pick_for_request(Some(id)))
-                .flatten();
-            let Some(w) = next else {
-                return answer::unreachable(&self.metrics, &ticket, addr);
-            };
-            if let Outgoing::Hyper(req, Some(replay)) = &mut outgoing {
-                *req = Some(replay.request());
-            }
-            retried = true;
-            worker = w;
+    ) -> Result<Arc<Worker>, Response<ProxyBody>> {
+        let (id, addr) = (worker.id, worker.addr);
+        let Some(err) = err else {
+            tracing::warn!(worker = id, %addr, "worker timed out");
+            return Err(short(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!("corral: worker {addr} did not answer in {wait:?}\n"),
+            ));
+        };
+        if !matches!(err, SendError::Connect(_)) {
+            tracing::warn!(worker = id, %addr, error = %err, "worker failed");
+            return Err(short(
+                StatusCode::BAD_GATEWAY,
+                &format!("corral: worker {addr} failed: {err}\n"),
+            ));
         }
+        tracing::warn!(worker = id, %addr, error = %err, "cannot connect to worker");
+        self.pool.check_failed(worker);
+        elsewhere
+            .then(|| self.pool.pick_for_request(Some(id)))
+            .flatten()
+            .ok_or_else(|| answer::unreachable(&self.metrics, ticket, addr))
     }
 
     /// One try at sending `outgoing` to `worker`.
@@ -745,16 +751,6 @@ impl Proxy {
         }
         Ok((seen.freeze(), learned))
     }
-}
-
-/// A request's parts as its worker gets them.
-struct Sending {
-    method: Method,
-    /// In origin form.
-    uri: http::Uri,
-    headers: http::HeaderMap,
-    /// It may be sent again (idempotent, no body).
-    replayable: bool,
 }
 
 /// A request on its way to a worker, by one of the two HTTP/1.1 clients.
