@@ -140,7 +140,8 @@ where
                 }
                 Parsed::TooLarge => {
                     let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
-                    refuse(&mut io, &mut nagle, status).await;
+                    // Boxed: a rare path, kept out of the loop's future.
+                    Box::pin(refuse(&mut io, &mut nagle, status)).await;
                     return Outcome::Closed;
                 }
                 Parsed::Partial => {}
@@ -188,7 +189,7 @@ where
     }
     let _ = io.shutdown().await;
     let linger = async {
-        let mut sink = [0u8; 4096];
+        let mut sink = vec![0u8; 4096];
         let mut left = LINGER_BYTES;
         while left > 0 {
             match io.read(&mut sink).await {
