@@ -175,7 +175,14 @@ impl App {
             .admin_socket
             .clone()
             .unwrap_or_else(|| admin::default_path(cfg.first_port()));
-        admin::serve(&admin_path, supervisor.clone(), &background).await?;
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let addresses = admin::Addresses {
+            listeners: listeners.clone(),
+            status: status_addr,
+            broker: broker_addr,
+            ready: ready.clone(),
+        };
+        admin::serve(&admin_path, supervisor.clone(), addresses, &background).await?;
         if std::process::id() == 1 {
             tracing::info!("running as PID 1: reaping orphaned processes");
             background.spawn(crate::workers::supervisor::reap_orphans(
@@ -189,9 +196,10 @@ impl App {
         bound.describe();
         describe_workers(&pool);
         if supervisor.is_some() {
-            background.spawn(say_ready(pool.clone(), cfg.clone(), background.stopping()));
+            let stop = background.stopping();
+            background.spawn(say_ready(pool.clone(), cfg.clone(), ready, stop));
         } else {
-            announce_ready(&cfg, &pool);
+            announce_ready(&cfg, &pool, &ready);
         }
 
         let certs = bound.certs.clone();
@@ -333,7 +341,8 @@ fn describe_workers(pool: &Pool) {
 }
 
 /// "corral ready", with how many workers are not.
-fn announce_ready(cfg: &Config, pool: &Pool) {
+fn announce_ready(cfg: &Config, pool: &Pool, ready: &std::sync::atomic::AtomicBool) {
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let (up, total) = pool.up_count();
     tracing::info!(
         policy = %cfg.balance.policy,
@@ -348,12 +357,17 @@ fn announce_ready(cfg: &Config, pool: &Pool) {
 
 /// Says "corral ready" once at least one supervised worker is ready: before that,
 /// every request would fail, and orchestrators and scripts read the line as ready.
-async fn say_ready(pool: Arc<Pool>, cfg: Arc<Config>, stop: tokio_util::sync::CancellationToken) {
+async fn say_ready(
+    pool: Arc<Pool>,
+    cfg: Arc<Config>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let mut warned = false;
     loop {
         let (up, total) = pool.up_count();
         if up > 0 {
-            announce_ready(&cfg, &pool);
+            announce_ready(&cfg, &pool, &ready);
             return;
         }
         if !warned {

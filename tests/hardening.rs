@@ -321,13 +321,11 @@ fn curl_sees_413_over_h2_and_http1() {
         panic!("curl is needed (.ci/run installs it)");
     }
     let worker = RawWorker::start(Mode::Echo);
-    let tls_port = support::free_port();
     let corral = corral_for(
         &worker,
-        &format!(
-            "[[listener]]\naddress = \"127.0.0.1:{tls_port}\"\ntls = \"self-signed\"\n[limits]\nmax_body = \"1M\"\n"
-        ),
+        "[[listener]]\naddress = \"127.0.0.1:0\"\ntls = \"self-signed\"\n[limits]\nmax_body = \"1M\"\n",
     );
+    let tls_port = corral.listeners[1].port();
     let dir = TempDir::new("big");
     let big = dir.file("big", &"x".repeat(2_000_000));
     let mut wrong = Vec::new();
@@ -394,11 +392,11 @@ fn engineio_post_bodies_are_sent_whole() {
 #[test]
 fn tls_prefers_the_server_cipher_order() {
     let worker = RawWorker::start(Mode::Echo);
-    let tls_port = support::free_port();
-    let _corral = corral_for(
+    let corral = corral_for(
         &worker,
-        &format!("[[listener]]\naddress = \"127.0.0.1:{tls_port}\"\ntls = \"self-signed\"\n"),
+        "[[listener]]\naddress = \"127.0.0.1:0\"\ntls = \"self-signed\"\n",
     );
+    let tls_port = corral.listeners[1].port();
     let chosen = |args: &[&str]| {
         let mut child = std::process::Command::new("openssl")
             .arg("s_client")

@@ -100,14 +100,12 @@ fn sigterm_closes_idle_keepalive_connections_at_once() {
 #[test]
 fn sigterm_drops_a_tls_handshake_not_yet_done() {
     let worker = RawWorker::start(Mode::Echo);
-    let tls_port = support::free_port();
     let mut corral = corral_for(
         &worker,
-        &format!(
-            "[[listener]]\naddress = \"127.0.0.1:{tls_port}\"\ntls = \"self-signed\"\n\
-             [timeouts]\nheader_read = \"30s\"\nshutdown_drain = \"30s\"\n"
-        ),
+        "[[listener]]\naddress = \"127.0.0.1:0\"\ntls = \"self-signed\"\n\
+         [timeouts]\nheader_read = \"30s\"\nshutdown_drain = \"30s\"\n",
     );
+    let tls_port = corral.listeners[1].port();
     let s = std::net::TcpStream::connect(("127.0.0.1", tls_port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
@@ -261,27 +259,24 @@ fn as_pid_1_workers_start_and_orphans_are_reaped() {
         eprintln!("SKIPPED: unshare --pid is refused here ({probe:?}); CI runs as root");
         return;
     }
-    let port = support::free_port();
     let dir = support::TempDir::new("pid1");
     let log = dir.0.join("corral.log");
     let out = std::fs::File::create(&log).expect("log");
+    let admin = dir.0.join("admin.sock");
     // The worker leaves an orphan behind: a subshell's `sleep` whose parent exits.
+    let config = dir.file(
+        "corral.toml",
+        &format!(
+            "listen = [\"127.0.0.1:0\"]\nadmin_socket = \"{}\"\n[workers]\ncount = 1\ncommand = [\"sh\", \"-c\", \"(sleep 0.3 &); exec python3 -m http.server --bind 127.0.0.1 {{port}}\"]\n",
+            admin.display()
+        ),
+    );
     let mut unshare = std::process::Command::new("unshare")
         .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
         .arg(env!("CARGO_BIN_EXE_corral"))
-        .args([
-            "run",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "-w",
-            "1",
-            "--",
-        ])
-        .args([
-            "sh",
-            "-c",
-            "(sleep 0.3 &); exec python3 -m http.server --bind 127.0.0.1 {port}",
-        ])
+        .arg("run")
+        .arg("-c")
+        .arg(&config)
         .env("CORRAL_LOG", "corral=debug")
         .stdout(out.try_clone().expect("log"))
         .stderr(out)
@@ -291,12 +286,16 @@ fn as_pid_1_workers_start_and_orphans_are_reaped() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut answered = None;
     while Instant::now() < deadline && answered.is_none() {
+        thread::sleep(Duration::from_millis(200));
+        // Where it listens, asked of its admin socket (port 0 in the config).
+        let Some(addr) = listener_of(&admin) else {
+            continue;
+        };
         answered = support::exchange(
-            format!("127.0.0.1:{port}").parse().expect("addr"),
+            addr,
             b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
         )
         .filter(|r| r.status == 200);
-        thread::sleep(Duration::from_millis(200));
     }
     let corral = children(unshare.id()).first().copied();
     // Orphans are reaped once they have been zombies for a scan (about a second).
@@ -322,6 +321,18 @@ fn as_pid_1_workers_start_and_orphans_are_reaped() {
     assert!(log.contains("running as PID 1"), "{log}");
     assert!(zombies.is_empty(), "zombies left: {zombies:?}\n{log}");
     assert!(stopped, "corral did not stop on SIGTERM: {log}");
+}
+
+/// The first listener's address, from the admin socket's `addresses`.
+fn listener_of(admin: &std::path::Path) -> Option<std::net::SocketAddr> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(admin).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"addresses\n").ok()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).ok()?;
+    let told: serde_json::Value = serde_json::from_str(&reply).ok()?;
+    told["listeners"][0].as_str()?.parse().ok()
 }
 
 /// A chunked PUT that meets a kept-alive worker connection closing under it is not

@@ -64,13 +64,12 @@ fn health_endpoints() {
     let dir = TempDir::new("adminauth");
     let htpasswd = support::htpasswd(&dir, "ops", "secret");
     let worker = RawWorker::start(Mode::Echo);
-    let admin = support::free_port();
-    let _up = Corral::start(&format!(
-        "upstreams = [\"{}\"]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\nhtpasswd = \"{}\"\n",
+    let up = Corral::start(&format!(
+        "upstreams = [\"{}\"]\n[admin]\nlisten = \"127.0.0.1:0\"\nhtpasswd = \"{}\"\n",
         worker.addr,
         htpasswd.display()
     ));
-    let admin_addr = format!("127.0.0.1:{admin}").parse().expect("addr");
+    let admin_addr = up.status.expect("status listener");
     assert_eq!(get(admin_addr, "/healthz"), (200, "ok\n".into()));
     assert_eq!(
         get(admin_addr, "/readyz"),
@@ -78,15 +77,12 @@ fn health_endpoints() {
     );
     assert_eq!(get(admin_addr, "/status.json").0, 401);
     // A supervised worker that never listens: alive, not ready.
-    let admin2 = support::free_port();
-    let _down = Corral::start_until(
-        &format!(
-            "[workers]\ncommand = [\"sleep\", \"30\"]\ncount = 1\nstart_timeout = \"20s\"\n[admin]\nlisten = \"127.0.0.1:{admin2}\"\n"
-        ),
+    let down = Corral::start_until(
+        "[workers]\ncommand = [\"sleep\", \"30\"]\ncount = 1\nstart_timeout = \"20s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
         "worker started",
         |_| {},
     );
-    let admin2_addr = format!("127.0.0.1:{admin2}").parse().expect("addr");
+    let admin2_addr = down.status.expect("status listener");
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline && std::net::TcpStream::connect(admin2_addr).is_err() {
         thread::sleep(Duration::from_millis(50));

@@ -1,6 +1,7 @@
 //! The admin socket: a Unix socket on which a running corral takes one-line commands
-//! (`reload`, `scale N`, `status`) from `corral reload|scale|status`, and the client
-//! side of those commands.
+//! (`reload`, `scale N`, `status`) from `corral reload|scale|status`, and
+//! `addresses` (where it is bound, and whether it is ready: for scripts and tests
+//! that start it on port 0), and the client side of those commands.
 //!
 //! It owns the socket file and the tiny line protocol; the work itself is the
 //! supervisor's. Only the local user can reach it (file mode 0600).
@@ -44,6 +45,28 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
+/// Where a running corral is bound, as `addresses` tells it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Addresses {
+    /// The client listeners, in the config's order.
+    pub listeners: Vec<std::net::SocketAddr>,
+    /// The status listener (`[admin] listen`).
+    pub status: Option<std::net::SocketAddr>,
+    /// The embedded message queue.
+    pub broker: Option<std::net::SocketAddr>,
+    /// "corral ready" was said: at least one worker is ready (at once without
+    /// supervised workers).
+    #[serde(serialize_with = "flag")]
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn flag<S: serde::Serializer>(
+    ready: &Arc<std::sync::atomic::AtomicBool>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_bool(ready.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 /// Longest command line accepted.
 const MAX_COMMAND: u64 = 256;
 
@@ -58,6 +81,7 @@ pub fn default_path(port: u16) -> PathBuf {
 pub async fn serve(
     path: &Path,
     supervisor: Option<Arc<Supervisor>>,
+    addresses: Addresses,
     owner: &Background,
 ) -> Result<(), Error> {
     if path.exists() {
@@ -79,22 +103,31 @@ pub async fn serve(
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
-            let sup = supervisor.clone();
+            let (sup, addresses) = (supervisor.clone(), addresses.clone());
             tasks.spawn(async move {
-                let _ = answer(stream, sup).await;
+                let _ = answer(stream, sup, &addresses).await;
             });
         }
     });
     Ok(())
 }
 
-async fn answer(stream: UnixStream, supervisor: Option<Arc<Supervisor>>) -> std::io::Result<()> {
+async fn answer(
+    stream: UnixStream,
+    supervisor: Option<Arc<Supervisor>>,
+    addresses: &Addresses,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read.take(MAX_COMMAND))
         .read_line(&mut line)
         .await?;
-    let reply = run_command(line.trim(), supervisor.as_deref()).await;
+    let reply = match line.trim() {
+        "addresses" => {
+            serde_json::to_string(addresses).unwrap_or_else(|e| format!("error: {e}")) + "\n"
+        }
+        cmd => run_command(cmd, supervisor.as_deref()).await,
+    };
     write.write_all(reply.as_bytes()).await?;
     write.shutdown().await
 }
@@ -120,7 +153,7 @@ async fn run_command(cmd: &str, supervisor: Option<&Supervisor>) -> String {
             let status = sup.status().await;
             serde_json::to_string(&status).unwrap_or_else(|e| format!("error: {e}")) + "\n"
         }
-        _ => format!("error: unknown command `{cmd}` (reload, scale N, status)\n"),
+        _ => format!("error: unknown command `{cmd}` (reload, scale N, status, addresses)\n"),
     }
 }
 

@@ -1,6 +1,8 @@
 //! Shared parts of the socket-level tests: corral started as its own process from a
-//! config written for the test, and a raw HTTP/1.1 worker served in-process that
-//! records exactly the bytes it received and can echo, answer early, delay or close.
+//! config written for the test, on port 0, its bound addresses and readiness asked
+//! of its admin socket (`addresses`); and a raw HTTP/1.1 worker served in-process
+//! that records exactly the bytes it received and can echo, answer early, delay or
+//! close.
 //!
 //! Everything listens on 127.0.0.1 only, and every wait is bounded.
 #![allow(dead_code)]
@@ -42,23 +44,22 @@ impl Drop for TempDir {
     }
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 /// corral running as a child process; stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Corral {
     pub child: Child,
+    /// The first listener's bound address.
     pub addr: SocketAddr,
+    /// Every listener's, in the config's order (`listen` first, then `[[listener]]`).
+    pub listeners: Vec<SocketAddr>,
+    /// The status listener's, with `[admin]`.
+    pub status: Option<SocketAddr>,
     pub dir: TempDir,
     pub log: PathBuf,
 }
 
 impl Corral {
-    /// Starts corral with `config` (TOML without `listen`, which is added) and waits
-    /// until it accepts connections.
+    /// Starts corral with `config` (TOML without `listen`, which is added: port 0)
+    /// and waits until it says it is ready.
     pub fn start(config: &str) -> Corral {
         Corral::start_with(config, |_| {})
     }
@@ -68,13 +69,12 @@ impl Corral {
         Corral::start_until(config, "corral ready", adjust)
     }
 
-    /// As `start`, but waits only until `marker` appears in the log.
+    /// As `start`, but waits until `marker` appears in the log instead of for
+    /// readiness (the addresses are known either way).
     pub fn start_until(config: &str, marker: &str, adjust: impl FnOnce(&mut Command)) -> Corral {
         let dir = TempDir::new("corral");
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let text = format!(
-            "listen = [\"{addr}\"]\nadmin_socket = \"{}\"\n{config}",
+            "listen = [\"127.0.0.1:0\"]\nadmin_socket = \"{}\"\n{config}",
             dir.0.join("admin.sock").display()
         );
         let path = dir.file("corral.toml", &text);
@@ -91,7 +91,9 @@ impl Corral {
         let child = cmd.spawn().expect("start corral");
         let mut c = Corral {
             child,
-            addr,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listeners: Vec::new(),
+            status: None,
             dir,
             log,
         };
@@ -99,18 +101,44 @@ impl Corral {
         c
     }
 
+    /// Waits until the admin socket tells the addresses and, for "corral ready",
+    /// that corral is ready; for any other marker, until the log shows it.
     fn wait_ready(&mut self, marker: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("corral exited ({status}): {}", self.log_text());
             }
-            if self.log_text().contains(marker) && TcpStream::connect(self.addr).is_ok() {
-                return;
+            if let Some(told) = self.addresses() {
+                let ready = match marker {
+                    "corral ready" => told["ready"] == true,
+                    marker => self.log_text().contains(marker),
+                };
+                let addrs = |v: &serde_json::Value| v.as_str().and_then(|a| a.parse().ok());
+                self.listeners = told["listeners"]
+                    .as_array()
+                    .map(|l| l.iter().filter_map(addrs).collect())
+                    .unwrap_or_default();
+                self.status = addrs(&told["status"]);
+                if let (true, Some(first)) = (ready, self.listeners.first()) {
+                    self.addr = *first;
+                    return;
+                }
             }
             thread::sleep(Duration::from_millis(50));
         }
         panic!("corral did not start: {}", self.log_text());
+    }
+
+    /// What the admin socket's `addresses` says, once it answers.
+    fn addresses(&self) -> Option<serde_json::Value> {
+        let path = self.dir.0.join("admin.sock");
+        let mut s = std::os::unix::net::UnixStream::connect(path).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(b"addresses\n").ok()?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).ok()?;
+        serde_json::from_str(&reply).ok()
     }
 
     pub fn log_text(&self) -> String {
