@@ -1050,33 +1050,29 @@ impl BadValue {
 /// Parses `"10s"`, `"500ms"`, `"2m"`, `"1h"` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, BadValue> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num.parse().map_err(|_| {
-        BadValue::new(format!(
-            "`{s}` is not a duration like \"10s\", \"500ms\", \"2m\""
-        ))
-    })?;
-    let secs = match unit.trim() {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(BadValue::new(format!(
-                "unknown duration unit `{other}` (use ms, s, m or h)"
-            )))
+    // A bare number is seconds (as in nginx); anything with a unit is humantime's
+    // ("500ms", "2m", "1h 30m").
+    let parsed = match s.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && (0.0..=1e9).contains(&secs) => {
+            Ok(Duration::from_secs_f64(secs))
         }
-    };
-    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        Ok(_) => Err(BadValue::new(format!("`{s}` is out of range"))),
+        Err(_) => humantime::parse_duration(s).map_err(|e| {
+            BadValue::new(format!(
+                "`{s}` is not a duration like \"10s\", \"500ms\", \"2m\" ({e})"
+            ))
+        }),
+    }?;
+    if parsed.as_secs_f64() > 1e9 {
         return Err(BadValue::new(format!("`{s}` is out of range")));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(parsed)
 }
 
 /// Parses `"200M"`, `"64K"`, `"1G"` (powers of 1024, as nginx) or a bare byte count.
+/// Sizes are nginx's: K, M and G are powers of 1024 (`client_max_body_size 200M`).
+/// Not the `bytesize` crate, which reads `64K` as 64,000 and would shrink every
+/// limit copied from an nginx configuration.
 pub fn parse_size(s: &str) -> Result<u64, BadValue> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -1289,6 +1285,13 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("-1s").is_err());
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("99999999999h").is_err());
+        assert!(parse_duration("-5").is_err());
+        assert_eq!(parse_size("200M"), Ok(200 << 20), "nginx's M");
     }
 
     #[test]
