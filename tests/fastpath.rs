@@ -138,6 +138,18 @@ fn requests_reach_the_worker_alike_on_both_paths() {
     );
     let of = read_all(fast.addr, long.as_bytes());
     assert!(of.starts_with("HTTP/1.1 431"), "{of}");
+    // Far past the limit, hyper's own buffer refuses it too: the fast server's
+    // refusal is written as hyper's is.
+    let huge = format!(
+        "GET /big HTTP/1.1\r\nHost: localhost\r\n{}\r\n",
+        format!("X-Long: {}\r\n", "a".repeat(4000)).repeat(60)
+    );
+    let (of, oh) = (
+        read_all(fast.addr, huge.as_bytes()),
+        read_all(hyper.addr, huge.as_bytes()),
+    );
+    assert!(of.starts_with("HTTP/1.1 431"), "{of}");
+    assert_eq!(of, oh, "the refusal, byte for byte");
     // The corpus reached the workers (a test that compares nothing cannot fail).
     assert!(wf.seen().len() >= 14, "{:?}", wf.seen());
     // Every request went out on one warm worker connection but for the first.
