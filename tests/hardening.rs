@@ -485,3 +485,25 @@ fn h2c_is_opt_in() {
     assert!(refused, "an h2c request was served without h2c = true");
     assert!(worker.seen_for("/h2c").is_empty());
 }
+
+/// With every listener on port 0, what depends on a listener's port takes the
+/// bound one: the https redirect points at the TLS listener's real port, and the
+/// self-signed certificate's PEM is written under it (two corrals on port 0 do
+/// not share one file).
+#[test]
+fn port_zero_listeners_redirect_to_the_bound_https_port() {
+    let worker = RawWorker::start(Mode::Echo);
+    let corral = corral_for(
+        &worker,
+        "[[listener]]\naddress = \"127.0.0.1:0\"\ntls = \"self-signed\"\n[[listener]]\naddress = \"127.0.0.1:0\"\nredirect_https = true\n",
+    );
+    let (tls, redirect) = (corral.listeners[1], corral.listeners[2]);
+    let r = exchange(redirect, b"GET /a?b HTTP/1.1\r\nHost: localhost:80\r\n\r\n").expect("reply");
+    assert_eq!(r.status, 301, "{r:?}");
+    assert_eq!(
+        r.header("location"),
+        Some(format!("https://localhost:{}/a?b", tls.port()).as_str())
+    );
+    let pem = std::env::temp_dir().join(format!("corral-{}-self-signed.pem", tls.port()));
+    assert!(pem.exists(), "{}", pem.display());
+}

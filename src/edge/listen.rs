@@ -60,18 +60,29 @@ pub struct Bound {
     pub certs: Vec<Arc<tls::Certs>>,
 }
 
-/// Binds every configured listener, `lanes` sockets each.
+/// Binds every configured listener, `lanes` sockets each. What depends on a
+/// listener's port (the https redirect's target, the self-signed certificate's
+/// file) takes the bound one: a configured port 0 is a real port by then.
 pub fn bind(cfg: &Config, lanes: usize) -> Result<Bound, Error> {
     let all = cfg.listeners();
-    let https_port = all
-        .iter()
-        .find(|l| l.tls.is_some())
-        .map(|l| l.address.port());
-    let mut listeners = Vec::new();
-    let mut certs = Vec::new();
+    let mut bound = Vec::with_capacity(all.len());
     for l in &all {
         let addr = l.address;
         let sockets = listen_per_lane(addr, lanes).map_err(|cause| Error::Bind { addr, cause })?;
+        let port = match sockets.first().map(|s| s.local_addr()) {
+            Some(Ok(local)) => local.port(),
+            _ => addr.port(),
+        };
+        bound.push((l, sockets, port));
+    }
+    let https_port = bound
+        .iter()
+        .find(|(l, _, _)| l.tls.is_some())
+        .map(|(_, _, port)| *port);
+    let mut listeners = Vec::new();
+    let mut certs = Vec::new();
+    for (l, sockets, port) in bound {
+        let addr = l.address;
         let kind = match &l.tls {
             Some(setting) => {
                 let source = match setting {
@@ -82,7 +93,7 @@ pub fn bind(cfg: &Config, lanes: usize) -> Result<Bound, Error> {
                     TlsSetting::Mode(_) => tls::Source::SelfSigned,
                 };
                 let tls_error = |cause| Error::Tls { addr, cause };
-                let c = tls::Certs::new(source, &addr.port().to_string()).map_err(tls_error)?;
+                let c = tls::Certs::new(source, &port.to_string()).map_err(tls_error)?;
                 let acceptor = TlsAcceptor::from(c.server_config().map_err(tls_error)?);
                 certs.push(c);
                 Kind::Tls(acceptor)

@@ -2,9 +2,13 @@
 
 Every process starts in its own process group and the whole group is stopped at the
 end of the test, so no stale worker can answer a later test; every test uses fresh
-ports from the kernel.
+ports from the kernel, and corral listens on port 0 and is asked on its admin socket
+where it is bound (`addresses`).
 """
+import json
 import os
+import shutil
+import tempfile
 import signal
 import socket
 import subprocess
@@ -46,6 +50,27 @@ def wait_http(url, timeout=20.0, proc=None, log=None):
             last = e
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer within {timeout}s: {last}\n{read_log(log)}")
+
+
+def corral_addresses(sock, proc, timeout=20.0):
+    """Where a starting corral is bound, asked of its admin socket (`addresses`);
+    None if it exits before it answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            return None
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(str(sock))
+                s.sendall(b"addresses\n")
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+            return json.loads(data)
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    raise RuntimeError(f"corral's admin socket {sock} did not answer within {timeout}s:\n{read_log(proc.log)}")
 
 
 def read_log(path):
@@ -112,6 +137,7 @@ class Stack:
         self.tmp = tmp_path
         self.procs = []
         self.workers = []
+        self.dirs = []
 
     def gunicorn(self, app="chat_app:create_app()", env=None, worker_class=None, threads=100, port=None):
         port = port or free_port()
@@ -143,15 +169,23 @@ class Stack:
         return p
 
     def corral(self, upstreams, extra="", listen_port=None, wait=True):
-        port = listen_port or free_port()
+        """corral in front of `upstreams`, on `listen_port` or else port 0 (the port
+        it got is read from its admin socket)."""
+        n = len(self.procs)
         ups = ", ".join(f'"127.0.0.1:{u}"' for u in upstreams)
-        cfg = self.tmp / f"corral-{port}.toml"
-        cfg.write_text(f'listen = ["127.0.0.1:{port}"]\nupstreams = [{ups}]\n{extra}\n')
-        p = Proc([corral_binary(), "run", "-c", str(cfg)], self.tmp / f"corral-{port}.log",
+        # A short path: a Unix socket's path is limited to about 100 bytes.
+        self.dirs.append(Path(tempfile.mkdtemp(prefix="corral-")))
+        sock = self.dirs[-1] / "admin.sock"
+        cfg = self.tmp / f"corral-{n}.toml"
+        cfg.write_text(f'listen = ["127.0.0.1:{listen_port or 0}"]\nadmin_socket = "{sock}"\n'
+                       f'upstreams = [{ups}]\n{extra}\n')
+        p = Proc([corral_binary(), "run", "-c", str(cfg)], self.tmp / f"corral-{n}.log",
                  env={"CORRAL_LOG": os.environ.get("CORRAL_LOG", "info")})
         self.procs.append(p)
-        p.port = port
-        p.url = f"http://127.0.0.1:{port}"
+        told = corral_addresses(sock, p)
+        p.addresses = told
+        p.port = int(told["listeners"][0].rsplit(":", 1)[1]) if told else listen_port
+        p.url = f"http://127.0.0.1:{p.port}"
         if wait:
             wait_http(p.url + "/health", proc=p.popen, log=p.log)
         return p
@@ -162,6 +196,8 @@ class Stack:
     def stop(self):
         for p in reversed(self.procs):
             p.stop()
+        for d in self.dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
