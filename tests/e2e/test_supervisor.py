@@ -5,6 +5,7 @@ import signal
 import subprocess
 import threading
 import time
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import requests
 
 from clients import connect_many, disconnect_all, spread, wait_until
-from conftest import APPS, VENV_BIN, Proc, corral_binary, free_port, wait_http
+from conftest import APPS, VENV_BIN, Proc, corral_addresses, corral_binary, wait_http
 
 
 def gunicorn_args():
@@ -30,18 +31,22 @@ class Supervised:
 
     def __init__(self, stack, count, command=None, extra_workers="", extra=""):
         self.mark = uuid.uuid4().hex
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.admin = stack.tmp / f"admin-{self.port}.sock"
-        cfg = stack.tmp / f"corral-{self.port}.toml"
+        # Port 0: the port it got is asked of its admin socket.
+        stack.dirs.append(Path(tempfile.mkdtemp(prefix="corral-")))
+        self.admin = stack.dirs[-1] / "admin.sock"
+        cfg = stack.tmp / f"corral-{self.mark}.toml"
         cfg.write_text(
-            f'listen = ["127.0.0.1:{self.port}"]\nadmin_socket = "{self.admin}"\n{extra}\n'
+            f'listen = ["127.0.0.1:0"]\nadmin_socket = "{self.admin}"\n{extra}\n'
             f"[workers]\ncommand = {toml_list(command or gunicorn_args())}\ncount = {count}\n"
             f'stop_grace = "3s"\ndrain_timeout = "3s"\nenv = {{ CORRAL_TEST_MARK = "{self.mark}" }}\n'
             f"{extra_workers}\n")
-        self.proc = Proc([corral_binary(), "run", "-c", str(cfg)], stack.tmp / f"corral-{self.port}.log")
+        self.proc = Proc([corral_binary(), "run", "-c", str(cfg)], stack.tmp / f"corral-{self.mark}.log")
         stack.procs.append(self.proc)
         self.stack = stack
+        told = corral_addresses(self.admin, self.proc)
+        assert told, f"corral exited:\n{self.proc.output()}"
+        self.port = int(told["listeners"][0].rsplit(":", 1)[1])
+        self.url = f"http://127.0.0.1:{self.port}"
 
     def wait(self):
         wait_http(self.url + "/health", timeout=60, proc=self.proc.popen, log=self.proc.log)
