@@ -288,7 +288,8 @@ fn as_pid_1_workers_start_and_orphans_are_reaped() {
     while Instant::now() < deadline && answered.is_none() {
         thread::sleep(Duration::from_millis(200));
         // Where it listens, asked of its admin socket (port 0 in the config).
-        let Some(addr) = listener_of(&admin) else {
+        let told = support::addresses(&admin);
+        let Some(addr) = told.and_then(|t| t["listeners"][0].as_str()?.parse().ok()) else {
             continue;
         };
         answered = support::exchange(
@@ -321,18 +322,6 @@ fn as_pid_1_workers_start_and_orphans_are_reaped() {
     assert!(log.contains("running as PID 1"), "{log}");
     assert!(zombies.is_empty(), "zombies left: {zombies:?}\n{log}");
     assert!(stopped, "corral did not stop on SIGTERM: {log}");
-}
-
-/// The first listener's address, from the admin socket's `addresses`.
-fn listener_of(admin: &std::path::Path) -> Option<std::net::SocketAddr> {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(admin).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"addresses\n").ok()?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).ok()?;
-    let told: serde_json::Value = serde_json::from_str(&reply).ok()?;
-    told["listeners"][0].as_str()?.parse().ok()
 }
 
 /// A chunked PUT that meets a kept-alive worker connection closing under it is not

@@ -132,13 +132,7 @@ impl Corral {
 
     /// What the admin socket's `addresses` says, once it answers.
     fn addresses(&self) -> Option<serde_json::Value> {
-        let path = self.dir.0.join("admin.sock");
-        let mut s = std::os::unix::net::UnixStream::connect(path).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        s.write_all(b"addresses\n").ok()?;
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).ok()?;
-        serde_json::from_str(&reply).ok()
+        addresses(&self.dir.0.join("admin.sock"))
     }
 
     pub fn log_text(&self) -> String {
@@ -171,6 +165,17 @@ impl Corral {
             .expect("timeout");
         s
     }
+}
+
+/// What a corral's admin socket at `admin` says to `addresses` (where it is bound,
+/// whether it is ready); None until it answers.
+pub fn addresses(admin: &Path) -> Option<serde_json::Value> {
+    let mut s = std::os::unix::net::UnixStream::connect(admin).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"addresses\n").ok()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).ok()?;
+    serde_json::from_str(&reply).ok()
 }
 
 impl Drop for Corral {
