@@ -267,6 +267,18 @@ pub struct Workers {
     /// Longest wait between restarts of a worker that keeps crashing.
     #[serde(default = "default_backoff_max", with = "duration")]
     pub backoff_max: Duration,
+    /// A worker being replaced or removed, once it has no plain request in flight,
+    /// has its websockets closed (1012, service restart) at moments spread over this
+    /// window, so that their clients do not all reconnect at once.
+    #[serde(default = "default_close_spread", with = "duration")]
+    pub close_spread: Duration,
+}
+
+/// `workers.close_spread` when not set.
+pub const DEFAULT_CLOSE_SPREAD: Duration = Duration::from_secs(2);
+
+fn default_close_spread() -> Duration {
+    DEFAULT_CLOSE_SPREAD
 }
 
 /// `[message_queue]`: the embedded Redis-protocol broker, or an external Redis.
@@ -402,6 +414,7 @@ impl Workers {
             stop_grace: default_stop_grace(),
             drain_timeout: default_drain(),
             backoff_max: default_backoff_max(),
+            close_spread: DEFAULT_CLOSE_SPREAD,
         }
     }
 }

@@ -139,6 +139,7 @@ impl App {
         }
         let proxy = Arc::new(proxy);
         background.spawn(crate::proxy::route::resolve_nodes(proxy.clone()));
+        background.spawn(crate::proxy::route::expire_idle(proxy.clone()));
         let gate = Arc::new(Gate::new(cfg.clone(), auth, access, proxy.clone()));
 
         listen::raise_fd_limit();

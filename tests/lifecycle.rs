@@ -523,3 +523,173 @@ fn a_refused_connection_sends_a_bodiless_request_to_another_worker() {
         "{statuses:?}"
     );
 }
+
+/// A connection to a worker left idle in corral's cache is closed once it has been
+/// idle for `upstream_idle`, without waiting for another request to notice (a quiet
+/// worker used to keep one open for good).
+#[test]
+fn idle_worker_connections_are_closed_on_time() {
+    let worker = RawWorker::start(Mode::Echo);
+    let corral = corral_for(
+        &worker,
+        "[timeouts]\nupstream_idle = \"300ms\"\n[health]\ninterval = \"1h\"\n",
+    );
+    let mut s = corral.connect();
+    s.write_all(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("write");
+    let reply = read_reply(&mut BufReader::new(&s)).expect("reply");
+    assert_eq!(reply.status, 200);
+    assert!(worker.open_connections() >= 1, "{}", corral.log_text());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while worker.open_connections() > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        worker.open_connections(),
+        0,
+        "the idle connection stayed open: {}",
+        corral.log_text()
+    );
+}
+
+/// A supervised Engine.IO-ish worker: answers a polling handshake with a sid, holds
+/// a long-poll of that sid for 30 s (nothing to say), accepts websockets and holds
+/// them, answers other requests at once, keeps connections alive, and on SIGTERM
+/// prints how many connections were idle between requests and exits.
+const LEAVING_WORKER: &str = r#"
+import base64, hashlib, http.server, os, signal, sys, threading, time
+lock = threading.Lock()
+idle = [0]
+def on_term(*_):
+    with lock:
+        n = idle[0]
+    print(f"idle keep-alive connections at SIGTERM: {n}", flush=True)
+    os._exit(0)
+signal.signal(signal.SIGTERM, on_term)
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def setup(self):
+        super().setup()
+        self.waiting = False
+        self.set_idle(True)
+    def set_idle(self, on):
+        with lock:
+            if on != self.waiting:
+                idle[0] += 1 if on else -1
+                self.waiting = on
+    def parse_request(self):
+        self.set_idle(False)
+        return super().parse_request()
+    def finish(self):
+        self.set_idle(False)
+        super().finish()
+    def reply(self, body):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+        self.set_idle(True)
+    def do_GET(self):
+        if self.headers.get("Upgrade", "").lower() == "websocket":
+            key = self.headers["Sec-WebSocket-Key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+            accept = base64.b64encode(hashlib.sha1(key.encode()).digest()).decode()
+            self.send_response(101)
+            self.send_header("Upgrade", "websocket")
+            self.send_header("Connection", "Upgrade")
+            self.send_header("Sec-WebSocket-Accept", accept)
+            self.end_headers()
+            self.wfile.flush()
+            while self.rfile.read(1):
+                pass
+            self.close_connection = True
+        elif "sid=" in self.path:
+            time.sleep(30)
+            self.reply(b"6")
+        elif self.path.startswith("/socket.io/"):
+            self.reply(b'0{"sid":"S%d","upgrades":["websocket"],"pingInterval":25000,"pingTimeout":20000,"maxPayload":1000000}' % os.getpid())
+        else:
+            self.reply(b"ok")
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// A rolling restart of a worker with a websocket, a long-poll in flight and an
+/// idle keep-alive connection from corral: the websocket gets 1012 (service
+/// restart), the long-poll "Session ID unknown" (both: reconnect), well before the
+/// long-poll or `drain_timeout` would end, and the old worker gets SIGTERM with no
+/// idle connection of corral's left open (a gevent gunicorn waits its graceful
+/// timeout for those), so it exits at once and nothing is SIGKILLed.
+#[test]
+fn a_replaced_worker_closes_its_websockets_and_long_polls_and_stops_cleanly() {
+    let dir = support::TempDir::new("leaving");
+    let script = dir.file("leaving.py", LEAVING_WORKER);
+    let corral = Corral::start(&format!(
+        "[workers]\ncommand = [\"python3\", \"{}\", \"{{port}}\"]\ncount = 1\n\
+         drain_timeout = \"25s\"\nclose_spread = \"1s\"\nstop_grace = \"10s\"\n\
+         [timeouts]\nupstream_idle = \"60s\"\n",
+        script.display()
+    ));
+    let handshake = support::exchange(
+        corral.addr,
+        b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .expect("handshake");
+    let text = handshake.text();
+    let sid = text
+        .split("\"sid\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_else(|| panic!("no sid in {text}"))
+        .to_owned();
+    let addr = corral.addr;
+    let poll = thread::spawn(move || {
+        let started = Instant::now();
+        let req = format!("GET /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: a\r\n\r\n");
+        let status = support::exchange(addr, req.as_bytes()).map(|r| r.status);
+        (status, started.elapsed())
+    });
+    // A plain request leaves a kept-alive connection in corral's cache.
+    let mut plain = corral.connect();
+    plain
+        .write_all(b"GET /plain HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("write");
+    assert_eq!(read_reply(&mut BufReader::new(&plain)).map(|r| r.status), Some(200));
+    let rt = runtime();
+    let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", corral.addr);
+    let (mut ws, _) = rt
+        .block_on(tokio_tungstenite::connect_async(url.as_str()))
+        .expect("websocket through corral");
+    thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    // SAFETY: a plain signal to the corral this test started.
+    unsafe {
+        libc::kill(corral.child.id() as i32, libc::SIGHUP);
+    }
+    let close = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(15), ws.next()).await })
+        .unwrap_or_else(|_| panic!("no close frame: {}", corral.log_text()));
+    match close {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(frame.code, CloseCode::Restart, "{}", corral.log_text())
+        }
+        other => panic!("expected a close frame, got {other:?}: {}", corral.log_text()),
+    }
+    let (status, took) = poll.join().expect("long-poll client");
+    assert_eq!(status, Some(400), "{}", corral.log_text());
+    assert!(took < Duration::from_secs(20), "long-poll answered after {took:?}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !corral.log_text().contains("worker replaced") && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let log = corral.log_text();
+    assert!(log.contains("worker replaced"), "{log}");
+    assert!(started.elapsed() < Duration::from_secs(15), "{log}");
+    assert!(
+        log.contains("idle keep-alive connections at SIGTERM: 0"),
+        "corral held connections to the worker it stopped:\n{log}"
+    );
+    assert!(log.contains("worker exited on SIGTERM"), "{log}");
+    assert!(!log.contains("SIGKILL"), "{log}");
+}

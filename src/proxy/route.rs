@@ -21,6 +21,7 @@ use crate::proxy::forward::{
     direct_forwarding, dropped_direct, is_idempotent, prepare_request_headers, upstream_request,
     Forwarder, Peer, Replay, Target, Ticket,
 };
+use crate::config::DEFAULT_CLOSE_SPREAD;
 use crate::proxy::tunnel::Tunnels;
 use crate::transport::body::{self, Fault, Guarded, Limited, Prefixed, ProxyBody, RequestBody};
 use crate::transport::http1;
@@ -33,7 +34,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Most bytes of a handshake response read to find the sid; the rest streams untouched.
 const HANDSHAKE_PEEK: usize = 4096;
@@ -80,6 +81,25 @@ impl NodePeer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+}
+
+/// Closes worker and node connections that stayed idle past `timeouts.upstream_idle`,
+/// on time rather than when the next request comes (which may never come).
+pub async fn expire_idle(proxy: Arc<Proxy>) {
+    let idle = proxy.cfg.timeouts.upstream_idle;
+    let every = (idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for w in proxy.pool.workers() {
+            w.conns.expire(idle);
+        }
+        let peers = proxy.tags.iter().flat_map(|t| t.peers.iter());
+        for target in peers.filter_map(NodePeer::target) {
+            target.conns.expire(idle);
+        }
     }
 }
 
@@ -175,7 +195,8 @@ impl Proxy {
             idle_timeout: cfg.timeouts.upstream_idle,
             drivers: tokio_util::task::TaskTracker::new(),
         };
-        let tunnels = Tunnels::new(cfg.timeouts.read, cfg.timeouts.websocket_idle);
+        let spread = cfg.workers.as_ref().map_or(DEFAULT_CLOSE_SPREAD, |w| w.close_spread);
+        let tunnels = Tunnels::new(cfg.timeouts.read, cfg.timeouts.websocket_idle, spread);
         let underscores = cfg.underscores_in_headers;
         Proxy {
             cfg,
@@ -408,6 +429,9 @@ impl Proxy {
         // connection when a kept-alive one was closed under it, and (for requests
         // outside any session) on another worker when its own refuses connections.
         let replayable = is_idempotent(&parts.method) && bodiless;
+        // A session's GET is a long-poll: it waits for the worker to have something
+        // to say, so when the worker is about to be stopped corral answers it.
+        let poll = matches!(target.ticket, Ticket::Session(_)) && parts.method == Method::GET;
         let uri = origin_form(&parts.uri);
         let mut outgoing = self.encode(
             parts.method,
@@ -428,10 +452,19 @@ impl Proxy {
         let Target { mut worker, ticket } = target;
         let mut elsewhere = matches!(ticket, Ticket::Plain) && self.pool.len() > 1 && replayable;
         loop {
-            let inflight = worker.start_request();
+            let inflight = match poll {
+                true => worker.start_poll(),
+                false => worker.start_request(),
+            };
             let sent = Instant::now();
-            let result =
-                tokio::time::timeout(wait, self.attempt(&worker, &mut outgoing, replayable)).await;
+            let exchange = tokio::time::timeout(wait, self.attempt(&worker, &mut outgoing, replayable));
+            let result = match poll {
+                true => tokio::select! {
+                    r = exchange => r,
+                    _ = worker.leaving.cancelled() => return self.unknown_sid(),
+                },
+                false => exchange.await,
+            };
             match faults.get() {
                 Some(Fault::TooLarge) => return self.too_large(faults.take_kept()),
                 Some(Fault::Malformed) => return malformed_body(),

@@ -3,8 +3,9 @@
 //! tunnel), relay the worker's 101, then copy bytes both ways until either side
 //! closes or the tunnel is idle too long.
 //!
-//! [`Tunnels`] owns the upgraded connections and their tasks, and at shutdown has
-//! each send its client a close frame; nothing else. The caller has already chosen
+//! [`Tunnels`] owns the upgraded connections and their tasks, and has each send its
+//! client a close frame at shutdown (1001) or when its worker is about to be
+//! stopped (1012, at a moment spread over `workers.close_spread`); nothing else. The caller has already chosen
 //! the worker, and the ticket it hands over keeps the session counted while the
 //! tunnel is open. It does not reach into the request path (`route`).
 
@@ -14,7 +15,7 @@ use crate::proxy::answer::{self, short};
 use crate::proxy::forward::{prepare_request_headers, Forwarder, Peer, Replay, Target, Ticket};
 use crate::transport::body::{Guarded, ProxyBody, RequestBody};
 use crate::transport::upstream::SendError;
-use crate::workers::pool::Pool;
+use crate::workers::pool::{Pool, Worker};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
@@ -53,15 +54,43 @@ pub struct Tunnels {
     read_timeout: Duration,
     /// A tunnel with no bytes either way for this long is closed.
     idle: Duration,
+    /// The window over which a leaving worker's tunnels are closed.
+    spread: Duration,
+    /// Tunnels opened so far, to place each one's close in the window.
+    opened: AtomicU64,
 }
 
 impl Tunnels {
-    pub fn new(read_timeout: Duration, idle: Duration) -> Tunnels {
+    pub fn new(read_timeout: Duration, idle: Duration, spread: Duration) -> Tunnels {
         Tunnels {
             tasks: TaskTracker::new(),
             closing: CancellationToken::new(),
             read_timeout,
             idle,
+            spread,
+            opened: AtomicU64::new(0),
+        }
+    }
+
+    /// Resolves with the close code to send when the tunnel must end: 1001 at
+    /// shutdown, 1012 some time within the spread after its worker started leaving.
+    /// The moments follow the golden-ratio sequence over the tunnels' numbers, so
+    /// any run of tunnels spreads evenly and their reconnects do not come at once.
+    fn close_signal(&self, worker: &Worker) -> impl std::future::Future<Output = u16> {
+        let n = self.opened.fetch_add(1, Ordering::Relaxed);
+        let fraction = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) as f64 / u64::MAX as f64;
+        let delay = self.spread.mul_f64(fraction);
+        let shutdown = self.closing.clone();
+        let leaving = worker.leaving.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => return GOING_AWAY,
+                _ = leaving.cancelled() => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => GOING_AWAY,
+                _ = tokio::time::sleep(delay) => SERVICE_RESTART,
+            }
         }
     }
 
@@ -135,7 +164,7 @@ impl Tunnels {
             Ticket::Session(t) => Ticket::Session(t.into_tunnel()),
             other => other,
         };
-        let closing = self.closing.clone();
+        let closing = self.close_signal(&target.worker);
         self.tasks.spawn(async move {
             let _slot = slot;
             let (client_io, worker_io) = match tokio::try_join!(client_side, worker_side) {
@@ -149,7 +178,7 @@ impl Tunnels {
                 TokioIo::new(client_io),
                 TokioIo::new(worker_io),
                 idle,
-                closing.cancelled_owned(),
+                closing,
             )
             .await;
             metrics.bytes_in.fetch_add(up, Ordering::Relaxed);
@@ -171,24 +200,32 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    splice_until(a, b, idle, std::future::pending()).await
+    splice_until(a, b, idle, std::future::pending::<u16>()).await
 }
 
 /// Longest a closing tunnel waits for the worker's frame in flight to end.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
-/// A websocket close frame, status 1001 "going away": the server is shutting down.
-const GOING_AWAY: [u8; 4] = [0x88, 0x02, 0x03, 0xE9];
+/// Close status 1001 "going away": corral is shutting down.
+pub const GOING_AWAY: u16 = 1001;
+/// Close status 1012 "service restart": the worker is being replaced or removed.
+pub const SERVICE_RESTART: u16 = 1012;
+
+/// A websocket close frame (server to client: unmasked) with status `code`.
+fn close_frame(code: u16) -> [u8; 4] {
+    let [hi, lo] = code.to_be_bytes();
+    [0x88, 0x02, hi, lo]
+}
 
 /// As [`splice`], where `a` is the websocket client and `b` the worker. When
-/// `closing` resolves (corral is shutting down), the tunnel waits for the worker's
-/// frame in flight to end (up to a second), sends the client a close frame (1001,
-/// going away) so that its socket closes cleanly and it reconnects, and ends.
+/// `closing` resolves with a close code, the tunnel waits for the worker's frame in
+/// flight to end (up to a second), sends the client a close frame with that code so
+/// that its socket closes cleanly and it reconnects, and ends.
 pub async fn splice_until<A, B>(
     a: A,
     b: B,
     idle: Duration,
-    closing: impl std::future::Future<Output = ()>,
+    closing: impl std::future::Future<Output = u16>,
 ) -> (u64, u64)
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -198,7 +235,7 @@ where
     let last = Arc::new(AtomicU64::new(0));
     let mut a = Activity::new(a, start, last.clone());
     let mut b = Activity::new(b, start, last.clone());
-    let mut say_goodbye = false;
+    let mut say_goodbye = None;
     {
         let copy = Bidirectional {
             a: &mut a,
@@ -212,11 +249,12 @@ where
         tokio::pin!(copy);
         tokio::pin!(closing);
         let mut close_by: Option<Instant> = None;
+        let mut code = GOING_AWAY;
         loop {
             let quiet_since = start + Duration::from_millis(last.load(Ordering::Relaxed));
             if let Some(deadline) = close_by {
                 if copy.b_to_a.between_frames() {
-                    say_goodbye = true;
+                    say_goodbye = Some(code);
                     break;
                 }
                 if Instant::now() >= deadline {
@@ -232,7 +270,8 @@ where
                     }
                     break;
                 }
-                _ = &mut closing, if close_by.is_none() => {
+                c = &mut closing, if close_by.is_none() => {
+                    code = c;
                     close_by = Some(Instant::now() + CLOSE_WAIT);
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {
@@ -245,10 +284,10 @@ where
             }
         }
     }
-    if say_goodbye {
+    if let Some(code) = say_goodbye {
         use tokio::io::AsyncWriteExt;
         let bye = async {
-            a.write_all(&GOING_AWAY).await?;
+            a.write_all(&close_frame(code)).await?;
             a.flush().await?;
             a.shutdown().await
         };

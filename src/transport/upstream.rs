@@ -126,6 +126,23 @@ impl<C: Open> Shelf<C> {
         }
     }
 
+    /// Closes the connections parked for `idle_timeout` or longer, and those the
+    /// worker closed.
+    fn expire(&self, idle_timeout: Duration) {
+        let now = Instant::now();
+        for shard in &self.shards {
+            let expired: VecDeque<Parked<C>> = {
+                let mut conns = lock(shard);
+                let (keep, expired) = conns.drain(..).partition(|p: &Parked<C>| {
+                    now.duration_since(p.since) < idle_timeout
+                });
+                *conns = keep;
+                expired
+            };
+            drop(expired);
+        }
+    }
+
     /// The most recently parked connection still young enough to use and open.
     fn take(&self, idle_timeout: Duration) -> Option<C> {
         let mut conns = self.mine();
@@ -203,6 +220,9 @@ pub struct Lease {
 /// Where a lease goes back to: the worker's idle cache.
 pub trait Home: Send + Sync {
     fn idle(&self) -> &Idle;
+    /// Whether a connection coming back is kept; no for a worker that is down or
+    /// about to be stopped.
+    fn keeps_idle(&self) -> bool;
 }
 
 /// Held by the response body (`body::Guarded`): read to the end, the connection is
@@ -215,7 +235,7 @@ impl crate::transport::body::Guard for Lease {
         };
         if !self.sent_whole.get() {
             tracing::debug!("request not sent whole; worker connection closed, not reused");
-        } else if !sender.is_closed() {
+        } else if !sender.is_closed() && self.home.keeps_idle() {
             self.home.idle().hyper.park(sender, self.idle_timeout);
         }
     }
@@ -235,6 +255,14 @@ impl Idle {
     pub fn clear(&self) {
         self.hyper.clear();
         self.raw.clear();
+    }
+
+    /// Closes the connections idle for `idle_timeout` or longer: a worker that
+    /// waits for its keep-alive connections before it exits (gunicorn's gevent
+    /// worker does, for its graceful timeout) must not find corral holding any.
+    pub fn expire(&self, idle_timeout: Duration) {
+        self.hyper.expire(idle_timeout);
+        self.raw.expire(idle_timeout);
     }
 }
 
@@ -287,7 +315,9 @@ pub struct Parking {
 
 impl http1::Keep for Parking {
     fn keep(self, conn: http1::Conn) {
-        self.home.idle().raw.park(conn, self.idle_timeout);
+        if self.home.keeps_idle() {
+            self.home.idle().raw.park(conn, self.idle_timeout);
+        }
     }
 }
 

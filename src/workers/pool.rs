@@ -95,6 +95,10 @@ pub struct Worker {
     pub traffic: Traffic,
     /// Keep-alive connections to it, ready for the next request.
     pub conns: crate::transport::upstream::Idle,
+    /// Fires when corral is about to stop its process (a rolling restart, a scale
+    /// down): its websockets close with 1012 and its long-polls are answered, so
+    /// that their clients reconnect to another worker.
+    pub leaving: tokio_util::sync::CancellationToken,
 }
 
 /// What the balancer and the router read and health changes.
@@ -108,6 +112,9 @@ struct Routing {
     /// older generation died with it.
     generation: AtomicU64,
     inflight: AtomicUsize,
+    /// Of those, session long-polls: they wait for the worker to have something to
+    /// say, so a drain does not wait for them.
+    polls: AtomicUsize,
     sessions: AtomicUsize,
     /// Failed checks (health checks or refused connects) in a row, and passed ones.
     fails: AtomicU32,
@@ -212,6 +219,9 @@ impl crate::transport::upstream::Home for Worker {
     fn idle(&self) -> &crate::transport::upstream::Idle {
         &self.conns
     }
+    fn keeps_idle(&self) -> bool {
+        matches!(self.state(), State::Up | State::Draining)
+    }
 }
 
 impl Worker {
@@ -242,6 +252,11 @@ impl Worker {
     /// Requests in flight on it.
     pub fn inflight(&self) -> usize {
         self.routing.inflight.load(Ordering::Relaxed)
+    }
+    /// Requests in flight on it that are not session long-polls.
+    pub fn plain_inflight(&self) -> usize {
+        let polls = self.routing.polls.load(Ordering::Relaxed);
+        self.inflight().saturating_sub(polls)
     }
     /// Live Engine.IO sessions counted on it.
     pub fn sessions(&self) -> usize {
@@ -286,7 +301,16 @@ impl Worker {
         self.routing.inflight.fetch_add(1, Ordering::Relaxed);
         InflightGuard {
             worker: self.clone(),
+            poll: false,
         }
+    }
+
+    /// As `start_request`, for a session's long-poll (a GET with a sid).
+    pub fn start_poll(self: &Arc<Self>) -> InflightGuard {
+        self.routing.polls.fetch_add(1, Ordering::Relaxed);
+        let mut guard = self.start_request();
+        guard.poll = true;
+        guard
     }
 
     /// A session of this worker is counted (one corral had not seen start).
@@ -396,6 +420,7 @@ impl Pool {
                 alive: AtomicBool::new(!managed),
                 generation: AtomicU64::new(0),
                 inflight: AtomicUsize::new(0),
+                polls: AtomicUsize::new(0),
                 sessions: AtomicUsize::new(0),
                 fails: AtomicU32::new(0),
                 passes: AtomicU32::new(0),
@@ -403,6 +428,7 @@ impl Pool {
             process: Process::new(),
             traffic: Traffic::default(),
             conns: Default::default(),
+            leaving: Default::default(),
         });
         if !managed {
             worker.process.mark_ready();
@@ -487,6 +513,16 @@ impl Pool {
     /// Stops giving a worker new sessions and requests; existing sessions go on.
     pub fn drain(&self, w: &Worker) {
         w.set_state(State::Draining);
+    }
+
+    /// The worker's process is about to be stopped: out of service (its sessions
+    /// void, so their next requests are answered "Session ID unknown"), its idle
+    /// connections closed, and `leaving` fired for its tunnels and long-polls.
+    pub fn leave(&self, w: &Worker) {
+        w.routing.alive.store(false, Ordering::Release);
+        w.set_state(State::Down);
+        w.conns.clear();
+        w.leaving.cancel();
     }
 
     /// Removes a worker for good.
@@ -621,6 +657,7 @@ impl Drop for TunnelGuard {
 #[derive(Debug)]
 pub struct InflightGuard {
     worker: Arc<Worker>,
+    poll: bool,
 }
 
 /// Dropped when the response body ends or is given up alike.
@@ -631,6 +668,9 @@ impl crate::transport::body::Guard for InflightGuard {
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.worker.routing.inflight.fetch_sub(1, Ordering::Relaxed);
+        if self.poll {
+            self.worker.routing.polls.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

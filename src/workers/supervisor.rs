@@ -77,6 +77,8 @@ const MAX_LINE: usize = 16 * 1024;
 /// A worker that ran this long before exiting restarts without backoff.
 const STABLE_RUN: Duration = Duration::from_secs(10);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Beyond `close_spread`, how long a leaving worker's tunnels get to close.
+const CLOSE_SLACK: Duration = Duration::from_secs(3);
 
 /// One supervised process slot: the worker it serves as, and its keeper task.
 struct Slot {
@@ -286,17 +288,36 @@ impl Supervisor {
             }
         };
         if drain {
-            self.pool.drain(&slot.worker);
-            let deadline = Instant::now() + self.spec.drain_timeout;
-            while Instant::now() < deadline
-                && (slot.worker.sessions() > 0 || slot.worker.inflight() > 0)
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            self.drain_slot(&slot.worker).await;
         }
+        // Nothing of corral's may keep the process waiting: a gevent gunicorn waits
+        // its whole graceful timeout for an idle keep-alive connection.
+        self.pool.leave(&slot.worker);
         let _ = slot.stop.send(true);
         let _ = slot.keeper.await;
         self.pool.retire(&slot.worker);
+    }
+
+    /// Serves out a worker about to be stopped: it gets nothing new; once its plain
+    /// requests are answered (they end on their own, within `drain_timeout`), its
+    /// websockets are closed with 1012 over `close_spread` and its long-polls
+    /// answered "Session ID unknown", so their clients reconnect to other workers.
+    async fn drain_slot(&self, w: &Worker) {
+        self.pool.drain(w);
+        let deadline = Instant::now() + self.spec.drain_timeout;
+        until(deadline, || w.plain_inflight() == 0).await;
+        tracing::info!(
+            worker = w.id,
+            websockets = w.traffic.tunnels(),
+            sessions = w.sessions(),
+            spread = ?self.spec.close_spread,
+            "worker leaving: its websockets close (1012) and its sessions reconnect elsewhere"
+        );
+        self.pool.leave(w);
+        // A tunnel waits for the frame in flight and then for its close frame to go
+        // out: a second each at most.
+        let closed_by = deadline.min(Instant::now() + self.spec.close_spread + CLOSE_SLACK);
+        until(closed_by, || w.traffic.tunnels() == 0 && w.inflight() == 0).await;
     }
 
     /// Stops every worker: SIGTERM to each process group, SIGKILL after the grace.
@@ -313,6 +334,7 @@ impl Supervisor {
         let _change = self.changes.lock().await;
         let slots: Vec<Slot> = std::mem::take(&mut *self.slots.lock().await);
         for s in &slots {
+            self.pool.leave(&s.worker);
             let _ = s.stop.send(true);
         }
         for s in slots {
@@ -337,6 +359,13 @@ impl Supervisor {
                 restarts: s.worker.process.restarts(),
             })
             .collect()
+    }
+}
+
+/// Waits until `done` says so, or until `deadline`.
+async fn until(deadline: Instant, done: impl Fn() -> bool) {
+    while !done() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -747,13 +776,15 @@ fn kill_group(pid: Option<u32>, signal: i32) {
 async fn terminate(child: &mut Child, grace: Duration) {
     let pid = child.id();
     kill_group(pid, libc::SIGTERM);
+    let sent = Instant::now();
     let stopped = match pid.and_then(exit_watch) {
         Some(exit) => tokio::time::timeout(grace, exit.readable()).await.is_ok(),
         // Without a pidfd: wait (and reap) as before.
         None => tokio::time::timeout(grace, child.wait()).await.is_ok(),
     };
-    if !stopped {
-        tracing::warn!(pid, ?grace, "worker did not stop in time: SIGKILL");
+    match stopped {
+        true => tracing::info!(pid, after = ?sent.elapsed(), "worker exited on SIGTERM"),
+        false => tracing::warn!(pid, ?grace, "worker did not stop in time: SIGKILL"),
     }
     // The group too (a gunicorn worker may outlive its master), while the leader is
     // not yet reaped where a pidfd let us wait without reaping: its pid, the group's

@@ -29,16 +29,19 @@ def toml_list(items):
 class Supervised:
     """A corral that runs its own workers, tagged so leftovers can be found."""
 
-    def __init__(self, stack, count, command=None, extra_workers="", extra=""):
+    def __init__(self, stack, count, command=None, extra_workers="", extra="", env=None,
+                 stop_grace="3s", drain_timeout="3s"):
         self.mark = uuid.uuid4().hex
         # Port 0: the port it got is asked of its admin socket.
         stack.dirs.append(Path(tempfile.mkdtemp(prefix="corral-")))
         self.admin = stack.dirs[-1] / "admin.sock"
         cfg = stack.tmp / f"corral-{self.mark}.toml"
+        env_items = {"CORRAL_TEST_MARK": self.mark, **(env or {})}
+        env_toml = ", ".join(f'{k} = "{v}"' for k, v in env_items.items())
         cfg.write_text(
             f'listen = ["127.0.0.1:0"]\nadmin_socket = "{self.admin}"\n{extra}\n'
             f"[workers]\ncommand = {toml_list(command or gunicorn_args())}\ncount = {count}\n"
-            f'stop_grace = "3s"\ndrain_timeout = "3s"\nenv = {{ CORRAL_TEST_MARK = "{self.mark}" }}\n'
+            f'stop_grace = "{stop_grace}"\ndrain_timeout = "{drain_timeout}"\nenv = {{ {env_toml} }}\n'
             f"{extra_workers}\n")
         self.proc = Proc([corral_binary(), "run", "-c", str(cfg)], stack.tmp / f"corral-{self.mark}.log")
         stack.procs.append(self.proc)

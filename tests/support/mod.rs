@@ -246,6 +246,7 @@ pub struct RawWorker {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
     conns: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
 }
 
 impl RawWorker {
@@ -259,17 +260,27 @@ impl RawWorker {
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let conns = Arc::new(AtomicUsize::new(0));
-        let (s, c) = (seen.clone(), conns.clone());
+        let open = Arc::new(AtomicUsize::new(0));
+        let (s, c, o) = (seen.clone(), conns.clone(), open.clone());
         let health = Arc::new(AtomicUsize::new(0));
         thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 let id = c.fetch_add(1, Ordering::SeqCst);
-                let (s, h) = (s.clone(), health.clone());
-                thread::spawn(move || serve(stream, id, mode, s, h));
+                let (s, h, o) = (s.clone(), health.clone(), o.clone());
+                o.fetch_add(1, Ordering::SeqCst);
+                thread::spawn(move || {
+                    serve(stream, id, mode, s, h);
+                    o.fetch_sub(1, Ordering::SeqCst);
+                });
             }
         });
-        RawWorker { addr, seen, conns }
+        RawWorker {
+            addr,
+            seen,
+            conns,
+            open,
+        }
     }
 
     /// Every request read so far.
@@ -288,6 +299,11 @@ impl RawWorker {
     /// Connections accepted (health checks included).
     pub fn connections(&self) -> usize {
         self.conns.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now (until the peer closes them).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 
     /// Waits until `pred` holds over what was seen (up to 5 s).
