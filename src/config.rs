@@ -1096,15 +1096,21 @@ pub fn parse_size(s: &str) -> Result<u64, BadValue> {
         ))
     })?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1 << 10,
-        "m" | "mb" => 1 << 20,
-        "g" | "gb" => 1 << 30,
-        other => {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        // "200MB" reads as 200,000,000 bytes to some and 200 MiB to others; nginx
+        // refuses it, and so does corral, saying what to write.
+        two @ ("kb" | "mb" | "gb" | "kib" | "mib" | "gib") => {
+            let letter = two[..1].to_ascii_uppercase();
             return Err(BadValue::new(format!(
-                "unknown size unit `{other}` (use K, M or G)"
-            )))
+                "`{s}`: write {num}{letter} (as nginx: K, M and G are 1024, 1024² and 1024³ bytes)"
+            )));
         }
+        other => return Err(BadValue::new(format!(
+            "unknown size unit `{other}` in `{s}` (use K, M or G, powers of 1024, or a byte count)"
+        ))),
     };
     value
         .checked_mul(mult)
@@ -1305,6 +1311,9 @@ mod tests {
         assert!(parse_duration("99999999999h").is_err());
         assert!(parse_duration("-5").is_err());
         assert_eq!(parse_size("200M"), Ok(200 << 20), "nginx's M");
+        let mb = parse_size("200MB").expect_err("ambiguous, as nginx finds it");
+        assert!(mb.to_string().contains("write 200M"), "{mb}");
+        assert!(parse_size("5b").is_err());
     }
 
     #[test]

@@ -176,8 +176,11 @@ fn parse_policy(s: &str) -> Result<Policy, config::BadValue> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
-            Ok(c) => {
+        Command::Check { config } => match checked(&config) {
+            Ok((c, warnings)) => {
+                for w in warnings {
+                    eprintln!("corral: warning: {w}");
+                }
                 print!("{}", c.to_toml());
                 ExitCode::SUCCESS
             }
@@ -222,6 +225,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// A config file read, validated and checked against the machine, as `run` would.
+fn checked(path: &std::path::Path) -> Result<(Config, Vec<String>), config::ConfigError> {
+    let cfg = Config::load(path)?;
+    let warnings = corral::run::preflight::check(&cfg, &path.display().to_string())?;
+    Ok((cfg, warnings))
+}
+
 fn build_config(args: RunArgs) -> Result<Config, config::ConfigError> {
     let (mut cfg, source) = match &args.config {
         Some(path) => (Config::load(path)?, path.display().to_string()),
@@ -255,6 +265,9 @@ fn build_config(args: RunArgs) -> Result<Config, config::ConfigError> {
         }
     }
     cfg.validate(&source)?;
+    for w in corral::run::preflight::check(&cfg, &source)? {
+        eprintln!("corral: warning: {w}");
+    }
     Ok(cfg)
 }
 

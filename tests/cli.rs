@@ -127,3 +127,93 @@ fn run_without_upstreams_explains() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("upstreams"));
 }
+
+/// `check` refuses what `run` would fail on at start, naming the file and key:
+/// files and directories that are not there, a worker program not to be found, a
+/// worker command that binds a fixed port, an ambiguous size.
+#[test]
+fn check_asks_the_machine_what_run_needs() {
+    let w = "[workers]\ncount = 2\ncommand";
+    for (name, text, key, says) in [
+        (
+            "nohtpasswd.toml",
+            "upstreams = [\"127.0.0.1:1\"]\n[auth]\nhtpasswd = \"missing.htpasswd\"\n",
+            "auth.htpasswd",
+            "missing.htpasswd",
+        ),
+        (
+            "noadminhtpasswd.toml",
+            "upstreams = [\"127.0.0.1:1\"]\n[admin]\nlisten = \"127.0.0.1:0\"\nhtpasswd = \"gone\"\n",
+            "admin.htpasswd",
+            "gone",
+        ),
+        (
+            "nocert.toml",
+            "upstreams = [\"127.0.0.1:1\"]\n[[listener]]\naddress = \"127.0.0.1:0\"\ntls = { cert = \"no.pem\", key = \"no.key\" }\n",
+            "listener[0].tls",
+            "no.pem",
+        ),
+        (
+            "nocwd.toml",
+            &format!("{w} = \"gunicorn -b 127.0.0.1:{{port}} app:app\"\ncwd = \"no-such-dir\"\n"),
+            "workers.cwd",
+            "no-such-dir",
+        ),
+        (
+            "noprogram.toml",
+            &format!("{w} = [\"gunicron\", \"-b\", \"127.0.0.1:{{port}}\", \"app:app\"]\n"),
+            "workers.command",
+            "gunicron",
+        ),
+        (
+            "fixedport.toml",
+            &format!("{w} = \"gunicorn -w 1 -b 127.0.0.1:5000 app:app\"\n"),
+            "workers.command",
+            "{port}",
+        ),
+        (
+            "megabytes.toml",
+            "upstreams = [\"127.0.0.1:1\"]\n[limits]\nmax_body = \"200MB\"\n",
+            "limits.max_body",
+            "200M",
+        ),
+    ] {
+        let path = write(name, text);
+        let out = corral()
+            .args(["check", "-c"])
+            .arg(&*path)
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        for part in [name, key, says] {
+            assert!(err.contains(part), "{name}: no `{part}` in: {err}");
+        }
+        // `run` refuses the same file the same way, before binding anything.
+        let run = corral()
+            .args(["run", "-c"])
+            .arg(&*path)
+            .output()
+            .expect("run");
+        assert_eq!(run.status.code(), Some(2), "{name}: {run:?}");
+        assert!(String::from_utf8_lossy(&run.stderr).contains(key), "{name}: {run:?}");
+    }
+}
+
+/// A command with no `{port}` that may read `$PORT` itself (a Node app) is
+/// accepted with a warning that says what to do if it does not.
+#[test]
+fn check_warns_of_a_command_without_port() {
+    let path = write(
+        "portless.toml",
+        "[workers]\ncommand = [\"sh\", \"server.sh\"]\n",
+    );
+    let out = corral()
+        .args(["check", "-c"])
+        .arg(&*path)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("warning") && err.contains("{port}"), "{err}");
+}

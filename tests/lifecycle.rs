@@ -646,7 +646,9 @@ fn a_replaced_worker_closes_its_websockets_and_long_polls_and_stops_cleanly() {
     let addr = corral.addr;
     let poll = thread::spawn(move || {
         let started = Instant::now();
-        let req = format!("GET /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: a\r\n\r\n");
+        let req = format!(
+            "GET /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: a\r\n\r\n"
+        );
         let status = support::exchange(addr, req.as_bytes()).map(|r| r.status);
         (status, started.elapsed())
     });
@@ -655,7 +657,10 @@ fn a_replaced_worker_closes_its_websockets_and_long_polls_and_stops_cleanly() {
     plain
         .write_all(b"GET /plain HTTP/1.1\r\nHost: a\r\n\r\n")
         .expect("write");
-    assert_eq!(read_reply(&mut BufReader::new(&plain)).map(|r| r.status), Some(200));
+    assert_eq!(
+        read_reply(&mut BufReader::new(&plain)).map(|r| r.status),
+        Some(200)
+    );
     let rt = runtime();
     let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", corral.addr);
     let (mut ws, _) = rt
@@ -674,11 +679,17 @@ fn a_replaced_worker_closes_its_websockets_and_long_polls_and_stops_cleanly() {
         Some(Ok(Message::Close(Some(frame)))) => {
             assert_eq!(frame.code, CloseCode::Restart, "{}", corral.log_text())
         }
-        other => panic!("expected a close frame, got {other:?}: {}", corral.log_text()),
+        other => panic!(
+            "expected a close frame, got {other:?}: {}",
+            corral.log_text()
+        ),
     }
     let (status, took) = poll.join().expect("long-poll client");
     assert_eq!(status, Some(400), "{}", corral.log_text());
-    assert!(took < Duration::from_secs(20), "long-poll answered after {took:?}");
+    assert!(
+        took < Duration::from_secs(20),
+        "long-poll answered after {took:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(15);
     while !corral.log_text().contains("worker replaced") && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(100));

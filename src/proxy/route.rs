@@ -10,6 +10,7 @@
 //! reports a worker it could not reach. Websocket upgrades are handed to `tunnel`.
 
 use crate::config::Config;
+use crate::config::DEFAULT_CLOSE_SPREAD;
 use crate::counters::Counters;
 use crate::engineio::protocol::{self as engineio, Parse};
 use crate::engineio::router::{NewSession, Route, Router};
@@ -21,7 +22,6 @@ use crate::proxy::forward::{
     direct_forwarding, dropped_direct, is_idempotent, prepare_request_headers, upstream_request,
     Forwarder, Peer, Replay, Target, Ticket,
 };
-use crate::config::DEFAULT_CLOSE_SPREAD;
 use crate::proxy::tunnel::Tunnels;
 use crate::transport::body::{self, Fault, Guarded, Limited, Prefixed, ProxyBody, RequestBody};
 use crate::transport::http1;
@@ -195,7 +195,10 @@ impl Proxy {
             idle_timeout: cfg.timeouts.upstream_idle,
             drivers: tokio_util::task::TaskTracker::new(),
         };
-        let spread = cfg.workers.as_ref().map_or(DEFAULT_CLOSE_SPREAD, |w| w.close_spread);
+        let spread = cfg
+            .workers
+            .as_ref()
+            .map_or(DEFAULT_CLOSE_SPREAD, |w| w.close_spread);
         let tunnels = Tunnels::new(cfg.timeouts.read, cfg.timeouts.websocket_idle, spread);
         let underscores = cfg.underscores_in_headers;
         Proxy {
@@ -457,7 +460,8 @@ impl Proxy {
                 false => worker.start_request(),
             };
             let sent = Instant::now();
-            let exchange = tokio::time::timeout(wait, self.attempt(&worker, &mut outgoing, replayable));
+            let exchange =
+                tokio::time::timeout(wait, self.attempt(&worker, &mut outgoing, replayable));
             let result = match poll {
                 true => tokio::select! {
                     r = exchange => r,

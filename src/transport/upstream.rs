@@ -133,9 +133,9 @@ impl<C: Open> Shelf<C> {
         for shard in &self.shards {
             let expired: VecDeque<Parked<C>> = {
                 let mut conns = lock(shard);
-                let (keep, expired) = conns.drain(..).partition(|p: &Parked<C>| {
-                    now.duration_since(p.since) < idle_timeout
-                });
+                let (keep, expired) = conns
+                    .drain(..)
+                    .partition(|p: &Parked<C>| now.duration_since(p.since) < idle_timeout);
                 *conns = keep;
                 expired
             };

@@ -3,6 +3,8 @@
 //! order, waits for a stop signal and shuts them down in order, each waiting for what
 //! it owns. It is the only part that knows every other; none of them knows it.
 
+pub mod preflight;
+
 use crate::admin;
 use crate::broker;
 use crate::config::Config;
