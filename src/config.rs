@@ -1108,9 +1108,11 @@ pub fn parse_size(s: &str) -> Result<u64, BadValue> {
                 "`{s}`: write {num}{letter} (as nginx: K, M and G are 1024, 1024² and 1024³ bytes)"
             )));
         }
-        other => return Err(BadValue::new(format!(
+        other => {
+            return Err(BadValue::new(format!(
             "unknown size unit `{other}` in `{s}` (use K, M or G, powers of 1024, or a byte count)"
-        ))),
+        )))
+        }
     };
     value
         .checked_mul(mult)

@@ -81,8 +81,17 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Rolling restart of a running corral's workers (like SIGHUP).
-    Reload(AdminArgs),
+    /// Make a running corral read its config file again and apply it without
+    /// dropping a connection, then replace its workers one at a time (SIGHUP).
+    /// A file with an error is refused, naming the key; nothing changes then.
+    Reload {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Keep the workers (SIGUSR2): scale them to a new count, and replace them
+        /// only if their command, environment or directory changed.
+        #[arg(long)]
+        keep_workers: bool,
+    },
     /// Set the number of workers of a running corral.
     Scale {
         #[command(flatten)]
@@ -128,7 +137,7 @@ struct AdminArgs {
     listen: Option<SocketAddr>,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct RunArgs {
     /// Config file (TOML). Flags given as well override it.
     #[arg(short, long, value_name = "FILE")]
@@ -204,7 +213,16 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Reload(a) => admin(a, "reload".into()),
+        Command::Reload {
+            admin: a,
+            keep_workers,
+        } => admin(
+            a,
+            match keep_workers {
+                true => "reload --keep-workers".into(),
+                false => "reload".into(),
+            },
+        ),
         Command::Scale { admin: a, count } => admin(a, format!("scale {count}")),
         Command::Status(a) => admin(a, "status".into()),
         Command::Mq {
@@ -213,14 +231,28 @@ fn main() -> ExitCode {
             output_limit,
         } => run_broker(listen, password, output_limit),
         Command::Run(args) => {
-            let config = match build_config(args) {
-                Ok(c) => c,
+            let config = match build_config(&args) {
+                Ok((c, warnings)) => {
+                    for w in warnings {
+                        eprintln!("corral: warning: {w}");
+                    }
+                    c
+                }
                 Err(e) => {
                     eprintln!("corral: {e}");
                     return ExitCode::from(2);
                 }
             };
-            run_until_done(corral::run::run(config))
+            // A reload reads the file again with the same flags over it.
+            let reread: Option<corral::run::reload::Reread> = args.config.is_some().then(|| {
+                let args = args.clone();
+                std::sync::Arc::new(move || {
+                    let (cfg, _) = build_config(&args)?;
+                    let file = args.config.as_ref().map(|p| p.display().to_string());
+                    Ok((cfg, file.unwrap_or_default()))
+                }) as corral::run::reload::Reread
+            });
+            run_until_done(corral::run::run(config, reread))
         }
     }
 }
@@ -232,16 +264,18 @@ fn checked(path: &std::path::Path) -> Result<(Config, Vec<String>), config::Conf
     Ok((cfg, warnings))
 }
 
-fn build_config(args: RunArgs) -> Result<Config, config::ConfigError> {
+/// The config `run` uses: the file (if any), the flags over it, validated and
+/// checked against the machine; with the warnings for the operator.
+fn build_config(args: &RunArgs) -> Result<(Config, Vec<String>), config::ConfigError> {
     let (mut cfg, source) = match &args.config {
         Some(path) => (Config::load(path)?, path.display().to_string()),
         None => (Config::default(), "command line".to_string()),
     };
     if !args.listen.is_empty() {
-        cfg.listen = args.listen;
+        cfg.listen = args.listen.clone();
     }
     if !args.upstreams.is_empty() {
-        cfg.upstreams = args.upstreams;
+        cfg.upstreams = args.upstreams.clone();
     }
     if let Some(p) = args.policy {
         cfg.balance.policy = p;
@@ -251,7 +285,7 @@ fn build_config(args: RunArgs) -> Result<Config, config::ConfigError> {
     }
     if !args.command.is_empty() {
         let count = args.workers.unwrap_or(Count::Fixed(1));
-        cfg.workers = Some(Workers::from_args(args.command, count));
+        cfg.workers = Some(Workers::from_args(args.command.clone(), count));
     } else if let Some(count) = args.workers {
         match cfg.workers.as_mut() {
             Some(w) => w.count = count,
@@ -265,10 +299,8 @@ fn build_config(args: RunArgs) -> Result<Config, config::ConfigError> {
         }
     }
     cfg.validate(&source)?;
-    for w in corral::run::preflight::check(&cfg, &source)? {
-        eprintln!("corral: warning: {w}");
-    }
-    Ok(cfg)
+    let warnings = corral::run::preflight::check(&cfg, &source)?;
+    Ok((cfg, warnings))
 }
 
 fn run_broker(listen: SocketAddr, password: Option<String>, output_limit: Option<u64>) -> ExitCode {
@@ -352,10 +384,11 @@ fn admin(args: AdminArgs, command: String) -> ExitCode {
     let wait = std::time::Duration::from_secs(3600);
     match runtime.block_on(corral::admin::send(&path, &command, wait)) {
         Ok(reply) => {
-            print!("{reply}");
             if reply.starts_with("error") {
+                eprint!("corral: {reply}");
                 ExitCode::FAILURE
             } else {
+                print!("{reply}");
                 ExitCode::SUCCESS
             }
         }

@@ -1,10 +1,12 @@
 //! The admin socket: a Unix socket on which a running corral takes one-line commands
-//! (`reload`, `scale N`, `status`) from `corral reload|scale|status`, and
+//! (`reload`, `reload --keep-workers`, `scale N`, `status`) from `corral
+//! reload|scale|status`, and
 //! `addresses` (where it is bound, and whether it is ready: for scripts and tests
 //! that start it on port 0), and the client side of those commands.
 //!
 //! It owns the socket file and the tiny line protocol; the work itself is the
-//! supervisor's. Only the local user can reach it (file mode 0600).
+//! supervisor's, and a config reload the App's (through [`Reload`]). Only the local
+//! user can reach it (file mode 0600).
 
 use crate::runtime::tasks::Background;
 use crate::workers::supervisor::Supervisor;
@@ -67,6 +69,27 @@ fn flag<S: serde::Serializer>(
     s.serialize_bool(ready.load(std::sync::atomic::Ordering::Relaxed))
 }
 
+/// Reads the config file again and applies it (the App does; this part only asks).
+pub trait Reload: Send + Sync {
+    /// Applies the file as it is now; with `keep_workers`, the workers are kept
+    /// (scaled to a new count) unless their command, environment or directory
+    /// changed; without, they are replaced one at a time. The answer says what
+    /// changed, or why nothing did.
+    fn reload(
+        &self,
+        keep_workers: bool,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + '_>>;
+}
+
+/// What the admin socket's commands act on.
+#[derive(Clone)]
+pub struct Targets {
+    /// The workers corral supervises.
+    pub supervisor: Option<Arc<Supervisor>>,
+    /// The config reload; None when corral was not started from a file.
+    pub reload: Option<Arc<dyn Reload>>,
+}
+
 /// Longest command line accepted.
 const MAX_COMMAND: u64 = 256;
 
@@ -80,7 +103,7 @@ pub fn default_path(port: u16) -> PathBuf {
 /// command's task and waits for them.
 pub async fn serve(
     path: &Path,
-    supervisor: Option<Arc<Supervisor>>,
+    targets: Targets,
     addresses: Addresses,
     owner: &Background,
 ) -> Result<(), Error> {
@@ -103,9 +126,9 @@ pub async fn serve(
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
-            let (sup, addresses) = (supervisor.clone(), addresses.clone());
+            let (targets, addresses) = (targets.clone(), addresses.clone());
             tasks.spawn(async move {
-                let _ = answer(stream, sup, &addresses).await;
+                let _ = answer(stream, &targets, &addresses).await;
             });
         }
     });
@@ -114,7 +137,7 @@ pub async fn serve(
 
 async fn answer(
     stream: UnixStream,
-    supervisor: Option<Arc<Supervisor>>,
+    targets: &Targets,
     addresses: &Addresses,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
@@ -126,22 +149,29 @@ async fn answer(
         "addresses" => {
             serde_json::to_string(addresses).unwrap_or_else(|e| format!("error: {e}")) + "\n"
         }
-        cmd => run_command(cmd, supervisor.as_deref()).await,
+        cmd => run_command(cmd, targets).await,
     };
     write.write_all(reply.as_bytes()).await?;
     write.shutdown().await
 }
 
-async fn run_command(cmd: &str, supervisor: Option<&Supervisor>) -> String {
-    let Some(sup) = supervisor else {
+async fn run_command(cmd: &str, targets: &Targets) -> String {
+    let mut words = cmd.split_whitespace();
+    let (first, second, third) = (words.next(), words.next(), words.next());
+    if first == Some("reload") && third.is_none() {
+        let keep_workers = match second {
+            None => false,
+            Some("--keep-workers") => true,
+            Some(other) => {
+                return format!("error: unknown reload option `{other}` (--keep-workers)\n")
+            }
+        };
+        return reload(targets, keep_workers).await;
+    }
+    let Some(sup) = targets.supervisor.as_deref() else {
         return "error: this corral supervises no workers ([workers] is not configured)\n".into();
     };
-    let mut words = cmd.split_whitespace();
-    match (words.next(), words.next(), words.next()) {
-        (Some("reload"), None, _) => match sup.rolling_restart().await {
-            Ok(()) => "ok: every worker replaced\n".into(),
-            Err(e) => format!("error: {e}\n"),
-        },
+    match (first, second, third) {
         (Some("scale"), Some(n), None) => match n.parse::<usize>() {
             Ok(n) => match sup.scale(n).await {
                 Ok(()) => format!("ok: {n} workers\n"),
@@ -153,7 +183,30 @@ async fn run_command(cmd: &str, supervisor: Option<&Supervisor>) -> String {
             let status = sup.status().await;
             serde_json::to_string(&status).unwrap_or_else(|e| format!("error: {e}")) + "\n"
         }
-        _ => format!("error: unknown command `{cmd}` (reload, scale N, status, addresses)\n"),
+        _ => format!(
+            "error: unknown command `{cmd}` (reload [--keep-workers], scale N, status, addresses)\n"
+        ),
+    }
+}
+
+/// `reload`: the config file read again and applied, or, for a corral not started
+/// from a file, the workers replaced.
+async fn reload(targets: &Targets, keep_workers: bool) -> String {
+    let answer = match (&targets.reload, &targets.supervisor) {
+        (Some(r), _) => r.reload(keep_workers).await,
+        (None, Some(_)) if keep_workers => {
+            Err("corral was not started from a config file: nothing to read again".into())
+        }
+        (None, Some(sup)) => sup
+            .rolling_restart()
+            .await
+            .map(|()| "every worker replaced".into())
+            .map_err(|e| e.to_string()),
+        (None, None) => Err("corral was not started from a config file and runs no workers".into()),
+    };
+    match answer {
+        Ok(text) => format!("ok: {text}\n"),
+        Err(text) => format!("error: {text}\n"),
     }
 }
 

@@ -374,12 +374,16 @@ impl BasicAuth {
 
     /// Watches the file for changes once a second.
     pub fn spawn_reloader(self: &Arc<Self>, bg: &crate::runtime::tasks::Background) {
-        let auth = self.clone();
+        // Weak: an auth a config reload replaced ends its reloader with it.
+        let auth = Arc::downgrade(self);
         bg.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
-                auth.reload_if_changed();
+                match auth.upgrade() {
+                    Some(auth) => auth.reload_if_changed(),
+                    None => return,
+                }
             }
         });
     }

@@ -48,6 +48,11 @@ impl Gate {
         }
     }
 
+    /// The proxy behind it.
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
+    }
+
     /// The configuration it checks against.
     pub fn cfg(&self) -> &Arc<Config> {
         &self.cfg

@@ -133,28 +133,27 @@ impl Bound {
         }
     }
 
-    /// Starts accepting on every socket, each on its lane, all requests going
-    /// through `gate`.
-    pub fn serve(self, lanes: &Lanes, gate: Arc<Gate>) -> Serving {
+    /// Starts accepting on every socket, each on its lane, each new connection's
+    /// requests going through the gate `front` holds at its accept, within `slots`.
+    pub fn serve(self, lanes: &Lanes, front: Front, slots: Slots) -> Serving {
         let draining = CancellationToken::new();
         let connections = tokio_util::task::TaskTracker::new();
         let (stop_tx, stop_rx) = watch::channel(false);
-        let slots = Arc::new(Semaphore::new(gate.cfg().limits.max_connections));
         let mut accepting = Vec::new();
         for (sockets, kind) in self.listeners {
             for (i, socket) in sockets.into_iter().enumerate() {
-                let (kind, gate) = (kind.clone(), gate.clone());
+                let (kind, front) = (kind.clone(), front.clone());
                 let (stop_rx, conns) = (
                     stop_rx.clone(),
                     Conns {
                         draining: draining.clone(),
                         tasks: connections.clone(),
-                        slots: slots.clone(),
+                        slots: slots.sem.clone(),
                     },
                 );
                 accepting.push(lanes.spawn_on(i, async move {
                     match TcpListener::from_std(socket) {
-                        Ok(l) => accept_loop(l, kind, gate, conns, stop_rx).await,
+                        Ok(l) => accept_loop(l, kind, front, conns, stop_rx).await,
                         Err(e) => tracing::error!(error = %e, "cannot accept on this thread"),
                     }
                 }));
@@ -166,6 +165,51 @@ impl Bound {
             stop: stop_tx,
             accepting,
         }
+    }
+}
+
+/// The gate new connections go through. A config reload puts another in its place;
+/// a connection keeps the gate it was accepted with (as an nginx worker of the old
+/// generation keeps serving its connections).
+pub type Front = Arc<arc_swap::ArcSwap<Gate>>;
+
+/// The client connection slots (`limits.max_connections`), resized by a reload.
+#[derive(Clone)]
+pub struct Slots {
+    sem: Arc<Semaphore>,
+    size: Arc<std::sync::Mutex<usize>>,
+}
+
+impl Slots {
+    /// `size` slots.
+    pub fn new(size: usize) -> Slots {
+        Slots {
+            sem: Arc::new(Semaphore::new(size)),
+            size: Arc::new(std::sync::Mutex::new(size)),
+        }
+    }
+
+    /// Makes `size` slots. Fewer: free slots go at once, and those in use as their
+    /// connections end (`owner` holds the task that takes them; connections over
+    /// the new limit are not cut).
+    pub fn resize(&self, size: usize, owner: &crate::runtime::tasks::Background) {
+        let mut current = self.size.lock().unwrap_or_else(|e| e.into_inner());
+        if size > *current {
+            self.sem.add_permits(size - *current);
+        } else if size < *current {
+            let fewer = *current - size;
+            let left = fewer - self.sem.forget_permits(fewer);
+            if left > 0 {
+                let sem = self.sem.clone();
+                owner.spawn(async move {
+                    let n = u32::try_from(left).unwrap_or(u32::MAX);
+                    if let Ok(p) = sem.acquire_many_owned(n).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+        *current = size;
     }
 }
 
@@ -310,11 +354,12 @@ impl Serve {
 async fn accept_loop(
     listener: TcpListener,
     kind: Kind,
-    gate: Arc<Gate>,
+    front: Front,
     conns: Conns,
     mut stop: watch::Receiver<bool>,
 ) {
-    let serve = Serve::new(kind, gate.cfg().clone());
+    let mut gate = front.load_full();
+    let mut serve = Serve::new(kind.clone(), gate.cfg().clone());
     // Made once: a `changed()` future made for every connection cost a few hundred
     // instructions each.
     let mut stopped = std::pin::pin!(stop.changed());
@@ -334,6 +379,12 @@ async fn accept_loop(
         let Some(permit) = take_slot(&conns.slots, &mut stopped).await else {
             return;
         };
+        let current = front.load();
+        if !Arc::ptr_eq(&current, &gate) {
+            // A reload: this listener's settings are made again from its config.
+            gate = arc_swap::Guard::into_inner(current);
+            serve = Serve::new(kind.clone(), gate.cfg().clone());
+        }
         if !serve.lazy_nodelay {
             let _ = stream.set_nodelay(true);
         }

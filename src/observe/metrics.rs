@@ -48,9 +48,53 @@ pub struct Sources {
     pub router: Arc<Router>,
     pub queue: Queue,
     pub started: Instant,
-    pub policy: String,
     /// This node's name (`cluster.node`).
     pub node: String,
+    /// What the config reloads did.
+    pub reloads: Arc<Reloads>,
+}
+
+/// The last config reloads, newest last.
+#[derive(Debug, Default)]
+pub struct Reloads(Mutex<VecDeque<Reload>>);
+
+/// What one config reload did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reload {
+    /// When, in seconds since the Unix epoch.
+    pub at: u64,
+    /// Applied (true) or refused, with nothing changed (false).
+    pub applied: bool,
+    /// The keys whose values changed.
+    pub changed: Vec<String>,
+    /// Why it was refused.
+    pub error: Option<String>,
+    /// What happened to the workers: "kept", "scaled to N", "rolled N", or why not.
+    pub workers: String,
+}
+
+/// Reloads kept for the status page.
+const RELOADS_KEPT: usize = 20;
+
+impl Reloads {
+    /// Records a reload.
+    pub fn record(&self, r: Reload) {
+        let mut list = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if list.len() == RELOADS_KEPT {
+            list.pop_front();
+        }
+        list.push_back(r);
+    }
+
+    /// The reloads kept, oldest first.
+    pub fn list(&self) -> Vec<Reload> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
 }
 
 /// Records sessions and requests/s every SAMPLE_EVERY for the status charts.
@@ -387,7 +431,7 @@ pub fn status_json(src: &Sources) -> serde_json::Value {
         .collect();
     serde_json::json!({
         "uptime_s": src.started.elapsed().as_secs(),
-        "policy": src.policy,
+        "policy": src.pool.policy().to_string(),
         "totals": {
             "workers": workers.len(),
             "up": workers.iter().filter(|w| w.state == "up").count(),
@@ -404,6 +448,7 @@ pub fn status_json(src: &Sources) -> serde_json::Value {
         "workers": workers,
         "message_queue": queue,
         "history": history,
+        "reloads": src.reloads.list(),
     })
 }
 
@@ -427,7 +472,7 @@ mod tests {
             router,
             queue: Queue::None,
             started: Instant::now(),
-            policy: "least-connections".into(),
+            reloads: Default::default(),
             node: "a\"b".into(),
         });
         pool.workers()[0].traffic.count_response(204);

@@ -22,7 +22,7 @@ use crate::proxy::forward::{
     direct_forwarding, dropped_direct, is_idempotent, prepare_request_headers, upstream_request,
     Forwarder, Peer, Replay, Target, Ticket,
 };
-use crate::proxy::tunnel::Tunnels;
+use crate::proxy::tunnel::{self, Tunnels};
 use crate::transport::body::{self, Fault, Guarded, Limited, Prefixed, ProxyBody, RequestBody};
 use crate::transport::http1;
 use crate::transport::upstream::{self, Answer, FastAnswer, Lease, SendError};
@@ -46,11 +46,13 @@ pub struct Proxy {
     pub(crate) router: Arc<Router>,
     forward: Forwarder,
     /// The websocket tunnels: they own their tasks and close cleanly at shutdown.
-    tunnels: Tunnels,
+    tunnels: Arc<Tunnels>,
+    /// How new tunnels are timed.
+    timing: tunnel::Timing,
     /// Unread request bodies read away after a 413 (each for a second at most).
     lingering: tokio_util::task::TaskTracker,
     /// Tagged sids (`engineio.tag_sids`): the signer and this node's reference.
-    pub(crate) tags: Option<Tags>,
+    pub(crate) tags: Option<Arc<Tags>>,
 }
 
 /// What tagging sids needs.
@@ -86,13 +88,13 @@ impl NodePeer {
 
 /// Closes worker and node connections that stayed idle past `timeouts.upstream_idle`,
 /// on time rather than when the next request comes (which may never come).
-pub async fn expire_idle(proxy: Arc<Proxy>) {
-    let idle = proxy.cfg.timeouts.upstream_idle;
-    let every = (idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(1));
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// `current` gives the proxy in force (a reload may change the timeout).
+pub async fn expire_idle(current: impl Fn() -> Arc<Proxy>) {
     loop {
-        tick.tick().await;
+        let proxy = current();
+        let idle = proxy.cfg.timeouts.upstream_idle;
+        let every = (idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        tokio::time::sleep(every).await;
         for w in proxy.pool.workers() {
             w.conns.expire(idle);
         }
@@ -199,7 +201,11 @@ impl Proxy {
             .workers
             .as_ref()
             .map_or(DEFAULT_CLOSE_SPREAD, |w| w.close_spread);
-        let tunnels = Tunnels::new(cfg.timeouts.read, cfg.timeouts.websocket_idle, spread);
+        let timing = tunnel::Timing {
+            read_timeout: cfg.timeouts.read,
+            idle: cfg.timeouts.websocket_idle,
+            spread,
+        };
         let underscores = cfg.underscores_in_headers;
         Proxy {
             cfg,
@@ -211,10 +217,39 @@ impl Proxy {
                 hop: None,
                 underscores,
             },
-            tunnels,
+            tunnels: Default::default(),
+            timing,
             lingering: tokio_util::task::TaskTracker::new(),
             tags: None,
         }
+    }
+
+    fn via(&self) -> tunnel::Via<'_> {
+        tunnel::Via {
+            forward: &self.forward,
+            pool: &self.pool,
+            metrics: &self.metrics,
+            timing: self.timing,
+        }
+    }
+
+    /// The proxy for a reloaded config: the same workers, sessions, counters,
+    /// tunnels, connection tasks (shutdown waits for old and new alike) and cluster
+    /// tags, with the new config's settings.
+    pub fn renewed(&self, cfg: Arc<Config>) -> Proxy {
+        let mut next = Proxy::new(
+            cfg,
+            self.pool.clone(),
+            self.router.clone(),
+            self.metrics.clone(),
+        );
+        next.forward.upstream.drivers = self.forward.upstream.drivers.clone();
+        // The cluster does not change live: the same tags, peers and hop mark.
+        next.forward.hop = self.forward.hop.clone();
+        next.tags = self.tags.clone();
+        next.tunnels = self.tunnels.clone();
+        next.lingering = self.lingering.clone();
+        next
     }
 
     /// Turns tagged sids on (and, with other nodes, hops to them).
@@ -223,7 +258,7 @@ impl Proxy {
             let proof = tags.tagger.hop_proof(&tags.name);
             self.forward.hop = HeaderValue::from_str(&proof).ok();
         }
-        self.tags = Some(tags);
+        self.tags = Some(Arc::new(tags));
     }
 
     /// A request another node sent here (a hop mark naming a configured node, made
@@ -324,10 +359,7 @@ impl Proxy {
             Err(refusal) => return refusal.response(&self),
         };
         if upgrade {
-            return self
-                .tunnels
-                .upgrade(&self.forward, &self.pool, &self.metrics, req, peer, target)
-                .await;
+            return self.tunnels.upgrade(self.via(), req, peer, target).await;
         }
         self.pass_on(req, peer, target, is_eio).await
     }

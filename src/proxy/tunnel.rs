@@ -46,40 +46,50 @@ impl ConnectionSlot {
     }
 }
 
-/// The open tunnels: their tasks, and the signal that closes them.
+/// The open tunnels: their tasks, and the signal that closes them. One for the
+/// life of corral: a config reload changes the [`Timing`] of new tunnels, and
+/// shutdown closes old and new alike.
+#[derive(Default)]
 pub struct Tunnels {
     tasks: TaskTracker,
     closing: CancellationToken,
-    /// How long the worker may take to answer the upgrade.
-    read_timeout: Duration,
-    /// A tunnel with no bytes either way for this long is closed.
-    idle: Duration,
-    /// The window over which a leaving worker's tunnels are closed.
-    spread: Duration,
     /// Tunnels opened so far, to place each one's close in the window.
     opened: AtomicU64,
 }
 
-impl Tunnels {
-    pub fn new(read_timeout: Duration, idle: Duration, spread: Duration) -> Tunnels {
-        Tunnels {
-            tasks: TaskTracker::new(),
-            closing: CancellationToken::new(),
-            read_timeout,
-            idle,
-            spread,
-            opened: AtomicU64::new(0),
-        }
-    }
+/// What an upgrade goes through: the proxy's forwarder, pool and counters, and the
+/// timing of the config in force.
+pub(crate) struct Via<'a> {
+    pub forward: &'a Forwarder,
+    pub pool: &'a Pool,
+    pub metrics: &'a Arc<Counters>,
+    pub timing: Timing,
+}
 
+/// The times a tunnel is opened with (from the config at its upgrade).
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How long the worker may take to answer the upgrade.
+    pub read_timeout: Duration,
+    /// A tunnel with no bytes either way for this long is closed.
+    pub idle: Duration,
+    /// The window over which a leaving worker's tunnels are closed.
+    pub spread: Duration,
+}
+
+impl Tunnels {
     /// Resolves with the close code to send when the tunnel must end: 1001 at
     /// shutdown, 1012 some time within the spread after its worker started leaving.
     /// The moments follow the golden-ratio sequence over the tunnels' numbers, so
     /// any run of tunnels spreads evenly and their reconnects do not come at once.
-    fn close_signal(&self, worker: &Worker) -> impl std::future::Future<Output = u16> {
+    fn close_signal(
+        &self,
+        worker: &Worker,
+        spread: Duration,
+    ) -> impl std::future::Future<Output = u16> {
         let n = self.opened.fetch_add(1, Ordering::Relaxed);
         let fraction = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) as f64 / u64::MAX as f64;
-        let delay = self.spread.mul_f64(fraction);
+        let delay = spread.mul_f64(fraction);
         let shutdown = self.closing.clone();
         let leaving = worker.leaving.clone();
         async move {
@@ -106,13 +116,17 @@ impl Tunnels {
     /// Forwards an upgrade request; on 101, splices the two connections.
     pub(crate) async fn upgrade(
         &self,
-        forward: &Forwarder,
-        pool: &Pool,
-        metrics: &Arc<Counters>,
+        via: Via<'_>,
         mut req: Request<RequestBody>,
         peer: Peer,
         target: Target,
     ) -> Response<ProxyBody> {
+        let Via {
+            forward,
+            pool,
+            metrics,
+            timing,
+        } = via;
         let worker = target.worker.id;
         let addr = target.worker.addr;
         let client_side = hyper::upgrade::on(&mut req);
@@ -126,7 +140,7 @@ impl Tunnels {
         let replay = Replay::new(parts.method, &parts.uri, headers);
         // A kept-alive connection serves as well as a new one, and saves a connect.
         let exchange = forward.exchange(&target.worker, replay.request(), Some(&replay));
-        let answer = match tokio::time::timeout(self.read_timeout, exchange).await {
+        let answer = match tokio::time::timeout(timing.read_timeout, exchange).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(SendError::Connect(e))) => {
                 tracing::warn!(worker, %addr, error = %e, "cannot connect to worker for websocket");
@@ -157,14 +171,14 @@ impl Tunnels {
             return Response::from_parts(parts, body);
         }
         let worker_side = hyper::upgrade::on(&mut resp);
-        let idle = self.idle;
+        let idle = timing.idle;
         let open = target.worker.open_tunnel();
         let metrics = metrics.clone();
         let ticket = match target.ticket {
             Ticket::Session(t) => Ticket::Session(t.into_tunnel()),
             other => other,
         };
-        let closing = self.close_signal(&target.worker);
+        let closing = self.close_signal(&target.worker, timing.spread);
         self.tasks.spawn(async move {
             let _slot = slot;
             let (client_io, worker_io) = match tokio::try_join!(client_side, worker_side) {

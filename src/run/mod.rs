@@ -3,18 +3,18 @@
 //! order, waits for a stop signal and shuts them down in order, each waiting for what
 //! it owns. It is the only part that knows every other; none of them knows it.
 
+mod front;
 pub mod preflight;
+pub mod reload;
 
 use crate::admin;
 use crate::broker;
 use crate::config::Config;
 use crate::counters::Counters;
 use crate::edge::auth::BasicAuth;
-use crate::edge::gate::Gate;
 use crate::edge::status;
 use crate::edge::{listen, tls};
 use crate::engineio::router::{self, Router};
-use crate::observe::access::AccessLog;
 use crate::observe::metrics::{self, Queue, Sources};
 use crate::proxy::route::Proxy;
 use crate::runtime::lanes::Lanes;
@@ -26,10 +26,11 @@ use anyhow::Context;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Runs corral until SIGTERM or SIGINT.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let app = App::start(cfg).await?;
-    let signal = wait_for_stop(app.supervisor.clone(), app.certs.clone(), &app.background).await;
+/// Runs corral until SIGTERM or SIGINT; `reread` reads the config again for a
+/// reload (None: started without a file).
+pub async fn run(cfg: Config, reread: Option<reload::Reread>) -> anyhow::Result<()> {
+    let app = App::start_from(cfg, reread).await?;
+    let signal = wait_for_stop(&app).await;
     app.stop(signal).await;
     Ok(())
 }
@@ -40,7 +41,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 /// the client connections are `serving`'s, the tunnels and worker connections the
 /// proxy's). [`App::stop`] ends them all, in order, each waiting for what it owns.
 pub struct App {
-    cfg: Arc<Config>,
     /// The client listeners, as bound (port 0 in the config: the port chosen).
     listeners: Vec<std::net::SocketAddr>,
     /// The status listener's address, when `[admin]` is configured.
@@ -51,8 +51,10 @@ pub struct App {
     supervisor: Option<Arc<Supervisor>>,
     certs: Vec<Arc<tls::Certs>>,
     serving: listen::Serving,
-    gate: Arc<Gate>,
-    proxy: Arc<Proxy>,
+    /// The gate in force (its config, its proxy); a reload replaces it.
+    front: listen::Front,
+    /// The config reload, when started from a file.
+    live: Option<Arc<reload::Live>>,
     lanes: Arc<Lanes>,
     background: Background,
 }
@@ -76,6 +78,11 @@ impl App {
     /// Builds every part from `cfg`, binds every socket and starts serving: once it
     /// returns, each listener accepts.
     pub async fn start(cfg: Config) -> anyhow::Result<App> {
+        App::start_from(cfg, None).await
+    }
+
+    /// As `start`, with a way to read the config again for `corral reload`.
+    pub async fn start_from(cfg: Config, reread: Option<reload::Reread>) -> anyhow::Result<App> {
         let cfg = Arc::new(cfg);
         let pool = Arc::new(Pool::with_thresholds(
             &cfg.upstreams,
@@ -92,25 +99,7 @@ impl App {
         let background = Background::new();
         health::spawn_health_checks(pool.clone(), cfg.health.clone(), &background);
         router::spawn_sweeper(router.clone(), Duration::from_secs(2), &background);
-        let auth = match &cfg.auth {
-            Some(a) => {
-                let auth = BasicAuth::new(&a.htpasswd, &a.realm, a.exempt.clone())?;
-                let auth = Arc::new(auth);
-                auth.spawn_reloader(&background);
-                Some(auth)
-            }
-            None => None,
-        };
         let metrics = Arc::new(Counters::default());
-        let access = match cfg.access_log.enabled {
-            true => Some(AccessLog::start(
-                &cfg.access_log.path,
-                cfg.access_log.format,
-                cfg.access_log.engineio,
-                metrics.clone(),
-            )?),
-            false => None,
-        };
         let mut proxy = Proxy::new(cfg.clone(), pool.clone(), router.clone(), metrics.clone());
         if cfg.engineio.tag_sids {
             let cluster = &cfg.cluster;
@@ -141,14 +130,23 @@ impl App {
         }
         let proxy = Arc::new(proxy);
         background.spawn(crate::proxy::route::resolve_nodes(proxy.clone()));
-        background.spawn(crate::proxy::route::expire_idle(proxy.clone()));
-        let gate = Arc::new(Gate::new(cfg.clone(), auth, access, proxy.clone()));
+        let front: listen::Front = Arc::new(arc_swap::ArcSwap::from_pointee(front::gate_for(
+            &cfg,
+            proxy.clone(),
+            &background,
+        )?));
+        let current = front.clone();
+        background.spawn(crate::proxy::route::expire_idle(move || {
+            current.load().proxy().clone()
+        }));
+        let slots = listen::Slots::new(cfg.limits.max_connections);
 
         listen::raise_fd_limit();
         let lanes = Arc::new(Lanes::start(cfg.threads.resolve()).context("cannot start threads")?);
         let bound = listen::bind(&cfg, lanes.len())?;
         let listeners = bound.addrs();
         let (queue_url, queue, broker_addr) = message_queue(&cfg, &background).await?;
+        let reloads = Arc::new(metrics::Reloads::default());
         let sources = Arc::new(Sources {
             counters: metrics.clone(),
             history: Default::default(),
@@ -156,8 +154,8 @@ impl App {
             router: router.clone(),
             queue,
             started: std::time::Instant::now(),
-            policy: cfg.balance.policy.to_string(),
             node: cfg.cluster.node.clone(),
+            reloads: reloads.clone(),
         });
         metrics::spawn_sampler(sources.clone(), &background);
         let mut status_addr = None;
@@ -185,7 +183,25 @@ impl App {
             broker: broker_addr,
             ready: ready.clone(),
         };
-        admin::serve(&admin_path, supervisor.clone(), addresses, &background).await?;
+        let bound = bound;
+        let live = reread.map(|reread| {
+            Arc::new(reload::Live {
+                reread,
+                current: tokio::sync::Mutex::new(cfg.clone()),
+                front: front.clone(),
+                slots: slots.clone(),
+                pool: pool.clone(),
+                supervisor: supervisor.clone(),
+                certs: bound.certs.clone(),
+                background: background.clone(),
+                reloads,
+            })
+        });
+        let targets = admin::Targets {
+            supervisor: supervisor.clone(),
+            reload: live.clone().map(|l| l as Arc<dyn admin::Reload>),
+        };
+        admin::serve(&admin_path, targets, addresses, &background).await?;
         if std::process::id() == 1 {
             tracing::info!("running as PID 1: reaping orphaned processes");
             background.spawn(crate::workers::supervisor::reap_orphans(
@@ -206,9 +222,8 @@ impl App {
         }
 
         let certs = bound.certs.clone();
-        let serving = bound.serve(&lanes, gate.clone());
+        let serving = bound.serve(&lanes, front.clone(), slots);
         Ok(App {
-            cfg,
             listeners,
             status: status_addr,
             broker: broker_addr,
@@ -216,8 +231,8 @@ impl App {
             supervisor,
             certs,
             serving,
-            gate,
-            proxy,
+            front,
+            live,
             lanes,
             background,
         })
@@ -229,16 +244,18 @@ impl App {
     /// awaited.
     pub async fn stop(self, signal: &str) {
         let App {
-            cfg,
             admin_path,
             supervisor,
             serving,
-            gate,
-            proxy,
+            front,
             lanes,
             background,
             ..
         } = self;
+        // The config in force, and through its gate every tunnel and connection task
+        // (those of gates replaced by reloads too: they share them).
+        let gate = front.load_full();
+        let (cfg, proxy) = (gate.cfg().clone(), gate.proxy().clone());
         crate::runtime::notify::notify("STOPPING=1\nSTATUS=stopping");
         if let Some(sup) = &supervisor {
             sup.begin_stop();
@@ -387,13 +404,10 @@ async fn say_ready(
     }
 }
 
-/// Handles signals until SIGTERM or SIGINT: SIGHUP rolls the workers, SIGTTIN and
-/// SIGTTOU add and remove one (as gunicorn does).
-async fn wait_for_stop(
-    supervisor: Option<Arc<Supervisor>>,
-    certs: Vec<Arc<tls::Certs>>,
-    background: &Background,
-) -> &'static str {
+/// Handles signals until SIGTERM or SIGINT: SIGHUP reloads the config and rolls
+/// the workers (gunicorn's HUP), SIGUSR2 reloads the config and keeps them, SIGTTIN
+/// and SIGTTOU add and remove a worker (as gunicorn does).
+async fn wait_for_stop(app: &App) -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     let watch = |kind: SignalKind| match signal(kind) {
         Ok(s) => Some(s),
@@ -405,41 +419,68 @@ async fn wait_for_stop(
     let mut term = watch(SignalKind::terminate());
     let mut int = watch(SignalKind::interrupt());
     let mut hup = watch(SignalKind::hangup());
+    let mut usr2 = watch(SignalKind::user_defined2());
     let mut ttin = watch(SignalKind::from_raw(libc::SIGTTIN));
     let mut ttou = watch(SignalKind::from_raw(libc::SIGTTOU));
     loop {
-        let change: i64 = tokio::select! {
+        let change = tokio::select! {
             _ = recv(&mut term) => return "SIGTERM",
             _ = recv(&mut int) => return "SIGINT",
-            _ = recv(&mut hup) => 0,
-            _ = recv(&mut ttin) => 1,
-            _ = recv(&mut ttou) => -1,
-        };
-        if change == 0 {
-            // SIGHUP: new certificates first (open connections keep theirs).
-            for c in &certs {
-                if let Err(e) = c.reload() {
-                    tracing::error!("TLS certificate not reloaded, keeping the old one: {e}");
-                }
-            }
-        }
-        let Some(sup) = supervisor.clone() else {
-            tracing::warn!("no [workers] to restart or scale; signal ignored");
-            continue;
+            _ = recv(&mut hup) => Change::Reload { keep_workers: false },
+            _ = recv(&mut usr2) => Change::Reload { keep_workers: true },
+            _ = recv(&mut ttin) => Change::Scale(1),
+            _ = recv(&mut ttou) => Change::Scale(-1),
         };
         // Owned by `background`; stopping waits for a change in progress (the
         // supervisor's change lock) and refuses new ones.
-        background.spawn(async move {
-            let result = if change == 0 {
-                sup.rolling_restart().await
-            } else {
-                let n = sup.count().await as i64 + change;
-                sup.scale(n.max(1) as usize).await
-            };
-            if let Err(e) = result {
+        let (live, sup, certs) = (app.live.clone(), app.supervisor.clone(), app.certs.clone());
+        app.background.spawn(async move {
+            if let Err(e) = change.apply(live, sup, certs).await {
                 tracing::error!("{e}");
             }
         });
+    }
+}
+
+/// What a signal asks for.
+#[derive(Clone, Copy)]
+enum Change {
+    Reload { keep_workers: bool },
+    Scale(i64),
+}
+
+impl Change {
+    async fn apply(
+        self,
+        live: Option<Arc<reload::Live>>,
+        supervisor: Option<Arc<Supervisor>>,
+        certs: Vec<Arc<tls::Certs>>,
+    ) -> Result<(), String> {
+        match (self, live, supervisor) {
+            // The outcome is logged by the reload itself.
+            (Change::Reload { keep_workers }, Some(live), _) => {
+                live.reload(keep_workers).await.map(|_| ())
+            }
+            (Change::Reload { keep_workers }, None, sup) => {
+                // Started without a file: new certificates, and the workers rolled.
+                for c in &certs {
+                    if let Err(e) = c.reload() {
+                        tracing::error!("TLS certificate not reloaded, keeping the old one: {e}");
+                    }
+                }
+                match (keep_workers, sup) {
+                    (false, Some(sup)) => sup.rolling_restart().await.map_err(|e| e.to_string()),
+                    _ => Ok(()),
+                }
+            }
+            (Change::Scale(_), _, None) => Err("no [workers] to scale; signal ignored".to_string()),
+            (Change::Scale(by), _, Some(sup)) => {
+                let n = sup.count().await as i64 + by;
+                sup.scale(n.max(1) as usize)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        }
     }
 }
 

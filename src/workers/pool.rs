@@ -331,11 +331,22 @@ impl Worker {
     }
 }
 
+/// Beyond the close spread, how long a leaving worker's tunnels get to close.
+const CLOSE_SLACK: Duration = Duration::from_secs(3);
+
+/// Waits until `done` says so, or until `deadline`.
+async fn until(deadline: std::time::Instant, done: impl Fn() -> bool) {
+    while !done() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The workers and the balancing policy for new sessions.
 #[derive(Debug)]
 pub struct Pool {
     workers: RwLock<Vec<Arc<Worker>>>,
-    policy: Policy,
+    /// A config reload may change it.
+    policy: RwLock<Policy>,
     next: AtomicUsize,
     next_id: AtomicUsize,
     /// Passed checks in a row that bring a worker down by checks back up.
@@ -355,7 +366,7 @@ impl Pool {
     pub fn with_thresholds(addrs: &[SocketAddr], policy: Policy, rise: u32, fall: u32) -> Pool {
         let pool = Pool {
             workers: RwLock::new(Vec::new()),
-            policy,
+            policy: RwLock::new(policy),
             next: AtomicUsize::new(0),
             next_id: AtomicUsize::new(0),
             rise: rise.max(1),
@@ -525,6 +536,29 @@ impl Pool {
         w.leaving.cancel();
     }
 
+    /// Serves out a worker about to be stopped or removed: it gets nothing new;
+    /// once its plain requests are answered (they end on their own, within
+    /// `drain_timeout`), it leaves (`leave`): its websockets close with 1012 over
+    /// `spread` and its long-polls are answered "Session ID unknown", so their
+    /// clients reconnect to other workers. Returns once they have (bounded).
+    pub async fn serve_out(&self, w: &Worker, drain_timeout: Duration, spread: Duration) {
+        self.drain(w);
+        let deadline = std::time::Instant::now() + drain_timeout;
+        until(deadline, || w.plain_inflight() == 0).await;
+        tracing::info!(
+            worker = w.id,
+            websockets = w.traffic.tunnels(),
+            sessions = w.sessions(),
+            ?spread,
+            "worker leaving: its websockets close (1012) and its sessions reconnect elsewhere"
+        );
+        self.leave(w);
+        // A tunnel waits for the frame in flight and then for its close frame to go
+        // out: a second each at most.
+        let closed_by = deadline.min(std::time::Instant::now() + spread + CLOSE_SLACK);
+        until(closed_by, || w.traffic.tunnels() == 0 && w.inflight() == 0).await;
+    }
+
     /// Removes a worker for good.
     pub fn retire(&self, w: &Worker) {
         w.routing.alive.store(false, Ordering::Release);
@@ -551,10 +585,28 @@ impl Pool {
             .cloned()
     }
 
+    /// How new sessions are placed.
+    pub fn policy(&self) -> Policy {
+        *self.policy.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Places new sessions by `policy` from now on (a config reload).
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy;
+    }
+
+    /// The static (not supervised) worker at `addr`, if the pool has one.
+    pub fn static_at(&self, addr: SocketAddr) -> Option<Arc<Worker>> {
+        self.list()
+            .iter()
+            .find(|w| !w.managed && w.addr == addr)
+            .cloned()
+    }
+
     /// Chooses the worker for a new Engine.IO session and counts the session on it.
     pub fn pick_for_session(&self, client: IpAddr) -> Option<Arc<Worker>> {
         let list = self.list();
-        let w = match self.policy {
+        let w = match self.policy() {
             Policy::LeastConnections => self.least_by(&list, |w| w.sessions(), None),
             Policy::RoundRobin => self.round_robin(&list),
             Policy::IpHash => by_ip(&list, client),

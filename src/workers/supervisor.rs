@@ -77,8 +77,6 @@ const MAX_LINE: usize = 16 * 1024;
 /// A worker that ran this long before exiting restarts without backoff.
 const STABLE_RUN: Duration = Duration::from_secs(10);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// Beyond `close_spread`, how long a leaving worker's tunnels get to close.
-const CLOSE_SLACK: Duration = Duration::from_secs(3);
 
 /// One supervised process slot: the worker it serves as, and its keeper task.
 struct Slot {
@@ -88,8 +86,12 @@ struct Slot {
     keeper: JoinHandle<()>,
 }
 
+/// The `[workers]` table in force; a config reload replaces it, and every start of
+/// a process reads it then.
+type Spec = Arc<arc_swap::ArcSwap<Workers>>;
+
 pub struct Supervisor {
-    spec: Arc<Workers>,
+    spec: Spec,
     pool: Arc<Pool>,
     extra_env: Vec<(String, String)>,
     slots: tokio::sync::Mutex<Vec<Slot>>,
@@ -116,7 +118,7 @@ pub struct WorkerStatus {
 impl Supervisor {
     pub fn new(spec: Workers, pool: Arc<Pool>, extra_env: Vec<(String, String)>) -> Supervisor {
         Supervisor {
-            spec: Arc::new(spec),
+            spec: Arc::new(arc_swap::ArcSwap::from_pointee(spec)),
             pool,
             extra_env,
             slots: tokio::sync::Mutex::new(Vec::new()),
@@ -124,6 +126,17 @@ impl Supervisor {
             changes: tokio::sync::Mutex::new(()),
             stopped: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The `[workers]` table in force.
+    pub fn spec(&self) -> Arc<Workers> {
+        self.spec.load_full()
+    }
+
+    /// Puts a reloaded `[workers]` table in force: processes started from now on
+    /// (replacements, restarts after a crash, new ones) run by it.
+    pub fn set_spec(&self, spec: Workers) {
+        self.spec.store(Arc::new(spec));
     }
 
     fn is_stopped(&self) -> bool {
@@ -137,7 +150,7 @@ impl Supervisor {
         if self.is_stopped() {
             return;
         }
-        self.add_workers(self.spec.count.resolve()).await;
+        self.add_workers(self.spec().count.resolve()).await;
     }
 
     /// Starts `n` workers at once and waits until each is ready or has failed its
@@ -186,7 +199,7 @@ impl Supervisor {
 
     fn pick_port(&self, slots: &[Slot]) -> u16 {
         let used: Vec<u16> = slots.iter().map(|s| s.worker.addr.port()).collect();
-        if let Some(base) = self.spec.base_port {
+        if let Some(base) = self.spec().base_port {
             let mut p = base;
             while used.contains(&p) || !port_free(p) {
                 p = p.wrapping_add(1).max(1);
@@ -298,26 +311,12 @@ impl Supervisor {
         self.pool.retire(&slot.worker);
     }
 
-    /// Serves out a worker about to be stopped: it gets nothing new; once its plain
-    /// requests are answered (they end on their own, within `drain_timeout`), its
-    /// websockets are closed with 1012 over `close_spread` and its long-polls
-    /// answered "Session ID unknown", so their clients reconnect to other workers.
+    /// Serves out a worker about to be stopped (`Pool::serve_out`).
     async fn drain_slot(&self, w: &Worker) {
-        self.pool.drain(w);
-        let deadline = Instant::now() + self.spec.drain_timeout;
-        until(deadline, || w.plain_inflight() == 0).await;
-        tracing::info!(
-            worker = w.id,
-            websockets = w.traffic.tunnels(),
-            sessions = w.sessions(),
-            spread = ?self.spec.close_spread,
-            "worker leaving: its websockets close (1012) and its sessions reconnect elsewhere"
-        );
-        self.pool.leave(w);
-        // A tunnel waits for the frame in flight and then for its close frame to go
-        // out: a second each at most.
-        let closed_by = deadline.min(Instant::now() + self.spec.close_spread + CLOSE_SLACK);
-        until(closed_by, || w.traffic.tunnels() == 0 && w.inflight() == 0).await;
+        let spec = self.spec();
+        self.pool
+            .serve_out(w, spec.drain_timeout, spec.close_spread)
+            .await;
     }
 
     /// Stops every worker: SIGTERM to each process group, SIGKILL after the grace.
@@ -362,13 +361,6 @@ impl Supervisor {
     }
 }
 
-/// Waits until `done` says so, or until `deadline`.
-async fn until(deadline: Instant, done: impl Fn() -> bool) {
-    while !done() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn port_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
@@ -390,7 +382,7 @@ enum End {
 
 /// Keeps one worker process running until told to stop.
 async fn keep(
-    spec: Arc<Workers>,
+    specs: Spec,
     pool: Arc<Pool>,
     worker: Arc<Worker>,
     index: usize,
@@ -405,6 +397,7 @@ async fn keep(
         if *stop.borrow() {
             return;
         }
+        let spec = specs.load_full();
         pool.set_starting(&worker);
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let Spawned {

@@ -31,6 +31,12 @@ class Member:
         self.error = None
         self.lock = threading.Lock()
         self.welcomed = threading.Event()
+        self.disconnects = 0
+
+        @self.sio.event
+        def disconnect(*_reason):
+            with self.lock:
+                self.disconnects += 1
 
         @self.sio.on("welcome")
         def _welcome(data):

@@ -43,12 +43,14 @@ class Supervised:
             f"[workers]\ncommand = {toml_list(command or gunicorn_args())}\ncount = {count}\n"
             f'stop_grace = "{stop_grace}"\ndrain_timeout = "{drain_timeout}"\nenv = {{ {env_toml} }}\n'
             f"{extra_workers}\n")
+        self.config = cfg
         self.proc = Proc([corral_binary(), "run", "-c", str(cfg)], stack.tmp / f"corral-{self.mark}.log")
         stack.procs.append(self.proc)
         self.stack = stack
         told = corral_addresses(self.admin, self.proc)
         assert told, f"corral exited:\n{self.proc.output()}"
         self.port = int(told["listeners"][0].rsplit(":", 1)[1])
+        self.status_addr = told.get("status")
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait(self):
@@ -65,6 +67,10 @@ class Supervised:
         out = self.admin_cmd("status")
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
+
+    def status_json(self):
+        """/status.json from the status listener (`[admin] listen` in `extra`)."""
+        return requests.get(f"http://{self.status_addr}/status.json", timeout=10).json()
 
     def leftovers(self):
         """Processes still carrying this corral's mark in their environment."""

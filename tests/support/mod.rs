@@ -130,6 +130,22 @@ impl Corral {
         panic!("corral did not start: {}", self.log_text());
     }
 
+    /// Writes the config file again (`config` as given to `start`; the listener
+    /// and admin socket lines are kept), for a reload to read.
+    pub fn rewrite(&self, config: &str) {
+        let path = self.dir.0.join("corral.toml");
+        let text = std::fs::read_to_string(&path).expect("config");
+        let head: Vec<&str> = text.lines().take(2).collect();
+        std::fs::write(&path, format!("{}\n{config}", head.join("\n"))).expect("rewrite");
+    }
+
+    /// The admin socket's answer to `command` (up to a minute).
+    pub fn admin(&self, command: &str) -> String {
+        let socket = self.dir.0.join("admin.sock");
+        admin_command(&socket, command, Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("no answer to `{command}`: {}", self.log_text()))
+    }
+
     /// What the admin socket's `addresses` says, once it answers.
     fn addresses(&self) -> Option<serde_json::Value> {
         addresses(&self.dir.0.join("admin.sock"))
@@ -170,12 +186,17 @@ impl Corral {
 /// What a corral's admin socket at `admin` says to `addresses` (where it is bound,
 /// whether it is ready); None until it answers.
 pub fn addresses(admin: &Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&admin_command(admin, "addresses", Duration::from_secs(5))?).ok()
+}
+
+/// Sends one command to the admin socket at `admin`; its answer, within `wait`.
+pub fn admin_command(admin: &Path, command: &str, wait: Duration) -> Option<String> {
     let mut s = std::os::unix::net::UnixStream::connect(admin).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"addresses\n").ok()?;
+    s.set_read_timeout(Some(wait)).ok()?;
+    s.write_all(format!("{command}\n").as_bytes()).ok()?;
     let mut reply = String::new();
     s.read_to_string(&mut reply).ok()?;
-    serde_json::from_str(&reply).ok()
+    Some(reply)
 }
 
 impl Drop for Corral {

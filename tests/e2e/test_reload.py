@@ -1,10 +1,14 @@
-"""Deploys: a rolling restart of the seed's gevent workers under websocket clients
-ends in seconds, each client reconnecting once (close code 1012) and receiving
-broadcasts after, and each old worker exits on SIGTERM instead of being killed."""
+"""Deploys nobody notices: `corral reload --keep-workers` applies a changed config
+file under 20 websocket clients without disconnecting one, and refuses a broken
+file by name, changing nothing; a rolling restart of the seed's gevent workers
+under websocket clients ends in seconds, each client reconnecting once (close code
+1012) and receiving broadcasts after, and each old worker exits on SIGTERM instead
+of being killed."""
 import re
 import threading
 import time
 
+import requests
 import websocket
 
 from clients import connect_many, disconnect_all, wait_until
@@ -82,3 +86,45 @@ def test_rolling_restart_of_gevent_workers_under_websockets(stack):
              for n, unit in re.findall(r"worker exited on SIGTERM.*?after=([0-9.]+)(ms|s)\b", log)]
     # Each of the four old workers, each within a few seconds.
     assert len(exits) >= 4 and all(t < 5 for t in exits), (exits, log[-3000:])
+
+
+def test_reload_keep_workers_changes_the_config_under_websockets(stack):
+    c = Supervised(stack, 2, extra='[limits]\nmax_body = "1M"\n[admin]\nlisten = "127.0.0.1:0"\n').wait()
+    members = connect_many(c.url, 20, reconnection=True)
+    access = stack.tmp / f"access-{c.mark}.log"
+    big = b"x" * (2 * 1024 * 1024)
+    try:
+        assert not [m.error for m in members if m.error]
+        assert wait_until(lambda: all(m.transport == "websocket" for m in members), 20)
+        assert requests.post(c.url + "/upload", data=big, timeout=30).status_code == 413
+        original = c.config.read_text()
+        changed = (original.replace('max_body = "1M"', 'max_body = "4M"').replace("count = 2", "count = 3")
+                   + f'\n[access_log]\nenabled = true\npath = "{access}"\n')
+        c.config.write_text(changed)
+        out = c.admin_cmd("reload", "--keep-workers")
+        assert out.returncode == 0, (out.stdout, out.stderr)
+        for key in ["limits.max_body", "workers.count", "access_log.enabled"]:
+            assert key in out.stdout, out.stdout
+        r = requests.post(c.url + "/upload", data=big, timeout=30)
+        assert r.status_code == 200 and r.json()["received"] == len(big)
+        assert [w["state"] for w in c.status()] == ["up"] * 3
+        assert wait_until(lambda: "POST /upload" in (access.read_text() if access.exists() else ""), 10)
+        # A broken file: refused, named, and the running config stays.
+        c.config.write_text(changed.replace('max_body = "4M"', 'max_body = "4MB"'))
+        out = c.admin_cmd("reload", "--keep-workers")
+        assert out.returncode != 0, out.stdout
+        assert "limits.max_body" in out.stderr and str(c.config) in out.stderr, out.stderr
+        assert requests.post(c.url + "/upload", data=big, timeout=30).status_code == 200
+        assert len(c.status()) == 3
+        time.sleep(1)
+        assert all(m.sio.connected for m in members)
+        assert [m.disconnects for m in members] == [0] * 20
+        for m in members:
+            m.sio.emit("broadcast", {"from": m.idx, "room": "all"})
+        everyone = {m.idx for m in members}
+        assert wait_until(lambda: all(everyone <= m.received for m in members), 20)
+    finally:
+        disconnect_all(members)
+    reloads = c.status_json()["reloads"]
+    assert [r["applied"] for r in reloads] == [True, False], reloads
+    assert "limits.max_body" in reloads[0]["changed"] and "limits.max_body" in reloads[1]["error"]
