@@ -4,7 +4,7 @@
 //! it (`tests/layers.rs` fails on a `use` that goes back up):
 //!
 //! ```text
-//! run            the App: wires the parts together, owns startup and shutdown
+//! run            the App: wires the parts together, owns startup, reloads and shutdown
 //!  └ admin       the admin socket: reload, scale, status
 //!  └ edge        listeners, TLS, serving threads' accept loops, the gate:
 //!  │             head rules, redirect, path normalisation, limits, auth
