@@ -30,8 +30,8 @@ pub struct Config {
     /// appended to; from anyone else they are replaced.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_proxies: Vec<String>,
-    /// Worker addresses (`host:port`) that corral forwards to.
-    #[serde(default)]
+    /// Worker addresses (`IP:port`) that corral forwards to.
+    #[serde(default, deserialize_with = "addr_list")]
     pub upstreams: Vec<SocketAddr>,
     #[serde(default)]
     /// Engine.IO routing: path, stickiness, session table bounds, tagged sids.
@@ -290,6 +290,7 @@ pub struct MessageQueue {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub embedded: Option<bool>,
     /// Where the embedded broker listens (port 0: a free port).
+    #[serde(with = "addr")]
     pub listen: SocketAddr,
     /// An external Redis instead (`redis://host:port/db`), for deployments across
     /// machines.
@@ -424,6 +425,7 @@ impl Workers {
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     /// The address to listen on.
+    #[serde(with = "addr")]
     pub address: SocketAddr,
     /// `"self-signed"`, or `{ cert = "chain.pem", key = "key.pem" }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -433,7 +435,7 @@ pub struct Listener {
     pub redirect_https: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(untagged)]
 /// A listener's certificate: `"self-signed"` or PEM files.
 pub enum TlsSetting {
@@ -446,6 +448,36 @@ pub enum TlsSetting {
         /// The private key.
         key: PathBuf,
     },
+}
+
+impl<'de> Deserialize<'de> for TlsSetting {
+    /// Says which forms are accepted; serde's untagged error says only that none
+    /// matched.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Files {
+            cert: PathBuf,
+            key: PathBuf,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Mode(String),
+            Files(Files),
+        }
+        match Raw::deserialize(d) {
+            Ok(Raw::Mode(m)) => Ok(TlsSetting::Mode(m)),
+            Ok(Raw::Files(f)) => Ok(TlsSetting::Files {
+                cert: f.cert,
+                key: f.key,
+            }),
+            Err(_) => Err(serde::de::Error::custom(
+                "must be \"self-signed\" or { cert = \"chain.pem\", key = \"key.pem\" } \
+                 (a PEM certificate chain and its private key)",
+            )),
+        }
+    }
 }
 
 /// `[auth]`: HTTP basic authentication from an htpasswd file.
@@ -470,7 +502,7 @@ fn default_realm() -> String {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    #[serde(default = "default_admin_listen")]
+    #[serde(default = "default_admin_listen", with = "addr")]
     /// The address of the admin listener (status page, metrics, probes).
     pub listen: SocketAddr,
     /// Optional basic auth for the admin pages.
@@ -806,7 +838,7 @@ impl Config {
         })?;
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
-            let message = one_line(&e.inner().to_string());
+            let message = did_you_mean(one_line(&e.inner().to_string()));
             if key == "." {
                 ConfigError::Syntax {
                     file: file.into(),
@@ -1040,12 +1072,75 @@ fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Er
     };
     items
         .iter()
-        .map(|s| {
-            s.parse::<SocketAddr>().map_err(|_| {
-                serde::de::Error::custom(format!("`{s}` is not an address like 127.0.0.1:8000"))
-            })
-        })
+        .map(|s| parse_addr(s).map_err(serde::de::Error::custom))
         .collect()
+}
+
+fn addr_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| parse_addr(s).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// An `IP:port` address; the error says what is wrong with it (a port out of
+/// range, a host name, a missing port).
+pub fn parse_addr(s: &str) -> Result<SocketAddr, BadValue> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let bad = |why: String| Err(BadValue::new(format!("`{s}`: {why}")));
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return bad("no port: write it as IP:port, e.g. 127.0.0.1:8000".into());
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match port.parse::<u64>() {
+        Ok(p) if p > 65535 => return bad(format!("port {p} is out of range (0 to 65535)")),
+        Ok(_) => {}
+        Err(_) => return bad(format!("`{port}` is not a port number")),
+    }
+    if host.parse::<std::net::IpAddr>().is_err() {
+        return bad(format!(
+            "`{host}` is not an IP address; host names are not accepted here: \
+             write 127.0.0.1:{port} (this machine only), 0.0.0.0:{port} (every IPv4 \
+             address) or [::]:{port}"
+        ));
+    }
+    bad("not an address like 127.0.0.1:8000".into())
+}
+
+/// A single `IP:port` address in the file, as a string.
+mod addr {
+    use super::*;
+    pub fn serialize<S: serde::Serializer>(a: &SocketAddr, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(a)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_addr(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" with the nearest known
+/// name offered, when one is near.
+fn did_you_mean(message: String) -> String {
+    let Some((_, rest)) = message.split_once("unknown field `") else {
+        return message;
+    };
+    let Some((unknown, expected)) = rest.split_once('`') else {
+        return message;
+    };
+    let nearest = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|known| (strsim::levenshtein(unknown, known), known))
+        .filter(|(d, known)| *d <= (known.len() / 3).max(2))
+        .min();
+    match nearest {
+        Some((_, known)) => format!("{message}; did you mean `{known}`?"),
+        None => message,
+    }
 }
 
 /// A value that cannot be used, and why (the message names the value).
@@ -1294,6 +1389,52 @@ mod tests {
             "10.0.0.0/x",
         ] {
             assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn addresses_say_what_is_wrong() {
+        assert!(parse_addr("127.0.0.1:8000").is_ok());
+        assert!(parse_addr("[::1]:8000").is_ok());
+        let e = parse_addr("127.0.0.1:99999")
+            .expect_err("range")
+            .to_string();
+        assert!(e.contains("out of range"), "{e}");
+        let e = parse_addr("localhost:9443").expect_err("name").to_string();
+        assert!(
+            e.contains("host names are not accepted") && e.contains("127.0.0.1:9443"),
+            "{e}"
+        );
+        let e = parse_addr("8000").expect_err("port").to_string();
+        assert!(e.contains("no port"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_get_the_nearest_known_one() {
+        let e = Config::parse(
+            "upstreams = [\"127.0.0.1:1\"]\n[limits]\nmax_bdoy = 1\n",
+            "t.toml",
+        )
+        .expect_err("unknown")
+        .to_string();
+        assert!(e.contains("did you mean `max_body`?"), "{e}");
+        let e = Config::parse("upstreams = [\"127.0.0.1:1\"]\nzzzzzz = 1\n", "t.toml")
+            .expect_err("unknown")
+            .to_string();
+        assert!(!e.contains("did you mean"), "{e}");
+    }
+
+    #[test]
+    fn a_tls_typo_says_which_forms_are_accepted() {
+        for tls in ["{ crt = \"a\", key = \"b\" }", "{ cert = \"a\" }", "7"] {
+            let text = format!(
+                "upstreams = [\"127.0.0.1:1\"]\n[[listener]]\naddress = \"127.0.0.1:0\"\ntls = {tls}\n"
+            );
+            let e = Config::parse(&text, "t.toml")
+                .expect_err("typo")
+                .to_string();
+            assert!(e.contains("\"self-signed\" or { cert"), "{tls}: {e}");
+            assert!(!e.contains("untagged"), "{e}");
         }
     }
 

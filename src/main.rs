@@ -113,7 +113,7 @@ enum Command {
     },
     /// Run only the embedded message queue (a Redis-protocol pub/sub broker).
     Mq {
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:6379")]
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:6379", value_parser = config::parse_addr)]
         listen: SocketAddr,
         /// Clients must AUTH with this password (required beyond loopback).
         #[arg(long)]
@@ -133,7 +133,7 @@ struct AdminArgs {
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// The running corral's listen address, when it runs without a config file.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = config::parse_addr)]
     listen: Option<SocketAddr>,
 }
 
@@ -143,10 +143,10 @@ struct RunArgs {
     #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Address to listen on (repeatable).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = config::parse_addr)]
     listen: Vec<SocketAddr>,
     /// Worker address (repeatable).
-    #[arg(long = "upstream", value_name = "ADDR")]
+    #[arg(long = "upstream", value_name = "ADDR", value_parser = config::parse_addr)]
     upstreams: Vec<SocketAddr>,
     /// Balancing policy for new Engine.IO sessions.
     #[arg(long, value_parser = parse_policy)]

@@ -217,3 +217,59 @@ fn check_warns_of_a_command_without_port() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("warning") && err.contains("{port}"), "{err}");
 }
+
+/// Errors a newcomer hit, each saying what to do: a TLS table typo names the
+/// accepted forms, an unknown key gets the nearest known one, a port out of range
+/// and a host name are explained, on the command line as in a file.
+#[test]
+fn errors_say_what_to_write_instead() {
+    for (name, text, says) in [
+        (
+            "tlstypo.toml",
+            "upstreams = [\"127.0.0.1:1\"]\n[[listener]]\naddress = \"127.0.0.1:0\"\ntls = { crt = \"a.pem\", key = \"b.pem\" }\n",
+            "\"self-signed\" or { cert",
+        ),
+        (
+            "typo.toml",
+            "upstreams = [\"127.0.0.1:1\"]\n[timeouts]\nconect = \"5s\"\n",
+            "did you mean `connect`?",
+        ),
+        (
+            "bigport.toml",
+            "listen = [\"127.0.0.1:99999\"]\nupstreams = [\"127.0.0.1:1\"]\n",
+            "port 99999 is out of range",
+        ),
+        (
+            "hostname.toml",
+            "upstreams = [\"localhost:5000\"]\n",
+            "host names are not accepted",
+        ),
+    ] {
+        let path = write(name, text);
+        let out = corral()
+            .args(["check", "-c"])
+            .arg(&*path)
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert!(err.contains(says), "{name}: no `{says}` in: {err}");
+        assert!(!err.contains("untagged"), "{name}: {err}");
+    }
+    let out = corral()
+        .args([
+            "run",
+            "--listen",
+            "localhost:9443",
+            "--upstream",
+            "127.0.0.1:1",
+        ])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("127.0.0.1:9443") && err.contains("host names"),
+        "{err}"
+    );
+}

@@ -704,3 +704,47 @@ fn a_replaced_worker_closes_its_websockets_and_long_polls_and_stops_cleanly() {
     assert!(log.contains("worker exited on SIGTERM"), "{log}");
     assert!(!log.contains("SIGKILL"), "{log}");
 }
+
+/// Workers that all crash at start: a client is told that no worker is ready and
+/// why (not "no worker configured"), and each worker's output is logged once, not
+/// again for every restart nor inside each error line.
+#[test]
+fn crash_looping_workers_are_reported_once_and_clients_told_why() {
+    let corral = Corral::start_until(
+        "[workers]\ncommand = [\"sh\", \"-c\", \"echo Traceback-marker; exit 3\"]\ncount = 2\nbackoff_max = \"200ms\"\n",
+        "worker not ready",
+        |_| {},
+    );
+    // Several restarts each.
+    thread::sleep(Duration::from_secs(3));
+    let reply = support::exchange(
+        corral.addr,
+        b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .expect("reply");
+    let log = corral.log_text();
+    assert_eq!(reply.status, 503);
+    let text = reply.text();
+    assert!(
+        text.contains("no worker is ready") && text.contains("restarts"),
+        "{text}"
+    );
+    assert!(log.contains("exited (exit status: 3)"), "{log}");
+    let shown = log.matches("Traceback-marker").count();
+    assert_eq!(shown, 2, "once per worker, not per restart:\n{log}");
+}
+
+/// A worker that never answers HTTP: the error says what was probed and what
+/// answered, and how to make the worker listen where corral looks.
+#[test]
+fn a_worker_not_ready_in_time_says_what_was_probed() {
+    let corral = Corral::start_until(
+        "[workers]\ncommand = [\"sleep\", \"30\"]\ncount = 1\nstart_timeout = \"1s\"\n",
+        "not ready within",
+        |_| {},
+    );
+    let log = corral.log_text();
+    assert!(log.contains("probed GET / on http://127.0.0.1:"), "{log}");
+    assert!(log.contains("nothing answered HTTP there"), "{log}");
+    assert!(log.contains("{port}"), "{log}");
+}

@@ -175,7 +175,7 @@ impl Refusal {
             Refusal::UnknownSid => proxy.unknown_sid(),
             Refusal::NoWorker => short(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "corral: no worker configured\n",
+                &format!("corral: {}\n", proxy.pool.why_none_ready()),
             ),
             Refusal::Full => short(
                 StatusCode::SERVICE_UNAVAILABLE,

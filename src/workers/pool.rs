@@ -570,6 +570,36 @@ impl Pool {
             .retain(|x| x.id != w.id);
     }
 
+    /// Why no worker can take a request, for the client's 503: how many there are,
+    /// in which states, and how often they were restarted.
+    pub fn why_none_ready(&self) -> String {
+        let list = self.list();
+        if list.is_empty() {
+            return "no worker is configured".into();
+        }
+        let mut states: Vec<(&'static str, usize)> = Vec::new();
+        for w in list.iter() {
+            let name = w.state().name();
+            match states.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, k)) => *k += 1,
+                None => states.push((name, 1)),
+            }
+        }
+        let states: Vec<String> = states.iter().map(|(n, k)| format!("{k} {n}")).collect();
+        let restarts: u64 = list.iter().map(|w| w.process.restarts()).sum();
+        let mut text = format!(
+            "no worker is ready: 0 of {} up ({})",
+            list.len(),
+            states.join(", ")
+        );
+        if restarts > 0 {
+            text.push_str(&format!(
+                "; {restarts} restarts after exits so far: corral's log has their output"
+            ));
+        }
+        text
+    }
+
     /// How many workers are up, and how many there are (readiness).
     pub fn up_count(&self) -> (usize, usize) {
         let list = self.list();
@@ -663,7 +693,13 @@ fn last_resort(list: &[Arc<Worker>], start: usize, exclude: Option<usize>) -> Op
     let n = list.len();
     (0..n)
         .map(|k| &list[(start + k) % n])
-        .find(|w| w.state() == State::Down && Some(w.id) != exclude)
+        // A supervised worker whose process is not running cannot answer: the client
+        // is better told that no worker is ready, and why.
+        .find(|w| {
+            w.state() == State::Down
+                && w.routing.alive.load(Ordering::Acquire)
+                && Some(w.id) != exclude
+        })
         .cloned()
 }
 

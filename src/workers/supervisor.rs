@@ -25,26 +25,34 @@ use tokio::task::JoinHandle;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The command could not be run.
-    #[error("cannot start `{command}`: {cause}")]
+    #[error("cannot start `{command}`{}: {cause}{hint}", in_dir(.cwd))]
     Spawn {
-        /// The command, as configured.
+        /// The command, as it was run (its port filled in).
         command: String,
+        /// The directory it was to start in.
+        cwd: Option<std::path::PathBuf>,
         /// What the system said.
         cause: std::io::Error,
+        /// What that likely means here.
+        hint: String,
     },
     /// It did not answer HTTP in time.
-    #[error("not ready within {within:?}; last output:\n{output}")]
+    #[error("not ready within {within:?}: {probe}; last output:\n{output}")]
     NotReady {
         /// `workers.start_timeout`.
         within: Duration,
+        /// What was asked of it, and what answered last.
+        probe: String,
         /// The last lines it printed.
         output: String,
     },
     /// It exited.
-    #[error("exited ({status}); last output:\n{output}")]
+    #[error("exited ({status}) after {ran:?}; last output:\n{output}")]
     Exited {
         /// Its exit status.
         status: String,
+        /// How long it ran.
+        ran: Duration,
         /// The last lines it printed.
         output: String,
     },
@@ -161,10 +169,11 @@ impl Supervisor {
             waiting.push(self.start_slot().await);
         }
         for (index, ready) in waiting {
-            if let Err(e) = ready.await.unwrap_or(Err(Error::KeeperEnded)) {
+            if ready.await.unwrap_or(Err(Error::KeeperEnded)).is_err() {
+                // Why was logged as it happened, with the worker's output.
                 tracing::error!(
                     worker = index,
-                    "worker not ready: {e}; retrying in the background"
+                    "worker not ready; retrying in the background"
                 );
             }
         }
@@ -368,14 +377,14 @@ fn port_free(port: u16) -> bool {
 /// How the start of a watched process ended.
 enum Start {
     Ready,
-    NotReady,
+    NotReady(String),
     Exited(std::io::Result<std::process::ExitStatus>),
     Stop,
 }
 
 /// How a watched process's life ended.
 enum End {
-    NotReady,
+    NotReady(String),
     Exited(std::io::Result<std::process::ExitStatus>),
     Stop,
 }
@@ -393,24 +402,25 @@ async fn keep(
     let mut ready_tx = Some(ready_tx);
     let mut backoff = FIRST_BACKOFF;
     let port = worker.addr.port();
+    let mut failures = Failures::default();
     loop {
         if *stop.borrow() {
             return;
         }
         let spec = specs.load_full();
         pool.set_starting(&worker);
-        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let output = Output::new(failures.in_a_row > 0);
         let Spawned {
             mut child,
-            mut output,
-        } = match spawn(&spec, port, index, &extra_env, &tail) {
+            output: mut forwarding,
+        } = match spawn(&spec, port, index, &extra_env, &output) {
             Ok(c) => c,
             Err(e) => {
-                let msg = Error::Spawn {
-                    command: describe(&spec.command),
-                    cause: e,
-                };
-                tracing::error!(worker = index, "{msg}");
+                let msg = spawn_error(&spec, port, index, e);
+                if failures.in_a_row == 0 || failures.due() {
+                    tracing::error!(worker = index, "{msg}");
+                }
+                failures.count(msg.to_string());
                 if let Some(tx) = ready_tx.take() {
                     let _ = tx.send(Err(msg));
                 }
@@ -428,7 +438,10 @@ async fn keep(
 
         let start = tokio::select! {
             ready = wait_ready(worker.addr, &spec.ready_path, spec.start_timeout, pid) => {
-                if ready { Start::Ready } else { Start::NotReady }
+                match ready {
+                    Ok(()) => Start::Ready,
+                    Err(probe) => Start::NotReady(probe),
+                }
             }
             status = exited_then_wait(&mut child, pid) => Start::Exited(status),
             _ = stop.changed() => Start::Stop,
@@ -445,48 +458,46 @@ async fn keep(
                     _ = stop.changed() => End::Stop,
                 }
             }
-            Start::NotReady => End::NotReady,
+            Start::NotReady(probe) => End::NotReady(probe),
             Start::Exited(status) => End::Exited(status),
             Start::Stop => End::Stop,
         };
-        match end {
+        let msg = match end {
             End::Stop => {
                 terminate(&mut child, spec.stop_grace).await;
-                finish_output(&mut output).await;
+                finish_output(&mut forwarding).await;
                 pool.process_exited(&worker);
                 return;
             }
-            End::NotReady => {
-                let msg = Error::NotReady {
-                    within: spec.start_timeout,
-                    output: tail_text(&tail),
-                };
-                tracing::error!(worker = index, pid, "{msg}");
+            End::NotReady(probe) => {
                 terminate(&mut child, spec.stop_grace).await;
-                finish_output(&mut output).await;
-                if let Some(tx) = ready_tx.take() {
-                    let _ = tx.send(Err(msg));
+                finish_output(&mut forwarding).await;
+                Error::NotReady {
+                    within: spec.start_timeout,
+                    probe,
+                    output: output.tail_text(),
                 }
             }
             End::Exited(status) => {
                 // What the process left in its group went with it (exited_then_wait).
-                finish_output(&mut output).await;
-                let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
-                let msg = Error::Exited {
-                    status,
-                    output: tail_text(&tail),
-                };
-                tracing::error!(worker = index, pid, "{msg}");
-                if let Some(tx) = ready_tx.take() {
-                    let _ = tx.send(Err(msg));
+                finish_output(&mut forwarding).await;
+                Error::Exited {
+                    status: status.map_or_else(|e| e.to_string(), |s| s.to_string()),
+                    ran: started.elapsed(),
+                    output: output.tail_text(),
                 }
             }
+        };
+        if started.elapsed() >= STABLE_RUN {
+            backoff = FIRST_BACKOFF;
+            failures = Failures::default();
+        }
+        report(index, pid, &msg, &output, &mut failures);
+        if let Some(tx) = ready_tx.take() {
+            let _ = tx.send(Err(msg));
         }
         pool.process_exited(&worker);
         worker.process.count_restart();
-        if started.elapsed() >= STABLE_RUN {
-            backoff = FIRST_BACKOFF;
-        }
         tracing::warn!(worker = index, ?backoff, "restarting worker");
         if sleep_or_stop(&mut stop, backoff).await {
             return;
@@ -505,13 +516,14 @@ async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
 
 /// Polls until the worker answers HTTP (any status, or 2xx/3xx on `ready_path`) on
 /// a socket that a process of its own group listens on: another process that took
-/// the port meanwhile does not make it ready.
+/// the port meanwhile does not make it ready. Not ready in time: what was probed,
+/// and what answered last.
 async fn wait_ready(
     addr: SocketAddr,
     ready_path: &str,
     timeout: Duration,
     pid: Option<u32>,
-) -> bool {
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let path = if ready_path.is_empty() {
         "/"
@@ -519,11 +531,13 @@ async fn wait_ready(
         ready_path
     };
     let mut warned = false;
+    let mut last = None;
     while Instant::now() < deadline {
-        match health::http_status(addr, path, Duration::from_secs(2)).await {
+        let answer = health::http_status(addr, path, Duration::from_secs(2)).await;
+        match answer {
             Some(status) if ready_path.is_empty() || (200..400).contains(&status) => {
                 if pid.is_none_or(|p| port_held_by_group(addr.port(), p)) {
-                    return true;
+                    return Ok(());
                 }
                 if !warned {
                     tracing::warn!(
@@ -533,12 +547,28 @@ async fn wait_ready(
                     );
                     warned = true;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                last = Some(Probe::Stranger);
             }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            Some(status) => last = Some(Probe::Status(status)),
+            None => last = last.or(Some(Probe::Nothing)),
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    false
+    let said = match last {
+        Some(Probe::Status(s)) => format!("its last answer was {s} (ready_path must answer 2xx or 3xx)"),
+        Some(Probe::Stranger) => "the port answered, but a process outside the worker's group holds it".into(),
+        _ => "nothing answered HTTP there (does the worker listen on the port corral gives it, {port} in its command or $PORT?)".into(),
+    };
+    Err(format!(
+        "probed GET {path} on http://{addr} every 100ms; {said}"
+    ))
+}
+
+/// What a readiness probe last saw.
+enum Probe {
+    Nothing,
+    Status(u16),
+    Stranger,
 }
 
 /// Whether a process of process group `pgid` holds a socket listening on `port`
@@ -626,7 +656,7 @@ fn spawn(
     port: u16,
     index: usize,
     extra_env: &[(String, String)],
-    tail: &Arc<Mutex<VecDeque<String>>>,
+    output: &Output,
 ) -> std::io::Result<Spawned> {
     let mut cmd = match &spec.command {
         WorkerCommand::Shell(s) => {
@@ -674,14 +704,17 @@ fn spawn(
         });
     }
     let mut child = cmd.spawn()?;
-    let mut output = tokio::task::JoinSet::new();
+    let mut forwarding = tokio::task::JoinSet::new();
     if let Some(out) = child.stdout.take() {
-        output.spawn(forward_lines(out, index, tail.clone()));
+        forwarding.spawn(forward_lines(out, index, output.clone()));
     }
     if let Some(err) = child.stderr.take() {
-        output.spawn(forward_lines(err, index, tail.clone()));
+        forwarding.spawn(forward_lines(err, index, output.clone()));
     }
-    Ok(Spawned { child, output })
+    Ok(Spawned {
+        child,
+        output: forwarding,
+    })
 }
 
 /// A started worker process and the tasks that forward its output.
@@ -702,11 +735,7 @@ async fn finish_output(output: &mut tokio::task::JoinSet<()>) {
 }
 
 /// Forwards a worker's output to corral's log, one line at a time, keeping a tail.
-async fn forward_lines<R: AsyncRead + Unpin>(
-    reader: R,
-    index: usize,
-    tail: Arc<Mutex<VecDeque<String>>>,
-) {
+async fn forward_lines<R: AsyncRead + Unpin>(reader: R, index: usize, output: Output) {
     let mut reader = BufReader::new(reader);
     let mut line = Vec::new();
     loop {
@@ -731,8 +760,10 @@ async fn forward_lines<R: AsyncRead + Unpin>(
         reader.consume(used);
         let text = String::from_utf8_lossy(&line).trim_end().to_string();
         line.clear();
-        tracing::info!(target: "corral::worker", "[worker {index}] {text}");
-        let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+        if !output.quiet {
+            tracing::info!(target: "corral::worker", "[worker {index}] {text}");
+        }
+        let mut t = output.tail.lock().unwrap_or_else(|e| e.into_inner());
         if t.len() == TAIL_LINES {
             t.pop_front();
         }
@@ -748,12 +779,127 @@ fn push_capped(line: &mut Vec<u8>, bytes: &[u8]) {
     line.extend_from_slice(&bytes[..bytes.len().min(room)]);
 }
 
-fn tail_text(tail: &Mutex<VecDeque<String>>) -> String {
-    let t = tail.lock().unwrap_or_else(|e| e.into_inner());
-    if t.is_empty() {
-        return "  (no output)".into();
+/// One run's output: its last lines, and whether they also go to the log as they
+/// come (not for a worker failing again: its first failure's output was shown).
+#[derive(Clone)]
+struct Output {
+    tail: Arc<Mutex<VecDeque<String>>>,
+    quiet: bool,
+}
+
+impl Output {
+    fn new(quiet: bool) -> Output {
+        Output {
+            tail: Arc::default(),
+            quiet,
+        }
     }
-    t.iter().map(|l| format!("  | {l}\n")).collect()
+
+    fn lines(&self) -> Vec<String> {
+        let t = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        t.iter().cloned().collect()
+    }
+
+    fn tail_text(&self) -> String {
+        let lines = self.lines();
+        if lines.is_empty() {
+            return "  (no output)".into();
+        }
+        lines.iter().map(|l| format!("  | {l}\n")).collect()
+    }
+}
+
+/// A worker failing again and again: its output is shown the first time, and then
+/// only when it differs, with a line at most every `REPEAT_EVERY` otherwise.
+#[derive(Default)]
+struct Failures {
+    in_a_row: u32,
+    last_said: Option<Instant>,
+    last_output: Vec<String>,
+    last_error: String,
+}
+
+/// Fewest seconds between two "failed again" lines of one worker.
+const REPEAT_EVERY: Duration = Duration::from_secs(30);
+
+impl Failures {
+    fn due(&self) -> bool {
+        self.last_said.is_none_or(|t| t.elapsed() >= REPEAT_EVERY)
+    }
+
+    fn count(&mut self, error: String) {
+        self.in_a_row += 1;
+        if self.in_a_row == 1 || self.due() {
+            self.last_said = Some(Instant::now());
+        }
+        self.last_error = error;
+    }
+}
+
+/// Logs a failed run: the first time with its output (shown live just before), then
+/// its output only when it changed, and otherwise one line now and then.
+fn report(index: usize, pid: Option<u32>, msg: &Error, output: &Output, f: &mut Failures) {
+    let lines = output.lines();
+    let summary = summary(msg);
+    if f.in_a_row == 0 {
+        tracing::error!(worker = index, pid, "worker {summary}; its output is above");
+    } else if lines != f.last_output {
+        tracing::error!(
+            worker = index,
+            pid,
+            "worker {summary} again, with other output:\n{}",
+            output.tail_text()
+        );
+        f.last_said = None;
+    } else if f.due() {
+        tracing::error!(
+            worker = index,
+            pid,
+            failures = f.in_a_row + 1,
+            "worker {summary} again, with the same output as before; still retrying"
+        );
+    }
+    f.count(summary);
+    f.last_output = lines;
+}
+
+/// The first line of a failure, without the output.
+fn summary(msg: &Error) -> String {
+    match msg {
+        Error::NotReady { within, probe, .. } => format!("not ready within {within:?}: {probe}"),
+        Error::Exited { status, ran, .. } => format!("exited ({status}) after {ran:.1?}"),
+        other => other.to_string(),
+    }
+}
+
+/// Why a worker could not be started, with the command as it was run and what the
+/// system's answer likely means here.
+fn spawn_error(spec: &Workers, port: u16, index: usize, cause: std::io::Error) -> Error {
+    let command = fill(&describe(&spec.command), port, index);
+    let hint = match (&spec.cwd, cause.kind()) {
+        (Some(dir), std::io::ErrorKind::NotFound) if !dir.is_dir() => {
+            format!(" (the directory {} does not exist)", dir.display())
+        }
+        (_, std::io::ErrorKind::NotFound) => match &spec.command {
+            WorkerCommand::Args(a) => format!(" (`{}` is not found on PATH)", a[0]),
+            WorkerCommand::Shell(_) => " (/bin/sh is not found)".into(),
+        },
+        (_, std::io::ErrorKind::PermissionDenied) => " (not executable)".into(),
+        _ => String::new(),
+    };
+    Error::Spawn {
+        command,
+        cwd: spec.cwd.clone(),
+        cause,
+        hint,
+    }
+}
+
+fn in_dir(cwd: &Option<std::path::PathBuf>) -> String {
+    match cwd {
+        Some(d) => format!(" in {}", d.display()),
+        None => String::new(),
+    }
 }
 
 fn kill_group(pid: Option<u32>, signal: i32) {
@@ -890,11 +1036,34 @@ mod tests {
             data.extend_from_slice(format!("line {i}\n").as_bytes());
         }
         data.extend_from_slice(b"no newline at end");
-        let tail = Arc::new(Mutex::new(VecDeque::new()));
-        forward_lines(&data[..], 0, tail.clone()).await;
-        let t = tail.lock().expect("lock");
+        let output = Output::new(true);
+        forward_lines(&data[..], 0, output.clone()).await;
+        let t = output.lines();
         assert_eq!(t.len(), TAIL_LINES);
-        assert_eq!(t.back().map(String::as_str), Some("no newline at end"));
-        assert_eq!(t.front().map(String::as_str), Some("line 11"));
+        assert_eq!(t.last().map(String::as_str), Some("no newline at end"));
+        assert_eq!(t.first().map(String::as_str), Some("line 11"));
+    }
+
+    #[test]
+    fn a_spawn_error_names_the_missing_directory_and_fills_the_port() {
+        let mut spec = Workers::from_args(
+            vec!["gunicorn".into(), "-b".into(), "127.0.0.1:{port}".into()],
+            crate::config::Count::Fixed(1),
+        );
+        spec.cwd = Some("/no/such/dir".into());
+        let cause = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let text = spawn_error(&spec, 5123, 0, cause).to_string();
+        assert!(
+            text.contains("127.0.0.1:5123") && !text.contains("{port}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("the directory /no/such/dir does not exist"),
+            "{text}"
+        );
+        spec.cwd = None;
+        let cause = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let text = spawn_error(&spec, 5123, 0, cause).to_string();
+        assert!(text.contains("`gunicorn` is not found on PATH"), "{text}");
     }
 }
