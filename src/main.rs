@@ -1,6 +1,7 @@
 //! The `corral` command: parses the command line, loads the config and runs.
 
 use clap::{Args, Parser, Subcommand};
+use corral::config::prefix::Server;
 use corral::config::{self, Config, Count, Policy, Workers};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,6 +69,10 @@ const VERSION: &str = concat!(
     about = "One port in front of many Socket.IO workers"
 )]
 struct Cli {
+    /// corral's own config file, for `corral gunicorn|uvicorn|hypercorn …` (the
+    /// server's command line sets the workers and the listeners over it).
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -110,6 +115,39 @@ enum Command {
     Man {
         #[arg(value_name = "DIR")]
         dir: PathBuf,
+    },
+    /// Run gunicorn's own command line behind corral: `-w N` becomes N workers of
+    /// one each on loopback ports, `-b` corral's listeners, `--certfile/--keyfile`
+    /// corral's TLS; every other argument goes to each gunicorn unchanged.
+    Gunicorn {
+        /// gunicorn's arguments, as you would give them to gunicorn.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
+    },
+    /// Run uvicorn's own command line behind corral (`--workers`, `--host`/`--port`,
+    /// `--ssl-certfile`/`--ssl-keyfile` taken over; `--uds` refused).
+    Uvicorn {
+        /// uvicorn's arguments, as you would give them to uvicorn.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
+    },
+    /// Run hypercorn's own command line behind corral (as gunicorn's).
+    Hypercorn {
+        /// hypercorn's arguments, as you would give them to hypercorn.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
     },
     /// Run only the embedded message queue (a Redis-protocol pub/sub broker).
     Mq {
@@ -230,6 +268,9 @@ fn main() -> ExitCode {
             password,
             output_limit,
         } => run_broker(listen, password, output_limit),
+        Command::Gunicorn { args } => run_prefixed(cli.config, Server::Gunicorn, args),
+        Command::Uvicorn { args } => run_prefixed(cli.config, Server::Uvicorn, args),
+        Command::Hypercorn { args } => run_prefixed(cli.config, Server::Hypercorn, args),
         Command::Run(args) => {
             let config = match build_config(&args) {
                 Ok((c, warnings)) => {
@@ -255,6 +296,66 @@ fn main() -> ExitCode {
             run_until_done(corral::run::run(config, reread))
         }
     }
+}
+
+/// `corral gunicorn …` and the like: the server's command line over corral's own
+/// file (if given), run as `corral run` would, and read the same way on a reload.
+fn run_prefixed(file: Option<PathBuf>, server: Server, args: Vec<String>) -> ExitCode {
+    let mut line = vec![server.name().to_string()];
+    line.extend(args);
+    let control_socket = server == Server::Gunicorn && knows_no_control_socket(&line[0]);
+    let build = move || prefixed_config(file.as_deref(), server, &line, control_socket);
+    let config = match build() {
+        Ok((c, warnings)) => {
+            for w in warnings {
+                eprintln!("corral: warning: {w}");
+            }
+            c
+        }
+        Err(e) => {
+            eprintln!("corral: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let reread: corral::run::reload::Reread = std::sync::Arc::new(move || {
+        let (cfg, _) = build()?;
+        Ok((cfg, "the command line".into()))
+    });
+    run_until_done(corral::run::run(config, Some(reread)))
+}
+
+fn prefixed_config(
+    file: Option<&std::path::Path>,
+    server: Server,
+    line: &[String],
+    control_socket: bool,
+) -> Result<(Config, Vec<String>), config::ConfigError> {
+    let (mut cfg, source) = match file {
+        Some(path) => (Config::load(path)?, path.display().to_string()),
+        None => (Config::default(), "the command line".to_string()),
+    };
+    let env_workers = std::env::var("WEB_CONCURRENCY").ok();
+    let taken = config::prefix::take(server, line, env_workers.as_deref(), control_socket)
+        .map_err(|message| config::ConfigError::Key {
+            file: format!("`corral {}`", line.join(" ")),
+            key: server.name().into(),
+            message,
+        })?;
+    taken.apply(&mut cfg);
+    cfg.validate(&source)?;
+    let warnings = corral::run::preflight::check(&cfg, &source)?;
+    Ok((cfg, warnings))
+}
+
+/// Whether this gunicorn takes `--no-control-socket` (gunicorn 23 and later, whose
+/// masters would otherwise all use one control socket path).
+fn knows_no_control_socket(program: &str) -> bool {
+    std::process::Command::new(program)
+        .arg("--help")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--no-control-socket"))
 }
 
 /// A config file read, validated and checked against the machine, as `run` would.

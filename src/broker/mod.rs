@@ -72,6 +72,9 @@ pub struct Broker {
     next_id: AtomicU64,
     started: Instant,
     port: u16,
+    /// Each connected client's address, by id: which process holds a connection is
+    /// found from it (`clients`).
+    peers: std::sync::Mutex<std::collections::HashMap<u64, std::net::SocketAddr>>,
 }
 
 impl Broker {
@@ -83,12 +86,28 @@ impl Broker {
             next_id: AtomicU64::new(1),
             started: Instant::now(),
             port,
+            peers: Default::default(),
         })
     }
 
     /// The pub/sub core.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Every connected client's address, and whether it holds a subscription.
+    pub fn clients(&self) -> Vec<(std::net::SocketAddr, bool)> {
+        let subscribed = self.registry.subscribed_clients();
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers
+            .iter()
+            .map(|(id, addr)| (*addr, subscribed.contains(id)))
+            .collect()
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Counters for metrics and the status page.
@@ -145,6 +164,9 @@ impl Broker {
         stats.connections.fetch_add(1, Ordering::Relaxed);
         stats.connected.fetch_add(1, Ordering::Relaxed);
         let handle = ClientHandle::new(id, self.settings.output);
+        if let Ok(peer) = stream.peer_addr() {
+            self.peers_of().insert(id, peer);
+        }
         let (mut reader, writer) = stream.into_split();
         let writing = tokio::spawn(write_loop(writer, handle.clone()));
         let mut client = Client {
@@ -195,9 +217,16 @@ impl Broker {
             }
         }
         self.forget(&mut client);
+        self.peers_of().remove(&id);
         handle.close();
         let _ = writing.await;
         stats.connected.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn peers_of(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, std::net::SocketAddr>> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Drops every subscription of a client that is leaving.

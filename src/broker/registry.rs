@@ -325,6 +325,19 @@ impl Registry {
         subs.len() as i64
     }
 
+    /// The ids of the clients holding at least one subscription of any kind.
+    pub fn subscribed_clients(&self) -> std::collections::HashSet<u64> {
+        [&self.channels, &self.patterns, &self.shard]
+            .iter()
+            .flat_map(|l| {
+                read(l)
+                    .values()
+                    .flat_map(|s| s.keys().copied())
+                    .collect::<Vec<u64>>()
+            })
+            .collect()
+    }
+
     /// Subscriptions of every kind, for metrics.
     pub fn subscriptions(&self) -> u64 {
         [&self.channels, &self.patterns, &self.shard]

@@ -10,6 +10,7 @@ use crate::engineio::protocol::Handshake;
 use crate::workers::pool::{Pool, Worker};
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -87,8 +88,10 @@ pub enum Route {
 pub struct Router {
     pool: Arc<Pool>,
     table: Mutex<HashMap<String, Session>>,
-    max_sessions: usize,
-    idle_override: Option<Duration>,
+    /// `engineio.max_sessions` and `session_idle` (in ms, 0: none), which a config
+    /// reload may change.
+    max_sessions: AtomicUsize,
+    idle_override_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Router {
@@ -104,8 +107,27 @@ impl Router {
         Router {
             pool,
             table: Mutex::new(HashMap::new()),
-            max_sessions,
-            idle_override,
+            max_sessions: AtomicUsize::new(max_sessions),
+            idle_override_ms: AtomicU64::new(idle_ms(idle_override)),
+        }
+    }
+
+    /// The session table's bounds from now on (a config reload); remembered
+    /// sessions keep theirs.
+    pub fn set_bounds(&self, max_sessions: usize, idle_override: Option<Duration>) {
+        self.max_sessions.store(max_sessions, Ordering::Relaxed);
+        self.idle_override_ms
+            .store(idle_ms(idle_override), Ordering::Relaxed);
+    }
+
+    fn max_sessions(&self) -> usize {
+        self.max_sessions.load(Ordering::Relaxed)
+    }
+
+    fn idle_override(&self) -> Option<Duration> {
+        match self.idle_override_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
         }
     }
 
@@ -150,11 +172,13 @@ impl Router {
             Arc::ptr_eq(&s.worker, &worker) && s.worker.generation() == s.generation
         });
         if !known {
-            if table.len() >= self.max_sessions {
+            if table.len() >= self.max_sessions() {
                 return Route::Full;
             }
             worker.session_adopted();
-            let idle = self.idle_override.unwrap_or(DEFAULT_LIVENESS + IDLE_SLACK);
+            let idle = self
+                .idle_override()
+                .unwrap_or(DEFAULT_LIVENESS + IDLE_SLACK);
             let generation = worker.generation();
             remember(&mut table, sid.to_owned(), worker.clone(), generation, idle);
             tracing::debug!(sid, worker = worker.id, "session taken on from its tag");
@@ -174,9 +198,9 @@ impl Router {
 
     /// Routes a handshake (no sid): picks a worker by the balancing policy.
     pub fn handshake(self: &Arc<Self>, client: IpAddr) -> Route {
-        if self.len() >= self.max_sessions {
+        if self.len() >= self.max_sessions() {
             self.sweep();
-            if self.len() >= self.max_sessions {
+            if self.len() >= self.max_sessions() {
                 return Route::Full;
             }
         }
@@ -210,7 +234,7 @@ impl Router {
 
     fn learn(&self, worker: Arc<Worker>, generation: u64, hs: &Handshake) {
         let idle = self
-            .idle_override
+            .idle_override()
             .unwrap_or_else(|| hs.liveness.unwrap_or(DEFAULT_LIVENESS) + IDLE_SLACK);
         remember(&mut self.table(), hs.sid.clone(), worker, generation, idle);
     }
@@ -238,6 +262,10 @@ impl Router {
             s.inflight = s.inflight.saturating_sub(1);
         }
     }
+}
+
+fn idle_ms(d: Option<Duration>) -> u64 {
+    d.map_or(0, |d| (d.as_millis() as u64).max(1))
 }
 
 /// Runs `sweep` periodically so idle sessions are forgotten and memory stays bounded.

@@ -273,6 +273,16 @@ impl Collector for Scrape {
         }
         family(
             &mut e,
+            "corral_worker_mq_subscribed",
+            "1 when the supervised worker holds a subscription on the embedded message queue \
+             (0: broadcasts from other workers do not reach its clients)",
+            workers.iter().filter_map(|w| {
+                let s = w.process.mq_subscribed()?;
+                Some((worker_labels(w), ConstGauge::new(i64::from(s))))
+            }),
+        )?;
+        family(
+            &mut e,
             "corral_worker_restarts",
             "Times a supervised worker was restarted after exiting",
             workers
@@ -354,6 +364,8 @@ struct WorkerJson {
     rps: f64,
     restarts: u64,
     uptime_s: Option<u64>,
+    /// Holds a subscription on the embedded message queue (null: not known).
+    mq_subscribed: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -388,6 +400,7 @@ pub fn status_json(src: &Sources) -> serde_json::Value {
             rps: w.traffic.rate(),
             restarts: w.process.restarts(),
             uptime_s: w.process.uptime().map(|d| d.as_secs()),
+            mq_subscribed: w.process.mq_subscribed(),
         })
         .collect();
     let queue = match &src.queue {

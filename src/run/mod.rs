@@ -5,6 +5,7 @@
 
 mod front;
 pub mod preflight;
+mod queue_watch;
 pub mod reload;
 
 use crate::admin;
@@ -97,7 +98,8 @@ impl App {
         ));
         // Tasks that live as long as corral: ended and awaited at shutdown.
         let background = Background::new();
-        health::spawn_health_checks(pool.clone(), cfg.health.clone(), &background);
+        let checks: health::Checks = Arc::new(arc_swap::ArcSwap::from_pointee(cfg.health.clone()));
+        health::spawn_health_checks(pool.clone(), checks.clone(), &background);
         router::spawn_sweeper(router.clone(), Duration::from_secs(2), &background);
         let metrics = Arc::new(Counters::default());
         let mut proxy = Proxy::new(cfg.clone(), pool.clone(), router.clone(), metrics.clone());
@@ -146,6 +148,10 @@ impl App {
         let bound = listen::bind(&cfg, lanes.len())?;
         let listeners = bound.addrs();
         let (queue_url, queue, broker_addr) = message_queue(&cfg, &background).await?;
+        let embedded = match &queue {
+            Queue::Embedded(b, _) => Some(b.clone()),
+            _ => None,
+        };
         let reloads = Arc::new(metrics::Reloads::default());
         let sources = Arc::new(Sources {
             counters: metrics.clone(),
@@ -172,6 +178,9 @@ impl App {
             let env = queue_env(queue_url.as_deref(), &spec.env);
             Arc::new(Supervisor::new(spec, pool.clone(), env))
         });
+        if let (Some(broker), Some(_)) = (embedded, &supervisor) {
+            background.spawn(queue_watch::watch(broker, pool.clone()));
+        }
         let admin_path = cfg
             .admin_socket
             .clone()
@@ -191,6 +200,8 @@ impl App {
                 front: front.clone(),
                 slots: slots.clone(),
                 pool: pool.clone(),
+                router: router.clone(),
+                checks: checks.clone(),
                 supervisor: supervisor.clone(),
                 certs: bound.certs.clone(),
                 background: background.clone(),

@@ -15,8 +15,10 @@ use super::preflight;
 use crate::config::{Config, ConfigError};
 use crate::edge::listen::{Front, Slots};
 use crate::edge::tls;
+use crate::engineio::router::Router;
 use crate::observe::metrics::{Reload, Reloads};
 use crate::runtime::tasks::Background;
+use crate::workers::health;
 use crate::workers::pool::Pool;
 use crate::workers::supervisor::Supervisor;
 use std::sync::Arc;
@@ -38,7 +40,10 @@ const LIVE: &[&str] = &[
     "experimental",
     "engineio.path",
     "engineio.sticky",
+    "engineio.max_sessions",
+    "engineio.session_idle",
     "balance",
+    "health",
     "upstreams",
 ];
 
@@ -54,6 +59,8 @@ pub struct Live {
     pub(super) front: Front,
     pub(super) slots: Slots,
     pub(super) pool: Arc<Pool>,
+    pub(super) router: Arc<Router>,
+    pub(super) checks: health::Checks,
     pub(super) supervisor: Option<Arc<Supervisor>>,
     pub(super) certs: Vec<Arc<tls::Certs>>,
     pub(super) background: Background,
@@ -160,6 +167,10 @@ impl Live {
         // From here on nothing fails: the parts take the new settings.
         self.apply_upstreams(current, &cfg);
         self.pool.set_policy(cfg.balance.policy);
+        self.pool.set_thresholds(cfg.health.rise, cfg.health.fall);
+        self.checks.store(Arc::new(cfg.health.clone()));
+        self.router
+            .set_bounds(cfg.engineio.max_sessions, cfg.engineio.session_idle);
         self.slots
             .resize(cfg.limits.max_connections, &self.background);
         if let (Some(sup), Some(spec)) = (&self.supervisor, &cfg.workers) {

@@ -17,12 +17,12 @@ use tokio::net::TcpStream;
 
 /// Checks workers at `health.interval`: marks down those up that fail, and up those
 /// down (but alive) that answer. Runs until `bg` stops.
-pub fn spawn_health_checks(pool: Arc<Pool>, health: Health, bg: &Background) {
+pub fn spawn_health_checks(pool: Arc<Pool>, health: Checks, bg: &Background) {
     bg.spawn(async move {
-        let mut tick = tokio::time::interval(health.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            // Read each round: a config reload may change it.
+            let health = health.load_full();
+            tokio::time::sleep(health.interval).await;
             let mut checks = tokio::task::JoinSet::new();
             for w in pool.workers() {
                 let candidate = match w.state() {
@@ -49,6 +49,9 @@ pub fn spawn_health_checks(pool: Arc<Pool>, health: Health, bg: &Background) {
         }
     });
 }
+
+/// The `[health]` table in force, shared with a config reload.
+pub type Checks = Arc<arc_swap::ArcSwap<Health>>;
 
 /// One health check: a TCP connect, or, with a path, a GET answered 2xx or 3xx.
 pub async fn check(addr: SocketAddr, path: &str, timeout: Duration) -> bool {

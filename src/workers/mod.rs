@@ -5,4 +5,5 @@
 
 pub mod health;
 pub mod pool;
+pub mod procs;
 pub mod supervisor;

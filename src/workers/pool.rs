@@ -129,6 +129,9 @@ pub struct Process {
     /// When it last became ready, as milliseconds since `epoch` (0: not up yet).
     ready_at_ms: AtomicU64,
     epoch: std::time::Instant,
+    /// Whether it holds a subscription on the embedded message queue: 0 not known
+    /// (not looked at, or no embedded queue), 1 no, 2 yes.
+    mq: AtomicU8,
 }
 
 impl Process {
@@ -138,6 +141,7 @@ impl Process {
             restarts: AtomicU64::new(0),
             ready_at_ms: AtomicU64::new(0),
             epoch: std::time::Instant::now(),
+            mq: AtomicU8::new(0),
         }
     }
     /// Its process id while it runs.
@@ -151,6 +155,19 @@ impl Process {
     /// Times it was restarted after exiting.
     pub fn restarts(&self) -> u64 {
         self.restarts.load(Ordering::Relaxed)
+    }
+    /// Whether it is subscribed to the embedded message queue, when known.
+    pub fn mq_subscribed(&self) -> Option<bool> {
+        match self.mq.load(Ordering::Relaxed) {
+            1 => Some(false),
+            2 => Some(true),
+            _ => None,
+        }
+    }
+    /// Records whether it is subscribed to the embedded message queue.
+    pub fn set_mq_subscribed(&self, subscribed: Option<bool>) {
+        let v = subscribed.map_or(0, |s| if s { 2 } else { 1 });
+        self.mq.store(v, Ordering::Relaxed);
     }
     /// Counts a restart.
     pub fn count_restart(&self) {
@@ -350,9 +367,9 @@ pub struct Pool {
     next: AtomicUsize,
     next_id: AtomicUsize,
     /// Passed checks in a row that bring a worker down by checks back up.
-    rise: u32,
+    rise: AtomicU32,
     /// Failed checks in a row that mark a worker down.
-    fall: u32,
+    fall: AtomicU32,
 }
 
 impl Pool {
@@ -369,8 +386,8 @@ impl Pool {
             policy: RwLock::new(policy),
             next: AtomicUsize::new(0),
             next_id: AtomicUsize::new(0),
-            rise: rise.max(1),
-            fall: fall.max(1),
+            rise: AtomicU32::new(rise.max(1)),
+            fall: AtomicU32::new(fall.max(1)),
         };
         for addr in addrs {
             pool.add(*addr, false);
@@ -466,11 +483,11 @@ impl Pool {
     pub fn check_failed(&self, w: &Worker) -> bool {
         w.routing.passes.store(0, Ordering::Relaxed);
         let fails = w.routing.fails.fetch_add(1, Ordering::AcqRel) + 1;
-        if fails < self.fall {
+        if fails < self.fall.load(Ordering::Relaxed) {
             tracing::debug!(
                 worker = w.id,
                 fails,
-                fall = self.fall,
+                fall = self.fall.load(Ordering::Relaxed),
                 "worker check failed"
             );
             return false;
@@ -485,7 +502,7 @@ impl Pool {
         let passes = w.routing.passes.fetch_add(1, Ordering::AcqRel) + 1;
         if w.state() == State::Down
             && w.routing.alive.load(Ordering::Acquire)
-            && passes >= self.rise
+            && passes >= self.rise.load(Ordering::Relaxed)
         {
             self.set_ready(w);
         }
@@ -613,6 +630,13 @@ impl Pool {
             .iter()
             .find(|w| w.tag_ref == r && matches!(w.state(), State::Up | State::Draining))
             .cloned()
+    }
+
+    /// Checks in a row that bring a worker back (`rise`) and mark it down (`fall`),
+    /// from now on (a config reload).
+    pub fn set_thresholds(&self, rise: u32, fall: u32) {
+        self.rise.store(rise.max(1), Ordering::Relaxed);
+        self.fall.store(fall.max(1), Ordering::Relaxed);
     }
 
     /// How new sessions are placed.

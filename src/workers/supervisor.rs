@@ -10,6 +10,7 @@
 use crate::config::{WorkerCommand, Workers};
 use crate::workers::health;
 use crate::workers::pool::{Pool, Worker};
+use crate::workers::procs::{all_pids, port_held_by_group, proc_stat};
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener};
 use std::process::Stdio;
@@ -121,6 +122,8 @@ pub struct WorkerStatus {
     pub sessions: usize,
     pub inflight: usize,
     pub restarts: u64,
+    /// Holds a subscription on the embedded message queue (None: not known).
+    pub mq_subscribed: Option<bool>,
 }
 
 impl Supervisor {
@@ -365,6 +368,7 @@ impl Supervisor {
                 sessions: s.worker.sessions(),
                 inflight: s.worker.inflight(),
                 restarts: s.worker.process.restarts(),
+                mq_subscribed: s.worker.process.mq_subscribed(),
             })
             .collect()
     }
@@ -569,72 +573,6 @@ enum Probe {
     Nothing,
     Status(u16),
     Stranger,
-}
-
-/// Whether a process of process group `pgid` holds a socket listening on `port`
-/// (from /proc). Where /proc cannot tell, it says yes.
-fn port_held_by_group(port: u16, pgid: u32) -> bool {
-    let inodes = listening_inodes(port);
-    if inodes.is_empty() {
-        return true;
-    }
-    let wanted: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
-    all_pids()
-        .filter(|pid| proc_stat(*pid).is_some_and(|p| p.pgrp == pgid))
-        .any(|pid| {
-            std::fs::read_dir(format!("/proc/{pid}/fd"))
-                .into_iter()
-                .flatten()
-                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                .any(|link| wanted.iter().any(|w| link.as_os_str() == w.as_str()))
-        })
-}
-
-/// Inodes of the TCP sockets listening on `port` (IPv4 and IPv6).
-fn listening_inodes(port: u16) -> Vec<u64> {
-    let port_hex = format!("{port:04X}");
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
-        .flat_map(|text| {
-            text.lines()
-                .skip(1)
-                .filter_map(|line| {
-                    let f: Vec<&str> = line.split_whitespace().collect();
-                    let local_port = f.get(1)?.rsplit(':').next()?;
-                    (local_port == port_hex && f.get(3) == Some(&"0A"))
-                        .then(|| f.get(9)?.parse().ok())
-                        .flatten()
-                })
-                .collect::<Vec<u64>>()
-        })
-        .collect()
-}
-
-/// What /proc says of a process: its state letter, parent and group.
-struct ProcStat {
-    state: char,
-    ppid: u32,
-    pgrp: u32,
-}
-
-fn proc_stat(pid: u32) -> Option<ProcStat> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) S ppid pgrp ...": comm may hold spaces and parentheses.
-    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
-    Some(ProcStat {
-        state: fields.next()?.chars().next()?,
-        ppid: fields.next()?.parse().ok()?,
-        pgrp: fields.next()?.parse().ok()?,
-    })
-}
-
-/// The pids /proc lists.
-fn all_pids() -> impl Iterator<Item = u32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
 }
 
 fn describe(cmd: &WorkerCommand) -> String {

@@ -6,8 +6,11 @@ import os
 
 import socketio
 
+# The message queue corral runs, when it supervises this app's workers.
+queue = os.environ.get("CORRAL_MESSAGE_QUEUE")
 # Room for the 900 KiB polling messages of the body tests (base64 on polling).
-sio = socketio.AsyncServer(async_mode="asgi", max_http_buffer_size=4_000_000)
+sio = socketio.AsyncServer(async_mode="asgi", max_http_buffer_size=4_000_000,
+                           client_manager=socketio.AsyncRedisManager(queue) if queue else None)
 
 
 def worker_name():

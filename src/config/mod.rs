@@ -5,6 +5,8 @@
 //! key and what is wrong; unknown keys are errors. It must not start anything: the
 //! other modules receive a finished, validated [`Config`].
 
+pub mod prefix;
+
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -956,6 +958,19 @@ impl Config {
             if empty {
                 return Err(bad("workers.command", "is empty"));
             }
+            if let Some((server, n)) = prefix::several_workers(&w.command, &w.env) {
+                return Err(bad(
+                    "workers.command",
+                    &format!(
+                        "asks {name} for {n} workers: each corral worker would be {n} processes \
+                         behind one port, and Engine.IO sessions would thrash among them \
+                         (\"Invalid session\"). Give the command one worker (-w 1, or no \
+                         --workers) and set [workers] count = {n}; or run `corral {name} …` \
+                         with the command line as it is",
+                        name = server.name()
+                    ),
+                ));
+            }
             if w.count == Count::Fixed(0) {
                 return Err(bad("workers.count", "must be at least 1 (or \"auto\")"));
             }
@@ -1479,7 +1494,7 @@ mod tests {
     fn readme_reference_parses() {
         // The reference block in the README is copied by users: every key in it must
         // be where the parser expects it.
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../../README.md");
         let start = readme
             .find("## Configuration reference")
             .and_then(|i| readme[i..].find("```toml").map(|j| i + j + 7))

@@ -1,0 +1,94 @@
+"""The user's own server command line, prefixed with `corral`: `corral gunicorn -k
+GeventWebSocketWorker -w 4 -b …` runs four one-worker gunicorns behind corral on
+that bind, and Socket.IO works across them (every client upgrades, every broadcast
+reaches everyone); the same for uvicorn. `corral run` refuses a worker command that
+asks its server for several workers, saying why and what to write."""
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import requests
+
+from clients import connect_many, disconnect_all, spread, wait_until
+from conftest import APPS, VENV_BIN, Proc, corral_addresses, corral_binary
+
+
+class Prefixed:
+    """`corral -c <admin socket only> <server> ARGS…`, on the port the args bind (0)."""
+
+    def __init__(self, stack, args, env=None):
+        mark = uuid.uuid4().hex
+        stack.dirs.append(Path(tempfile.mkdtemp(prefix="corral-")))
+        self.admin = stack.dirs[-1] / "admin.sock"
+        own = stack.dirs[-1] / "corral.toml"
+        own.write_text(f'admin_socket = "{self.admin}"\n')
+        # The server is found on PATH, as from the user's virtualenv.
+        env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "CORRAL_TEST_MARK": mark, **(env or {})}
+        self.proc = Proc([corral_binary(), "-c", str(own), *args], stack.tmp / f"prefix-{mark}.log", env=env)
+        stack.procs.append(self.proc)
+        told = corral_addresses(self.admin, self.proc, timeout=60)
+        assert told, f"corral exited:\n{self.proc.output()}"
+        self.url = "http://" + told["listeners"][0]
+        assert wait_until(lambda: corral_addresses(self.admin, self.proc)["ready"], 60), self.proc.output()[-3000:]
+
+    def status(self):
+        import json
+        out = subprocess.run([corral_binary(), "status", "--socket", str(self.admin)],
+                             capture_output=True, text=True, timeout=30)
+        return json.loads(out.stdout)
+
+
+def all_hear_all(members):
+    for m in members:
+        m.sio.emit("broadcast", {"from": m.idx, "room": "all"})
+    everyone = {m.idx for m in members}
+    ok = wait_until(lambda: all(everyone <= m.received for m in members), 20)
+    return ok, [(m.idx, sorted(everyone - m.received)[:5]) for m in members if not everyone <= m.received]
+
+
+def test_the_seed_gunicorn_line_prefixed_with_corral(stack):
+    c = Prefixed(stack, ["gunicorn", "-k", "geventwebsocket.gunicorn.workers.GeventWebSocketWorker",
+                         "-w", "4", "--threads", "100", "-b", "127.0.0.1:0", "--chdir", str(APPS),
+                         "chat_app:create_app()"], env={"ASYNC_MODE": "gevent"})
+    workers = c.status()
+    assert len(workers) == 4 and all(w["state"] == "up" for w in workers), workers
+    members = connect_many(c.url, 20, reconnection=False)
+    try:
+        assert not [m.error for m in members if m.error]
+        assert wait_until(lambda: all(m.transport == "websocket" for m in members), 20)
+        assert len(spread(members)) == 4, spread(members)
+        ok, missing = all_hear_all(members)
+        assert ok, missing
+    finally:
+        disconnect_all(members)
+    assert "Invalid session" not in c.proc.output()
+    # Each gunicorn master runs one worker process (`-w 4` became four masters).
+    for w in workers:
+        children = Path(f"/proc/{w['pid']}/task/{w['pid']}/children").read_text().split()
+        assert len(children) == 1, (w, children)
+
+
+def test_a_uvicorn_line_prefixed_with_corral(stack):
+    c = Prefixed(stack, ["uvicorn", "--workers", "3", "--host", "127.0.0.1", "--port", "0",
+                         "--app-dir", str(APPS), "asgi_app:app"])
+    assert len(c.status()) == 3
+    members = connect_many(c.url, 12)
+    try:
+        assert not [m.error for m in members if m.error]
+        assert wait_until(lambda: all(m.transport == "websocket" for m in members), 20)
+        assert len(spread(members)) == 3, spread(members)
+        ok, missing = all_hear_all(members)
+        assert ok, missing
+    finally:
+        disconnect_all(members)
+
+
+def test_run_refuses_a_worker_command_with_several_workers(stack):
+    out = subprocess.run(
+        [corral_binary(), "run", "-w", "2", "--listen", "127.0.0.1:0", "--",
+         str(VENV_BIN / "gunicorn"), "-w", "4", "-b", "127.0.0.1:{port}", "chat_app:create_app()"],
+        capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2, out
+    assert "asks gunicorn for 4 workers" in out.stderr and "thrash" in out.stderr, out.stderr
+    assert "corral gunicorn" in out.stderr, out.stderr
