@@ -331,7 +331,7 @@ fn prefixed_config(
     control_socket: bool,
 ) -> Result<(Config, Vec<String>), config::ConfigError> {
     let (mut cfg, source) = match file {
-        Some(path) => (Config::load(path)?, path.display().to_string()),
+        Some(path) => (Config::load_part(path)?, path.display().to_string()),
         None => (Config::default(), "the command line".to_string()),
     };
     let env_workers = std::env::var("WEB_CONCURRENCY").ok();
@@ -369,7 +369,7 @@ fn checked(path: &std::path::Path) -> Result<(Config, Vec<String>), config::Conf
 /// checked against the machine; with the warnings for the operator.
 fn build_config(args: &RunArgs) -> Result<(Config, Vec<String>), config::ConfigError> {
     let (mut cfg, source) = match &args.config {
-        Some(path) => (Config::load(path)?, path.display().to_string()),
+        Some(path) => (Config::load_part(path)?, path.display().to_string()),
         None => (Config::default(), "command line".to_string()),
     };
     if !args.listen.is_empty() {

@@ -784,12 +784,21 @@ pub enum ConfigError {
 impl Config {
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let config = Config::load_part(path)?;
+        config.validate(&path.display().to_string())?;
+        Ok(config)
+    }
+
+    /// Reads a TOML file that is one part of the config (the rest comes from a
+    /// command line, `corral gunicorn …`): every key checked, the whole not yet
+    /// (the caller validates it once complete).
+    pub fn load_part(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             file: file.clone(),
             cause,
         })?;
-        let mut config = Config::parse(&text, &file)?;
+        let mut config = Config::parse_keys(&text, &file)?;
         // Paths in the file are relative to the file, not to where corral runs.
         let base = path.parent().unwrap_or(Path::new("."));
         let rebase = |p: &mut PathBuf| {
@@ -834,6 +843,13 @@ impl Config {
 
     /// Parses and validates TOML text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let config = Config::parse_keys(text, file)?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    /// Parses TOML text, each key by its type, without the rules across keys.
+    fn parse_keys(text: &str, file: &str) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Syntax {
             file: file.into(),
             message: one_line(&e.to_string()),
@@ -854,7 +870,6 @@ impl Config {
                 }
             }
         })?;
-        config.validate(file)?;
         Ok(config)
     }
 
@@ -957,19 +972,6 @@ impl Config {
             };
             if empty {
                 return Err(bad("workers.command", "is empty"));
-            }
-            if let Some((server, n)) = prefix::several_workers(&w.command, &w.env) {
-                return Err(bad(
-                    "workers.command",
-                    &format!(
-                        "asks {name} for {n} workers: each corral worker would be {n} processes \
-                         behind one port, and Engine.IO sessions would thrash among them \
-                         (\"Invalid session\"). Give the command one worker (-w 1, or no \
-                         --workers) and set [workers] count = {n}; or run `corral {name} …` \
-                         with the command line as it is",
-                        name = server.name()
-                    ),
-                ));
             }
             if w.count == Count::Fixed(0) {
                 return Err(bad("workers.count", "must be at least 1 (or \"auto\")"));

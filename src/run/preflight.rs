@@ -1,13 +1,14 @@
 //! Preflight: what a configuration needs from the machine before corral can run it
 //! (the files and directories it names readable, the worker program findable, the
-//! worker command telling each worker its port). `corral check`, `corral run` and a
+//! worker command telling each worker its port and asking its server for one
+//! worker). `corral check`, `corral run` and a
 //! reload ask the same questions here, so a file `check` passes does not fail at
 //! start for one of these reasons.
 //!
 //! It reads; it binds nothing, starts nothing and keeps nothing. What the file
 //! alone can tell (types, ranges, combinations) is `config`'s.
 
-use crate::config::{Config, ConfigError, TlsSetting, WorkerCommand};
+use crate::config::{prefix, Config, ConfigError, TlsSetting, WorkerCommand};
 use crate::edge::{auth::BasicAuth, tls};
 use std::path::{Path, PathBuf};
 
@@ -52,6 +53,19 @@ pub fn check(cfg: &Config, file: &str) -> Result<Vec<Warning>, ConfigError> {
     }
     let mut warnings = Vec::new();
     if let Some(w) = &cfg.workers {
+        if let Some((server, n)) = prefix::several_workers(&w.command, &w.env) {
+            return Err(bad(
+                "workers.command",
+                format!(
+                    "asks {name} for {n} workers: each corral worker would be {n} processes \
+                     behind one port, and Engine.IO sessions would thrash among them \
+                     (\"Invalid session\"). Give the command one worker (-w 1, or no \
+                     --workers) and set [workers] count = {n}; or run `corral {name} …` \
+                     with the command line as it is",
+                    name = server.name()
+                ),
+            ));
+        }
         let cwd = w.cwd.clone();
         if let Some(dir) = &cwd {
             if !dir.is_dir() {
