@@ -2,10 +2,14 @@
 # it supervises the gunicorn workers, reaps orphans, drains on SIGTERM.
 #   docker build -t corral-chat --build-arg CORRAL_COMMIT=$(git rev-parse --short=12 HEAD) .
 #   docker compose -f examples/chat/compose.yaml up
-# (See the README: on the development machines the image is not built; its
-# entrypoint is tested as it runs, as PID 1 under unshare.)
+# `make image` builds it with docker or podman; where no image can be pulled it
+# first makes the two bases from Debian's packages (scripts/container-bases) and
+# names them with RUST_IMAGE and PYTHON_IMAGE.
 
-FROM rust:1-slim-bookworm AS build
+ARG RUST_IMAGE=rust:1-slim-bookworm
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY src src
@@ -14,8 +18,12 @@ COPY bench bench
 ARG CORRAL_COMMIT=unknown
 RUN CORRAL_COMMIT=${CORRAL_COMMIT} cargo build --release --locked --bin corral
 
-FROM python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 COPY --from=build /src/target/release/corral /usr/local/bin/corral
+# The example's own requirements, in a virtualenv (Debian's Python refuses
+# system-wide pip installs; the official image takes either).
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
 COPY examples/chat/requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CARGO ?= cargo
 
-.PHONY: all build release profiling demo test test-deps test-pip system-deps lint fmt clean bench bench-mq bench-socketio bench-idle fuzz man
+.PHONY: all build release profiling demo demo-deps test test-deps test-pip system-deps lint fmt clean bench bench-mq bench-socketio bench-idle fuzz man image test-container
 
 all: build
 
@@ -42,8 +42,45 @@ tests/apps/node/node_modules/.installed: tests/apps/node/package.json
 
 # Runs the chat example as the seed ran it (examples/chat/corral.toml): five gunicorn
 # workers started by corral, https://127.0.0.1:8443/ (demo / demo), status on :9000.
-demo: system-deps release $(VENV)/.installed
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" target/release/corral run -c examples/chat/corral.toml
+# Only what the demo needs: Python, and a venv from the example's own requirements.
+DEMOVENV := target/demo-venv
+demo: demo-deps release $(DEMOVENV)/.installed
+	PATH="$(CURDIR)/$(DEMOVENV)/bin:$$PATH" target/release/corral run -c examples/chat/corral.toml
+
+demo-deps:
+	scripts/system-deps demo
+
+$(DEMOVENV)/.installed: examples/chat/requirements.txt
+	test -x $(DEMOVENV)/bin/python || python3 -m venv $(DEMOVENV)
+	$(DEMOVENV)/bin/pip install -q -r examples/chat/requirements.txt
+	touch $@
+
+# The container image, localhost/corral:latest, with docker when its engine runs,
+# else podman (runc, cgroupfs, ulimits within this machine's hard limits, host
+# network for the build). Without PULL=1 podman builds on bases made from Debian's
+# packages (scripts/container-bases), since no image can be pulled here.
+IMAGE ?= localhost/corral:latest
+PODMAN := podman --runtime runc --cgroup-manager cgroupfs
+LIMITS := --ulimit nofile=10000:10000 --ulimit nproc=4096:4096
+COMMIT := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+image:
+	scripts/system-deps container
+	if docker info >/dev/null 2>&1; then \
+	  docker build -t $(IMAGE) --build-arg CORRAL_COMMIT=$(COMMIT) . ; \
+	elif [ "$(PULL)" = 1 ]; then \
+	  $(PODMAN) build --format docker --network host $(LIMITS) -t $(IMAGE) --build-arg CORRAL_COMMIT=$(COMMIT) . ; \
+	else \
+	  scripts/container-bases && \
+	  $(PODMAN) build --format docker --network host $(LIMITS) -t $(IMAGE) \
+	    --build-arg CORRAL_COMMIT=$(COMMIT) \
+	    --build-arg RUST_IMAGE=localhost/corral-rust:bookworm \
+	    --build-arg PYTHON_IMAGE=localhost/corral-python:bookworm . ; \
+	fi
+
+# The image run for real: host network, the chat example as `make demo` runs it,
+# clients over wss with basic auth, the health check, a clean `stop`.
+test-container: image $(VENV)/.installed
+	CORRAL_IMAGE=$(IMAGE) $(VENV)/bin/pytest tests/container -q
 
 test: system-deps build test-deps
 	$(CARGO) test
