@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CARGO ?= cargo
 
-.PHONY: all build release profiling demo demo-deps test test-deps test-pip system-deps lint fmt clean bench bench-mq bench-socketio bench-idle fuzz man image test-container
+.PHONY: all build release profiling demo demo-deps test test-deps test-pip system-deps lint fmt clean bench bench-mq bench-socketio bench-idle fuzz man image test-container wheel
 
 all: build
 
@@ -86,12 +86,23 @@ test: system-deps build test-deps
 	$(CARGO) test
 	$(VENV)/bin/pytest tests/e2e
 
-# The pip way: a fresh venv, `pip install ./` (maturin builds the binary), `corral
-# --version`, and a supervisor end-to-end test run with that binary.
+# A wheel for other machines, tagged manylinux after maturin's compatibility check
+# (the binary needs glibc 2.34: Debian 12, Ubuntu 22.04, RHEL 9 and later).
+WHEELVENV := target/wheel-venv
+MANYLINUX ?= manylinux_2_34
+wheel:
+	test -x $(WHEELVENV)/bin/maturin || { python3 -m venv $(WHEELVENV) && $(WHEELVENV)/bin/pip install -q "maturin>=1.5,<2"; }
+	$(WHEELVENV)/bin/maturin build --release --locked --compatibility $(MANYLINUX) --out target/wheels
+	ls target/wheels/*$(MANYLINUX)*.whl
+
+# The pip way: the manylinux wheel (`make wheel`, maturin's compatibility check
+# passed) installed in a fresh venv, `corral --version`, and a supervisor end-to-end
+# test run with that binary. `pip install ./` from a checkout runs the same maturin
+# build.
 PIPVENV := target/pip-venv
-test-pip: $(VENV)/.installed
+test-pip: wheel $(VENV)/.installed
 	rm -rf $(PIPVENV) && python3 -m venv $(PIPVENV)
-	$(PIPVENV)/bin/pip install -q ./
+	$(PIPVENV)/bin/pip install -q target/wheels/corral_socketio-*-$(MANYLINUX)_x86_64.whl
 	$(PIPVENV)/bin/corral --version
 	CORRAL_BIN=$(CURDIR)/$(PIPVENV)/bin/corral $(VENV)/bin/pytest tests/e2e/test_supervisor.py -q -k starts_four_workers
 
