@@ -119,36 +119,12 @@ enum Command {
     /// Run gunicorn's own command line behind corral: `-w N` becomes N workers of
     /// one each on loopback ports, `-b` corral's listeners, `--certfile/--keyfile`
     /// corral's TLS; every other argument goes to each gunicorn unchanged.
-    Gunicorn {
-        /// gunicorn's arguments, as you would give them to gunicorn.
-        #[arg(
-            trailing_var_arg = true,
-            allow_hyphen_values = true,
-            value_name = "ARGS"
-        )]
-        args: Vec<String>,
-    },
+    Gunicorn(ServerLine),
     /// Run uvicorn's own command line behind corral (`--workers`, `--host`/`--port`,
     /// `--ssl-certfile`/`--ssl-keyfile` taken over; `--uds` refused).
-    Uvicorn {
-        /// uvicorn's arguments, as you would give them to uvicorn.
-        #[arg(
-            trailing_var_arg = true,
-            allow_hyphen_values = true,
-            value_name = "ARGS"
-        )]
-        args: Vec<String>,
-    },
+    Uvicorn(ServerLine),
     /// Run hypercorn's own command line behind corral (as gunicorn's).
-    Hypercorn {
-        /// hypercorn's arguments, as you would give them to hypercorn.
-        #[arg(
-            trailing_var_arg = true,
-            allow_hyphen_values = true,
-            value_name = "ARGS"
-        )]
-        args: Vec<String>,
-    },
+    Hypercorn(ServerLine),
     /// Run only the embedded message queue (a Redis-protocol pub/sub broker).
     Mq {
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:6379", value_parser = config::parse_addr)]
@@ -160,6 +136,18 @@ enum Command {
         #[arg(long, value_parser = config::parse_size)]
         output_limit: Option<u64>,
     },
+}
+
+/// A server's arguments after `corral gunicorn` (or uvicorn, hypercorn).
+#[derive(Args)]
+struct ServerLine {
+    /// The server's arguments, as you would give them to it.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
+    args: Vec<String>,
 }
 
 #[derive(Args)]
@@ -268,9 +256,9 @@ fn main() -> ExitCode {
             password,
             output_limit,
         } => run_broker(listen, password, output_limit),
-        Command::Gunicorn { args } => run_prefixed(cli.config, Server::Gunicorn, args),
-        Command::Uvicorn { args } => run_prefixed(cli.config, Server::Uvicorn, args),
-        Command::Hypercorn { args } => run_prefixed(cli.config, Server::Hypercorn, args),
+        Command::Gunicorn(l) => run_prefixed(cli.config, Server::Gunicorn, l.args),
+        Command::Uvicorn(l) => run_prefixed(cli.config, Server::Uvicorn, l.args),
+        Command::Hypercorn(l) => run_prefixed(cli.config, Server::Hypercorn, l.args),
         Command::Run(args) => {
             let config = match build_config(&args) {
                 Ok((c, warnings)) => {
