@@ -105,6 +105,15 @@ pub async fn expire_idle(current: impl Fn() -> Arc<Proxy>) {
     }
 }
 
+/// `exchange`'s result, or None once `worker` starts leaving (a long-poll that
+/// would wait for a worker about to be stopped).
+async fn until_leaving<F: std::future::Future>(exchange: F, worker: &Worker) -> Option<F::Output> {
+    tokio::select! {
+        r = exchange => Some(r),
+        _ = worker.leaving.cancelled() => None,
+    }
+}
+
 /// Looks the other nodes' names up, at start and every few seconds after (their
 /// addresses may change), and points each at what its name resolves to now.
 pub async fn resolve_nodes(proxy: Arc<Proxy>) {
@@ -495,9 +504,11 @@ impl Proxy {
             let exchange =
                 tokio::time::timeout(wait, self.attempt(&worker, &mut outgoing, replayable));
             let result = match poll {
-                true => tokio::select! {
-                    r = exchange => r,
-                    _ = worker.leaving.cancelled() => return self.unknown_sid(),
+                // Boxed: raced inline, the two futures made every request's future
+                // (copied as it is polled and moved) larger, long-poll or not.
+                true => match Box::pin(until_leaving(exchange, &worker)).await {
+                    Some(r) => r,
+                    None => return self.unknown_sid(),
                 },
                 false => exchange.await,
             };
