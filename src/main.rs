@@ -260,17 +260,9 @@ fn main() -> ExitCode {
         Command::Uvicorn(l) => run_prefixed(cli.config, Server::Uvicorn, l.args),
         Command::Hypercorn(l) => run_prefixed(cli.config, Server::Hypercorn, l.args),
         Command::Run(args) => {
-            let config = match build_config(&args) {
-                Ok((c, warnings)) => {
-                    for w in warnings {
-                        eprintln!("corral: warning: {w}");
-                    }
-                    c
-                }
-                Err(e) => {
-                    eprintln!("corral: {e}");
-                    return ExitCode::from(2);
-                }
+            let config = match told(build_config(&args)) {
+                Ok(c) => c,
+                Err(code) => return code,
             };
             // A reload reads the file again with the same flags over it.
             let reread: Option<corral::run::reload::Reread> = args.config.is_some().then(|| {
@@ -286,6 +278,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// A built config with its warnings said, or its error said and the exit status.
+fn told(built: Result<(Config, Vec<String>), config::ConfigError>) -> Result<Config, ExitCode> {
+    match built {
+        Ok((cfg, warnings)) => {
+            for w in warnings {
+                eprintln!("corral: warning: {w}");
+            }
+            Ok(cfg)
+        }
+        Err(e) => {
+            eprintln!("corral: {e}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
 /// `corral gunicorn …` and the like: the server's command line over corral's own
 /// file (if given), run as `corral run` would, and read the same way on a reload.
 fn run_prefixed(file: Option<PathBuf>, server: Server, args: Vec<String>) -> ExitCode {
@@ -293,17 +301,9 @@ fn run_prefixed(file: Option<PathBuf>, server: Server, args: Vec<String>) -> Exi
     line.extend(args);
     let control_socket = server == Server::Gunicorn && knows_no_control_socket(&line[0]);
     let build = move || prefixed_config(file.as_deref(), server, &line, control_socket);
-    let config = match build() {
-        Ok((c, warnings)) => {
-            for w in warnings {
-                eprintln!("corral: warning: {w}");
-            }
-            c
-        }
-        Err(e) => {
-            eprintln!("corral: {e}");
-            return ExitCode::from(2);
-        }
+    let config = match told(build()) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     let reread: corral::run::reload::Reread = std::sync::Arc::new(move || {
         let (cfg, _) = build()?;
