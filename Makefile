@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CARGO ?= cargo
 
-.PHONY: all build release profiling demo demo-deps test test-deps test-pip system-deps lint fmt clean bench bench-mq bench-socketio bench-idle fuzz man image test-container wheel
+.PHONY: all build release profiling demo demo-deps test test-deps test-pip system-deps lint fmt clean bench bench-mq bench-socketio bench-relay bench-idle fuzz man image test-container wheel
 
 all: build
 
@@ -109,9 +109,14 @@ test-pip: wheel $(VENV)/.installed
 # corral vs nginx and HAProxy (HTTP, websocket echo, idle websocket memory) and the
 # embedded broker vs redis-server; installs nginx, haproxy, wrk, redis-server if
 # missing. Benchmarks, not tests: results go in docs/benchmarks.md.
-bench: bench-mq bench-socketio
+bench: bench-mq bench-socketio bench-relay
 	bench/proxies.sh 3 | tee target/bench-proxies.md
 	bench/http.sh 3 | tee target/bench-http.md
+
+# The websocket relay alone (frames to 200 websockets, plain and TLS) through
+# corral, nginx and HAProxy: CPU per delivered frame, added latency, RSS.
+bench-relay:
+	bench/relay.sh 3 | tee target/bench-relay.md
 
 # Idle websockets at scale (root: raises descriptor limits; 100,000 by default).
 bench-idle:

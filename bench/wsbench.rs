@@ -6,6 +6,15 @@
 //! `echo`: every connection sends a 32-byte message, waits for its echo, repeats.
 //! `idle`: opens CONNS websockets (from 127.0.0.1..SOURCES as source addresses, to get
 //! past one address's port range), prints `connected N` and holds them SECONDS.
+//! `feed`: opens CONNS websockets to URL (ws:// or wss://; `WSBENCH_CA` names the
+//! certificate to trust) asking the backend's `/feed` for RATE frames per second in
+//! all, then counts the frames that arrive in SECONDS and how long each took (the
+//! backend stamps each with its send time). With `PROXY_PID` set, the CPU time of
+//! that process and its children (nginx's workers) over the same window, and their
+//! resident memory at its end, are part of the results.
+//!
+//!     wsbench feed ws://127.0.0.1:8000/feed CONNS SECONDS RATE
+//!
 //! One JSON line of results on stdout.
 
 use futures_util::{SinkExt, StreamExt};
@@ -29,6 +38,9 @@ async fn open(
     Some(ws)
 }
 
+#[path = "wsbench/feed.rs"]
+mod feed;
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -45,6 +57,12 @@ async fn main() {
         std::process::exit(2);
     }
     let (mode, url) = (argv[1].clone(), argv[2].clone());
+    if mode == "feed" {
+        let rate: f64 = argv.get(5).and_then(|s| s.parse().ok()).unwrap_or(10_000.0);
+        let conns: usize = argv[3].parse().unwrap_or(200);
+        let seconds: u64 = argv[4].parse().unwrap_or(8);
+        return feed::run(&url, conns, seconds, rate).await;
+    }
     let conns: usize = argv[3].parse().unwrap_or(10);
     let seconds: u64 = argv[4].parse().unwrap_or(10);
     let sources: u8 = argv.get(5).and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
