@@ -66,24 +66,29 @@ async fn open(url: &str, tls: Option<&tokio_rustls::TlsConnector>) -> Result<Soc
     Ok(ws)
 }
 
-/// User + system clock ticks of `pid` and of its children.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = |p: &str| -> Option<(u64, u32)> {
+/// User and system clock ticks of `pid` and of its children.
+fn cpu_ticks(pid: u32) -> (u64, u64) {
+    let stat = |p: &str| -> Option<(u64, u64, u32)> {
         let s = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
         let rest = &s[s.rfind(')')? + 2..];
         let f: Vec<&str> = rest.split_whitespace().collect();
-        Some((f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?, f.get(1)?.parse().ok()?))
+        Some((
+            f.get(11)?.parse().ok()?,
+            f.get(12)?.parse().ok()?,
+            f.get(1)?.parse().ok()?,
+        ))
     };
-    let mut total = stat(&pid.to_string()).map_or(0, |s| s.0);
+    let (mut user, mut sys) = stat(&pid.to_string()).map_or((0, 0), |s| (s.0, s.1));
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        if let Some((t, ppid)) = stat(&name) {
+        if let Some((u, s, ppid)) = stat(&name) {
             if ppid == pid {
-                total += t;
+                user += u;
+                sys += s;
             }
         }
     }
-    total
+    (user, sys)
 }
 
 /// Resident KiB of `pid` and of its children.
@@ -91,7 +96,11 @@ fn rss_kib(pid: u32) -> u64 {
     let rss = |p: &str| -> Option<(u64, u32)> {
         let s = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
         let field = |k: &str| s.lines().find_map(|l| l.strip_prefix(k)).map(str::trim);
-        let kib = field("VmRSS:")?.trim_end_matches(" kB").trim().parse().ok()?;
+        let kib = field("VmRSS:")?
+            .trim_end_matches(" kB")
+            .trim()
+            .parse()
+            .ok()?;
         Some((kib, field("PPid:")?.parse().ok()?))
     };
     let mut total = rss(&pid.to_string()).map_or(0, |s| s.0);
@@ -178,12 +187,17 @@ pub async fn run(url: &str, conns: usize, seconds: u64, rate: f64) {
     let secs = started.elapsed().as_secs_f64();
     let cpu = match (pid, ticks0) {
         (Some(p), Some(t0)) => {
-            let ticks = cpu_ticks(p).saturating_sub(t0) as f64;
+            let (u1, s1) = cpu_ticks(p);
             let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+            let user = u1.saturating_sub(t0.0) as f64 / tck;
+            let sys = s1.saturating_sub(t0.1) as f64 / tck;
+            let per_frame = |s: f64| s * 1e6 / (all.len().max(1) as f64);
             format!(
-                ",\"cpu_s\":{:.3},\"cpu_us_per_frame\":{:.3},\"rss_kib\":{}",
-                ticks / tck,
-                ticks / tck * 1e6 / (all.len().max(1) as f64),
+                ",\"cpu_s\":{:.3},\"cpu_us_per_frame\":{:.3},\"user_us_per_frame\":{:.3},\"sys_us_per_frame\":{:.3},\"rss_kib\":{}",
+                user + sys,
+                per_frame(user + sys),
+                per_frame(user),
+                per_frame(sys),
                 rss_kib(p)
             )
         }

@@ -18,10 +18,10 @@ use crate::http1::encode::{refusal_head, response_head, BodyKnown, Framing};
 use crate::http1::head::{parse_plain_request, Parsed};
 use crate::http1::{make_room, READ_SIZE};
 use crate::proxy::forward::Peer;
-use crate::transport::body::{ProxyBody, RequestBody};
+use crate::transport::body::{BoxError, ProxyBody, RequestBody};
 use bytes::{Bytes, BytesMut};
 use http::{Method, Response, StatusCode};
-use http_body::Body as _;
+use http_body::{Body as _, Frame};
 use http_body_util::BodyExt;
 use std::io::{self, Write as _};
 use std::pin::Pin;
@@ -232,17 +232,12 @@ where
         io.flush().await?;
         return Ok(keep);
     }
-    // The first frame goes out with the head when it is there already (the usual
-    // small answer: one write); a body still to come does not hold the head back.
-    let first = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
-        Poll::Ready(frame) => Poll::Ready(Some(frame)),
-        Poll::Pending => Poll::Ready(None),
-    })
-    .await;
+    // What the body has already goes out with the head (the usual small answer,
+    // a chunked one's last chunk and end included: one write); a body still to
+    // come does not hold back what is there.
     let mut sent = 0u64;
-    let mut pending = first;
     loop {
-        let frame = match pending.take() {
+        let frame = match frame_now(&mut body).await {
             Some(frame) => frame,
             None => {
                 if !out.is_empty() {
@@ -300,6 +295,15 @@ where
     io.flush().await?;
     out.clear();
     Ok(keep)
+}
+
+/// The body's next frame if it is there without waiting (`None`: not yet).
+async fn frame_now(body: &mut ProxyBody) -> Option<Option<Result<Frame<Bytes>, BoxError>>> {
+    std::future::poll_fn(|cx| match Pin::new(&mut *body).poll_frame(cx) {
+        Poll::Ready(frame) => Poll::Ready(Some(frame)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
 }
 
 /// A connection given to hyper after this loop read from it: reads yield the bytes
@@ -414,5 +418,100 @@ mod tests {
         nagle.before_write(&io, b"y");
         nagle.hand_over(&io);
         assert_eq!(io.0.get(), 0, "already off (TLS): never set again");
+    }
+
+    /// A client socket that keeps what is written and counts the writes.
+    #[derive(Default, Clone)]
+    struct Recording {
+        bytes: std::rc::Rc<std::cell::RefCell<Vec<u8>>>,
+        writes: std::rc::Rc<Cell<usize>>,
+    }
+
+    impl NoDelay for Recording {
+        fn no_delay(&self) {}
+    }
+
+    impl AsyncWrite for Recording {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.writes.set(self.writes.get() + 1);
+            self.bytes.borrow_mut().extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A body of these frames, all there at once, of no known length.
+    fn ready_body(frames: &[&'static str]) -> ProxyBody {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = frames
+            .iter()
+            .map(|f| Ok(Frame::data(Bytes::from_static(f.as_bytes()))))
+            .collect();
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+    }
+
+    #[tokio::test]
+    async fn a_chunked_answer_that_is_all_there_goes_in_one_write() {
+        // gunicorn's gthread answers a polling request chunked, head, chunk and end
+        // in one segment; the client gets them in one write too, not the end later.
+        let record = Recording::default();
+        let mut io = record.clone();
+        let mut nagle = Nagle {
+            on: true,
+            wrote: false,
+        };
+        let mut out = Vec::new();
+        let resp = Response::new(ready_body(&["ok", "42"]));
+        let keep = write_response(&mut io, &mut nagle, &mut out, resp, false, true)
+            .await
+            .unwrap_or(false);
+        let text = String::from_utf8_lossy(&record.bytes.borrow()).to_string();
+        assert!(keep, "{text}");
+        assert_eq!(record.writes.get(), 1, "{text}");
+        assert!(
+            text.ends_with("\r\n\r\n2\r\nok\r\n2\r\n42\r\n0\r\n\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("transfer-encoding: chunked"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_body_still_to_come_does_not_hold_back_the_head() {
+        let record = Recording::default();
+        let mut io = record.clone();
+        let mut nagle = Nagle {
+            on: true,
+            wrote: false,
+        };
+        let mut out = Vec::new();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let body = http_body_util::StreamBody::new(stream_of(rx)).boxed_unsync();
+        let write = write_response(
+            &mut io,
+            &mut nagle,
+            &mut out,
+            Response::new(body),
+            false,
+            true,
+        );
+        tokio::pin!(write);
+        assert!(futures_util::poll!(&mut write).is_pending());
+        assert_eq!(record.writes.get(), 1, "the head goes out at once");
+        drop(tx);
+        let _ = write.await;
+        assert_eq!(record.writes.get(), 2, "and the end when it came");
+        assert!(record.bytes.borrow().ends_with(b"0\r\n\r\n"));
+    }
+
+    fn stream_of<T>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
     }
 }
