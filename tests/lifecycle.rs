@@ -150,6 +150,74 @@ fn sigterm_closes_websockets_cleanly() {
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
 
+/// A tunnel is relayed on its worker's serving thread, whichever thread accepted
+/// the client: both sockets move there with the bytes already read (here the
+/// worker's greeting, which came in the same segment as its 101), and frames of
+/// every size still arrive whole and in order both ways; at shutdown each client
+/// still gets 1001.
+#[test]
+fn tunnels_moved_to_their_workers_thread_carry_frames_whole_and_close_cleanly() {
+    let worker = RawWorker::start(Mode::WebSocketHello);
+    let mut corral = corral_for(&worker, "threads = 4\n");
+    let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", corral.addr);
+    let rt = runtime();
+    let size = |i: usize, round: usize| (i * 7919 + round * 104_729) % 60_000 + 1;
+    let payload = |i: usize, round: usize| -> Vec<u8> {
+        (0..size(i, round))
+            .map(|k| (k * 31 + i + round) as u8)
+            .collect()
+    };
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        let (mut ws, _) = rt
+            .block_on(tokio_tungstenite::connect_async(url.as_str()))
+            .expect("websocket through corral");
+        let hello = rt.block_on(ws.next()).expect("greeting").expect("frame");
+        assert_eq!(hello, Message::text("hello"), "{}", corral.log_text());
+        clients.push(ws);
+    }
+    for round in 0..10 {
+        for (i, ws) in clients.iter_mut().enumerate() {
+            rt.block_on(ws.send(Message::binary(payload(i, round))))
+                .expect("send");
+            rt.block_on(ws.send(Message::text(format!("{i}/{round}"))))
+                .expect("send");
+        }
+        for (i, ws) in clients.iter_mut().enumerate() {
+            let echo = rt.block_on(ws.next()).expect("echo").expect("frame");
+            assert_eq!(
+                echo,
+                Message::binary(payload(i, round)),
+                "client {i} round {round}"
+            );
+            let echo = rt.block_on(ws.next()).expect("echo").expect("frame");
+            assert_eq!(echo, Message::text(format!("{i}/{round}")));
+        }
+    }
+    assert!(
+        corral
+            .log_text()
+            .contains("tunnel relayed on its worker's thread"),
+        "no tunnel moved (12 clients over 4 threads): {}",
+        corral.log_text()
+    );
+    corral.terminate();
+    for ws in clients.iter_mut() {
+        let close = rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(5), ws.next()).await })
+            .expect("a frame before the timeout");
+        match close {
+            Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Away),
+            other => panic!(
+                "expected a close frame, got {other:?}: {}",
+                corral.log_text()
+            ),
+        }
+    }
+    let status = corral.wait_exit(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}
+
 /// With `max_connections = 1`, an open tunnel holds the one slot: a second client
 /// is not served until the first tunnel closes.
 #[test]

@@ -317,6 +317,11 @@ impl<I> Rewind<I> {
     fn new(inner: I, prefix: Bytes) -> Rewind<I> {
         Rewind { prefix, inner }
     }
+
+    /// The connection and the bytes read from it that were not read from here yet.
+    pub(crate) fn into_parts(self) -> (I, Bytes) {
+        (self.inner, self.prefix)
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {

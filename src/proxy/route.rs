@@ -305,6 +305,11 @@ impl Proxy {
         drivers.len()
     }
 
+    /// Relays websocket tunnels on the serving threads (see [`Tunnels::relay_on`]).
+    pub fn relay_tunnels_on(&self, lanes: Vec<tokio::runtime::Handle>) {
+        self.tunnels.relay_on(lanes);
+    }
+
     /// Shutdown, for the tunnels and what else outlived its request: each tunnel
     /// sends its client a close frame and ends. Resolves once all have ended, or
     /// after `limit`; returns how many tunnels were still open then.

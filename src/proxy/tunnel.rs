@@ -14,35 +14,50 @@ use crate::http1::strip_hop_by_hop;
 use crate::proxy::answer::{self, short};
 use crate::proxy::forward::{prepare_request_headers, Forwarder, Peer, Replay, Target, Ticket};
 use crate::transport::body::{Guarded, ProxyBody, RequestBody};
-use crate::transport::upstream::SendError;
+use crate::transport::upstream::{take_worker_socket, SendError, TakenSocket};
 use crate::workers::pool::{Pool, Worker};
+use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
+use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// A client connection's place under `limits.max_connections`, shared by the
 /// connection and the websocket tunnel it may become: the place is given back when
-/// both have ended.
+/// both have ended. It also says how to take the connection's socket out of its
+/// upgrade, where the listener knows.
 #[derive(Clone)]
 pub struct ConnectionSlot {
     _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+    take_socket: Option<TakeSocket>,
 }
+
+/// Takes the socket out of an upgraded connection (`Err`: not one it knows).
+pub type TakeSocket = fn(Upgraded) -> Result<io::Result<TakenSocket>, Upgraded>;
 
 impl ConnectionSlot {
     /// The slot of a connection that holds `permit`.
     pub fn new(permit: tokio::sync::OwnedSemaphorePermit) -> ConnectionSlot {
         ConnectionSlot {
             _permit: Arc::new(permit),
+            take_socket: None,
         }
+    }
+
+    /// Its socket can be taken out of its upgrade with `take`.
+    pub fn with_socket(mut self, take: TakeSocket) -> ConnectionSlot {
+        self.take_socket = Some(take);
+        self
     }
 }
 
@@ -55,6 +70,8 @@ pub struct Tunnels {
     closing: CancellationToken,
     /// Tunnels opened so far, to place each one's close in the window.
     opened: AtomicU64,
+    /// The serving threads: a worker's tunnels are relayed on one of them.
+    lanes: OnceLock<Vec<Handle>>,
 }
 
 /// What an upgrade goes through: the proxy's forwarder, pool and counters, and the
@@ -102,6 +119,20 @@ impl Tunnels {
                 _ = tokio::time::sleep(delay) => SERVICE_RESTART,
             }
         }
+    }
+
+    /// Relays each worker's tunnels on one of these threads (its number modulo
+    /// theirs): a worker writes a broadcast to all its clients at once, and with
+    /// their tunnels on one thread that wakes one thread, not all of them. Set once.
+    pub fn relay_on(&self, lanes: Vec<Handle>) {
+        let _ = self.lanes.set(lanes);
+    }
+
+    /// The thread a worker's tunnels are relayed on, when not this one.
+    fn lane_for(&self, worker: usize) -> Option<&Handle> {
+        let lanes = self.lanes.get().filter(|l| l.len() > 1)?;
+        let i = worker % lanes.len();
+        (crate::runtime::lanes::current() != i + 1).then(|| &lanes[i])
     }
 
     /// Shutdown: each tunnel sends its client a close frame and ends. Resolves once
@@ -179,8 +210,9 @@ impl Tunnels {
             other => other,
         };
         let closing = self.close_signal(&target.worker, timing.spread);
+        let lane = self.lane_for(worker).cloned();
+        let tasks = self.tasks.clone();
         self.tasks.spawn(async move {
-            let _slot = slot;
             let (client_io, worker_io) = match tokio::try_join!(client_side, worker_side) {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -188,22 +220,115 @@ impl Tunnels {
                     return;
                 }
             };
-            let (up, down) = splice_until(
-                TokioIo::new(client_io),
-                TokioIo::new(worker_io),
+            let take_client = slot.as_ref().and_then(|s| s.take_socket);
+            let relay = Relay {
                 idle,
                 closing,
-            )
-            .await;
-            metrics.bytes_in.fetch_add(up, Ordering::Relaxed);
-            metrics.bytes_out.fetch_add(down, Ordering::Relaxed);
-            // The session (or its count) ends with the tunnel.
-            drop(ticket);
-            drop(open);
+                metrics,
+                _owned: (slot, ticket, open),
+            };
+            match (lane, take_client) {
+                (Some(lane), Some(take)) => {
+                    relay
+                        .elsewhere(&lane, &tasks, take, client_io, worker_io)
+                        .await
+                }
+                _ => {
+                    let (a, b) = (TokioIo::new(client_io), TokioIo::new(worker_io));
+                    relay.run(a, b, Early::default()).await
+                }
+            }
         });
         let (parts, _) = resp.into_parts();
         Response::from_parts(parts, crate::transport::body::empty())
     }
+}
+
+/// What a tunnel's relay owns: its timing and close signal, the counters it adds
+/// its bytes to, and what ends with it (the client's connection slot, the session's
+/// ticket, the worker's count of open tunnels).
+struct Relay<C, O> {
+    idle: Duration,
+    closing: C,
+    metrics: Arc<Counters>,
+    _owned: O,
+}
+
+/// Bytes read from either side before the relay began, to be sent on first.
+#[derive(Default)]
+pub struct Early {
+    pub to_worker: Bytes,
+    pub to_client: Bytes,
+}
+
+impl<C, O> Relay<C, O>
+where
+    C: std::future::Future<Output = u16> + Send + 'static,
+    O: Send + 'static,
+{
+    async fn run<A, B>(self, client: A, worker: B, early: Early)
+    where
+        A: AsyncRead + AsyncWrite + Unpin,
+        B: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (up, down) = splice_from(client, worker, early, self.idle, self.closing).await;
+        self.metrics.bytes_in.fetch_add(up, Ordering::Relaxed);
+        self.metrics.bytes_out.fetch_add(down, Ordering::Relaxed);
+    }
+
+    /// Relays on `lane`: both sockets are taken out of their upgrades and off this
+    /// thread, and served there. Where a socket cannot be taken (not one the
+    /// listener or the worker connection knows), the tunnel stays here.
+    async fn elsewhere(
+        self,
+        lane: &Handle,
+        tasks: &TaskTracker,
+        take_client: TakeSocket,
+        client: Upgraded,
+        worker: Upgraded,
+    ) {
+        let client = match take_client(client) {
+            Err(client) => {
+                let (a, b) = (TokioIo::new(client), TokioIo::new(worker));
+                return self.run(a, b, Early::default()).await;
+            }
+            Ok(Err(e)) => return tracing::debug!(error = %e, "tunnel lost its client socket"),
+            Ok(Ok(client)) => client,
+        };
+        let worker = match take_worker_socket(worker) {
+            Err(worker) => {
+                let Some(a) = registered(client.tcp) else {
+                    return;
+                };
+                let early = Early {
+                    to_worker: client.early,
+                    ..Early::default()
+                };
+                return self.run(a, TokioIo::new(worker), early).await;
+            }
+            Ok(Err(e)) => return tracing::debug!(error = %e, "tunnel lost its worker socket"),
+            Ok(Ok(worker)) => worker,
+        };
+        lane.spawn(tasks.track_future(async move {
+            let (Some(a), Some(b)) = (registered(client.tcp), registered(worker.tcp)) else {
+                return;
+            };
+            let lane = crate::runtime::lanes::current();
+            tracing::debug!(lane, "tunnel relayed on its worker's thread");
+            let early = Early {
+                to_worker: client.early,
+                to_client: worker.early,
+            };
+            self.run(a, b, early).await
+        }));
+    }
+}
+
+/// A taken socket on this thread's reactor.
+fn registered(tcp: std::net::TcpStream) -> Option<tokio::net::TcpStream> {
+    tokio::net::TcpStream::from_std(tcp)
+        .inspect_err(|e| tracing::debug!(error = %e, "tunnel socket not registered"))
+        .ok()
 }
 
 #[cfg(test)]
@@ -214,7 +339,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    splice_until(a, b, idle, std::future::pending::<u16>()).await
+    splice_from(a, b, Early::default(), idle, std::future::pending::<u16>()).await
 }
 
 /// Longest a closing tunnel waits for the worker's frame in flight to end.
@@ -235,9 +360,11 @@ fn close_frame(code: u16) -> [u8; 4] {
 /// `closing` resolves with a close code, the tunnel waits for the worker's frame in
 /// flight to end (up to a second), sends the client a close frame with that code so
 /// that its socket closes cleanly and it reconnects, and ends.
-pub async fn splice_until<A, B>(
+/// `early`'s bytes are sent on first (and counted as copied).
+pub async fn splice_from<A, B>(
     a: A,
     b: B,
+    early: Early,
     idle: Duration,
     closing: impl std::future::Future<Output = u16>,
 ) -> (u64, u64)
@@ -249,13 +376,19 @@ where
     let last = Arc::new(AtomicU64::new(0));
     let mut a = Activity::new(a, start, last.clone());
     let mut b = Activity::new(b, start, last.clone());
+    a.bytes = early.to_worker.len() as u64;
+    b.bytes = early.to_client.len() as u64;
     let mut say_goodbye = None;
     {
         let copy = Bidirectional {
             a: &mut a,
             b: &mut b,
-            a_to_b: Pump::default(),
+            a_to_b: Pump {
+                pending: early.to_worker.to_vec(),
+                ..Pump::default()
+            },
             b_to_a: Pump {
+                pending: early.to_client.to_vec(),
                 frames: Some(Frames::default()),
                 ..Pump::default()
             },

@@ -145,6 +145,7 @@ impl App {
 
         listen::raise_fd_limit();
         let lanes = Arc::new(Lanes::start(cfg.threads.resolve()).context("cannot start threads")?);
+        proxy.relay_tunnels_on(lanes.handles());
         let bound = listen::bind(&cfg, lanes.len())?;
         let listeners = bound.addrs();
         let (queue_url, queue, broker_addr) = message_queue(&cfg, &background).await?;

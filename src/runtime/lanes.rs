@@ -80,6 +80,11 @@ impl Lanes {
         self.handles.len()
     }
 
+    /// The lanes' runtimes, lane 1 first.
+    pub fn handles(&self) -> Vec<Handle> {
+        self.handles.clone()
+    }
+
     /// Runs `task` on lane `i` (counted from 0, wrapping).
     pub fn spawn_on<F>(&self, i: usize, task: F) -> tokio::task::JoinHandle<()>
     where

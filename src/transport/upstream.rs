@@ -494,6 +494,27 @@ async fn open(addr: SocketAddr, settings: &Settings) -> Result<TcpStream, SendEr
     Ok(stream)
 }
 
+/// A connection's socket taken out of its upgrade, to be served on another thread:
+/// the socket, off this thread's reactor, and the bytes already read from it.
+pub struct TakenSocket {
+    pub tcp: std::net::TcpStream,
+    pub early: Bytes,
+}
+
+/// The socket under an upgraded connection to a worker (`Err`: not one of these
+/// connections, given back as it was).
+pub fn take_worker_socket(
+    up: hyper::upgrade::Upgraded,
+) -> Result<std::io::Result<TakenSocket>, hyper::upgrade::Upgraded> {
+    let parts = up.downcast::<TokioIo<TcpStream>>()?;
+    let early = parts.read_buf;
+    Ok(parts
+        .io
+        .into_inner()
+        .into_std()
+        .map(|tcp| TakenSocket { tcp, early }))
+}
+
 /// Opens a connection and starts its driver task.
 pub async fn connect(
     addr: SocketAddr,

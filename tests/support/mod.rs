@@ -257,6 +257,8 @@ pub enum Mode {
     /// Upgrades `Upgrade: websocket` requests (101) and echoes each message back as
     /// a server frame; other requests as `Echo`.
     WebSocket,
+    /// As `WebSocket`, with a text frame "hello" in the same write as the 101.
+    WebSocketHello,
     /// Answers requests for `/canned…` with these bytes as they are (closing the
     /// connection after them when the flag says so); other requests as `Echo`.
     Canned(&'static [u8], bool),
@@ -367,9 +369,10 @@ fn serve(
         if mode == Mode::AnswerEarly && answer(&mut out, b"early").is_err() {
             return;
         }
-        if mode == Mode::WebSocket && header_of(&head, "upgrade").is_some() {
+        let hello = mode == Mode::WebSocketHello;
+        if (mode == Mode::WebSocket || hello) && header_of(&head, "upgrade").is_some() {
             record(&seen, conn, head.clone(), Vec::new(), false);
-            websocket_echo(r, out, &head);
+            websocket_echo(r, out, &head, hello);
             return;
         }
         let (body, complete) = read_body(&mut r, &head);
@@ -403,19 +406,24 @@ fn serve(
     }
 }
 
-/// The 101 for `head`, then every client frame back unmasked until the client
-/// closes (a close frame is answered with a close frame).
-fn websocket_echo(mut r: BufReader<TcpStream>, mut out: TcpStream, head: &str) {
+/// The 101 for `head` (and with `hello`, a text frame "hello" in the same write),
+/// then every client frame back unmasked until the client closes (a close frame is
+/// answered with a close frame).
+fn websocket_echo(mut r: BufReader<TcpStream>, mut out: TcpStream, head: &str, hello: bool) {
     use base64::Engine as _;
     use sha1::Digest as _;
     let key = header_of(head, "sec-websocket-key").unwrap_or("");
     let accept = base64::engine::general_purpose::STANDARD.encode(sha1::Sha1::digest(
         format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes(),
     ));
-    let reply = format!(
+    let mut reply = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-    );
-    if out.write_all(reply.as_bytes()).is_err() {
+    )
+    .into_bytes();
+    if hello {
+        reply.extend_from_slice(b"\x81\x05hello");
+    }
+    if out.write_all(&reply).is_err() {
         return;
     }
     loop {
