@@ -152,14 +152,48 @@ fn sigterm_closes_websockets_cleanly() {
 
 /// A tunnel is relayed on its worker's serving thread, whichever thread accepted
 /// the client: both sockets move there with the bytes already read (here the
-/// worker's greeting, which came in the same segment as its 101), and frames of
-/// every size still arrive whole and in order both ways; at shutdown each client
-/// still gets 1001.
+/// worker's greeting, which came in the same segment as its 101) and, over TLS,
+/// with the session, and frames of every size still arrive whole and in order both
+/// ways; at shutdown each client still gets 1001.
 #[test]
 fn tunnels_moved_to_their_workers_thread_carry_frames_whole_and_close_cleanly() {
+    moved_tunnels(false);
+}
+
+#[test]
+fn tls_tunnels_moved_to_their_workers_thread_carry_frames_whole_and_close_cleanly() {
+    moved_tunnels(true);
+}
+
+fn moved_tunnels(tls: bool) {
     let worker = RawWorker::start(Mode::WebSocketHello);
-    let mut corral = corral_for(&worker, "threads = 4\n");
-    let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", corral.addr);
+    let dir = support::TempDir::new("moved");
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("cert");
+    let cert_pem = made.cert.pem();
+    let cert = dir.file("cert.pem", &cert_pem);
+    let key = dir.file("key.pem", &made.signing_key.serialize_pem());
+    let extra = format!(
+        "threads = 4\n[[listener]]\naddress = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+        cert.display(),
+        key.display()
+    );
+    let mut corral = corral_for(&worker, &extra);
+    let addr = corral.listeners[usize::from(tls)];
+    let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
+    let connector = tls.then(|| {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes()) {
+            roots.add(c.expect("pem")).expect("root");
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+    });
     let rt = runtime();
     let size = |i: usize, round: usize| (i * 7919 + round * 104_729) % 60_000 + 1;
     let payload = |i: usize, round: usize| -> Vec<u8> {
@@ -170,7 +204,18 @@ fn tunnels_moved_to_their_workers_thread_carry_frames_whole_and_close_cleanly() 
     let mut clients = Vec::new();
     for _ in 0..12 {
         let (mut ws, _) = rt
-            .block_on(tokio_tungstenite::connect_async(url.as_str()))
+            .block_on(async {
+                use tokio_util::either::Either;
+                let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                let io = match &connector {
+                    Some(c) => {
+                        let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+                        Either::Right(c.connect(name, tcp).await.expect("TLS handshake"))
+                    }
+                    None => Either::Left(tcp),
+                };
+                tokio_tungstenite::client_async(url.as_str(), io).await
+            })
             .expect("websocket through corral");
         let hello = rt.block_on(ws.next()).expect("greeting").expect("frame");
         assert_eq!(hello, Message::text("hello"), "{}", corral.log_text());
@@ -184,7 +229,12 @@ fn tunnels_moved_to_their_workers_thread_carry_frames_whole_and_close_cleanly() 
                 .expect("send");
         }
         for (i, ws) in clients.iter_mut().enumerate() {
-            let echo = rt.block_on(ws.next()).expect("echo").expect("frame");
+            let echo = match rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(5), ws.next()).await })
+            {
+                Ok(Some(Ok(echo))) => echo,
+                other => panic!("client {i} round {round}: {other:?}: {}", corral.log_text()),
+            };
             assert_eq!(
                 echo,
                 Message::binary(payload(i, round)),

@@ -63,9 +63,11 @@ impl NoDelay for tokio::net::TcpStream {
     }
 }
 
-impl NoDelay for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+impl NoDelay for crate::edge::uproot::Tls {
     fn no_delay(&self) {
-        self.get_ref().0.no_delay()
+        if let Some(tcp) = self.get_ref().0.get_ref() {
+            tcp.no_delay()
+        }
     }
 }
 

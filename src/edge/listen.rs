@@ -10,13 +10,12 @@ use crate::config::{Config, TlsSetting};
 use crate::edge::fast;
 use crate::edge::gate::Gate;
 use crate::edge::tls;
+use crate::edge::uproot;
 use crate::http1::is_websocket_upgrade;
 use crate::proxy::forward::Peer;
 use crate::proxy::tunnel::ConnectionSlot;
 use crate::runtime::lanes::Lanes;
 use crate::transport::body::RequestBody;
-use crate::transport::upstream::TakenSocket;
-use bytes::{Bytes, BytesMut};
 use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -427,8 +426,10 @@ fn spawn_connection(
 ) {
     let (g, p) = (gate.clone(), peer.clone());
     let mut slot = ConnectionSlot::new(permit);
-    if matches!(serve.kind, Kind::Plain) {
-        slot = slot.with_socket(take_plain_socket);
+    match serve.kind {
+        Kind::Plain => slot = slot.with_socket(uproot::take_socket::<tokio::net::TcpStream>),
+        Kind::Tls(_) => slot = slot.with_socket(uproot::take_socket::<uproot::Tls>),
+        Kind::Redirect(_) => {}
     }
     let service = service_fn(move |mut req: Request<Incoming>| {
         if is_websocket_upgrade(req.headers()) {
@@ -448,7 +449,8 @@ fn spawn_connection(
             // connection, and tokio moves a task's future a few times as it
             // spawns it (thousands of bytes for each new connection otherwise).
             conns.tasks.spawn(boxed(|| async move {
-                let accepting = tokio::time::timeout(handshake, acceptor.accept(stream));
+                let accepting =
+                    tokio::time::timeout(handshake, acceptor.accept(uproot::Movable::new(stream)));
                 let tls = tokio::select! {
                     r = accepting => match r {
                         Ok(Ok(tls)) => tls,
@@ -517,28 +519,6 @@ async fn serve_http1<I, S>(
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     until_drained(conn, draining).await
-}
-
-/// The socket under an upgraded cleartext HTTP/1.1 connection (as `serve_http1`
-/// serves it), with the bytes read from it and not yet used: first what hyper
-/// holds, then what the fast loop had read and hyper had not yet taken.
-fn take_plain_socket(
-    up: hyper::upgrade::Upgraded,
-) -> Result<std::io::Result<TakenSocket>, hyper::upgrade::Upgraded> {
-    type Served = TokioIo<Either<tokio::net::TcpStream, fast::Rewind<tokio::net::TcpStream>>>;
-    let parts = up.downcast::<Served>()?;
-    let (stream, unread) = match parts.io.into_inner() {
-        Either::Left(stream) => (stream, Bytes::new()),
-        Either::Right(rewind) => rewind.into_parts(),
-    };
-    let early = if unread.is_empty() {
-        parts.read_buf
-    } else {
-        let mut all = BytesMut::from(&parts.read_buf[..]);
-        all.extend_from_slice(&unread);
-        all.freeze()
-    };
-    Ok(stream.into_std().map(|tcp| TakenSocket { tcp, early }))
 }
 
 /// `make()`'s future in a box, made in its heap slot: built on the stack first, a

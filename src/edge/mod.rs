@@ -12,3 +12,4 @@ pub mod listen;
 pub mod path;
 pub mod status;
 pub mod tls;
+pub mod uproot;

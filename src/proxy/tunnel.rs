@@ -14,7 +14,9 @@ use crate::http1::strip_hop_by_hop;
 use crate::proxy::answer::{self, short};
 use crate::proxy::forward::{prepare_request_headers, Forwarder, Peer, Replay, Target, Ticket};
 use crate::transport::body::{Guarded, ProxyBody, RequestBody};
-use crate::transport::upstream::{take_worker_socket, SendError, TakenSocket};
+use crate::transport::upstream::{
+    take_worker_socket, Duplex, Replant, SendError, Taken, TakenSocket,
+};
 use crate::workers::pool::{Pool, Worker};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -297,31 +299,54 @@ where
         };
         let worker = match take_worker_socket(worker) {
             Err(worker) => {
-                let Some(a) = registered(client.tcp) else {
-                    return;
-                };
                 let early = Early {
                     to_worker: client.early,
                     ..Early::default()
                 };
-                return self.run(a, TokioIo::new(worker), early).await;
+                return match client.io {
+                    Taken::Tcp(tcp) => {
+                        let Some(a) = registered(tcp) else { return };
+                        self.run(a, TokioIo::new(worker), early).await
+                    }
+                    Taken::Over(over) => {
+                        let Some(a) = replanted(over) else { return };
+                        self.run(a, TokioIo::new(worker), early).await
+                    }
+                };
             }
             Ok(Err(e)) => return tracing::debug!(error = %e, "tunnel lost its worker socket"),
             Ok(Ok(worker)) => worker,
         };
+        let (worker_tcp, worker_early) = worker;
         lane.spawn(tasks.track_future(async move {
-            let (Some(a), Some(b)) = (registered(client.tcp), registered(worker.tcp)) else {
+            let Some(b) = registered(worker_tcp) else {
                 return;
             };
             let lane = crate::runtime::lanes::current();
             tracing::debug!(lane, "tunnel relayed on its worker's thread");
             let early = Early {
                 to_worker: client.early,
-                to_client: worker.early,
+                to_client: worker_early,
             };
-            self.run(a, b, early).await
+            match client.io {
+                Taken::Tcp(tcp) => {
+                    let Some(a) = registered(tcp) else { return };
+                    self.run(a, b, early).await
+                }
+                Taken::Over(over) => {
+                    let Some(a) = replanted(over) else { return };
+                    self.run(a, b, early).await
+                }
+            }
         }));
     }
+}
+
+/// A taken stream (TLS) with its socket on this thread's reactor.
+fn replanted(over: Box<dyn Replant>) -> Option<Box<dyn Duplex>> {
+    over.replant()
+        .inspect_err(|e| tracing::debug!(error = %e, "tunnel stream not registered"))
+        .ok()
 }
 
 /// A taken socket on this thread's reactor.
@@ -554,6 +579,8 @@ impl Pump {
                     f.feed(&self.pending[self.pos..self.pos + n]);
                 }
                 self.pos += n;
+                // Taken is not sent: a TLS writer may hold the records until flushed.
+                self.unflushed = true;
             }
             if !self.pending.is_empty() {
                 // Give the memory back: the next burst may be long in coming.

@@ -497,22 +497,36 @@ async fn open(addr: SocketAddr, settings: &Settings) -> Result<TcpStream, SendEr
 /// A connection's socket taken out of its upgrade, to be served on another thread:
 /// the socket, off this thread's reactor, and the bytes already read from it.
 pub struct TakenSocket {
-    pub tcp: std::net::TcpStream,
+    pub io: Taken,
     pub early: Bytes,
 }
 
+/// What is taken: a TCP socket, or a stream over one (TLS) that is put back on a
+/// reactor where it is served.
+pub enum Taken {
+    Tcp(std::net::TcpStream),
+    Over(Box<dyn Replant>),
+}
+
+/// A stream whose socket was taken off its thread's reactor.
+pub trait Replant: Send {
+    /// The stream again, its socket on the current thread's reactor.
+    fn replant(self: Box<Self>) -> std::io::Result<Box<dyn Duplex>>;
+}
+
+/// A byte stream both ways.
+pub trait Duplex: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Duplex for T {}
+
 /// The socket under an upgraded connection to a worker (`Err`: not one of these
-/// connections, given back as it was).
+/// connections, given back as it was): off this thread's reactor, with the bytes
+/// already read from it.
 pub fn take_worker_socket(
     up: hyper::upgrade::Upgraded,
-) -> Result<std::io::Result<TakenSocket>, hyper::upgrade::Upgraded> {
+) -> Result<std::io::Result<(std::net::TcpStream, Bytes)>, hyper::upgrade::Upgraded> {
     let parts = up.downcast::<TokioIo<TcpStream>>()?;
     let early = parts.read_buf;
-    Ok(parts
-        .io
-        .into_inner()
-        .into_std()
-        .map(|tcp| TakenSocket { tcp, early }))
+    Ok(parts.io.into_inner().into_std().map(|tcp| (tcp, early)))
 }
 
 /// Opens a connection and starts its driver task.

@@ -1,0 +1,138 @@
+//! Taking a client connection's socket out of its websocket upgrade, so that the
+//! tunnel can be relayed on another serving thread: the socket comes off this
+//! thread's reactor with the bytes already read from it, and, over TLS, the session
+//! as it stands, to be put back on the other thread's reactor there.
+//!
+//! It knows the types the listener serves connections as (`serve_http1`'s), and
+//! nothing of what the tunnel does with them.
+
+use crate::edge::fast;
+use crate::transport::upstream::{Duplex, Replant, Taken, TakenSocket};
+use bytes::{Bytes, BytesMut};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_util::either::Either;
+
+/// A connection served over TLS: its socket can be taken from under the session.
+pub type Tls = TlsStream<Movable>;
+
+/// A client socket under a TLS session, which can be taken away and put back.
+pub struct Movable {
+    tcp: Option<TcpStream>,
+}
+
+impl Movable {
+    pub fn new(tcp: TcpStream) -> Movable {
+        Movable { tcp: Some(tcp) }
+    }
+
+    pub fn get_ref(&self) -> Option<&TcpStream> {
+        self.tcp.as_ref()
+    }
+
+    fn tcp(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        match self.tcp.as_mut() {
+            Some(tcp) => Ok(Pin::new(tcp)),
+            None => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+impl AsyncRead for Movable {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.get_mut().tcp()?.poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Movable {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().tcp()?.poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().tcp()?.poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().tcp()?.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().tcp()?.poll_shutdown(cx)
+    }
+}
+
+/// A connection stream whose socket can come off this thread's reactor.
+pub trait Uproot: AsyncRead + AsyncWrite + Unpin + Sized + Send + 'static {
+    fn uproot(self) -> io::Result<Taken>;
+}
+
+impl Uproot for TcpStream {
+    fn uproot(self) -> io::Result<Taken> {
+        self.into_std().map(Taken::Tcp)
+    }
+}
+
+impl Uproot for Tls {
+    fn uproot(mut self) -> io::Result<Taken> {
+        let tcp = self
+            .get_mut()
+            .0
+            .tcp
+            .take()
+            .ok_or(io::ErrorKind::NotConnected)?;
+        let tcp = tcp.into_std()?;
+        Ok(Taken::Over(Box::new(Uprooted { tls: self, tcp })))
+    }
+}
+
+/// A TLS session whose socket is off every reactor.
+struct Uprooted {
+    tls: Tls,
+    tcp: std::net::TcpStream,
+}
+
+impl Replant for Uprooted {
+    fn replant(self: Box<Self>) -> io::Result<Box<dyn Duplex>> {
+        let Uprooted { mut tls, tcp } = *self;
+        tls.get_mut().0.tcp = Some(TcpStream::from_std(tcp)?);
+        Ok(Box::new(tls))
+    }
+}
+
+/// The socket under an upgraded HTTP/1.1 connection served (by `serve_http1`) on
+/// `I`, with the bytes read from it and not yet used: first what hyper holds, then
+/// what the fast loop had read and hyper had not yet taken.
+pub fn take_socket<I: Uproot>(up: Upgraded) -> Result<io::Result<TakenSocket>, Upgraded> {
+    let parts = up.downcast::<TokioIo<Either<I, fast::Rewind<I>>>>()?;
+    let (stream, unread) = match parts.io.into_inner() {
+        Either::Left(stream) => (stream, Bytes::new()),
+        Either::Right(rewind) => rewind.into_parts(),
+    };
+    let early = if unread.is_empty() {
+        parts.read_buf
+    } else {
+        let mut all = BytesMut::from(&parts.read_buf[..]);
+        all.extend_from_slice(&unread);
+        all.freeze()
+    };
+    Ok(stream.uproot().map(|io| TakenSocket { io, early }))
+}
