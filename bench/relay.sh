@@ -28,7 +28,7 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
   -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
 cat "$work/cert.pem" "$work/key.pem" > "$work/both.pem"
 backend=$(port)
-target/profiling/examples/backend "127.0.0.1:$backend" 2>/dev/null & pids+=($!)
+target/profiling/examples/backend "127.0.0.1:$backend" >/dev/null 2>&1 & pids+=($!)
 declare -A plain tls pid v
 for p in corral nginx haproxy; do plain[$p]=$(port); tls[$p]=$(port); done
 
@@ -45,7 +45,7 @@ max_connections = 9000
 [timeouts]
 websocket_idle = "3600s"
 EOC
-"${CORRAL:-target/profiling/corral}" run -c "$work/corral.toml" 2>"$work/corral.log" & pid[corral]=$!
+"${CORRAL:-target/profiling/corral}" run -c "$work/corral.toml" >/dev/null 2>"$work/corral.log" & pid[corral]=$!
 cat > "$work/nginx.conf" <<EOC
 worker_processes auto;
 worker_rlimit_nofile 20000;
@@ -76,7 +76,7 @@ http {
     }
 }
 EOC
-nginx -p "$work" -c "$work/nginx.conf" -g 'daemon off;' & pid[nginx]=$!
+nginx -p "$work" -c "$work/nginx.conf" -g 'daemon off;' >/dev/null 2>&1 & pid[nginx]=$!
 cat > "$work/haproxy.cfg" <<EOC
 global
     maxconn 9000
@@ -99,7 +99,7 @@ frontend front
 backend back
     server s1 127.0.0.1:$backend maxconn 9000
 EOC
-haproxy -f "$work/haproxy.cfg" -db 2>"$work/haproxy.log" & pid[haproxy]=$!
+haproxy -f "$work/haproxy.cfg" -db >/dev/null 2>"$work/haproxy.log" & pid[haproxy]=$!
 pids+=("${pid[@]}")
 for p in corral nginx haproxy; do
   for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:${plain[$p]}/" && break; sleep 0.1; done

@@ -63,14 +63,6 @@ impl NoDelay for tokio::net::TcpStream {
     }
 }
 
-impl NoDelay for crate::edge::uproot::Tls {
-    fn no_delay(&self) {
-        if let Some(tcp) = self.get_ref().0.get_ref() {
-            tcp.no_delay()
-        }
-    }
-}
-
 /// Whether Nagle's algorithm is still on, and whether anything was written yet.
 struct Nagle {
     on: bool,

@@ -80,6 +80,14 @@ impl AsyncWrite for Movable {
     }
 }
 
+impl fast::NoDelay for Tls {
+    fn no_delay(&self) {
+        if let Some(tcp) = self.get_ref().0.get_ref() {
+            let _ = tcp.set_nodelay(true);
+        }
+    }
+}
+
 /// A connection stream whose socket can come off this thread's reactor.
 pub trait Uproot: AsyncRead + AsyncWrite + Unpin + Sized + Send + 'static {
     fn uproot(self) -> io::Result<Taken>;

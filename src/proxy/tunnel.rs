@@ -3,6 +3,10 @@
 //! tunnel), relay the worker's 101, then copy bytes both ways until either side
 //! closes or the tunnel is idle too long.
 //!
+//! Each worker's tunnels are relayed on one serving thread (both sockets move there
+//! when the upgrade is done, where the listener can take its socket out), since a
+//! worker writes a broadcast to all its clients at once.
+//!
 //! [`Tunnels`] owns the upgraded connections and their tasks, and has each send its
 //! client a close frame at shutdown (1001) or when its worker is about to be
 //! stopped (1012, at a moment spread over `workers.close_spread`); nothing else. The caller has already chosen

@@ -1,8 +1,10 @@
 //! Serving threads ("lanes"): one single-threaded runtime per core, each accepting
 //! and serving whole client connections. A connection's work — its requests, its keep-alive
-//! connections to workers, its websocket tunnel — stays on the lane it was given,
-//! so a request never wakes another thread (the way nginx's worker processes
-//! share out connections), and the lanes share no run queue to contend on.
+//! connections to workers — stays on the lane it was given, so a request never
+//! wakes another thread (the way nginx's worker processes share out connections),
+//! and the lanes share no run queue to contend on. A websocket tunnel is the one
+//! thing that moves: to its worker's lane (`proxy::tunnel`), so that a broadcast
+//! wakes one lane.
 //!
 //! It owns the threads and their runtimes and nothing else; what runs on them is
 //! the server's accept loops and what those spawn. The supervisor, the broker, the
