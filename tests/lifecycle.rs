@@ -119,6 +119,27 @@ fn sigterm_drops_a_tls_handshake_not_yet_done() {
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
 
+/// The next frame on `ws`, within 5 s, is a close frame with `code`.
+fn expect_close<S>(
+    rt: &tokio::runtime::Runtime,
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    code: CloseCode,
+    corral: &Corral,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let close = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), ws.next()).await })
+        .expect("a frame before the timeout");
+    match close {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, code),
+        other => panic!(
+            "expected a close frame, got {other:?}: {}",
+            corral.log_text()
+        ),
+    }
+}
+
 /// At shutdown an open websocket gets a close frame, 1001 "going away", so the
 /// client sees a clean close and reconnects; the worker connection is closed too.
 #[test]
@@ -135,16 +156,7 @@ fn sigterm_closes_websockets_cleanly() {
     assert_eq!(echo, Message::text("ping"));
     corral.terminate();
     let started = Instant::now();
-    let close = rt
-        .block_on(async { tokio::time::timeout(Duration::from_secs(5), ws.next()).await })
-        .expect("a frame before the timeout");
-    match close {
-        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Away),
-        other => panic!(
-            "expected a close frame, got {other:?}: {}",
-            corral.log_text()
-        ),
-    }
+    expect_close(&rt, &mut ws, CloseCode::Away, &corral);
     assert!(started.elapsed() < Duration::from_secs(3));
     let status = corral.wait_exit(Duration::from_secs(10));
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
@@ -253,16 +265,7 @@ fn moved_tunnels(tls: bool) {
     );
     corral.terminate();
     for ws in clients.iter_mut() {
-        let close = rt
-            .block_on(async { tokio::time::timeout(Duration::from_secs(5), ws.next()).await })
-            .expect("a frame before the timeout");
-        match close {
-            Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Away),
-            other => panic!(
-                "expected a close frame, got {other:?}: {}",
-                corral.log_text()
-            ),
-        }
+        expect_close(&rt, ws, CloseCode::Away, &corral);
     }
     let status = corral.wait_exit(Duration::from_secs(10));
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
