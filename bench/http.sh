@@ -6,7 +6,7 @@
 # ports and the rounds go round them in turn, so drift in the machine hits all
 # alike. Reports req/s, p99 and the proxy's CPU (user + system, workers included)
 # per request, medians of the rounds, and the ratios.
-#   bench/http.sh [rounds] [seconds]          (make bench)
+#   bench/http.sh [rounds] [seconds]          (make bench; CORRAL=path: another build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
@@ -38,7 +38,7 @@ tls = { cert = "$work/cert.pem", key = "$work/key.pem" }
 [limits]
 max_connections = 9000
 EOC
-target/profiling/corral run -c "$work/corral.toml" 2>"$work/corral.log" & pid[corral]=$!
+"${CORRAL:-target/profiling/corral}" run -c "$work/corral.toml" 2>"$work/corral.log" & pid[corral]=$!
 cat > "$work/nginx.conf" <<EOC
 worker_processes auto;
 worker_rlimit_nofile 20000;
