@@ -381,10 +381,7 @@ mod tests {
     #[test]
     fn nagle_goes_off_before_the_second_write_that_sends_anything() {
         let io = Counting(Cell::new(0));
-        let mut nagle = Nagle {
-            on: true,
-            wrote: false,
-        };
+        let mut nagle = nagle_on();
         nagle.before_write(&io, b"");
         nagle.before_write(&io, b"HTTP/1.1 200 OK\r\n\r\n");
         nagle.before_write(&io, b"");
@@ -399,10 +396,7 @@ mod tests {
         assert_eq!(io.0.get(), 1);
 
         let io = Counting(Cell::new(0));
-        let mut nagle = Nagle {
-            on: true,
-            wrote: false,
-        };
+        let mut nagle = nagle_on();
         nagle.hand_over(&io);
         nagle.before_write(&io, b"x");
         nagle.before_write(&io, b"y");
@@ -417,6 +411,14 @@ mod tests {
         nagle.before_write(&io, b"y");
         nagle.hand_over(&io);
         assert_eq!(io.0.get(), 0, "already off (TLS): never set again");
+    }
+
+    /// Nagle's algorithm on, nothing written yet: a new connection.
+    fn nagle_on() -> Nagle {
+        Nagle {
+            on: true,
+            wrote: false,
+        }
     }
 
     /// A client socket that keeps what is written and counts the writes.
@@ -463,10 +465,7 @@ mod tests {
         // in one segment; the client gets them in one write too, not the end later.
         let record = Recording::default();
         let mut io = record.clone();
-        let mut nagle = Nagle {
-            on: true,
-            wrote: false,
-        };
+        let mut nagle = nagle_on();
         let mut out = Vec::new();
         let resp = Response::new(ready_body(&["ok", "42"]));
         let keep = write_response(&mut io, &mut nagle, &mut out, resp, false, true)
@@ -486,10 +485,7 @@ mod tests {
     async fn a_body_still_to_come_does_not_hold_back_the_head() {
         let record = Recording::default();
         let mut io = record.clone();
-        let mut nagle = Nagle {
-            on: true,
-            wrote: false,
-        };
+        let mut nagle = nagle_on();
         let mut out = Vec::new();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
         let body = http_body_util::StreamBody::new(stream_of(rx)).boxed_unsync();

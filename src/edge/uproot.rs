@@ -7,7 +7,7 @@
 //! nothing of what the tunnel does with them.
 
 use crate::edge::fast;
-use crate::transport::upstream::{Duplex, Replant, Taken, TakenSocket};
+use crate::transport::moving::{Duplex, Replant, Taken, TakenSocket};
 use bytes::{Bytes, BytesMut};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;

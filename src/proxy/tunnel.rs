@@ -18,9 +18,8 @@ use crate::http1::strip_hop_by_hop;
 use crate::proxy::answer::{self, short};
 use crate::proxy::forward::{prepare_request_headers, Forwarder, Peer, Replay, Target, Ticket};
 use crate::transport::body::{Guarded, ProxyBody, RequestBody};
-use crate::transport::upstream::{
-    take_worker_socket, Duplex, Replant, SendError, Taken, TakenSocket,
-};
+use crate::transport::moving::{Duplex, Replant, Taken, TakenSocket};
+use crate::transport::upstream::{take_worker_socket, SendError};
 use crate::workers::pool::{Pool, Worker};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -307,16 +306,7 @@ where
                     to_worker: client.early,
                     ..Early::default()
                 };
-                return match client.io {
-                    Taken::Tcp(tcp) => {
-                        let Some(a) = registered(tcp) else { return };
-                        self.run(a, TokioIo::new(worker), early).await
-                    }
-                    Taken::Over(over) => {
-                        let Some(a) = replanted(over) else { return };
-                        self.run(a, TokioIo::new(worker), early).await
-                    }
-                };
+                return self.run_taken(client.io, TokioIo::new(worker), early).await;
             }
             Ok(Err(e)) => return tracing::debug!(error = %e, "tunnel lost its worker socket"),
             Ok(Ok(worker)) => worker,
@@ -332,17 +322,27 @@ where
                 to_worker: client.early,
                 to_client: worker_early,
             };
-            match client.io {
-                Taken::Tcp(tcp) => {
-                    let Some(a) = registered(tcp) else { return };
-                    self.run(a, b, early).await
-                }
-                Taken::Over(over) => {
-                    let Some(a) = replanted(over) else { return };
-                    self.run(a, b, early).await
+            self.run_taken(client.io, b, early).await
+        }));
+    }
+
+    /// As `run`, with the client's taken socket put on this thread's reactor.
+    async fn run_taken<B>(self, client: Taken, worker: B, early: Early)
+    where
+        B: AsyncRead + AsyncWrite + Unpin,
+    {
+        match client {
+            Taken::Tcp(tcp) => {
+                if let Some(a) = registered(tcp) {
+                    self.run(a, worker, early).await
                 }
             }
-        }));
+            Taken::Over(over) => {
+                if let Some(a) = replanted(over) {
+                    self.run(a, worker, early).await
+                }
+            }
+        }
     }
 }
 

@@ -5,4 +5,5 @@
 
 pub mod body;
 pub mod http1;
+pub mod moving;
 pub mod upstream;

@@ -494,30 +494,6 @@ async fn open(addr: SocketAddr, settings: &Settings) -> Result<TcpStream, SendEr
     Ok(stream)
 }
 
-/// A connection's socket taken out of its upgrade, to be served on another thread:
-/// the socket, off this thread's reactor, and the bytes already read from it.
-pub struct TakenSocket {
-    pub io: Taken,
-    pub early: Bytes,
-}
-
-/// What is taken: a TCP socket, or a stream over one (TLS) that is put back on a
-/// reactor where it is served.
-pub enum Taken {
-    Tcp(std::net::TcpStream),
-    Over(Box<dyn Replant>),
-}
-
-/// A stream whose socket was taken off its thread's reactor.
-pub trait Replant: Send {
-    /// The stream again, its socket on the current thread's reactor.
-    fn replant(self: Box<Self>) -> std::io::Result<Box<dyn Duplex>>;
-}
-
-/// A byte stream both ways.
-pub trait Duplex: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Duplex for T {}
-
 /// The socket under an upgraded connection to a worker (`Err`: not one of these
 /// connections, given back as it was): off this thread's reactor, with the bytes
 /// already read from it.
