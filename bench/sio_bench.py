@@ -72,10 +72,8 @@ def wait_http(url, timeout=20):
     raise RuntimeError(f"{url} did not answer")
 
 
-def group_cpu(pgid):
-    """CPU seconds of every process in a process group (/proc/PID/stat, 10 ms ticks;
-    threads that have ended included)."""
-    total = 0.0
+def group_procs(pgid):
+    """The /proc directories of every process in a process group."""
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -84,8 +82,14 @@ def group_cpu(pgid):
         except OSError:
             continue
         if int(fields[2]) == pgid:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+            yield d, fields
+
+
+def group_cpu(pgid):
+    """CPU seconds of every process in a process group (/proc/PID/stat, 10 ms ticks;
+    threads that have ended included)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    return sum((int(f[11]) + int(f[12])) / tick for _, f in group_procs(pgid))
 
 
 def proxy_cpu(pgid):
@@ -93,13 +97,8 @@ def proxy_cpu(pgid):
     (/proc/PID/task/TID/schedstat): ticks are too coarse for one phase of a round,
     and a proxy's threads live as long as it does."""
     total = 0
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
+    for d, _ in group_procs(pgid):
         try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) != pgid:
-                continue
             for t in (d / "task").iterdir():
                 total += int((t / "schedstat").read_text().split()[0])
         except OSError:
