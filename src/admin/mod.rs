@@ -50,16 +50,25 @@ pub enum Error {
 /// Where a running corral is bound, as `addresses` tells it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Addresses {
-    /// The client listeners, in the config's order.
-    pub listeners: Vec<std::net::SocketAddr>,
-    /// The status listener (`[admin] listen`).
-    pub status: Option<std::net::SocketAddr>,
+    /// The client listeners, in the config's order (a reload may change them).
+    #[serde(serialize_with = "current")]
+    pub listeners: Arc<arc_swap::ArcSwap<Vec<std::net::SocketAddr>>>,
+    /// The status listener (`[admin] listen`; a reload may change it).
+    #[serde(serialize_with = "current")]
+    pub status: Arc<arc_swap::ArcSwap<Option<std::net::SocketAddr>>>,
     /// The embedded message queue.
     pub broker: Option<std::net::SocketAddr>,
     /// "corral ready" was said: at least one worker is ready (at once without
     /// supervised workers).
     #[serde(serialize_with = "flag")]
     pub ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn current<T: serde::Serialize, S: serde::Serializer>(
+    value: &Arc<arc_swap::ArcSwap<T>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&**value.load(), s)
 }
 
 fn flag<S: serde::Serializer>(

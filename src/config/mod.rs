@@ -133,6 +133,14 @@ pub struct Cluster {
     /// service gives). A request whose tag names one of them is sent there once,
     /// marked as a hop.
     pub nodes: BTreeMap<String, String>,
+    /// Keys accepted besides `key` (tags and hop marks made under them), never
+    /// signed with: a rotation gives every node the new key here first, then
+    /// makes it `key` everywhere.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub accept_keys: Vec<String>,
+    /// How long a reload that changes the key keeps accepting the key it replaced.
+    #[serde(with = "duration")]
+    pub previous_key_for: Duration,
 }
 
 impl Default for Cluster {
@@ -142,6 +150,8 @@ impl Default for Cluster {
             key: None,
             key_file: None,
             nodes: BTreeMap::new(),
+            accept_keys: Vec::new(),
+            previous_key_for: Duration::from_secs(3600),
         }
     }
 }
@@ -885,6 +895,12 @@ impl Config {
         }
         if self.cluster.key.as_ref().is_some_and(|k| k.len() < 16) {
             return Err(bad("cluster.key", "a key of at least 16 bytes is needed"));
+        }
+        if self.cluster.accept_keys.iter().any(|k| k.len() < 16) {
+            return Err(bad(
+                "cluster.accept_keys",
+                "each key needs at least 16 bytes",
+            ));
         }
         if self.cluster.node.is_empty() {
             return Err(bad("cluster.node", "must not be empty"));

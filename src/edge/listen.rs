@@ -6,7 +6,7 @@
 //! It owns the sockets and the client connections' tasks; every request goes to
 //! `Gate::handle`. It must not decide anything about a request itself.
 
-use crate::config::{Config, TlsSetting};
+use crate::config::{Config, Listener, TlsSetting};
 use crate::edge::fast;
 use crate::edge::gate::Gate;
 use crate::edge::tls;
@@ -26,7 +26,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore, TryAcquireError};
+use tokio::sync::{Semaphore, TryAcquireError};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
@@ -53,39 +53,172 @@ pub enum Error {
     },
 }
 
-/// The bound, not yet accepting, listeners: bound first, so a port in use fails at
-/// once; accepting starts once workers are ready.
+/// Listeners bound and made, not yet accepting: bound first, so a port in use
+/// fails at once; accepting starts once workers are ready (`serve`).
 pub struct Bound {
-    listeners: Vec<(Vec<std::net::TcpListener>, Kind)>,
-    /// The certificates of the TLS listeners, reloaded on SIGHUP.
-    pub certs: Vec<Arc<tls::Certs>>,
+    plan: Plan,
+    lanes: usize,
 }
 
 /// Binds every configured listener, `lanes` sockets each. What depends on a
 /// listener's port (the https redirect's target, the self-signed certificate's
 /// file) takes the bound one: a configured port 0 is a real port by then.
 pub fn bind(cfg: &Config, lanes: usize) -> Result<Bound, Error> {
-    let all = cfg.listeners();
-    let mut bound = Vec::with_capacity(all.len());
-    for l in &all {
-        let addr = l.address;
-        let sockets = listen_per_lane(addr, lanes).map_err(|cause| Error::Bind { addr, cause })?;
-        let port = match sockets.first().map(|s| s.local_addr()) {
-            Some(Ok(local)) => local.port(),
-            _ => addr.port(),
-        };
-        bound.push((l, sockets, port));
+    Ok(Bound {
+        plan: plan(&cfg.listeners(), lanes, &[])?,
+        lanes,
+    })
+}
+
+impl Bound {
+    /// Each listener's bound address (a configured port 0 made a real one), in the
+    /// config's order.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.plan.addrs()
     }
-    let https_port = bound
+
+    /// Serves every socket, each on its lane, each new connection's requests
+    /// going through the gate `front` holds at its accept, within `slots`. The
+    /// accept loops wait for `start_accepting` (the sockets queue connections).
+    pub fn serve(self, lanes: &Lanes, front: Front, slots: Slots) -> Arc<Serving> {
+        let serving = Arc::new(Serving {
+            go: CancellationToken::new(),
+            draining: CancellationToken::new(),
+            connections: tokio_util::task::TaskTracker::new(),
+            stop: CancellationToken::new(),
+            open: std::sync::Mutex::new(Vec::new()),
+            retired: std::sync::Mutex::new(Vec::new()),
+            lanes: lanes.handles(),
+            front,
+            slots,
+        });
+        debug_assert_eq!(self.lanes, lanes.len());
+        serving.commit(self.plan);
+        serving
+    }
+}
+
+/// A listener as it runs: its accept loops (one a lane), what it serves, and the
+/// signal that stops them.
+struct Open {
+    /// As configured (a reload finds it again by its address).
+    config: Listener,
+    /// As bound.
+    addr: SocketAddr,
+    /// What its connections get; a reload may change it (TLS on, a new
+    /// certificate, the https port a redirect names) without rebinding.
+    kind: Arc<arc_swap::ArcSwap<Kind>>,
+    certs: Option<Arc<tls::Certs>>,
+    stop: CancellationToken,
+    accepting: Vec<JoinHandle<()>>,
+}
+
+/// What a config's listeners need, made before anything is changed: which running
+/// listener each one is (by configured address), or its new sockets; each one's
+/// kind; and the running listeners no longer configured.
+pub struct Plan {
+    wanted: Vec<Wanted>,
+    /// Indexes into the running listeners.
+    removed: Vec<usize>,
+}
+
+struct Wanted {
+    config: Listener,
+    addr: SocketAddr,
+    place: Place,
+    kind: Kind,
+    certs: Option<Arc<tls::Certs>>,
+    /// A kept listener's certificate read again (an unreadable one refuses the
+    /// reload before anything changes).
+    fresh: Option<tls::CertifiedKey>,
+}
+
+enum Place {
+    /// The running listener at this index.
+    Kept(usize),
+    /// Bound now, one socket a lane.
+    New(Vec<std::net::TcpListener>),
+}
+
+/// What a reload changed among the listeners, for its answer.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ListenerChanges {
+    pub added: Vec<SocketAddr>,
+    pub removed: Vec<SocketAddr>,
+}
+
+impl Plan {
+    fn addrs(&self) -> Vec<SocketAddr> {
+        self.wanted.iter().map(|w| w.addr).collect()
+    }
+}
+
+/// A running listener as a plan sees it.
+struct Running {
+    config: Listener,
+    addr: SocketAddr,
+    certs: Option<Arc<tls::Certs>>,
+    kind: Kind,
+}
+
+/// The running listener a configured one is: the first not yet taken with the
+/// same configured address.
+fn find_open(open: &[Running], l: &Listener, taken: &[bool]) -> Option<usize> {
+    (0..open.len()).find(|&i| !taken[i] && open[i].config.address == l.address)
+}
+
+/// Plans `listeners` against the running ones (`open`: each one's config, bound
+/// address, certificates and kind): kept ones keep their sockets (and, with the
+/// same TLS setting, their certificates, read again), others are bound now.
+fn plan(listeners: &[Listener], lanes: usize, open: &[Running]) -> Result<Plan, Error> {
+    let mut taken = vec![false; open.len()];
+    let mut placed = Vec::with_capacity(listeners.len());
+    for l in listeners {
+        let addr = l.address;
+        match find_open(open, l, &taken) {
+            Some(i) => {
+                taken[i] = true;
+                placed.push((l, open[i].addr, Place::Kept(i)));
+            }
+            None => {
+                let sockets =
+                    listen_per_lane(addr, lanes).map_err(|cause| Error::Bind { addr, cause })?;
+                let bound = match sockets.first().map(|s| s.local_addr()) {
+                    Some(Ok(local)) => local,
+                    _ => addr,
+                };
+                placed.push((l, bound, Place::New(sockets)));
+            }
+        }
+    }
+    let https_port = placed
         .iter()
         .find(|(l, _, _)| l.tls.is_some())
-        .map(|(_, _, port)| *port);
-    let mut listeners = Vec::new();
-    let mut certs = Vec::new();
-    for (l, sockets, port) in bound {
-        let addr = l.address;
-        let kind = match &l.tls {
-            Some(setting) => {
+        .map(|(_, addr, _)| addr.port());
+    let mut wanted = Vec::with_capacity(placed.len());
+    for (l, addr, place) in placed {
+        let kept = match place {
+            Place::Kept(i) => Some(&open[i]),
+            Place::New(_) => None,
+        };
+        let tls_error = |cause| Error::Tls {
+            addr: l.address,
+            cause,
+        };
+        let (kind, certs, fresh) = match (&l.tls, kept) {
+            (
+                Some(setting),
+                Some(Running {
+                    config,
+                    certs: Some(certs),
+                    kind,
+                    ..
+                }),
+            ) if config.tls.as_ref() == Some(setting) => {
+                let fresh = certs.read_again().map_err(tls_error)?;
+                (kind.clone(), Some(certs.clone()), fresh)
+            }
+            (Some(setting), _) => {
                 let source = match setting {
                     TlsSetting::Files { cert, key } => tls::Source::Files {
                         cert: cert.clone(),
@@ -93,80 +226,26 @@ pub fn bind(cfg: &Config, lanes: usize) -> Result<Bound, Error> {
                     },
                     TlsSetting::Mode(_) => tls::Source::SelfSigned,
                 };
-                let tls_error = |cause| Error::Tls { addr, cause };
-                let c = tls::Certs::new(source, &port.to_string()).map_err(tls_error)?;
+                let c = tls::Certs::new(source, &addr.port().to_string()).map_err(tls_error)?;
                 let acceptor = TlsAcceptor::from(c.server_config().map_err(tls_error)?);
-                certs.push(c);
-                Kind::Tls(acceptor)
+                (Kind::Tls(acceptor), Some(c), None)
             }
-            None if l.redirect_https => Kind::Redirect(https_port.unwrap_or(443)),
-            None => Kind::Plain,
+            (None, _) if l.redirect_https => {
+                (Kind::Redirect(https_port.unwrap_or(443)), None, None)
+            }
+            (None, _) => (Kind::Plain, None, None),
         };
-        listeners.push((sockets, kind));
+        wanted.push(Wanted {
+            config: l.clone(),
+            addr,
+            place,
+            kind,
+            certs,
+            fresh,
+        });
     }
-    Ok(Bound { listeners, certs })
-}
-
-impl Bound {
-    /// Each listener's bound address (a configured port 0 made a real one), in the
-    /// config's order.
-    pub fn addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|(sockets, _)| sockets.first()?.local_addr().ok())
-            .collect()
-    }
-
-    /// Logs each listener's address and kind.
-    pub fn describe(&self) {
-        for (sockets, kind) in &self.listeners {
-            if let Some(Ok(addr)) = sockets.first().map(|l| l.local_addr()) {
-                match kind {
-                    Kind::Plain => tracing::info!("listening on http://{addr}"),
-                    Kind::Tls(_) => tracing::info!("listening on https://{addr}"),
-                    Kind::Redirect(port) => {
-                        tracing::info!(
-                            "listening on http://{addr} (redirects to https port {port})"
-                        )
-                    }
-                }
-            }
-        }
-    }
-
-    /// Starts accepting on every socket, each on its lane, each new connection's
-    /// requests going through the gate `front` holds at its accept, within `slots`.
-    pub fn serve(self, lanes: &Lanes, front: Front, slots: Slots) -> Serving {
-        let draining = CancellationToken::new();
-        let connections = tokio_util::task::TaskTracker::new();
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let mut accepting = Vec::new();
-        for (sockets, kind) in self.listeners {
-            for (i, socket) in sockets.into_iter().enumerate() {
-                let (kind, front) = (kind.clone(), front.clone());
-                let (stop_rx, conns) = (
-                    stop_rx.clone(),
-                    Conns {
-                        draining: draining.clone(),
-                        tasks: connections.clone(),
-                        slots: slots.sem.clone(),
-                    },
-                );
-                accepting.push(lanes.spawn_on(i, async move {
-                    match TcpListener::from_std(socket) {
-                        Ok(l) => accept_loop(l, kind, front, conns, stop_rx).await,
-                        Err(e) => tracing::error!(error = %e, "cannot accept on this thread"),
-                    }
-                }));
-            }
-        }
-        Serving {
-            draining,
-            connections,
-            stop: stop_tx,
-            accepting,
-        }
-    }
+    let removed = (0..open.len()).filter(|i| !taken[*i]).collect();
+    Ok(Plan { wanted, removed })
 }
 
 /// The gate new connections go through. A config reload puts another in its place;
@@ -214,22 +293,172 @@ impl Slots {
     }
 }
 
-/// The accept loops and the client connections they took.
+/// The listeners, their accept loops and the client connections they took.
 pub struct Serving {
+    /// Cancelled when accepting starts.
+    go: CancellationToken,
     draining: CancellationToken,
     /// Every client connection's task (TLS handshake, HTTP, until hyper hands a
     /// websocket over to its tunnel).
     connections: tokio_util::task::TaskTracker,
-    stop: watch::Sender<bool>,
-    accepting: Vec<JoinHandle<()>>,
+    /// Stops every accept loop (each listener's signal is a child of it).
+    stop: CancellationToken,
+    /// The running listeners, in the config's order.
+    open: std::sync::Mutex<Vec<Open>>,
+    /// Accept loops of listeners a reload removed, awaited at shutdown.
+    retired: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    lanes: Vec<tokio::runtime::Handle>,
+    front: Front,
+    slots: Slots,
 }
 
 impl Serving {
+    /// Plans `cfg`'s listeners against the running ones: new addresses bound,
+    /// certificates loaded or read again. Nothing changes until `commit`; a plan
+    /// dropped instead closes what it bound. Plans and commits take turns (the
+    /// reload's lock).
+    pub fn plan(&self, cfg: &Config) -> Result<Plan, Error> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let running: Vec<_> = open
+            .iter()
+            .map(|o| Running {
+                config: o.config.clone(),
+                addr: o.addr,
+                certs: o.certs.clone(),
+                kind: Kind::clone(&o.kind.load()),
+            })
+            .collect();
+        plan(&cfg.listeners(), self.lanes.len(), &running)
+    }
+
+    /// Puts `plan` in force: kept listeners take their new kind (new connections
+    /// see it once the gate changes), new ones start accepting, removed ones stop
+    /// accepting; their open connections go on.
+    pub fn commit(&self, plan: Plan) -> ListenerChanges {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut old: Vec<Option<Open>> = open.drain(..).map(Some).collect();
+        let mut changes = ListenerChanges::default();
+        for i in plan.removed {
+            if let Some(o) = old.get_mut(i).and_then(Option::take) {
+                o.stop.cancel();
+                tracing::info!(addr = %o.addr, "listener closed");
+                changes.removed.push(o.addr);
+                let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+                retired.extend(o.accepting);
+            }
+        }
+        for w in plan.wanted {
+            if let (Some(certs), Some(fresh)) = (&w.certs, w.fresh) {
+                certs.install(fresh);
+            }
+            let kept = match w.place {
+                Place::Kept(i) => old.get_mut(i).and_then(Option::take),
+                Place::New(_) => None,
+            };
+            let running = match (kept, w.place) {
+                (Some(mut o), _) => {
+                    o.kind.store(Arc::new(w.kind));
+                    o.config = w.config;
+                    o.certs = w.certs;
+                    o
+                }
+                (None, Place::New(sockets)) => {
+                    changes.added.push(w.addr);
+                    self.start(w.config, w.addr, w.kind, w.certs, sockets)
+                }
+                (None, Place::Kept(_)) => continue,
+            };
+            open.push(running);
+        }
+        changes
+    }
+
+    /// Starts accepting on `sockets`, one a lane.
+    fn start(
+        &self,
+        config: Listener,
+        addr: SocketAddr,
+        kind: Kind,
+        certs: Option<Arc<tls::Certs>>,
+        sockets: Vec<std::net::TcpListener>,
+    ) -> Open {
+        let kind = Arc::new(arc_swap::ArcSwap::from_pointee(kind));
+        let stop = self.stop.child_token();
+        let mut accepting = Vec::new();
+        for (i, socket) in sockets.into_iter().enumerate() {
+            let (kind, front, stop) = (kind.clone(), self.front.clone(), stop.clone());
+            let go = self.go.clone();
+            let conns = Conns {
+                draining: self.draining.clone(),
+                tasks: self.connections.clone(),
+                slots: self.slots.sem.clone(),
+            };
+            let task = async move {
+                tokio::select! {
+                    _ = go.cancelled() => {}
+                    _ = stop.cancelled() => return,
+                }
+                match TcpListener::from_std(socket) {
+                    Ok(l) => accept_loop(l, kind, front, conns, stop).await,
+                    Err(e) => tracing::error!(error = %e, "cannot accept on this thread"),
+                }
+            };
+            accepting.push(self.lanes[i % self.lanes.len()].spawn(task));
+        }
+        Open {
+            config,
+            addr,
+            kind,
+            certs,
+            stop,
+            accepting,
+        }
+    }
+
+    /// Starts accepting (the workers are ready, or being waited for).
+    pub fn start_accepting(&self) {
+        self.go.cancel();
+    }
+
+    /// Each running listener's bound address, in the config's order.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.iter().map(|o| o.addr).collect()
+    }
+
+    /// The certificates of the running TLS listeners.
+    pub fn certs(&self) -> Vec<Arc<tls::Certs>> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.iter().filter_map(|o| o.certs.clone()).collect()
+    }
+
+    /// Logs each listener's address and kind.
+    pub fn describe(&self) {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        for o in open.iter() {
+            let addr = o.addr;
+            match **o.kind.load() {
+                Kind::Plain => tracing::info!("listening on http://{addr}"),
+                Kind::Tls(_) => tracing::info!("listening on https://{addr}"),
+                Kind::Redirect(port) => {
+                    tracing::info!("listening on http://{addr} (redirects to https port {port})")
+                }
+            }
+        }
+    }
+
     /// Stops accepting, then lets requests in flight finish and idle keep-alive
     /// connections close, for up to `drain`. Returns whether all finished in time.
-    pub async fn drain(self, drain: Duration) -> Drained {
-        let _ = self.stop.send(true);
-        for task in self.accepting {
+    pub async fn drain(&self, drain: Duration) -> Drained {
+        self.stop.cancel();
+        let mut tasks: Vec<JoinHandle<()>> = {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            open.iter_mut()
+                .flat_map(|o| o.accepting.drain(..))
+                .collect()
+        };
+        tasks.append(&mut self.retired.lock().unwrap_or_else(|e| e.into_inner()));
+        for task in tasks {
             let _ = task.await;
         }
         // No connection is added now: every accept loop has ended.
@@ -240,7 +469,7 @@ impl Serving {
             .is_ok();
         Drained {
             in_time,
-            connections: self.connections,
+            connections: self.connections.clone(),
         }
     }
 }
@@ -354,16 +583,16 @@ impl Serve {
 
 async fn accept_loop(
     listener: TcpListener,
-    kind: Kind,
+    kind: Arc<arc_swap::ArcSwap<Kind>>,
     front: Front,
     conns: Conns,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let mut gate = front.load_full();
-    let mut serve = Serve::new(kind.clone(), gate.cfg().clone());
-    // Made once: a `changed()` future made for every connection cost a few hundred
+    let mut serve = Serve::new(Kind::clone(&kind.load()), gate.cfg().clone());
+    // Made once: a future made for every connection cost a few hundred
     // instructions each.
-    let mut stopped = std::pin::pin!(stop.changed());
+    let mut stopped = std::pin::pin!(stop.cancelled());
     loop {
         let (stream, addr) = tokio::select! {
             r = listener.accept() => match r {
@@ -382,9 +611,10 @@ async fn accept_loop(
         };
         let current = front.load();
         if !Arc::ptr_eq(&current, &gate) {
-            // A reload: this listener's settings are made again from its config.
+            // A reload: this listener's settings are made again from its config
+            // (its kind was stored before the gate).
             gate = arc_swap::Guard::into_inner(current);
-            serve = Serve::new(kind.clone(), gate.cfg().clone());
+            serve = Serve::new(Kind::clone(&kind.load()), gate.cfg().clone());
         }
         if !serve.lazy_nodelay {
             let _ = stream.set_nodelay(true);

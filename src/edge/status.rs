@@ -22,25 +22,81 @@ use tokio::net::TcpListener;
 
 const PAGE: &str = include_str!("../../assets/status.html");
 
-/// Binds the status listener and serves it until `owner` stops, which ends the
-/// accept loop and every connection and waits for them; returns the bound address.
+/// The status listener as it runs. A reload may give it other credentials, or
+/// close it and start another on a new address.
+pub struct StatusListener {
+    /// As bound.
+    pub addr: SocketAddr,
+    /// As configured (port 0 stays 0 here).
+    pub configured: SocketAddr,
+    auth: Arc<arc_swap::ArcSwapOption<BasicAuth>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl StatusListener {
+    /// New connections are asked for these credentials (None: for none).
+    pub fn set_auth(&self, auth: Option<Arc<BasicAuth>>) {
+        self.auth.store(auth);
+    }
+
+    /// Stops accepting; connections open now are answered until they close.
+    pub fn close(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// A status listener bound, not yet serving.
+pub struct StatusSocket {
+    listener: TcpListener,
+    addr: SocketAddr,
+    configured: SocketAddr,
+}
+
+/// Binds the status listener on `addr` (not yet serving).
+pub async fn bind(addr: SocketAddr) -> Result<StatusSocket, crate::observe::Error> {
+    let listen_error = |cause| crate::observe::Error::Listen { addr, cause };
+    let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
+    let local = listener.local_addr().map_err(listen_error)?;
+    Ok(StatusSocket {
+        listener,
+        addr: local,
+        configured: addr,
+    })
+}
+
+/// Binds the status listener and serves it until closed or `owner` stops, which
+/// ends the accept loop and every connection and waits for them.
 pub async fn serve(
     addr: SocketAddr,
     sources: Arc<Sources>,
     auth: Option<Arc<BasicAuth>>,
     owner: &Background,
-) -> Result<SocketAddr, crate::observe::Error> {
-    let listen_error = |cause| crate::observe::Error::Listen { addr, cause };
-    let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
-    let local = listener.local_addr().map_err(listen_error)?;
-    let tasks = owner.clone();
+) -> Result<StatusListener, crate::observe::Error> {
+    Ok(start(bind(addr).await?, sources, auth, owner))
+}
+
+/// Serves a bound status listener.
+pub fn start(
+    socket: StatusSocket,
+    sources: Arc<Sources>,
+    auth: Option<Arc<BasicAuth>>,
+    owner: &Background,
+) -> StatusListener {
+    let auth = Arc::new(arc_swap::ArcSwapOption::new(auth));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (tasks, credentials, stopped) = (owner.clone(), auth.clone(), stop.clone());
+    let listener = socket.listener;
     owner.spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stopped.cancelled() => return,
+            };
+            let Ok((stream, _)) = accepted else {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             };
-            let (src, auth) = (sources.clone(), auth.clone());
+            let (src, auth) = (sources.clone(), credentials.load_full());
             let service = service_fn(move |req| answer(req, src.clone(), auth.clone()));
             tasks.spawn(async move {
                 let _ = auto::Builder::new(TokioExecutor::new())
@@ -49,7 +105,12 @@ pub async fn serve(
             });
         }
     });
-    Ok(local)
+    StatusListener {
+        addr: socket.addr,
+        configured: socket.configured,
+        auth,
+        stop,
+    }
 }
 
 async fn answer(

@@ -6,7 +6,7 @@
 //! accepted sockets and gets TLS streams back.
 
 use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
+pub use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -106,12 +106,27 @@ impl Certs {
 
     /// Reads the files again; on error the old certificate stays in use.
     pub fn reload(&self) -> Result<(), Error> {
-        if let Source::Files { cert, key } = &self.source {
-            let fresh = load(cert, key)?;
-            *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
-            tracing::info!(cert = %cert.display(), "TLS certificate reloaded");
+        if let Some(fresh) = self.read_again()? {
+            self.install(fresh);
         }
         Ok(())
+    }
+
+    /// The certificate as its files hold it now (None for a self-signed one),
+    /// not yet in use.
+    pub fn read_again(&self) -> Result<Option<CertifiedKey>, Error> {
+        match &self.source {
+            Source::Files { cert, key } => load(cert, key).map(Some),
+            Source::SelfSigned => Ok(None),
+        }
+    }
+
+    /// Puts `fresh` in use for new handshakes.
+    pub fn install(&self, fresh: CertifiedKey) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+        if let Source::Files { cert, .. } = &self.source {
+            tracing::info!(cert = %cert.display(), "TLS certificate reloaded");
+        }
     }
 
     /// The rustls configuration of a listener using these certificates.

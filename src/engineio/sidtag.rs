@@ -36,10 +36,15 @@ pub fn worker_ref(identity: &str) -> Ref {
     crate::workers::pool::stable_ref("corral-worker", identity)
 }
 
-/// Makes and checks tags under one key.
+/// Makes tags under one key, and checks them under it or any of the keys it still
+/// accepts (the keys of a rotation: every node accepts the new key before any
+/// signs with it, and the old one for a while after).
 #[derive(Clone)]
 pub struct Tagger {
     key: Vec<u8>,
+    accepted: Vec<Vec<u8>>,
+    /// The key a reload replaced, and until when it is accepted.
+    previous: Option<(Vec<u8>, std::time::Instant)>,
 }
 
 impl std::fmt::Debug for Tagger {
@@ -68,25 +73,53 @@ pub enum Sid<'a> {
 
 impl Tagger {
     pub fn new(key: &[u8]) -> Tagger {
-        Tagger { key: key.to_vec() }
+        Tagger {
+            key: key.to_vec(),
+            accepted: Vec::new(),
+            previous: None,
+        }
     }
 
-    /// HMAC-SHA-256 under the key of `parts`, one after the other.
-    fn hmac(&self, parts: &[&[u8]]) -> [u8; 32] {
-        // HMAC accepts a key of any length.
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key)
-            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-        for p in parts {
-            mac.update(p);
+    /// Takes over from `old`: its signing key, if another, is accepted for
+    /// `period` more (its own previous key for what is left of its period).
+    pub fn after(mut self, old: &Tagger, period: std::time::Duration) -> Tagger {
+        self.previous = match old.key != self.key {
+            true => Some((old.key.clone(), std::time::Instant::now() + period)),
+            false => old.previous.clone(),
+        };
+        self
+    }
+
+    /// The signing key.
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// Also accepts tags and hop proofs made under `keys` (never signs with them).
+    pub fn accepting(mut self, keys: impl IntoIterator<Item = Vec<u8>>) -> Tagger {
+        for k in keys {
+            if k != self.key && !self.accepted.contains(&k) {
+                self.accepted.push(k);
+            }
         }
-        mac.finalize().into_bytes().into()
+        self
+    }
+
+    /// The signing key, then the others accepted, then the replaced one while its
+    /// period lasts (the clock is read only when the others did not fit).
+    fn keys(&self) -> impl Iterator<Item = &[u8]> {
+        let previous = self
+            .previous
+            .iter()
+            .filter(|(_, until)| std::time::Instant::now() < *until)
+            .map(|(k, _)| k.as_slice());
+        std::iter::once(self.key.as_slice())
+            .chain(self.accepted.iter().map(Vec::as_slice))
+            .chain(previous)
     }
 
     fn mac(&self, route: Route, sid: &str) -> [u8; 8] {
-        let full = self.hmac(&[&route.node, &route.worker, sid.as_bytes()]);
-        let mut out = [0u8; 8];
-        out.copy_from_slice(&full[..8]);
-        out
+        mac_under(&self.key, route, sid)
     }
 
     /// `sid` with its tag: `sid.TAG`.
@@ -118,14 +151,36 @@ impl Tagger {
         node.copy_from_slice(&bytes[..4]);
         worker.copy_from_slice(&bytes[4..8]);
         let route = Route { node, worker };
-        let expected = self.mac(route, raw);
         use subtle::ConstantTimeEq;
-        if bool::from(expected.ct_eq(&bytes[8..16])) {
-            Sid::Tagged { raw, route }
-        } else {
-            Sid::Bad
+        let fits = |key: &[u8]| bool::from(mac_under(key, route, raw).ct_eq(&bytes[8..16]));
+        match self.keys().any(fits) {
+            true => Sid::Tagged { raw, route },
+            false => Sid::Bad,
         }
     }
+}
+
+/// HMAC-SHA-256 under `key` of `parts`, one after the other.
+fn hmac_under(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    // HMAC accepts a key of any length.
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    for p in parts {
+        mac.update(p);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+fn mac_under(key: &[u8], route: Route, sid: &str) -> [u8; 8] {
+    let full = hmac_under(key, &[&route.node, &route.worker, sid.as_bytes()]);
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&full[..8]);
+    out
+}
+
+fn hop_mac_under(key: &[u8], from: &str) -> String {
+    let full = hmac_under(key, &[b"corral-hop\0", from.as_bytes()]);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&full[..12])
 }
 
 /// The header that marks a request one node sent to another (a hop): it is sent
@@ -133,21 +188,18 @@ impl Tagger {
 pub const HOP_HEADER: http::HeaderName = http::HeaderName::from_static("x-corral-hop");
 
 impl Tagger {
-    fn hop_mac(&self, from: &str) -> String {
-        let full = self.hmac(&[b"corral-hop\0", from.as_bytes()]);
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&full[..12])
-    }
-
     /// The hop header's value for requests this node (`from`) sends to another.
     pub fn hop_proof(&self, from: &str) -> String {
-        format!("{from} {}", self.hop_mac(from))
+        format!("{from} {}", hop_mac_under(&self.key, from))
     }
 
     /// The node a hop header says sent the request, if its proof checks out.
     pub fn check_hop<'a>(&self, value: &'a str) -> Option<&'a str> {
         let (from, mac) = value.split_once(' ')?;
         use subtle::ConstantTimeEq;
-        bool::from(self.hop_mac(from).as_bytes().ct_eq(mac.as_bytes())).then_some(from)
+        let fits =
+            |key: &[u8]| bool::from(hop_mac_under(key, from).as_bytes().ct_eq(mac.as_bytes()));
+        self.keys().any(fits).then_some(from)
     }
 }
 
@@ -250,6 +302,41 @@ mod tests {
         assert_eq!(Tagger::new(b"other-key").check_hop(&proof), None);
         assert_eq!(t.check_hop(&proof.replacen('a', "b", 1)), None);
         assert_eq!(t.check_hop("a"), None);
+    }
+
+    #[test]
+    fn accepted_keys_check_but_never_sign() {
+        let old = Tagger::new(b"old-key");
+        let new = Tagger::new(b"new-key").accepting([b"old-key".to_vec()]);
+        let by_old = old.tag("s1", route());
+        assert_eq!(
+            new.read(&by_old),
+            Sid::Tagged {
+                raw: "s1",
+                route: route()
+            }
+        );
+        assert_eq!(new.check_hop(&old.hop_proof("a")), Some("a"));
+        // New tags and proofs are the new key's: the old key alone refuses them.
+        let by_new = new.tag("s1", route());
+        assert_ne!(by_new, by_old);
+        assert_eq!(old.read(&by_new), Sid::Bad);
+        assert_eq!(old.check_hop(&new.hop_proof("a")), None);
+        assert_eq!(Tagger::new(b"new-key").read(&by_old), Sid::Bad);
+    }
+
+    #[test]
+    fn a_replaced_key_is_accepted_for_its_period_only() {
+        let old = Tagger::new(b"old-key");
+        let by_old = old.tag("s1", route());
+        let kept = Tagger::new(b"new-key").after(&old, std::time::Duration::from_secs(60));
+        assert!(matches!(kept.read(&by_old), Sid::Tagged { .. }));
+        assert_eq!(kept.check_hop(&old.hop_proof("a")), Some("a"));
+        let over = Tagger::new(b"new-key").after(&old, std::time::Duration::ZERO);
+        assert_eq!(over.read(&by_old), Sid::Bad);
+        // The same key again keeps the previous one's period.
+        let again = Tagger::new(b"new-key").after(&kept, std::time::Duration::ZERO);
+        assert!(matches!(again.read(&by_old), Sid::Tagged { .. }));
     }
 
     #[test]

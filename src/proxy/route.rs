@@ -77,6 +77,43 @@ pub struct NodePeer {
     pub target: std::sync::Mutex<Option<Arc<crate::workers::pool::Worker>>>,
 }
 
+impl Tags {
+    /// Tags signed by `tagger` for the node and the other nodes `cluster` names.
+    pub fn new(tagger: sidtag::Tagger, cluster: &crate::config::Cluster) -> Tags {
+        let peers = cluster
+            .nodes
+            .iter()
+            .map(|(name, host)| NodePeer {
+                name: name.clone(),
+                node: sidtag::node_ref(name),
+                host: host.clone(),
+                target: std::sync::Mutex::new(None),
+            })
+            .collect();
+        Tags {
+            tagger,
+            name: cluster.node.clone(),
+            node: sidtag::node_ref(&cluster.node),
+            peers,
+        }
+    }
+
+    /// Keeps where `old`'s nodes were found for the nodes still named the same
+    /// way (their connections too), so a reload does not wait for a lookup.
+    pub fn found_as(self, old: &Tags) -> Tags {
+        for p in &self.peers {
+            let same = old
+                .peers
+                .iter()
+                .find(|o| o.name == p.name && o.host == p.host);
+            if let Some(target) = same.and_then(NodePeer::target) {
+                *p.target.lock().unwrap_or_else(|e| e.into_inner()) = Some(target);
+            }
+        }
+        self
+    }
+}
+
 impl NodePeer {
     fn target(&self) -> Option<Arc<crate::workers::pool::Worker>> {
         self.target
@@ -115,16 +152,18 @@ async fn until_leaving<F: std::future::Future>(exchange: F, worker: &Worker) -> 
 }
 
 /// Looks the other nodes' names up, at start and every few seconds after (their
-/// addresses may change), and points each at what its name resolves to now.
-pub async fn resolve_nodes(proxy: Arc<Proxy>) {
-    let Some(tags) = &proxy.tags else {
-        return;
-    };
-    if tags.peers.is_empty() {
-        return;
-    }
+/// addresses may change), and points each at what its name resolves to now; a node
+/// not found yet (or added by a reload) is looked up every second. `current` gives
+/// the proxy in force (a reload may change the nodes).
+pub async fn resolve_nodes(current: impl Fn() -> Arc<Proxy>) {
+    const EVERY: u32 = 5;
+    let mut round = 0u32;
     loop {
-        for p in &tags.peers {
+        round = round.wrapping_add(1);
+        let proxy = current();
+        let peers = proxy.tags.iter().flat_map(|t| t.peers.iter());
+        let due = peers.filter(|p| round % EVERY == 1 || p.target().is_none());
+        for p in due {
             let found = tokio::net::lookup_host(p.host.as_str())
                 .await
                 .ok()
@@ -141,7 +180,7 @@ pub async fn resolve_nodes(proxy: Arc<Proxy>) {
                 }
             }
         }
-        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }
 
@@ -253,7 +292,7 @@ impl Proxy {
             self.metrics.clone(),
         );
         next.forward.upstream.drivers = self.forward.upstream.drivers.clone();
-        // The cluster does not change live: the same tags, peers and hop mark.
+        // The same tags, peers and hop mark, until `enable_tags` says otherwise.
         next.forward.hop = self.forward.hop.clone();
         next.tags = self.tags.clone();
         next.tunnels = self.tunnels.clone();
@@ -261,13 +300,19 @@ impl Proxy {
         next
     }
 
-    /// Turns tagged sids on (and, with other nodes, hops to them).
+    /// Turns tagged sids on (and, with other nodes, hops to them); on a renewed
+    /// proxy, replaces its tags (a reload's new key or nodes).
     pub fn enable_tags(&mut self, tags: Tags) {
-        if !tags.peers.is_empty() {
-            let proof = tags.tagger.hop_proof(&tags.name);
-            self.forward.hop = HeaderValue::from_str(&proof).ok();
-        }
+        self.forward.hop = match tags.peers.is_empty() {
+            true => None,
+            false => HeaderValue::from_str(&tags.tagger.hop_proof(&tags.name)).ok(),
+        };
         self.tags = Some(Arc::new(tags));
+    }
+
+    /// The tags in force.
+    pub fn tags(&self) -> Option<&Arc<Tags>> {
+        self.tags.as_ref()
     }
 
     /// A request another node sent here (a hop mark naming a configured node, made

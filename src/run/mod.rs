@@ -42,16 +42,12 @@ pub async fn run(cfg: Config, reread: Option<reload::Reread>) -> anyhow::Result<
 /// the client connections are `serving`'s, the tunnels and worker connections the
 /// proxy's). [`App::stop`] ends them all, in order, each waiting for what it owns.
 pub struct App {
-    /// The client listeners, as bound (port 0 in the config: the port chosen).
-    listeners: Vec<std::net::SocketAddr>,
-    /// The status listener's address, when `[admin]` is configured.
-    status: Option<std::net::SocketAddr>,
-    /// The embedded broker's address, when it runs.
-    broker: Option<std::net::SocketAddr>,
+    /// Where it is bound (port 0 in the config: the port chosen): client
+    /// listeners, status listener, broker; a reload may change the first two.
+    addresses: admin::Addresses,
     admin_path: std::path::PathBuf,
     supervisor: Option<Arc<Supervisor>>,
-    certs: Vec<Arc<tls::Certs>>,
-    serving: listen::Serving,
+    serving: Arc<listen::Serving>,
     /// The gate in force (its config, its proxy); a reload replaces it.
     front: listen::Front,
     /// The config reload, when started from a file.
@@ -62,18 +58,18 @@ pub struct App {
 
 impl App {
     /// The client listeners' bound addresses, in the config's order.
-    pub fn listeners(&self) -> &[std::net::SocketAddr] {
-        &self.listeners
+    pub fn listeners(&self) -> Vec<std::net::SocketAddr> {
+        self.addresses.listeners.load().to_vec()
     }
 
     /// The status listener's bound address (`[admin] listen`).
     pub fn status(&self) -> Option<std::net::SocketAddr> {
-        self.status
+        **self.addresses.status.load()
     }
 
     /// The embedded message queue's bound address.
     pub fn broker(&self) -> Option<std::net::SocketAddr> {
-        self.broker
+        self.addresses.broker
     }
 
     /// Builds every part from `cfg`, binds every socket and starts serving: once it
@@ -111,27 +107,11 @@ impl App {
                  will not survive a restart"
                 );
             }
-            let key = cluster.signing_key()?;
-            let peers = cluster
-                .nodes
-                .iter()
-                .map(|(name, host)| crate::proxy::route::NodePeer {
-                    name: name.clone(),
-                    node: crate::engineio::sidtag::node_ref(name),
-                    host: host.clone(),
-                    target: std::sync::Mutex::new(None),
-                })
-                .collect();
-            proxy.enable_tags(crate::proxy::route::Tags {
-                tagger: crate::engineio::sidtag::Tagger::new(&key),
-                name: cluster.node.clone(),
-                node: crate::engineio::sidtag::node_ref(&cluster.node),
-                peers,
-            });
+            let tagger = tagger_for(cluster, cluster.signing_key()?);
+            proxy.enable_tags(crate::proxy::route::Tags::new(tagger, cluster));
             tracing::info!(node = %cluster.node, others = cluster.nodes.len(), "sids carry their worker (tagged)");
         }
         let proxy = Arc::new(proxy);
-        background.spawn(crate::proxy::route::resolve_nodes(proxy.clone()));
         let front: listen::Front = Arc::new(arc_swap::ArcSwap::from_pointee(front::gate_for(
             &cfg,
             proxy.clone(),
@@ -139,6 +119,10 @@ impl App {
         )?));
         let current = front.clone();
         background.spawn(crate::proxy::route::expire_idle(move || {
+            current.load().proxy().clone()
+        }));
+        let current = front.clone();
+        background.spawn(crate::proxy::route::resolve_nodes(move || {
             current.load().proxy().clone()
         }));
         let slots = listen::Slots::new(cfg.limits.max_connections);
@@ -165,16 +149,16 @@ impl App {
             reloads: reloads.clone(),
         });
         metrics::spawn_sampler(sources.clone(), &background);
-        let mut status_addr = None;
-        if let Some(admin_cfg) = &cfg.admin {
-            let auth = match &admin_cfg.htpasswd {
-                Some(file) => Some(Arc::new(BasicAuth::new(file, "corral admin", Vec::new())?)),
-                None => None,
-            };
-            let at = status::serve(admin_cfg.listen, sources.clone(), auth, &background).await?;
-            tracing::info!("status page on http://{at}/status, metrics on http://{at}/metrics");
-            status_addr = Some(at);
-        }
+        let status_listener = match &cfg.admin {
+            Some(admin_cfg) => {
+                let auth = admin_auth(admin_cfg)?;
+                let l = status::serve(admin_cfg.listen, sources.clone(), auth, &background).await?;
+                say_status(l.addr);
+                Some(l)
+            }
+            None => None,
+        };
+        let status_addr = status_listener.as_ref().map(|l| l.addr);
         let supervisor = cfg.workers.clone().map(|spec| {
             let env = queue_env(queue_url.as_deref(), &spec.env);
             Arc::new(Supervisor::new(spec, pool.clone(), env))
@@ -182,18 +166,15 @@ impl App {
         if let (Some(broker), Some(_)) = (embedded, &supervisor) {
             background.spawn(queue_watch::watch(broker, pool.clone()));
         }
-        let admin_path = cfg
-            .admin_socket
-            .clone()
-            .unwrap_or_else(|| admin::default_path(cfg.first_port()));
+        let admin_path = admin_path(&cfg);
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let addresses = admin::Addresses {
-            listeners: listeners.clone(),
-            status: status_addr,
+            listeners: Arc::new(arc_swap::ArcSwap::from_pointee(listeners.clone())),
+            status: Arc::new(arc_swap::ArcSwap::from_pointee(status_addr)),
             broker: broker_addr,
             ready: ready.clone(),
         };
-        let bound = bound;
+        let serving = bound.serve(&lanes, front.clone(), slots.clone());
         let live = reread.map(|reread| {
             Arc::new(reload::Live {
                 reread,
@@ -204,7 +185,10 @@ impl App {
                 router: router.clone(),
                 checks: checks.clone(),
                 supervisor: supervisor.clone(),
-                certs: bound.certs.clone(),
+                serving: serving.clone(),
+                status: std::sync::Mutex::new(status_listener),
+                sources: sources.clone(),
+                addresses: addresses.clone(),
                 background: background.clone(),
                 reloads,
             })
@@ -213,7 +197,7 @@ impl App {
             supervisor: supervisor.clone(),
             reload: live.clone().map(|l| l as Arc<dyn admin::Reload>),
         };
-        admin::serve(&admin_path, targets, addresses, &background).await?;
+        admin::serve(&admin_path, targets, addresses.clone(), &background).await?;
         if std::process::id() == 1 {
             tracing::info!("running as PID 1: reaping orphaned processes");
             background.spawn(crate::workers::supervisor::reap_orphans(
@@ -224,7 +208,7 @@ impl App {
         if let Some(sup) = &supervisor {
             sup.start().await;
         }
-        bound.describe();
+        serving.describe();
         describe_workers(&pool);
         if supervisor.is_some() {
             let stop = background.stopping();
@@ -233,15 +217,11 @@ impl App {
             announce_ready(&cfg, &pool, &ready);
         }
 
-        let certs = bound.certs.clone();
-        let serving = bound.serve(&lanes, front.clone(), slots);
+        serving.start_accepting();
         Ok(App {
-            listeners,
-            status: status_addr,
-            broker: broker_addr,
+            addresses,
             admin_path,
             supervisor,
-            certs,
             serving,
             front,
             live,
@@ -310,6 +290,31 @@ impl App {
         background.stop().await;
         let _ = std::fs::remove_file(&admin_path);
     }
+}
+
+/// The signer of tagged sids for `cluster`, signing with `key`.
+fn tagger_for(cluster: &crate::config::Cluster, key: Vec<u8>) -> crate::engineio::sidtag::Tagger {
+    let accepted = cluster.accept_keys.iter().map(|k| k.as_bytes().to_vec());
+    crate::engineio::sidtag::Tagger::new(&key).accepting(accepted)
+}
+
+/// The admin socket's path: configured, or named by the first listener's port.
+fn admin_path(cfg: &Config) -> std::path::PathBuf {
+    cfg.admin_socket
+        .clone()
+        .unwrap_or_else(|| admin::default_path(cfg.first_port()))
+}
+
+/// The status pages' credentials (`[admin] htpasswd`).
+fn admin_auth(admin: &crate::config::AdminConfig) -> anyhow::Result<Option<Arc<BasicAuth>>> {
+    Ok(match &admin.htpasswd {
+        Some(file) => Some(Arc::new(BasicAuth::new(file, "corral admin", Vec::new())?)),
+        None => None,
+    })
+}
+
+fn say_status(at: std::net::SocketAddr) {
+    tracing::info!("status page on http://{at}/status, metrics on http://{at}/metrics");
 }
 
 /// Starts the embedded broker if configured; returns the queue URL for the workers.
@@ -445,7 +450,11 @@ async fn wait_for_stop(app: &App) -> &'static str {
         };
         // Owned by `background`; stopping waits for a change in progress (the
         // supervisor's change lock) and refuses new ones.
-        let (live, sup, certs) = (app.live.clone(), app.supervisor.clone(), app.certs.clone());
+        let (live, sup, certs) = (
+            app.live.clone(),
+            app.supervisor.clone(),
+            app.serving.certs(),
+        );
         app.background.spawn(async move {
             if let Err(e) = change.apply(live, sup, certs).await {
                 tracing::error!("{e}");

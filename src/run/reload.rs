@@ -12,11 +12,13 @@
 //! never reaches into a part's insides.
 
 use super::preflight;
+use crate::admin::Addresses;
 use crate::config::{Config, ConfigError};
-use crate::edge::listen::{Front, Slots};
-use crate::edge::tls;
+use crate::edge::listen::{Front, Serving, Slots};
+use crate::edge::status::{self, StatusListener};
 use crate::engineio::router::Router;
-use crate::observe::metrics::{Reload, Reloads};
+use crate::observe::metrics::{Reload, Reloads, Sources};
+use crate::proxy::route::{Proxy, Tags};
 use crate::runtime::tasks::Background;
 use crate::workers::health;
 use crate::workers::pool::Pool;
@@ -45,6 +47,14 @@ const LIVE: &[&str] = &[
     "balance",
     "health",
     "upstreams",
+    "listen",
+    "listener",
+    "admin",
+    "cluster.key",
+    "cluster.key_file",
+    "cluster.accept_keys",
+    "cluster.previous_key_for",
+    "cluster.nodes",
 ];
 
 /// Keys under `[workers]` that make a worker a different program: a worker started
@@ -62,9 +72,26 @@ pub struct Live {
     pub(super) router: Arc<Router>,
     pub(super) checks: health::Checks,
     pub(super) supervisor: Option<Arc<Supervisor>>,
-    pub(super) certs: Vec<Arc<tls::Certs>>,
+    pub(super) serving: Arc<Serving>,
+    /// The status listener (`[admin]`), when one runs.
+    pub(super) status: std::sync::Mutex<Option<StatusListener>>,
+    pub(super) sources: Arc<Sources>,
+    pub(super) addresses: Addresses,
     pub(super) background: Background,
     pub(super) reloads: Arc<Reloads>,
+}
+
+/// What a reload does to the status listener, decided before anything changes.
+enum StatusChange {
+    Keep,
+    Close,
+    /// The same address, these credentials.
+    Auth(Option<Arc<crate::edge::auth::BasicAuth>>),
+    /// Bound on a new address (the old one, if any, closes).
+    Start(
+        status::StatusSocket,
+        Option<Arc<crate::edge::auth::BasicAuth>>,
+    ),
 }
 
 /// What an applied reload did.
@@ -160,9 +187,36 @@ impl Live {
                 fixed.join(", ")
             ));
         }
+        if super::admin_path(current) != super::admin_path(&cfg) {
+            return Err(format!(
+                "{file}: listen: the first listener's port names the admin socket, which \
+                 `corral reload` and `corral status` find corral by; set admin_socket, or \
+                 keep that listener first"
+            ));
+        }
+        let mut changed = changed;
         let cfg = Arc::new(cfg);
-        let proxy = Arc::new(self.front.load().proxy().renewed(cfg.clone()));
-        let gate = super::front::gate_for(&cfg, proxy, &self.background)
+        let mut proxy = self.front.load().proxy().renewed(cfg.clone());
+        if let Some(tags) = retag(&proxy, &cfg).map_err(|e| format!("{file}: {e}"))? {
+            if !tags
+                .tagger
+                .key()
+                .eq(proxy.tags().map_or(&[][..], |t| t.tagger.key()))
+                && !changed.iter().any(|k| k.starts_with("cluster.key"))
+            {
+                changed.push("cluster.key_file (its contents)".into());
+            }
+            proxy.enable_tags(tags);
+        }
+        let listeners = self
+            .serving
+            .plan(&cfg)
+            .map_err(|e| format!("{file}: {e}"))?;
+        let status = self
+            .plan_status(&cfg)
+            .await
+            .map_err(|e| format!("{file}: {e:#}"))?;
+        let gate = super::front::gate_for(&cfg, Arc::new(proxy), &self.background)
             .map_err(|e| format!("{file}: {e:#}"))?;
         // From here on nothing fails: the parts take the new settings.
         self.apply_upstreams(current, &cfg);
@@ -176,15 +230,64 @@ impl Live {
         if let (Some(sup), Some(spec)) = (&self.supervisor, &cfg.workers) {
             sup.set_spec(spec.clone());
         }
+        // The listeners' kinds before the gate: an accept loop reads its kind again
+        // when it sees a new gate.
+        self.serving.commit(listeners);
+        self.addresses
+            .listeners
+            .store(Arc::new(self.serving.addrs()));
+        self.commit_status(status);
         self.front.store(Arc::new(gate));
-        for c in &self.certs {
-            if let Err(e) = c.reload() {
-                tracing::error!("TLS certificate not reloaded, keeping the old one: {e}");
-            }
-        }
         *current = cfg.clone();
         let workers = self.workers(&cfg, &changed, keep_workers).await;
         Ok(Applied { changed, workers })
+    }
+
+    /// Binds a new status listener, or makes its new credentials.
+    async fn plan_status(&self, cfg: &Config) -> anyhow::Result<StatusChange> {
+        let running = self
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|s| s.configured);
+        Ok(match (running, &cfg.admin) {
+            (None, None) => StatusChange::Keep,
+            (Some(_), None) => StatusChange::Close,
+            (Some(at), Some(admin)) if at == admin.listen => {
+                StatusChange::Auth(super::admin_auth(admin)?)
+            }
+            (_, Some(admin)) => {
+                let auth = super::admin_auth(admin)?;
+                StatusChange::Start(status::bind(admin.listen).await?, auth)
+            }
+        })
+    }
+
+    fn commit_status(&self, change: StatusChange) {
+        let mut running = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        match change {
+            StatusChange::Keep => return,
+            StatusChange::Auth(auth) => {
+                if let Some(l) = running.as_ref() {
+                    l.set_auth(auth);
+                }
+                return;
+            }
+            StatusChange::Close | StatusChange::Start(..) => {
+                if let Some(old) = running.take() {
+                    old.close();
+                    tracing::info!(addr = %old.addr, "status listener closed");
+                }
+            }
+        }
+        if let StatusChange::Start(socket, auth) = change {
+            let l = status::start(socket, self.sources.clone(), auth, &self.background);
+            super::say_status(l.addr);
+            *running = Some(l);
+        }
+        let addr = running.as_ref().map(|l| l.addr);
+        self.addresses.status.store(Arc::new(addr));
     }
 
     /// Static upstreams added join at once; removed ones are served out (their
@@ -251,6 +354,23 @@ impl Live {
             false => said.join(", "),
         })
     }
+}
+
+/// The tags for `cfg`'s cluster, when sids are tagged: its key (or the random one
+/// this corral started with, when none is configured), the keys it accepts, and
+/// the key it replaces accepted for `previous_key_for`; the other nodes found
+/// where they were.
+fn retag(proxy: &Proxy, cfg: &Config) -> Result<Option<Tags>, String> {
+    let Some(old) = proxy.tags() else {
+        return Ok(None);
+    };
+    let cluster = &cfg.cluster;
+    let key = match cluster.key.is_some() || cluster.key_file.is_some() {
+        true => cluster.signing_key().map_err(|e| e.to_string())?,
+        false => old.tagger.key().to_vec(),
+    };
+    let tagger = super::tagger_for(cluster, key).after(&old.tagger, cluster.previous_key_for);
+    Ok(Some(Tags::new(tagger, cluster).found_as(old)))
 }
 
 /// Whether a reload may change `key` in a running corral.
@@ -328,18 +448,26 @@ mod tests {
             "workers.command",
             "upstreams",
             "balance.policy",
+            "listen",
+            "listener",
+            "admin",
+            "admin.listen",
+            "admin.htpasswd",
+            "cluster.key",
+            "cluster.key_file",
+            "cluster.accept_keys",
+            "cluster.nodes",
+            "cluster.nodes.b",
         ] {
             assert!(is_live(key), "{key}");
         }
         for key in [
-            "listen",
-            "listener",
             "workers",
             "message_queue.listen",
             "engineio.tag_sids",
-            "cluster.key",
+            "cluster.node",
             "threads",
-            "admin.listen",
+            "admin_socket",
             "limitsx",
         ] {
             assert!(!is_live(key), "{key}");

@@ -11,7 +11,6 @@
 //! health checks and the admin listener stay on the main runtime.
 
 use std::cell::Cell;
-use std::future::Future;
 use std::thread::JoinHandle;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
@@ -85,14 +84,6 @@ impl Lanes {
     /// The lanes' runtimes, lane 1 first.
     pub fn handles(&self) -> Vec<Handle> {
         self.handles.clone()
-    }
-
-    /// Runs `task` on lane `i` (counted from 0, wrapping).
-    pub fn spawn_on<F>(&self, i: usize, task: F) -> tokio::task::JoinHandle<()>
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
-        self.handles[i % self.handles.len()].spawn(task)
     }
 
     /// Stops every lane; whatever still runs there is dropped.
