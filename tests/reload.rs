@@ -176,3 +176,329 @@ fn static_upstreams_join_and_leave_with_a_reload() {
     assert_eq!(new.seen_for("/after").len(), 5);
     assert_eq!(old.seen_for("/after").len(), before);
 }
+
+/// Waits up to two seconds for `addr` to refuse connections (a closed listener's
+/// sockets are dropped by its accept loops, on their threads).
+fn refuses(addr: std::net::SocketAddr) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        if std::net::TcpStream::connect(addr).is_err() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn get_status(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+    exchange(addr, req.as_bytes()).map(|r| r.status)
+}
+
+/// A listener added by a reload accepts at once; a removed one stops accepting
+/// while the websocket accepted on it goes on; the admin socket tells the
+/// listeners as they are.
+#[test]
+fn listeners_are_bound_and_closed_live_and_their_connections_go_on() {
+    let worker = RawWorker::start(Mode::WebSocket);
+    let corral = Corral::start(&upstream(&worker));
+    let first = corral.addr;
+    let rt = runtime();
+    let mut ws = open_websocket(&rt, &corral);
+    corral.rewrite_listen(
+        "listen = [\"127.0.0.1:0\", \"127.0.0.2:0\"]",
+        &upstream(&worker),
+    );
+    let answer = corral.admin("reload --keep-workers");
+    assert!(answer.starts_with("ok: config reloaded"), "{answer}");
+    assert!(answer.contains("listen"), "{answer}");
+    let (now, _) = corral.bound_now();
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert_eq!(now[0], first, "the kept listener keeps its port");
+    let second = now[1];
+    assert_eq!(second.ip().to_string(), "127.0.0.2");
+    assert_eq!(get_status(second, "/new"), Some(200));
+    assert_eq!(get_status(first, "/old"), Some(200));
+
+    corral.rewrite_listen("listen = [\"127.0.0.2:0\"]", &upstream(&worker));
+    let answer = corral.admin("reload --keep-workers");
+    assert!(answer.starts_with("ok: config reloaded"), "{answer}");
+    assert_eq!(corral.bound_now().0, vec![second]);
+    assert!(refuses(first), "the removed listener still accepts");
+    assert_eq!(get_status(second, "/still"), Some(200));
+    assert!(
+        echoes(&rt, &mut ws, "on a closed listener"),
+        "{}",
+        corral.log_text()
+    );
+}
+
+/// A port another process holds refuses the reload, naming the address; the
+/// running listeners stay as they were.
+#[test]
+fn a_listener_that_cannot_bind_refuses_the_reload() {
+    let worker = RawWorker::start(Mode::Echo);
+    let corral = Corral::start(&format!(
+        "{}[limits]\nmax_body = \"1K\"\n",
+        upstream(&worker)
+    ));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    corral.rewrite_listen(
+        &format!("listen = [\"127.0.0.1:0\", \"127.0.0.1:{port}\"]"),
+        &format!("{}[limits]\nmax_body = \"4K\"\n", upstream(&worker)),
+    );
+    let answer = corral.admin("reload --keep-workers");
+    assert!(answer.starts_with("error:"), "{answer}");
+    assert!(answer.contains(&format!("127.0.0.1:{port}")), "{answer}");
+    assert!(answer.contains("unchanged"), "{answer}");
+    assert_eq!(corral.bound_now().0, vec![corral.addr]);
+    assert_eq!(post(&corral, 2048), Some(413), "max_body unchanged too");
+}
+
+fn certificate(
+    dir: &support::TempDir,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("cert");
+    let pem = made.cert.pem();
+    let cert = dir.file(&format!("{name}.pem"), &pem);
+    let key = dir.file(&format!("{name}.key"), &made.signing_key.serialize_pem());
+    (cert, key, pem)
+}
+
+/// Whether a TLS handshake with `addr` succeeds for a client trusting only `pem`.
+fn trusted_by(rt: &tokio::runtime::Runtime, addr: std::net::SocketAddr, pem: &str) -> bool {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    rt.block_on(async {
+        let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+            return false;
+        };
+        let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+        let handshake = connector.connect(name, tcp);
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), handshake).await,
+            Ok(Ok(_))
+        )
+    })
+}
+
+/// A TLS listener added by a reload serves its certificate; a certificate file
+/// that no longer loads refuses the reload by its path (the old one stays in
+/// use); new files named by the config are in use after the next reload.
+#[test]
+fn tls_listeners_and_their_certificates_change_live() {
+    let worker = RawWorker::start(Mode::Echo);
+    let corral = Corral::start(&upstream(&worker));
+    let dir = support::TempDir::new("certs");
+    let (cert1, key1, pem1) = certificate(&dir, "one");
+    let (cert2, key2, pem2) = certificate(&dir, "two");
+    let tls = |cert: &std::path::Path, key: &std::path::Path| {
+        format!(
+            "{}[[listener]]\naddress = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+            upstream(&worker),
+            cert.display(),
+            key.display()
+        )
+    };
+    corral.rewrite(&tls(&cert1, &key1));
+    let answer = corral.admin("reload --keep-workers");
+    assert!(answer.starts_with("ok: config reloaded"), "{answer}");
+    let (now, _) = corral.bound_now();
+    assert_eq!(now.len(), 2, "{now:?}");
+    let secure = now[1];
+    let rt = runtime();
+    assert!(trusted_by(&rt, secure, &pem1), "{}", corral.log_text());
+    assert!(!trusted_by(&rt, secure, &pem2));
+
+    std::fs::write(&cert1, "not a certificate").expect("spoil");
+    let answer = corral.admin("reload --keep-workers");
+    assert!(answer.starts_with("error:"), "{answer}");
+    assert!(answer.contains(&cert1.display().to_string()), "{answer}");
+    assert!(trusted_by(&rt, secure, &pem1), "the old certificate stays");
+
+    corral.rewrite(&tls(&cert2, &key2));
+    let answer = corral.admin("reload --keep-workers");
+    assert!(answer.starts_with("ok: config reloaded"), "{answer}");
+    assert_eq!(corral.bound_now().0[1], secure, "the same socket");
+    assert!(trusted_by(&rt, secure, &pem2), "{}", corral.log_text());
+    assert!(!trusted_by(&rt, secure, &pem1));
+}
+
+/// `[admin]` added by a reload serves the status pages; new credentials apply to
+/// its next connections; moved, it answers on the new address only; removed, on
+/// none.
+#[test]
+fn the_status_listener_starts_moves_and_closes_live() {
+    let worker = RawWorker::start(Mode::Echo);
+    let corral = Corral::start(&upstream(&worker));
+    assert_eq!(corral.bound_now().1, None);
+    corral.rewrite(&format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n",
+        upstream(&worker)
+    ));
+    let answer = corral.admin("reload --keep-workers");
+    assert!(answer.contains("admin"), "{answer}");
+    let status = corral.bound_now().1.expect("a status listener");
+    assert_eq!(get_status(status, "/metrics"), Some(200));
+
+    let htpasswd = support::htpasswd(&corral.dir, "admin", "secret");
+    corral.rewrite(&format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\nhtpasswd = \"{}\"\n",
+        upstream(&worker),
+        htpasswd.display()
+    ));
+    let answer = corral.admin("reload --keep-workers");
+    assert!(answer.contains("admin.htpasswd"), "{answer}");
+    assert_eq!(corral.bound_now().1, Some(status), "the same listener");
+    assert_eq!(get_status(status, "/metrics"), Some(401));
+    assert_eq!(get_status(status, "/healthz"), Some(200));
+
+    corral.rewrite(&format!(
+        "{}[admin]\nlisten = \"127.0.0.3:0\"\n",
+        upstream(&worker)
+    ));
+    corral.admin("reload --keep-workers");
+    let moved = corral.bound_now().1.expect("a status listener");
+    assert_eq!(moved.ip().to_string(), "127.0.0.3");
+    assert_eq!(get_status(moved, "/metrics"), Some(200));
+    assert!(refuses(status), "the old status listener still accepts");
+
+    corral.rewrite(&upstream(&worker));
+    corral.admin("reload --keep-workers");
+    assert_eq!(corral.bound_now().1, None);
+    assert!(refuses(moved));
+}
+
+const HANDSHAKE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=UTF-8\r\nContent-Length: 106\r\n\r\n0{\"sid\":\"abcdefgh\",\"upgrades\":[\"websocket\"],\"pingInterval\":25000,\"pingTimeout\":20000,\"maxPayload\":1000000}";
+
+/// Tagged sids with a canned Engine.IO worker (every request on its path is
+/// answered with a handshake).
+fn tagged(worker: &RawWorker, cluster: &str) -> String {
+    format!(
+        "{}[engineio]\npath = \"/canned/\"\ntag_sids = true\n[cluster]\n{cluster}\n",
+        upstream(worker)
+    )
+}
+
+/// A new session's tagged sid, through `addr`.
+fn handshake(addr: std::net::SocketAddr) -> String {
+    let r = exchange(
+        addr,
+        b"GET /canned/?EIO=4&transport=polling HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .expect("handshake");
+    let body = String::from_utf8_lossy(&r.body).to_string();
+    let start = body.find("\"sid\":\"").expect("sid") + 7;
+    let end = start + body[start..].find('"').expect("end of sid");
+    body[start..end].to_string()
+}
+
+/// The status of a polling request of the session `sid` through `addr`: 200 when
+/// its tag checks out, 400 (Session ID unknown) when not.
+fn poll(addr: std::net::SocketAddr, sid: &str) -> Option<u16> {
+    let req = format!("GET /canned/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: a\r\n\r\n");
+    exchange(addr, req.as_bytes()).map(|r| r.status)
+}
+
+/// The tag key rotates with reloads: the key a reload replaces is accepted for
+/// `previous_key_for`, `accept_keys` are accepted and never signed with, and a key
+/// no longer listed is refused.
+#[test]
+fn the_tag_key_rotates_with_reloads() {
+    let worker = RawWorker::start(Mode::Canned(HANDSHAKE, false));
+    let (k1, k2, k3) = (
+        "key-one-0123456789",
+        "key-two-0123456789",
+        "key-three-0123456789",
+    );
+    let corral = Corral::start(&tagged(&worker, &format!("key = \"{k1}\"")));
+    let one = handshake(corral.addr);
+    assert!(one.starts_with("abcdefgh."), "{one}");
+    assert_eq!(poll(corral.addr, &one), Some(200));
+    assert_eq!(poll(corral.addr, &format!("{one}x")), Some(400));
+
+    corral.rewrite(&tagged(&worker, &format!("key = \"{k2}\"")));
+    let answer = corral.admin("reload --keep-workers");
+    assert!(answer.contains("cluster.key"), "{answer}");
+    let two = handshake(corral.addr);
+    assert_ne!(two, one, "new sessions are signed with the new key");
+    assert_eq!(poll(corral.addr, &two), Some(200));
+    assert_eq!(
+        poll(corral.addr, &one),
+        Some(200),
+        "the replaced key still accepted"
+    );
+
+    corral.rewrite(&tagged(
+        &worker,
+        &format!("key = \"{k3}\"\naccept_keys = [\"{k2}\"]\nprevious_key_for = \"0s\""),
+    ));
+    let answer = corral.admin("reload --keep-workers");
+    assert!(answer.starts_with("ok:"), "{answer}");
+    assert_eq!(poll(corral.addr, &two), Some(200), "an accepted key");
+    assert_eq!(
+        poll(corral.addr, &one),
+        Some(400),
+        "a key no longer accepted"
+    );
+    let three = handshake(corral.addr);
+    assert_ne!(three, two);
+    assert_eq!(poll(corral.addr, &three), Some(200));
+
+    corral.rewrite(&tagged(
+        &worker,
+        &format!("key = \"{k3}\"\nprevious_key_for = \"0s\""),
+    ));
+    corral.admin("reload --keep-workers");
+    assert_eq!(poll(corral.addr, &two), Some(400));
+    assert_eq!(poll(corral.addr, &three), Some(200));
+}
+
+/// A node added by a reload is routed to: a session tagged by it, sent to this
+/// node, is answered by its worker (one hop) instead of "Session ID unknown".
+#[test]
+fn cluster_nodes_join_with_a_reload() {
+    let key = "key = \"shared-key-0123456789\"";
+    let (wa, wb) = (
+        RawWorker::start(Mode::Canned(HANDSHAKE, false)),
+        RawWorker::start(Mode::Canned(HANDSHAKE, false)),
+    );
+    let a = Corral::start(&tagged(&wa, &format!("node = \"a\"\n{key}")));
+    let b = Corral::start(&tagged(
+        &wb,
+        &format!("node = \"b\"\n{key}\n[cluster.nodes]\na = \"{}\"", a.addr),
+    ));
+    let on_b = handshake(b.addr);
+    assert_eq!(poll(a.addr, &on_b), Some(400), "a does not know b yet");
+    a.rewrite(&tagged(
+        &wa,
+        &format!("node = \"a\"\n{key}\n[cluster.nodes]\nb = \"{}\"", b.addr),
+    ));
+    let answer = a.admin("reload --keep-workers");
+    assert!(answer.contains("cluster.nodes"), "{answer}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut status = poll(a.addr, &on_b);
+    while status != Some(200) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        status = poll(a.addr, &on_b);
+    }
+    assert_eq!(status, Some(200), "{}", a.log_text());
+    let session = |w: &RawWorker| {
+        let seen = w.seen().into_iter();
+        seen.filter(|s| s.target().contains("sid=abcdefgh")).count()
+    };
+    assert_eq!(session(&wb), 1, "b's worker answered the session's request");
+    assert_eq!(session(&wa), 0);
+}

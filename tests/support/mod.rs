@@ -139,6 +139,26 @@ impl Corral {
         std::fs::write(&path, format!("{}\n{config}", head.join("\n"))).expect("rewrite");
     }
 
+    /// Writes the config file again with other listeners: `listen` (a TOML
+    /// line) in place of the first line, the admin socket's line kept.
+    pub fn rewrite_listen(&self, listen: &str, config: &str) {
+        let path = self.dir.0.join("corral.toml");
+        let text = std::fs::read_to_string(&path).expect("config");
+        let admin = text.lines().nth(1).expect("admin socket line");
+        std::fs::write(&path, format!("{listen}\n{admin}\n{config}")).expect("rewrite");
+    }
+
+    /// The listeners and status listener the admin socket tells now.
+    pub fn bound_now(&self) -> (Vec<SocketAddr>, Option<SocketAddr>) {
+        let told = self.addresses().expect("addresses");
+        let addrs = |v: &serde_json::Value| v.as_str().and_then(|a| a.parse().ok());
+        let listeners = told["listeners"]
+            .as_array()
+            .map(|l| l.iter().filter_map(addrs).collect())
+            .unwrap_or_default();
+        (listeners, addrs(&told["status"]))
+    }
+
     /// The admin socket's answer to `command` (up to a minute).
     pub fn admin(&self, command: &str) -> String {
         let socket = self.dir.0.join("admin.sock");
