@@ -3,7 +3,7 @@
 //! order, waits for a stop signal and shuts them down in order, each waiting for what
 //! it owns. It is the only part that knows every other; none of them knows it.
 
-mod front;
+mod parts;
 pub mod preflight;
 mod queue_watch;
 pub mod reload;
@@ -12,7 +12,6 @@ use crate::admin;
 use crate::broker;
 use crate::config::Config;
 use crate::counters::Counters;
-use crate::edge::auth::BasicAuth;
 use crate::edge::status;
 use crate::edge::{listen, tls};
 use crate::engineio::router::{self, Router};
@@ -107,12 +106,12 @@ impl App {
                  will not survive a restart"
                 );
             }
-            let tagger = tagger_for(cluster, cluster.signing_key()?);
+            let tagger = parts::tagger_for(cluster, cluster.signing_key()?);
             proxy.enable_tags(crate::proxy::route::Tags::new(tagger, cluster));
             tracing::info!(node = %cluster.node, others = cluster.nodes.len(), "sids carry their worker (tagged)");
         }
         let proxy = Arc::new(proxy);
-        let front: listen::Front = Arc::new(arc_swap::ArcSwap::from_pointee(front::gate_for(
+        let front: listen::Front = Arc::new(arc_swap::ArcSwap::from_pointee(parts::gate_for(
             &cfg,
             proxy.clone(),
             &background,
@@ -151,9 +150,9 @@ impl App {
         metrics::spawn_sampler(sources.clone(), &background);
         let status_listener = match &cfg.admin {
             Some(admin_cfg) => {
-                let auth = admin_auth(admin_cfg)?;
+                let auth = parts::admin_auth(admin_cfg)?;
                 let l = status::serve(admin_cfg.listen, sources.clone(), auth, &background).await?;
-                say_status(l.addr);
+                parts::say_status(l.addr);
                 Some(l)
             }
             None => None,
@@ -166,7 +165,7 @@ impl App {
         if let (Some(broker), Some(_)) = (embedded, &supervisor) {
             background.spawn(queue_watch::watch(broker, pool.clone()));
         }
-        let admin_path = admin_path(&cfg);
+        let admin_path = parts::admin_path(&cfg);
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let addresses = admin::Addresses {
             listeners: Arc::new(arc_swap::ArcSwap::from_pointee(listeners.clone())),
@@ -290,31 +289,6 @@ impl App {
         background.stop().await;
         let _ = std::fs::remove_file(&admin_path);
     }
-}
-
-/// The signer of tagged sids for `cluster`, signing with `key`.
-fn tagger_for(cluster: &crate::config::Cluster, key: Vec<u8>) -> crate::engineio::sidtag::Tagger {
-    let accepted = cluster.accept_keys.iter().map(|k| k.as_bytes().to_vec());
-    crate::engineio::sidtag::Tagger::new(&key).accepting(accepted)
-}
-
-/// The admin socket's path: configured, or named by the first listener's port.
-fn admin_path(cfg: &Config) -> std::path::PathBuf {
-    cfg.admin_socket
-        .clone()
-        .unwrap_or_else(|| admin::default_path(cfg.first_port()))
-}
-
-/// The status pages' credentials (`[admin] htpasswd`).
-fn admin_auth(admin: &crate::config::AdminConfig) -> anyhow::Result<Option<Arc<BasicAuth>>> {
-    Ok(match &admin.htpasswd {
-        Some(file) => Some(Arc::new(BasicAuth::new(file, "corral admin", Vec::new())?)),
-        None => None,
-    })
-}
-
-fn say_status(at: std::net::SocketAddr) {
-    tracing::info!("status page on http://{at}/status, metrics on http://{at}/metrics");
 }
 
 /// Starts the embedded broker if configured; returns the queue URL for the workers.

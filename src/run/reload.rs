@@ -11,6 +11,7 @@
 //! the record of reloads for /status. It builds parts with `run`'s own builders and
 //! never reaches into a part's insides.
 
+use super::parts;
 use super::preflight;
 use crate::admin::Addresses;
 use crate::config::{Config, ConfigError};
@@ -187,7 +188,7 @@ impl Live {
                 fixed.join(", ")
             ));
         }
-        if super::admin_path(current) != super::admin_path(&cfg) {
+        if parts::admin_path(current) != parts::admin_path(&cfg) {
             return Err(format!(
                 "{file}: listen: the first listener's port names the admin socket, which \
                  `corral reload` and `corral status` find corral by; set admin_socket, or \
@@ -216,7 +217,7 @@ impl Live {
             .plan_status(&cfg)
             .await
             .map_err(|e| format!("{file}: {e:#}"))?;
-        let gate = super::front::gate_for(&cfg, Arc::new(proxy), &self.background)
+        let gate = parts::gate_for(&cfg, Arc::new(proxy), &self.background)
             .map_err(|e| format!("{file}: {e:#}"))?;
         // From here on nothing fails: the parts take the new settings.
         self.apply_upstreams(current, &cfg);
@@ -255,10 +256,10 @@ impl Live {
             (None, None) => StatusChange::Keep,
             (Some(_), None) => StatusChange::Close,
             (Some(at), Some(admin)) if at == admin.listen => {
-                StatusChange::Auth(super::admin_auth(admin)?)
+                StatusChange::Auth(parts::admin_auth(admin)?)
             }
             (_, Some(admin)) => {
-                let auth = super::admin_auth(admin)?;
+                let auth = parts::admin_auth(admin)?;
                 StatusChange::Start(status::bind(admin.listen).await?, auth)
             }
         })
@@ -283,7 +284,7 @@ impl Live {
         }
         if let StatusChange::Start(socket, auth) = change {
             let l = status::start(socket, self.sources.clone(), auth, &self.background);
-            super::say_status(l.addr);
+            parts::say_status(l.addr);
             *running = Some(l);
         }
         let addr = running.as_ref().map(|l| l.addr);
@@ -369,7 +370,7 @@ fn retag(proxy: &Proxy, cfg: &Config) -> Result<Option<Tags>, String> {
         true => cluster.signing_key().map_err(|e| e.to_string())?,
         false => old.tagger.key().to_vec(),
     };
-    let tagger = super::tagger_for(cluster, key).after(&old.tagger, cluster.previous_key_for);
+    let tagger = parts::tagger_for(cluster, key).after(&old.tagger, cluster.previous_key_for);
     Ok(Some(Tags::new(tagger, cluster).found_as(old)))
 }
 
