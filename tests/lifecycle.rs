@@ -192,20 +192,7 @@ fn moved_tunnels(tls: bool) {
     let mut corral = corral_for(&worker, &extra);
     let addr = corral.listeners[usize::from(tls)];
     let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
-    let connector = tls.then(|| {
-        use rustls_pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes()) {
-            roots.add(c.expect("pem")).expect("root");
-        }
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-    });
+    let connector = tls.then(|| support::tls_trusting(&cert_pem));
     let rt = runtime();
     let size = |i: usize, round: usize| (i * 7919 + round * 104_729) % 60_000 + 1;
     let payload = |i: usize, round: usize| -> Vec<u8> {

@@ -269,18 +269,7 @@ fn certificate(
 
 /// Whether a TLS handshake with `addr` succeeds for a client trusting only `pem`.
 fn trusted_by(rt: &tokio::runtime::Runtime, addr: std::net::SocketAddr, pem: &str) -> bool {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
-        roots.add(c.expect("pem")).expect("root");
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let connector = support::tls_trusting(pem);
     rt.block_on(async {
         let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
             return false;

@@ -643,3 +643,19 @@ pub fn htpasswd(dir: &TempDir, user: &str, password: &str) -> PathBuf {
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
+
+/// A TLS client that trusts only the certificates in `pem`.
+pub fn tls_trusting(pem: &str) -> tokio_rustls::TlsConnector {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
