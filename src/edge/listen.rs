@@ -57,7 +57,6 @@ pub enum Error {
 /// fails at once; accepting starts once workers are ready (`serve`).
 pub struct Bound {
     plan: Plan,
-    lanes: usize,
 }
 
 /// Binds every configured listener, `lanes` sockets each. What depends on a
@@ -66,7 +65,6 @@ pub struct Bound {
 pub fn bind(cfg: &Config, lanes: usize) -> Result<Bound, Error> {
     Ok(Bound {
         plan: plan(&cfg.listeners(), lanes, &[])?,
-        lanes,
     })
 }
 
@@ -92,7 +90,6 @@ impl Bound {
             front,
             slots,
         });
-        debug_assert_eq!(self.lanes, lanes.len());
         serving.commit(self.plan);
         serving
     }
@@ -138,13 +135,6 @@ enum Place {
     Kept(usize),
     /// Bound now, one socket a lane.
     New(Vec<std::net::TcpListener>),
-}
-
-/// What a reload changed among the listeners, for its answer.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct ListenerChanges {
-    pub added: Vec<SocketAddr>,
-    pub removed: Vec<SocketAddr>,
 }
 
 impl Plan {
@@ -334,15 +324,13 @@ impl Serving {
     /// Puts `plan` in force: kept listeners take their new kind (new connections
     /// see it once the gate changes), new ones start accepting, removed ones stop
     /// accepting; their open connections go on.
-    pub fn commit(&self, plan: Plan) -> ListenerChanges {
+    pub fn commit(&self, plan: Plan) {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let mut old: Vec<Option<Open>> = open.drain(..).map(Some).collect();
-        let mut changes = ListenerChanges::default();
         for i in plan.removed {
             if let Some(o) = old.get_mut(i).and_then(Option::take) {
                 o.stop.cancel();
                 tracing::info!(addr = %o.addr, "listener closed");
-                changes.removed.push(o.addr);
                 let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
                 retired.extend(o.accepting);
             }
@@ -363,14 +351,12 @@ impl Serving {
                     o
                 }
                 (None, Place::New(sockets)) => {
-                    changes.added.push(w.addr);
                     self.start(w.config, w.addr, w.kind, w.certs, sockets)
                 }
                 (None, Place::Kept(_)) => continue,
             };
             open.push(running);
         }
-        changes
     }
 
     /// Starts accepting on `sockets`, one a lane.
