@@ -351,6 +351,10 @@ impl Serving {
                     o
                 }
                 (None, Place::New(sockets)) => {
+                    // At start `describe` says it, once the workers are up.
+                    if self.go.is_cancelled() {
+                        say_listening(w.addr, &w.kind);
+                    }
                     self.start(w.config, w.addr, w.kind, w.certs, sockets)
                 }
                 (None, Place::Kept(_)) => continue,
@@ -422,14 +426,7 @@ impl Serving {
     pub fn describe(&self) {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         for o in open.iter() {
-            let addr = o.addr;
-            match **o.kind.load() {
-                Kind::Plain => tracing::info!("listening on http://{addr}"),
-                Kind::Tls(_) => tracing::info!("listening on https://{addr}"),
-                Kind::Redirect(port) => {
-                    tracing::info!("listening on http://{addr} (redirects to https port {port})")
-                }
-            }
+            say_listening(o.addr, &o.kind.load());
         }
     }
 
@@ -475,6 +472,16 @@ impl Drained {
         // Closed by `drain` already: this only waits longer.
         let _ = tokio::time::timeout(limit, self.connections.wait()).await;
         self.connections.len()
+    }
+}
+
+fn say_listening(addr: SocketAddr, kind: &Kind) {
+    match kind {
+        Kind::Plain => tracing::info!("listening on http://{addr}"),
+        Kind::Tls(_) => tracing::info!("listening on https://{addr}"),
+        Kind::Redirect(port) => {
+            tracing::info!("listening on http://{addr} (redirects to https port {port})")
+        }
     }
 }
 
