@@ -31,7 +31,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -371,6 +371,10 @@ where
     splice_from(a, b, Early::default(), idle, std::future::pending::<u16>()).await
 }
 
+/// How many times per idle period a tunnel looks whether bytes came: it closes
+/// between one and one and an eighth idle periods after the last byte.
+const IDLE_CHECKS: u32 = 8;
+
 /// Longest a closing tunnel waits for the worker's frame in flight to end.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
@@ -401,10 +405,11 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let start = Instant::now();
-    let last = Arc::new(AtomicU64::new(0));
-    let mut a = Activity::new(a, start, last.clone());
-    let mut b = Activity::new(b, start, last.clone());
+    // Set by every read that brings bytes; the idle check looks at it a few times
+    // per idle period (a clock read on every read cost more than the flag).
+    let active = std::sync::atomic::AtomicBool::new(false);
+    let mut a = Activity::new(a, &active);
+    let mut b = Activity::new(b, &active);
     a.bytes = early.to_worker.len() as u64;
     b.bytes = early.to_client.len() as u64;
     let mut say_goodbye = None;
@@ -423,22 +428,27 @@ where
             },
         };
         tokio::pin!(copy);
+        // Polled only when it wakes: beside the copy, it would be polled (a lock
+        // taken) at every burst of bytes.
+        let closing = Lazy::new(closing);
         tokio::pin!(closing);
-        let mut close_by: Option<Instant> = None;
+        let step = (idle / IDLE_CHECKS).max(Duration::from_millis(1));
+        let mut next_check = tokio::time::Instant::now() + step;
+        let mut quiet = 0;
+        let mut close_by: Option<tokio::time::Instant> = None;
         let mut code = GOING_AWAY;
         loop {
-            let quiet_since = start + Duration::from_millis(last.load(Ordering::Relaxed));
             if let Some(deadline) = close_by {
                 if copy.b_to_a.between_frames() {
                     say_goodbye = Some(code);
                     break;
                 }
-                if Instant::now() >= deadline {
+                if tokio::time::Instant::now() >= deadline {
                     tracing::debug!("tunnel closing mid-frame");
                     break;
                 }
             }
-            let wake = close_by.map_or(quiet_since + idle, |d| d.min(quiet_since + idle));
+            let wake = close_by.map_or(next_check, |d| d.min(next_check));
             tokio::select! {
                 result = &mut copy => {
                     if let Err(e) = result {
@@ -448,13 +458,20 @@ where
                 }
                 c = &mut closing, if close_by.is_none() => {
                     code = c;
-                    close_by = Some(Instant::now() + CLOSE_WAIT);
+                    close_by = Some(tokio::time::Instant::now() + CLOSE_WAIT);
                 }
-                _ = tokio::time::sleep_until(wake.into()) => {
-                    let quiet_since = start + Duration::from_millis(last.load(Ordering::Relaxed));
-                    if close_by.is_none() && quiet_since.elapsed() >= idle {
-                        tracing::debug!(?idle, "tunnel idle, closing");
-                        break;
+                _ = Lazy::new(tokio::time::sleep_until(wake)) => {
+                    let now = tokio::time::Instant::now();
+                    if now >= next_check {
+                        quiet = match active.swap(false, Ordering::Relaxed) {
+                            true => 0,
+                            false => quiet + 1,
+                        };
+                        if close_by.is_none() && quiet >= IDLE_CHECKS {
+                            tracing::debug!(?idle, "tunnel idle, closing");
+                            break;
+                        }
+                        next_check = now + step;
                     }
                 }
             }
@@ -475,6 +492,57 @@ where
         }
     }
     (a.bytes, b.bytes)
+}
+
+pin_project_lite::pin_project! {
+    /// A future polled only after it woke (and once at first): `select!` polls every
+    /// branch whenever any wakes the task, and a tunnel's task wakes for every
+    /// burst of bytes, while its close signal and timer wake almost never.
+    struct Lazy<F> {
+        #[pin]
+        inner: F,
+        woke: Arc<Woke>,
+    }
+}
+
+/// The wake-up a [`Lazy`] future's inner future gives: marked, then passed on.
+#[derive(Default)]
+struct Woke {
+    marked: std::sync::atomic::AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for Woke {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.marked.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F> Lazy<F> {
+    fn new(inner: F) -> Lazy<F> {
+        let woke = Arc::new(Woke::default());
+        woke.marked.store(true, Ordering::Relaxed);
+        Lazy { inner, woke }
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Lazy<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        this.woke.task.register(cx.waker());
+        if !this.woke.marked.swap(false, Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        let waker = std::task::Waker::from(this.woke.clone());
+        this.inner.poll(&mut Context::from_waker(&waker))
+    }
 }
 
 /// Where a stream of websocket frames stands, counted on the bytes written on, so
@@ -506,31 +574,52 @@ impl Frames {
                 data = &data[n as usize..];
                 continue;
             }
+            if self.have == 0 {
+                // The usual case: the whole header in this read.
+                if let Some(need) = data.get(1).map(|b| header_len(*b)) {
+                    if let Some(head) = data.get(..need) {
+                        self.left = payload_len(head);
+                        data = &data[need..];
+                        continue;
+                    }
+                }
+            }
+            // A header cut between two reads: kept a byte at a time.
             self.head[self.have] = data[0];
             self.have += 1;
             data = &data[1..];
             if self.have == 2 {
-                let ext = match self.head[1] & 0x7f {
-                    126 => 2,
-                    127 => 8,
-                    _ => 0,
-                };
-                let mask = if self.head[1] & 0x80 != 0 { 4 } else { 0 };
-                self.need = 2 + ext + mask;
+                self.need = header_len(self.head[1]);
             }
             if self.have >= 2 && self.have == self.need {
-                self.left = match self.head[1] & 0x7f {
-                    126 => u16::from_be_bytes([self.head[2], self.head[3]]) as u64,
-                    127 => {
-                        let mut n = [0u8; 8];
-                        n.copy_from_slice(&self.head[2..10]);
-                        u64::from_be_bytes(n)
-                    }
-                    n => n as u64,
-                };
+                self.left = payload_len(&self.head[..self.need]);
                 self.have = 0;
             }
         }
+    }
+}
+
+/// A websocket frame header's length, from its second byte (RFC 6455 5.2).
+fn header_len(second: u8) -> usize {
+    let ext = match second & 0x7f {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    let mask = if second & 0x80 != 0 { 4 } else { 0 };
+    2 + ext + mask
+}
+
+/// The payload length a whole frame header gives.
+fn payload_len(head: &[u8]) -> u64 {
+    match head[1] & 0x7f {
+        126 => u16::from_be_bytes([head[2], head[3]]) as u64,
+        127 => {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(&head[2..10]);
+            u64::from_be_bytes(n)
+        }
+        n => n as u64,
     }
 }
 
@@ -679,28 +768,26 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// Records when bytes were last read from the inner stream.
-    struct Activity<T> {
+    /// Counts the bytes read from the inner stream and marks that some came.
+    struct Activity<'f, T> {
         #[pin]
         inner: T,
-        start: Instant,
-        last: Arc<AtomicU64>,
+        active: &'f std::sync::atomic::AtomicBool,
         bytes: u64,
     }
 }
 
-impl<T> Activity<T> {
-    fn new(inner: T, start: Instant, last: Arc<AtomicU64>) -> Self {
+impl<'f, T> Activity<'f, T> {
+    fn new(inner: T, active: &'f std::sync::atomic::AtomicBool) -> Self {
         Activity {
             inner,
-            start,
-            last,
+            active,
             bytes: 0,
         }
     }
 }
 
-impl<T: AsyncRead> AsyncRead for Activity<T> {
+impl<T: AsyncRead> AsyncRead for Activity<'_, T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -711,14 +798,13 @@ impl<T: AsyncRead> AsyncRead for Activity<T> {
         let polled = this.inner.poll_read(cx, buf);
         if buf.filled().len() > before {
             *this.bytes += (buf.filled().len() - before) as u64;
-            let ms = this.start.elapsed().as_millis() as u64;
-            this.last.store(ms, Ordering::Relaxed);
+            this.active.store(true, Ordering::Relaxed);
         }
         polled
     }
 }
 
-impl<T: AsyncWrite> AsyncWrite for Activity<T> {
+impl<T: AsyncWrite> AsyncWrite for Activity<'_, T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -747,7 +833,60 @@ impl<T: AsyncWrite> AsyncWrite for Activity<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A frame with a payload of `len` bytes, masked or not.
+    fn frame(len: usize, masked: bool) -> Vec<u8> {
+        let mask = if masked { 0x80 } else { 0 };
+        let mut f = vec![0x82];
+        match len {
+            0..=125 => f.push(mask | len as u8),
+            126..=65535 => {
+                f.push(mask | 126);
+                f.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            _ => {
+                f.push(mask | 127);
+                f.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        if masked {
+            f.extend_from_slice(&[1, 2, 3, 4]);
+        }
+        f.extend(std::iter::repeat_n(0x5a, len));
+        f
+    }
+
+    #[test]
+    fn frame_ends_are_found_however_the_reads_cut_them() {
+        let sizes = [
+            (0, false),
+            (5, true),
+            (125, false),
+            (126, false),
+            (300, true),
+            (70_000, false),
+        ];
+        let frames: Vec<Vec<u8>> = sizes.iter().map(|(n, m)| frame(*n, *m)).collect();
+        let stream: Vec<u8> = frames.concat();
+        let ends: std::collections::BTreeSet<usize> = frames
+            .iter()
+            .scan(0, |at, f| {
+                *at += f.len();
+                Some(*at)
+            })
+            .collect();
+        for cut in [1, 2, 3, 7, 13, 127, 4096, stream.len()] {
+            let mut f = Frames::default();
+            let mut at = 0;
+            for piece in stream.chunks(cut) {
+                f.feed(piece);
+                at += piece.len();
+                assert_eq!(f.between(), ends.contains(&at), "reads of {cut}, at {at}");
+            }
+        }
+    }
 
     #[tokio::test]
     async fn splice_copies_and_closes_on_idle() {
