@@ -69,33 +69,10 @@ http {
 }
 EOC
 nginx -p "$work" -c "$work/nginx.conf" -g 'daemon off;' & pid[nginx]=$!
-cat > "$work/haproxy.cfg" <<EOC
-global
-    maxconn 9000
-    nbthread 2
-    ssl-default-bind-options ssl-min-ver TLSv1.2
-defaults
-    mode http
-    option http-keep-alive
-    option forwardfor
-    http-reuse always
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-frontend front
-    bind 127.0.0.1:${plain[haproxy]}
-    bind 127.0.0.1:${tls[haproxy]} ssl crt $work/both.pem alpn h2,http/1.1
-    http-request set-header X-Forwarded-Proto https if { ssl_fc }
-    default_backend back
-backend back
-    server s1 127.0.0.1:$backend maxconn 9000
-EOC
+haproxy_cfg "$work/haproxy.cfg" "${plain[haproxy]}" "${tls[haproxy]}" "$work/both.pem" "$backend" h2,http/1.1
 haproxy -f "$work/haproxy.cfg" -db 2>"$work/haproxy.log" & pid[haproxy]=$!
 pids+=("${pid[@]}")
-for p in corral nginx haproxy; do
-  for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:${plain[$p]}/" && break; sleep 0.1; done
-  curl -sk -o /dev/null --fail "https://127.0.0.1:${tls[$p]}/" || { echo "$p does not answer https" >&2; exit 1; }
-done
+await_proxies corral nginx haproxy
 
 scenarios="plain-keepalive plain-close tls-keepalive tls-close"
 url() { case $1 in plain-*) echo "http://127.0.0.1:${plain[$2]}/";; tls-*) echo "https://127.0.0.1:${tls[$2]}/";; esac; }
@@ -116,7 +93,6 @@ for r in $(seq "$rounds"); do
     done
   done
 done
-ratio() { python3 -c "a,b=float('$1'),float('$2');print(f'{a/b:.2f}' if b else '-')"; }
 echo "| scenario | measure | corral | nginx | HAProxy | corral/nginx | corral/HAProxy |"
 echo "|---|---|---:|---:|---:|---:|---:|"
 for s in $scenarios; do

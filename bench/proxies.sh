@@ -81,7 +81,6 @@ for proxy in corral nginx haproxy; do
   stop_proxy $proxy
 done
 
-ratio() { python3 -c "a,b=float('$1'),float('$2');print(f'{a/b:.2f}' if b else '-')"; }
 echo "| scenario | corral | nginx | HAProxy | corral/nginx | corral/HAProxy |"
 echo "|---|---:|---:|---:|---:|---:|"
 row() { echo "| $1 | ${R[corral,$2]} | ${R[nginx,$2]} | ${R[haproxy,$2]} | $(ratio ${R[corral,$2]} ${R[nginx,$2]}) | $(ratio ${R[corral,$2]} ${R[haproxy,$2]}) |"; }
