@@ -9,7 +9,8 @@
 # CORRAL_EXTRA adds TOML to corral's config (e.g. "[experimental]\nhttp1_fast_path = false").
 # Startup is measured with one request and subtracted.
 # CALLGRIND_OUT=file keeps the callgrind output (for callgrind_annotate).
-# CARGO_TARGET_DIR builds (and runs) elsewhere, e.g. with other profile settings.
+# CARGO_TARGET_DIR builds (and runs) elsewhere, e.g. with other profile settings;
+# CORRAL= runs another corral build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 who=$1; n=${2:-20000}; client=${CLIENT:-wrk}
@@ -26,7 +27,7 @@ run() { # requests -> callgrind output file
   case $who in
     corral)
       printf 'listen = ["127.0.0.1:%s"]\nupstreams = ["127.0.0.1:%s"]\nadmin_socket = "%s/c.sock"\nthreads = 1\n%b\n' "$p" "$backend" "$work" "${CORRAL_EXTRA:-}" > "$work/c.toml"
-      valgrind --tool=callgrind --callgrind-out-file="$work/out.$1" $tgt/profiling/corral run -c "$work/c.toml" >/dev/null 2>&1 & pid=$!;;
+      valgrind --tool=callgrind --callgrind-out-file="$work/out.$1" "${CORRAL:-$tgt/profiling/corral}" run -c "$work/c.toml" >/dev/null 2>&1 & pid=$!;;
     nginx)
       sed -e "s#@PORT@#$p#g" -e "s#@BACKEND@#$backend#g" -e "s#@DIR@#$work#g" \
           -e 's/worker_processes auto;/worker_processes 1; master_process off; daemon off;/' bench/conf/nginx.conf.in > "$work/nginx.conf"

@@ -199,12 +199,10 @@ impl Live {
         let cfg = Arc::new(cfg);
         let mut proxy = self.front.load().proxy().renewed(cfg.clone());
         if let Some(tags) = retag(&proxy, &cfg).map_err(|e| format!("{file}: {e}"))? {
-            if !tags
-                .tagger
-                .key()
-                .eq(proxy.tags().map_or(&[][..], |t| t.tagger.key()))
-                && !changed.iter().any(|k| k.starts_with("cluster.key"))
-            {
+            let rekeyed = proxy
+                .tags()
+                .is_some_and(|t| t.tagger.key() != tags.tagger.key());
+            if rekeyed && !changed.iter().any(|k| k.starts_with("cluster.key")) {
                 changed.push("cluster.key_file (its contents)".into());
             }
             proxy.enable_tags(tags);
