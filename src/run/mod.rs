@@ -120,10 +120,13 @@ impl App {
         background.spawn(crate::proxy::route::expire_idle(move || {
             current.load().proxy().clone()
         }));
-        let current = front.clone();
-        background.spawn(crate::proxy::route::resolve_nodes(move || {
-            current.load().proxy().clone()
-        }));
+        if cfg.engineio.tag_sids {
+            // Tags stay on or off for corral's life (not a live key); nodes change.
+            let current = front.clone();
+            background.spawn(crate::proxy::route::resolve_nodes(move || {
+                current.load().proxy().clone()
+            }));
+        }
         let slots = listen::Slots::new(cfg.limits.max_connections);
 
         listen::raise_fd_limit();
