@@ -909,6 +909,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn bytes_keep_a_tunnel_open_past_its_idle_period() {
+        let (mut client, a) = tokio::io::duplex(1024);
+        let (b, mut server) = tokio::io::duplex(1024);
+        let idle = Duration::from_millis(300);
+        let t = tokio::spawn(splice(a, b, idle));
+        let mut buf = [0u8; 1];
+        // A byte every 100 ms for four idle periods, one way and then the other.
+        for i in 0..12 {
+            if i < 6 {
+                client.write_all(b"x").await.expect("write");
+                server.read_exact(&mut buf).await.expect("read");
+            } else {
+                server.write_all(b"y").await.expect("write");
+                client.read_exact(&mut buf).await.expect("read");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(!t.is_finished(), "closed while bytes came, at {i}");
+        }
+        let quiet = Instant::now();
+        tokio::time::timeout(Duration::from_secs(2), t)
+            .await
+            .expect("closes once quiet")
+            .expect("task");
+        assert!(quiet.elapsed() >= Duration::from_millis(200));
+    }
+
+    #[tokio::test]
     async fn splice_carries_bulk_through_slow_writers() {
         // Tiny pipes force partial writes and the pending-buffer path.
         let (mut client, a) = tokio::io::duplex(64);
