@@ -97,6 +97,8 @@ pub struct Timing {
     pub idle: Duration,
     /// The window over which a leaving worker's tunnels are closed.
     pub spread: Duration,
+    /// Cleartext tunnels are relayed by the kernel (`experimental.kernel_relay`).
+    pub kernel: bool,
 }
 
 impl Tunnels {
@@ -208,6 +210,7 @@ impl Tunnels {
         }
         let worker_side = hyper::upgrade::on(&mut resp);
         let idle = timing.idle;
+        let kernel = timing.kernel;
         let open = target.worker.open_tunnel();
         let metrics = metrics.clone();
         let ticket = match target.ticket {
@@ -215,7 +218,10 @@ impl Tunnels {
             other => other,
         };
         let closing = self.close_signal(&target.worker, timing.spread);
-        let lane = self.lane_for(worker).cloned();
+        let lane = self.lane_for(worker).cloned().or_else(|| {
+            // The kernel relay needs the sockets out of their upgrades here too.
+            timing.kernel.then(Handle::current)
+        });
         let tasks = self.tasks.clone();
         self.tasks.spawn(async move {
             let (client_io, worker_io) = match tokio::try_join!(client_side, worker_side) {
@@ -228,6 +234,7 @@ impl Tunnels {
             let take_client = slot.as_ref().and_then(|s| s.take_socket);
             let relay = Relay {
                 idle,
+                kernel,
                 closing,
                 metrics,
                 _owned: (slot, ticket, open),
@@ -254,6 +261,8 @@ impl Tunnels {
 /// ticket, the worker's count of open tunnels).
 struct Relay<C, O> {
     idle: Duration,
+    /// Cleartext tunnels go to the kernel relay.
+    kernel: bool,
     closing: C,
     metrics: Arc<Counters>,
     _owned: O,
@@ -322,7 +331,15 @@ where
                 to_worker: client.early,
                 to_client: worker_early,
             };
-            self.run_taken(client.io, b, early).await
+            match client.io {
+                #[cfg(target_os = "linux")]
+                Taken::Tcp(tcp) if self.kernel => {
+                    if let Some(a) = registered(tcp) {
+                        self.run_in_kernel(a, b, early).await
+                    }
+                }
+                io => self.run_taken(io, b, early).await,
+            }
         }));
     }
 
@@ -342,6 +359,186 @@ where
                     self.run(a, worker, early).await
                 }
             }
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl<C, O> Relay<C, O>
+where
+    C: std::future::Future<Output = u16> + Send + 'static,
+    O: Send + 'static,
+{
+    /// As `run`, for two cleartext sockets, with the bytes moved by the kernel
+    /// (`experimental.kernel_relay`): corral wakes only for the idle clock, its close
+    /// signal, or a socket that turns readable (an end, or bytes the kernel passed
+    /// back); then it takes the tunnel back, where the kernel stopped, and relays the
+    /// rest itself (for a close frame, after the worker's frame in progress).
+    async fn run_in_kernel(
+        self,
+        mut client: tokio::net::TcpStream,
+        mut worker: tokio::net::TcpStream,
+        early: Early,
+    ) {
+        use crate::transport::kernel_relay::{KernelRelay, Side};
+        use std::os::fd::AsRawFd;
+        use tokio::io::AsyncWriteExt;
+        let mut frames = Frames::default();
+        frames.feed(&early.to_client);
+        let mut moved = [early.to_worker.len() as u64, early.to_client.len() as u64];
+        if client.write_all(&early.to_client).await.is_err()
+            || worker.write_all(&early.to_worker).await.is_err()
+        {
+            return;
+        }
+        let attached = match KernelRelay::get().map(|k| k.attach(client.as_raw_fd(), worker.as_raw_fd())) {
+            Some(Ok(a)) => a,
+            other => {
+                if let Some(Err(e)) = other {
+                    tracing::debug!(error = %e, "tunnel not given to the kernel relay");
+                }
+                return self.resume(client, worker, frames, moved, None).await;
+            }
+        };
+        // Bytes that came before the sockets were in the map (or were passed up
+        // since) are sent on here; the relay starts once a look finds none passed
+        // meanwhile.
+        let mut attached = attached;
+        let mut started = false;
+        for _ in 0..3 {
+            let passed = [attached.passed(Side::Client), attached.passed(Side::Worker)];
+            let ended = match catch_up(&mut client, &mut worker, &mut frames, &mut moved).await {
+                Ok(ended) => ended,
+                Err(e) => return tracing::debug!(error = %e, "tunnel ended"),
+            };
+            let now = [attached.passed(Side::Client), attached.passed(Side::Worker)];
+            if !ended && now == passed && frames.have == 0 {
+                started = attached.start(passed, frames.left).is_ok();
+            }
+            if ended || started {
+                break;
+            }
+        }
+        if !started {
+            // Still in the map, passing everything up: it stays until the end.
+            return self.resume(client, worker, frames, moved, Some(attached)).await;
+        }
+        self.metrics.kernel_tunnels.fetch_add(1, Ordering::Relaxed);
+        let closing = Lazy::new(self.closing);
+        tokio::pin!(closing);
+        let step = (self.idle / IDLE_CHECKS).max(Duration::from_millis(1));
+        let mut seen = attached.moved();
+        let mut quiet = 0;
+        let woke = loop {
+            tokio::select! {
+                c = &mut closing => break Wake::Close(c),
+                _ = client.readable() => break Wake::Readable,
+                _ = worker.readable() => break Wake::Readable,
+                _ = tokio::time::sleep(step) => {
+                    let now = attached.moved();
+                    quiet = if now == seen { quiet + 1 } else { 0 };
+                    seen = now;
+                    if quiet >= IDLE_CHECKS {
+                        break Wake::Idle;
+                    }
+                }
+            }
+        };
+        let stopped = match attached.stop(CLOSE_WAIT).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Bytes may still be on their way: nothing can be added safely.
+                return tracing::debug!(error = %e, "kernel relay did not stop in time; tunnel ends");
+            }
+        };
+        moved[0] += stopped.up;
+        moved[1] += stopped.down;
+        frames.left = stopped.remaining;
+        if let Wake::Idle = woke {
+            tracing::debug!(idle = ?self.idle, "tunnel idle, closing");
+            self.metrics.bytes_in.fetch_add(moved[0], Ordering::Relaxed);
+            self.metrics.bytes_out.fetch_add(moved[1], Ordering::Relaxed);
+            return;
+        }
+        self.metrics.kernel_taken_back.fetch_add(1, Ordering::Relaxed);
+        if attached.gave_up() {
+            tracing::debug!("kernel relay could not follow the frames; relayed by corral");
+        }
+        let closing = match woke {
+            Wake::Close(c) => futures_util::future::Either::Left(std::future::ready(c)),
+            _ => futures_util::future::Either::Right(closing),
+        };
+        let (up, down) = splice_framed(client, worker, Early::default(), frames, self.idle, closing).await;
+        self.metrics.bytes_in.fetch_add(moved[0] + up, Ordering::Relaxed);
+        self.metrics.bytes_out.fetch_add(moved[1] + down, Ordering::Relaxed);
+        // The sockets leave the map only now: what the program passed up is read.
+        drop(attached);
+    }
+
+    /// Relays the rest in user space, the worker's frames standing at `frames` and
+    /// `moved` bytes sent on so far (client to worker, worker to client).
+    async fn resume(
+        self,
+        client: tokio::net::TcpStream,
+        worker: tokio::net::TcpStream,
+        frames: Frames,
+        moved: [u64; 2],
+        _attached: Option<crate::transport::kernel_relay::Attached>,
+    ) {
+        let (up, down) = splice_framed(client, worker, Early::default(), frames, self.idle, self.closing).await;
+        self.metrics.bytes_in.fetch_add(moved[0] + up, Ordering::Relaxed);
+        self.metrics.bytes_out.fetch_add(moved[1] + down, Ordering::Relaxed);
+    }
+}
+
+/// Why a kernel-relayed tunnel's task woke.
+#[cfg(target_os = "linux")]
+enum Wake {
+    /// Its close signal, with the code to send.
+    Close(u16),
+    /// A socket turned readable: an end, or bytes the kernel passed back.
+    Readable,
+    /// No byte either way for the idle period.
+    Idle,
+}
+
+/// Sends on what either socket has now, until both would block, adding to `moved`
+/// (client to worker, worker to client). True at an end (the relay then carries on
+/// as usual).
+#[cfg(target_os = "linux")]
+async fn catch_up(
+    client: &mut tokio::net::TcpStream,
+    worker: &mut tokio::net::TcpStream,
+    frames: &mut Frames,
+    moved: &mut [u64; 2],
+) -> io::Result<bool> {
+    use tokio::io::AsyncWriteExt;
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let mut idle = true;
+        match client.try_read(&mut buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) => {
+                worker.write_all(&buf[..n]).await?;
+                moved[0] += n as u64;
+                idle = false;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        match worker.try_read(&mut buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) => {
+                client.write_all(&buf[..n]).await?;
+                frames.feed(&buf[..n]);
+                moved[1] += n as u64;
+                idle = false;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        if idle {
+            return Ok(false);
         }
     }
 }
@@ -405,6 +602,22 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    splice_framed(a, b, early, Frames::default(), idle, closing).await
+}
+
+/// As [`splice_from`], the worker's bytes so far having left its frames at `frames`.
+async fn splice_framed<A, B>(
+    a: A,
+    b: B,
+    early: Early,
+    frames: Frames,
+    idle: Duration,
+    closing: impl std::future::Future<Output = u16>,
+) -> (u64, u64)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
     // Set by every read that brings bytes; the idle check looks at it a few times
     // per idle period (a clock read on every read cost more than the flag).
     let active = std::sync::atomic::AtomicBool::new(false);
@@ -423,7 +636,7 @@ where
             },
             b_to_a: Pump {
                 pending: early.to_client.to_vec(),
-                frames: Some(Frames::default()),
+                frames: Some(frames),
                 ..Pump::default()
             },
         };
