@@ -5,10 +5,13 @@
 # cleartext and over TLS 1.3 (one ECDSA P-256 certificate for all three). All three
 # proxies run at once on their own ports and each round goes round them in turn
 # (and the backend direct, for the latency the proxies add). Reports the proxy's CPU
-# (user + system, from /proc, nginx's workers included) per delivered frame, the
+# (user + system, from /proc, nginx's workers included) per delivered frame, and the
+# time of the kernel's worker threads over the same window (kworker, ksoftirqd: where
+# corral's kernel relay, on by default here, has its forwarding done), the
 # frames' p50/p99 latency and what each proxy adds to the direct one, and the
 # proxy's resident memory with the websockets open: medians of the rounds, ratios.
 #   bench/relay.sh [rounds] [seconds] [websockets] [frames/s]   (make bench-relay)
+#   KERNEL_RELAY=false bench/relay.sh ...   corral relays in user space
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
@@ -44,6 +47,8 @@ tls = { cert = "$work/cert.pem", key = "$work/key.pem" }
 max_connections = 9000
 [timeouts]
 websocket_idle = "3600s"
+[experimental]
+kernel_relay = ${KERNEL_RELAY:-true}
 EOC
 "${CORRAL:-target/profiling/corral}" run -c "$work/corral.toml" >/dev/null 2>"$work/corral.log" & pid[corral]=$!
 cat > "$work/nginx.conf" <<EOC
@@ -93,7 +98,8 @@ for r in $(seq "$rounds"); do
   for s in plain tls; do
     for p in corral nginx haproxy; do
       out=$(feed "$(url $s $p)" "${pid[$p]}")
-      for m in cpu_us_per_frame p50_us p99_us rss_kib frames_per_s; do field "$out" $m >> "$work/$s.$p.$m"; done
+      for m in cpu_us_per_frame kernel_us_per_frame p50_us p99_us rss_kib frames_per_s; do field "$out" $m >> "$work/$s.$p.$m"; done
+      python3 -c "import json,sys;j=json.loads(sys.argv[1]);print(round(j['cpu_us_per_frame']+j['kernel_us_per_frame'],3))" "$out" >> "$work/$s.$p.total_us_per_frame"
       [ "$(field "$out" errors)$(field "$out" failed)" = 00 ] || echo "round $r $s $p: $out" >&2
     done
   done
@@ -104,13 +110,13 @@ echo
 echo "| relay | measure | corral | nginx | HAProxy | corral/nginx | corral/HAProxy |"
 echo "|---|---|---:|---:|---:|---:|---:|"
 for s in plain tls; do
-  for m in frames_per_s cpu_us_per_frame add50 add99 rss_kib; do
+  for m in frames_per_s cpu_us_per_frame kernel_us_per_frame total_us_per_frame add50 add99 rss_kib; do
     case $m in
       add50) for p in corral nginx haproxy; do v[$p]=$(python3 -c "print(round($(median < "$work/$s.$p.p50_us") - $d50))"); done;;
       add99) for p in corral nginx haproxy; do v[$p]=$(python3 -c "print(round($(median < "$work/$s.$p.p99_us") - $d99))"); done;;
       *) for p in corral nginx haproxy; do v[$p]=$(median < "$work/$s.$p.$m"); done;;
     esac
-    name=$(case $m in frames_per_s) echo "frames/s delivered";; cpu_us_per_frame) echo "proxy CPU µs/frame";; add50) echo "added p50 µs";; add99) echo "added p99 µs";; rss_kib) echo "RSS KiB";; esac)
+    name=$(case $m in frames_per_s) echo "frames/s delivered";; cpu_us_per_frame) echo "proxy process CPU µs/frame";; kernel_us_per_frame) echo "kernel workers µs/frame";; total_us_per_frame) echo "**proxy + kernel workers µs/frame**";; add50) echo "added p50 µs";; add99) echo "added p99 µs";; rss_kib) echo "RSS KiB";; esac)
     echo "| $s | $name | ${v[corral]} | ${v[nginx]} | ${v[haproxy]} | $(ratio "${v[corral]}" "${v[nginx]}") | $(ratio "${v[corral]}" "${v[haproxy]}") |"
   done
 done

@@ -391,15 +391,16 @@ where
         {
             return;
         }
-        let attached = match KernelRelay::get().map(|k| k.attach(client.as_raw_fd(), worker.as_raw_fd())) {
-            Some(Ok(a)) => a,
-            other => {
-                if let Some(Err(e)) = other {
-                    tracing::debug!(error = %e, "tunnel not given to the kernel relay");
+        let attached =
+            match KernelRelay::get().map(|k| k.attach(client.as_raw_fd(), worker.as_raw_fd())) {
+                Some(Ok(a)) => a,
+                other => {
+                    if let Some(Err(e)) = other {
+                        tracing::debug!(error = %e, "tunnel not given to the kernel relay");
+                    }
+                    return self.resume(client, worker, frames, moved, None).await;
                 }
-                return self.resume(client, worker, frames, moved, None).await;
-            }
-        };
+            };
         // Bytes that came before the sockets were in the map (or were passed up
         // since) are sent on here; the relay starts once a look finds none passed
         // meanwhile.
@@ -421,9 +422,12 @@ where
         }
         if !started {
             // Still in the map, passing everything up: it stays until the end.
-            return self.resume(client, worker, frames, moved, Some(attached)).await;
+            return self
+                .resume(client, worker, frames, moved, Some(attached))
+                .await;
         }
         self.metrics.kernel_tunnels.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!("tunnel relayed by the kernel");
         let closing = Lazy::new(self.closing);
         tokio::pin!(closing);
         let step = (self.idle / IDLE_CHECKS).max(Duration::from_millis(1));
@@ -432,8 +436,8 @@ where
         let woke = loop {
             tokio::select! {
                 c = &mut closing => break Wake::Close(c),
-                _ = client.readable() => break Wake::Readable,
-                _ = worker.readable() => break Wake::Readable,
+                _ = has_bytes_or_end(&client) => break Wake::Readable,
+                _ = has_bytes_or_end(&worker) => break Wake::Readable,
                 _ = tokio::time::sleep(step) => {
                     let now = attached.moved();
                     quiet = if now == seen { quiet + 1 } else { 0 };
@@ -457,20 +461,32 @@ where
         if let Wake::Idle = woke {
             tracing::debug!(idle = ?self.idle, "tunnel idle, closing");
             self.metrics.bytes_in.fetch_add(moved[0], Ordering::Relaxed);
-            self.metrics.bytes_out.fetch_add(moved[1], Ordering::Relaxed);
+            self.metrics
+                .bytes_out
+                .fetch_add(moved[1], Ordering::Relaxed);
             return;
         }
-        self.metrics.kernel_taken_back.fetch_add(1, Ordering::Relaxed);
-        if attached.gave_up() {
-            tracing::debug!("kernel relay could not follow the frames; relayed by corral");
-        }
+        self.metrics
+            .kernel_taken_back
+            .fetch_add(1, Ordering::Relaxed);
+        let why = match woke {
+            _ if attached.gave_up() => "frames the kernel could not follow",
+            Wake::Close(_) => "to send its close frame",
+            _ => "a socket turned readable",
+        };
+        tracing::debug!(why, "tunnel taken back from the kernel");
         let closing = match woke {
             Wake::Close(c) => futures_util::future::Either::Left(std::future::ready(c)),
             _ => futures_util::future::Either::Right(closing),
         };
-        let (up, down) = splice_framed(client, worker, Early::default(), frames, self.idle, closing).await;
-        self.metrics.bytes_in.fetch_add(moved[0] + up, Ordering::Relaxed);
-        self.metrics.bytes_out.fetch_add(moved[1] + down, Ordering::Relaxed);
+        let (up, down) =
+            splice_framed(client, worker, Early::default(), frames, self.idle, closing).await;
+        self.metrics
+            .bytes_in
+            .fetch_add(moved[0] + up, Ordering::Relaxed);
+        self.metrics
+            .bytes_out
+            .fetch_add(moved[1] + down, Ordering::Relaxed);
         // The sockets leave the map only now: what the program passed up is read.
         drop(attached);
     }
@@ -485,9 +501,21 @@ where
         moved: [u64; 2],
         _attached: Option<crate::transport::kernel_relay::Attached>,
     ) {
-        let (up, down) = splice_framed(client, worker, Early::default(), frames, self.idle, self.closing).await;
-        self.metrics.bytes_in.fetch_add(moved[0] + up, Ordering::Relaxed);
-        self.metrics.bytes_out.fetch_add(moved[1] + down, Ordering::Relaxed);
+        let (up, down) = splice_framed(
+            client,
+            worker,
+            Early::default(),
+            frames,
+            self.idle,
+            self.closing,
+        )
+        .await;
+        self.metrics
+            .bytes_in
+            .fetch_add(moved[0] + up, Ordering::Relaxed);
+        self.metrics
+            .bytes_out
+            .fetch_add(moved[1] + down, Ordering::Relaxed);
     }
 }
 
@@ -500,6 +528,32 @@ enum Wake {
     Readable,
     /// No byte either way for the idle period.
     Idle,
+}
+
+/// Resolves when `socket` has bytes to read or has ended. The kernel relay wakes a
+/// socket's waiters as it moves bytes past it, which is not worth a look.
+#[cfg(target_os = "linux")]
+async fn has_bytes_or_end(socket: &tokio::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    loop {
+        if socket.readable().await.is_err() {
+            return;
+        }
+        let peek = socket.try_io(tokio::io::Interest::READABLE, || {
+            let mut byte = 0u8;
+            let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+            let n =
+                unsafe { libc::recv(socket.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, flags) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+        match peek {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            _ => return,
+        }
+    }
 }
 
 /// Sends on what either socket has now, until both would block, adding to `moved`

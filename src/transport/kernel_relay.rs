@@ -140,20 +140,26 @@ impl KernelRelay {
             keys,
             base: [0; 2],
         };
-        for side in 0..2 {
+        for (side, key) in keys.iter().enumerate() {
             let n = self
                 .take_slot()
                 .ok_or_else(|| io::Error::other("every kernel relay slot is taken"))?;
             attached.slots[side] = n;
             let s = self.slot(n);
-            for w in [&s.relay, &s.consumed, &s.remaining, &s.passed, &s.redirected]
-                .into_iter()
-                .chain([&s.failed, &s.entered, &s.left])
+            for w in [
+                &s.relay,
+                &s.consumed,
+                &s.remaining,
+                &s.passed,
+                &s.redirected,
+            ]
+            .into_iter()
+            .chain([&s.failed, &s.entered, &s.left])
             {
                 w.store(0, Ordering::Relaxed);
             }
             s.track.store(side as u64, Ordering::Relaxed);
-            sys::map_update(&self.index, &keys[side], &n.to_ne_bytes())?;
+            sys::map_update(&self.index, key, &n.to_ne_bytes())?;
         }
         // Each socket is stored under the other's key: bytes that arrive on one are
         // sent out of the socket its own key names.
@@ -308,7 +314,12 @@ fn program(index: &OwnedFd, slots: &OwnedFd, sockhash: &OwnedFd) -> Vec<u64> {
     // Stack: the key at -16, the slot number at -20, the loop count at -32, a
     // frame header at -50 (so its 2- and 8-byte lengths are aligned at -48).
     p.mov(R6, R1);
-    for (off, at) in [(REMOTE_IP4, -16), (LOCAL_IP4, -12), (REMOTE_PORT, -8), (LOCAL_PORT, -4)] {
+    for (off, at) in [
+        (REMOTE_IP4, -16),
+        (LOCAL_IP4, -12),
+        (REMOTE_PORT, -8),
+        (LOCAL_PORT, -4),
+    ] {
         p.ldxw(R2, R6, off);
         p.stxw(R10, at, R2);
     }
@@ -608,7 +619,13 @@ mod sys {
         unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
     }
 
-    pub fn map_create(kind: u32, key: u32, value: u32, entries: u32, flags: u32) -> io::Result<OwnedFd> {
+    pub fn map_create(
+        kind: u32,
+        key: u32,
+        value: u32,
+        entries: u32,
+        flags: u32,
+    ) -> io::Result<OwnedFd> {
         let attr = words(&[pair(kind, key), pair(value, entries), pair(flags, 0)]);
         bpf(CMD_MAP_CREATE, &attr).map(owned)
     }
@@ -673,7 +690,10 @@ mod sys {
                 let text = String::from_utf8_lossy(&log);
                 let text = text.trim_end_matches('\0');
                 let tail: String = text.lines().rev().take(4).collect::<Vec<_>>().join(" / ");
-                io::Error::new(e.kind(), format!("verdict program refused: {first}: {tail}"))
+                io::Error::new(
+                    e.kind(),
+                    format!("verdict program refused: {first}: {tail}"),
+                )
             })
         })
     }
@@ -744,7 +764,10 @@ mod tests {
     fn relay() -> &'static KernelRelay {
         match KernelRelay::get() {
             Some(r) => r,
-            None => panic!("no kernel relay here (the tests need root): {:?}", KernelRelay::new().err()),
+            None => panic!(
+                "no kernel relay here (the tests need root): {:?}",
+                KernelRelay::new().err()
+            ),
         }
     }
 
@@ -757,7 +780,8 @@ mod tests {
         let far = TcpStream::connect(back.local_addr().expect("addr")).expect("connect");
         let (server, _) = back.accept().expect("accept");
         for s in [&client, &server] {
-            s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
         }
         (client, near, far, server)
     }
@@ -789,29 +813,42 @@ mod tests {
     async fn the_kernel_relays_both_ways_and_stops_between_frames_or_says_where() {
         let relay = relay();
         let (mut client, near, far, mut server) = tunnel();
-        let mut attached = relay.attach(near.as_raw_fd(), far.as_raw_fd()).expect("attach");
+        let mut attached = relay
+            .attach(near.as_raw_fd(), far.as_raw_fd())
+            .expect("attach");
         attached.start([0, 0], 0).expect("start");
         client.write_all(b"to the worker").expect("write");
         assert_eq!(read_exactly(&mut server, 13), b"to the worker");
         // Every header form, several frames per write, one frame across writes.
         let mut stream = Vec::new();
-        for (i, len) in [5usize, 125, 126, 300, 65535, 65536, 200_000, 7].iter().enumerate() {
+        for (i, len) in [5usize, 125, 126, 300, 65535, 65536, 200_000, 7]
+            .iter()
+            .enumerate()
+        {
             stream.extend(frame(*len, i as u8));
         }
         let cut = frame(1000, 9);
         server.write_all(&stream).expect("write");
         server.write_all(&cut[..600]).expect("write");
         let got = read_exactly(&mut client, stream.len() + 600);
-        assert!(got == [&stream[..], &cut[..600]].concat(), "frames changed on the way");
+        assert!(
+            got == [&stream[..], &cut[..600]].concat(),
+            "frames changed on the way"
+        );
         let stopped = attached.stop(Duration::from_secs(2)).await.expect("stop");
         assert_eq!(stopped.up, 13);
         assert_eq!(stopped.down, (stream.len() + 600) as u64);
-        assert_eq!(stopped.remaining, cut.len() as u64 - 600, "the cut frame's rest");
+        assert_eq!(
+            stopped.remaining,
+            cut.len() as u64 - 600,
+            "the cut frame's rest"
+        );
         assert!(!attached.gave_up());
         // Stopped: the bytes come up to this process, in order.
         server.write_all(&cut[600..]).expect("write");
         let mut far = far;
-        far.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        far.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
         assert_eq!(read_exactly(&mut far, cut.len() - 600), &cut[600..]);
     }
 
@@ -819,7 +856,9 @@ mod tests {
     async fn frames_it_cannot_follow_are_passed_up_from_where_it_lost_them() {
         let relay = relay();
         let (mut client, near, far, mut server) = tunnel();
-        let mut attached = relay.attach(near.as_raw_fd(), far.as_raw_fd()).expect("attach");
+        let mut attached = relay
+            .attach(near.as_raw_fd(), far.as_raw_fd())
+            .expect("attach");
         attached.start([0, 0], 0).expect("start");
         let first = frame(10, 1);
         server.write_all(&first).expect("write");
@@ -828,7 +867,8 @@ mod tests {
         let many: Vec<u8> = (0..100).flat_map(|i| frame(3, i as u8)).collect();
         server.write_all(&many).expect("write");
         let mut far = far;
-        far.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        far.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
         assert_eq!(read_exactly(&mut far, many.len()), many, "passed up whole");
         assert!(attached.gave_up());
         let stopped = attached.stop(Duration::from_secs(2)).await.expect("stop");
@@ -840,10 +880,14 @@ mod tests {
     async fn bytes_passed_up_before_the_start_keep_the_relay_off_until_read() {
         let relay = relay();
         let (mut client, near, far, mut server) = tunnel();
-        let mut attached = relay.attach(near.as_raw_fd(), far.as_raw_fd()).expect("attach");
+        let mut attached = relay
+            .attach(near.as_raw_fd(), far.as_raw_fd())
+            .expect("attach");
         server.write_all(b"early").expect("write");
         let mut far_r = far.try_clone().expect("clone");
-        far_r.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        far_r
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
         // Passed up (the relay is not on); started as if nothing had been read.
         let deadline = Instant::now() + Duration::from_secs(5);
         while attached.passed(Side::Worker) < 5 && Instant::now() < deadline {
@@ -855,6 +899,9 @@ mod tests {
         assert_eq!(read_exactly(&mut far_r, 10), b"earlylater");
         client.set_nonblocking(true).expect("nonblocking");
         let mut none = [0u8; 16];
-        assert!(client.read(&mut none).is_err(), "nothing reached the client");
+        assert!(
+            client.read(&mut none).is_err(),
+            "nothing reached the client"
+        );
     }
 }

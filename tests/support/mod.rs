@@ -476,6 +476,18 @@ fn websocket_echo(mut r: BufReader<TcpStream>, mut out: TcpStream, head: &str, h
         for (i, b) in payload.iter_mut().enumerate() {
             *b ^= mask[i % 4];
         }
+        // "flood": frames of every header form, each in its own write, until the
+        // client is gone; "burst": a hundred small frames in one write.
+        if payload == b"flood" {
+            return websocket_flood(out);
+        }
+        if payload == b"burst" {
+            let burst: Vec<u8> = (0..100u8).flat_map(|i| [0x82, 1, i]).collect();
+            if out.write_all(&burst).is_err() {
+                return;
+            }
+            continue;
+        }
         let mut frame = vec![h[0]];
         if payload.len() < 126 {
             frame.push(payload.len() as u8);
@@ -485,6 +497,33 @@ fn websocket_echo(mut r: BufReader<TcpStream>, mut out: TcpStream, head: &str, h
         }
         frame.extend_from_slice(&payload);
         if out.write_all(&frame).is_err() || h[0] & 0x0f == 0x8 {
+            return;
+        }
+    }
+}
+
+/// The sizes `websocket_flood` cycles through (every header form); frame `n` is
+/// `FLOOD_SIZES[n % len]` bytes of `n as u8`.
+pub const FLOOD_SIZES: [usize; 5] = [70_000, 3, 200, 130_000, 126];
+
+fn websocket_flood(mut out: TcpStream) {
+    // Bounded: about 20 GB, far more than a test reads.
+    for n in 0..100_000usize {
+        let len = FLOOD_SIZES[n % FLOOD_SIZES.len()];
+        let mut frame = vec![0x82];
+        match len {
+            0..=125 => frame.push(len as u8),
+            126..=65535 => {
+                frame.push(126);
+                frame.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            _ => {
+                frame.push(127);
+                frame.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        frame.resize(frame.len() + len, n as u8);
+        if out.write_all(&frame).is_err() {
             return;
         }
     }

@@ -1,0 +1,254 @@
+//! The kernel relay (`experimental.kernel_relay`, Linux, root): cleartext websocket
+//! tunnels whose bytes the kernel moves, over real sockets. corral runs as its own
+//! process in front of an in-process raw worker (`support::RawWorker`).
+//!
+//! Each test asks the log that the kernel did relay (and, where it matters, that
+//! corral took the tunnel back), so a relay that silently stayed in user space
+//! fails them.
+
+mod support;
+
+use futures_util::{SinkExt, StreamExt};
+use std::time::{Duration, Instant};
+use support::{Corral, Mode, RawWorker, FLOOD_SIZES};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn corral_for(worker: &RawWorker, extra: &str) -> Corral {
+    Corral::start(&format!(
+        "upstreams = [\"{}\"]\n{extra}\n[experimental]\nkernel_relay = true\n",
+        worker.addr
+    ))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn open(rt: &tokio::runtime::Runtime, corral: &Corral) -> Ws {
+    let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", corral.addr);
+    rt.block_on(tokio_tungstenite::connect_async(url.as_str()))
+        .unwrap_or_else(|e| panic!("websocket through corral: {e}: {}", corral.log_text()))
+        .0
+}
+
+fn next(rt: &tokio::runtime::Runtime, ws: &mut Ws, corral: &Corral) -> Message {
+    match rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), ws.next()).await }) {
+        Ok(Some(Ok(m))) => m,
+        other => panic!("expected a frame, got {other:?}: {}", corral.log_text()),
+    }
+}
+
+fn times_in_log(corral: &Corral, text: &str) -> usize {
+    corral.log_text().matches(text).count()
+}
+
+/// Frames of every size both ways, on one serving thread and on several (where the
+/// tunnel moves to its worker's thread first): whole and in order, the kernel
+/// relaying each tunnel; at shutdown each client gets 1001.
+#[test]
+fn kernel_relayed_tunnels_carry_frames_whole_and_close_cleanly() {
+    for threads in [1, 3] {
+        let worker = RawWorker::start(Mode::WebSocketHello);
+        let mut corral = corral_for(&worker, &format!("threads = {threads}"));
+        let rt = runtime();
+        let size = |i: usize, round: usize| (i * 7919 + round * 104_729) % 60_000 + 1;
+        let payload = |i: usize, round: usize| -> Vec<u8> {
+            (0..size(i, round))
+                .map(|k| (k * 31 + i + round) as u8)
+                .collect()
+        };
+        let mut clients = Vec::new();
+        for _ in 0..6 {
+            let mut ws = open(&rt, &corral);
+            assert_eq!(next(&rt, &mut ws, &corral), Message::text("hello"));
+            clients.push(ws);
+        }
+        for round in 0..8 {
+            for (i, ws) in clients.iter_mut().enumerate() {
+                rt.block_on(ws.send(Message::binary(payload(i, round))))
+                    .expect("send");
+                rt.block_on(ws.send(Message::text(format!("{i}/{round}"))))
+                    .expect("send");
+            }
+            for (i, ws) in clients.iter_mut().enumerate() {
+                let echo = next(&rt, ws, &corral);
+                assert!(
+                    echo == Message::binary(payload(i, round)),
+                    "client {i} round {round}"
+                );
+                assert_eq!(
+                    next(&rt, ws, &corral),
+                    Message::text(format!("{i}/{round}"))
+                );
+            }
+        }
+        assert_eq!(
+            times_in_log(&corral, "tunnel relayed by the kernel"),
+            6,
+            "threads = {threads}: {}",
+            corral.log_text()
+        );
+        assert_eq!(
+            times_in_log(&corral, "tunnel taken back from the kernel"),
+            0,
+            "the kernel relayed every frame: {}",
+            corral.log_text()
+        );
+        corral.terminate();
+        for ws in clients.iter_mut() {
+            match next(&rt, ws, &corral) {
+                Message::Close(Some(f)) => assert_eq!(f.code, CloseCode::Away),
+                other => panic!("expected 1001, got {other:?}"),
+            }
+        }
+        let status = corral.wait_exit(Duration::from_secs(10));
+        assert!(status.is_some_and(|s| s.success()), "{status:?}");
+        assert!(times_in_log(&corral, "tunnel taken back from the kernel") >= 6);
+    }
+}
+
+/// The worker floods frames of every header form (up to 130 kB, many segments
+/// each) when SIGTERM comes: corral takes the tunnel back from the kernel where it
+/// stopped, lets the frame in progress end, and only then sends 1001 — every frame
+/// the client gets is whole (a close frame put inside one would garble the rest).
+#[test]
+fn a_close_code_comes_after_the_frame_in_progress() {
+    let worker = RawWorker::start(Mode::WebSocket);
+    let mut corral = corral_for(&worker, "");
+    let rt = runtime();
+    let mut ws = open(&rt, &corral);
+    rt.block_on(ws.send(Message::text("flood"))).expect("send");
+    let mut n = 0usize;
+    let check = |m: Message, n: usize| match m {
+        Message::Binary(b) => {
+            let want = FLOOD_SIZES[n % FLOOD_SIZES.len()];
+            assert_eq!(b.len(), want, "frame {n}");
+            assert!(b.iter().all(|x| *x == n as u8), "frame {n} garbled");
+        }
+        other => panic!("frame {n}: {other:?}"),
+    };
+    while n < 200 {
+        check(next(&rt, &mut ws, &corral), n);
+        n += 1;
+    }
+    assert_eq!(
+        times_in_log(&corral, "tunnel relayed by the kernel"),
+        1,
+        "{}",
+        corral.log_text()
+    );
+    corral.terminate();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        assert!(Instant::now() < deadline, "no close frame");
+        match next(&rt, &mut ws, &corral) {
+            Message::Close(Some(f)) => {
+                assert_eq!(f.code, CloseCode::Away);
+                break;
+            }
+            m => check(m, n),
+        }
+        n += 1;
+    }
+    let status = corral.wait_exit(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert!(
+        corral
+            .log_text()
+            .contains("why=\"to send its close frame\""),
+        "{}",
+        corral.log_text()
+    );
+}
+
+/// A hundred frames in one segment are more than the kernel's program follows: it
+/// passes them up, corral takes the tunnel back and relays them (and what follows)
+/// whole and in order.
+#[test]
+fn frames_the_kernel_cannot_follow_are_relayed_by_corral() {
+    let worker = RawWorker::start(Mode::WebSocket);
+    let corral = corral_for(&worker, "");
+    let rt = runtime();
+    let mut ws = open(&rt, &corral);
+    rt.block_on(ws.send(Message::text("one"))).expect("send");
+    assert_eq!(next(&rt, &mut ws, &corral), Message::text("one"));
+    rt.block_on(ws.send(Message::text("burst"))).expect("send");
+    for i in 0..100u8 {
+        assert_eq!(next(&rt, &mut ws, &corral), Message::binary(vec![i]));
+    }
+    rt.block_on(ws.send(Message::text("after"))).expect("send");
+    assert_eq!(next(&rt, &mut ws, &corral), Message::text("after"));
+    let log = corral.log_text();
+    assert!(log.contains("tunnel relayed by the kernel"), "{log}");
+    assert!(log.contains("frames the kernel could not follow"), "{log}");
+}
+
+/// A kernel-relayed tunnel with no bytes for `websocket_idle` is closed (between
+/// one and one and an eighth idle periods, as in user space); bytes the kernel
+/// moves keep it open past that.
+#[test]
+fn kernel_relayed_tunnels_close_when_idle_and_stay_open_while_used() {
+    let worker = RawWorker::start(Mode::WebSocket);
+    let corral = corral_for(&worker, "[timeouts]\nwebsocket_idle = \"1s\"\n");
+    let rt = runtime();
+    let mut ws = open(&rt, &corral);
+    let started = Instant::now();
+    let mut quiet = Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        std::thread::sleep(Duration::from_millis(250));
+        rt.block_on(ws.send(Message::text("tick"))).expect("send");
+        assert_eq!(next(&rt, &mut ws, &corral), Message::text("tick"));
+        quiet = Instant::now();
+    }
+    let end = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), ws.next()).await });
+    let after = quiet.elapsed();
+    assert!(
+        matches!(end, Ok(None) | Ok(Some(Err(_)))),
+        "the tunnel was not closed: {end:?}"
+    );
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_millis(2000),
+        "closed {after:?} after the last byte"
+    );
+    assert_eq!(
+        times_in_log(&corral, "tunnel relayed by the kernel"),
+        1,
+        "{}",
+        corral.log_text()
+    );
+}
+
+/// The client closes: its close frame reaches the worker through the kernel, the
+/// worker's answer comes back, and both connections end (the worker's too).
+#[test]
+fn a_client_close_ends_both_connections() {
+    let worker = RawWorker::start(Mode::WebSocket);
+    let corral = corral_for(&worker, "");
+    let rt = runtime();
+    let mut ws = open(&rt, &corral);
+    rt.block_on(ws.send(Message::text("x"))).expect("send");
+    assert_eq!(next(&rt, &mut ws, &corral), Message::text("x"));
+    rt.block_on(ws.close(None)).expect("close");
+    match next(&rt, &mut ws, &corral) {
+        Message::Close(_) => {}
+        other => panic!("expected the worker's close, got {other:?}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while worker.open_connections() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(worker.open_connections(), 0, "{}", corral.log_text());
+    assert_eq!(
+        times_in_log(&corral, "tunnel relayed by the kernel"),
+        1,
+        "{}",
+        corral.log_text()
+    );
+}
