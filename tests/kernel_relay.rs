@@ -49,6 +49,17 @@ fn times_in_log(corral: &Corral, text: &str) -> usize {
     corral.log_text().matches(text).count()
 }
 
+/// Waits until `n` tunnels are with the kernel. A tunnel whose bytes keep coming
+/// while it is handed over stays in user space (correct, but not what these tests
+/// are about), so each test lets its tunnels go quiet first.
+fn wait_in_kernel(corral: &Corral, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while times_in_log(corral, "tunnel relayed by the kernel") < n {
+        assert!(Instant::now() < deadline, "{}", corral.log_text());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Frames of every size both ways, on one serving thread and on several (where the
 /// tunnel moves to its worker's thread first): whole and in order, the kernel
 /// relaying each tunnel; at shutdown each client gets 1001.
@@ -70,6 +81,7 @@ fn kernel_relayed_tunnels_carry_frames_whole_and_close_cleanly() {
             assert_eq!(next(&rt, &mut ws, &corral), Message::text("hello"));
             clients.push(ws);
         }
+        wait_in_kernel(&corral, clients.len());
         for round in 0..8 {
             for (i, ws) in clients.iter_mut().enumerate() {
                 rt.block_on(ws.send(Message::binary(payload(i, round))))
@@ -124,6 +136,7 @@ fn a_close_code_comes_after_the_frame_in_progress() {
     let mut corral = corral_for(&worker, "");
     let rt = runtime();
     let mut ws = open(&rt, &corral);
+    wait_in_kernel(&corral, 1);
     rt.block_on(ws.send(Message::text("flood"))).expect("send");
     let mut n = 0usize;
     let check = |m: Message, n: usize| match m {
@@ -177,6 +190,7 @@ fn frames_the_kernel_cannot_follow_are_relayed_by_corral() {
     let corral = corral_for(&worker, "");
     let rt = runtime();
     let mut ws = open(&rt, &corral);
+    wait_in_kernel(&corral, 1);
     rt.block_on(ws.send(Message::text("one"))).expect("send");
     assert_eq!(next(&rt, &mut ws, &corral), Message::text("one"));
     rt.block_on(ws.send(Message::text("burst"))).expect("send");
@@ -199,6 +213,7 @@ fn kernel_relayed_tunnels_close_when_idle_and_stay_open_while_used() {
     let corral = corral_for(&worker, "[timeouts]\nwebsocket_idle = \"1s\"\n");
     let rt = runtime();
     let mut ws = open(&rt, &corral);
+    wait_in_kernel(&corral, 1);
     let started = Instant::now();
     let mut quiet = Instant::now();
     while started.elapsed() < Duration::from_millis(2500) {
@@ -233,6 +248,7 @@ fn a_client_close_ends_both_connections() {
     let corral = corral_for(&worker, "");
     let rt = runtime();
     let mut ws = open(&rt, &corral);
+    wait_in_kernel(&corral, 1);
     rt.block_on(ws.send(Message::text("x"))).expect("send");
     assert_eq!(next(&rt, &mut ws, &corral), Message::text("x"));
     rt.block_on(ws.close(None)).expect("close");

@@ -406,7 +406,10 @@ where
         // meanwhile.
         let mut attached = attached;
         let mut started = false;
-        for _ in 0..3 {
+        let mut tries = 0;
+        let mut ended_seen = false;
+        for _ in 0..5 {
+            tries += 1;
             let passed = [attached.passed(Side::Client), attached.passed(Side::Worker)];
             let ended = match catch_up(&mut client, &mut worker, &mut frames, &mut moved).await {
                 Ok(ended) => ended,
@@ -414,13 +417,20 @@ where
             };
             let now = [attached.passed(Side::Client), attached.passed(Side::Worker)];
             if !ended && now == passed && frames.have == 0 {
-                started = attached.start(passed, frames.left).is_ok();
+                match attached.start(passed, frames.left) {
+                    Ok(true) => started = true,
+                    // Bytes passed up meanwhile: read them, then try again.
+                    Ok(false) => continue,
+                    Err(_) => break,
+                }
             }
+            ended_seen = ended;
             if ended || started {
                 break;
             }
         }
         if !started {
+            tracing::debug!(tries, ended_seen, "tunnel not started in the kernel relay");
             // Still in the map, passing everything up: it stays until the end.
             return self
                 .resume(client, worker, frames, moved, Some(attached))
@@ -428,6 +438,11 @@ where
         }
         self.metrics.kernel_tunnels.fetch_add(1, Ordering::Relaxed);
         tracing::debug!("tunnel relayed by the kernel");
+        // Off this thread's reactor while the kernel relays: it would wake it for
+        // every byte moved. The relay's own watch says when a socket ends.
+        let (Ok(client), Ok(worker)) = (client.into_std(), worker.into_std()) else {
+            return tracing::debug!("tunnel socket not taken off the reactor; tunnel ends");
+        };
         let closing = Lazy::new(self.closing);
         tokio::pin!(closing);
         let step = (self.idle / IDLE_CHECKS).max(Duration::from_millis(1));
@@ -436,8 +451,7 @@ where
         let woke = loop {
             tokio::select! {
                 c = &mut closing => break Wake::Close(c),
-                _ = has_bytes_or_end(&client) => break Wake::Readable,
-                _ = has_bytes_or_end(&worker) => break Wake::Readable,
+                _ = attached.woken() => break Wake::Readable,
                 _ = tokio::time::sleep(step) => {
                     let now = attached.moved();
                     quiet = if now == seen { quiet + 1 } else { 0 };
@@ -458,6 +472,9 @@ where
         moved[0] += stopped.up;
         moved[1] += stopped.down;
         frames.left = stopped.remaining;
+        let (Some(client), Some(worker)) = (registered(client), registered(worker)) else {
+            return;
+        };
         if let Wake::Idle = woke {
             tracing::debug!(idle = ?self.idle, "tunnel idle, closing");
             self.metrics.bytes_in.fetch_add(moved[0], Ordering::Relaxed);
@@ -530,32 +547,6 @@ enum Wake {
     Idle,
 }
 
-/// Resolves when `socket` has bytes to read or has ended. The kernel relay wakes a
-/// socket's waiters as it moves bytes past it, which is not worth a look.
-#[cfg(target_os = "linux")]
-async fn has_bytes_or_end(socket: &tokio::net::TcpStream) {
-    use std::os::fd::AsRawFd;
-    loop {
-        if socket.readable().await.is_err() {
-            return;
-        }
-        let peek = socket.try_io(tokio::io::Interest::READABLE, || {
-            let mut byte = 0u8;
-            let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
-            let n =
-                unsafe { libc::recv(socket.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, flags) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-        match peek {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            _ => return,
-        }
-    }
-}
-
 /// Sends on what either socket has now, until both would block, adding to `moved`
 /// (client to worker, worker to client). True at an end (the relay then carries on
 /// as usual).
@@ -568,9 +559,26 @@ async fn catch_up(
 ) -> io::Result<bool> {
     use tokio::io::AsyncWriteExt;
     let mut buf = vec![0u8; CHUNK];
+    // Straight from the sockets: tokio's try_read answers from the readiness it
+    // has been told of, which may not yet include bytes that just came.
+    let read_now = |socket: &tokio::net::TcpStream, buf: &mut [u8]| {
+        use std::os::fd::AsRawFd;
+        let n = unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            n if n >= 0 => Ok(n as usize),
+            _ => Err(io::Error::last_os_error()),
+        }
+    };
     loop {
         let mut idle = true;
-        match client.try_read(&mut buf) {
+        match read_now(client, &mut buf) {
             Ok(0) => return Ok(true),
             Ok(n) => {
                 worker.write_all(&buf[..n]).await?;
@@ -580,7 +588,7 @@ async fn catch_up(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
-        match worker.try_read(&mut buf) {
+        match read_now(worker, &mut buf) {
             Ok(0) => return Ok(true),
             Ok(n) => {
                 client.write_all(&buf[..n]).await?;

@@ -27,6 +27,64 @@ const SLOTS: u32 = 32 * 1024;
 /// user space (its loop must be bounded for the verifier).
 const FRAMES_PER_SEGMENT: i32 = 32;
 
+/// The ring's size: records of 16 bytes, read at once.
+const RING_BYTES: u32 = 16 * 1024;
+/// The ring's event in the watch set (slots are below `SLOTS`).
+const RING_EVENT: u64 = u64::MAX;
+
+/// A `BPF_MAP_TYPE_RINGBUF` read from user space: each record a slot number.
+struct Ring {
+    map: OwnedFd,
+    /// The consumer's position (read-write page).
+    consumer: *const AtomicU64,
+    /// The producer's position page, then the data mapped twice over.
+    producer: *const AtomicU64,
+    data: *const u8,
+    mask: u64,
+}
+
+impl Ring {
+    fn new(bytes: u32) -> io::Result<Ring> {
+        let map = sys::map_create(sys::MAP_RINGBUF, 0, 0, bytes, 0)?;
+        let page = sys::PAGE;
+        let consumer = sys::map_at(&map, page, libc::PROT_READ | libc::PROT_WRITE, 0)?;
+        let producer = sys::map_at(&map, page + 2 * bytes as usize, libc::PROT_READ, page)?;
+        Ok(Ring {
+            map,
+            consumer: consumer as *const AtomicU64,
+            producer: producer as *const AtomicU64,
+            data: unsafe { producer.add(page) },
+            mask: bytes as u64 - 1,
+        })
+    }
+
+    /// Calls `each` with every record's slot number, and frees their room.
+    fn take(&self, mut each: impl FnMut(u32)) {
+        const BUSY: u32 = 1 << 31;
+        const DISCARD: u32 = 1 << 30;
+        let (consumer, producer) = unsafe { (&*self.consumer, &*self.producer) };
+        let mut at = consumer.load(Ordering::Acquire);
+        let end = producer.load(Ordering::Acquire);
+        while at < end {
+            let head = unsafe {
+                &*(self.data.add((at & self.mask) as usize) as *const std::sync::atomic::AtomicU32)
+            };
+            let len = head.load(Ordering::Acquire);
+            if len & BUSY != 0 {
+                break;
+            }
+            if len & DISCARD == 0 && len & !(BUSY | DISCARD) >= 4 {
+                let slot = unsafe {
+                    (self.data.add(((at + 8) & self.mask) as usize) as *const u32).read_unaligned()
+                };
+                each(slot);
+            }
+            at += ((len & !(BUSY | DISCARD)) as u64 + 8).div_ceil(8) * 8;
+            consumer.store(at, Ordering::Release);
+        }
+    }
+}
+
 /// One relayed socket's shared state: the first four words are written by user
 /// space, the rest by the program (one run at a time per socket).
 #[repr(C)]
@@ -69,6 +127,15 @@ pub struct KernelRelay {
     _program: OwnedFd,
     slots: *const Slot,
     free: Mutex<Vec<u32>>,
+    /// Where the program tells which tunnels it gave up on.
+    gave_up: Ring,
+    /// An epoll set of every relayed socket, for its end only (`EPOLLRDHUP`): the
+    /// kernel wakes a socket's readers as it moves bytes past it, and those
+    /// wake-ups must not reach corral. Holds the ring too.
+    watch: OwnedFd,
+    /// Each relayed tunnel's wake-up, by its worker side's slot.
+    wakes: Mutex<std::collections::HashMap<u32, std::sync::Arc<tokio::sync::Notify>>>,
+    dispatching: std::sync::Once,
 }
 
 // The slots are atomics in shared memory that lives as long as the process.
@@ -100,9 +167,17 @@ impl KernelRelay {
         let size = std::mem::size_of::<Slot>() as u32;
         let slots_map = sys::map_create(sys::MAP_ARRAY, 4, size, SLOTS, sys::F_MMAPABLE)?;
         let slots = sys::map_shared(&slots_map, size as usize * SLOTS as usize)? as *const Slot;
-        let code = program(&index, &slots_map, &sockhash);
+        let gave_up = Ring::new(RING_BYTES)?;
+        let code = program(&index, &slots_map, &sockhash, &gave_up.map);
         let program = sys::load_verdict(&code)?;
         sys::attach_verdict(&sockhash, &program)?;
+        let watch = sys::epoll()?;
+        sys::epoll_add(
+            &watch,
+            gave_up.map.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            RING_EVENT,
+        )?;
         Ok(KernelRelay {
             sockhash,
             index,
@@ -110,7 +185,48 @@ impl KernelRelay {
             _program: program,
             slots,
             free: Mutex::new((0..SLOTS).rev().collect()),
+            gave_up,
+            watch,
+            wakes: Mutex::default(),
+            dispatching: std::sync::Once::new(),
         })
+    }
+
+    /// Wakes the tunnels whose socket ended or whose frames the program gave up
+    /// on; runs on the runtime of the first tunnel, as long as it does.
+    fn dispatch(&'static self) {
+        self.dispatching.call_once(|| {
+            // The epoll set is the relay's, which lives as long as the process.
+            let watch = unsafe { tokio::io::unix::AsyncFd::register(self.watch.as_raw_fd()) };
+            let Ok(watch) = watch else {
+                return tracing::warn!("kernel relay: cannot watch its sockets");
+            };
+            tokio::spawn(async move {
+                let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
+                loop {
+                    let Ok(mut ready) = watch.readable().await else {
+                        return;
+                    };
+                    let n = sys::epoll_now(&self.watch, &mut events);
+                    if n == 0 {
+                        ready.clear_ready();
+                        continue;
+                    }
+                    for e in &events[..n] {
+                        match e.u64 {
+                            RING_EVENT => self.gave_up.take(|slot| self.wake(slot)),
+                            slot => self.wake(slot as u32),
+                        }
+                    }
+                }
+            });
+        });
+    }
+
+    fn wake(&self, slot: u32) {
+        if let Some(w) = self.wakes.lock().ok().and_then(|w| w.get(&slot).cloned()) {
+            w.notify_one();
+        }
     }
 
     fn slot(&self, n: u32) -> &Slot {
@@ -139,6 +255,8 @@ impl KernelRelay {
             slots: [u32::MAX; 2],
             keys,
             base: [0; 2],
+            wake: None,
+            watched: false,
         };
         for (side, key) in keys.iter().enumerate() {
             let n = self
@@ -161,6 +279,12 @@ impl KernelRelay {
             s.track.store(side as u64, Ordering::Relaxed);
             sys::map_update(&self.index, key, &n.to_ne_bytes())?;
         }
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        if let Ok(mut w) = self.wakes.lock() {
+            w.insert(attached.slots[1], wake.clone());
+        }
+        attached.wake = Some(wake);
+        self.dispatch();
         // Each socket is stored under the other's key: bytes that arrive on one are
         // sent out of the socket its own key names.
         sys::map_update(&self.sockhash, &keys[0], &(worker as u32).to_ne_bytes())?;
@@ -185,6 +309,9 @@ pub struct Attached {
     keys: [[u8; 16]; 2],
     /// Bytes queued on each socket when the relay started.
     base: [u64; 2],
+    wake: Option<std::sync::Arc<tokio::sync::Notify>>,
+    /// The sockets are in the relay's epoll set.
+    watched: bool,
 }
 
 /// Where the relay stood when it stopped.
@@ -210,11 +337,18 @@ impl Attached {
     /// Starts relaying: user space has read and sent on everything passed up so far
     /// (`consumed` per side), and the worker's frame in progress has `remaining`
     /// bytes left. Bytes passed up since stay with user space (the program sees the
-    /// counts differ and keeps passing).
-    pub fn start(&mut self, consumed: [u64; 2], remaining: u64) -> io::Result<()> {
+    /// counts differ and keeps passing, having moved nothing): then this says
+    /// false, the relay is off again, and the caller reads those bytes and may try
+    /// again (nothing would wake it for them).
+    pub fn start(&mut self, consumed: [u64; 2], remaining: u64) -> io::Result<bool> {
         for (i, fd) in self.fds.iter().enumerate() {
             self.base[i] = sys::queued_total(*fd)?;
         }
+        let ends = (libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32;
+        for fd in self.fds {
+            sys::epoll_add(&self.relay.watch, fd, ends, self.slots[1] as u64)?;
+        }
+        self.watched = true;
         self.slot(Side::Worker)
             .remaining
             .store(remaining, Ordering::Release);
@@ -223,7 +357,46 @@ impl Attached {
             s.consumed.store(consumed[side as usize], Ordering::Release);
             s.relay.store(1, Ordering::SeqCst);
         }
-        Ok(())
+        for side in [Side::Client, Side::Worker] {
+            let s = self.slot(side);
+            // A run that saw the relay still off may be counting what it passed.
+            let until = Instant::now() + Duration::from_millis(100);
+            while s.entered.load(Ordering::SeqCst) != s.left.load(Ordering::SeqCst) {
+                if Instant::now() > until {
+                    self.hold();
+                    return Ok(false);
+                }
+                std::thread::yield_now();
+            }
+            if s.passed.load(Ordering::SeqCst) != consumed[side as usize] {
+                self.hold();
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The relay off again before it moved a byte (a start that found bytes passed
+    /// up meanwhile): everything is passed up.
+    fn hold(&mut self) {
+        for side in [Side::Client, Side::Worker] {
+            self.slot(side).relay.store(0, Ordering::SeqCst);
+        }
+        if std::mem::take(&mut self.watched) {
+            for fd in self.fds {
+                let _ = sys::epoll_del(&self.relay.watch, fd);
+            }
+        }
+    }
+
+    /// Resolves when a socket has ended or the program gave up on the frames (the
+    /// socket then has bytes to read). The sockets must be off corral's own
+    /// reactor meanwhile, or it would be woken for every byte the kernel moves.
+    pub async fn woken(&self) {
+        match &self.wake {
+            Some(w) => w.notified().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// Bytes moved by the kernel either way so far (for the idle clock).
@@ -240,6 +413,11 @@ impl Attached {
         let until = Instant::now() + limit;
         for side in [Side::Client, Side::Worker] {
             self.slot(side).relay.store(0, Ordering::SeqCst);
+        }
+        if self.watched {
+            for fd in self.fds {
+                let _ = sys::epoll_del(&self.relay.watch, fd);
+            }
         }
         // A run of the program that saw the relay on may still be counting.
         for side in [Side::Client, Side::Worker] {
@@ -285,6 +463,14 @@ impl Attached {
 
 impl Drop for Attached {
     fn drop(&mut self) {
+        if let Ok(mut w) = self.relay.wakes.lock() {
+            w.remove(&self.slots[1]);
+        }
+        if self.watched {
+            for fd in self.fds {
+                let _ = sys::epoll_del(&self.relay.watch, fd);
+            }
+        }
         for i in 0..2 {
             if self.slots[i] == u32::MAX {
                 continue;
@@ -301,7 +487,7 @@ impl Drop for Attached {
 /// frames were followed so far, and user space has read all it was passed; on the
 /// worker's side follow the frames through the segment; count, and send the bytes
 /// out of the other socket.
-fn program(index: &OwnedFd, slots: &OwnedFd, sockhash: &OwnedFd) -> Vec<u64> {
+fn program(index: &OwnedFd, slots: &OwnedFd, sockhash: &OwnedFd, ring: &OwnedFd) -> Vec<u64> {
     use asm::*;
     let mut p = Asm::default();
     // __sk_buff offsets.
@@ -421,6 +607,13 @@ fn program(index: &OwnedFd, slots: &OwnedFd, sockhash: &OwnedFd) -> Vec<u64> {
     p.label("fail");
     p.movi(R1, 1);
     p.stxdw(R7, FAILED, R1);
+    // Tell user space which slot (its number is still at -20).
+    p.ld_map(R1, ring.as_raw_fd());
+    p.mov(R2, R10);
+    p.addi(R2, -20);
+    p.movi(R3, 4);
+    p.movi(R4, 0);
+    p.call(HELPER_RINGBUF_OUTPUT);
     p.label("pass");
     p.ldxdw(R1, R7, PASSED);
     p.add(R1, R8);
@@ -451,6 +644,7 @@ mod asm {
     pub const HELPER_MAP_LOOKUP: i32 = 1;
     pub const HELPER_SKB_LOAD_BYTES: i32 = 26;
     pub const HELPER_SK_REDIRECT_HASH: i32 = 72;
+    pub const HELPER_RINGBUF_OUTPUT: i32 = 130;
 
     #[derive(Default)]
     pub struct Asm {
@@ -586,6 +780,8 @@ mod sys {
     pub const MAP_HASH: u32 = 1;
     pub const MAP_ARRAY: u32 = 2;
     pub const MAP_SOCKHASH: u32 = 18;
+    pub const MAP_RINGBUF: u32 = 27;
+    pub const PAGE: usize = 4096;
     pub const F_NO_PREALLOC: u32 = 1;
     pub const F_MMAPABLE: u32 = 1 << 10;
     const CMD_MAP_CREATE: i64 = 0;
@@ -647,22 +843,62 @@ mod sys {
 
     /// The array's values mapped into this process, shared with the program.
     pub fn map_shared(map: &OwnedFd, len: usize) -> io::Result<*mut u8> {
-        let page = 4096;
-        let len = len.div_ceil(page) * page;
+        map_at(
+            map,
+            len.div_ceil(PAGE) * PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            0,
+        )
+    }
+
+    /// `len` bytes of a map's memory from `offset`, shared, for the process's life.
+    pub fn map_at(map: &OwnedFd, len: usize, prot: i32, offset: usize) -> io::Result<*mut u8> {
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
+                prot,
                 libc::MAP_SHARED,
                 map.as_raw_fd(),
-                0,
+                offset as libc::off_t,
             )
         };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
         Ok(p as *mut u8)
+    }
+
+    pub fn epoll() -> io::Result<OwnedFd> {
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    pub fn epoll_add(set: &OwnedFd, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
+        let mut e = libc::epoll_event { events, u64: data };
+        if unsafe { libc::epoll_ctl(set.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut e) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    pub fn epoll_del(set: &OwnedFd, fd: RawFd) -> io::Result<()> {
+        let mut e = libc::epoll_event { events: 0, u64: 0 };
+        if unsafe { libc::epoll_ctl(set.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, &mut e) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The events ready now (without waiting).
+    pub fn epoll_now(set: &OwnedFd, events: &mut [libc::epoll_event]) -> usize {
+        let n = unsafe {
+            libc::epoll_wait(set.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, 0)
+        };
+        n.max(0) as usize
     }
 
     pub fn load_verdict(code: &[u64]) -> io::Result<OwnedFd> {
@@ -816,7 +1052,7 @@ mod tests {
         let mut attached = relay
             .attach(near.as_raw_fd(), far.as_raw_fd())
             .expect("attach");
-        attached.start([0, 0], 0).expect("start");
+        assert!(attached.start([0, 0], 0).expect("start"));
         client.write_all(b"to the worker").expect("write");
         assert_eq!(read_exactly(&mut server, 13), b"to the worker");
         // Every header form, several frames per write, one frame across writes.
@@ -859,7 +1095,7 @@ mod tests {
         let mut attached = relay
             .attach(near.as_raw_fd(), far.as_raw_fd())
             .expect("attach");
-        attached.start([0, 0], 0).expect("start");
+        assert!(attached.start([0, 0], 0).expect("start"));
         let first = frame(10, 1);
         server.write_all(&first).expect("write");
         assert_eq!(read_exactly(&mut client, first.len()), first);
@@ -893,7 +1129,7 @@ mod tests {
         while attached.passed(Side::Worker) < 5 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
-        attached.start([0, 0], 0).expect("start");
+        assert!(attached.start([0, 0], 0).expect("start"));
         server.write_all(b"later").expect("write");
         // "later" must not overtake "early": it too comes up here.
         assert_eq!(read_exactly(&mut far_r, 10), b"earlylater");
