@@ -1113,7 +1113,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bytes_passed_up_before_the_start_keep_the_relay_off_until_read() {
+    async fn a_start_that_finds_bytes_passed_up_holds_until_they_are_read() {
         let relay = relay();
         let (mut client, near, far, mut server) = tunnel();
         let mut attached = relay
@@ -1124,12 +1124,12 @@ mod tests {
         far_r
             .set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
-        // Passed up (the relay is not on); started as if nothing had been read.
         let deadline = Instant::now() + Duration::from_secs(5);
         while attached.passed(Side::Worker) < 5 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
-        assert!(attached.start([0, 0], 0).expect("start"));
+        // Started as if nothing had been passed up: refused, the relay held.
+        assert!(!attached.start([0, 0], 0).expect("start"));
         server.write_all(b"later").expect("write");
         // "later" must not overtake "early": it too comes up here.
         assert_eq!(read_exactly(&mut far_r, 10), b"earlylater");
@@ -1139,5 +1139,10 @@ mod tests {
             client.read(&mut none).is_err(),
             "nothing reached the client"
         );
+        // Everything read: the relay starts, and the next bytes go through.
+        assert!(attached.start([0, 10], 0).expect("start"));
+        server.write_all(b"\x81\x03now").expect("write");
+        client.set_nonblocking(false).expect("blocking");
+        assert_eq!(read_exactly(&mut client, 5), b"\x81\x03now");
     }
 }
