@@ -268,3 +268,26 @@ fn a_client_close_ends_both_connections() {
         corral.log_text()
     );
 }
+
+/// The worker's connection is reset while the kernel relays: the watch wakes the
+/// tunnel and the client's connection ends at once.
+#[test]
+fn a_reset_worker_connection_ends_the_tunnel_at_once() {
+    let worker = RawWorker::start(Mode::WebSocket);
+    let corral = corral_for(&worker, "");
+    let rt = runtime();
+    let mut ws = open(&rt, &corral);
+    wait_in_kernel(&corral, 1);
+    rt.block_on(ws.send(Message::text("reset"))).expect("send");
+    let asked = Instant::now();
+    let end = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), ws.next()).await });
+    assert!(
+        matches!(end, Ok(None) | Ok(Some(Err(_)))),
+        "the tunnel did not end: {end:?}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_millis(500),
+        "ended {:?} after the reset",
+        asked.elapsed()
+    );
+}

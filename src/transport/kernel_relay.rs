@@ -342,7 +342,7 @@ impl Attached {
     /// again (nothing would wake it for them).
     pub fn start(&mut self, consumed: [u64; 2], remaining: u64) -> io::Result<bool> {
         for (i, fd) in self.fds.iter().enumerate() {
-            self.base[i] = sys::queued_total(*fd)?;
+            self.base[i] = sys::queued_total(*fd)?.ok_or(io::ErrorKind::NotConnected)?;
         }
         let ends = (libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32;
         for fd in self.fds {
@@ -440,7 +440,10 @@ impl Attached {
         loop {
             let to_client = sys::queued_total(self.fds[Side::Client as usize])?;
             let to_worker = sys::queued_total(self.fds[Side::Worker as usize])?;
-            if to_client >= self.base[0] + down && to_worker >= self.base[1] + up {
+            // A reset socket takes nothing more: there is nothing to wait for.
+            let client_done = to_client.is_none_or(|n| n >= self.base[0] + down);
+            let worker_done = to_worker.is_none_or(|n| n >= self.base[1] + up);
+            if client_done && worker_done {
                 break;
             }
             if Instant::now() > until {
@@ -961,8 +964,9 @@ mod sys {
 
     /// Every byte ever queued for sending on `fd`: acknowledged plus still queued
     /// (`tcpi_bytes_acked`, then `SIOCOUTQ`: read in this order the sum is never
-    /// above the truth).
-    pub fn queued_total(fd: RawFd) -> io::Result<u64> {
+    /// above the truth). None once the connection is closed (reset).
+    pub fn queued_total(fd: RawFd) -> io::Result<Option<u64>> {
+        const TCP_CLOSE: u8 = 7;
         const BYTES_ACKED: usize = 120;
         let mut info = [0u8; 256];
         let mut len = info.len() as libc::socklen_t;
@@ -981,13 +985,16 @@ mod sys {
         if (len as usize) < BYTES_ACKED + 8 {
             return Err(io::Error::other("TCP_INFO without tcpi_bytes_acked"));
         }
+        if info[0] == TCP_CLOSE {
+            return Ok(None);
+        }
         let mut acked = [0u8; 8];
         acked.copy_from_slice(&info[BYTES_ACKED..BYTES_ACKED + 8]);
         let mut outq: libc::c_int = 0;
         if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(u64::from_ne_bytes(acked) + outq.max(0) as u64)
+        Ok(Some(u64::from_ne_bytes(acked) + outq.max(0) as u64))
     }
 }
 

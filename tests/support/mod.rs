@@ -481,6 +481,24 @@ fn websocket_echo(mut r: BufReader<TcpStream>, mut out: TcpStream, head: &str, h
         if payload == b"flood" {
             return websocket_flood(out);
         }
+        if payload == b"reset" {
+            // Closed with a reset (SO_LINGER 0), as a crashed worker's socket.
+            use std::os::fd::AsRawFd;
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            unsafe {
+                libc::setsockopt(
+                    out.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                );
+            }
+            return;
+        }
         if payload == b"burst" {
             let burst: Vec<u8> = (0..100u8).flat_map(|i| [0x82, 1, i]).collect();
             if out.write_all(&burst).is_err() {
