@@ -286,8 +286,7 @@ where
         B: AsyncRead + AsyncWrite + Unpin,
     {
         let (up, down) = splice_from(client, worker, early, self.idle, self.closing).await;
-        self.metrics.bytes_in.fetch_add(up, Ordering::Relaxed);
-        self.metrics.bytes_out.fetch_add(down, Ordering::Relaxed);
+        count_bytes(&self.metrics, up, down);
     }
 
     /// Relays on `lane`: both sockets are taken out of their upgrades and off this
@@ -477,11 +476,7 @@ where
         };
         if let Wake::Idle = woke {
             tracing::debug!(idle = ?self.idle, "tunnel idle, closing");
-            self.metrics.bytes_in.fetch_add(moved[0], Ordering::Relaxed);
-            self.metrics
-                .bytes_out
-                .fetch_add(moved[1], Ordering::Relaxed);
-            return;
+            return count_bytes(&self.metrics, moved[0], moved[1]);
         }
         self.metrics
             .kernel_taken_back
@@ -498,12 +493,7 @@ where
         };
         let (up, down) =
             splice_framed(client, worker, Early::default(), frames, self.idle, closing).await;
-        self.metrics
-            .bytes_in
-            .fetch_add(moved[0] + up, Ordering::Relaxed);
-        self.metrics
-            .bytes_out
-            .fetch_add(moved[1] + down, Ordering::Relaxed);
+        count_bytes(&self.metrics, moved[0] + up, moved[1] + down);
         // The sockets leave the map only now: what the program passed up is read.
         drop(attached);
     }
@@ -527,12 +517,7 @@ where
             self.closing,
         )
         .await;
-        self.metrics
-            .bytes_in
-            .fetch_add(moved[0] + up, Ordering::Relaxed);
-        self.metrics
-            .bytes_out
-            .fetch_add(moved[1] + down, Ordering::Relaxed);
+        count_bytes(&self.metrics, moved[0] + up, moved[1] + down);
     }
 }
 
@@ -603,6 +588,12 @@ async fn catch_up(
             return Ok(false);
         }
     }
+}
+
+/// A tunnel's bytes, client to worker and back, added to the counters at its end.
+fn count_bytes(metrics: &Counters, up: u64, down: u64) {
+    metrics.bytes_in.fetch_add(up, Ordering::Relaxed);
+    metrics.bytes_out.fetch_add(down, Ordering::Relaxed);
 }
 
 /// A taken stream (TLS) with its socket on this thread's reactor.
