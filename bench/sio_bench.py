@@ -36,6 +36,7 @@ VENV = Path(sys.executable).parent
 CLIENTS = int(os.environ.get("CLIENTS", "100"))
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 # For a quick look at one proxy: PROXIES=corral; CORRAL=path/to/another/build.
+# CORRAL_EXTRA adds TOML to corral's config, e.g. "[experimental]\nkernel_relay = true".
 PROXIES = os.environ.get("PROXIES", "corral,nginx").split(",")
 CORRAL = os.environ.get("CORRAL", str(ROOT / "target" / "profiling" / "corral"))
 
@@ -92,11 +93,27 @@ def group_cpu(pgid):
     return sum((int(f[11]) + int(f[12])) / tick for _, f in group_procs(pgid))
 
 
+def kernel_workers_ns():
+    """The scheduler's nanoseconds of the kernel's worker threads (kworker,
+    ksoftirqd): where corral's kernel relay has its forwarding done."""
+    total = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if (d / "comm").read_text().startswith(("kworker", "ksoftirqd")):
+                total += int((d / "schedstat").read_text().split()[0])
+        except OSError:
+            continue
+    return total
+
+
 def proxy_cpu(pgid):
     """As group_cpu, from the scheduler's nanosecond count of each thread
     (/proc/PID/task/TID/schedstat): ticks are too coarse for one phase of a round,
-    and a proxy's threads live as long as it does."""
-    total = 0
+    and a proxy's threads live as long as it does. The kernel's workers are added
+    for every proxy alike (idle background for one that relays in user space)."""
+    total = kernel_workers_ns()
     for d, _ in group_procs(pgid):
         try:
             for t in (d / "task").iterdir():
@@ -170,8 +187,9 @@ def start_proxy(name, work, port, ports):
     if name == "corral":
         cfg = work / "corral.toml"
         upstreams = ", ".join(f'"127.0.0.1:{p}"' for p in ports)
+        extra = os.environ.get("CORRAL_EXTRA", "").replace("\\n", "\n")
         cfg.write_text(f'listen = ["127.0.0.1:{port}"]\nupstreams = [{upstreams}]\n'
-                       f'admin_socket = "{work}/c.sock"\n')
+                       f'admin_socket = "{work}/c.sock"\n{extra}\n')
         return start([CORRAL, "run", "-c", str(cfg)])
     cfg = work / "nginx.conf"
     servers = " ".join(f"server 127.0.0.1:{p};" for p in ports)

@@ -5,7 +5,11 @@
 //!
 //! Each worker's tunnels are relayed on one serving thread (both sockets move there
 //! when the upgrade is done, where the listener can take its socket out), since a
-//! worker writes a broadcast to all its clients at once.
+//! worker writes a broadcast to all its clients at once. With
+//! `experimental.kernel_relay`, a cleartext tunnel's bytes are moved by the kernel
+//! (`transport::kernel_relay`) until the tunnel needs corral again: its close code,
+//! an end, or frames the kernel could not follow; it is then relayed here from where
+//! the kernel stopped.
 //!
 //! [`Tunnels`] owns the upgraded connections and their tasks, and has each send its
 //! client a close frame at shutdown (1001) or when its worker is about to be
@@ -484,7 +488,7 @@ where
         let why = match woke {
             _ if attached.gave_up() => "frames the kernel could not follow",
             Wake::Close(_) => "to send its close frame",
-            _ => "a socket turned readable",
+            _ => "a socket ended",
         };
         tracing::debug!(why, "tunnel taken back from the kernel");
         let closing = match woke {
@@ -526,7 +530,7 @@ where
 enum Wake {
     /// Its close signal, with the code to send.
     Close(u16),
-    /// A socket turned readable: an end, or bytes the kernel passed back.
+    /// A socket ended, or the kernel passed bytes back (frames it could not follow).
     Readable,
     /// No byte either way for the idle period.
     Idle,
