@@ -374,9 +374,9 @@ where
 {
     /// As `run`, for two cleartext sockets, with the bytes moved by the kernel
     /// (`experimental.kernel_relay`): corral wakes only for the idle clock, its close
-    /// signal, or a socket that turns readable (an end, or bytes the kernel passed
-    /// back); then it takes the tunnel back, where the kernel stopped, and relays the
-    /// rest itself (for a close frame, after the worker's frame in progress).
+    /// signal, or the relay's word that a socket ended or the kernel gave up on the
+    /// frames; then it takes the tunnel back, where the kernel stopped, and relays
+    /// the rest itself (for a close frame, after the worker's frame in progress).
     async fn run_in_kernel(
         self,
         mut client: tokio::net::TcpStream,
@@ -394,7 +394,7 @@ where
         {
             return;
         }
-        let attached =
+        let mut attached =
             match KernelRelay::get().map(|k| k.attach(client.as_raw_fd(), worker.as_raw_fd())) {
                 Some(Ok(a)) => a,
                 other => {
@@ -407,12 +407,8 @@ where
         // Bytes that came before the sockets were in the map (or were passed up
         // since) are sent on here; the relay starts once a look finds none passed
         // meanwhile.
-        let mut attached = attached;
         let mut started = false;
-        let mut tries = 0;
-        let mut ended_seen = false;
         for _ in 0..5 {
-            tries += 1;
             let passed = [attached.passed(Side::Client), attached.passed(Side::Worker)];
             let ended = match catch_up(&mut client, &mut worker, &mut frames, &mut moved).await {
                 Ok(ended) => ended,
@@ -427,13 +423,12 @@ where
                     Err(_) => break,
                 }
             }
-            ended_seen = ended;
             if ended || started {
                 break;
             }
         }
         if !started {
-            tracing::debug!(tries, ended_seen, "tunnel not started in the kernel relay");
+            tracing::debug!("tunnel not started in the kernel relay");
             // Still in the map, passing everything up: it stays until the end.
             return self
                 .resume(client, worker, frames, moved, Some(attached))

@@ -345,10 +345,11 @@ impl Attached {
             self.base[i] = sys::queued_total(*fd)?.ok_or(io::ErrorKind::NotConnected)?;
         }
         let ends = (libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32;
+        // Before the adds: one that fails leaves the other to be taken out.
+        self.watched = true;
         for fd in self.fds {
             sys::epoll_add(&self.relay.watch, fd, ends, self.slots[1] as u64)?;
         }
-        self.watched = true;
         self.slot(Side::Worker)
             .remaining
             .store(remaining, Ordering::Release);
@@ -361,7 +362,7 @@ impl Attached {
             let s = self.slot(side);
             // A run that saw the relay still off may be counting what it passed.
             let until = Instant::now() + Duration::from_millis(100);
-            while s.entered.load(Ordering::SeqCst) != s.left.load(Ordering::SeqCst) {
+            while !self.settled(side) {
                 if Instant::now() > until {
                     self.hold();
                     return Ok(false);
@@ -376,11 +377,20 @@ impl Attached {
         Ok(true)
     }
 
-    /// The relay off again before it moved a byte (a start that found bytes passed
-    /// up meanwhile): everything is passed up.
+    /// No run of the program on `side` is in progress (each counts itself in and
+    /// out of its slot).
+    fn settled(&self, side: Side) -> bool {
+        let s = self.slot(side);
+        let left = s.left.load(Ordering::SeqCst);
+        s.entered.load(Ordering::SeqCst) == left
+    }
+
+    /// The relay off (everything is passed up from now on) and the sockets out of
+    /// the watch set.
     fn hold(&mut self) {
-        for side in [Side::Client, Side::Worker] {
-            self.slot(side).relay.store(0, Ordering::SeqCst);
+        // Slots not yet taken (an attach that failed half-way) are u32::MAX.
+        for n in self.slots.into_iter().filter(|n| *n != u32::MAX) {
+            self.relay.slot(n).relay.store(0, Ordering::SeqCst);
         }
         if std::mem::take(&mut self.watched) {
             for fd in self.fds {
@@ -409,24 +419,12 @@ impl Attached {
     /// queued on the socket it was going to; from then on the program passes
     /// everything up and user space carries on. An error means bytes may still be
     /// on their way: the tunnel cannot go on.
-    pub async fn stop(&self, limit: Duration) -> io::Result<Stopped> {
+    pub async fn stop(&mut self, limit: Duration) -> io::Result<Stopped> {
         let until = Instant::now() + limit;
-        for side in [Side::Client, Side::Worker] {
-            self.slot(side).relay.store(0, Ordering::SeqCst);
-        }
-        if self.watched {
-            for fd in self.fds {
-                let _ = sys::epoll_del(&self.relay.watch, fd);
-            }
-        }
+        self.hold();
         // A run of the program that saw the relay on may still be counting.
         for side in [Side::Client, Side::Worker] {
-            let s = self.slot(side);
-            loop {
-                let left = s.left.load(Ordering::SeqCst);
-                if s.entered.load(Ordering::SeqCst) == left {
-                    break;
-                }
+            while !self.settled(side) {
                 if Instant::now() > until {
                     return Err(io::ErrorKind::TimedOut.into());
                 }
@@ -469,11 +467,7 @@ impl Drop for Attached {
         if let Ok(mut w) = self.relay.wakes.lock() {
             w.remove(&self.slots[1]);
         }
-        if self.watched {
-            for fd in self.fds {
-                let _ = sys::epoll_del(&self.relay.watch, fd);
-            }
-        }
+        self.hold();
         for i in 0..2 {
             if self.slots[i] == u32::MAX {
                 continue;
