@@ -7,8 +7,9 @@ fn corral() -> Command {
     Command::new(env!("CARGO_BIN_EXE_corral"))
 }
 
-/// A config file in a temporary directory, removed (with the directory, once the
-/// last file in it goes) when dropped.
+/// A config file in a temporary directory of its own, both removed when dropped.
+/// One directory per file: tests run in parallel, and one test's drop must not
+/// remove a directory another test is about to write into.
 struct Temp(std::path::PathBuf);
 
 impl std::ops::Deref for Temp {
@@ -28,7 +29,9 @@ impl Drop for Temp {
 }
 
 fn write(name: &str, text: &str) -> Temp {
-    let dir = std::env::temp_dir().join(format!("corral-cli-{}", std::process::id()));
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("corral-cli-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write config");
