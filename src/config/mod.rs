@@ -211,6 +211,17 @@ pub enum WorkerCommand {
     Args(Vec<String>),
 }
 
+impl WorkerCommand {
+    /// Its words, a shell string split on blanks: enough to look for options,
+    /// not a shell's parse.
+    pub fn words(&self) -> Vec<&str> {
+        match self {
+            WorkerCommand::Shell(s) => s.split_whitespace().collect(),
+            WorkerCommand::Args(a) => a.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
 /// How many workers: a number, or `"auto"` for one per CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Count {

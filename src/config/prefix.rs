@@ -129,7 +129,9 @@ pub fn take(
     let mut i = 0;
     while i < rest.len() {
         let arg = &rest[i];
-        let Some((option, value, used)) = option_value(server, arg, rest.get(i + 1)) else {
+        let Some((option, value, used)) =
+            option_value(server, arg, rest.get(i + 1).map(String::as_str))
+        else {
             if matches!(server, Server::Uvicorn) && (arg == "--uds" || arg.starts_with("--uds=")) {
                 return Err("--uds: corral listens on TCP; give --host and --port".into());
             }
@@ -209,7 +211,7 @@ pub fn take(
 fn option_value<'a>(
     server: Server,
     arg: &'a str,
-    next: Option<&String>,
+    next: Option<&str>,
 ) -> Option<(&'a str, Option<String>, usize)> {
     let taken: &[&str] = match server {
         Server::Gunicorn | Server::Hypercorn => {
@@ -223,17 +225,27 @@ fn option_value<'a>(
             "--ssl-keyfile",
         ],
     };
-    for option in taken {
-        if arg == *option {
-            return Some((option, next.cloned(), 2));
-        }
-        if let Some(v) = arg.strip_prefix(&format!("{option}=")) {
-            return Some((option, Some(v.to_string()), 1));
-        }
-        // Short options take their value attached too: -w4, -b0.0.0.0:5000.
-        if option.len() == 2 && arg.len() > 2 && arg.starts_with(option) && !arg.starts_with("--") {
-            return Some((option, Some(arg[2..].to_string()), 1));
-        }
+    taken
+        .iter()
+        .find_map(|option| match option_in(arg, option)? {
+            None => Some((*option, next.map(String::from), 2)),
+            Some(v) => Some((*option, Some(v.to_string()), 1)),
+        })
+}
+
+/// Whether `arg` is the command-line option `option`: `Some(None)` when it is the
+/// option alone (its value comes next), `Some(Some(value))` with the value attached
+/// (`--bind=…`, and for a short option `-b…`).
+pub fn option_in<'a>(arg: &'a str, option: &str) -> Option<Option<&'a str>> {
+    if arg == option {
+        return Some(None);
+    }
+    if let Some(v) = arg.strip_prefix(option).and_then(|v| v.strip_prefix('=')) {
+        return Some(Some(v));
+    }
+    let short = option.len() == 2 && !option.starts_with("--");
+    if short && arg.len() > 2 && arg.starts_with(option) && !arg.starts_with("--") {
+        return Some(Some(&arg[2..]));
     }
     None
 }
@@ -279,17 +291,15 @@ pub fn several_workers(
     command: &WorkerCommand,
     env: &std::collections::BTreeMap<String, String>,
 ) -> Option<(Server, usize)> {
-    let words: Vec<String> = match command {
-        WorkerCommand::Args(a) => a.clone(),
-        WorkerCommand::Shell(s) => s.split_whitespace().map(String::from).collect(),
-    };
+    let words = command.words();
     // The server may come after a wrapper (`exec`, `env X=1`, a venv path).
     let at = words.iter().position(|w| Server::of(w).is_some())?;
-    let server = Server::of(&words[at])?;
+    let server = Server::of(words[at])?;
     let rest = &words[at + 1..];
     let mut count = None;
     for (i, arg) in rest.iter().enumerate() {
-        if let Some((option, Some(value), _)) = option_value(server, arg, rest.get(i + 1)) {
+        if let Some((option, Some(value), _)) = option_value(server, arg, rest.get(i + 1).copied())
+        {
             if server.workers_options().contains(&option) {
                 count = value.parse::<usize>().ok();
             }
@@ -308,6 +318,20 @@ mod tests {
 
     fn words(s: &str) -> Vec<String> {
         s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn options_are_found_alone_with_equals_or_short_and_attached() {
+        assert_eq!(option_in("-b", "-b"), Some(None));
+        assert_eq!(
+            option_in("-b0.0.0.0:5000", "-b"),
+            Some(Some("0.0.0.0:5000"))
+        );
+        assert_eq!(option_in("--bind=h:1", "--bind"), Some(Some("h:1")));
+        assert_eq!(option_in("--bind", "--bind"), Some(None));
+        assert_eq!(option_in("--binder", "--bind"), None);
+        assert_eq!(option_in("--bind", "-b"), None);
+        assert_eq!(option_in("-w4", "-w"), Some(Some("4")));
     }
 
     #[test]

@@ -93,10 +93,7 @@ pub fn check(cfg: &Config, file: &str) -> Result<Vec<Warning>, ConfigError> {
 /// warning (the worker gets its port in `$PORT` only, which gunicorn and many Node
 /// apps read, and others do not).
 fn port_problem(command: &WorkerCommand) -> Result<Option<Warning>, String> {
-    let words: Vec<&str> = match command {
-        WorkerCommand::Shell(s) => s.split_whitespace().collect(),
-        WorkerCommand::Args(a) => a.iter().map(String::as_str).collect(),
-    };
+    let words = command.words();
     if words
         .iter()
         .any(|w| w.contains("{port}") || w.contains("PORT"))
@@ -105,10 +102,9 @@ fn port_problem(command: &WorkerCommand) -> Result<Option<Warning>, String> {
     }
     // gunicorn's and hypercorn's -b/--bind (also as -b127.0.0.1:5000), uvicorn's --port.
     let binds = |w: &&str| {
-        ["--bind", "--port"]
+        ["--bind", "--port", "-b"]
             .iter()
-            .any(|o| *w == *o || w.starts_with(&format!("{o}=")))
-            || (w.starts_with("-b") && !w.starts_with("--"))
+            .any(|o| prefix::option_in(w, o).is_some())
     };
     if let Some(bind) = words.iter().find(|w| binds(w)) {
         return Err(format!(
