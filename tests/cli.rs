@@ -3,39 +3,32 @@
 
 use std::process::Command;
 
+mod support;
+
 fn corral() -> Command {
     Command::new(env!("CARGO_BIN_EXE_corral"))
 }
 
-/// A config file in a temporary directory of its own, both removed when dropped.
-/// One directory per file: tests run in parallel, and one test's drop must not
-/// remove a directory another test is about to write into.
-struct Temp(std::path::PathBuf);
+/// A config file in a temporary directory of its own (one per file: the tests run
+/// in parallel), both removed when dropped.
+struct Temp {
+    path: std::path::PathBuf,
+    _dir: support::TempDir,
+}
 
 impl std::ops::Deref for Temp {
     type Target = std::path::Path;
     fn deref(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for Temp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-        if let Some(dir) = self.0.parent() {
-            let _ = std::fs::remove_dir(dir);
-        }
+        &self.path
     }
 }
 
 fn write(name: &str, text: &str) -> Temp {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("corral-cli-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("write config");
-    Temp(path)
+    let dir = support::TempDir::new("cli");
+    Temp {
+        path: dir.file(name, text),
+        _dir: dir,
+    }
 }
 
 #[test]

@@ -132,7 +132,7 @@ pub fn take(
         let Some((option, value, used)) =
             option_value(server, arg, rest.get(i + 1).map(String::as_str))
         else {
-            if matches!(server, Server::Uvicorn) && (arg == "--uds" || arg.starts_with("--uds=")) {
+            if matches!(server, Server::Uvicorn) && option_in(arg, "--uds").is_some() {
                 return Err("--uds: corral listens on TCP; give --host and --port".into());
             }
             if matches!(server, Server::Uvicorn) && (arg == "--fd" || arg.starts_with("--fd=")) {
