@@ -21,6 +21,8 @@ use crate::counters::Counters;
 use crate::http1::strip_hop_by_hop;
 use crate::proxy::answer::{self, short};
 use crate::proxy::forward::{prepare_request_headers, Forwarder, Peer, Replay, Target, Ticket};
+use crate::proxy::frames::Frames;
+use crate::proxy::lane_relay;
 use crate::transport::body::{Guarded, ProxyBody, RequestBody};
 use crate::transport::moving::{Duplex, Replant, Taken, TakenSocket};
 use crate::transport::upstream::{take_worker_socket, SendError};
@@ -222,10 +224,12 @@ impl Tunnels {
             other => other,
         };
         let closing = self.close_signal(&target.worker, timing.spread);
-        let lane = self.lane_for(worker).cloned().or_else(|| {
-            // The kernel relay needs the sockets out of their upgrades here too.
-            timing.kernel.then(Handle::current)
-        });
+        // On this thread too the sockets come out of their upgrades: for the lane's
+        // set or the kernel relay.
+        let lane = self
+            .lane_for(worker)
+            .cloned()
+            .unwrap_or_else(Handle::current);
         let tasks = self.tasks.clone();
         self.tasks.spawn(async move {
             let (client_io, worker_io) = match tokio::try_join!(client_side, worker_side) {
@@ -243,13 +247,13 @@ impl Tunnels {
                 metrics,
                 _owned: (slot, ticket, open),
             };
-            match (lane, take_client) {
-                (Some(lane), Some(take)) => {
+            match take_client {
+                Some(take) => {
                     relay
                         .elsewhere(&lane, &tasks, take, client_io, worker_io)
                         .await
                 }
-                _ => {
+                None => {
                     let (a, b) = (TokioIo::new(client_io), TokioIo::new(worker_io));
                     relay.run(a, b, Early::default()).await
                 }
@@ -293,9 +297,10 @@ where
         count_bytes(&self.metrics, up, down);
     }
 
-    /// Relays on `lane`: both sockets are taken out of their upgrades and off this
-    /// thread, and served there. Where a socket cannot be taken (not one the
-    /// listener or the worker connection knows), the tunnel stays here.
+    /// Relays on `lane` (its worker's thread, which may be this one): both sockets
+    /// are taken out of their upgrades and served there. Where a socket cannot be
+    /// taken (not one the listener or the worker connection knows), the tunnel stays
+    /// here, in its upgrades.
     async fn elsewhere(
         self,
         lane: &Handle,
@@ -325,9 +330,6 @@ where
         };
         let (worker_tcp, worker_early) = worker;
         lane.spawn(tasks.track_future(async move {
-            let Some(b) = registered(worker_tcp) else {
-                return;
-            };
             let lane = crate::runtime::lanes::current();
             tracing::debug!(lane, "tunnel relayed on its worker's thread");
             let early = Early {
@@ -337,11 +339,18 @@ where
             match client.io {
                 #[cfg(target_os = "linux")]
                 Taken::Tcp(tcp) if self.kernel => {
-                    if let Some(a) = registered(tcp) {
+                    if let (Some(a), Some(b)) = (registered(tcp), registered(worker_tcp)) {
                         self.run_in_kernel(a, b, early).await
                     }
                 }
-                io => self.run_taken(io, b, early).await,
+                Taken::Tcp(tcp) if lane_relay::usable_here() => {
+                    self.run_in_set(tcp, worker_tcp, early).await
+                }
+                io => {
+                    if let Some(b) = registered(worker_tcp) {
+                        self.run_taken(io, b, early).await
+                    }
+                }
             }
         }));
     }
@@ -362,6 +371,150 @@ where
                     self.run(a, worker, early).await
                 }
             }
+        }
+    }
+}
+
+impl<C, O> Relay<C, O>
+where
+    C: std::future::Future<Output = u16> + Send + 'static,
+    O: Send + 'static,
+{
+    /// As `run`, for two cleartext sockets on a lane: they go in the lane's set
+    /// (`lane_relay`), which moves the bytes, until the tunnel needs a task of its
+    /// own: for its close code, its idle period, an end, an error, or a side that
+    /// cannot take a whole read at once. It is then relayed here from where the set
+    /// stopped.
+    async fn run_in_set(
+        self,
+        client: std::net::TcpStream,
+        worker: std::net::TcpStream,
+        early: Early,
+    ) {
+        let mut frames = Frames::default();
+        let (up, up_error) = lane_relay::write_now(&worker, &early.to_worker);
+        let (down, down_error) = lane_relay::write_now(&client, &early.to_client);
+        frames.feed(&early.to_client[..down]);
+        let moved = [up as u64, down as u64];
+        let rest = lane_relay::Back {
+            client,
+            worker,
+            to_worker: early.to_worker[up..].to_vec(),
+            to_client: early.to_client[down..].to_vec(),
+            frames,
+            moved,
+            error: up_error.or(down_error),
+        };
+        if rest.error.is_some() || !rest.to_worker.is_empty() || !rest.to_client.is_empty() {
+            return carry_on(&self.metrics, self.idle, rest, self.closing).await;
+        }
+        let active = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (back, mut given_back) = tokio::sync::oneshot::channel();
+        let place = match lane_relay::enter(rest.client, rest.worker, frames, active.clone(), back)
+        {
+            Ok(place) => place,
+            Err((client, worker, e)) => {
+                tracing::debug!(error = %e, "tunnel not put in its lane's set");
+                let rest = lane_relay::Back {
+                    client,
+                    worker,
+                    error: None,
+                    ..rest
+                };
+                return carry_on(&self.metrics, self.idle, rest, self.closing).await;
+            }
+        };
+        tracing::debug!("tunnel relayed in its lane's set");
+        let mut in_set = InSet(Some(place));
+        let closing = Lazy::new(self.closing);
+        tokio::pin!(closing);
+        let step = (self.idle / IDLE_CHECKS).max(Duration::from_millis(1));
+        let mut quiet = 0;
+        let (back, code) = loop {
+            tokio::select! {
+                back = &mut given_back => {
+                    in_set.0 = None;
+                    break (back.ok(), None);
+                }
+                c = &mut closing => break (in_set.take(&mut given_back).await, Some(c)),
+                _ = tokio::time::sleep(step) => {
+                    quiet = match active.swap(false, Ordering::Relaxed) {
+                        true => 0,
+                        false => quiet + 1,
+                    };
+                    if quiet >= IDLE_CHECKS {
+                        tracing::debug!(idle = ?self.idle, "tunnel idle, closing");
+                        if let Some(back) = in_set.take(&mut given_back).await {
+                            count_bytes(&self.metrics, moved[0] + back.moved[0], moved[1] + back.moved[1]);
+                        }
+                        return;
+                    }
+                }
+            }
+        };
+        let Some(mut back) = back else {
+            return;
+        };
+        back.moved = [moved[0] + back.moved[0], moved[1] + back.moved[1]];
+        if back.error.is_none() {
+            let why = match code {
+                Some(_) => "to send its close frame",
+                None => "an end, or a side that could not take a whole read",
+            };
+            tracing::debug!(why, "tunnel taken back from its lane's set");
+        }
+        let closing = match code {
+            Some(c) => futures_util::future::Either::Left(std::future::ready(c)),
+            None => futures_util::future::Either::Right(closing),
+        };
+        carry_on(&self.metrics, self.idle, back, closing).await
+    }
+}
+
+/// Relays the rest of a tunnel with its own task, from where `rest` stands (unless
+/// it ended with an error), and counts its bytes.
+async fn carry_on(
+    metrics: &Counters,
+    idle: Duration,
+    rest: lane_relay::Back,
+    closing: impl std::future::Future<Output = u16>,
+) {
+    let moved = rest.moved;
+    if let Some(e) = rest.error {
+        count_bytes(metrics, moved[0], moved[1]);
+        return tracing::debug!(error = %e, "tunnel ended with an error");
+    }
+    let (Some(a), Some(b)) = (registered(rest.client), registered(rest.worker)) else {
+        return count_bytes(metrics, moved[0], moved[1]);
+    };
+    let early = Early {
+        to_worker: rest.to_worker.into(),
+        to_client: rest.to_client.into(),
+    };
+    let (up, down) = splice_framed(a, b, early, rest.frames, idle, closing).await;
+    count_bytes(metrics, moved[0] + up, moved[1] + down);
+}
+
+/// A tunnel in its lane's set, taken out when dropped (its task ending first).
+struct InSet(Option<lane_relay::Place>);
+
+impl InSet {
+    /// Takes the tunnel out of the set, or receives it if the set gave it back first.
+    async fn take(
+        &mut self,
+        given_back: &mut tokio::sync::oneshot::Receiver<lane_relay::Back>,
+    ) -> Option<lane_relay::Back> {
+        match self.0.take().and_then(lane_relay::leave) {
+            Some(back) => Some(back),
+            None => given_back.await.ok(),
+        }
+    }
+}
+
+impl Drop for InSet {
+    fn drop(&mut self) {
+        if let Some(place) = self.0.take() {
+            drop(lane_relay::leave(place));
         }
     }
 }
@@ -810,84 +963,6 @@ impl<F: std::future::Future> std::future::Future for Lazy<F> {
     }
 }
 
-/// Where a stream of websocket frames stands, counted on the bytes written on, so
-/// that a frame of corral's own can be put between two of them. Control frames may
-/// come between the fragments of a message (RFC 6455 5.4), so "between frames" is
-/// enough.
-#[derive(Default)]
-struct Frames {
-    head: [u8; 14],
-    /// Header bytes of the frame in progress seen so far (0: between frames or in
-    /// a payload).
-    have: usize,
-    /// Header length once its second byte is known.
-    need: usize,
-    /// Payload bytes still to come.
-    left: u64,
-}
-
-impl Frames {
-    fn between(&self) -> bool {
-        self.have == 0 && self.left == 0
-    }
-
-    fn feed(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
-            if self.left > 0 {
-                let n = self.left.min(data.len() as u64);
-                self.left -= n;
-                data = &data[n as usize..];
-                continue;
-            }
-            if self.have == 0 {
-                // The usual case: the whole header in this read.
-                if let Some(need) = data.get(1).map(|b| header_len(*b)) {
-                    if let Some(head) = data.get(..need) {
-                        self.left = payload_len(head);
-                        data = &data[need..];
-                        continue;
-                    }
-                }
-            }
-            // A header cut between two reads: kept a byte at a time.
-            self.head[self.have] = data[0];
-            self.have += 1;
-            data = &data[1..];
-            if self.have == 2 {
-                self.need = header_len(self.head[1]);
-            }
-            if self.have >= 2 && self.have == self.need {
-                self.left = payload_len(&self.head[..self.need]);
-                self.have = 0;
-            }
-        }
-    }
-}
-
-/// A websocket frame header's length, from its second byte (RFC 6455 5.2).
-fn header_len(second: u8) -> usize {
-    let ext = match second & 0x7f {
-        126 => 2,
-        127 => 8,
-        _ => 0,
-    };
-    let mask = if second & 0x80 != 0 { 4 } else { 0 };
-    2 + ext + mask
-}
-
-/// The payload length a whole frame header gives.
-fn payload_len(head: &[u8]) -> u64 {
-    match head[1] & 0x7f {
-        126 => u16::from_be_bytes([head[2], head[3]]) as u64,
-        127 => {
-            let mut n = [0u8; 8];
-            n.copy_from_slice(&head[2..10]);
-            u64::from_be_bytes(n)
-        }
-        n => n as u64,
-    }
-}
-
 /// One direction of a tunnel. Bytes are read into a buffer on the stack and written
 /// on at once; only what the writer cannot take right away is kept on the heap, so an
 /// idle tunnel holds no buffer at all (tokio's copy keeps 8 KiB per direction).
@@ -1100,58 +1175,6 @@ mod tests {
     use super::*;
     use std::time::Instant;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    /// A frame with a payload of `len` bytes, masked or not.
-    fn frame(len: usize, masked: bool) -> Vec<u8> {
-        let mask = if masked { 0x80 } else { 0 };
-        let mut f = vec![0x82];
-        match len {
-            0..=125 => f.push(mask | len as u8),
-            126..=65535 => {
-                f.push(mask | 126);
-                f.extend_from_slice(&(len as u16).to_be_bytes());
-            }
-            _ => {
-                f.push(mask | 127);
-                f.extend_from_slice(&(len as u64).to_be_bytes());
-            }
-        }
-        if masked {
-            f.extend_from_slice(&[1, 2, 3, 4]);
-        }
-        f.extend(std::iter::repeat_n(0x5a, len));
-        f
-    }
-
-    #[test]
-    fn frame_ends_are_found_however_the_reads_cut_them() {
-        let sizes = [
-            (0, false),
-            (5, true),
-            (125, false),
-            (126, false),
-            (300, true),
-            (70_000, false),
-        ];
-        let frames: Vec<Vec<u8>> = sizes.iter().map(|(n, m)| frame(*n, *m)).collect();
-        let stream: Vec<u8> = frames.concat();
-        let ends: std::collections::BTreeSet<usize> = frames
-            .iter()
-            .scan(0, |at, f| {
-                *at += f.len();
-                Some(*at)
-            })
-            .collect();
-        for cut in [1, 2, 3, 7, 13, 127, 4096, stream.len()] {
-            let mut f = Frames::default();
-            let mut at = 0;
-            for piece in stream.chunks(cut) {
-                f.feed(piece);
-                at += piece.len();
-                assert_eq!(f.between(), ends.contains(&at), "reads of {cut}, at {at}");
-            }
-        }
-    }
 
     #[tokio::test]
     async fn splice_copies_and_closes_on_idle() {

@@ -1,0 +1,356 @@
+//! One lane's cleartext websocket tunnels, relayed by one task. The sockets of the
+//! tunnels in a lane's set sit in an epoll set of the lane's own (mio), which the
+//! lane's tokio reactor watches as one descriptor: a burst of a worker's frames to
+//! many clients wakes one task once, and each frame then costs its read and its
+//! write, without a task, a waker or readiness bookkeeping per tunnel.
+//!
+//! It owns a tunnel's sockets while the tunnel is in the set, and moves whole reads:
+//! each read is written on at once, or the tunnel goes back to its own task
+//! (`proxy::tunnel`) with what is left, as it does at an end or an error. It does not
+//! decide when a tunnel closes (its idle period, its close code): the tunnel's task
+//! takes it out of the set for that. The set belongs to the thread of a
+//! single-threaded runtime (a lane); nothing else may use it.
+
+use crate::proxy::frames::Frames;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use std::cell::RefCell;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::oneshot;
+
+/// A tunnel given back to its task.
+pub(crate) struct Back {
+    pub client: TcpStream,
+    pub worker: TcpStream,
+    /// Read and not yet written on (only one of the two is ever set).
+    pub to_worker: Vec<u8>,
+    pub to_client: Vec<u8>,
+    /// Where the worker's frames stand, after the bytes written on.
+    pub frames: Frames,
+    /// Bytes written on while in the set: client to worker, worker to client.
+    pub moved: [u64; 2],
+    /// What ended the tunnel, if an error did.
+    pub error: Option<io::Error>,
+}
+
+/// A tunnel's place in its lane's set, to take it out again.
+#[derive(Clone, Copy)]
+pub(crate) struct Place {
+    index: usize,
+    id: u64,
+}
+
+struct Tunnel {
+    id: u64,
+    client: TcpStream,
+    worker: TcpStream,
+    frames: Frames,
+    moved: [u64; 2],
+    active: Arc<AtomicBool>,
+    back: oneshot::Sender<Back>,
+}
+
+struct Set {
+    poll: Poll,
+    /// A tunnel's sockets are registered as tokens `2 × index` (client) and
+    /// `2 × index + 1` (worker).
+    tunnels: Vec<Option<Tunnel>>,
+    free: Vec<usize>,
+    next_id: u64,
+    /// One read's buffer, for every tunnel of the lane.
+    buf: Box<[u8]>,
+}
+
+thread_local! {
+    static SET: RefCell<Option<Set>> = const { RefCell::new(None) };
+}
+
+/// The largest read (as the tokio path's).
+const CHUNK: usize = 16 * 1024;
+/// Events taken per look; a look that fills them looks again.
+const EVENTS: usize = 256;
+
+/// Whether this thread may keep a set: it runs a single-threaded runtime, so a
+/// tunnel's task is always polled here, where its tunnel's set is.
+pub(crate) fn usable_here() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
+}
+
+/// Puts a tunnel (nonblocking sockets) in this lane's set, starting the set's task
+/// on first use. `active` is set by every read that brings bytes; `back` gets the
+/// tunnel when the set gives it back. On an error the sockets are given back at once.
+pub(crate) fn enter(
+    client: TcpStream,
+    worker: TcpStream,
+    frames: Frames,
+    active: Arc<AtomicBool>,
+    back: oneshot::Sender<Back>,
+) -> Result<Place, (TcpStream, TcpStream, io::Error)> {
+    SET.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            match Set::start() {
+                Ok(set) => *slot = Some(set),
+                Err(e) => return Err((client, worker, e)),
+            }
+        }
+        match slot.as_mut() {
+            Some(set) => set.insert(client, worker, frames, active, back),
+            None => Err((client, worker, io::ErrorKind::Other.into())),
+        }
+    })
+}
+
+/// Takes the tunnel at `place` out of this lane's set; `None` if the set has given
+/// it back already (or is gone).
+pub(crate) fn leave(place: Place) -> Option<Back> {
+    SET.try_with(|cell| {
+        let mut slot = cell.try_borrow_mut().ok()?;
+        let set = slot.as_mut()?;
+        if set.tunnels.get(place.index)?.as_ref()?.id != place.id {
+            return None;
+        }
+        let t = set.remove(place.index)?;
+        Some(Back {
+            client: t.client,
+            worker: t.worker,
+            to_worker: Vec::new(),
+            to_client: Vec::new(),
+            frames: t.frames,
+            moved: t.moved,
+            error: None,
+        })
+    })
+    .ok()
+    .flatten()
+}
+
+/// Writes what `to` takes of `data` now: the count, and the error that stopped it
+/// short (a full socket is no error).
+pub(crate) fn write_now(mut to: &TcpStream, data: &[u8]) -> (usize, Option<io::Error>) {
+    let mut off = 0;
+    while off < data.len() {
+        match to.write(&data[off..]) {
+            Ok(0) => return (off, Some(io::ErrorKind::WriteZero.into())),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (off, Some(e)),
+        }
+    }
+    (off, None)
+}
+
+/// What one read of a tunnel's socket came to.
+enum Step {
+    /// All written on; maybe more to read.
+    Sent(usize),
+    /// Nothing more now.
+    Drained,
+    /// The tunnel goes back to its task, with the bytes not written on.
+    GiveBack(Vec<u8>, Option<io::Error>),
+}
+
+impl Set {
+    fn start() -> io::Result<Set> {
+        let poll = Poll::new()?;
+        // The lane's reactor watches a copy of the descriptor, which its task owns:
+        // it stays open for as long as it is registered, whatever becomes of the set.
+        // SAFETY: `poll` is open for the duration of the borrow.
+        let copy = unsafe { BorrowedFd::borrow_raw(poll.as_raw_fd()) }.try_clone_to_owned()?;
+        // SAFETY: `copy` is owned by the `AsyncFd`, so open while registered.
+        let watched = unsafe {
+            AsyncFd::register_with_interest(copy, tokio::io::Interest::READABLE)
+                .map_err(io::Error::from)?
+        };
+        tokio::spawn(serve(watched));
+        Ok(Set {
+            poll,
+            tunnels: Vec::new(),
+            free: Vec::new(),
+            next_id: 0,
+            buf: vec![0; CHUNK].into_boxed_slice(),
+        })
+    }
+
+    fn insert(
+        &mut self,
+        client: TcpStream,
+        worker: TcpStream,
+        frames: Frames,
+        active: Arc<AtomicBool>,
+        back: oneshot::Sender<Back>,
+    ) -> Result<Place, (TcpStream, TcpStream, io::Error)> {
+        let index = self.free.last().copied().unwrap_or(self.tunnels.len());
+        let registry = self.poll.registry();
+        let fd = |s: &TcpStream| s.as_raw_fd();
+        if let Err(e) = registry.register(
+            &mut SourceFd(&fd(&client)),
+            Token(index << 1),
+            Interest::READABLE,
+        ) {
+            return Err((client, worker, e));
+        }
+        if let Err(e) = registry.register(
+            &mut SourceFd(&fd(&worker)),
+            Token(index << 1 | 1),
+            Interest::READABLE,
+        ) {
+            let _ = registry.deregister(&mut SourceFd(&fd(&client)));
+            return Err((client, worker, e));
+        }
+        if index == self.tunnels.len() {
+            self.tunnels.push(None);
+        } else {
+            self.free.pop();
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        self.tunnels[index] = Some(Tunnel {
+            id,
+            client,
+            worker,
+            frames,
+            moved: [0; 2],
+            active,
+            back,
+        });
+        Ok(Place { index, id })
+    }
+
+    /// Takes the tunnel at `index` out of the set and off its epoll set.
+    fn remove(&mut self, index: usize) -> Option<Tunnel> {
+        let t = self.tunnels.get_mut(index)?.take()?;
+        let registry = self.poll.registry();
+        for fd in [t.client.as_raw_fd(), t.worker.as_raw_fd()] {
+            if let Err(e) = registry.deregister(&mut SourceFd(&fd)) {
+                tracing::debug!(error = %e, "tunnel socket not taken off its lane's set");
+            }
+        }
+        self.free.push(index);
+        Some(t)
+    }
+
+    /// Relays what the sockets that woke have; true if there may be more events.
+    fn turn(&mut self, events: &mut Events) -> bool {
+        if let Err(e) = self.poll.poll(events, Some(Duration::ZERO)) {
+            return e.kind() == io::ErrorKind::Interrupted;
+        }
+        let mut seen = 0;
+        for event in events.iter() {
+            seen += 1;
+            let token = event.token().0;
+            self.pump(token >> 1, token & 1 == 1);
+        }
+        seen == EVENTS
+    }
+
+    /// Reads one socket of the tunnel at `index` until it has no more, writing each
+    /// read on to the other.
+    fn pump(&mut self, index: usize, from_worker: bool) {
+        loop {
+            match self.step(index, from_worker) {
+                Step::Sent(n) if n == self.buf.len() => continue,
+                Step::Sent(_) | Step::Drained => return,
+                Step::GiveBack(rest, error) => {
+                    return self.give_back(index, from_worker, rest, error)
+                }
+            }
+        }
+    }
+
+    fn step(&mut self, index: usize, from_worker: bool) -> Step {
+        let Some(Some(t)) = self.tunnels.get_mut(index) else {
+            return Step::Drained;
+        };
+        let (mut from, to) = match from_worker {
+            true => (&t.worker, &t.client),
+            false => (&t.client, &t.worker),
+        };
+        let n = loop {
+            match from.read(&mut self.buf) {
+                // An end: the tunnel's task carries on from it.
+                Ok(0) => return Step::GiveBack(Vec::new(), None),
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Drained,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Step::GiveBack(Vec::new(), Some(e)),
+            }
+        };
+        t.active.store(true, Ordering::Relaxed);
+        let data = &self.buf[..n];
+        let (sent, error) = write_now(to, data);
+        if from_worker {
+            t.frames.feed(&data[..sent]);
+        }
+        t.moved[from_worker as usize] += sent as u64;
+        if sent < n || error.is_some() {
+            return Step::GiveBack(data[sent..].to_vec(), error);
+        }
+        Step::Sent(n)
+    }
+
+    fn give_back(
+        &mut self,
+        index: usize,
+        from_worker: bool,
+        rest: Vec<u8>,
+        error: Option<io::Error>,
+    ) {
+        let Some(t) = self.remove(index) else {
+            return;
+        };
+        let (to_worker, to_client) = match from_worker {
+            true => (Vec::new(), rest),
+            false => (rest, Vec::new()),
+        };
+        // Its task gone (the lane stopping), the sockets close here.
+        let _ = t.back.send(Back {
+            client: t.client,
+            worker: t.worker,
+            to_worker,
+            to_client,
+            frames: t.frames,
+            moved: t.moved,
+            error,
+        });
+    }
+
+    /// Gives every tunnel back (the set cannot go on).
+    fn give_all_back(&mut self) {
+        for index in 0..self.tunnels.len() {
+            let error = io::Error::other("the lane's relay set failed");
+            self.give_back(index, false, Vec::new(), Some(error));
+        }
+    }
+}
+
+/// The set's task: woken by the lane's reactor when the set's epoll descriptor has
+/// events, it relays them all, then waits again.
+async fn serve(watched: AsyncFd<OwnedFd>) {
+    let mut events = Events::with_capacity(EVENTS);
+    let error = loop {
+        let mut ready = match watched.readable().await {
+            Ok(ready) => ready,
+            Err(e) => break e,
+        };
+        let more = SET.with(|cell| match cell.borrow_mut().as_mut() {
+            Some(set) => set.turn(&mut events),
+            None => false,
+        });
+        if !more {
+            ready.clear_ready();
+        }
+    };
+    tracing::warn!(error = %error, "a lane's relay set stopped; its tunnels go back to their tasks");
+    if let Some(mut set) = SET.with(|cell| cell.borrow_mut().take()) {
+        set.give_all_back();
+    }
+}
