@@ -37,6 +37,8 @@ pub(crate) struct Back {
     pub moved: [u64; 2],
     /// What ended the tunnel, if an error did.
     pub error: Option<io::Error>,
+    /// Why the set gave it back.
+    pub why: &'static str,
 }
 
 /// A tunnel's place in its lane's set, to take it out again.
@@ -75,6 +77,15 @@ thread_local! {
 const CHUNK: usize = 16 * 1024;
 /// Events taken per look; a look that fills them looks again.
 const EVENTS: usize = 256;
+/// Full reads in a row after which a tunnel goes back to its task: a bulk transfer
+/// is relayed there, where tokio's budget shares the thread, and not here, where it
+/// would hold up every other tunnel of the lane.
+const FULL_READS: usize = 16;
+
+/// Why a tunnel is given back.
+const AN_END: &str = "an end";
+const CANNOT_TAKE: &str = "a side that could not take a whole read";
+const BULK: &str = "a bulk transfer";
 
 /// Whether this thread may keep a set: it runs a single-threaded runtime, so a
 /// tunnel's task is always polled here, where its tunnel's set is.
@@ -126,6 +137,7 @@ pub(crate) fn leave(place: Place) -> Option<Back> {
             frames: t.frames,
             moved: t.moved,
             error: None,
+            why: "taken out",
         })
     })
     .ok()
@@ -155,7 +167,7 @@ enum Step {
     /// Nothing more now.
     Drained,
     /// The tunnel goes back to its task, with the bytes not written on.
-    GiveBack(Vec<u8>, Option<io::Error>),
+    GiveBack(Vec<u8>, Option<io::Error>, &'static str),
 }
 
 impl Set {
@@ -255,15 +267,16 @@ impl Set {
     /// Reads one socket of the tunnel at `index` until it has no more, writing each
     /// read on to the other.
     fn pump(&mut self, index: usize, from_worker: bool) {
-        loop {
+        for _ in 0..FULL_READS {
             match self.step(index, from_worker) {
                 Step::Sent(n) if n == self.buf.len() => continue,
                 Step::Sent(_) | Step::Drained => return,
-                Step::GiveBack(rest, error) => {
-                    return self.give_back(index, from_worker, rest, error)
+                Step::GiveBack(rest, error, why) => {
+                    return self.give_back(index, from_worker, rest, error, why)
                 }
             }
         }
+        self.give_back(index, from_worker, Vec::new(), None, BULK);
     }
 
     fn step(&mut self, index: usize, from_worker: bool) -> Step {
@@ -277,11 +290,11 @@ impl Set {
         let n = loop {
             match from.read(&mut self.buf) {
                 // An end: the tunnel's task carries on from it.
-                Ok(0) => return Step::GiveBack(Vec::new(), None),
+                Ok(0) => return Step::GiveBack(Vec::new(), None, AN_END),
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Drained,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Step::GiveBack(Vec::new(), Some(e)),
+                Err(e) => return Step::GiveBack(Vec::new(), Some(e), AN_END),
             }
         };
         t.active.store(true, Ordering::Relaxed);
@@ -292,7 +305,7 @@ impl Set {
         }
         t.moved[from_worker as usize] += sent as u64;
         if sent < n || error.is_some() {
-            return Step::GiveBack(data[sent..].to_vec(), error);
+            return Step::GiveBack(data[sent..].to_vec(), error, CANNOT_TAKE);
         }
         Step::Sent(n)
     }
@@ -303,6 +316,7 @@ impl Set {
         from_worker: bool,
         rest: Vec<u8>,
         error: Option<io::Error>,
+        why: &'static str,
     ) {
         let Some(t) = self.remove(index) else {
             return;
@@ -320,6 +334,7 @@ impl Set {
             frames: t.frames,
             moved: t.moved,
             error,
+            why,
         });
     }
 
@@ -327,7 +342,7 @@ impl Set {
     fn give_all_back(&mut self) {
         for index in 0..self.tunnels.len() {
             let error = io::Error::other("the lane's relay set failed");
-            self.give_back(index, false, Vec::new(), Some(error));
+            self.give_back(index, false, Vec::new(), Some(error), AN_END);
         }
     }
 }
@@ -352,5 +367,131 @@ async fn serve(watched: AsyncFd<OwnedFd>) {
     tracing::warn!(error = %error, "a lane's relay set stopped; its tunnels go back to their tasks");
     if let Some(mut set) = SET.with(|cell| cell.borrow_mut().take()) {
         set.give_all_back();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// Two connected sockets: corral's end (nonblocking) and its peer's.
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let peer = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (ours, _) = listener.accept().expect("accept");
+        ours.set_nonblocking(true).expect("nonblocking");
+        (ours, peer)
+    }
+
+    fn set_buffer(socket: &TcpStream, option: libc::c_int, size: libc::c_int) {
+        let done = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(done, 0, "setsockopt");
+    }
+
+    /// `n` bytes from `socket`, waiting for them (up to a few seconds).
+    fn read_n(mut socket: &TcpStream, n: usize) -> Vec<u8> {
+        socket.set_nonblocking(false).expect("blocking");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut got = vec![0; n];
+        socket.read_exact(&mut got).expect("the bytes expected");
+        got
+    }
+
+    fn enter_pair(
+        client: TcpStream,
+        worker: TcpStream,
+    ) -> (Place, Arc<AtomicBool>, oneshot::Receiver<Back>) {
+        let active = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = oneshot::channel();
+        let place = enter(client, worker, Frames::default(), active.clone(), tx)
+            .map_err(|(_, _, e)| e)
+            .expect("enter");
+        (place, active, rx)
+    }
+
+    async fn given_back(rx: oneshot::Receiver<Back>) -> Back {
+        tokio::time::timeout(Duration::from_secs(5), rx)
+            .await
+            .expect("given back in time")
+            .expect("given back")
+    }
+
+    /// The client's socket takes part of a read: the tunnel comes back with the
+    /// rest, and what the client got, what came back and what is still in the
+    /// worker's socket are the worker's bytes, in order, each once.
+    #[tokio::test]
+    async fn a_read_the_client_cannot_take_comes_back_with_the_tunnel() {
+        let (client, client_peer) = pair();
+        let (worker, mut worker_peer) = pair();
+        set_buffer(&client, libc::SO_SNDBUF, 4096);
+        set_buffer(&client_peer, libc::SO_RCVBUF, 4096);
+        let (_, active, rx) = enter_pair(client, worker);
+        let sent: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+        worker_peer.write_all(&sent).expect("worker writes");
+        let back = given_back(rx).await;
+        assert_eq!(back.why, CANNOT_TAKE);
+        assert!(back.error.is_none());
+        assert!(!back.to_client.is_empty() && back.to_worker.is_empty());
+        assert!(active.load(Ordering::Relaxed));
+        assert_eq!(back.moved[0], 0);
+        let got = back.moved[1] as usize;
+        let left = sent.len() - got - back.to_client.len();
+        let mut all = read_n(&client_peer, got);
+        all.extend_from_slice(&back.to_client);
+        all.extend(read_n(&back.worker, left));
+        assert!(all == sent, "the worker's bytes, in order, each once");
+    }
+
+    /// Bytes go both ways; the worker's end gives the tunnel back, no error.
+    #[tokio::test]
+    async fn an_end_gives_the_tunnel_back() {
+        let (client, mut client_peer) = pair();
+        let (worker, mut worker_peer) = pair();
+        let (_, _, rx) = enter_pair(client, worker);
+        // The peers block: on a thread of their own, while the set runs here.
+        let peers = std::thread::spawn(move || {
+            client_peer.write_all(b"up").expect("client writes");
+            let mut up = [0u8; 2];
+            worker_peer.read_exact(&mut up).expect("worker reads");
+            worker_peer.write_all(b"down!").expect("worker writes");
+            let mut down = [0u8; 5];
+            client_peer.read_exact(&mut down).expect("client reads");
+            worker_peer
+                .shutdown(std::net::Shutdown::Write)
+                .expect("shutdown");
+            (up, down, client_peer, worker_peer)
+        });
+        let back = given_back(rx).await;
+        let (up, down, _client_peer, _worker_peer) = peers.join().expect("peers");
+        assert_eq!((&up, &down, back.why), (b"up", b"down!", AN_END));
+        assert!(back.error.is_none() && back.to_client.is_empty());
+        assert_eq!(back.moved, [2, 5]);
+    }
+
+    /// A place taken out once is empty: taking it again finds nothing, even when a
+    /// new tunnel has the same slot.
+    #[tokio::test]
+    async fn a_place_is_taken_out_once() {
+        let (first, _first_peer) = pair();
+        let (first_worker, _first_worker_peer) = pair();
+        let (place, _, _rx) = enter_pair(first, first_worker);
+        assert!(leave(place).is_some_and(|b| b.why == "taken out"));
+        let (second, _second_peer) = pair();
+        let (second_worker, _second_worker_peer) = pair();
+        let (again, _, _rx2) = enter_pair(second, second_worker);
+        assert_eq!(again.index, place.index);
+        assert!(leave(place).is_none());
+        assert!(leave(again).is_some());
     }
 }

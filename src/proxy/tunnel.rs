@@ -404,6 +404,7 @@ where
             frames,
             moved,
             error: up_error.or(down_error),
+            why: "",
         };
         if rest.error.is_some() || !rest.to_worker.is_empty() || !rest.to_client.is_empty() {
             return carry_on(&self.metrics, self.idle, rest, self.closing).await;
@@ -459,7 +460,7 @@ where
         if back.error.is_none() {
             let why = match code {
                 Some(_) => "to send its close frame",
-                None => "an end, or a side that could not take a whole read",
+                None => back.why,
             };
             tracing::debug!(why, "tunnel taken back from its lane's set");
         }
