@@ -134,11 +134,10 @@ fn tunnels_in_a_lanes_set_carry_frames_whole_and_close_cleanly() {
 }
 
 /// The worker floods frames of every header form (up to 130 kB, many segments
-/// each): read after full read, a bulk transfer, which the set gives back to the
-/// tunnel's task; that task goes on from there, and at SIGTERM it lets the frame in
-/// progress end and only then sends 1001 — every frame the client gets is whole and
-/// in order. (A read the client cannot take whole is tested in the set's own unit
-/// tests, where the socket's buffer can be made small.)
+/// each): the set gives the tunnel back to its task (a bulk transfer, or a client
+/// socket that could not take a whole read), which goes on from there, and at
+/// SIGTERM lets the frame in progress end and only then sends 1001 — every frame
+/// the client gets is whole and in order.
 #[test]
 fn a_bulk_transfer_loses_nothing_and_closes_between_frames() {
     let worker = RawWorker::start(Mode::WebSocket);
@@ -161,11 +160,13 @@ fn a_bulk_transfer_loses_nothing_and_closes_between_frames() {
         check(next(&rt, &mut ws, &corral), n);
         n += 1;
     }
-    let why = format!("why=\"{why}\"");
+    // Which comes first depends on the machine's timing; the set's unit tests
+    // show each alone.
+    let log = corral.log_text();
     assert!(
-        corral.log_text().contains(&why),
-        "{why}: {}",
-        corral.log_text()
+        log.contains("why=\"a bulk transfer\"")
+            || log.contains("why=\"a side that could not take a whole read\""),
+        "{log}"
     );
     corral.terminate();
     let deadline = Instant::now() + Duration::from_secs(5);

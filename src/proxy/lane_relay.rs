@@ -453,6 +453,56 @@ mod tests {
         assert!(all == sent, "the worker's bytes, in order, each once");
     }
 
+    /// Read after full read (bytes were waiting): the tunnel goes back to its task
+    /// once the set has relayed its share, and nothing is lost.
+    #[tokio::test]
+    async fn a_bulk_transfer_goes_back_to_its_task() {
+        let (client, client_peer) = pair();
+        let (worker, worker_peer) = pair();
+        for (socket, option) in [
+            (&client, libc::SO_SNDBUF),
+            (&client_peer, libc::SO_RCVBUF),
+            (&worker, libc::SO_RCVBUF),
+        ] {
+            set_buffer(socket, option, 1 << 20);
+        }
+        let sent: Vec<u8> = (0..512 * 1024).map(|i| (i % 251) as u8).collect();
+        let writer = {
+            let (mut peer, sent) = (worker_peer.try_clone().expect("clone"), sent.clone());
+            std::thread::spawn(move || peer.write_all(&sent).expect("worker writes"))
+        };
+        // All of it waiting in corral's socket before the set first looks.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while queued(&worker) < sent.len() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} queued",
+                queued(&worker)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        writer.join().expect("writer");
+        let (_, _, rx) = enter_pair(client, worker);
+        let back = given_back(rx).await;
+        assert_eq!(
+            (back.why, back.moved),
+            (BULK, [0, (FULL_READS * CHUNK) as u64])
+        );
+        assert!(back.error.is_none() && back.to_client.is_empty());
+        let got = back.moved[1] as usize;
+        let mut all = read_n(&client_peer, got);
+        all.extend(read_n(&back.worker, sent.len() - got));
+        assert!(all == sent, "the worker's bytes, in order, each once");
+    }
+
+    /// Bytes waiting in `socket`'s receive queue.
+    fn queued(socket: &TcpStream) -> usize {
+        let mut n: libc::c_int = 0;
+        let done = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(done, 0, "FIONREAD");
+        n as usize
+    }
+
     /// Bytes go both ways; the worker's end gives the tunnel back, no error.
     #[tokio::test]
     async fn an_end_gives_the_tunnel_back() {
