@@ -12,6 +12,8 @@
 # proxy's resident memory with the websockets open: medians of the rounds, ratios.
 #   bench/relay.sh [rounds] [seconds] [websockets] [frames/s]   (make bench-relay)
 #   KERNEL_RELAY=false bench/relay.sh ...   corral relays in user space
+#   BEFORE=path/to/corral bench/relay.sh ...  also that build of corral, same config,
+#                                            in the same rounds (a before/after pair)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
@@ -33,7 +35,8 @@ cat "$work/cert.pem" "$work/key.pem" > "$work/both.pem"
 backend=$(port)
 target/profiling/examples/backend "127.0.0.1:$backend" >/dev/null 2>&1 & pids+=($!)
 declare -A plain tls pid v
-for p in corral nginx haproxy; do plain[$p]=$(port); tls[$p]=$(port); done
+ps=(corral nginx haproxy); [ -n "${BEFORE:-}" ] && ps+=(before)
+for p in "${ps[@]}"; do plain[$p]=$(port); tls[$p]=$(port); done
 
 cat > "$work/corral.toml" <<EOC
 upstreams = ["127.0.0.1:$backend"]
@@ -51,6 +54,11 @@ websocket_idle = "3600s"
 kernel_relay = ${KERNEL_RELAY:-true}
 EOC
 "${CORRAL:-target/profiling/corral}" run -c "$work/corral.toml" >/dev/null 2>"$work/corral.log" & pid[corral]=$!
+if [ -n "${BEFORE:-}" ]; then
+  sed -e "s/:${plain[corral]}\"/:${plain[before]}\"/" -e "s/:${tls[corral]}\"/:${tls[before]}\"/" \
+    -e "s#corral.sock#before.sock#" "$work/corral.toml" > "$work/before.toml"
+  "$BEFORE" run -c "$work/before.toml" >/dev/null 2>"$work/before.log" & pid[before]=$!
+fi
 cat > "$work/nginx.conf" <<EOC
 worker_processes auto;
 worker_rlimit_nofile 20000;
@@ -85,7 +93,7 @@ nginx -p "$work" -c "$work/nginx.conf" -g 'daemon off;' >/dev/null 2>&1 & pid[ng
 haproxy_cfg "$work/haproxy.cfg" "${plain[haproxy]}" "${tls[haproxy]}" "$work/both.pem" "$backend" http/1.1 "    timeout tunnel 3600s"
 haproxy -f "$work/haproxy.cfg" -db >/dev/null 2>"$work/haproxy.log" & pid[haproxy]=$!
 pids+=("${pid[@]}")
-await_proxies corral nginx haproxy
+await_proxies "${ps[@]}"
 
 url() { case $1 in plain) echo "ws://127.0.0.1:${plain[$2]}/feed";; tls) echo "wss://127.0.0.1:${tls[$2]}/feed";; esac; }
 feed() { # url [pid] -> one JSON line
@@ -96,7 +104,7 @@ for r in $(seq "$rounds"); do
   out=$(feed "ws://127.0.0.1:$backend/feed")
   for m in p50_us p99_us; do field "$out" $m >> "$work/direct.$m"; done
   for s in plain tls; do
-    for p in corral nginx haproxy; do
+    for p in "${ps[@]}"; do
       out=$(feed "$(url $s $p)" "${pid[$p]}")
       for m in cpu_us_per_frame kernel_us_per_frame p50_us p99_us rss_kib frames_per_s; do field "$out" $m >> "$work/$s.$p.$m"; done
       python3 -c "import json,sys;j=json.loads(sys.argv[1]);print(round(j['cpu_us_per_frame']+j['kernel_us_per_frame'],3))" "$out" >> "$work/$s.$p.total_us_per_frame"
@@ -107,16 +115,23 @@ done
 d50=$(median < "$work/direct.p50_us"); d99=$(median < "$work/direct.p99_us")
 echo "$conns websockets, $rate frames/s in all, 50-500 bytes; ${secs}s per round, $rounds rounds; direct p50 ${d50} µs, p99 ${d99} µs"
 echo
-echo "| relay | measure | corral | nginx | HAProxy | corral/nginx | corral/HAProxy |"
-echo "|---|---|---:|---:|---:|---:|---:|"
+if [ -n "${BEFORE:-}" ]; then
+  echo "| relay | measure | corral | nginx | HAProxy | corral/nginx | corral/HAProxy | before | corral/before |"
+  echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+else
+  echo "| relay | measure | corral | nginx | HAProxy | corral/nginx | corral/HAProxy |"
+  echo "|---|---|---:|---:|---:|---:|---:|"
+fi
 for s in plain tls; do
   for m in frames_per_s cpu_us_per_frame kernel_us_per_frame total_us_per_frame add50 add99 rss_kib; do
     case $m in
-      add50) for p in corral nginx haproxy; do v[$p]=$(python3 -c "print(round($(median < "$work/$s.$p.p50_us") - $d50))"); done;;
-      add99) for p in corral nginx haproxy; do v[$p]=$(python3 -c "print(round($(median < "$work/$s.$p.p99_us") - $d99))"); done;;
-      *) for p in corral nginx haproxy; do v[$p]=$(median < "$work/$s.$p.$m"); done;;
+      add50) for p in "${ps[@]}"; do v[$p]=$(python3 -c "print(round($(median < "$work/$s.$p.p50_us") - $d50))"); done;;
+      add99) for p in "${ps[@]}"; do v[$p]=$(python3 -c "print(round($(median < "$work/$s.$p.p99_us") - $d99))"); done;;
+      *) for p in "${ps[@]}"; do v[$p]=$(median < "$work/$s.$p.$m"); done;;
     esac
     name=$(case $m in frames_per_s) echo "frames/s delivered";; cpu_us_per_frame) echo "proxy process CPU µs/frame";; kernel_us_per_frame) echo "kernel workers µs/frame";; total_us_per_frame) echo "**proxy + kernel workers µs/frame**";; add50) echo "added p50 µs";; add99) echo "added p99 µs";; rss_kib) echo "RSS KiB";; esac)
-    echo "| $s | $name | ${v[corral]} | ${v[nginx]} | ${v[haproxy]} | $(ratio "${v[corral]}" "${v[nginx]}") | $(ratio "${v[corral]}" "${v[haproxy]}") |"
+    row="| $s | $name | ${v[corral]} | ${v[nginx]} | ${v[haproxy]} | $(ratio "${v[corral]}" "${v[nginx]}") | $(ratio "${v[corral]}" "${v[haproxy]}") |"
+    [ -n "${BEFORE:-}" ] && row="$row ${v[before]} | $(ratio "${v[corral]}" "${v[before]}") |"
+    echo "$row"
   done
 done
