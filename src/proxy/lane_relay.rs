@@ -6,9 +6,10 @@
 //!
 //! It owns a tunnel's sockets while the tunnel is in the set, and moves whole reads:
 //! each read is written on at once, or the tunnel goes back to its own task
-//! (`proxy::tunnel`) with what is left, as it does at an end or an error. It does not
-//! decide when a tunnel closes (its idle period, its close code): the tunnel's task
-//! takes it out of the set for that. The set belongs to the thread of a
+//! (`proxy::tunnel`) with what is left. An end is passed on (the other side's write
+//! half shut down); once both sides have ended, or at an error, the tunnel goes back
+//! to its task to be closed. It does not decide when a tunnel closes (its idle
+//! period, its close code): the tunnel's task takes it out of the set for that. The set belongs to the thread of a
 //! single-threaded runtime (a lane); nothing else may use it.
 
 use crate::proxy::frames::Frames;
@@ -37,6 +38,8 @@ pub(crate) struct Back {
     pub moved: [u64; 2],
     /// What ended the tunnel, if an error did.
     pub error: Option<io::Error>,
+    /// Both sides ended (each end passed on): nothing is left to relay.
+    pub ended: bool,
     /// Why the set gave it back.
     pub why: &'static str,
 }
@@ -54,8 +57,29 @@ struct Tunnel {
     worker: TcpStream,
     frames: Frames,
     moved: [u64; 2],
+    /// The directions whose reader has ended: client to worker, worker to client.
+    ended: [bool; 2],
     active: Arc<AtomicBool>,
     back: oneshot::Sender<Back>,
+}
+
+impl Tunnel {
+    /// The reader of `direction` has ended: the other side is told (its write half
+    /// shut down, as the tunnel's task does), and once both have, the tunnel is done.
+    fn end(&mut self, direction: usize) -> Step {
+        self.ended[direction] = true;
+        let to = match direction {
+            0 => &self.worker,
+            _ => &self.client,
+        };
+        if let Err(e) = to.shutdown(std::net::Shutdown::Write) {
+            return Step::GiveBack(Vec::new(), Some(e), AN_ERROR);
+        }
+        match self.ended {
+            [true, true] => Step::GiveBack(Vec::new(), None, ENDED),
+            _ => Step::Drained,
+        }
+    }
 }
 
 struct Set {
@@ -83,7 +107,8 @@ const EVENTS: usize = 256;
 const FULL_READS: usize = 16;
 
 /// Why a tunnel is given back.
-const AN_END: &str = "an end";
+const ENDED: &str = "both sides ended";
+const AN_ERROR: &str = "an error";
 const CANNOT_TAKE: &str = "a side that could not take a whole read";
 const BULK: &str = "a bulk transfer";
 
@@ -128,7 +153,7 @@ pub(crate) fn leave(place: Place) -> Option<Back> {
         if set.tunnels.get(place.index)?.as_ref()?.id != place.id {
             return None;
         }
-        let t = set.remove(place.index)?;
+        let t = set.remove(place.index, false)?;
         Some(Back {
             client: t.client,
             worker: t.worker,
@@ -137,6 +162,7 @@ pub(crate) fn leave(place: Place) -> Option<Back> {
             frames: t.frames,
             moved: t.moved,
             error: None,
+            ended: false,
             why: "taken out",
         })
     })
@@ -231,22 +257,29 @@ impl Set {
             worker,
             frames,
             moved: [0; 2],
+            ended: [false; 2],
             active,
             back,
         });
         Ok(Place { index, id })
     }
 
-    /// Takes the tunnel at `index` out of the set and off its epoll set.
-    fn remove(&mut self, index: usize) -> Option<Tunnel> {
+    /// Takes the tunnel at `index` out of the set, and its sockets off the epoll
+    /// set unless they are about to be closed (which takes them off; an event they
+    /// still bring meanwhile finds their slot empty, or another tunnel's sockets,
+    /// which it then reads to no harm).
+    fn remove(&mut self, index: usize, closing: bool) -> Option<Tunnel> {
         let t = self.tunnels.get_mut(index)?.take()?;
+        self.free.push(index);
+        if closing {
+            return Some(t);
+        }
         let registry = self.poll.registry();
         for fd in [t.client.as_raw_fd(), t.worker.as_raw_fd()] {
             if let Err(e) = registry.deregister(&mut SourceFd(&fd)) {
                 tracing::debug!(error = %e, "tunnel socket not taken off its lane's set");
             }
         }
-        self.free.push(index);
         Some(t)
     }
 
@@ -259,17 +292,20 @@ impl Set {
         for event in events.iter() {
             seen += 1;
             let token = event.token().0;
-            self.pump(token >> 1, token & 1 == 1);
+            let ending = event.is_read_closed() || event.is_error();
+            self.pump(token >> 1, token & 1 == 1, ending);
         }
         seen == EVENTS
     }
 
     /// Reads one socket of the tunnel at `index` until it has no more, writing each
-    /// read on to the other.
-    fn pump(&mut self, index: usize, from_worker: bool) {
+    /// read on to the other. A read shorter than the buffer took all there was,
+    /// unless the socket is `ending`: its end (or error) may wait behind the bytes,
+    /// and brings no new event.
+    fn pump(&mut self, index: usize, from_worker: bool, ending: bool) {
         for _ in 0..FULL_READS {
             match self.step(index, from_worker) {
-                Step::Sent(n) if n == self.buf.len() => continue,
+                Step::Sent(n) if n == self.buf.len() || ending => continue,
                 Step::Sent(_) | Step::Drained => return,
                 Step::GiveBack(rest, error, why) => {
                     return self.give_back(index, from_worker, rest, error, why)
@@ -283,18 +319,21 @@ impl Set {
         let Some(Some(t)) = self.tunnels.get_mut(index) else {
             return Step::Drained;
         };
+        let direction = from_worker as usize;
+        if t.ended[direction] {
+            return Step::Drained;
+        }
         let (mut from, to) = match from_worker {
             true => (&t.worker, &t.client),
             false => (&t.client, &t.worker),
         };
         let n = loop {
             match from.read(&mut self.buf) {
-                // An end: the tunnel's task carries on from it.
-                Ok(0) => return Step::GiveBack(Vec::new(), None, AN_END),
+                Ok(0) => return t.end(direction),
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Drained,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Step::GiveBack(Vec::new(), Some(e), AN_END),
+                Err(e) => return Step::GiveBack(Vec::new(), Some(e), AN_ERROR),
             }
         };
         t.active.store(true, Ordering::Relaxed);
@@ -303,7 +342,7 @@ impl Set {
         if from_worker {
             t.frames.feed(&data[..sent]);
         }
-        t.moved[from_worker as usize] += sent as u64;
+        t.moved[direction] += sent as u64;
         if sent < n || error.is_some() {
             return Step::GiveBack(data[sent..].to_vec(), error, CANNOT_TAKE);
         }
@@ -318,7 +357,8 @@ impl Set {
         error: Option<io::Error>,
         why: &'static str,
     ) {
-        let Some(t) = self.remove(index) else {
+        let closing = error.is_some() || why == ENDED;
+        let Some(t) = self.remove(index, closing) else {
             return;
         };
         let (to_worker, to_client) = match from_worker {
@@ -333,6 +373,7 @@ impl Set {
             to_client,
             frames: t.frames,
             moved: t.moved,
+            ended: t.ended == [true; 2],
             error,
             why,
         });
@@ -342,7 +383,7 @@ impl Set {
     fn give_all_back(&mut self) {
         for index in 0..self.tunnels.len() {
             let error = io::Error::other("the lane's relay set failed");
-            self.give_back(index, false, Vec::new(), Some(error), AN_END);
+            self.give_back(index, false, Vec::new(), Some(error), AN_ERROR);
         }
     }
 }
@@ -503,30 +544,38 @@ mod tests {
         n as usize
     }
 
-    /// Bytes go both ways; the worker's end gives the tunnel back, no error.
+    /// Bytes go both ways; each side's end is passed on to the other, and once both
+    /// have ended the tunnel goes back to its task, done.
     #[tokio::test]
-    async fn an_end_gives_the_tunnel_back() {
+    async fn ends_are_passed_on_and_both_give_the_tunnel_back() {
         let (client, mut client_peer) = pair();
         let (worker, mut worker_peer) = pair();
         let (_, _, rx) = enter_pair(client, worker);
         // The peers block: on a thread of their own, while the set runs here.
         let peers = std::thread::spawn(move || {
             client_peer.write_all(b"up").expect("client writes");
-            let mut up = [0u8; 2];
-            worker_peer.read_exact(&mut up).expect("worker reads");
+            client_peer
+                .shutdown(std::net::Shutdown::Write)
+                .expect("client shuts down");
+            let mut up = Vec::new();
+            worker_peer
+                .read_to_end(&mut up)
+                .expect("worker reads to the end");
             worker_peer.write_all(b"down!").expect("worker writes");
-            let mut down = [0u8; 5];
-            client_peer.read_exact(&mut down).expect("client reads");
             worker_peer
                 .shutdown(std::net::Shutdown::Write)
-                .expect("shutdown");
+                .expect("worker shuts down");
+            let mut down = Vec::new();
+            client_peer
+                .read_to_end(&mut down)
+                .expect("client reads to the end");
             (up, down, client_peer, worker_peer)
         });
         let back = given_back(rx).await;
         let (up, down, _client_peer, _worker_peer) = peers.join().expect("peers");
-        assert_eq!((&up, &down, back.why), (b"up", b"down!", AN_END));
+        assert_eq!((&up[..], &down[..]), (&b"up"[..], &b"down!"[..]));
+        assert_eq!((back.why, back.ended, back.moved), (ENDED, true, [2, 5]));
         assert!(back.error.is_none() && back.to_client.is_empty());
-        assert_eq!(back.moved, [2, 5]);
     }
 
     /// A place taken out once is empty: taking it again finds nothing, even when a

@@ -404,6 +404,7 @@ where
             frames,
             moved,
             error: up_error.or(down_error),
+            ended: false,
             why: "",
         };
         if rest.error.is_some() || !rest.to_worker.is_empty() || !rest.to_client.is_empty() {
@@ -457,6 +458,9 @@ where
             return;
         };
         back.moved = [moved[0] + back.moved[0], moved[1] + back.moved[1]];
+        if back.ended {
+            return count_bytes(&self.metrics, back.moved[0], back.moved[1]);
+        }
         if back.error.is_none() {
             let why = match code {
                 Some(_) => "to send its close frame",
