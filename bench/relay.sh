@@ -14,6 +14,11 @@
 #   KERNEL_RELAY=false bench/relay.sh ...   corral relays in user space
 #   BEFORE=path/to/corral bench/relay.sh ...  also that build of corral, same config,
 #                                            in the same rounds (a before/after pair)
+#   TOGETHER=1 bench/relay.sh ...   the proxies side by side: in each round all of
+#     them at once (and the backend direct, as many feeds at once), each with its
+#     share of the websockets and the rate, so that all see the same machine (one
+#     after the other, the machine's own swings are as large as the differences);
+#     the kernel workers' column is then everyone's
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
@@ -99,19 +104,38 @@ url() { case $1 in plain) echo "ws://127.0.0.1:${plain[$2]}/feed";; tls) echo "w
 feed() { # url [pid] -> one JSON line
   PROXY_PID=${2:-} WSBENCH_CA="$work/cert.pem" target/profiling/examples/wsbench feed "$1" "$conns" "$secs" "$rate"
 }
+# Waits for the feeds started in the background (not for the proxies).
+wait_feeds() { local j; for j in $(jobs -p); do case " ${pids[*]} " in *" $j "*) ;; *) wait "$j";; esac; done; }
 field() { python3 -c "import json,sys;print(json.loads(sys.argv[1]).get('$2',0))" "$1"; }
+record() { # relay proxy json
+  local s=$1 p=$2 out=$3 m
+  for m in cpu_us_per_frame kernel_us_per_frame p50_us p99_us rss_kib frames_per_s; do field "$out" $m >> "$work/$s.$p.$m"; done
+  python3 -c "import json,sys;j=json.loads(sys.argv[1]);print(round(j['cpu_us_per_frame']+j['kernel_us_per_frame'],3))" "$out" >> "$work/$s.$p.total_us_per_frame"
+  [ "$(field "$out" errors)$(field "$out" failed)" = 00 ] || echo "round $r $s $p: $out" >&2
+}
+if [ -n "${TOGETHER:-}" ]; then
+  # Each feed gets its share of the websockets and the rate.
+  all=$conns; all_rate=$rate
+  conns=$(( all / ${#ps[@]} )); rate=$(( all_rate / ${#ps[@]} ))
+fi
 for r in $(seq "$rounds"); do
-  out=$(feed "ws://127.0.0.1:$backend/feed")
+  if [ -n "${TOGETHER:-}" ]; then
+    for i in "${!ps[@]}"; do feed "ws://127.0.0.1:$backend/feed" > "$work/direct.out.$i" & done; wait_feeds
+    out=$(cat "$work/direct.out.0")
+  else
+    out=$(feed "ws://127.0.0.1:$backend/feed")
+  fi
   for m in p50_us p99_us; do field "$out" $m >> "$work/direct.$m"; done
   for s in plain tls; do
-    for p in "${ps[@]}"; do
-      out=$(feed "$(url $s $p)" "${pid[$p]}")
-      for m in cpu_us_per_frame kernel_us_per_frame p50_us p99_us rss_kib frames_per_s; do field "$out" $m >> "$work/$s.$p.$m"; done
-      python3 -c "import json,sys;j=json.loads(sys.argv[1]);print(round(j['cpu_us_per_frame']+j['kernel_us_per_frame'],3))" "$out" >> "$work/$s.$p.total_us_per_frame"
-      [ "$(field "$out" errors)$(field "$out" failed)" = 00 ] || echo "round $r $s $p: $out" >&2
-    done
+    if [ -n "${TOGETHER:-}" ]; then
+      for p in "${ps[@]}"; do feed "$(url $s $p)" "${pid[$p]}" > "$work/out.$p" & done; wait_feeds
+      for p in "${ps[@]}"; do record $s $p "$(cat "$work/out.$p")"; done
+    else
+      for p in "${ps[@]}"; do record $s $p "$(feed "$(url $s $p)" "${pid[$p]}")"; done
+    fi
   done
 done
+if [ -n "${TOGETHER:-}" ]; then conns=$all; rate=$all_rate; fi
 d50=$(median < "$work/direct.p50_us"); d99=$(median < "$work/direct.p99_us")
 echo "$conns websockets, $rate frames/s in all, 50-500 bytes; ${secs}s per round, $rounds rounds; direct p50 ${d50} µs, p99 ${d99} µs"
 echo
