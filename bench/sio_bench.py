@@ -36,9 +36,11 @@ VENV = Path(sys.executable).parent
 CLIENTS = int(os.environ.get("CLIENTS", "100"))
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 # For a quick look at one proxy: PROXIES=corral; CORRAL=path/to/another/build.
+# A before/after pair: PROXIES=corral,before BEFORE=path/to/the/other/build.
 # CORRAL_EXTRA adds TOML to corral's config, e.g. "[experimental]\nkernel_relay = true".
 PROXIES = os.environ.get("PROXIES", "corral,nginx").split(",")
 CORRAL = os.environ.get("CORRAL", str(ROOT / "target" / "profiling" / "corral"))
+BINARIES = {"corral": CORRAL, "before": os.environ.get("BEFORE", CORRAL)}
 
 
 def free_port():
@@ -184,13 +186,13 @@ def start_workers(n, threads):
 
 def start_proxy(name, work, port, ports):
     """corral, or nginx with the seed's config (ip_hash, the /socket.io location)."""
-    if name == "corral":
-        cfg = work / "corral.toml"
+    if name in BINARIES:
+        cfg = work / f"{name}.toml"
         upstreams = ", ".join(f'"127.0.0.1:{p}"' for p in ports)
         extra = os.environ.get("CORRAL_EXTRA", "").replace("\\n", "\n")
         cfg.write_text(f'listen = ["127.0.0.1:{port}"]\nupstreams = [{upstreams}]\n'
-                       f'admin_socket = "{work}/c.sock"\n{extra}\n')
-        return start([CORRAL, "run", "-c", str(cfg)])
+                       f'admin_socket = "{work}/{name}.sock"\n{extra}\n')
+        return start([BINARIES[name], "run", "-c", str(cfg)])
     cfg = work / "nginx.conf"
     servers = " ".join(f"server 127.0.0.1:{p};" for p in ports)
     cfg.write_text(f"""worker_processes auto; pid {work}/nginx.pid; error_log {work}/err.log;
@@ -240,6 +242,8 @@ def seed_table(results):
             print(f"{name}: {med(rows, lambda r: r[0]):.1f} sessions/s, {med(rows, lambda r: r[1]):.0f} deliveries/s, "
                   f"proxy CPU {med(rows, lambda r: r[2]) * 100:.1f} % of the workers', spread {rows[-1][3]}")
         return
+    if "nginx" not in results:
+        return
     c, n = results["corral"], results["nginx"]
     print(f"| scenario ({CLIENTS} clients, 2 workers) | corral | nginx ip_hash | corral / nginx |")
     print("|---|---:|---:|---:|")
@@ -267,7 +271,7 @@ def same_work_table(results):
     }
     names = list(results)
     print(f"| same work ({CLIENTS} clients, 1 worker) | " + " | ".join(names) +
-          (" | corral / nginx |" if len(names) == 2 else " |"))
+          (f" | {names[0]} / {names[1]} |" if len(names) == 2 else " |"))
     print("|---|" + "---:|" * (len(names) + (1 if len(names) == 2 else 0)))
     for label, (f, unit) in rows.items():
         vals = [med(results[n], f) for n in names]
