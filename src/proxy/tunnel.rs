@@ -373,18 +373,12 @@ where
             }
         }
     }
-}
 
-impl<C, O> Relay<C, O>
-where
-    C: std::future::Future<Output = u16> + Send + 'static,
-    O: Send + 'static,
-{
     /// As `run`, for two cleartext sockets on a lane: they go in the lane's set
-    /// (`lane_relay`), which moves the bytes, until the tunnel needs a task of its
-    /// own: for its close code, its idle period, an end, an error, or a side that
-    /// cannot take a whole read at once. It is then relayed here from where the set
-    /// stopped.
+    /// (`lane_relay`), which moves the bytes and passes ends on, until the tunnel
+    /// needs a task of its own: for its close code, its idle period, an error, a side
+    /// that cannot take a whole read at once, or a bulk transfer. It is then relayed
+    /// here from where the set stopped.
     async fn run_in_set(
         self,
         client: std::net::TcpStream,

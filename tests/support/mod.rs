@@ -7,6 +7,8 @@
 //! Everything listens on 127.0.0.1 only, and every wait is bounded.
 #![allow(dead_code)]
 
+pub mod relay;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
