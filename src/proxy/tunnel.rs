@@ -422,9 +422,11 @@ where
         };
         tracing::debug!("tunnel relayed in its lane's set");
         let mut in_set = InSet(Some(place));
-        let closing = Lazy::new(self.closing);
+        // Unlike a tunnel relayed by its own task, this task does not wake per
+        // frame: its close signal can be polled at every wake-up.
+        let closing = self.closing;
         tokio::pin!(closing);
-        let step = (self.idle / IDLE_CHECKS).max(Duration::from_millis(1));
+        let step = idle_check_every(self.idle);
         let mut quiet = 0;
         let (back, code) = loop {
             tokio::select! {
@@ -595,7 +597,7 @@ where
         };
         let closing = Lazy::new(self.closing);
         tokio::pin!(closing);
-        let step = (self.idle / IDLE_CHECKS).max(Duration::from_millis(1));
+        let step = idle_check_every(self.idle);
         let mut seen = attached.moved();
         let mut quiet = 0;
         let woke = loop {
@@ -776,6 +778,11 @@ where
 /// between one and one and an eighth idle periods after the last byte.
 const IDLE_CHECKS: u32 = 8;
 
+/// How often a tunnel with `idle` as its idle period looks whether bytes came.
+fn idle_check_every(idle: Duration) -> Duration {
+    (idle / IDLE_CHECKS).max(Duration::from_millis(1))
+}
+
 /// Longest a closing tunnel waits for the worker's frame in flight to end.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
@@ -849,7 +856,7 @@ where
         // taken) at every burst of bytes.
         let closing = Lazy::new(closing);
         tokio::pin!(closing);
-        let step = (idle / IDLE_CHECKS).max(Duration::from_millis(1));
+        let step = idle_check_every(idle);
         let mut next_check = tokio::time::Instant::now() + step;
         let mut quiet = 0;
         let mut close_by: Option<tokio::time::Instant> = None;
