@@ -10,7 +10,7 @@ mod support;
 
 use futures_util::SinkExt;
 use std::time::Duration;
-use support::relay::{self, next, open, runtime, times_in_log, wait_in_log};
+use support::relay::{self, next, runtime, times_in_log, wait_in_log};
 use support::{Corral, Mode, RawWorker};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -41,7 +41,7 @@ fn kernel_relayed_tunnels_carry_frames_whole_and_close_cleanly() {
         let rt = runtime();
         let mut clients = relay::open_hello_clients(&rt, &corral, 6);
         wait_in_kernel(&corral, clients.len());
-        relay::echo_rounds(&rt, &mut clients, &corral, 60_000);
+        relay::echo_rounds(&rt, &mut clients, &corral, 60_000, 8);
         assert_eq!(
             times_in_log(&corral, IN_KERNEL),
             6,
@@ -68,11 +68,7 @@ fn kernel_relayed_tunnels_carry_frames_whole_and_close_cleanly() {
 /// the client gets is whole (a close frame put inside one would garble the rest).
 #[test]
 fn a_close_code_comes_after_the_frame_in_progress() {
-    let worker = RawWorker::start(Mode::WebSocket);
-    let mut corral = corral_for(&worker, "");
-    let rt = runtime();
-    let mut ws = open(&rt, &corral);
-    wait_in_kernel(&corral, 1);
+    let (_worker, mut corral, rt, mut ws) = relay::one_tunnel(corral_for, "", IN_KERNEL);
     relay::flood_until_going_away(&rt, &mut ws, &mut corral, Duration::ZERO, |corral| {
         assert_eq!(times_in_log(corral, IN_KERNEL), 1, "{}", corral.log_text());
     });
@@ -90,11 +86,7 @@ fn a_close_code_comes_after_the_frame_in_progress() {
 /// whole and in order.
 #[test]
 fn frames_the_kernel_cannot_follow_are_relayed_by_corral() {
-    let worker = RawWorker::start(Mode::WebSocket);
-    let corral = corral_for(&worker, "");
-    let rt = runtime();
-    let mut ws = open(&rt, &corral);
-    wait_in_kernel(&corral, 1);
+    let (_worker, corral, rt, mut ws) = relay::one_tunnel(corral_for, "", IN_KERNEL);
     rt.block_on(ws.send(Message::text("one"))).expect("send");
     assert_eq!(next(&rt, &mut ws, &corral), Message::text("one"));
     rt.block_on(ws.send(Message::text("burst"))).expect("send");

@@ -12,7 +12,7 @@ mod support;
 
 use futures_util::SinkExt;
 use std::time::Duration;
-use support::relay::{self, next, open, runtime, times_in_log, wait_in_log};
+use support::relay::{self, next, runtime, times_in_log, wait_in_log};
 use support::{Corral, Mode, RawWorker};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -42,7 +42,7 @@ fn tunnels_in_a_lanes_set_carry_frames_whole_and_close_cleanly() {
         let mut clients = relay::open_hello_clients(&rt, &corral, 6);
         wait_in_set(&corral, clients.len());
         // Small enough for the client sockets to take every read whole.
-        relay::echo_rounds(&rt, &mut clients, &corral, 8_000);
+        relay::echo_rounds(&rt, &mut clients, &corral, 8_000, 8);
         assert_eq!(
             times_in_log(&corral, IN_SET),
             6,
@@ -75,11 +75,7 @@ fn tunnels_in_a_lanes_set_carry_frames_whole_and_close_cleanly() {
 /// the client gets is whole and in order.
 #[test]
 fn a_bulk_transfer_loses_nothing_and_closes_between_frames() {
-    let worker = RawWorker::start(Mode::WebSocket);
-    let mut corral = corral_for(&worker, "");
-    let rt = runtime();
-    let mut ws = open(&rt, &corral);
-    wait_in_set(&corral, 1);
+    let (_worker, mut corral, rt, mut ws) = relay::one_tunnel(corral_for, "", IN_SET);
     let pause = Duration::from_millis(300);
     relay::flood_until_going_away(&rt, &mut ws, &mut corral, pause, |corral| {
         // Which comes first depends on the machine's timing; the set's unit tests
@@ -97,11 +93,7 @@ fn a_bulk_transfer_loses_nothing_and_closes_between_frames() {
 /// stays in its set.
 #[test]
 fn many_frames_in_one_read_are_relayed_whole() {
-    let worker = RawWorker::start(Mode::WebSocket);
-    let corral = corral_for(&worker, "");
-    let rt = runtime();
-    let mut ws = open(&rt, &corral);
-    wait_in_set(&corral, 1);
+    let (_worker, corral, rt, mut ws) = relay::one_tunnel(corral_for, "", IN_SET);
     rt.block_on(ws.send(Message::text("burst"))).expect("send");
     for i in 0..100u8 {
         assert_eq!(next(&rt, &mut ws, &corral), Message::binary(vec![i]));

@@ -10,6 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use std::io::{BufReader, Write};
 use std::thread;
 use std::time::{Duration, Instant};
+use support::relay::{self, expect_close};
 use support::{read_reply, Corral, Mode, RawWorker};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
@@ -119,27 +120,6 @@ fn sigterm_drops_a_tls_handshake_not_yet_done() {
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
 
-/// The next frame on `ws`, within 5 s, is a close frame with `code`.
-fn expect_close<S>(
-    rt: &tokio::runtime::Runtime,
-    ws: &mut tokio_tungstenite::WebSocketStream<S>,
-    code: CloseCode,
-    corral: &Corral,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let close = rt
-        .block_on(async { tokio::time::timeout(Duration::from_secs(5), ws.next()).await })
-        .expect("a frame before the timeout");
-    match close {
-        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, code),
-        other => panic!(
-            "expected a close frame, got {other:?}: {}",
-            corral.log_text()
-        ),
-    }
-}
-
 /// At shutdown an open websocket gets a close frame, 1001 "going away", so the
 /// client sees a clean close and reconnects; the worker connection is closed too.
 #[test]
@@ -194,12 +174,6 @@ fn moved_tunnels(tls: bool) {
     let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
     let connector = tls.then(|| support::tls_trusting(&cert_pem));
     let rt = runtime();
-    let size = |i: usize, round: usize| (i * 7919 + round * 104_729) % 60_000 + 1;
-    let payload = |i: usize, round: usize| -> Vec<u8> {
-        (0..size(i, round))
-            .map(|k| (k * 31 + i + round) as u8)
-            .collect()
-    };
     let mut clients = Vec::new();
     for _ in 0..12 {
         let (mut ws, _) = rt
@@ -220,29 +194,7 @@ fn moved_tunnels(tls: bool) {
         assert_eq!(hello, Message::text("hello"), "{}", corral.log_text());
         clients.push(ws);
     }
-    for round in 0..10 {
-        for (i, ws) in clients.iter_mut().enumerate() {
-            rt.block_on(ws.send(Message::binary(payload(i, round))))
-                .expect("send");
-            rt.block_on(ws.send(Message::text(format!("{i}/{round}"))))
-                .expect("send");
-        }
-        for (i, ws) in clients.iter_mut().enumerate() {
-            let echo = match rt
-                .block_on(async { tokio::time::timeout(Duration::from_secs(5), ws.next()).await })
-            {
-                Ok(Some(Ok(echo))) => echo,
-                other => panic!("client {i} round {round}: {other:?}: {}", corral.log_text()),
-            };
-            assert_eq!(
-                echo,
-                Message::binary(payload(i, round)),
-                "client {i} round {round}"
-            );
-            let echo = rt.block_on(ws.next()).expect("echo").expect("frame");
-            assert_eq!(echo, Message::text(format!("{i}/{round}")));
-        }
-    }
+    relay::echo_rounds(&rt, &mut clients, &corral, 60_000, 10);
     assert!(
         corral
             .log_text()

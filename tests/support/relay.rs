@@ -6,6 +6,7 @@
 use super::{Corral, Mode, RawWorker};
 use futures_util::{SinkExt, StreamExt};
 use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
 pub type Ws =
@@ -25,7 +26,14 @@ pub fn open(rt: &tokio::runtime::Runtime, corral: &Corral) -> Ws {
         .0
 }
 
-pub fn next(rt: &tokio::runtime::Runtime, ws: &mut Ws, corral: &Corral) -> Message {
+pub fn next<S>(
+    rt: &tokio::runtime::Runtime,
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    corral: &Corral,
+) -> Message
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     match rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), ws.next()).await }) {
         Ok(Some(Ok(m))) => m,
         other => panic!("expected a frame, got {other:?}: {}", corral.log_text()),
@@ -43,6 +51,21 @@ pub fn wait_in_log(corral: &Corral, text: &str, n: usize) {
         assert!(Instant::now() < deadline, "{}", corral.log_text());
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// A `Mode::WebSocket` worker behind corral (`corral_for` with `extra`) and one
+/// websocket through it, once the relay under test has it (`relayed` in the log).
+pub fn one_tunnel(
+    corral_for: fn(&RawWorker, &str) -> Corral,
+    extra: &str,
+    relayed: &str,
+) -> (RawWorker, Corral, tokio::runtime::Runtime, Ws) {
+    let worker = RawWorker::start(Mode::WebSocket);
+    let corral = corral_for(&worker, extra);
+    let rt = runtime();
+    let ws = open(&rt, &corral);
+    wait_in_log(&corral, relayed, 1);
+    (worker, corral, rt, ws)
 }
 
 /// Checks the `n`th frame of the worker's flood (`support::FLOOD_SIZES`).
@@ -64,11 +87,8 @@ pub fn closes_when_idle_and_stays_open_while_used(
     corral_for: fn(&RawWorker, &str) -> Corral,
     relayed: &str,
 ) -> Corral {
-    let worker = RawWorker::start(Mode::WebSocket);
-    let corral = corral_for(&worker, "[timeouts]\nwebsocket_idle = \"1s\"\n");
-    let rt = runtime();
-    let mut ws = open(&rt, &corral);
-    wait_in_log(&corral, relayed, 1);
+    let idle = "[timeouts]\nwebsocket_idle = \"1s\"\n";
+    let (_worker, corral, rt, mut ws) = one_tunnel(corral_for, idle, relayed);
     let started = Instant::now();
     let mut quiet = Instant::now();
     while started.elapsed() < Duration::from_millis(2500) {
@@ -97,11 +117,7 @@ pub fn a_client_close_ends_both_connections(
     corral_for: fn(&RawWorker, &str) -> Corral,
     relayed: &str,
 ) {
-    let worker = RawWorker::start(Mode::WebSocket);
-    let corral = corral_for(&worker, "");
-    let rt = runtime();
-    let mut ws = open(&rt, &corral);
-    wait_in_log(&corral, relayed, 1);
+    let (worker, corral, rt, mut ws) = one_tunnel(corral_for, "", relayed);
     rt.block_on(ws.send(Message::text("x"))).expect("send");
     assert_eq!(next(&rt, &mut ws, &corral), Message::text("x"));
     rt.block_on(ws.close(None)).expect("close");
@@ -122,11 +138,7 @@ pub fn a_reset_worker_connection_ends_the_tunnel_at_once(
     corral_for: fn(&RawWorker, &str) -> Corral,
     relayed: &str,
 ) {
-    let worker = RawWorker::start(Mode::WebSocket);
-    let corral = corral_for(&worker, "");
-    let rt = runtime();
-    let mut ws = open(&rt, &corral);
-    wait_in_log(&corral, relayed, 1);
+    let (_worker, _corral, rt, mut ws) = one_tunnel(corral_for, "", relayed);
     rt.block_on(ws.send(Message::text("reset"))).expect("send");
     let asked = Instant::now();
     let end = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), ws.next()).await });
@@ -153,21 +165,24 @@ pub fn open_hello_clients(rt: &tokio::runtime::Runtime, corral: &Corral, n: usiz
         .collect()
 }
 
-/// Eight rounds of a binary message (up to `max_size` bytes) and a text one from
+/// `rounds` rounds of a binary message (up to `max_size` bytes) and a text one from
 /// every client, each echoed whole and in order.
-pub fn echo_rounds(
+pub fn echo_rounds<S>(
     rt: &tokio::runtime::Runtime,
-    clients: &mut [Ws],
+    clients: &mut [tokio_tungstenite::WebSocketStream<S>],
     corral: &Corral,
     max_size: usize,
-) {
+    rounds: usize,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let size = |i: usize, round: usize| (i * 7919 + round * 104_729) % max_size + 1;
     let payload = |i: usize, round: usize| -> Vec<u8> {
         (0..size(i, round))
             .map(|k| (k * 31 + i + round) as u8)
             .collect()
     };
-    for round in 0..8 {
+    for round in 0..rounds {
         for (i, ws) in clients.iter_mut().enumerate() {
             rt.block_on(ws.send(Message::binary(payload(i, round))))
                 .expect("send");
@@ -185,14 +200,28 @@ pub fn echo_rounds(
     }
 }
 
+/// The next frame on `ws`, within 5 s, is a close frame with `code`.
+pub fn expect_close<S>(
+    rt: &tokio::runtime::Runtime,
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    code: CloseCode,
+    corral: &Corral,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match next(rt, ws, corral) {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, code),
+        other => panic!(
+            "expected a close frame, got {other:?}: {}",
+            corral.log_text()
+        ),
+    }
+}
+
 /// Every client's next message is a close frame with 1001.
 pub fn expect_going_away(rt: &tokio::runtime::Runtime, clients: &mut [Ws], corral: &Corral) {
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
     for ws in clients.iter_mut() {
-        match next(rt, ws, corral) {
-            Message::Close(Some(f)) => assert_eq!(f.code, CloseCode::Away),
-            other => panic!("expected 1001, got {other:?}"),
-        }
+        expect_close(rt, ws, CloseCode::Away, corral);
     }
 }
 
@@ -206,7 +235,6 @@ pub fn flood_until_going_away(
     pause_first: Duration,
     before_stop: impl FnOnce(&mut Corral),
 ) {
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
     rt.block_on(ws.send(Message::text("flood"))).expect("send");
     std::thread::sleep(pause_first);
     let mut n = 0usize;
