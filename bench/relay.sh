@@ -6,12 +6,10 @@
 # proxies run at once on their own ports and each round goes round them in turn
 # (and the backend direct, for the latency the proxies add). Reports the proxy's CPU
 # (user + system, from /proc, nginx's workers included) per delivered frame, and the
-# time of the kernel's worker threads over the same window (kworker, ksoftirqd: where
-# corral's kernel relay, on by default here, has its forwarding done), the
+# time of the kernel's worker threads over the same window (kworker, ksoftirqd), the
 # frames' p50/p99 latency and what each proxy adds to the direct one, and the
 # proxy's resident memory with the websockets open: medians of the rounds, ratios.
 #   bench/relay.sh [rounds] [seconds] [websockets] [frames/s]   (make bench-relay)
-#   KERNEL_RELAY=false bench/relay.sh ...   corral relays in user space
 #   BEFORE=path/to/corral bench/relay.sh ...  also that build of corral, same config,
 #                                            in the same rounds (a before/after pair)
 #   TOGETHER=1 bench/relay.sh ...   the proxies side by side: in each round all of
@@ -55,8 +53,6 @@ tls = { cert = "$work/cert.pem", key = "$work/key.pem" }
 max_connections = 9000
 [timeouts]
 websocket_idle = "3600s"
-[experimental]
-kernel_relay = ${KERNEL_RELAY:-true}
 EOC
 "${CORRAL:-target/profiling/corral}" run -c "$work/corral.toml" >/dev/null 2>"$work/corral.log" & pid[corral]=$!
 if [ -n "${BEFORE:-}" ]; then

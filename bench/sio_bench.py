@@ -37,7 +37,7 @@ CLIENTS = int(os.environ.get("CLIENTS", "100"))
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 # For a quick look at one proxy: PROXIES=corral; CORRAL=path/to/another/build.
 # A before/after pair: PROXIES=corral,before BEFORE=path/to/the/other/build.
-# CORRAL_EXTRA adds TOML to corral's config, e.g. "[experimental]\nkernel_relay = true".
+# CORRAL_EXTRA adds TOML to corral's config, e.g. "[timeouts]\nwebsocket_idle = \"60s\"".
 PROXIES = os.environ.get("PROXIES", "corral,nginx").split(",")
 CORRAL = os.environ.get("CORRAL", str(ROOT / "target" / "profiling" / "corral"))
 BINARIES = {"corral": CORRAL, "before": os.environ.get("BEFORE", CORRAL)}

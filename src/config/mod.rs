@@ -103,12 +103,6 @@ pub struct Experimental {
     /// loop on each client connection; the first request that is anything else
     /// hands the connection to hyper's server. false: hyper serves every connection.
     pub http1_fast_server: bool,
-    /// Linux: once a cleartext websocket tunnel is open, its bytes are moved from
-    /// socket to socket by the kernel (a sockmap and a verdict program), not read and
-    /// written by corral; corral takes the tunnel back for its close frames, at an
-    /// end, or when the kernel cannot follow the frames. Needs CAP_BPF and
-    /// CAP_NET_ADMIN; where the kernel refuses, tunnels are relayed as before.
-    pub kernel_relay: bool,
 }
 
 impl Default for Experimental {
@@ -116,7 +110,6 @@ impl Default for Experimental {
         Experimental {
             http1_fast_path: true,
             http1_fast_server: true,
-            kernel_relay: false,
         }
     }
 }

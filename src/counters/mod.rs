@@ -28,10 +28,6 @@ pub struct Counters {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub access_log_dropped: AtomicU64,
-    /// Websocket tunnels the kernel relayed, and of those, the ones corral took back
-    /// before they ended (a close code, or frames the kernel could not follow).
-    pub kernel_tunnels: AtomicU64,
-    pub kernel_taken_back: AtomicU64,
 }
 
 /// The latency histogram as read at one moment.

@@ -296,8 +296,6 @@ impl Collector for Scrape {
             ("corral_cluster_received", "Requests another corral node sent here", &m.hops_in),
             ("corral_bytes_in", "Bytes received from clients (bodies and tunnels)", &m.bytes_in),
             ("corral_bytes_out", "Bytes sent to clients (bodies and tunnels)", &m.bytes_out),
-            ("corral_kernel_relayed_tunnels", "Websocket tunnels relayed by the kernel (experimental.kernel_relay)", &m.kernel_tunnels),
-            ("corral_kernel_relay_taken_back", "Kernel-relayed tunnels corral took back before they ended (to send a close frame, or frames the kernel could not follow)", &m.kernel_taken_back),
             ("corral_access_log_dropped", "Access log lines dropped because the writer fell behind", &m.access_log_dropped),
         ] {
             single(&mut e, name, help, ConstCounter::new(read(value)))?;

@@ -7,6 +7,6 @@
 pub mod answer;
 pub mod forward;
 pub(crate) mod frames;
-pub(crate) mod lane_relay;
+pub mod relay;
 pub mod route;
 pub mod tunnel;

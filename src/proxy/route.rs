@@ -253,7 +253,6 @@ impl Proxy {
             read_timeout: cfg.timeouts.read,
             idle: cfg.timeouts.websocket_idle,
             spread,
-            kernel: cfg.experimental.kernel_relay,
         };
         let underscores = cfg.underscores_in_headers;
         Proxy {

@@ -5,7 +5,5 @@
 
 pub mod body;
 pub mod http1;
-#[cfg(target_os = "linux")]
-pub mod kernel_relay;
 pub mod moving;
 pub mod upstream;

@@ -132,31 +132,3 @@ def test_other_stacks_stick_and_spread(stack, name):
     finally:
         disconnect_all(members)
     assert "Invalid session" not in stack.worker_logs()
-
-
-@pytest.mark.parametrize("worker_class", [None, "gevent"])
-def test_kernel_relay_carries_socketio_sessions(stack, worker_class):
-    """`experimental.kernel_relay` with real Flask-SocketIO workers (threading and
-    gevent) and python-socketio clients: the sessions upgrade, their tunnels are
-    relayed by the kernel (the metric says so), every broadcast arrives, and a
-    disconnect ends each tunnel."""
-    from test_observe import scrape, total
-    from conftest import free_port
-    workers = [stack.gunicorn(worker_class=worker_class) for _ in range(2)]
-    admin = free_port()
-    corral = stack.corral([w.port for w in workers],
-                          extra=f'[admin]\nlisten = "127.0.0.1:{admin}"\n[experimental]\nkernel_relay = true\n')
-    admin_url = f"http://127.0.0.1:{admin}"
-    members = connect_many(corral.url, 20)
-    try:
-        errors = [m.error for m in members if m.error]
-        assert not errors, errors[:3]
-        assert wait_until(lambda: all(m.transport == "websocket" for m in members), 20)
-        # Quiet tunnels are handed to the kernel; the broadcasts then go through it.
-        assert wait_until(lambda: total(scrape(admin_url), "corral_kernel_relayed_tunnels_total") >= 20, 10), \
-            total(scrape(admin_url), "corral_kernel_relayed_tunnels_total")
-        broadcast_and_check(members)
-        assert total(scrape(admin_url), "corral_websocket_tunnels") == 20
-    finally:
-        disconnect_all(members)
-    assert wait_until(lambda: total(scrape(admin_url), "corral_websocket_tunnels") == 0, 10)

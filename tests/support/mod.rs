@@ -197,6 +197,26 @@ impl Corral {
         None
     }
 
+    /// The status listener's `/metrics` text (the config needs `[admin] listen`).
+    pub fn metrics(&self) -> String {
+        let status = self.status.expect("a status listener ([admin] listen)");
+        let ask = b"GET /metrics HTTP/1.1\r\nHost: corral\r\nConnection: close\r\n\r\n";
+        exchange(status, ask).map(|r| r.text()).unwrap_or_default()
+    }
+
+    /// One sample of `/metrics` whose line starts with `name` (and a space or `{`).
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        self.metrics().lines().find_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = match rest.chars().next()? {
+                ' ' => rest,
+                '{' => &rest[rest.find('}')? + 1..],
+                _ => return None,
+            };
+            value.trim().parse().ok()
+        })
+    }
+
     pub fn connect(&self) -> TcpStream {
         let s = TcpStream::connect(self.addr).expect("connect to corral");
         s.set_read_timeout(Some(Duration::from_secs(10)))

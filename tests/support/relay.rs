@@ -1,7 +1,7 @@
-//! Websocket tunnels through corral, for the relays' tests (`tests/lane_relay.rs`,
-//! `tests/kernel_relay.rs`): a client over real sockets, and the scenarios both relays
-//! must pass alike, each asking the log that the relay under test carried the tunnel
-//! (`relayed`, the line it writes when it takes one).
+//! Websocket tunnels through corral, for the tunnel tests (`tests/tunnel.rs`,
+//! `tests/lifecycle.rs`): a client over real sockets, and the scenarios the relay
+//! must pass, each reading corral's state from `/metrics` (how many tunnels are
+//! open), never its log.
 
 use super::{Corral, Mode, RawWorker};
 use futures_util::{SinkExt, StreamExt};
@@ -40,31 +40,37 @@ where
     }
 }
 
-pub fn times_in_log(corral: &Corral, text: &str) -> usize {
-    corral.log_text().matches(text).count()
-}
-
-/// Waits until `text` is in the log `n` times.
-pub fn wait_in_log(corral: &Corral, text: &str, n: usize) {
+/// Waits (up to 5 s) until corral's `/metrics` says `n` websocket tunnels are open.
+pub fn wait_tunnels(corral: &Corral, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while times_in_log(corral, text) < n {
-        assert!(Instant::now() < deadline, "{}", corral.log_text());
+    loop {
+        let open = corral.metric("corral_websocket_tunnels");
+        if open == Some(n as f64) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{open:?} tunnels open, not {n}: {}",
+            corral.log_text()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
-/// A `Mode::WebSocket` worker behind corral (`corral_for` with `extra`) and one
-/// websocket through it, once the relay under test has it (`relayed` in the log).
+/// The status listener's line for a `Corral::start` config.
+pub const STATUS: &str = "[admin]\nlisten = \"127.0.0.1:0\"\n";
+
+/// A `Mode::WebSocket` worker behind corral (`corral_for` with `extra` and a status
+/// listener) and one websocket through it, once corral counts it open.
 pub fn one_tunnel(
     corral_for: fn(&RawWorker, &str) -> Corral,
     extra: &str,
-    relayed: &str,
 ) -> (RawWorker, Corral, tokio::runtime::Runtime, Ws) {
     let worker = RawWorker::start(Mode::WebSocket);
-    let corral = corral_for(&worker, extra);
+    let corral = corral_for(&worker, &format!("{STATUS}{extra}"));
     let rt = runtime();
     let ws = open(&rt, &corral);
-    wait_in_log(&corral, relayed, 1);
+    wait_tunnels(&corral, 1);
     (worker, corral, rt, ws)
 }
 
@@ -82,13 +88,12 @@ pub fn check_flood_frame(m: Message, n: usize) {
 
 /// A tunnel with no bytes for `websocket_idle` (1 s) is closed between one and one
 /// and an eighth idle periods after the last byte (a little more for the test's own
-/// timing); bytes moved keep it open past that. Returns corral, for its log.
+/// timing); bytes moved keep it open past that. Returns corral.
 pub fn closes_when_idle_and_stays_open_while_used(
     corral_for: fn(&RawWorker, &str) -> Corral,
-    relayed: &str,
 ) -> Corral {
     let idle = "[timeouts]\nwebsocket_idle = \"1s\"\n";
-    let (_worker, corral, rt, mut ws) = one_tunnel(corral_for, idle, relayed);
+    let (_worker, corral, rt, mut ws) = one_tunnel(corral_for, idle);
     let started = Instant::now();
     let mut quiet = Instant::now();
     while started.elapsed() < Duration::from_millis(2500) {
@@ -107,17 +112,14 @@ pub fn closes_when_idle_and_stays_open_while_used(
         after >= Duration::from_millis(900) && after < Duration::from_millis(2000),
         "closed {after:?} after the last byte"
     );
-    assert_eq!(times_in_log(&corral, relayed), 1, "{}", corral.log_text());
+    wait_tunnels(&corral, 0);
     corral
 }
 
 /// The client closes: its close frame reaches the worker, the worker's answer comes
 /// back, and both connections end (the worker's too).
-pub fn a_client_close_ends_both_connections(
-    corral_for: fn(&RawWorker, &str) -> Corral,
-    relayed: &str,
-) {
-    let (worker, corral, rt, mut ws) = one_tunnel(corral_for, "", relayed);
+pub fn a_client_close_ends_both_connections(corral_for: fn(&RawWorker, &str) -> Corral) {
+    let (worker, corral, rt, mut ws) = one_tunnel(corral_for, "");
     rt.block_on(ws.send(Message::text("x"))).expect("send");
     assert_eq!(next(&rt, &mut ws, &corral), Message::text("x"));
     rt.block_on(ws.close(None)).expect("close");
@@ -130,15 +132,14 @@ pub fn a_client_close_ends_both_connections(
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(worker.open_connections(), 0, "{}", corral.log_text());
-    assert_eq!(times_in_log(&corral, relayed), 1, "{}", corral.log_text());
+    // The client's socket closes with its stream; then the tunnel has ended both ways.
+    drop(ws);
+    wait_tunnels(&corral, 0);
 }
 
 /// The worker's connection is reset mid-tunnel: the client's connection ends at once.
-pub fn a_reset_worker_connection_ends_the_tunnel_at_once(
-    corral_for: fn(&RawWorker, &str) -> Corral,
-    relayed: &str,
-) {
-    let (_worker, _corral, rt, mut ws) = one_tunnel(corral_for, "", relayed);
+pub fn a_reset_worker_connection_ends_the_tunnel_at_once(corral_for: fn(&RawWorker, &str) -> Corral) {
+    let (_worker, _corral, rt, mut ws) = one_tunnel(corral_for, "");
     rt.block_on(ws.send(Message::text("reset"))).expect("send");
     let asked = Instant::now();
     let end = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), ws.next()).await });
