@@ -18,7 +18,7 @@
 //!  └ transport   kept-alive connections to workers, the worker exchange, bodies
 //!  http1         the HTTP/1 vocabulary both stacks share (a leaf)
 //!  counters      the counters the data path bumps (a leaf)
-//!  runtime       serving threads, background tasks and the stop, systemd
+//!  runtime       serving threads, the lifetime tree (every task, one stop), systemd
 //!  config        the file, read and checked once
 //! ```
 #![deny(missing_docs)]
@@ -34,7 +34,7 @@ pub(crate) mod observe;
 pub(crate) mod proxy;
 pub mod run;
 pub(crate) mod runtime;
-pub use runtime::tasks::Background;
+pub use runtime::life::Life;
 pub(crate) mod transport;
 pub(crate) mod workers;
 

@@ -408,7 +408,7 @@ fn run_broker(listen: SocketAddr, password: Option<String>, output_limit: Option
         return ExitCode::from(2);
     }
     run_until_done(async move {
-        let owner = corral::Background::new();
+        let owner = corral::Life::new();
         let settings = corral::broker::Settings::from_config(&mq);
         let (_broker, addr) = corral::broker::start(mq.listen, settings, &owner).await?;
         tracing::info!(%addr, "message queue listening");
@@ -417,7 +417,7 @@ fn run_broker(listen: SocketAddr, password: Option<String>, output_limit: Option
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
-        owner.stop().await;
+        owner.stop(std::time::Duration::from_secs(5)).await;
         anyhow::Ok(())
     })
 }

@@ -50,12 +50,21 @@ fn an_app_on_port_zero_tells_its_addresses_and_stop_ends_everything() {
     let mut held = TcpStream::connect(broker).expect("connect");
     held.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
+    // And a kept-alive client connection, idle between requests.
+    let mut idle = TcpStream::connect(listeners[0]).expect("connect");
+    idle.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    idle.write_all(b"GET /y HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("write");
+    let reply = support::read_reply(&mut std::io::BufReader::new(&idle)).expect("reply");
+    assert_eq!(reply.status, 200);
 
     let stopped = runtime
         .block_on(async { tokio::time::timeout(Duration::from_secs(20), app.stop("test")).await });
-    assert!(stopped.is_ok(), "stop returned");
+    assert_eq!(stopped, Ok(0), "every task and thread of corral's ended");
     let mut buf = [0u8; 8];
     assert!(matches!(held.read(&mut buf), Ok(0) | Err(_)));
+    assert!(matches!(idle.read(&mut buf), Ok(0) | Err(_)));
     for addr in listeners.iter().chain([&status, &broker]) {
         assert!(TcpStream::connect(addr).is_err(), "{addr} still accepts");
     }

@@ -25,7 +25,7 @@ fn settings(password: Option<&str>, max_clients: usize) -> Settings {
 
 async fn start(password: Option<&str>, max_clients: usize) -> SocketAddr {
     // The test's runtime, ending with the test, ends the broker's tasks.
-    let owner = corral::Background::new();
+    let owner = corral::Life::new();
     let (_, addr) = broker::start(
         "127.0.0.1:0".parse().expect("addr"),
         settings(password, max_clients),
@@ -40,7 +40,7 @@ async fn start(password: Option<&str>, max_clients: usize) -> SocketAddr {
 /// connection and the listener, and returns only once they have ended.
 #[tokio::test]
 async fn stopping_the_owner_ends_the_broker() {
-    let owner = corral::Background::new();
+    let owner = corral::Life::new();
     let (_, addr) = broker::start(
         "127.0.0.1:0".parse().expect("addr"),
         settings(None, 10),
@@ -53,9 +53,11 @@ async fn stopping_the_owner_ends_the_broker() {
     let mut buf = [0u8; 64];
     let n = client.read(&mut buf).await.expect("pong");
     assert_eq!(&buf[..n], b"+PONG\r\n");
-    tokio::time::timeout(Duration::from_secs(5), owner.stop())
-        .await
-        .expect("stop returns");
+    assert_eq!(
+        owner.stop(Duration::from_secs(5)).await,
+        0,
+        "every task ended"
+    );
     let n = tokio::time::timeout(Duration::from_secs(2), client.read(&mut buf))
         .await
         .expect("the connection ends");

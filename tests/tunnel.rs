@@ -98,8 +98,15 @@ fn a_tunnels_bytes_are_counted_while_it_is_open() {
         if now.0 - before.0 >= 50_000.0 && now.1 - before.1 >= 50_000.0 {
             break;
         }
-        assert!(Instant::now() < deadline, "bytes not counted: {before:?} -> {now:?}");
+        assert!(
+            Instant::now() < deadline,
+            "bytes not counted: {before:?} -> {now:?}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(corral.metric("corral_websocket_tunnels"), Some(1.0), "still open");
+    assert_eq!(
+        corral.metric("corral_websocket_tunnels"),
+        Some(1.0),
+        "still open"
+    );
 }

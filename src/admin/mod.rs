@@ -8,7 +8,7 @@
 //! supervisor's, and a config reload the App's (through [`Reload`]). Only the local
 //! user can reach it (file mode 0600).
 
-use crate::runtime::tasks::Background;
+use crate::runtime::life::Life;
 use crate::workers::supervisor::Supervisor;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -114,7 +114,7 @@ pub async fn serve(
     path: &Path,
     targets: Targets,
     addresses: Addresses,
-    owner: &Background,
+    owner: &Life,
 ) -> Result<(), Error> {
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
@@ -128,7 +128,7 @@ pub async fn serve(
     })?;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
     let tasks = owner.clone();
-    owner.spawn(async move {
+    owner.spawn_until_drained(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 // Out of descriptors and the like: pause instead of spinning.
@@ -136,7 +136,7 @@ pub async fn serve(
                 continue;
             };
             let (targets, addresses) = (targets.clone(), addresses.clone());
-            tasks.spawn(async move {
+            tasks.spawn_until_drained(async move {
                 let _ = answer(stream, &targets, &addresses).await;
             });
         }

@@ -11,7 +11,7 @@ pub(crate) mod glob;
 pub(crate) mod registry;
 pub(crate) mod resp;
 
-use crate::runtime::tasks::Background;
+use crate::runtime::life::Life;
 use bytes::{Bytes, BytesMut};
 pub use registry::OutputLimit;
 use registry::{ClientHandle, Registry, Space};
@@ -127,11 +127,11 @@ impl Broker {
     /// more gets Redis's error and is closed (as mini-redis, a semaphore bounds them).
     /// The accept loop and every client's task are `owner`'s: its stop ends them and
     /// waits until they have.
-    pub fn spawn(self: &Arc<Self>, listener: TcpListener, owner: &Background) {
+    pub fn spawn(self: &Arc<Self>, listener: TcpListener, owner: &Life) {
         let broker = self.clone();
         let slots = Arc::new(tokio::sync::Semaphore::new(self.settings.max_clients));
         let tasks = owner.clone();
-        owner.spawn(async move {
+        owner.spawn_until_drained(async move {
             loop {
                 match listener.accept().await {
                     Ok((mut stream, _)) => {
@@ -142,9 +142,9 @@ impl Broker {
                                 .await;
                             continue;
                         };
-                        let (b, stop) = (broker.clone(), tasks.stopping());
+                        let (b, stop) = (broker.clone(), tasks.signal());
                         // Ends itself at the stop, dropping its subscriptions.
-                        tasks.spawn_ending(async move {
+                        tasks.spawn(async move {
                             b.connection(stream, stop).await;
                             drop(permit);
                         });
@@ -1090,7 +1090,7 @@ pub struct ListenError {
 pub async fn start(
     addr: SocketAddr,
     settings: Settings,
-    owner: &Background,
+    owner: &Life,
 ) -> Result<(Arc<Broker>, SocketAddr), ListenError> {
     let listen_error = |cause| ListenError { addr, cause };
     let listener = TcpListener::bind(addr).await.map_err(listen_error)?;

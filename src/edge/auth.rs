@@ -373,10 +373,10 @@ impl BasicAuth {
     }
 
     /// Watches the file for changes once a second.
-    pub fn spawn_reloader(self: &Arc<Self>, bg: &crate::runtime::tasks::Background) {
+    pub fn spawn_reloader(self: &Arc<Self>, bg: &crate::runtime::life::Life) {
         // Weak: an auth a config reload replaced ends its reloader with it.
         let auth = Arc::downgrade(self);
-        bg.spawn(async move {
+        bg.spawn_until_drained(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;

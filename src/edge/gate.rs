@@ -22,7 +22,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// The checks, the access log, and the proxy behind them.
 pub struct Gate {
@@ -144,14 +144,6 @@ impl Gate {
         }
         let engineio = self.proxy.is_engineio(&path);
         self.proxy.clone().route(req, peer, engineio, upgrade).await
-    }
-
-    /// Shutdown, for what outlived its request: refused bodies still being read
-    /// away and the websocket tunnels (each sends its client a close frame), both
-    /// the proxy's. Resolves once all have ended, or after `limit`; returns how many
-    /// tunnels were open then.
-    pub async fn close(&self, limit: Duration) -> usize {
-        self.proxy.close_tunnels(limit).await
     }
 }
 

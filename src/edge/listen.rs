@@ -15,6 +15,7 @@ use crate::http1::is_websocket_upgrade;
 use crate::proxy::forward::Peer;
 use crate::proxy::tunnel::ConnectionSlot;
 use crate::runtime::lanes::Lanes;
+use crate::runtime::life::Life;
 use crate::transport::body::RequestBody;
 use http::Request;
 use hyper::body::Incoming;
@@ -23,11 +24,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, TryAcquireError};
-use tokio::task::JoinHandle;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
@@ -78,14 +79,14 @@ impl Bound {
     /// Serves every socket, each on its lane, each new connection's requests
     /// going through the gate `front` holds at its accept, within `slots`. The
     /// accept loops wait for `start_accepting` (the sockets queue connections).
-    pub fn serve(self, lanes: &Lanes, front: Front, slots: Slots) -> Arc<Serving> {
+    /// The accept loops and every connection are tasks of `life`: they stop
+    /// accepting at its drain signal, and each connection finishes the requests in
+    /// flight and closes.
+    pub fn serve(self, lanes: &Lanes, life: &Life, front: Front, slots: Slots) -> Arc<Serving> {
         let serving = Arc::new(Serving {
             go: CancellationToken::new(),
-            draining: CancellationToken::new(),
-            connections: tokio_util::task::TaskTracker::new(),
-            stop: CancellationToken::new(),
+            life: life.clone(),
             open: std::sync::Mutex::new(Vec::new()),
-            retired: std::sync::Mutex::new(Vec::new()),
             lanes: lanes.handles(),
             front,
             slots,
@@ -106,8 +107,9 @@ struct Open {
     /// certificate, the https port a redirect names) without rebinding.
     kind: Arc<arc_swap::ArcSwap<Kind>>,
     certs: Option<Arc<tls::Certs>>,
+    /// Stops its accept loops: a child of the drain signal, cancelled alone when a
+    /// reload removes the listener.
     stop: CancellationToken,
-    accepting: Vec<JoinHandle<()>>,
 }
 
 /// What a config's listeners need, made before anything is changed: which running
@@ -247,7 +249,28 @@ pub type Front = Arc<arc_swap::ArcSwap<Gate>>;
 #[derive(Clone)]
 pub struct Slots {
     sem: Arc<Semaphore>,
+    /// Slots in use beyond the size, given up as their connections end (a resize
+    /// to fewer while busy): no task waits for them.
+    owed: Arc<AtomicUsize>,
     size: Arc<std::sync::Mutex<usize>>,
+}
+
+/// A client connection's place under `limits.max_connections`: given back when
+/// dropped, unless a resize to fewer is still owed a place.
+pub struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    owed: Arc<AtomicUsize>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let owed = self
+            .owed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if let (Some(permit), Ok(_)) = (self.permit.take(), owed) {
+            permit.forget();
+        }
+    }
 }
 
 impl Slots {
@@ -255,31 +278,56 @@ impl Slots {
     pub fn new(size: usize) -> Slots {
         Slots {
             sem: Arc::new(Semaphore::new(size)),
+            owed: Arc::new(AtomicUsize::new(0)),
             size: Arc::new(std::sync::Mutex::new(size)),
         }
     }
 
     /// Makes `size` slots. Fewer: free slots go at once, and those in use as their
-    /// connections end (`owner` holds the task that takes them; connections over
-    /// the new limit are not cut).
-    pub fn resize(&self, size: usize, owner: &crate::runtime::tasks::Background) {
+    /// connections end (connections over the new limit are not cut). More: what is
+    /// still owed is waived first.
+    pub fn resize(&self, size: usize) {
         let mut current = self.size.lock().unwrap_or_else(|e| e.into_inner());
         if size > *current {
-            self.sem.add_permits(size - *current);
+            let more = size - *current;
+            let waived = self
+                .owed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    Some(n.saturating_sub(more))
+                })
+                .map_or(0, |was| was.min(more));
+            self.sem.add_permits(more - waived);
         } else if size < *current {
             let fewer = *current - size;
             let left = fewer - self.sem.forget_permits(fewer);
-            if left > 0 {
-                let sem = self.sem.clone();
-                owner.spawn(async move {
-                    let n = u32::try_from(left).unwrap_or(u32::MAX);
-                    if let Ok(p) = sem.acquire_many_owned(n).await {
-                        p.forget();
-                    }
-                });
-            }
+            self.owed.fetch_add(left, Ordering::AcqRel);
         }
         *current = size;
+    }
+
+    /// Slots free now.
+    #[cfg(test)]
+    pub fn available(&self) -> usize {
+        self.sem.available_permits()
+    }
+
+    /// A slot now, if one is free.
+    pub fn try_take(&self) -> Result<Slot, TryAcquireError> {
+        let permit = self.sem.clone().try_acquire_owned()?;
+        Ok(self.slot(permit))
+    }
+
+    /// A slot once one is free (None: the slots were closed).
+    pub async fn take(&self) -> Option<Slot> {
+        let permit = self.sem.clone().acquire_owned().await.ok()?;
+        Some(self.slot(permit))
+    }
+
+    fn slot(&self, permit: OwnedSemaphorePermit) -> Slot {
+        Slot {
+            permit: Some(permit),
+            owed: self.owed.clone(),
+        }
     }
 }
 
@@ -287,16 +335,12 @@ impl Slots {
 pub struct Serving {
     /// Cancelled when accepting starts.
     go: CancellationToken,
-    draining: CancellationToken,
-    /// Every client connection's task (TLS handshake, HTTP, until hyper hands a
-    /// websocket over to its tunnel).
-    connections: tokio_util::task::TaskTracker,
-    /// Stops every accept loop (each listener's signal is a child of it).
-    stop: CancellationToken,
+    /// Owns the accept loops and every client connection's task (TLS handshake,
+    /// HTTP, until hyper hands a websocket over to its tunnel); its drain signal
+    /// stops accepting and drains the connections.
+    life: Life,
     /// The running listeners, in the config's order.
     open: std::sync::Mutex<Vec<Open>>,
-    /// Accept loops of listeners a reload removed, awaited at shutdown.
-    retired: std::sync::Mutex<Vec<JoinHandle<()>>>,
     lanes: Vec<tokio::runtime::Handle>,
     front: Front,
     slots: Slots,
@@ -331,8 +375,6 @@ impl Serving {
             if let Some(o) = old.get_mut(i).and_then(Option::take) {
                 o.stop.cancel();
                 tracing::info!(addr = %o.addr, "listener closed");
-                let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
-                retired.extend(o.accepting);
             }
         }
         for w in plan.wanted {
@@ -373,15 +415,13 @@ impl Serving {
         sockets: Vec<std::net::TcpListener>,
     ) -> Open {
         let kind = Arc::new(arc_swap::ArcSwap::from_pointee(kind));
-        let stop = self.stop.child_token();
-        let mut accepting = Vec::new();
+        let stop = self.life.signal().child_token();
         for (i, socket) in sockets.into_iter().enumerate() {
             let (kind, front, stop) = (kind.clone(), self.front.clone(), stop.clone());
             let go = self.go.clone();
             let conns = Conns {
-                draining: self.draining.clone(),
-                tasks: self.connections.clone(),
-                slots: self.slots.sem.clone(),
+                life: self.life.clone(),
+                slots: self.slots.clone(),
             };
             let task = async move {
                 tokio::select! {
@@ -393,7 +433,7 @@ impl Serving {
                     Err(e) => tracing::error!(error = %e, "cannot accept on this thread"),
                 }
             };
-            accepting.push(self.lanes[i % self.lanes.len()].spawn(task));
+            self.life.spawn_on(&self.lanes[i % self.lanes.len()], task);
         }
         Open {
             config,
@@ -401,7 +441,6 @@ impl Serving {
             kind,
             certs,
             stop,
-            accepting,
         }
     }
 
@@ -428,50 +467,6 @@ impl Serving {
         for o in open.iter() {
             say_listening(o.addr, &o.kind.load());
         }
-    }
-
-    /// Stops accepting, then lets requests in flight finish and idle keep-alive
-    /// connections close, for up to `drain`. Returns whether all finished in time.
-    pub async fn drain(&self, drain: Duration) -> Drained {
-        self.stop.cancel();
-        let mut tasks: Vec<JoinHandle<()>> = {
-            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-            open.iter_mut()
-                .flat_map(|o| o.accepting.drain(..))
-                .collect()
-        };
-        tasks.append(&mut self.retired.lock().unwrap_or_else(|e| e.into_inner()));
-        for task in tasks {
-            let _ = task.await;
-        }
-        // No connection is added now: every accept loop has ended.
-        self.draining.cancel();
-        self.connections.close();
-        let in_time = tokio::time::timeout(drain, self.connections.wait())
-            .await
-            .is_ok();
-        Drained {
-            in_time,
-            connections: self.connections.clone(),
-        }
-    }
-}
-
-/// The client connections after the drain period.
-pub struct Drained {
-    /// Whether every request finished within the drain period.
-    pub in_time: bool,
-    connections: tokio_util::task::TaskTracker,
-}
-
-impl Drained {
-    /// Waits up to `limit` more for the connection tasks still running after the
-    /// drain period; returns how many were left, which are cut when their threads
-    /// stop.
-    pub async fn cut(self, limit: Duration) -> usize {
-        // Closed by `drain` already: this only waits longer.
-        let _ = tokio::time::timeout(limit, self.connections.wait()).await;
-        self.connections.len()
     }
 }
 
@@ -512,13 +507,11 @@ pub fn raise_fd_limit() {
 
 /// What owns the client connections of the accept loops.
 struct Conns {
-    /// Cancelled at shutdown: each connection finishes the requests in flight and
-    /// closes (a TLS handshake not yet done is dropped).
-    draining: CancellationToken,
-    /// Their tasks, awaited at shutdown.
-    tasks: tokio_util::task::TaskTracker,
+    /// Their tasks; at its drain signal each connection finishes the requests in
+    /// flight and closes (a TLS handshake not yet done is dropped).
+    life: Life,
     /// `limits.max_connections`.
-    slots: Arc<Semaphore>,
+    slots: Slots,
 }
 
 /// How one listener serves its connections, decided once for all of them.
@@ -622,15 +615,12 @@ async fn accept_loop(
 /// hold it while its socket (SO_REUSEPORT, one per thread) got nothing, and the
 /// connections the kernel gave another thread would wait on it. While this
 /// connection waits for a slot, this thread accepts no other.
-async fn take_slot<S: std::future::Future + Unpin>(
-    slots: &Arc<Semaphore>,
-    stopped: &mut S,
-) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    match slots.clone().try_acquire_owned() {
+async fn take_slot<S: std::future::Future + Unpin>(slots: &Slots, stopped: &mut S) -> Option<Slot> {
+    match slots.try_take() {
         Ok(p) => Some(p),
         Err(TryAcquireError::Closed) => None,
         Err(TryAcquireError::NoPermits) => tokio::select! {
-            p = slots.clone().acquire_owned() => p.ok(),
+            p = slots.take() => p,
             _ = stopped => None,
         },
     }
@@ -645,7 +635,7 @@ fn spawn_connection(
     conns: &Conns,
     stream: tokio::net::TcpStream,
     peer: Peer,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: Slot,
 ) {
     let (g, p) = (gate.clone(), peer.clone());
     let mut slot = ConnectionSlot::new(permit);
@@ -662,7 +652,7 @@ fn spawn_connection(
     });
     let fast = serve.fast;
     let gate = gate.clone();
-    let (protocols, draining) = (serve.protocols.clone(), conns.draining.clone());
+    let (protocols, draining) = (serve.protocols.clone(), conns.life.signal());
     match &serve.kind {
         Kind::Tls(acceptor) => {
             let acceptor = acceptor.clone();
@@ -671,7 +661,7 @@ fn spawn_connection(
             // Boxed: the task's future holds TLS, the fast loop and hyper's
             // connection, and tokio moves a task's future a few times as it
             // spawns it (thousands of bytes for each new connection otherwise).
-            conns.tasks.spawn(boxed(|| async move {
+            conns.life.spawn(boxed(|| async move {
                 let accepting =
                     tokio::time::timeout(handshake, acceptor.accept(uproot::Movable::new(stream)));
                 let tls = tokio::select! {
@@ -697,7 +687,7 @@ fn spawn_connection(
             }));
         }
         _ => {
-            conns.tasks.spawn(boxed(|| async move {
+            conns.life.spawn(boxed(|| async move {
                 match &protocols.h2c {
                     Some(auto) => {
                         let conn = auto
@@ -888,5 +878,37 @@ fn normalise(addr: SocketAddr) -> SocketAddr {
             None => addr,
         },
         v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Slots;
+
+    /// Shrunk while every slot is in use, then grown again before and after the
+    /// connections end: the capacity is the size asked for each time.
+    #[test]
+    fn slots_resized_while_busy_keep_the_configured_capacity() {
+        let slots = Slots::new(4);
+        let held: Vec<_> = (0..4).map(|_| slots.try_take().expect("free")).collect();
+        slots.resize(1);
+        assert_eq!(slots.available(), 0);
+        let mut held = held.into_iter();
+        drop(held.next());
+        drop(held.next());
+        // Two ended; two still open against a size of one: still none free.
+        assert_eq!(slots.available(), 0);
+        slots.resize(3);
+        // Owed one place; growing by two waives it and frees one.
+        assert_eq!(slots.available(), 1);
+        drop(held);
+        assert_eq!(slots.available(), 3);
+        slots.resize(2);
+        assert_eq!(slots.available(), 2);
+        slots.resize(5);
+        let all: Vec<_> = (0..5).map(|_| slots.try_take().expect("five")).collect();
+        assert!(slots.try_take().is_err(), "a sixth");
+        drop(all);
+        assert_eq!(slots.available(), 5);
     }
 }

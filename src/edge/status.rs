@@ -8,7 +8,7 @@
 
 use crate::edge::auth::BasicAuth;
 use crate::observe::metrics::{self, Sources};
-use crate::runtime::tasks::Background;
+use crate::runtime::life::Life;
 use crate::transport::body::{self, ProxyBody};
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -70,7 +70,7 @@ pub async fn serve(
     addr: SocketAddr,
     sources: Arc<Sources>,
     auth: Option<Arc<BasicAuth>>,
-    owner: &Background,
+    owner: &Life,
 ) -> Result<StatusListener, crate::observe::Error> {
     Ok(start(bind(addr).await?, sources, auth, owner))
 }
@@ -80,13 +80,13 @@ pub fn start(
     socket: StatusSocket,
     sources: Arc<Sources>,
     auth: Option<Arc<BasicAuth>>,
-    owner: &Background,
+    owner: &Life,
 ) -> StatusListener {
     let auth = Arc::new(arc_swap::ArcSwapOption::new(auth));
     let stop = tokio_util::sync::CancellationToken::new();
     let (tasks, credentials, stopped) = (owner.clone(), auth.clone(), stop.clone());
     let listener = socket.listener;
-    owner.spawn(async move {
+    owner.spawn_until_drained(async move {
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -98,7 +98,7 @@ pub fn start(
             };
             let (src, auth) = (sources.clone(), credentials.load_full());
             let service = service_fn(move |req| answer(req, src.clone(), auth.clone()));
-            tasks.spawn(async move {
+            tasks.spawn_until_drained(async move {
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
                     .await;

@@ -269,8 +269,8 @@ fn idle_ms(d: Option<Duration>) -> u64 {
 }
 
 /// Runs `sweep` periodically so idle sessions are forgotten and memory stays bounded.
-pub fn spawn_sweeper(router: Arc<Router>, every: Duration, bg: &crate::runtime::tasks::Background) {
-    bg.spawn(async move {
+pub fn spawn_sweeper(router: Arc<Router>, every: Duration, bg: &crate::runtime::life::Life) {
+    bg.spawn_until_drained(async move {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;

@@ -10,11 +10,13 @@ use crate::counters::Counters;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::sync::mpsc;
 
 const QUEUE: usize = 16 * 1024;
+/// How often an idle writer looks whether corral is stopping.
+const LOOK_EVERY: Duration = Duration::from_millis(200);
 
 /// What one line says.
 pub struct Entry<'a> {
@@ -32,7 +34,7 @@ pub struct Entry<'a> {
 pub struct AccessLog {
     format: Format,
     pub engineio: bool,
-    tx: mpsc::Sender<String>,
+    tx: mpsc::SyncSender<String>,
     metrics: Arc<Counters>,
 }
 
@@ -43,6 +45,7 @@ impl AccessLog {
         format: Format,
         engineio: bool,
         metrics: Arc<Counters>,
+        life: &crate::runtime::life::Life,
     ) -> Result<AccessLog, crate::observe::Error> {
         let mut out: Box<dyn Write + Send> = if path == "-" {
             Box::new(std::io::stdout())
@@ -58,17 +61,30 @@ impl AccessLog {
                     })?,
             )
         };
-        let (tx, mut rx) = mpsc::channel::<String>(QUEUE);
-        std::thread::spawn(move || {
+        let (tx, rx) = mpsc::sync_channel::<String>(QUEUE);
+        // Ends when every sender is gone, or when `life` drains (after the client
+        // connections, which write the lines) with what was queued written.
+        let draining = life.clone();
+        let writer = move || {
             let mut buf = std::io::BufWriter::new(&mut out);
-            while let Some(line) = rx.blocking_recv() {
+            loop {
+                let line = match rx.recv_timeout(LOOK_EVERY) {
+                    Ok(line) => line,
+                    Err(mpsc::RecvTimeoutError::Timeout) if !draining.is_draining() => continue,
+                    Err(_) => break,
+                };
                 let _ = buf.write_all(line.as_bytes());
                 while let Ok(more) = rx.try_recv() {
                     let _ = buf.write_all(more.as_bytes());
                 }
                 let _ = buf.flush();
             }
-        });
+        };
+        life.thread("corral-access-log".into(), writer)
+            .map_err(|cause| crate::observe::Error::AccessLog {
+                path: path.to_string(),
+                cause,
+            })?;
         Ok(AccessLog {
             format,
             engineio,

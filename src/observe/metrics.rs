@@ -98,8 +98,8 @@ impl Reloads {
 }
 
 /// Records sessions and requests/s every SAMPLE_EVERY for the status charts.
-pub fn spawn_sampler(src: Arc<Sources>, bg: &crate::runtime::tasks::Background) {
-    bg.spawn(async move {
+pub fn spawn_sampler(src: Arc<Sources>, bg: &crate::runtime::life::Life) {
+    bg.spawn_until_drained(async move {
         let mut tick = tokio::time::interval(SAMPLE_EVERY);
         let mut last_requests = total_requests(&src.pool);
         let mut last = Instant::now();
@@ -366,6 +366,9 @@ struct WorkerJson {
     uptime_s: Option<u64>,
     /// Holds a subscription on the embedded message queue (null: not known).
     mq_subscribed: Option<bool>,
+    /// "subscribed", "waiting" (none yet, and no sessions past the grace period)
+    /// or "deaf" (sessions past the grace period, no subscription); null: not known.
+    mq: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -401,6 +404,7 @@ pub fn status_json(src: &Sources) -> serde_json::Value {
             restarts: w.process.restarts(),
             uptime_s: w.process.uptime().map(|d| d.as_secs()),
             mq_subscribed: w.process.mq_subscribed(),
+            mq: w.process.mq().name(),
         })
         .collect();
     let queue = match &src.queue {

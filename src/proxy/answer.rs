@@ -62,7 +62,7 @@ pub(crate) fn unreachable(
 pub fn too_large(
     limit: u64,
     unread: Option<ProxyBody>,
-    owner: &tokio_util::task::TaskTracker,
+    owner: &crate::runtime::life::Life,
 ) -> Response<ProxyBody> {
     let text = format!("corral: request body larger than {limit} bytes\n");
     let unread = body::Unread::new(unread, owner);

@@ -38,8 +38,19 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let meter = Meter { up: &up, down: &down };
-    splice_from(a, b, Early::default(), idle, std::future::pending::<u16>(), meter).await
+    let meter = Meter {
+        up: &up,
+        down: &down,
+    };
+    splice_from(
+        a,
+        b,
+        Early::default(),
+        idle,
+        std::future::pending::<u16>(),
+        meter,
+    )
+    .await
 }
 /// How many times per idle period a tunnel looks whether bytes came: it closes
 /// between one and one and an eighth idle periods after the last byte.

@@ -23,6 +23,7 @@ use crate::proxy::forward::{
     Forwarder, Peer, Replay, Target, Ticket,
 };
 use crate::proxy::tunnel::{self, Tunnels};
+use crate::runtime::life::Life;
 use crate::transport::body::{self, Fault, Guarded, Limited, Prefixed, ProxyBody, RequestBody};
 use crate::transport::http1;
 use crate::transport::upstream::{self, Answer, FastAnswer, Lease, SendError};
@@ -49,8 +50,9 @@ pub struct Proxy {
     tunnels: Arc<Tunnels>,
     /// How new tunnels are timed.
     timing: tunnel::Timing,
-    /// Unread request bodies read away after a 413 (each for a second at most).
-    lingering: tokio_util::task::TaskTracker,
+    /// Owns the unread request bodies read away after a 413 (each for a second at
+    /// most): the client connections' lifetime.
+    lingering: Life,
     /// Tagged sids (`engineio.tag_sids`): the signer and this node's reference.
     pub(crate) tags: Option<Arc<Tags>>,
 }
@@ -234,16 +236,18 @@ impl Refusal {
 }
 
 impl Proxy {
+    /// A proxy whose tunnels and 413 lingerers are tasks of `serving` (the client
+    /// connections' lifetime) and whose worker connections' drivers are `drivers`'.
     pub fn new(
         cfg: Arc<Config>,
-        pool: Arc<Pool>,
-        router: Arc<Router>,
-        metrics: Arc<Counters>,
+        (pool, router, metrics): (Arc<Pool>, Arc<Router>, Arc<Counters>),
+        serving: &Life,
+        drivers: &Life,
     ) -> Proxy {
         let upstream = upstream::Settings {
             connect_timeout: cfg.timeouts.connect,
             idle_timeout: cfg.timeouts.upstream_idle,
-            drivers: tokio_util::task::TaskTracker::new(),
+            drivers: drivers.clone(),
         };
         let spread = cfg
             .workers
@@ -265,9 +269,9 @@ impl Proxy {
                 hop: None,
                 underscores,
             },
-            tunnels: Default::default(),
+            tunnels: Arc::new(Tunnels::new(serving.clone())),
             timing,
-            lingering: tokio_util::task::TaskTracker::new(),
+            lingering: serving.clone(),
             tags: None,
         }
     }
@@ -287,16 +291,14 @@ impl Proxy {
     pub fn renewed(&self, cfg: Arc<Config>) -> Proxy {
         let mut next = Proxy::new(
             cfg,
-            self.pool.clone(),
-            self.router.clone(),
-            self.metrics.clone(),
+            (self.pool.clone(), self.router.clone(), self.metrics.clone()),
+            &self.lingering,
+            &self.forward.upstream.drivers,
         );
-        next.forward.upstream.drivers = self.forward.upstream.drivers.clone();
         // The same tags, peers and hop mark, until `enable_tags` says otherwise.
         next.forward.hop = self.forward.hop.clone();
         next.tags = self.tags.clone();
         next.tunnels = self.tunnels.clone();
-        next.lingering = self.lingering.clone();
         next
     }
 
@@ -338,33 +340,9 @@ impl Proxy {
         answer::too_large(self.cfg.limits.max_body, unread, &self.lingering)
     }
 
-    /// Shutdown, for the worker connections: idle ones are closed and the drivers of
-    /// all of them awaited (up to `limit`); returns how many were still running.
-    pub async fn close_upstreams(&self, limit: std::time::Duration) -> usize {
-        for w in self.pool.workers() {
-            w.conns.clear();
-        }
-        let drivers = &self.forward.upstream.drivers;
-        drivers.close();
-        let _ = tokio::time::timeout(limit, drivers.wait()).await;
-        drivers.len()
-    }
-
     /// Relays websocket tunnels on the serving threads (see [`Tunnels::relay_on`]).
     pub fn relay_tunnels_on(&self, lanes: Vec<tokio::runtime::Handle>) {
         self.tunnels.relay_on(lanes);
-    }
-
-    /// Shutdown, for the tunnels and what else outlived its request: each tunnel
-    /// sends its client a close frame and ends. Resolves once all have ended, or
-    /// after `limit`; returns how many tunnels were still open then.
-    pub async fn close_tunnels(&self, limit: std::time::Duration) -> usize {
-        self.lingering.close();
-        let (open, _) = tokio::join!(
-            self.tunnels.close(limit),
-            tokio::time::timeout(limit, self.lingering.wait())
-        );
-        open
     }
 
     /// Routes one request the edge has let in (`is_eio`: its normalised path is on

@@ -14,15 +14,14 @@
 //! session counted while the tunnel is open. It does not reach into the request path
 //! (`route`).
 
-
 use crate::counters::Counters;
 use crate::http1::strip_hop_by_hop;
 use crate::proxy::answer::{self, short};
 use crate::proxy::forward::{prepare_request_headers, Forwarder, Peer, Replay, Target, Ticket};
 use crate::proxy::relay::{splice_from, Early, Meter, GOING_AWAY, SERVICE_RESTART};
+use crate::runtime::life::Life;
 use crate::transport::body::{Guarded, ProxyBody, RequestBody};
 use crate::transport::moving::{Duplex, Replant, Taken, TakenSocket};
-use tokio::io::{AsyncRead, AsyncWrite};
 use crate::transport::upstream::{take_worker_socket, SendError};
 use crate::workers::pool::{Pool, Worker};
 use http::{Request, Response, StatusCode};
@@ -33,9 +32,8 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::runtime::Handle;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// A client connection's place under `limits.max_connections`, shared by the
 /// connection and the websocket tunnel it may become: the place is given back when
@@ -43,7 +41,7 @@ use tokio_util::task::TaskTracker;
 /// upgrade, where the listener knows.
 #[derive(Clone)]
 pub struct ConnectionSlot {
-    _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+    _permit: Arc<dyn Send + Sync>,
     take_socket: Option<TakeSocket>,
 }
 
@@ -51,8 +49,8 @@ pub struct ConnectionSlot {
 pub type TakeSocket = fn(Upgraded) -> Result<io::Result<TakenSocket>, Upgraded>;
 
 impl ConnectionSlot {
-    /// The slot of a connection that holds `permit`.
-    pub fn new(permit: tokio::sync::OwnedSemaphorePermit) -> ConnectionSlot {
+    /// The slot of a connection that holds `permit` (given back when dropped).
+    pub fn new(permit: impl Send + Sync + 'static) -> ConnectionSlot {
         ConnectionSlot {
             _permit: Arc::new(permit),
             take_socket: None,
@@ -66,13 +64,11 @@ impl ConnectionSlot {
     }
 }
 
-/// The open tunnels: their tasks, and the signal that closes them. One for the
-/// life of corral: a config reload changes the [`Timing`] of new tunnels, and
-/// shutdown closes old and new alike.
-#[derive(Default)]
+/// The open tunnels: their tasks, in the client connections' lifetime, whose drain
+/// signal closes them. One for the life of corral: a config reload changes the
+/// [`Timing`] of new tunnels, and shutdown closes old and new alike.
 pub struct Tunnels {
-    tasks: TaskTracker,
-    closing: CancellationToken,
+    life: Life,
     /// Tunnels opened so far, to place each one's close in the window.
     opened: AtomicU64,
     /// The serving threads: a worker's tunnels are relayed on one of them.
@@ -112,7 +108,7 @@ impl Tunnels {
         let n = self.opened.fetch_add(1, Ordering::Relaxed);
         let fraction = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) as f64 / u64::MAX as f64;
         let delay = spread.mul_f64(fraction);
-        let shutdown = self.closing.clone();
+        let shutdown = self.life.signal();
         let leaving = worker.leaving.clone();
         async move {
             tokio::select! {
@@ -141,13 +137,14 @@ impl Tunnels {
         }
     }
 
-    /// Shutdown: each tunnel sends its client a close frame and ends. Resolves once
-    /// every tunnel has ended, or after `limit`; returns how many were still open.
-    pub async fn close(&self, limit: Duration) -> usize {
-        self.closing.cancel();
-        self.tasks.close();
-        let _ = tokio::time::timeout(limit, self.tasks.wait()).await;
-        self.tasks.len()
+    /// Tunnels whose tasks are `life`'s: at its drain signal each sends its client
+    /// a close frame and ends.
+    pub fn new(life: Life) -> Tunnels {
+        Tunnels {
+            life,
+            opened: AtomicU64::new(0),
+            lanes: OnceLock::new(),
+        }
     }
 
     /// Forwards an upgrade request; on 101, splices the two connections.
@@ -217,8 +214,8 @@ impl Tunnels {
         };
         let closing = self.close_signal(&target.worker, timing.spread);
         let lane = self.lane_for(worker);
-        let tasks = self.tasks.clone();
-        self.tasks.spawn(async move {
+        let life = self.life.clone();
+        self.life.spawn(async move {
             let (client_io, worker_io) = match tokio::try_join!(client_side, worker_side) {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -236,7 +233,7 @@ impl Tunnels {
             match take_client {
                 Some(take) => {
                     relay
-                        .elsewhere(&lane, &tasks, take, client_io, worker_io)
+                        .elsewhere(&lane, &life, take, client_io, worker_io)
                         .await
                 }
                 None => {
@@ -284,7 +281,7 @@ where
     async fn elsewhere(
         self,
         lane: &Handle,
-        tasks: &TaskTracker,
+        life: &Life,
         take_client: TakeSocket,
         client: Upgraded,
         worker: Upgraded,
@@ -308,7 +305,7 @@ where
             Ok(Err(e)) => return tracing::debug!(error = %e, "tunnel lost its worker socket"),
             Ok(Ok(worker)) => worker,
         };
-        lane.spawn(tasks.track_future(async move {
+        life.spawn_on(lane, async move {
             let early = Early {
                 to_worker: client.early,
                 to_client,
@@ -316,7 +313,7 @@ where
             if let Some(b) = registered(worker_tcp) {
                 self.run_taken(client.io, b, early).await
             }
-        }));
+        });
     }
 
     /// As `run`, with the client's taken socket put on this thread's reactor.

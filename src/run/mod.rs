@@ -1,7 +1,8 @@
 //! Running corral: builds the parts from the configuration (pool, router, proxy,
 //! broker, supervisor, admin and status listeners, background tasks), starts them in
-//! order, waits for a stop signal and shuts them down in order, each waiting for what
-//! it owns. It is the only part that knows every other; none of them knows it.
+//! order, and owns the root of the lifetime tree ([`Lives`]) that every task and
+//! thread is started in: stop is its drain signal, then a wait for its tasks. It is
+//! the only part that knows every other; none of them knows it.
 
 mod parts;
 pub mod preflight;
@@ -18,7 +19,7 @@ use crate::engineio::router::{self, Router};
 use crate::observe::metrics::{self, Queue, Sources};
 use crate::proxy::route::Proxy;
 use crate::runtime::lanes::Lanes;
-use crate::runtime::tasks::Background;
+use crate::runtime::life::Life;
 use crate::workers::health;
 use crate::workers::pool::Pool;
 use crate::workers::supervisor::Supervisor;
@@ -35,11 +36,61 @@ pub async fn run(cfg: Config, reread: Option<reload::Reread>) -> anyhow::Result<
     Ok(())
 }
 
+/// The lifetime tree, made once: the order of the stop is written here and nowhere
+/// else. At the root's drain signal the listeners stop accepting, connections
+/// finish their requests, tunnels send 1001, and the background tasks (health
+/// checks, sweeper, sampler, admin socket, status listener, queue watch, signals)
+/// end; once the client connections have ended (or the drain period is over) the
+/// serving threads stop (cutting what is left), access logs are flushed and the
+/// workers are stopped; once the workers are gone, the broker closes.
+pub(crate) struct Lives {
+    /// The App's: every other is below it, and the tasks that are no one else's.
+    pub root: Life,
+    /// Accept loops, client connections, tunnels, refused bodies read away.
+    pub serving: Life,
+    /// The serving threads and the access log writers: until `serving` has ended.
+    pub late: Life,
+    /// The supervised workers: stopped once `serving` has ended.
+    pub workers: Life,
+    /// The embedded broker: closed once the workers are gone.
+    pub broker: Life,
+}
+
+impl Lives {
+    fn new(cfg: &Config) -> Lives {
+        let root = Life::new();
+        let serving = root.child();
+        // The drain period, and a second for the tunnels' close frames.
+        let drained = cfg.timeouts.shutdown_drain + Duration::from_secs(1);
+        let late = root.child_after(&serving, drained);
+        let workers = root.child_after(&serving, drained);
+        let grace = cfg
+            .workers
+            .as_ref()
+            .map_or(Duration::ZERO, |w| w.stop_grace);
+        let broker = root.child_after(&workers, grace + Duration::from_secs(5));
+        Lives {
+            root,
+            serving,
+            late,
+            workers,
+            broker,
+        }
+    }
+
+    /// Longest the whole stop may take: each stage's own limit, and a margin.
+    fn stop_limit(cfg: &Config) -> Duration {
+        let grace = cfg
+            .workers
+            .as_ref()
+            .map_or(Duration::ZERO, |w| w.stop_grace);
+        cfg.timeouts.shutdown_drain + grace * 2 + Duration::from_secs(10)
+    }
+}
+
 /// A running corral: every part built and started, the addresses it is bound to,
-/// and the one owner of every task it started (`background`: health checks, the
-/// sweeper, the sampler, the broker, the status listener and the admin socket;
-/// the client connections are `serving`'s, the tunnels and worker connections the
-/// proxy's). [`App::stop`] ends them all, in order, each waiting for what it owns.
+/// and the lifetime tree every task it started belongs to. [`App::stop`] drains
+/// the tree and waits for it.
 pub struct App {
     /// Where it is bound (port 0 in the config: the port chosen): client
     /// listeners, status listener, broker; a reload may change the first two.
@@ -51,8 +102,7 @@ pub struct App {
     front: listen::Front,
     /// The config reload, when started from a file.
     live: Option<Arc<reload::Live>>,
-    lanes: Arc<Lanes>,
-    background: Background,
+    lives: Lives,
 }
 
 impl App {
@@ -91,13 +141,18 @@ impl App {
             cfg.engineio.max_sessions,
             cfg.engineio.session_idle,
         ));
-        // Tasks that live as long as corral: ended and awaited at shutdown.
-        let background = Background::new();
+        let lives = Lives::new(&cfg);
+        let background = &lives.root;
         let checks: health::Checks = Arc::new(arc_swap::ArcSwap::from_pointee(cfg.health.clone()));
-        health::spawn_health_checks(pool.clone(), checks.clone(), &background);
-        router::spawn_sweeper(router.clone(), Duration::from_secs(2), &background);
+        health::spawn_health_checks(pool.clone(), checks.clone(), background);
+        router::spawn_sweeper(router.clone(), Duration::from_secs(2), background);
         let metrics = Arc::new(Counters::default());
-        let mut proxy = Proxy::new(cfg.clone(), pool.clone(), router.clone(), metrics.clone());
+        let mut proxy = Proxy::new(
+            cfg.clone(),
+            (pool.clone(), router.clone(), metrics.clone()),
+            &lives.serving,
+            background,
+        );
         if cfg.engineio.tag_sids {
             let cluster = &cfg.cluster;
             if cluster.key.is_none() && cluster.key_file.is_none() {
@@ -114,27 +169,29 @@ impl App {
         let front: listen::Front = Arc::new(arc_swap::ArcSwap::from_pointee(parts::gate_for(
             &cfg,
             proxy.clone(),
-            &background,
+            background,
+            &lives.late,
         )?));
         let current = front.clone();
-        background.spawn(crate::proxy::route::expire_idle(move || {
+        background.spawn_until_drained(crate::proxy::route::expire_idle(move || {
             current.load().proxy().clone()
         }));
         if cfg.engineio.tag_sids {
             // Tags stay on or off for corral's life (not a live key); nodes change.
             let current = front.clone();
-            background.spawn(crate::proxy::route::resolve_nodes(move || {
+            background.spawn_until_drained(crate::proxy::route::resolve_nodes(move || {
                 current.load().proxy().clone()
             }));
         }
         let slots = listen::Slots::new(cfg.limits.max_connections);
 
         listen::raise_fd_limit();
-        let lanes = Arc::new(Lanes::start(cfg.threads.resolve()).context("cannot start threads")?);
+        let lanes =
+            Lanes::start(cfg.threads.resolve(), &lives.late).context("cannot start threads")?;
         proxy.relay_tunnels_on(lanes.handles());
         let bound = listen::bind(&cfg, lanes.len())?;
         let listeners = bound.addrs();
-        let (queue_url, queue, broker_addr) = message_queue(&cfg, &background).await?;
+        let (queue_url, queue, broker_addr) = message_queue(&cfg, &lives.broker).await?;
         let embedded = match &queue {
             Queue::Embedded(b, _) => Some(b.clone()),
             _ => None,
@@ -150,11 +207,11 @@ impl App {
             node: cfg.cluster.node.clone(),
             reloads: reloads.clone(),
         });
-        metrics::spawn_sampler(sources.clone(), &background);
+        metrics::spawn_sampler(sources.clone(), background);
         let status_listener = match &cfg.admin {
             Some(admin_cfg) => {
                 let auth = parts::admin_auth(admin_cfg)?;
-                let l = status::serve(admin_cfg.listen, sources.clone(), auth, &background).await?;
+                let l = status::serve(admin_cfg.listen, sources.clone(), auth, background).await?;
                 parts::say_status(l.addr);
                 Some(l)
             }
@@ -163,10 +220,19 @@ impl App {
         let status_addr = status_listener.as_ref().map(|l| l.addr);
         let supervisor = cfg.workers.clone().map(|spec| {
             let env = queue_env(queue_url.as_deref(), &spec.env);
-            Arc::new(Supervisor::new(spec, pool.clone(), env))
+            Arc::new(Supervisor::new(
+                spec,
+                pool.clone(),
+                env,
+                lives.workers.clone(),
+            ))
         });
+        if let Some(sup) = &supervisor {
+            stop_workers_in_turn(sup.clone(), &lives);
+        }
         if let (Some(broker), Some(_)) = (embedded, &supervisor) {
-            background.spawn(queue_watch::watch(broker, pool.clone()));
+            let grace = cfg.message_queue.unsubscribed_grace;
+            background.spawn_until_drained(queue_watch::watch(broker, pool.clone(), grace));
         }
         let admin_path = parts::admin_path(&cfg);
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -176,7 +242,7 @@ impl App {
             broker: broker_addr,
             ready: ready.clone(),
         };
-        let serving = bound.serve(&lanes, front.clone(), slots.clone());
+        let serving = bound.serve(&lanes, &lives.serving, front.clone(), slots.clone());
         let live = reread.map(|reread| {
             Arc::new(reload::Live {
                 reread,
@@ -191,7 +257,8 @@ impl App {
                 status: std::sync::Mutex::new(status_listener),
                 sources: sources.clone(),
                 addresses: addresses.clone(),
-                background: background.clone(),
+                root: background.clone(),
+                late: lives.late.clone(),
                 reloads,
             })
         });
@@ -199,13 +266,10 @@ impl App {
             supervisor: supervisor.clone(),
             reload: live.clone().map(|l| l as Arc<dyn admin::Reload>),
         };
-        admin::serve(&admin_path, targets, addresses.clone(), &background).await?;
+        admin::serve(&admin_path, targets, addresses.clone(), background).await?;
         if std::process::id() == 1 {
             tracing::info!("running as PID 1: reaping orphaned processes");
-            background.spawn(crate::workers::supervisor::reap_orphans(
-                pool.clone(),
-                background.stopping(),
-            ));
+            background.spawn_until_drained(crate::workers::supervisor::reap_orphans(pool.clone()));
         }
         if let Some(sup) = &supervisor {
             sup.start().await;
@@ -213,8 +277,7 @@ impl App {
         serving.describe();
         describe_workers(&pool);
         if supervisor.is_some() {
-            let stop = background.stopping();
-            background.spawn(say_ready(pool.clone(), cfg.clone(), ready, stop));
+            background.spawn_until_drained(say_ready(pool.clone(), cfg.clone(), ready));
         } else {
             announce_ready(&cfg, &pool, &ready);
         }
@@ -227,77 +290,61 @@ impl App {
             serving,
             front,
             live,
-            lanes,
-            background,
+            lives,
         })
     }
 
-    /// Shuts down (`signal` names why, for the log): no new connections, requests
-    /// in flight finish and tunnels close within the drain period, then worker
-    /// connections, serving threads, workers and every background task, each
-    /// awaited.
-    pub async fn stop(self, signal: &str) {
-        let App {
-            admin_path,
-            supervisor,
-            serving,
-            front,
-            lanes,
-            background,
-            ..
-        } = self;
-        // The config in force, and through its gate every tunnel and connection task
-        // (those of gates replaced by reloads too: they share them).
-        let gate = front.load_full();
-        let (cfg, proxy) = (gate.cfg().clone(), gate.proxy().clone());
+    /// Shuts down (`signal` names why, for the log): the lifetime tree's drain
+    /// signal, then a wait for every task in it (see [`Lives`] for the order).
+    /// Returns how many tasks and threads were still running when it gave up on
+    /// them (0: every one ended).
+    pub async fn stop(self, signal: &str) -> usize {
+        let cfg = self.front.load().cfg().clone();
         crate::runtime::notify::notify("STOPPING=1\nSTATUS=stopping");
-        if let Some(sup) = &supervisor {
-            sup.begin_stop();
-        }
         tracing::info!(
             signal,
             "stopping: no new connections, finishing requests in flight"
         );
+        let serving = self.lives.serving.clone();
         let drain = cfg.timeouts.shutdown_drain;
-        // Requests in flight finish and idle keep-alive connections close, while open
-        // websocket tunnels send their clients a close frame.
-        let (drained, open_tunnels) = tokio::join!(serving.drain(drain), gate.close(drain));
-        if !drained.in_time {
-            tracing::warn!(
-                ?drain,
-                "requests still in flight after the drain period; closing"
-            );
+        // Said once the client connections' stage is over, in time or not.
+        self.lives.root.spawn(async move {
+            serving.draining().await;
+            if tokio::time::timeout(drain, serving.ended()).await.is_err() {
+                tracing::warn!(
+                    ?drain,
+                    open = serving.running(),
+                    "requests or tunnels still open after the drain period; closing"
+                );
+            }
+        });
+        let left = self.lives.root.stop(Lives::stop_limit(&cfg)).await;
+        if left > 0 {
+            tracing::warn!(left, "tasks still running when the stop gave up on them");
         }
-        if open_tunnels > 0 {
-            tracing::warn!(
-                open_tunnels,
-                "websocket tunnels still open after the drain period"
-            );
-        }
-        let cut = drained.cut(Duration::from_secs(1)).await;
-        if cut > 0 {
-            tracing::debug!(left = cut, "client connections cut at shutdown");
-        }
-        let drivers_left = proxy.close_upstreams(Duration::from_secs(1)).await;
-        if drivers_left > 0 {
-            tracing::debug!(drivers_left, "worker connections cut at shutdown");
-        }
-        if let Ok(lanes) = Arc::try_unwrap(lanes) {
-            let _ = tokio::task::spawn_blocking(move || lanes.stop()).await;
-        }
-        if let Some(sup) = &supervisor {
-            sup.stop_all().await;
-            tracing::info!("every worker stopped");
-        }
-        background.stop().await;
-        let _ = std::fs::remove_file(&admin_path);
+        let _ = std::fs::remove_file(&self.admin_path);
+        left
     }
+}
+
+/// The supervisor's part of the stop: at the signal no restart, rolling restart or
+/// scale starts (one in progress finishes); once the client connections have ended
+/// the workers are stopped (SIGTERM, SIGKILL after the grace).
+fn stop_workers_in_turn(sup: Arc<Supervisor>, lives: &Lives) {
+    let (signal, own) = (lives.root.draining(), lives.workers.draining());
+    lives.workers.spawn(async move {
+        signal.await;
+        sup.begin_stop();
+        own.await;
+        sup.stop_all().await;
+        tracing::info!("every worker stopped");
+    });
 }
 
 /// Starts the embedded broker if configured; returns the queue URL for the workers.
 async fn message_queue(
     cfg: &Config,
-    owner: &Background,
+    owner: &Life,
 ) -> anyhow::Result<(Option<String>, Queue, Option<std::net::SocketAddr>)> {
     let mq = &cfg.message_queue;
     if !cfg.embedded_broker() {
@@ -371,12 +418,7 @@ fn announce_ready(cfg: &Config, pool: &Pool, ready: &std::sync::atomic::AtomicBo
 
 /// Says "corral ready" once at least one supervised worker is ready: before that,
 /// every request would fail, and orchestrators and scripts read the line as ready.
-async fn say_ready(
-    pool: Arc<Pool>,
-    cfg: Arc<Config>,
-    ready: Arc<std::sync::atomic::AtomicBool>,
-    stop: tokio_util::sync::CancellationToken,
-) {
+async fn say_ready(pool: Arc<Pool>, cfg: Arc<Config>, ready: Arc<std::sync::atomic::AtomicBool>) {
     let mut warned = false;
     loop {
         let (up, total) = pool.up_count();
@@ -391,10 +433,7 @@ async fn say_ready(
             );
             warned = true;
         }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -432,7 +471,7 @@ async fn wait_for_stop(app: &App) -> &'static str {
             app.supervisor.clone(),
             app.serving.certs(),
         );
-        app.background.spawn(async move {
+        app.lives.root.spawn(async move {
             if let Err(e) = change.apply(live, sup, certs).await {
                 tracing::error!("{e}");
             }

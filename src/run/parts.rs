@@ -9,15 +9,18 @@ use crate::edge::gate::Gate;
 use crate::engineio::sidtag::Tagger;
 use crate::observe::access::AccessLog;
 use crate::proxy::route::Proxy;
-use crate::runtime::tasks::Background;
+use crate::runtime::life::Life;
 use std::sync::Arc;
 
 /// The gate for `cfg` in front of `proxy`: basic auth (its file watched for
-/// changes while the gate lives) and the access log, as configured.
+/// changes while the gate lives) and the access log (its writer a thread of
+/// `late`, which ends after the client connections), as configured; the file
+/// watcher is `background`'s.
 pub(super) fn gate_for(
     cfg: &Arc<Config>,
     proxy: Arc<Proxy>,
-    background: &Background,
+    background: &Life,
+    late: &Life,
 ) -> anyhow::Result<Gate> {
     let auth = match &cfg.auth {
         Some(a) => {
@@ -33,6 +36,7 @@ pub(super) fn gate_for(
             cfg.access_log.format,
             cfg.access_log.engineio,
             proxy.metrics.clone(),
+            late,
         )?),
         false => None,
     };

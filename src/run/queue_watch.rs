@@ -10,7 +10,7 @@
 //! changes nothing else.
 
 use crate::broker::Broker;
-use crate::workers::pool::{Pool, Worker};
+use crate::workers::pool::{Mq, Pool, Worker};
 use crate::workers::procs;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -18,12 +18,11 @@ use std::time::{Duration, Instant};
 
 /// How often the workers' queue connections are looked at.
 const EVERY: Duration = Duration::from_secs(2);
-/// How long a worker may have sessions without a subscription before it is said:
-/// a worker subscribes when it starts, but its first clients may come first.
-pub const GRACE: Duration = Duration::from_secs(20);
-
-/// Looks every `EVERY`, until the task is ended.
-pub async fn watch(broker: Arc<Broker>, pool: Arc<Pool>) {
+/// Looks every `EVERY`, until the task is ended. A worker may have sessions
+/// without a subscription for `grace` (`message_queue.unsubscribed_grace`) before
+/// it is said: python-socketio subscribes at its first session, and its first
+/// clients may come before the subscription does.
+pub async fn watch(broker: Arc<Broker>, pool: Arc<Pool>, grace: Duration) {
     let mut deaf_since: HashMap<usize, Instant> = HashMap::new();
     let mut warned: HashSet<usize> = HashSet::new();
     loop {
@@ -33,14 +32,15 @@ pub async fn watch(broker: Arc<Broker>, pool: Arc<Pool>) {
             .into_iter()
             .filter(|w| w.managed && w.process.pid().is_some())
             .collect();
-        let subscribed = subscribed_groups(&broker, &workers);
+        let subscribed = subscribed_groups(&broker, &workers).await;
         for w in &workers {
             let Some(pid) = w.process.pid() else {
                 continue;
             };
             let yes = subscribed.contains(&pid);
-            w.process.set_mq_subscribed(Some(yes));
             if yes || w.sessions() == 0 {
+                w.process
+                    .set_mq(if yes { Mq::Subscribed } else { Mq::Waiting });
                 deaf_since.remove(&w.id);
                 if yes && warned.remove(&w.id) {
                     tracing::info!(
@@ -52,7 +52,12 @@ pub async fn watch(broker: Arc<Broker>, pool: Arc<Pool>) {
                 continue;
             }
             let since = *deaf_since.entry(w.id).or_insert_with(Instant::now);
-            if workers.len() > 1 && since.elapsed() >= GRACE && warned.insert(w.id) {
+            if since.elapsed() < grace {
+                w.process.set_mq(Mq::Waiting);
+                continue;
+            }
+            w.process.set_mq(Mq::Deaf);
+            if workers.len() > 1 && warned.insert(w.id) {
                 tracing::warn!(
                     worker = w.id,
                     pid,
@@ -70,13 +75,14 @@ pub async fn watch(broker: Arc<Broker>, pool: Arc<Pool>) {
     }
 }
 
-/// The process groups (worker pids) holding a subscribed queue connection.
-fn subscribed_groups(broker: &Broker, workers: &[Arc<Worker>]) -> HashSet<u32> {
+/// The process groups (worker pids) holding a subscribed queue connection (/proc
+/// read on the blocking pool).
+async fn subscribed_groups(broker: &Broker, workers: &[Arc<Worker>]) -> HashSet<u32> {
     let clients = broker.clients();
     let port = broker.port();
     let pairs: Vec<(u16, u16)> = clients.iter().map(|(a, _)| (a.port(), port)).collect();
     let groups: Vec<u32> = workers.iter().filter_map(|w| w.process.pid()).collect();
-    let owners = procs::socket_groups(&pairs, &groups);
+    let owners = procs::socket_groups_off_runtime(pairs, groups).await;
     clients
         .iter()
         .filter(|(_, subscribed)| *subscribed)

@@ -20,7 +20,7 @@ use crate::edge::status::{self, StatusListener};
 use crate::engineio::router::Router;
 use crate::observe::metrics::{Reload, Reloads, Sources};
 use crate::proxy::route::{Proxy, Tags};
-use crate::runtime::tasks::Background;
+use crate::runtime::life::Life;
 use crate::workers::health;
 use crate::workers::pool::Pool;
 use crate::workers::supervisor::Supervisor;
@@ -78,7 +78,10 @@ pub struct Live {
     pub(super) status: std::sync::Mutex<Option<StatusListener>>,
     pub(super) sources: Arc<Sources>,
     pub(super) addresses: Addresses,
-    pub(super) background: Background,
+    /// The App's lifetime, for the tasks a reload starts; `late`, for access log
+    /// writers.
+    pub(super) root: Life,
+    pub(super) late: Life,
     pub(super) reloads: Arc<Reloads>,
 }
 
@@ -215,7 +218,7 @@ impl Live {
             .plan_status(&cfg)
             .await
             .map_err(|e| format!("{file}: {e:#}"))?;
-        let gate = parts::gate_for(&cfg, Arc::new(proxy), &self.background)
+        let gate = parts::gate_for(&cfg, Arc::new(proxy), &self.root, &self.late)
             .map_err(|e| format!("{file}: {e:#}"))?;
         // From here on nothing fails: the parts take the new settings.
         self.apply_upstreams(current, &cfg);
@@ -224,8 +227,7 @@ impl Live {
         self.checks.store(Arc::new(cfg.health.clone()));
         self.router
             .set_bounds(cfg.engineio.max_sessions, cfg.engineio.session_idle);
-        self.slots
-            .resize(cfg.limits.max_connections, &self.background);
+        self.slots.resize(cfg.limits.max_connections);
         if let (Some(sup), Some(spec)) = (&self.supervisor, &cfg.workers) {
             sup.set_spec(spec.clone());
         }
@@ -281,7 +283,7 @@ impl Live {
             }
         }
         if let StatusChange::Start(socket, auth) = change {
-            let l = status::start(socket, self.sources.clone(), auth, &self.background);
+            let l = status::start(socket, self.sources.clone(), auth, &self.root);
             parts::say_status(l.addr);
             *running = Some(l);
         }
@@ -310,7 +312,7 @@ impl Live {
                 .as_ref()
                 .map_or(crate::config::DEFAULT_CLOSE_SPREAD, |w| w.close_spread);
             let addr = *addr;
-            self.background.spawn(async move {
+            self.root.spawn_until_drained(async move {
                 pool.serve_out(&w, drain, spread).await;
                 pool.retire(&w);
                 tracing::info!(worker = w.id, %addr, "upstream removed");

@@ -8,12 +8,13 @@
 //!
 //! It owns the threads and their runtimes and nothing else; what runs on them is
 //! the server's accept loops and what those spawn. The supervisor, the broker, the
-//! health checks and the admin listener stay on the main runtime.
+//! health checks and the admin listener stay on the main runtime. The threads are
+//! tasks of the lifetime they are started in: each runs until that lifetime drains,
+//! then drops its runtime, which ends whatever still runs there.
 
+use crate::runtime::life::Life;
 use std::cell::Cell;
-use std::thread::JoinHandle;
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
 
 thread_local! {
     static LANE: Cell<usize> = const { Cell::new(0) };
@@ -26,8 +27,6 @@ pub fn current() -> usize {
 
 pub struct Lanes {
     handles: Vec<Handle>,
-    stops: Vec<oneshot::Sender<()>>,
-    threads: Vec<JoinHandle<()>>,
 }
 
 /// Keeps a timer due within the next half second on the lane, for nothing but
@@ -45,36 +44,27 @@ async fn keep_a_timer_due() {
 }
 
 impl Lanes {
-    /// Starts `n` lanes (at least one).
-    pub fn start(n: usize) -> std::io::Result<Lanes> {
-        let mut lanes = Lanes {
-            handles: Vec::new(),
-            stops: Vec::new(),
-            threads: Vec::new(),
-        };
+    /// Starts `n` lanes (at least one), threads of `life` until it drains.
+    pub fn start(n: usize, life: &Life) -> std::io::Result<Lanes> {
+        let mut handles = Vec::new();
         for i in 1..=n.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let (stop, stopped) = oneshot::channel::<()>();
-            lanes.handles.push(runtime.handle().clone());
-            lanes.stops.push(stop);
-            lanes.threads.push(
-                std::thread::Builder::new()
-                    .name(format!("corral-lane-{i}"))
-                    .spawn(move || {
-                        LANE.with(|l| l.set(i));
-                        runtime.block_on(async {
-                            tokio::select! {
-                                _ = stopped => {}
-                                _ = keep_a_timer_due() => {}
-                            }
-                        });
-                        // Dropping the runtime ends what is still running there.
-                    })?,
-            );
+            handles.push(runtime.handle().clone());
+            let drained = life.draining();
+            life.thread(format!("corral-lane-{i}"), move || {
+                LANE.with(|l| l.set(i));
+                runtime.block_on(async {
+                    tokio::select! {
+                        _ = drained => {}
+                        _ = keep_a_timer_due() => {}
+                    }
+                });
+                // Dropping the runtime ends what is still running there.
+            })?;
         }
-        Ok(lanes)
+        Ok(Lanes { handles })
     }
 
     pub fn len(&self) -> usize {
@@ -84,15 +74,5 @@ impl Lanes {
     /// The lanes' runtimes, lane 1 first.
     pub fn handles(&self) -> Vec<Handle> {
         self.handles.clone()
-    }
-
-    /// Stops every lane; whatever still runs there is dropped.
-    pub fn stop(mut self) {
-        for stop in self.stops.drain(..) {
-            let _ = stop.send(());
-        }
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
     }
 }

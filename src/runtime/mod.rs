@@ -1,7 +1,7 @@
-//! corral as a process: the serving threads ([`lanes`]), the owner of background
-//! tasks ([`tasks`]) and systemd's readiness protocol ([`notify`]). Leaves: they
-//! use no other part of corral.
+//! corral as a process: the serving threads ([`lanes`]), the lifetime tree that owns
+//! every task and thread and gives the one stop ([`life`]), and systemd's readiness
+//! protocol ([`notify`]). Leaves: they use no other part of corral.
 
 pub mod lanes;
+pub mod life;
 pub mod notify;
-pub mod tasks;

@@ -213,11 +213,11 @@ const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(1);
 /// reset (even NO_ERROR) that arrives with the answer makes some clients (curl
 /// 7.88) drop the answer, and an HTTP/1 close with unread bytes can turn into a
 /// TCP reset that does the same.
-pub struct Unread(Option<(ProxyBody, tokio_util::task::TaskTracker)>);
+pub struct Unread(Option<(ProxyBody, crate::runtime::life::Life)>);
 
 impl Unread {
     /// `owner` owns the short task that reads the body away.
-    pub fn new(body: Option<ProxyBody>, owner: &tokio_util::task::TaskTracker) -> Unread {
+    pub fn new(body: Option<ProxyBody>, owner: &crate::runtime::life::Life) -> Unread {
         Unread(body.map(|b| (b, owner.clone())))
     }
 }

@@ -42,7 +42,7 @@ pub struct Settings {
     /// a connection the worker is closing at that moment.
     pub idle_timeout: Duration,
     /// Owns every connection's driver task, so shutdown can wait for them.
-    pub drivers: tokio_util::task::TaskTracker,
+    pub drivers: crate::runtime::life::Life,
 }
 
 /// Idle connections are kept per serving thread (`lanes`), this many sets at most:

@@ -6,7 +6,7 @@
 //! It owns the probe and nothing else: state changes are the pool's.
 
 use crate::config::Health;
-use crate::runtime::tasks::Background;
+use crate::runtime::life::Life;
 use crate::workers::pool::{Pool, State};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
@@ -17,8 +17,8 @@ use tokio::net::TcpStream;
 
 /// Checks workers at `health.interval`: marks down those up that fail, and up those
 /// down (but alive) that answer. Runs until `bg` stops.
-pub fn spawn_health_checks(pool: Arc<Pool>, health: Checks, bg: &Background) {
-    bg.spawn(async move {
+pub fn spawn_health_checks(pool: Arc<Pool>, health: Checks, bg: &Life) {
+    bg.spawn_until_drained(async move {
         loop {
             // Read each round: a config reload may change it.
             let health = health.load_full();

@@ -72,6 +72,32 @@ pub fn stable_ref(kind: &str, name: &str) -> Ref {
     r
 }
 
+/// A supervised worker's standing with the embedded message queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mq {
+    /// Not looked at (no embedded queue, or not yet).
+    Unknown = 0,
+    /// No subscription yet, and no sessions held for longer than the grace period
+    /// (python-socketio subscribes at its first session).
+    Waiting = 1,
+    Subscribed = 2,
+    /// Sessions for longer than the grace period and no subscription: broadcasts
+    /// from other workers do not reach its clients.
+    Deaf = 3,
+}
+
+impl Mq {
+    /// Its name in /status.json.
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            Mq::Unknown => None,
+            Mq::Waiting => Some("waiting"),
+            Mq::Subscribed => Some("subscribed"),
+            Mq::Deaf => Some("deaf"),
+        }
+    }
+}
+
 /// One upstream worker: who it is, and three parts kept apart — what routing reads
 /// and health checks change, what the supervisor knows of its process, and what it
 /// served (for the views) — beside the cache of connections to it.
@@ -158,16 +184,24 @@ impl Process {
     }
     /// Whether it is subscribed to the embedded message queue, when known.
     pub fn mq_subscribed(&self) -> Option<bool> {
-        match self.mq.load(Ordering::Relaxed) {
-            1 => Some(false),
-            2 => Some(true),
-            _ => None,
+        match self.mq() {
+            Mq::Unknown => None,
+            Mq::Subscribed => Some(true),
+            Mq::Waiting | Mq::Deaf => Some(false),
         }
     }
-    /// Records whether it is subscribed to the embedded message queue.
-    pub fn set_mq_subscribed(&self, subscribed: Option<bool>) {
-        let v = subscribed.map_or(0, |s| if s { 2 } else { 1 });
-        self.mq.store(v, Ordering::Relaxed);
+    /// Where it stands with the embedded message queue.
+    pub fn mq(&self) -> Mq {
+        match self.mq.load(Ordering::Relaxed) {
+            1 => Mq::Waiting,
+            2 => Mq::Subscribed,
+            3 => Mq::Deaf,
+            _ => Mq::Unknown,
+        }
+    }
+    /// Records where it stands with the embedded message queue.
+    pub fn set_mq(&self, mq: Mq) {
+        self.mq.store(mq as u8, Ordering::Relaxed);
     }
     /// Counts a restart.
     pub fn count_restart(&self) {

@@ -10,7 +10,7 @@
 use crate::config::{WorkerCommand, Workers};
 use crate::workers::health;
 use crate::workers::pool::{Pool, Worker};
-use crate::workers::procs::{all_pids, port_held_by_group, proc_stat};
+use crate::workers::procs;
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener};
 use std::process::Stdio;
@@ -109,6 +109,8 @@ pub struct Supervisor {
     changes: tokio::sync::Mutex<()>,
     /// Set by `stop_all` under `changes`: nothing starts after it.
     stopped: std::sync::atomic::AtomicBool,
+    /// Owns the keepers (each worker's task): the workers' lifetime.
+    life: crate::runtime::life::Life,
 }
 
 /// What `status` reports per worker.
@@ -127,7 +129,13 @@ pub struct WorkerStatus {
 }
 
 impl Supervisor {
-    pub fn new(spec: Workers, pool: Arc<Pool>, extra_env: Vec<(String, String)>) -> Supervisor {
+    /// A supervisor whose keepers are tasks of `life`.
+    pub fn new(
+        spec: Workers,
+        pool: Arc<Pool>,
+        extra_env: Vec<(String, String)>,
+        life: crate::runtime::life::Life,
+    ) -> Supervisor {
         Supervisor {
             spec: Arc::new(arc_swap::ArcSwap::from_pointee(spec)),
             pool,
@@ -136,6 +144,7 @@ impl Supervisor {
             next_index: AtomicUsize::new(0),
             changes: tokio::sync::Mutex::new(()),
             stopped: std::sync::atomic::AtomicBool::new(false),
+            life,
         }
     }
 
@@ -191,7 +200,7 @@ impl Supervisor {
         let worker = self.pool.add(addr, true);
         let (stop, stop_rx) = watch::channel(false);
         let (ready_tx, ready_rx) = oneshot::channel();
-        let keeper = tokio::spawn(keep(
+        let keeper = self.life.spawn(keep(
             self.spec.clone(),
             self.pool.clone(),
             worker.clone(),
@@ -540,7 +549,11 @@ async fn wait_ready(
         let answer = health::http_status(addr, path, Duration::from_secs(2)).await;
         match answer {
             Some(status) if ready_path.is_empty() || (200..400).contains(&status) => {
-                if pid.is_none_or(|p| port_held_by_group(addr.port(), p)) {
+                let ours = match pid {
+                    Some(p) => procs::port_held_by_group_off_runtime(addr.port(), p).await,
+                    None => true,
+                };
+                if ours {
                     return Ok(());
                 }
                 if !warned {
@@ -909,14 +922,13 @@ async fn exited_then_wait(
 /// the container and must reap them, as tini does, or they stay zombies. Our own
 /// workers are reaped by their keepers; a zombie child that is no worker of the pool
 /// and was already a zombie one scan earlier (a second ago) is an orphan, and is
-/// reaped. Runs until `stop`.
-pub async fn reap_orphans(pool: Arc<Pool>, stop: tokio_util::sync::CancellationToken) {
+/// reaped. Runs until its task is ended.
+pub async fn reap_orphans(pool: Arc<Pool>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut chld = signal(SignalKind::child()).ok();
     let mut seen_before: Vec<i32> = Vec::new();
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = async {
                 match chld.as_mut() {
@@ -931,7 +943,7 @@ pub async fn reap_orphans(pool: Arc<Pool>, stop: tokio_util::sync::CancellationT
             .filter_map(|w| w.process.pid())
             .filter_map(|p| i32::try_from(p).ok())
             .collect();
-        let zombies = zombie_children();
+        let zombies = procs::zombie_children_off_runtime().await;
         for pid in &zombies {
             if !ours.contains(pid) && seen_before.contains(pid) {
                 // SAFETY: reaps one exited child that no one else waits for.
@@ -943,15 +955,6 @@ pub async fn reap_orphans(pool: Arc<Pool>, stop: tokio_util::sync::CancellationT
         }
         seen_before = zombies;
     }
-}
-
-/// Our children that have exited and are not yet reaped (from /proc).
-fn zombie_children() -> Vec<i32> {
-    let me = std::process::id();
-    all_pids()
-        .filter(|pid| proc_stat(*pid).is_some_and(|p| p.state == 'Z' && p.ppid == me))
-        .filter_map(|pid| i32::try_from(pid).ok())
-        .collect()
 }
 
 #[cfg(test)]

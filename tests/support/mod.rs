@@ -71,6 +71,40 @@ impl Corral {
         Corral::start_until(config, "corral ready", adjust)
     }
 
+    /// As `start`, but returns once the admin socket tells the addresses, before
+    /// any worker is ready.
+    pub fn start_unready(config: &str) -> Corral {
+        Corral::start_until(config, "", |_| {})
+    }
+
+    /// The supervised workers as the admin socket's `status` tells them (id, pid,
+    /// port, state, restarts, ...).
+    pub fn workers(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.admin("status")).unwrap_or_default()
+    }
+
+    /// Waits (up to `limit`) until `pred` holds of the supervised workers; returns
+    /// them as they were then.
+    pub fn wait_workers(
+        &self,
+        limit: Duration,
+        pred: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let workers = self.workers();
+            if pred(&workers) {
+                return workers;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "workers never as expected: {workers:?}: {}",
+                self.log_text()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// As `start`, but waits until `marker` appears in the log instead of for
     /// readiness (the addresses are known either way).
     pub fn start_until(config: &str, marker: &str, adjust: impl FnOnce(&mut Command)) -> Corral {

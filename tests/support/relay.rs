@@ -138,7 +138,9 @@ pub fn a_client_close_ends_both_connections(corral_for: fn(&RawWorker, &str) -> 
 }
 
 /// The worker's connection is reset mid-tunnel: the client's connection ends at once.
-pub fn a_reset_worker_connection_ends_the_tunnel_at_once(corral_for: fn(&RawWorker, &str) -> Corral) {
+pub fn a_reset_worker_connection_ends_the_tunnel_at_once(
+    corral_for: fn(&RawWorker, &str) -> Corral,
+) {
     let (_worker, _corral, rt, mut ws) = one_tunnel(corral_for, "");
     rt.block_on(ws.send(Message::text("reset"))).expect("send");
     let asked = Instant::now();
