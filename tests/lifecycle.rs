@@ -59,7 +59,8 @@ fn sigterm_lets_a_request_in_flight_finish() {
     let mut s = corral.connect();
     s.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
         .expect("write");
-    thread::sleep(Duration::from_millis(500));
+    // In flight: the worker has it.
+    assert!(worker.wait_for(|seen| seen.iter().any(|r| r.target() == "/slow")));
     corral.terminate();
     let reply = read_reply(&mut BufReader::new(s));
     let reply = reply.unwrap_or_else(|| panic!("no answer: {}", corral.log_text()));
@@ -208,7 +209,10 @@ fn moved_tunnels(tls: bool) {
 #[test]
 fn a_tunnel_holds_its_connection_slot() {
     let worker = RawWorker::start(Mode::WebSocket);
-    let corral = corral_for(&worker, "[limits]\nmax_connections = 1\n");
+    let corral = corral_for(
+        &worker,
+        "[limits]\nmax_connections = 1\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+    );
     let url = format!("ws://{}/ws", corral.addr);
     let rt = runtime();
     let (mut first, _) = rt
@@ -216,8 +220,7 @@ fn a_tunnel_holds_its_connection_slot() {
         .expect("first tunnel");
     rt.block_on(first.send(Message::text("a"))).expect("send");
     assert!(rt.block_on(first.next()).is_some());
-    // Give the first connection's HTTP side time to hand over to the tunnel.
-    thread::sleep(Duration::from_millis(200));
+    relay::wait_tunnels(&corral, 1);
     let second = rt.block_on(async {
         tokio::time::timeout(
             Duration::from_millis(1500),
@@ -776,7 +779,9 @@ fn crash_looping_workers_are_reported_once_and_clients_told_why() {
         |_| {},
     );
     // Several restarts each.
-    thread::sleep(Duration::from_secs(3));
+    corral.wait_workers(Duration::from_secs(20), |w| {
+        w.len() == 2 && w.iter().all(|w| w["restarts"].as_u64() >= Some(3))
+    });
     let reply = support::exchange(
         corral.addr,
         b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: a\r\n\r\n",

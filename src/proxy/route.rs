@@ -40,21 +40,60 @@ use std::time::{Duration, Instant};
 /// Most bytes of a handshake response read to find the sid; the rest streams untouched.
 const HANDSHAKE_PEEK: usize = 4096;
 
+/// The request path under one config: its settings (the config, how workers are
+/// reached, how tunnels are timed, the tags), around the parts that live as long
+/// as corral ([`Shared`]). A reload makes a new one around the same `Shared`;
+/// connections keep the one they were accepted with.
 pub struct Proxy {
     pub(crate) cfg: Arc<Config>,
+    shared: Arc<Shared>,
+    forward: Forwarder,
+    /// How new tunnels are timed.
+    timing: tunnel::Timing,
+    /// Tagged sids (`engineio.tag_sids`): the signer and this node's reference.
+    pub(crate) tags: Option<Arc<Tags>>,
+}
+
+/// What the request path keeps for corral's whole life, built once: the workers,
+/// the sessions, the counters, the tunnels, and the lifetimes its tasks belong to.
+pub struct Shared {
     pub(crate) metrics: Arc<Counters>,
     pub(crate) pool: Arc<Pool>,
     pub(crate) router: Arc<Router>,
-    forward: Forwarder,
     /// The websocket tunnels: they own their tasks and close cleanly at shutdown.
-    tunnels: Arc<Tunnels>,
-    /// How new tunnels are timed.
-    timing: tunnel::Timing,
+    tunnels: Tunnels,
     /// Owns the unread request bodies read away after a 413 (each for a second at
     /// most): the client connections' lifetime.
     lingering: Life,
-    /// Tagged sids (`engineio.tag_sids`): the signer and this node's reference.
-    pub(crate) tags: Option<Arc<Tags>>,
+    /// Owns the worker connections' drivers.
+    drivers: Life,
+}
+
+impl Shared {
+    /// The parts; tunnels and 413 lingerers are tasks of `serving` (the client
+    /// connections' lifetime), worker connections' drivers `drivers`'.
+    pub fn new(
+        (pool, router, metrics): (Arc<Pool>, Arc<Router>, Arc<Counters>),
+        serving: &Life,
+        drivers: &Life,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            metrics,
+            pool,
+            router,
+            tunnels: Tunnels::new(serving.clone()),
+            lingering: serving.clone(),
+            drivers: drivers.clone(),
+        })
+    }
+}
+
+impl std::ops::Deref for Proxy {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
 }
 
 /// What tagging sids needs.
@@ -236,18 +275,12 @@ impl Refusal {
 }
 
 impl Proxy {
-    /// A proxy whose tunnels and 413 lingerers are tasks of `serving` (the client
-    /// connections' lifetime) and whose worker connections' drivers are `drivers`'.
-    pub fn new(
-        cfg: Arc<Config>,
-        (pool, router, metrics): (Arc<Pool>, Arc<Router>, Arc<Counters>),
-        serving: &Life,
-        drivers: &Life,
-    ) -> Proxy {
+    /// The request path under `cfg`, around `shared`.
+    pub fn new(cfg: Arc<Config>, shared: Arc<Shared>) -> Proxy {
         let upstream = upstream::Settings {
             connect_timeout: cfg.timeouts.connect,
             idle_timeout: cfg.timeouts.upstream_idle,
-            drivers: drivers.clone(),
+            drivers: shared.drivers.clone(),
         };
         let spread = cfg
             .workers
@@ -261,17 +294,13 @@ impl Proxy {
         let underscores = cfg.underscores_in_headers;
         Proxy {
             cfg,
-            metrics,
-            pool,
-            router,
+            shared,
             forward: Forwarder {
                 upstream,
                 hop: None,
                 underscores,
             },
-            tunnels: Arc::new(Tunnels::new(serving.clone())),
             timing,
-            lingering: serving.clone(),
             tags: None,
         }
     }
@@ -285,20 +314,13 @@ impl Proxy {
         }
     }
 
-    /// The proxy for a reloaded config: the same workers, sessions, counters,
-    /// tunnels, connection tasks (shutdown waits for old and new alike) and cluster
-    /// tags, with the new config's settings.
+    /// The proxy for a reloaded config: the new config's settings around the same
+    /// shared parts, and the same tags, peers and hop mark until `enable_tags`
+    /// says otherwise.
     pub fn renewed(&self, cfg: Arc<Config>) -> Proxy {
-        let mut next = Proxy::new(
-            cfg,
-            (self.pool.clone(), self.router.clone(), self.metrics.clone()),
-            &self.lingering,
-            &self.forward.upstream.drivers,
-        );
-        // The same tags, peers and hop mark, until `enable_tags` says otherwise.
+        let mut next = Proxy::new(cfg, self.shared.clone());
         next.forward.hop = self.forward.hop.clone();
         next.tags = self.tags.clone();
-        next.tunnels = self.tunnels.clone();
         next
     }
 

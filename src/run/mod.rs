@@ -17,7 +17,7 @@ use crate::edge::status;
 use crate::edge::{listen, tls};
 use crate::engineio::router::{self, Router};
 use crate::observe::metrics::{self, Queue, Sources};
-use crate::proxy::route::Proxy;
+use crate::proxy::route::{Proxy, Shared};
 use crate::runtime::lanes::Lanes;
 use crate::runtime::life::Life;
 use crate::workers::health;
@@ -147,12 +147,12 @@ impl App {
         health::spawn_health_checks(pool.clone(), checks.clone(), background);
         router::spawn_sweeper(router.clone(), Duration::from_secs(2), background);
         let metrics = Arc::new(Counters::default());
-        let mut proxy = Proxy::new(
-            cfg.clone(),
+        let shared = Shared::new(
             (pool.clone(), router.clone(), metrics.clone()),
             &lives.serving,
             background,
         );
+        let mut proxy = Proxy::new(cfg.clone(), shared);
         if cfg.engineio.tag_sids {
             let cluster = &cfg.cluster;
             if cluster.key.is_none() && cluster.key_file.is_none() {

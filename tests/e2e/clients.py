@@ -92,3 +92,47 @@ def spread(members):
         if m.worker is not None:
             counts[m.worker] = counts.get(m.worker, 0) + 1
     return counts
+
+
+class WssClient:
+    """A python-socketio client over `wss://` for sync test code: an AsyncClient on an
+    event loop of its own thread.
+
+    Why not `socketio.Client`: its reader and writer threads share one
+    `ssl.SSLSocket` without a lock (python-engineio 4.x, `_read_loop_websocket` and
+    `_write_loop`); the reader can take the writer's EAGAIN as the end and close
+    the session, about one wss connect in a hundred, with or without corral in
+    between (measured: gunicorn serving TLS itself, no corral, fails the same way).
+    The asyncio client reads and writes from one thread."""
+
+    def __init__(self):
+        import asyncio
+        self._asyncio = asyncio
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.sio = socketio.AsyncClient(reconnection=False, ssl_verify=False)
+
+    def _call(self, coro, timeout=30):
+        return self._asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def on(self, event, handler):
+        """`handler` (a plain function) runs on the client's thread."""
+        self.sio.on(event, handler)
+
+    def connect(self, url, headers=None, wait_timeout=10):
+        self._call(self.sio.connect(url, headers=headers or {}, wait_timeout=wait_timeout),
+                   timeout=wait_timeout + 20)
+
+    def transport(self):
+        return self.sio.transport()
+
+    def emit(self, event, data):
+        self._call(self.sio.emit(event, data))
+
+    def disconnect(self):
+        try:
+            self._call(self.sio.disconnect(), timeout=10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 import requests
-import socketio
 
-from clients import wait_until
+from clients import WssClient, wait_until
 from conftest import ROOT, VENV_BIN, corral_binary, free_port
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -87,11 +86,9 @@ def test_entrypoint_as_pid_1(tmp_path):
         health = [a.replace("127.0.0.1:9000", f"127.0.0.1:{admin}") for a in health]
         health[0] = sys.executable
         assert subprocess.run(health, timeout=10).returncode == 0
-        # A Socket.IO client over wss with the demo credentials.
-        session = requests.Session()
-        session.trust_env = False
-        session.verify = False
-        sio = socketio.Client(ssl_verify=False, reconnection=False, http_session=session)
+        # A Socket.IO client over wss with the demo credentials (the asyncio client:
+        # the sync one races on its own TLS socket, see WssClient).
+        sio = WssClient()
         got = []
         sio.on("message", lambda d: got.append(d))
         sio.connect(f"https://127.0.0.1:{https}", wait_timeout=10,
