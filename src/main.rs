@@ -329,9 +329,9 @@ fn prefixed_config(
             key: server.name().into(),
             message,
         })?;
-    taken.apply(&mut cfg);
+    let mut warnings = taken.apply(&mut cfg);
     cfg.validate(&source)?;
-    let warnings = corral::run::preflight::check(&cfg, &source)?;
+    warnings.extend(corral::run::preflight::check(&cfg, &source)?);
     Ok((cfg, warnings))
 }
 
@@ -346,10 +346,21 @@ fn knows_no_control_socket(program: &str) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--no-control-socket"))
 }
 
-/// A config file read, validated and checked against the machine, as `run` would.
+/// A config file read, validated and checked against the machine, as `run` would;
+/// a file with no workers in it as the part of a config it is (the prefix mode's).
 fn checked(path: &std::path::Path) -> Result<(Config, Vec<String>), config::ConfigError> {
-    let cfg = Config::load(path)?;
-    let warnings = corral::run::preflight::check(&cfg, &path.display().to_string())?;
+    let cfg = Config::load_part(path)?;
+    let file = path.display().to_string();
+    cfg.validate_part(&file)?;
+    let mut warnings = Vec::new();
+    match cfg.is_part() {
+        true => warnings.push(format!(
+            "{file} has no upstreams and no [workers]: checked as a part of a config, \
+             for the prefix mode (`corral -c {file} gunicorn …`), which gives the workers"
+        )),
+        false => cfg.validate(&file)?,
+    }
+    warnings.extend(corral::run::preflight::check(&cfg, &file)?);
     Ok((cfg, warnings))
 }
 
@@ -385,6 +396,13 @@ fn build_config(args: &RunArgs) -> Result<(Config, Vec<String>), config::ConfigE
                     message: "-w needs a worker command after `--` or a [workers] section".into(),
                 })
             }
+        }
+    }
+    if let Some(w) = cfg.workers.as_mut() {
+        if let Some(quiet) =
+            config::prefix::without_control_socket(&w.command, knows_no_control_socket)
+        {
+            w.command = quiet;
         }
     }
     cfg.validate(&source)?;
@@ -446,11 +464,10 @@ fn run_until_done(task: impl std::future::Future<Output = anyhow::Result<()>>) -
 fn admin(args: AdminArgs, command: String) -> ExitCode {
     let path = match (&args.socket, &args.config, args.listen) {
         (Some(p), _, _) => p.clone(),
-        (None, Some(file), _) => match Config::load(file) {
-            Ok(c) => c
-                .admin_socket
-                .clone()
-                .unwrap_or_else(|| corral::admin::default_path(c.first_port())),
+        (None, Some(file), _) => match Config::load_part(file)
+            .and_then(|c| c.validate_part(&file.display().to_string()).map(|_| c))
+        {
+            Ok(c) => corral::admin::path_for(&c),
             Err(e) => {
                 eprintln!("corral: {e}");
                 return ExitCode::from(2);

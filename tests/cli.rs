@@ -269,3 +269,31 @@ fn errors_say_what_to_write_instead() {
         "{err}"
     );
 }
+
+/// A file for the prefix mode (TLS and limits, no workers): `check` validates it as
+/// the part of a config it is and says so; a bad key in it is still named.
+#[test]
+fn check_takes_a_prefix_mode_file_as_a_part() {
+    let path = write(
+        "part.toml",
+        "[[listener]]\naddress = \"127.0.0.1:18443\"\ntls = \"self-signed\"\n[limits]\nmax_body = \"200M\"\n",
+    );
+    let out = corral()
+        .args(["check", "-c"])
+        .arg(&*path)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{out:?}");
+    let told = String::from_utf8_lossy(&out.stderr);
+    assert!(told.contains("part of a config"), "{told}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("max_body = 209715200"));
+    let bad = write("bad.toml", "[limits]\nmax_body = \"lots\"\n");
+    let out = corral()
+        .args(["check", "-c"])
+        .arg(&*bad)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let told = String::from_utf8_lossy(&out.stderr);
+    assert!(told.contains("bad.toml") && told.contains("limits.max_body"), "{told}");
+}

@@ -498,3 +498,47 @@ fn cluster_nodes_join_with_a_reload() {
     assert_eq!(session(&wb), 1, "b's worker answered the session's request");
     assert_eq!(session(&wa), 0);
 }
+
+/// SIGHUP with a certificate that no longer exists: the reload is refused, and the
+/// log says so once (the reload's own line), not twice. The refusal is also in
+/// `/status.json`'s reloads.
+#[test]
+fn a_sighup_refused_for_a_missing_certificate_is_said_once() {
+    let worker = RawWorker::start(Mode::Echo);
+    let dir = support::TempDir::new("sighup");
+    let (cert, key, _) = certificate(&dir, "gone");
+    let corral = Corral::start(&format!(
+        "{}[[listener]]\naddress = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        upstream(&worker),
+        cert.display(),
+        key.display()
+    ));
+    std::fs::remove_file(&cert).expect("remove");
+    // SAFETY: a plain signal to the corral this test started.
+    unsafe {
+        libc::kill(corral.child.id() as i32, libc::SIGHUP);
+    }
+    let status = corral.status.expect("status listener");
+    let refused = || {
+        let ask = b"GET /status.json HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+        let json: serde_json::Value = support::exchange(status, ask)
+            .and_then(|r| serde_json::from_slice(&r.body).ok())
+            .unwrap_or_default();
+        json["reloads"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["applied"] == false))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !refused() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            corral.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = corral.log_text();
+    let name = cert.display().to_string();
+    let said = log.lines().filter(|l| l.contains(&name)).count();
+    assert_eq!(said, 1, "{log}");
+}

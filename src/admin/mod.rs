@@ -107,6 +107,28 @@ pub fn default_path(port: u16) -> PathBuf {
     std::env::temp_dir().join(format!("corral-{port}.sock"))
 }
 
+/// Where a corral started from config file `file` (its canonical path) links its
+/// admin socket, so that a command given the same file finds it whatever the
+/// command line added (the prefix mode's binds): `$TMPDIR/corral-file-<hash>.sock`.
+pub fn file_link(file: &Path) -> PathBuf {
+    use sha2::Digest;
+    use std::os::unix::ffi::OsStrExt;
+    let digest = sha2::Sha256::digest(file.as_os_str().as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    std::env::temp_dir().join(format!("corral-file-{hex}.sock"))
+}
+
+/// The admin socket of the corral a command with `-c FILE` means (`cfg` read from
+/// that file): the file's `admin_socket`, else the link a corral started from the
+/// file made, else the default for the file's first listener.
+pub fn path_for(cfg: &crate::config::Config) -> PathBuf {
+    if let Some(sock) = &cfg.admin_socket {
+        return sock.clone();
+    }
+    let linked = cfg.file.as_deref().map(file_link).filter(|l| l.exists());
+    linked.unwrap_or_else(|| default_path(cfg.first_port()))
+}
+
 /// Binds the socket at `path` (replacing a stale file no one answers on) and
 /// serves commands until `owner` stops, which ends the accept loop and every
 /// command's task and waits for them.

@@ -18,6 +18,10 @@ use std::time::Duration;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The file it was read from (canonical), if any: a running corral is found by
+    /// it (`admin::file_link`). Not a key.
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
     /// Plain-HTTP addresses to accept clients on (default 127.0.0.1:8000 when no
     /// `[[listener]]` is given either).
     #[serde(default, deserialize_with = "one_or_many")]
@@ -865,7 +869,14 @@ impl Config {
         if let Some(k) = config.cluster.key_file.as_mut() {
             rebase(k);
         }
+        config.file = std::fs::canonicalize(path).ok();
         Ok(config)
+    }
+
+    /// Whether this is only a part of a config: no workers to reach and none to
+    /// start, as a file for the prefix mode (`corral -c FILE gunicorn …`) is.
+    pub fn is_part(&self) -> bool {
+        self.upstreams.is_empty() && self.workers.is_none()
     }
 
     /// Parses and validates TOML text; `file` names it in errors.
@@ -900,8 +911,22 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks what types alone cannot.
+    /// Checks what types alone cannot, of a whole config.
     pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        self.validate_part(file)?;
+        if self.is_part() {
+            return Err(ConfigError::Key {
+                file: file.into(),
+                key: "upstreams".into(),
+                message: "give worker addresses (upstreams = [\"127.0.0.1:5000\"]) or a [workers] command for corral to start".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// As `validate`, of a part of a config: every rule but the one that asks for
+    /// workers (the prefix mode's command line gives them).
+    pub fn validate_part(&self, file: &str) -> Result<(), ConfigError> {
         let bad = |key: &str, message: &str| ConfigError::Key {
             file: file.into(),
             key: key.into(),
@@ -988,12 +1013,6 @@ impl Config {
         }
         for p in &self.trusted_proxies {
             Cidr::parse(p).map_err(|e| bad("trusted_proxies", &e.to_string()))?;
-        }
-        if self.upstreams.is_empty() && self.workers.is_none() {
-            return Err(bad(
-                "upstreams",
-                "give worker addresses (upstreams = [\"127.0.0.1:5000\"]) or a [workers] command for corral to start",
-            ));
         }
         if self.threads == Count::Fixed(0) || self.threads.resolve() > 1024 {
             return Err(bad("threads", "must be 1 to 1024 (or \"auto\")"));

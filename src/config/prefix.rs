@@ -61,6 +61,8 @@ pub struct Taken {
     pub count: usize,
     /// Where corral listens (the server's binds, or its default).
     pub listen: Vec<SocketAddr>,
+    /// `listen` is the server's default: the command line named no address.
+    pub defaulted: bool,
     /// The certificate and key the server was given, for corral's TLS.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// One worker's command: the server's own arguments with one worker bound to
@@ -69,27 +71,52 @@ pub struct Taken {
 }
 
 impl Taken {
-    /// The `[workers]` table and the listeners this makes. With a certificate every
-    /// listener is TLS.
-    pub fn apply(&self, cfg: &mut super::Config) {
+    /// The `[workers]` table and the listeners this makes, over corral's own file
+    /// (`cfg`). The rule for listeners: every address the file names and every one
+    /// the command line binds is served, once; an address both name is one
+    /// listener with the file's settings (its TLS, its redirect); the command
+    /// line's others are plain, or TLS with its certificate. With no bind on the
+    /// command line and listeners in the file, the file's alone are served (not
+    /// the server's default as well). Returns what the operator should know of it.
+    pub fn apply(&self, cfg: &mut super::Config) -> Vec<String> {
         let tls = self.tls.as_ref().map(|(cert, key)| TlsSetting::Files {
             cert: cert.clone(),
             key: key.clone(),
         });
-        match &tls {
-            Some(_) => {
-                cfg.listen.clear();
-                cfg.listener = self
-                    .listen
-                    .iter()
-                    .map(|a| Listener {
-                        address: *a,
-                        tls: tls.clone(),
-                        redirect_https: false,
-                    })
-                    .collect();
+        let mut notes = Vec::new();
+        let in_file = !cfg.listen.is_empty() || !cfg.listener.is_empty();
+        if !(self.defaulted && in_file) {
+            for a in &self.listen {
+                if cfg.listener.iter().any(|l| l.address == *a) {
+                    notes.push(format!(
+                        "{a} is both a [[listener]] of the file and a bind of the command \
+                         line: one listener, with the file's settings"
+                    ));
+                    continue;
+                }
+                match &tls {
+                    Some(_) => {
+                        cfg.listen.retain(|x| x != a);
+                        cfg.listener.push(Listener {
+                            address: *a,
+                            tls: tls.clone(),
+                            redirect_https: false,
+                        });
+                    }
+                    None if cfg.listen.contains(a) => {}
+                    None => cfg.listen.push(*a),
+                }
             }
-            None => cfg.listen = self.listen.clone(),
+            if in_file {
+                notes.push(format!(
+                    "listening on the file's listeners and on the command line's binds ({})",
+                    self.listen
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
         }
         let mut workers = Workers::from_args(self.command.clone(), Count::Fixed(self.count));
         if let Some(old) = &cfg.workers {
@@ -101,7 +128,37 @@ impl Taken {
             };
         }
         cfg.workers = Some(workers);
+        notes
     }
+}
+
+/// A `[workers]` command that runs gunicorn (its first word, or the word after a
+/// shell's `exec`), with `--no-control-socket` put after the program when `knows`
+/// says that gunicorn takes it and the command does not say it already: every
+/// one-worker gunicorn master would otherwise announce the same control socket in
+/// the user's home. None: nothing to add.
+pub fn without_control_socket(
+    cmd: &WorkerCommand,
+    knows: impl Fn(&str) -> bool,
+) -> Option<WorkerCommand> {
+    const OPTION: &str = "--no-control-socket";
+    let words = cmd.words();
+    let at = usize::from(words.first() == Some(&"exec"));
+    let program = *words.get(at)?;
+    if Server::of(program) != Some(Server::Gunicorn) || words.contains(&OPTION) || !knows(program) {
+        return None;
+    }
+    Some(match cmd {
+        WorkerCommand::Args(args) => {
+            let mut args = args.clone();
+            args.insert(at + 1, OPTION.into());
+            WorkerCommand::Args(args)
+        }
+        WorkerCommand::Shell(line) => {
+            let start = line.find(program)? + program.len();
+            WorkerCommand::Shell(format!("{} {OPTION}{}", &line[..start], &line[start..]))
+        }
+    })
 }
 
 /// Reads `args` (the server's program first) as that server would, taking what
@@ -173,6 +230,10 @@ pub fn take(
             .ok_or_else(|| format!("WEB_CONCURRENCY={v}: a worker count from 1 to 1024"))?,
         (None, None) => 1,
     };
+    let defaulted = match server {
+        Server::Uvicorn => host.is_none() && port.is_none(),
+        _ => binds.is_empty(),
+    };
     let listen = match server {
         Server::Uvicorn => vec![uvicorn_listen(host.as_deref(), port.as_deref())?],
         _ if binds.is_empty() => vec![SocketAddr::from(([127, 0, 0, 1], 8000))],
@@ -201,6 +262,7 @@ pub fn take(
     Ok(Taken {
         count,
         listen,
+        defaulted,
         tls,
         command: kept,
     })
@@ -455,5 +517,111 @@ mod tests {
             several_workers(&shell("gunicorn a:b"), &env),
             Some((Server::Gunicorn, 3))
         );
+    }
+}
+
+#[cfg(test)]
+mod control_socket_tests {
+    use super::*;
+
+    #[test]
+    fn a_gunicorn_worker_command_gets_no_control_socket_once() {
+        let yes = |_: &str| true;
+        let shell = WorkerCommand::Shell("gunicorn -w 1 -b 127.0.0.1:{port} 'app:app'".into());
+        assert_eq!(
+            without_control_socket(&shell, yes),
+            Some(WorkerCommand::Shell(
+                "gunicorn --no-control-socket -w 1 -b 127.0.0.1:{port} 'app:app'".into()
+            ))
+        );
+        let exec = WorkerCommand::Args(vec![
+            "exec".into(),
+            "/venv/bin/gunicorn".into(),
+            "a:b".into(),
+        ]);
+        assert_eq!(
+            without_control_socket(&exec, yes),
+            Some(WorkerCommand::Args(vec![
+                "exec".into(),
+                "/venv/bin/gunicorn".into(),
+                "--no-control-socket".into(),
+                "a:b".into()
+            ]))
+        );
+        let said = WorkerCommand::Shell("gunicorn --no-control-socket a:b".into());
+        assert_eq!(without_control_socket(&said, yes), None);
+        assert_eq!(
+            without_control_socket(&shell, |_| false),
+            None,
+            "an older gunicorn"
+        );
+        let other = WorkerCommand::Shell("uvicorn --port {port} a:b".into());
+        assert_eq!(without_control_socket(&other, yes), None);
+    }
+}
+
+#[cfg(test)]
+mod listener_rule_tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn taken(line: &str) -> Taken {
+        let args: Vec<String> = line.split_whitespace().map(String::from).collect();
+        take(Server::Gunicorn, &args, None, false).expect("taken")
+    }
+
+    fn tls_listener(addr: &str) -> Listener {
+        Listener {
+            address: addr.parse().expect("addr"),
+            tls: Some(TlsSetting::Mode("self-signed".into())),
+            redirect_https: false,
+        }
+    }
+
+    /// The file's TLS listener and `-b` on the same address are one listener, with
+    /// the file's TLS; said once.
+    #[test]
+    fn the_same_address_in_the_file_and_on_the_command_line_is_one_listener() {
+        let mut cfg = Config {
+            listener: vec![tls_listener("127.0.0.1:18080")],
+            ..Config::default()
+        };
+        let notes = taken("gunicorn -w 2 -b 127.0.0.1:18080 a:b").apply(&mut cfg);
+        assert_eq!(cfg.listeners().len(), 1, "{:?}", cfg.listeners());
+        assert!(cfg.listener[0].tls.is_some());
+        assert!(cfg.listen.is_empty());
+        assert!(
+            notes.iter().any(|n| n.contains("one listener")),
+            "{notes:?}"
+        );
+    }
+
+    /// Another address on the command line is served beside the file's listener,
+    /// plain, and the operator is told; with no bind at all, the file's alone.
+    #[test]
+    fn other_binds_are_served_beside_the_files_listeners_and_said() {
+        let mut cfg = Config {
+            listener: vec![tls_listener("127.0.0.1:18443")],
+            ..Config::default()
+        };
+        let notes = taken("gunicorn -b 127.0.0.1:18080 a:b").apply(&mut cfg);
+        assert_eq!(cfg.listen, vec!["127.0.0.1:18080".parse().expect("addr")]);
+        assert_eq!(cfg.listener.len(), 1);
+        assert!(
+            notes.iter().any(|n| n.contains("127.0.0.1:18080")),
+            "{notes:?}"
+        );
+
+        let mut cfg = Config {
+            listener: vec![tls_listener("127.0.0.1:18443")],
+            ..Config::default()
+        };
+        let notes = taken("gunicorn -w 2 a:b").apply(&mut cfg);
+        assert!(
+            cfg.listen.is_empty(),
+            "no default 8000 beside the file's listener"
+        );
+        assert_eq!(cfg.listeners().len(), 1);
+        assert!(notes.is_empty(), "{notes:?}");
     }
 }

@@ -96,6 +96,8 @@ pub struct App {
     /// listeners, status listener, broker; a reload may change the first two.
     addresses: admin::Addresses,
     admin_path: std::path::PathBuf,
+    /// The admin socket's link by config file (`admin::file_link`), when made.
+    file_link: Option<std::path::PathBuf>,
     supervisor: Option<Arc<Supervisor>>,
     serving: Arc<listen::Serving>,
     /// The gate in force (its config, its proxy); a reload replaces it.
@@ -267,6 +269,10 @@ impl App {
             reload: live.clone().map(|l| l as Arc<dyn admin::Reload>),
         };
         admin::serve(&admin_path, targets, addresses.clone(), background).await?;
+        let file_link = cfg
+            .file
+            .as_deref()
+            .and_then(|f| parts::link_admin(f, &admin_path));
         if std::process::id() == 1 {
             tracing::info!("running as PID 1: reaping orphaned processes");
             background.spawn_until_drained(crate::workers::supervisor::reap_orphans(pool.clone()));
@@ -286,6 +292,7 @@ impl App {
         Ok(App {
             addresses,
             admin_path,
+            file_link,
             supervisor,
             serving,
             front,
@@ -323,6 +330,12 @@ impl App {
             tracing::warn!(left, "tasks still running when the stop gave up on them");
         }
         let _ = std::fs::remove_file(&self.admin_path);
+        if let Some(link) = &self.file_link {
+            // Only ours: another corral from the same file may have taken it since.
+            if std::fs::read_link(link).is_ok_and(|to| to == self.admin_path) {
+                let _ = std::fs::remove_file(link);
+            }
+        }
         left
     }
 }
@@ -494,9 +507,10 @@ impl Change {
         certs: Vec<Arc<tls::Certs>>,
     ) -> Result<(), String> {
         match (self, live, supervisor) {
-            // The outcome is logged by the reload itself.
+            // The outcome is logged by the reload itself, once.
             (Change::Reload { keep_workers }, Some(live), _) => {
-                live.reload(keep_workers).await.map(|_| ())
+                let _ = live.reload(keep_workers).await;
+                Ok(())
             }
             (Change::Reload { keep_workers }, None, sup) => {
                 // Started without a file: new certificates, and the workers rolled.

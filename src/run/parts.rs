@@ -56,6 +56,24 @@ pub(super) fn admin_path(cfg: &Config) -> std::path::PathBuf {
         .unwrap_or_else(|| crate::admin::default_path(cfg.first_port()))
 }
 
+/// Links the admin socket at `admin` where commands given config file `file` look
+/// for it (`admin::file_link`), replacing a stale link; None if it cannot.
+pub(super) fn link_admin(
+    file: &std::path::Path,
+    admin: &std::path::Path,
+) -> Option<std::path::PathBuf> {
+    let link = crate::admin::file_link(file);
+    let _ = std::fs::remove_file(&link);
+    let admin = std::path::absolute(admin).unwrap_or_else(|_| admin.to_path_buf());
+    match std::os::unix::fs::symlink(&admin, &link) {
+        Ok(()) => Some(link),
+        Err(e) => {
+            tracing::warn!(link = %link.display(), error = %e, "cannot link the admin socket by config file");
+            None
+        }
+    }
+}
+
 /// The status pages' credentials (`[admin] htpasswd`).
 pub(super) fn admin_auth(admin: &AdminConfig) -> anyhow::Result<Option<Arc<BasicAuth>>> {
     Ok(match &admin.htpasswd {

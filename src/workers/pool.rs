@@ -645,7 +645,7 @@ impl Pool {
         );
         if restarts > 0 {
             text.push_str(&format!(
-                "; {restarts} restarts after exits so far: corral's log has their output"
+                "; {restarts} restarts after exits so far: corral's log says why, exit by exit"
             ));
         }
         text

@@ -111,6 +111,8 @@ pub struct Supervisor {
     stopped: std::sync::atomic::AtomicBool,
     /// Owns the keepers (each worker's task): the workers' lifetime.
     life: crate::runtime::life::Life,
+    /// The last exit whose output the log showed, of any worker.
+    shown: Shown,
 }
 
 /// What `status` reports per worker.
@@ -145,6 +147,7 @@ impl Supervisor {
             changes: tokio::sync::Mutex::new(()),
             stopped: std::sync::atomic::AtomicBool::new(false),
             life,
+            shown: Shown::default(),
         }
     }
 
@@ -202,7 +205,7 @@ impl Supervisor {
         let (ready_tx, ready_rx) = oneshot::channel();
         let keeper = self.life.spawn(keep(
             self.spec.clone(),
-            self.pool.clone(),
+            (self.pool.clone(), self.shown.clone()),
             worker.clone(),
             index,
             self.extra_env.clone(),
@@ -405,7 +408,7 @@ enum End {
 /// Keeps one worker process running until told to stop.
 async fn keep(
     specs: Spec,
-    pool: Arc<Pool>,
+    (pool, shown): (Arc<Pool>, Shown),
     worker: Arc<Worker>,
     index: usize,
     extra_env: Vec<(String, String)>,
@@ -430,10 +433,8 @@ async fn keep(
             Ok(c) => c,
             Err(e) => {
                 let msg = spawn_error(&spec, port, index, e);
-                if failures.in_a_row == 0 || failures.due() {
-                    tracing::error!(worker = index, "{msg}");
-                }
-                failures.count(msg.to_string());
+                failures.in_a_row += 1;
+                tracing::error!(worker = index, failures = failures.in_a_row, "{msg}");
                 if let Some(tx) = ready_tx.take() {
                     let _ = tx.send(Err(msg));
                 }
@@ -505,7 +506,7 @@ async fn keep(
             backoff = FIRST_BACKOFF;
             failures = Failures::default();
         }
-        report(index, pid, &msg, &output, &mut failures);
+        report(index, pid, &msg, &output, &mut failures, &shown);
         if let Some(tx) = ready_tx.take() {
             let _ = tx.send(Err(msg));
         }
@@ -760,58 +761,81 @@ impl Output {
     }
 }
 
-/// A worker failing again and again: its output is shown the first time, and then
-/// only when it differs, with a line at most every `REPEAT_EVERY` otherwise.
+/// A worker failing again and again: how many times in a row.
 #[derive(Default)]
 struct Failures {
     in_a_row: u32,
-    last_said: Option<Instant>,
-    last_output: Vec<String>,
-    last_error: String,
 }
 
-/// Fewest seconds between two "failed again" lines of one worker.
-const REPEAT_EVERY: Duration = Duration::from_secs(30);
+/// The last exit whose output the log showed (of any worker): its lines, which
+/// worker, and when. An exit with the same output names it instead of repeating it.
+type Shown = Arc<Mutex<Option<ShownExit>>>;
 
-impl Failures {
-    fn due(&self) -> bool {
-        self.last_said.is_none_or(|t| t.elapsed() >= REPEAT_EVERY)
-    }
-
-    fn count(&mut self, error: String) {
-        self.in_a_row += 1;
-        if self.in_a_row == 1 || self.due() {
-            self.last_said = Some(Instant::now());
-        }
-        self.last_error = error;
-    }
+struct ShownExit {
+    lines: Vec<String>,
+    worker: usize,
+    at: std::time::SystemTime,
 }
 
-/// Logs a failed run: the first time with its output (shown live just before), then
-/// its output only when it changed, and otherwise one line now and then.
-fn report(index: usize, pid: Option<u32>, msg: &Error, output: &Output, f: &mut Failures) {
+/// Logs a failed run, every time, with its status: its output when it differs from
+/// the last output shown (a worker's first failure had its output forwarded line
+/// by line as it came), else where that same output was shown.
+fn report(
+    index: usize,
+    pid: Option<u32>,
+    msg: &Error,
+    output: &Output,
+    f: &mut Failures,
+    shown: &Shown,
+) {
+    f.in_a_row += 1;
+    let failures = f.in_a_row;
     let lines = output.lines();
     let summary = summary(msg);
-    if f.in_a_row == 0 {
-        tracing::error!(worker = index, pid, "worker {summary}; its output is above");
-    } else if lines != f.last_output {
+    let mut last = shown.lock().unwrap_or_else(|e| e.into_inner());
+    if lines.is_empty() {
         tracing::error!(
             worker = index,
             pid,
-            "worker {summary} again, with other output:\n{}",
-            output.tail_text()
+            failures,
+            "worker {summary}; it printed nothing"
         );
-        f.last_said = None;
-    } else if f.due() {
-        tracing::error!(
-            worker = index,
-            pid,
-            failures = f.in_a_row + 1,
-            "worker {summary} again, with the same output as before; still retrying"
-        );
+        return;
     }
-    f.count(summary);
-    f.last_output = lines;
+    let same = last.as_ref().filter(|s| s.lines == lines);
+    match (same, f.in_a_row) {
+        (Some(s), _) => {
+            let at = humantime::format_rfc3339_seconds(s.at);
+            tracing::error!(
+                worker = index,
+                pid,
+                failures,
+                "worker {summary}, with the same output as worker {}'s exit at {at}",
+                s.worker
+            );
+            return;
+        }
+        (None, 1) => {
+            tracing::error!(
+                worker = index,
+                pid,
+                failures,
+                "worker {summary}; its output is above"
+            )
+        }
+        (None, _) => tracing::error!(
+            worker = index,
+            pid,
+            failures,
+            "worker {summary}, with this output:\n{}",
+            output.tail_text()
+        ),
+    }
+    *last = Some(ShownExit {
+        lines,
+        worker: index,
+        at: std::time::SystemTime::now(),
+    });
 }
 
 /// The first line of a failure, without the output.

@@ -112,6 +112,12 @@ class WssClient:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.sio = socketio.AsyncClient(reconnection=False, ssl_verify=False)
+        self.disconnects = 0
+
+        def disconnected(*_reason):
+            self.disconnects += 1
+
+        self.sio.on("disconnect", disconnected)
 
     def _call(self, coro, timeout=30):
         return self._asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

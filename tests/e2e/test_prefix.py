@@ -3,6 +3,7 @@ GeventWebSocketWorker -w 4 -b …` runs four one-worker gunicorns behind corral 
 that bind, and Socket.IO works across them (every client upgrades, every broadcast
 reaches everyone); the same for uvicorn. `corral run` refuses a worker command that
 asks its server for several workers, saying why and what to write."""
+import json
 import subprocess
 import tempfile
 import uuid
@@ -92,3 +93,72 @@ def test_run_refuses_a_worker_command_with_several_workers(stack):
     assert out.returncode == 2, out
     assert "asks gunicorn for 4 workers" in out.stderr and "thrash" in out.stderr, out.stderr
     assert "corral gunicorn" in out.stderr, out.stderr
+
+
+def corral_cmd(*args, timeout=120):
+    return subprocess.run([corral_binary(), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_operator_commands_find_a_prefix_mode_corral_by_its_file(stack):
+    """`corral -c corral.toml gunicorn …` with TLS, basic auth and a body limit in the
+    file (as the README shows: no [workers], no upstreams) and `-b` naming the file's
+    TLS listener (one listener, the file's TLS). Then each operator command given only
+    `-c corral.toml`: `check` validates the file as the part of a config it is,
+    `status` lists the workers, `reload --keep-workers` applies a smaller body limit
+    with no websocket dropped, `scale 3` makes three."""
+    from test_frontdoor import basic, htpasswd_file
+    from clients import WssClient
+    from conftest import free_port
+    d = Path(tempfile.mkdtemp(prefix="corral-"))
+    stack.dirs.append(d)
+    pw = htpasswd_file(d, "md5")
+    port = free_port()
+    own = d / "corral.toml"
+
+    def write(limit):
+        own.write_text(f'[[listener]]\naddress = "127.0.0.1:{port}"\ntls = "self-signed"\n'
+                       f'[auth]\nhtpasswd = "{pw}"\n[limits]\nmax_body = "{limit}"\n')
+
+    write("1M")
+    env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "ASYNC_MODE": "gevent"}
+    proc = Proc([corral_binary(), "-c", str(own), "gunicorn", "-k",
+                 "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", "2",
+                 "-b", f"127.0.0.1:{port}", "--chdir", str(APPS), "chat_app:create_app()"],
+                stack.tmp / f"prefix-file-{port}.log", env=env)
+    stack.procs.append(proc)
+
+    def workers():
+        out = corral_cmd("status", "-c", str(own), timeout=30)
+        return json.loads(out.stdout) if out.returncode == 0 else []
+
+    assert wait_until(lambda: len(workers()) == 2 and all(w["state"] == "up" for w in workers()), 60), \
+        proc.output()[-3000:]
+    check = corral_cmd("check", "-c", str(own))
+    assert check.returncode == 0, check.stderr
+    assert "part of a config" in check.stderr, check.stderr
+    url = f"https://127.0.0.1:{port}"
+    auth = {"Authorization": basic("alice", "correct horse")}
+    session = requests.Session()
+    session.trust_env = False  # REQUESTS_CA_BUNDLE would override verify=False
+    session.verify = False
+    assert session.get(url + "/health").status_code == 401
+    assert session.post(url + "/x", data=b"y" * 4096, headers=auth).status_code != 413
+    clients = []
+    try:
+        for _ in range(6):
+            c = WssClient()
+            c.connect(url, headers=auth)
+            clients.append(c)
+        assert wait_until(lambda: all(c.transport() == "websocket" for c in clients), 20)
+        write("1K")
+        reload = corral_cmd("reload", "--keep-workers", "-c", str(own))
+        assert reload.returncode == 0, reload.stderr
+        assert session.post(url + "/x", data=b"y" * 4096, headers=auth).status_code == 413
+        scale = corral_cmd("scale", "3", "-c", str(own))
+        assert scale.returncode == 0, scale.stderr
+        assert wait_until(lambda: len(workers()) == 3, 30), workers()
+        assert [c.disconnects for c in clients] == [0] * len(clients)
+        assert all(c.transport() == "websocket" for c in clients)
+    finally:
+        for c in clients:
+            c.disconnect()
