@@ -813,3 +813,38 @@ fn a_worker_not_ready_in_time_says_what_was_probed() {
     assert!(log.contains("nothing answered HTTP there"), "{log}");
     assert!(log.contains("{port}"), "{log}");
 }
+
+/// A crash loop says why at every exit: its status each time; its output when it
+/// differs from the last shown (three exits, each with other output), and for
+/// identical output (three more) where that output was shown, not nothing.
+#[test]
+fn a_crash_loop_reports_every_exit_and_counts_the_same_output() {
+    let dir = support::TempDir::new("crashloop");
+    let counter = dir.0.join("runs");
+    let script = format!(
+        "n=$(cat {c} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {c}; \
+         if [ $n -le 3 ]; then echo output-of-run-$n; else echo the-same-output; fi; exit 3",
+        c = counter.display()
+    );
+    let corral = Corral::start_unready(&format!(
+        "[workers]\ncommand = [\"sh\", \"-c\", {script:?}]\ncount = 1\nbackoff_max = \"50ms\"\n"
+    ));
+    corral.wait_workers(Duration::from_secs(20), |w| {
+        w.len() == 1 && w[0]["restarts"].as_u64() >= Some(6)
+    });
+    let log = corral.log_text();
+    let exits = log.matches("exited (exit status: 3)").count();
+    assert!(exits >= 6, "each exit with its status:\n{log}");
+    for run in 1..=3 {
+        assert!(log.contains(&format!("output-of-run-{run}")), "run {run}:\n{log}");
+    }
+    assert_eq!(
+        log.matches("the-same-output").count(),
+        1,
+        "shown once:\n{log}"
+    );
+    assert!(
+        log.matches("with the same output as worker 0's exit at").count() >= 2,
+        "{log}"
+    );
+}

@@ -138,11 +138,15 @@ def test_operator_commands_find_a_prefix_mode_corral_by_its_file(stack):
     assert "part of a config" in check.stderr, check.stderr
     url = f"https://127.0.0.1:{port}"
     auth = {"Authorization": basic("alice", "correct horse")}
-    session = requests.Session()
-    session.trust_env = False  # REQUESTS_CA_BUNDLE would override verify=False
-    session.verify = False
-    assert session.get(url + "/health").status_code == 401
-    assert session.post(url + "/x", data=b"y" * 4096, headers=auth).status_code != 413
+    def fresh():
+        """A new connection each time: an open one keeps the config it began with."""
+        session = requests.Session()
+        session.trust_env = False  # REQUESTS_CA_BUNDLE would override verify=False
+        session.verify = False
+        return session
+
+    assert fresh().get(url + "/health").status_code == 401
+    assert fresh().post(url + "/x", data=b"y" * 4096, headers=auth).status_code != 413
     clients = []
     try:
         for _ in range(6):
@@ -153,7 +157,7 @@ def test_operator_commands_find_a_prefix_mode_corral_by_its_file(stack):
         write("1K")
         reload = corral_cmd("reload", "--keep-workers", "-c", str(own))
         assert reload.returncode == 0, reload.stderr
-        assert session.post(url + "/x", data=b"y" * 4096, headers=auth).status_code == 413
+        assert fresh().post(url + "/x", data=b"y" * 4096, headers=auth).status_code == 413
         scale = corral_cmd("scale", "3", "-c", str(own))
         assert scale.returncode == 0, scale.stderr
         assert wait_until(lambda: len(workers()) == 3, 30), workers()

@@ -20,6 +20,15 @@ def test_a_worker_without_the_queue_is_found_and_named(stack):
     script = ('if [ "{id}" = "0" ]; then unset CORRAL_MESSAGE_QUEUE; fi; '
               "exec " + " ".join(f"'{a}'" for a in gunicorn_args()))
     c = Supervised(stack, 2, command=["/bin/sh", "-c", script], extra=ADMIN).wait()
+
+    def states():
+        return {w["id"]: w["mq"] for w in c.status_json()["workers"]}
+
+    # Idle, neither has subscribed (python-socketio does at its first session):
+    # both waiting, neither called deaf, well past the grace period.
+    assert wait_until(lambda: states() == {0: "waiting", 1: "waiting"}, 10), states()
+    time.sleep(GRACE + 2)
+    assert states() == {0: "waiting", 1: "waiting"}, states()
     members = connect_many(c.url, 10)
     try:
         assert not [m.error for m in members if m.error]
@@ -34,9 +43,6 @@ def test_a_worker_without_the_queue_is_found_and_named(stack):
         metrics = requests.get(f"http://{c.status_addr}/metrics", timeout=10).text
         assert "corral_worker_mq_subscribed" in metrics
         # Deaf once it has had sessions for the grace period; the other never.
-        def states():
-            return {w["id"]: w["mq"] for w in c.status_json()["workers"]}
-
         assert wait_until(lambda: states() == {0: "deaf", 1: "subscribed"}, 20), states()
         assert deaf["pid"] == c.status_json()["workers"][0]["pid"]
     finally:
