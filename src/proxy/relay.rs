@@ -99,15 +99,20 @@ where
     let mut b = Activity::new(b, &active, meter.down);
     a.count(early.to_worker.len());
     b.count(early.to_client.len());
+    // Copied out and let go of at once: each `Bytes` may be a slice of a whole read
+    // buffer (the client connection's, the worker connection's), which it would
+    // keep alive for as long as the tunnel lasts.
+    let (to_worker, to_client) = (early.to_worker.to_vec(), early.to_client.to_vec());
+    drop(early);
     let mut copy = Bidirectional {
         a: &mut a,
         b: &mut b,
         a_to_b: Pump {
-            pending: early.to_worker.to_vec(),
+            pending: to_worker,
             ..Pump::default()
         },
         b_to_a: Pump {
-            pending: early.to_client.to_vec(),
+            pending: to_client,
             frames: Some(Frames::default()),
             ..Pump::default()
         },
@@ -555,5 +560,32 @@ mod tests {
             .await
             .expect("tunnel ends")
             .expect("task");
+    }
+
+    /// An open tunnel keeps no read buffer its early bytes came from: they are
+    /// copied out at once (an idle tunnel held two 8 KiB buffers through them).
+    #[tokio::test]
+    async fn early_bytes_do_not_keep_their_buffers() {
+        let (mut client, a) = tokio::io::duplex(1024);
+        let (b, mut server) = tokio::io::duplex(1024);
+        let read_buffer = Bytes::from(vec![7u8; 16 * 1024]);
+        let early = Early {
+            to_worker: read_buffer.slice(0..3),
+            to_client: Bytes::new(),
+        };
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let tunnel = async move {
+            let meter = Meter { up: &up, down: &down };
+            splice_from(a, b, early, Duration::from_secs(60), std::future::pending::<u16>(), meter)
+                .await
+        };
+        let task = tokio::spawn(tunnel);
+        let mut got = [0u8; 3];
+        server.read_exact(&mut got).await.expect("early bytes");
+        assert_eq!(got, [7, 7, 7]);
+        assert!(read_buffer.is_unique(), "the tunnel still holds the read buffer");
+        drop(client.shutdown().await);
+        drop(server);
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
     }
 }
