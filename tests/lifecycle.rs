@@ -836,7 +836,10 @@ fn a_crash_loop_reports_every_exit_and_counts_the_same_output() {
     let exits = log.matches("exited (exit status: 3)").count();
     assert!(exits >= 6, "each exit with its status:\n{log}");
     for run in 1..=3 {
-        assert!(log.contains(&format!("output-of-run-{run}")), "run {run}:\n{log}");
+        assert!(
+            log.contains(&format!("output-of-run-{run}")),
+            "run {run}:\n{log}"
+        );
     }
     assert_eq!(
         log.matches("the-same-output").count(),
@@ -844,7 +847,9 @@ fn a_crash_loop_reports_every_exit_and_counts_the_same_output() {
         "shown once:\n{log}"
     );
     assert!(
-        log.matches("with the same output as worker 0's exit at").count() >= 2,
+        log.matches("with the same output as worker 0's exit at")
+            .count()
+            >= 2,
         "{log}"
     );
 }

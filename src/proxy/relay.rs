@@ -575,15 +575,28 @@ mod tests {
         };
         let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
         let tunnel = async move {
-            let meter = Meter { up: &up, down: &down };
-            splice_from(a, b, early, Duration::from_secs(60), std::future::pending::<u16>(), meter)
-                .await
+            let meter = Meter {
+                up: &up,
+                down: &down,
+            };
+            splice_from(
+                a,
+                b,
+                early,
+                Duration::from_secs(60),
+                std::future::pending::<u16>(),
+                meter,
+            )
+            .await
         };
         let task = tokio::spawn(tunnel);
         let mut got = [0u8; 3];
         server.read_exact(&mut got).await.expect("early bytes");
         assert_eq!(got, [7, 7, 7]);
-        assert!(read_buffer.is_unique(), "the tunnel still holds the read buffer");
+        assert!(
+            read_buffer.is_unique(),
+            "the tunnel still holds the read buffer"
+        );
         drop(client.shutdown().await);
         drop(server);
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
