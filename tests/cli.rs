@@ -46,7 +46,7 @@ fn check_prints_effective_config() {
         "good.toml",
         "upstreams = [\"127.0.0.1:5000\"]\n[limits]\nmax_body = \"200M\"\n",
     );
-    let out = check(&*path);
+    let out = check(&path);
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("max_body = 209715200"), "{text}");
@@ -100,7 +100,7 @@ fn check_names_file_and_key() {
         ),
     ] {
         let path = write(name, text);
-        let out = check(&*path);
+        let out = check(&path);
         assert_eq!(out.status.code(), Some(2), "{name}: {out:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(name), "{name}: {err}");
@@ -176,7 +176,7 @@ fn check_asks_the_machine_what_run_needs() {
         ),
     ] {
         let path = write(name, text);
-        let out = check(&*path);
+        let out = check(&path);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{name}: {err}");
         for part in [name, key, says] {
@@ -201,7 +201,7 @@ fn check_warns_of_a_command_without_port() {
         "portless.toml",
         "[workers]\ncommand = [\"sh\", \"server.sh\"]\n",
     );
-    let out = check(&*path);
+    let out = check(&path);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("warning") && err.contains("{port}"), "{err}");
@@ -235,7 +235,7 @@ fn errors_say_what_to_write_instead() {
         ),
     ] {
         let path = write(name, text);
-        let out = check(&*path);
+        let out = check(&path);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{name}: {err}");
         assert!(err.contains(says), "{name}: no `{says}` in: {err}");
@@ -267,13 +267,13 @@ fn check_takes_a_prefix_mode_file_as_a_part() {
         "part.toml",
         "[[listener]]\naddress = \"127.0.0.1:18443\"\ntls = \"self-signed\"\n[limits]\nmax_body = \"200M\"\n",
     );
-    let out = check(&*path);
+    let out = check(&path);
     assert!(out.status.success(), "{out:?}");
     let told = String::from_utf8_lossy(&out.stderr);
     assert!(told.contains("part of a config"), "{told}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("max_body = 209715200"));
     let bad = write("bad.toml", "[limits]\nmax_body = \"lots\"\n");
-    let out = check(&*bad);
+    let out = check(&bad);
     assert!(!out.status.success());
     let told = String::from_utf8_lossy(&out.stderr);
     assert!(
