@@ -542,3 +542,49 @@ fn a_sighup_refused_for_a_missing_certificate_is_said_once() {
     let said = log.lines().filter(|l| l.contains(&name)).count();
     assert_eq!(said, 1, "{log}");
 }
+
+/// A websocket through corral within `wait`, or None (not served: no slot).
+fn websocket_within(rt: &tokio::runtime::Runtime, corral: &Corral, wait: Duration) -> Option<Ws> {
+    let url = format!("ws://{}/ws", corral.addr);
+    rt.block_on(async {
+        let opening = tokio_tungstenite::connect_async(url.as_str());
+        tokio::time::timeout(wait, opening).await.ok()?.ok()
+    })
+    .map(|(ws, _)| ws)
+}
+
+/// `limits.max_connections` shrunk by a reload while every slot is held by a
+/// tunnel, then grown again once some have closed: the capacity is the configured
+/// one each time (the slots owed by the shrink are waived by the growth, none lost).
+#[test]
+fn max_connections_shrunk_while_busy_and_grown_again_gives_the_configured_capacity() {
+    let worker = RawWorker::start(Mode::WebSocket);
+    let limits = |n: usize| {
+        format!(
+            "{}[limits]\nmax_connections = {n}\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            upstream(&worker)
+        )
+    };
+    let corral = Corral::start(&limits(3));
+    let rt = runtime();
+    let mut open: Vec<Ws> = (0..3).map(|_| open_websocket(&rt, &corral)).collect();
+    support::relay::wait_tunnels(&corral, 3);
+    corral.rewrite(&limits(1));
+    assert!(corral.admin("reload --keep-workers").starts_with("ok"));
+    open.truncate(1);
+    support::relay::wait_tunnels(&corral, 1);
+    // One tunnel open, a size of one: no room.
+    assert!(websocket_within(&rt, &corral, Duration::from_millis(800)).is_none());
+    corral.rewrite(&limits(3));
+    assert!(corral.admin("reload --keep-workers").starts_with("ok"));
+    for _ in 0..2 {
+        let ws = websocket_within(&rt, &corral, Duration::from_secs(5));
+        open.push(ws.expect("room for three"));
+    }
+    support::relay::wait_tunnels(&corral, 3);
+    assert!(
+        websocket_within(&rt, &corral, Duration::from_millis(800)).is_none(),
+        "a fourth beyond three"
+    );
+    assert!(open.iter_mut().all(|ws| echoes(&rt, ws, "still open")));
+}
