@@ -291,7 +291,14 @@ fn a_parked_connection_closed_by_the_worker_is_not_used() {
     );
     assert_eq!(r.map(|r| r.status), Some(200));
     // The worker's close reaches corral while the connection is parked.
-    std::thread::sleep(Duration::from_millis(300));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while worker.open_connections() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never closed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let post = b"POST /socket.io/?EIO=4&transport=polling&t=p HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\n40abc";
     let r = exchange(corral.addr, post).expect("a reply");
     assert_eq!((r.status, r.body.as_slice()), (200, &b"40abc"[..]), "{r:?}");

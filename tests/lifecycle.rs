@@ -529,7 +529,9 @@ fn a_rolling_restart_racing_sigterm_starts_nothing_after_it() {
     }
     // The first replacement is ready after a second; the old worker then drains
     // its 3 s request.
-    thread::sleep(Duration::from_millis(1600));
+    corral.wait_workers(Duration::from_secs(10), |w| {
+        w.iter().any(|w| w["index"] == 2 && w["state"] == "up")
+    });
     corral.terminate();
     let status = corral.wait_exit(Duration::from_secs(30));
     let log = corral.log_text();
@@ -852,4 +854,32 @@ fn a_crash_loop_reports_every_exit_and_counts_the_same_output() {
             >= 2,
         "{log}"
     );
+}
+
+/// A client that goes away while its request waits on the worker cancels it: the
+/// worker's connection is closed (nginx's 499), not answered into and put back in
+/// corral's cache for the next request (kept here: `upstream_idle` is long).
+#[test]
+fn a_client_gone_before_its_answer_cancels_the_request() {
+    let worker = RawWorker::start(Mode::Delay(Duration::from_millis(1500)));
+    let corral = corral_for(
+        &worker,
+        "[timeouts]\nupstream_idle = \"60s\"\n[health]\ninterval = \"1h\"\n",
+    );
+    let mut s = corral.connect();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("write");
+    assert!(worker.wait_for(|seen| seen.iter().any(|r| r.target() == "/slow")));
+    drop(s);
+    // The worker answers after its delay, into a connection corral has closed, and
+    // then sees it end; a connection put back would stay open for a minute.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while worker.open_connections() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the worker's connection stayed open: {}",
+            corral.log_text()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
 }

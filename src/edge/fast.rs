@@ -20,7 +20,7 @@ use crate::http1::{make_room, READ_SIZE};
 use crate::proxy::forward::Peer;
 use crate::transport::body::{BoxError, ProxyBody, RequestBody};
 use bytes::{Bytes, BytesMut};
-use http::{Method, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body::{Body as _, Frame};
 use http_body_util::BodyExt;
 use std::io::{self, Write as _};
@@ -153,7 +153,11 @@ where
             }
         };
         let head_request = req.method() == Method::HEAD;
-        let Ok(resp) = gate.clone().handle(req, peer.clone()).await;
+        let Some(resp) =
+            answer_unless_gone(&mut io, &mut buf, limits.max_head, gate, req, peer).await
+        else {
+            return Outcome::Closed;
+        };
         let keep = !client_close && !draining.is_cancelled();
         match write_response(&mut io, &mut nagle, &mut out, resp, head_request, keep).await {
             Ok(true) => {}
@@ -163,6 +167,39 @@ where
                 }
                 return Outcome::Closed;
             }
+        }
+    }
+}
+
+/// The gate's answer to `req`, or None if the client went away first (its end
+/// read, or a reset): the request is dropped then, and with it the worker's
+/// connection, which is closed, not put back (nginx's 499). What the client sends
+/// meanwhile (a pipelined request) is kept in `buf`, up to a head's size.
+async fn answer_unless_gone<I>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    max_head: usize,
+    gate: &Arc<Gate>,
+    req: Request<RequestBody>,
+    peer: &Peer,
+) -> Option<Response<ProxyBody>>
+where
+    I: AsyncRead + Unpin,
+{
+    let answer = gate.clone().handle(req, peer.clone());
+    tokio::pin!(answer);
+    loop {
+        make_room(buf);
+        tokio::select! {
+            biased;
+            Ok(resp) = &mut answer => return Some(resp),
+            read = io.read_buf(buf), if buf.len() < max_head => match read {
+                Ok(0) | Err(_) => {
+                    tracing::debug!(peer = %peer.addr, "client went away before its answer");
+                    return None;
+                }
+                Ok(_) => {}
+            },
         }
     }
 }
