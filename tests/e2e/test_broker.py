@@ -260,7 +260,12 @@ def test_slow_subscriber_disconnected_others_keep_receiving(stack):
     slow = socket.create_connection(("127.0.0.1", port))
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     slow.sendall(cmd("SUBSCRIBE", "flood"))
-    time.sleep(0.2)
+    # Subscribed once the broker says so.
+    slow.settimeout(5)
+    said = b""
+    while b"flood" not in said:
+        said += slow.recv(4096)
+    slow.settimeout(None)
     fast = redis.Redis(port=port).pubsub()
     fast.subscribe("flood")
     assert fast.get_message(timeout=2)["type"] == "subscribe"
