@@ -507,3 +507,38 @@ fn port_zero_listeners_redirect_to_the_bound_https_port() {
     let pem = std::env::temp_dir().join(format!("corral-{}-self-signed.pem", tls.port()));
     assert!(pem.exists(), "{}", pem.display());
 }
+
+/// A client that asks for a large answer and never reads it is cut after
+/// `timeouts.send` (nginx's `send_timeout`): corral closes its connection and the
+/// worker's, and the worker, blocked writing the answer, is let go (without the
+/// deadline both would wait for good).
+#[test]
+fn a_client_that_never_reads_is_cut_after_the_send_timeout() {
+    const BODY: usize = 64 << 20;
+    let mut answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {BODY}\r\n\r\n").into_bytes();
+    answer.resize(answer.len() + BODY, b'x');
+    let answer: &'static [u8] = Box::leak(answer.into_boxed_slice());
+    let worker = RawWorker::start(Mode::Canned(answer, false));
+    let corral = corral_for(&worker, "[timeouts]\nsend = \"1s\"\n");
+    let mut s = corral.connect();
+    s.write_all(b"GET /canned HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("write");
+    assert!(worker.wait_for(|seen| seen.iter().any(|r| r.target() == "/canned")));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while worker.open_connections() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker is still held writing to a client that reads nothing: {}",
+            corral.log_text()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    // The client's connection was closed by corral: what it finally reads ends.
+    let mut sink = Vec::new();
+    let read = std::io::Read::read_to_end(&mut s, &mut sink);
+    assert!(
+        read.is_err() || sink.len() < BODY,
+        "the whole answer came: {}",
+        sink.len()
+    );
+}

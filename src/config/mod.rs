@@ -765,6 +765,10 @@ pub struct Timeouts {
     /// At shutdown, how long requests in flight may take to finish.
     #[serde(with = "duration")]
     pub shutdown_drain: Duration,
+    /// A write to a client that cannot go out for this long (the client reads
+    /// nothing) closes its connection (nginx's `send_timeout`).
+    #[serde(with = "duration")]
+    pub send: Duration,
 }
 
 impl Default for Timeouts {
@@ -777,6 +781,7 @@ impl Default for Timeouts {
             header_read: Duration::from_secs(10),
             upstream_idle: Duration::from_millis(1500),
             shutdown_drain: Duration::from_secs(5),
+            send: Duration::from_secs(60),
         }
     }
 }

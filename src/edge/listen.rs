@@ -640,7 +640,7 @@ fn spawn_connection(
     let (g, p) = (gate.clone(), peer.clone());
     let mut slot = ConnectionSlot::new(permit);
     match serve.kind {
-        Kind::Plain => slot = slot.with_socket(uproot::take_socket::<tokio::net::TcpStream>),
+        Kind::Plain => slot = slot.with_socket(uproot::take_socket::<uproot::Movable>),
         Kind::Tls(_) => slot = slot.with_socket(uproot::take_socket::<uproot::Tls>),
         Kind::Redirect(_) => {}
     }
@@ -653,6 +653,7 @@ fn spawn_connection(
     let fast = serve.fast;
     let gate = gate.clone();
     let (protocols, draining) = (serve.protocols.clone(), conns.life.signal());
+    let stream = uproot::Movable::new(stream, serve.cfg.timeouts.send);
     match &serve.kind {
         Kind::Tls(acceptor) => {
             let acceptor = acceptor.clone();
@@ -662,8 +663,7 @@ fn spawn_connection(
             // connection, and tokio moves a task's future a few times as it
             // spawns it (thousands of bytes for each new connection otherwise).
             conns.life.spawn(boxed(|| async move {
-                let accepting =
-                    tokio::time::timeout(handshake, acceptor.accept(uproot::Movable::new(stream)));
+                let accepting = tokio::time::timeout(handshake, acceptor.accept(stream));
                 let tls = tokio::select! {
                     r = accepting => match r {
                         Ok(Ok(tls)) => tls,

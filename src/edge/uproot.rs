@@ -22,14 +22,25 @@ use tokio_util::either::Either;
 /// A connection served over TLS: its socket can be taken from under the session.
 pub type Tls = TlsStream<Movable>;
 
-/// A client socket under a TLS session, which can be taken away and put back.
+/// A client connection's socket, which can be taken away (from under its TLS
+/// session, if any) and put back, and whose writes have a deadline: one that cannot
+/// go out for `send` fails, and the connection with it (`timeouts.send`, nginx's
+/// `send_timeout`). A socket put back for a tunnel has none: a tunnel has its idle
+/// period.
 pub struct Movable {
     tcp: Option<TcpStream>,
+    send: Option<std::time::Duration>,
+    /// Armed when a write could not go out, cleared when one does.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Movable {
-    pub fn new(tcp: TcpStream) -> Movable {
-        Movable { tcp: Some(tcp) }
+    pub fn new(tcp: TcpStream, send: std::time::Duration) -> Movable {
+        Movable {
+            tcp: Some(tcp),
+            send: Some(send),
+            stalled: None,
+        }
     }
 
     pub fn get_ref(&self) -> Option<&TcpStream> {
@@ -40,6 +51,31 @@ impl Movable {
         match self.tcp.as_mut() {
             Some(tcp) => Ok(Pin::new(tcp)),
             None => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// `polled` (a write's outcome) held to the send deadline.
+    fn deadline<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let Some(send) = self.send else {
+            return polled;
+        };
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(send)));
+        match std::future::Future::poll(stalled.as_mut(), cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing for timeouts.send",
+            ))),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -60,23 +96,37 @@ impl AsyncWrite for Movable {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().tcp()?.poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = this.tcp()?.poll_write(cx, buf);
+        this.deadline(cx, polled)
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().tcp()?.poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = this.tcp()?.poll_write_vectored(cx, bufs);
+        this.deadline(cx, polled)
     }
     fn is_write_vectored(&self) -> bool {
         true
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().tcp()?.poll_flush(cx)
+        let this = self.get_mut();
+        let polled = this.tcp()?.poll_flush(cx);
+        this.deadline(cx, polled)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.get_mut().tcp()?.poll_shutdown(cx)
+    }
+}
+
+impl fast::NoDelay for Movable {
+    fn no_delay(&self) {
+        if let Some(tcp) = self.get_ref() {
+            let _ = tcp.set_nodelay(true);
+        }
     }
 }
 
@@ -93,9 +143,10 @@ pub trait Uproot: AsyncRead + AsyncWrite + Unpin + Sized + Send + 'static {
     fn uproot(self) -> io::Result<Taken>;
 }
 
-impl Uproot for TcpStream {
-    fn uproot(self) -> io::Result<Taken> {
-        self.into_std().map(Taken::Tcp)
+impl Uproot for Movable {
+    fn uproot(mut self) -> io::Result<Taken> {
+        let tcp = self.tcp.take().ok_or(io::ErrorKind::NotConnected)?;
+        tcp.into_std().map(Taken::Tcp)
     }
 }
 
@@ -121,7 +172,10 @@ struct Uprooted {
 impl Replant for Uprooted {
     fn replant(self: Box<Self>) -> io::Result<Box<dyn Duplex>> {
         let Uprooted { mut tls, tcp } = *self;
-        tls.get_mut().0.tcp = Some(TcpStream::from_std(tcp)?);
+        let movable = &mut tls.get_mut().0;
+        movable.tcp = Some(TcpStream::from_std(tcp)?);
+        movable.send = None;
+        movable.stalled = None;
         Ok(Box::new(tls))
     }
 }
