@@ -92,35 +92,30 @@ impl Lives {
 /// and the lifetime tree every task it started belongs to. [`App::stop`] drains
 /// the tree and waits for it.
 pub struct App {
-    /// Where it is bound (port 0 in the config: the port chosen): client
-    /// listeners, status listener, broker; a reload may change the first two.
-    addresses: admin::Addresses,
+    /// The running parts, once: where it is bound (port 0 in the config: the port
+    /// chosen), the gate in force, the listeners, the supervisor, and what a reload
+    /// changes (when started from a file).
+    live: Arc<reload::Live>,
     admin_path: std::path::PathBuf,
     /// The admin socket's link by config file (`admin::file_link`), when made.
     file_link: Option<std::path::PathBuf>,
-    supervisor: Option<Arc<Supervisor>>,
-    serving: Arc<listen::Serving>,
-    /// The gate in force (its config, its proxy); a reload replaces it.
-    front: listen::Front,
-    /// The config reload, when started from a file.
-    live: Option<Arc<reload::Live>>,
     lives: Lives,
 }
 
 impl App {
     /// The client listeners' bound addresses, in the config's order.
     pub fn listeners(&self) -> Vec<std::net::SocketAddr> {
-        self.addresses.listeners.load().to_vec()
+        self.live.addresses.listeners.load().to_vec()
     }
 
     /// The status listener's bound address (`[admin] listen`).
     pub fn status(&self) -> Option<std::net::SocketAddr> {
-        **self.addresses.status.load()
+        **self.live.addresses.status.load()
     }
 
     /// The embedded message queue's bound address.
     pub fn broker(&self) -> Option<std::net::SocketAddr> {
-        self.addresses.broker
+        self.live.addresses.broker
     }
 
     /// Builds every part from `cfg`, binds every socket and starts serving: once it
@@ -245,28 +240,27 @@ impl App {
             ready: ready.clone(),
         };
         let serving = bound.serve(&lanes, &lives.serving, front.clone(), slots.clone());
-        let live = reread.map(|reread| {
-            Arc::new(reload::Live {
-                reread,
-                current: tokio::sync::Mutex::new(cfg.clone()),
-                front: front.clone(),
-                slots: slots.clone(),
-                pool: pool.clone(),
-                router: router.clone(),
-                checks: checks.clone(),
-                supervisor: supervisor.clone(),
-                serving: serving.clone(),
-                status: std::sync::Mutex::new(status_listener),
-                sources: sources.clone(),
-                addresses: addresses.clone(),
-                root: background.clone(),
-                late: lives.late.clone(),
-                reloads,
-            })
+        let from_file = reread.is_some();
+        let live = Arc::new(reload::Live {
+            reread,
+            current: tokio::sync::Mutex::new(cfg.clone()),
+            front: front.clone(),
+            slots: slots.clone(),
+            pool: pool.clone(),
+            router: router.clone(),
+            checks: checks.clone(),
+            supervisor: supervisor.clone(),
+            serving: serving.clone(),
+            status: std::sync::Mutex::new(status_listener),
+            sources: sources.clone(),
+            addresses: addresses.clone(),
+            root: background.clone(),
+            late: lives.late.clone(),
+            reloads,
         });
         let targets = admin::Targets {
             supervisor: supervisor.clone(),
-            reload: live.clone().map(|l| l as Arc<dyn admin::Reload>),
+            reload: from_file.then(|| live.clone() as Arc<dyn admin::Reload>),
         };
         admin::serve(&admin_path, targets, addresses.clone(), background).await?;
         let file_link = cfg
@@ -290,12 +284,8 @@ impl App {
 
         serving.start_accepting();
         Ok(App {
-            addresses,
             admin_path,
             file_link,
-            supervisor,
-            serving,
-            front,
             live,
             lives,
         })
@@ -306,7 +296,7 @@ impl App {
     /// Returns how many tasks and threads were still running when it gave up on
     /// them (0: every one ended).
     pub async fn stop(self, signal: &str) -> usize {
-        let cfg = self.front.load().cfg().clone();
+        let cfg = self.live.front.load().cfg().clone();
         crate::runtime::notify::notify("STOPPING=1\nSTATUS=stopping");
         tracing::info!(
             signal,
@@ -480,9 +470,9 @@ async fn wait_for_stop(app: &App) -> &'static str {
         // Owned by `background`; stopping waits for a change in progress (the
         // supervisor's change lock) and refuses new ones.
         let (live, sup, certs) = (
-            app.live.clone(),
-            app.supervisor.clone(),
-            app.serving.certs(),
+            app.live.reread.is_some().then(|| app.live.clone()),
+            app.live.supervisor.clone(),
+            app.live.serving.certs(),
         );
         app.lives.root.spawn(async move {
             if let Err(e) = change.apply(live, sup, certs).await {

@@ -62,9 +62,10 @@ const LIVE: &[&str] = &[
 /// before they changed is replaced even by `--keep-workers`.
 const WORKER_IDENTITY: &[&str] = &["workers.command", "workers.env", "workers.cwd"];
 
-/// The parts a reload changes.
+/// The running parts, as the App holds them and a reload changes them.
 pub struct Live {
-    pub(super) reread: Reread,
+    /// How the config is read again; None when corral was not started from a file.
+    pub(super) reread: Option<Reread>,
     /// The config in force; held for the whole of a reload, so reloads take turns.
     pub(super) current: tokio::sync::Mutex<Arc<Config>>,
     pub(super) front: Front,
@@ -175,7 +176,10 @@ impl Live {
         current: &mut Arc<Config>,
         keep_workers: bool,
     ) -> Result<Applied, String> {
-        let (cfg, file) = (self.reread)().map_err(|e| e.to_string())?;
+        let Some(reread) = &self.reread else {
+            return Err("corral was not started from a config file".into());
+        };
+        let (cfg, file) = reread().map_err(|e| e.to_string())?;
         for w in preflight::check(&cfg, &file).map_err(|e| e.to_string())? {
             tracing::warn!("{w}");
         }
