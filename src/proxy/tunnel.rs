@@ -305,15 +305,46 @@ where
             Ok(Err(e)) => return tracing::debug!(error = %e, "tunnel lost its worker socket"),
             Ok(Ok(worker)) => worker,
         };
-        life.spawn_on(lane, async move {
-            let early = Early {
-                to_worker: client.early,
-                to_client,
-            };
-            if let Some(b) = registered(worker_tcp) {
-                self.run_taken(client.io, b, early).await
-            }
-        });
+        life.spawn_on(lane, self.relay_taken(client, worker_tcp, to_client));
+    }
+
+    /// The tunnel's task on its worker's thread: both sockets put on this thread's
+    /// reactor, then relayed. Written flat, with the relay taken apart at once: each
+    /// level of async functions that passed it on kept a copy of it in the task,
+    /// which an idle tunnel holds for its whole life.
+    async fn relay_taken(
+        self,
+        client: TakenSocket,
+        worker: std::net::TcpStream,
+        to_client: bytes::Bytes,
+    ) {
+        let Relay {
+            idle,
+            closing,
+            metrics,
+            _owned,
+        } = self;
+        let early = Early {
+            to_worker: client.early,
+            to_client,
+        };
+        let Some(b) = registered(worker) else {
+            return;
+        };
+        let meter = Meter {
+            up: &metrics.bytes_in,
+            down: &metrics.bytes_out,
+        };
+        // One relay for both kinds of client stream: two would each have their place
+        // in the task.
+        let a = match client.io {
+            Taken::Tcp(tcp) => registered(tcp).map(tokio_util::either::Either::Left),
+            Taken::Over(over) => replanted(over).map(tokio_util::either::Either::Right),
+        };
+        if let Some(a) = a {
+            splice_from(a, b, early, idle, closing, meter).await;
+        }
+        drop(_owned);
     }
 
     /// As `run`, with the client's taken socket put on this thread's reactor.
