@@ -353,12 +353,11 @@ fn checked(path: &std::path::Path) -> Result<(Config, Vec<String>), config::Conf
     let file = path.display().to_string();
     cfg.validate_part(&file)?;
     let mut warnings = Vec::new();
-    match cfg.is_part() {
-        true => warnings.push(format!(
+    if cfg.is_part() {
+        warnings.push(format!(
             "{file} has no upstreams and no [workers]: checked as a part of a config, \
              for the prefix mode (`corral -c {file} gunicorn …`), which gives the workers"
-        )),
-        false => cfg.validate(&file)?,
+        ));
     }
     warnings.extend(corral::run::preflight::check(&cfg, &file)?);
     Ok((cfg, warnings))

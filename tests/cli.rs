@@ -281,3 +281,48 @@ fn check_takes_a_prefix_mode_file_as_a_part() {
         "{told}"
     );
 }
+
+/// A corral started from a config file named relative to where it runs (its admin
+/// socket relative too) links its admin socket by that file, and takes the link
+/// away when it stops.
+#[test]
+fn the_admin_link_by_config_file_goes_when_corral_stops() {
+    use sha2::Digest;
+    use std::os::unix::ffi::OsStrExt;
+    let worker = support::RawWorker::start(support::Mode::Echo);
+    let config = write(
+        "corral.toml",
+        &format!(
+            "listen = [\"127.0.0.1:0\"]\nupstreams = [\"{}\"]\nadmin_socket = \"admin.sock\"\n",
+            worker.addr
+        ),
+    );
+    let dir = config.parent().expect("dir").to_path_buf();
+    let mut child = corral()
+        .args(["run", "-c", "corral.toml"])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start");
+    let canonical = std::fs::canonicalize(&*config).expect("canonical");
+    let digest = sha2::Sha256::digest(canonical.as_os_str().as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let link = std::env::temp_dir().join(format!("corral-file-{hex}.sock"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while support::addresses(&dir.join("admin.sock")).is_none() {
+        assert!(std::time::Instant::now() < deadline, "corral did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        link.symlink_metadata().is_ok(),
+        "no link at {}",
+        link.display()
+    );
+    // SAFETY: a plain signal to the corral this test started.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    assert!(child.wait().expect("exit").success());
+    assert!(link.symlink_metadata().is_err(), "the link stayed");
+}

@@ -34,6 +34,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::runtime::Handle;
+use tokio_util::either::Either;
 
 /// A client connection's place under `limits.max_connections`, shared by the
 /// connection and the websocket tunnel it may become: the place is given back when
@@ -335,13 +336,7 @@ where
             up: &metrics.bytes_in,
             down: &metrics.bytes_out,
         };
-        // One relay for both kinds of client stream: two would each have their place
-        // in the task.
-        let a = match client.io {
-            Taken::Tcp(tcp) => registered(tcp).map(tokio_util::either::Either::Left),
-            Taken::Over(over) => replanted(over).map(tokio_util::either::Either::Right),
-        };
-        if let Some(a) = a {
+        if let Some(a) = client_stream(client.io) {
             splice_from(a, b, early, idle, closing, meter).await;
         }
         drop(_owned);
@@ -352,18 +347,19 @@ where
     where
         B: AsyncRead + AsyncWrite + Unpin,
     {
-        match client {
-            Taken::Tcp(tcp) => {
-                if let Some(a) = registered(tcp) {
-                    self.run(a, worker, early).await
-                }
-            }
-            Taken::Over(over) => {
-                if let Some(a) = replanted(over) {
-                    self.run(a, worker, early).await
-                }
-            }
+        if let Some(a) = client_stream(client) {
+            self.run(a, worker, early).await
         }
+    }
+}
+
+/// A taken client socket (plain, or under its TLS session) on this thread's reactor,
+/// as one type: one relay serves both, where two would each have their place in
+/// the tunnel's task.
+fn client_stream(client: Taken) -> Option<Either<tokio::net::TcpStream, Box<dyn Duplex>>> {
+    match client {
+        Taken::Tcp(tcp) => registered(tcp).map(Either::Left),
+        Taken::Over(over) => replanted(over).map(Either::Right),
     }
 }
 

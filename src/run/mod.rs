@@ -64,11 +64,7 @@ impl Lives {
         let drained = cfg.timeouts.shutdown_drain + Duration::from_secs(1);
         let late = root.child_after(&serving, drained);
         let workers = root.child_after(&serving, drained);
-        let grace = cfg
-            .workers
-            .as_ref()
-            .map_or(Duration::ZERO, |w| w.stop_grace);
-        let broker = root.child_after(&workers, grace + Duration::from_secs(5));
+        let broker = root.child_after(&workers, stop_grace(cfg) + Duration::from_secs(5));
         Lives {
             root,
             serving,
@@ -80,12 +76,15 @@ impl Lives {
 
     /// Longest the whole stop may take: each stage's own limit, and a margin.
     fn stop_limit(cfg: &Config) -> Duration {
-        let grace = cfg
-            .workers
-            .as_ref()
-            .map_or(Duration::ZERO, |w| w.stop_grace);
-        cfg.timeouts.shutdown_drain + grace * 2 + Duration::from_secs(10)
+        cfg.timeouts.shutdown_drain + stop_grace(cfg) * 2 + Duration::from_secs(10)
     }
+}
+
+/// How long the workers may take to stop after SIGTERM (none without `[workers]`).
+fn stop_grace(cfg: &Config) -> Duration {
+    cfg.workers
+        .as_ref()
+        .map_or(Duration::ZERO, |w| w.stop_grace)
 }
 
 /// A running corral: every part built and started, the addresses it is bound to,

@@ -51,9 +51,12 @@ pub(super) fn tagger_for(cluster: &Cluster, key: Vec<u8>) -> Tagger {
 
 /// The admin socket's path: configured, or named by the first listener's port.
 pub(super) fn admin_path(cfg: &Config) -> std::path::PathBuf {
-    cfg.admin_socket
+    let path = cfg
+        .admin_socket
         .clone()
-        .unwrap_or_else(|| crate::admin::default_path(cfg.first_port()))
+        .unwrap_or_else(|| crate::admin::default_path(cfg.first_port()));
+    // Absolute, as the link by config file points to it and is known by it.
+    std::path::absolute(&path).unwrap_or(path)
 }
 
 /// Links the admin socket at `admin` where commands given config file `file` look
@@ -64,8 +67,7 @@ pub(super) fn link_admin(
 ) -> Option<std::path::PathBuf> {
     let link = crate::admin::file_link(file);
     let _ = std::fs::remove_file(&link);
-    let admin = std::path::absolute(admin).unwrap_or_else(|_| admin.to_path_buf());
-    match std::os::unix::fs::symlink(&admin, &link) {
+    match std::os::unix::fs::symlink(admin, &link) {
         Ok(()) => Some(link),
         Err(e) => {
             tracing::warn!(link = %link.display(), error = %e, "cannot link the admin socket by config file");
