@@ -1,10 +1,8 @@
-//! The last conformance round's edge cases, each on both HTTP/1.1 stacks: the fast
-//! paths (`edge::fast` serving clients, `transport::http1` to workers) and hyper's
-//! server and client (`[experimental] http1_fast_server = false`,
-//! `http1_fast_path = false`), on fresh and on kept-alive connections. Every case
-//! found a seam between two copies of one rule; `src/http1/` now holds each rule
-//! once, and these hold both stacks to it. The answers are nginx's
-//! (docs/conformance.md).
+//! The last conformance round's edge cases, on corral's one HTTP/1.1 stack
+//! (`edge::h1` serving clients, `transport::http1` to workers), on fresh and on
+//! kept-alive connections. Every case found a seam between two copies of one rule
+//! when corral had two stacks; `src/http1/` holds each rule once. The answers are
+//! nginx's (docs/conformance.md).
 
 mod support;
 
@@ -13,23 +11,19 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 use support::{exchange, Corral, Mode, RawWorker};
 
-fn corral_for(worker: &RawWorker, fast: bool, extra: &str) -> Corral {
+fn corral_for(worker: &RawWorker, extra: &str) -> Corral {
     Corral::start(&format!(
-        "threads = 1\nupstreams = [\"{}\"]\n{extra}\n[engineio]\nsticky = false\n[experimental]\nhttp1_fast_path = {fast}\nhttp1_fast_server = {fast}\n",
+        "threads = 1\nupstreams = [\"{}\"]\n{extra}\n[engineio]\nsticky = false\n",
         worker.addr
     ))
 }
 
-/// Both stacks, each in front of its own echoing worker.
-fn both(extra: &str) -> Vec<(bool, RawWorker, Corral)> {
-    [true, false]
-        .into_iter()
-        .map(|fast| {
-            let w = RawWorker::start(Mode::Echo);
-            let c = corral_for(&w, fast, extra);
-            (fast, w, c)
-        })
-        .collect()
+/// corral in front of an echoing worker (a list, as the cases were written for two
+/// stacks: now one).
+fn served(extra: &str) -> Vec<(&'static str, RawWorker, Corral)> {
+    let w = RawWorker::start(Mode::Echo);
+    let c = corral_for(&w, extra);
+    vec![("corral", w, c)]
 }
 
 /// The status of every answer a client reads on one connection for `bytes`, until
@@ -65,12 +59,12 @@ fn statuses(addr: SocketAddr, bytes: &[u8], n: usize) -> Vec<u16> {
 /// query (`encode` wrote `GET ?x=1`).
 #[test]
 fn a_target_without_a_path_gets_a_slash() {
-    for (fast, worker, corral) in both("") {
+    for (stack, worker, corral) in served("") {
         let r = exchange(
             corral.addr,
             b"GET http://localhost?x=1 HTTP/1.1\r\nHost: localhost\r\n\r\n",
         );
-        assert_eq!(r.map(|r| r.status), Some(200), "fast {fast}");
+        assert_eq!(r.map(|r| r.status), Some(200), "{stack}");
         let targets: Vec<String> = worker
             .seen()
             .iter()
@@ -78,7 +72,7 @@ fn a_target_without_a_path_gets_a_slash() {
             .collect();
         assert!(
             targets.iter().any(|t| t == "/?x=1"),
-            "fast {fast}: {targets:?}"
+            "{stack}: {targets:?}"
         );
     }
 }
@@ -87,7 +81,7 @@ fn a_target_without_a_path_gets_a_slash() {
 /// off the request; it still takes off an ordinary header it names.
 #[test]
 fn connection_never_names_away_host_cookie_or_authorization() {
-    for (fast, worker, corral) in both("") {
+    for (stack, worker, corral) in served("") {
         for (i, named) in ["host", "cookie", "authorization", "Host, x-drop"]
             .iter()
             .enumerate()
@@ -96,24 +90,24 @@ fn connection_never_names_away_host_cookie_or_authorization() {
                 "GET /c{i} HTTP/1.1\r\nHost: localhost\r\nCookie: io=1\r\nAuthorization: Bearer t\r\nX-Drop: 1\r\nConnection: {named}\r\n\r\n"
             );
             let r = exchange(corral.addr, req.as_bytes());
-            assert_eq!(r.map(|r| r.status), Some(200), "fast {fast}: {named}");
+            assert_eq!(r.map(|r| r.status), Some(200), "{stack}: {named}");
             let seen = worker.seen_for(&format!("/c{i}"));
             let seen = seen.last().expect("reached the worker");
             assert_eq!(
                 seen.header("host"),
                 Some("localhost"),
-                "fast {fast}: {named}"
+                "{stack}: {named}"
             );
-            assert_eq!(seen.header("cookie"), Some("io=1"), "fast {fast}: {named}");
+            assert_eq!(seen.header("cookie"), Some("io=1"), "{stack}: {named}");
             assert_eq!(
                 seen.header("authorization"),
                 Some("Bearer t"),
-                "fast {fast}: {named}"
+                "{stack}: {named}"
             );
             assert_eq!(
                 seen.header("x-drop").is_some(),
                 !named.contains("x-drop"),
-                "fast {fast}: {named}"
+                "{stack}: {named}"
             );
         }
     }
@@ -131,49 +125,48 @@ fn padded_head(target: &str, bytes: usize) -> String {
 }
 
 /// `limits.max_header` is hard: a head past it gets 431 on a fresh connection and
-/// behind a served request on a kept-alive one, on both stacks; one within it is
-/// served.
+/// behind a served request on a kept-alive one, one within it is served.
 #[test]
 fn max_header_is_a_hard_limit_on_every_connection() {
-    for (fast, _worker, corral) in both("[limits]\nmax_header = \"16K\"") {
+    for (stack, _worker, corral) in served("[limits]\nmax_header = \"16K\"") {
         let within = padded_head("/within", 12 * 1024);
         assert_eq!(
             statuses(corral.addr, within.as_bytes(), 1),
             vec![200],
-            "fast {fast}: within"
+            "{stack}: within"
         );
         for size in [17 * 1024, 20 * 1024, 30 * 1024, 70 * 1024] {
             let past = padded_head("/past", size);
             assert_eq!(
                 statuses(corral.addr, past.as_bytes(), 2),
                 vec![431],
-                "fast {fast}: fresh, {size} bytes"
+                "{stack}: fresh, {size} bytes"
             );
             let kept = format!("GET /first HTTP/1.1\r\nHost: localhost\r\n\r\n{past}");
             assert_eq!(
                 statuses(corral.addr, kept.as_bytes(), 3),
                 vec![200, 431],
-                "fast {fast}: kept-alive, {size} bytes"
+                "{stack}: kept-alive, {size} bytes"
             );
-            // Behind a request with a body: the fast server has handed it to hyper.
+            // Behind a request with a body.
             let after_body = format!(
                 "POST /first HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\nok{past}"
             );
             assert_eq!(
                 statuses(corral.addr, after_body.as_bytes(), 3),
                 vec![200, 431],
-                "fast {fast}: behind a body, {size} bytes"
+                "{stack}: behind a body, {size} bytes"
             );
         }
     }
     // The default limit (64K) likewise.
-    for (fast, _worker, corral) in both("") {
+    for (stack, _worker, corral) in served("") {
         let past = padded_head("/past", 70 * 1024);
         let kept = format!("GET /first HTTP/1.1\r\nHost: localhost\r\n\r\n{past}");
         assert_eq!(
             statuses(corral.addr, kept.as_bytes(), 3),
             vec![200, 431],
-            "fast {fast}: default limit"
+            "{stack}: default limit"
         );
     }
 }
@@ -185,30 +178,30 @@ fn max_header_is_a_hard_limit_on_every_connection() {
 #[test]
 fn header_names_with_underscores_are_dropped() {
     let req = b"GET /u HTTP/1.1\r\nHost: localhost\r\nX_Forwarded_For: 6.6.6.6\r\nX_Custom: 1\r\nX-Kept: 1\r\n\r\n";
-    for (fast, worker, corral) in both("") {
+    for (stack, worker, corral) in served("") {
         let r = exchange(corral.addr, req);
-        assert_eq!(r.map(|r| r.status), Some(200), "fast {fast}");
+        assert_eq!(r.map(|r| r.status), Some(200), "{stack}");
         let seen = worker.seen_for("/u");
         let seen = seen.last().expect("reached the worker");
-        assert_eq!(seen.header("x_forwarded_for"), None, "fast {fast}");
-        assert_eq!(seen.header("x_custom"), None, "fast {fast}");
-        assert_eq!(seen.header("x-kept"), Some("1"), "fast {fast}");
+        assert_eq!(seen.header("x_forwarded_for"), None, "{stack}");
+        assert_eq!(seen.header("x_custom"), None, "{stack}");
+        assert_eq!(seen.header("x-kept"), Some("1"), "{stack}");
         assert_eq!(
             seen.header("x-forwarded-for"),
             Some("127.0.0.1"),
-            "fast {fast}"
+            "{stack}"
         );
     }
-    for (fast, worker, corral) in both("underscores_in_headers = true") {
+    for (stack, worker, corral) in served("underscores_in_headers = true") {
         let r = exchange(corral.addr, req);
-        assert_eq!(r.map(|r| r.status), Some(200), "fast {fast}");
+        assert_eq!(r.map(|r| r.status), Some(200), "{stack}");
         let seen = worker.seen_for("/u");
         let seen = seen.last().expect("reached the worker");
-        assert_eq!(seen.header("x_custom"), Some("1"), "fast {fast}: allowed");
+        assert_eq!(seen.header("x_custom"), Some("1"), "{stack}: allowed");
         assert_eq!(
             seen.header("x-forwarded-for"),
             Some("127.0.0.1"),
-            "fast {fast}"
+            "{stack}"
         );
     }
 }
@@ -218,9 +211,9 @@ fn header_names_with_underscores_are_dropped() {
 #[test]
 fn chunk_sizes_with_leading_zeros_are_read_whole() {
     let bytes = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0000000000000000005\r\nhello\r\n00000000000000000000\r\n\r\n";
-    for fast in [true, false] {
+    for stack in ["corral"] {
         let worker = RawWorker::start(Mode::Canned(bytes, false));
-        let corral = corral_for(&worker, fast, "");
+        let corral = corral_for(&worker, "");
         for _ in 0..2 {
             let r = exchange(
                 corral.addr,
@@ -230,7 +223,7 @@ fn chunk_sizes_with_leading_zeros_are_read_whole() {
             assert_eq!(
                 (r.status, r.body.as_slice()),
                 (200, &b"hello"[..]),
-                "fast {fast}: {r:?}"
+                "{stack}: {r:?}"
             );
         }
     }
@@ -258,12 +251,12 @@ fn what_nginx_refuses_is_refused() {
         ("get *", b"GET * HTTP/1.1\r\nHost: localhost\r\n\r\n", 400),
         ("head *", b"HEAD * HTTP/1.1\r\nHost: localhost\r\n\r\n", 400),
     ];
-    for (fast, worker, corral) in both("") {
+    for (stack, worker, corral) in served("") {
         for (name, bytes, status) in cases {
             assert_eq!(
                 statuses(corral.addr, bytes, 1).first(),
                 Some(status),
-                "fast {fast}: {name}, fresh"
+                "{stack}: {name}, fresh"
             );
             let kept = [
                 &b"GET /first HTTP/1.1\r\nHost: localhost\r\n\r\n"[..],
@@ -273,7 +266,7 @@ fn what_nginx_refuses_is_refused() {
             assert_eq!(
                 statuses(corral.addr, &kept, 2).get(..2),
                 Some(&[200, *status][..]),
-                "fast {fast}: {name}, kept-alive"
+                "{stack}: {name}, kept-alive"
             );
         }
         let passed: Vec<String> = worker
@@ -284,13 +277,13 @@ fn what_nginx_refuses_is_refused() {
             .collect();
         assert!(
             passed.is_empty(),
-            "fast {fast}: reached the worker: {passed:?}"
+            "{stack}: reached the worker: {passed:?}"
         );
         // OPTIONS * is what `*` is for: passed on.
         let r = exchange(
             corral.addr,
             b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n",
         );
-        assert_eq!(r.map(|r| r.status), Some(200), "fast {fast}: OPTIONS *");
+        assert_eq!(r.map(|r| r.status), Some(200), "{stack}: OPTIONS *");
     }
 }

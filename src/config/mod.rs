@@ -89,33 +89,6 @@ pub struct Config {
     /// with several nodes, the others).
     #[serde(default)]
     pub cluster: Cluster,
-    /// `[experimental]`: switches for newer code paths, each with the older path one
-    /// setting away.
-    #[serde(default)]
-    pub experimental: Experimental,
-}
-
-/// `[experimental]`: newer code paths that can be turned off.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Experimental {
-    /// Requests whose body is in hand (none, or an Engine.IO POST read whole) go to
-    /// the worker over corral's own HTTP/1.1 exchange instead of hyper's client
-    /// (one task instead of two per request); false sends everything through hyper.
-    pub http1_fast_path: bool,
-    /// Plain HTTP/1.1 requests without a body are read and answered by corral's own
-    /// loop on each client connection; the first request that is anything else
-    /// hands the connection to hyper's server. false: hyper serves every connection.
-    pub http1_fast_server: bool,
-}
-
-impl Default for Experimental {
-    fn default() -> Self {
-        Experimental {
-            http1_fast_path: true,
-            http1_fast_server: true,
-        }
-    }
 }
 
 /// `[cluster]`: what tagged sids need (`engineio.tag_sids`): this node's name and the
@@ -769,6 +742,15 @@ pub struct Timeouts {
     /// nothing) closes its connection (nginx's `send_timeout`).
     #[serde(with = "duration")]
     pub send: Duration,
+    /// A request body that sends nothing for this long fails (nginx's
+    /// `client_body_timeout`; the request gets 408).
+    #[serde(with = "duration")]
+    pub body_read: Duration,
+    /// A kept-alive client connection with no request begun for this long is closed
+    /// (nginx's `keepalive_timeout`); once a request's first byte has come, its head
+    /// has `header_read`.
+    #[serde(with = "duration")]
+    pub keepalive: Duration,
 }
 
 impl Default for Timeouts {
@@ -782,6 +764,8 @@ impl Default for Timeouts {
             upstream_idle: Duration::from_millis(1500),
             shutdown_drain: Duration::from_secs(5),
             send: Duration::from_secs(60),
+            body_read: Duration::from_secs(60),
+            keepalive: Duration::from_secs(10),
         }
     }
 }

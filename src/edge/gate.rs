@@ -102,7 +102,7 @@ impl Gate {
 
     /// The checks, then the proxy.
     async fn admit(&self, req: Request<RequestBody>, peer: Peer) -> Response<ProxyBody> {
-        if let Err(refused) = self.check_head(&req) {
+        if let Err(refused) = check::request(&req) {
             return refusal(refused);
         }
         if let Some(port) = peer.redirect_https {
@@ -144,19 +144,6 @@ impl Gate {
         }
         let engineio = self.proxy.is_engineio(&path);
         self.proxy.clone().route(req, peer, engineio, upgrade).await
-    }
-}
-
-impl Gate {
-    /// The head rules (`http1::check`): every request's, and for a head hyper's
-    /// server read, its size and transfer coding too (the fast server reads only
-    /// heads without a coding, and holds them to the size itself).
-    fn check_head(&self, req: &Request<RequestBody>) -> Result<(), Refused> {
-        check::request(req)?;
-        if let RequestBody::Hyper(_) = req.body() {
-            check::read_by_hyper(req, self.cfg.limits.max_header as usize)?;
-        }
-        Ok(())
     }
 }
 

@@ -7,13 +7,11 @@
 //! `Gate::handle`. It must not decide anything about a request itself.
 
 use crate::config::{Config, Listener, TlsSetting};
-use crate::edge::fast;
 use crate::edge::gate::Gate;
+use crate::edge::h1;
 use crate::edge::tls;
 use crate::edge::uproot;
-use crate::http1::is_websocket_upgrade;
 use crate::proxy::forward::Peer;
-use crate::proxy::tunnel::ConnectionSlot;
 use crate::runtime::lanes::Lanes;
 use crate::runtime::life::Life;
 use crate::transport::body::RequestBody;
@@ -21,7 +19,6 @@ use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,7 +27,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio_rustls::TlsAcceptor;
-use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 /// Why the listeners could not start.
@@ -519,33 +515,39 @@ struct Serve {
     kind: Kind,
     cfg: Arc<Config>,
     trusted: Vec<crate::config::Cidr>,
-    protocols: Protocols,
-    /// Nagle's algorithm is turned off lazily by the fast loop on a plain listener
-    /// it serves, else at the accept (over TLS the handshake writes first).
+    /// hyper's HTTP/2 server, for TLS connections whose ALPN chose h2, and (with
+    /// `h2c`) plain ones that open with the HTTP/2 preface.
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    h2c: bool,
+    /// Nagle's algorithm is turned off lazily by the HTTP/1.1 session on a plain
+    /// listener, else at the accept (over TLS the handshake writes first).
     lazy_nodelay: bool,
-    /// The fast loop's limits, when it serves this listener's connections (not the
-    /// redirect-only listener's: its few requests are hyper's).
-    fast: Option<fast::Limits>,
+    /// The HTTP/1.1 session's limits.
+    limits: h1::Limits,
 }
 
 impl Serve {
     fn new(kind: Kind, cfg: Arc<Config>) -> Serve {
-        let protocols = Protocols::new(&cfg);
-        let fast_server = cfg.experimental.http1_fast_server;
-        let lazy_nodelay = matches!(kind, Kind::Plain) && fast_server && protocols.h2c.is_none();
-        let fast = (fast_server && !matches!(kind, Kind::Redirect(_))).then(|| fast::Limits {
+        let lazy_nodelay = !matches!(kind, Kind::Tls(_));
+        let limits = h1::Limits {
             max_head: cfg.limits.max_header as usize,
             header_read: cfg.timeouts.header_read,
+            keepalive: cfg.timeouts.keepalive,
+            body_read: cfg.timeouts.body_read,
             shutdown: matches!(kind, Kind::Tls(_)),
             nagle: lazy_nodelay,
-        });
+        };
+        let max_list = cfg.limits.max_header.min(u32::MAX as u64) as u32;
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new()).max_header_list_size(max_list);
         Serve {
             trusted: cfg.trusted(),
             kind,
+            h2,
+            h2c: cfg.h2c,
             cfg,
-            protocols,
             lazy_nodelay,
-            fast,
+            limits,
         }
     }
 
@@ -627,41 +629,30 @@ async fn take_slot<S: std::future::Future + Unpin>(slots: &Slots, stopped: &mut 
 }
 
 /// Serves one accepted connection on a task of `conns`: TLS first where the
-/// listener has it (ALPN choosing h2 or HTTP/1.1), h2c detection where it is on,
-/// else HTTP/1.1 (`serve_http1`).
+/// listener has it (ALPN choosing h2 or HTTP/1.1), the HTTP/2 preface looked for
+/// where `h2c` is on, else HTTP/1.1 (`h1`). A connection is served by one stack
+/// for its whole life.
 fn spawn_connection(
     serve: &Serve,
     gate: &Arc<Gate>,
     conns: &Conns,
     stream: tokio::net::TcpStream,
     peer: Peer,
-    permit: Slot,
+    slot: Slot,
 ) {
-    let (g, p) = (gate.clone(), peer.clone());
-    let mut slot = ConnectionSlot::new(permit);
-    match serve.kind {
-        Kind::Plain => slot = slot.with_socket(uproot::take_socket::<uproot::Movable>),
-        Kind::Tls(_) => slot = slot.with_socket(uproot::take_socket::<uproot::Tls>),
-        Kind::Redirect(_) => {}
-    }
-    let service = service_fn(move |mut req: Request<Incoming>| {
-        if is_websocket_upgrade(req.headers()) {
-            req.extensions_mut().insert(slot.clone());
-        }
-        g.clone().handle(req.map(RequestBody::Hyper), p.clone())
-    });
-    let fast = serve.fast;
+    let (limits, h2, h2c) = (serve.limits, serve.h2.clone(), serve.h2c);
+    let draining = conns.life.signal();
     let gate = gate.clone();
-    let (protocols, draining) = (serve.protocols.clone(), conns.life.signal());
+    let hold: Box<dyn Send + Sync> = Box::new(slot);
     let stream = uproot::Movable::new(stream, serve.cfg.timeouts.send);
     match &serve.kind {
         Kind::Tls(acceptor) => {
             let acceptor = acceptor.clone();
             let handshake = serve.cfg.timeouts.header_read;
             let addr = peer.addr;
-            // Boxed: the task's future holds TLS, the fast loop and hyper's
-            // connection, and tokio moves a task's future a few times as it
-            // spawns it (thousands of bytes for each new connection otherwise).
+            // Boxed: the task's future holds TLS and the session, and tokio moves a
+            // task's future a few times as it spawns it (thousands of bytes for
+            // each new connection otherwise).
             conns.life.spawn(boxed(|| async move {
                 let accepting = tokio::time::timeout(handshake, acceptor.accept(stream));
                 let tls = tokio::select! {
@@ -676,62 +667,89 @@ fn spawn_connection(
                     _ = draining.cancelled() => return,
                 };
                 // ALPN has chosen the protocol: no detection needed.
-                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                if h2 {
-                    let io = TokioIo::new(tls);
-                    until_drained(protocols.h2.serve_connection(io, service), draining).await;
-                    return;
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    let _hold = hold;
+                    return serve_h2(tls, &h2, gate, peer, draining).await;
                 }
-                let fast = fast.map(|limits| (limits, &gate, &peer));
-                serve_http1(tls, fast, &protocols.h1, service, draining).await
+                let service = gate_service(gate, peer);
+                h1::serve(tls, &service, limits, &draining, Some(hold)).await
             }));
         }
         _ => {
             conns.life.spawn(boxed(|| async move {
-                match &protocols.h2c {
-                    Some(auto) => {
-                        let conn = auto
-                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                            .into_owned();
-                        until_drained(conn, draining).await
-                    }
-                    None => {
-                        let fast = fast.map(|limits| (limits, &gate, &peer));
-                        serve_http1(stream, fast, &protocols.h1, service, draining).await
-                    }
+                if h2c && opens_h2(&stream, limits.header_read).await {
+                    use h1::NoDelay;
+                    stream.no_delay();
+                    let _hold = hold;
+                    return serve_h2(stream, &h2, gate, peer, draining).await;
                 }
+                let service = gate_service(gate, peer);
+                h1::serve(stream, &service, limits, &draining, Some(hold)).await
             }));
         }
     }
 }
 
-/// HTTP/1.1 on a connection: its plain requests on the fast loop (`fast`, when on)
-/// and, from the first other request (or from the start), hyper's server with the
-/// bytes the loop read; either way until the connection closes or is drained.
-async fn serve_http1<I, S>(
+/// The gate as an HTTP/1.1 session's service, for requests from `peer`.
+fn gate_service(
+    gate: Arc<Gate>,
+    peer: Peer,
+) -> impl Fn(Request<RequestBody>) -> std::pin::Pin<Box<dyn std::future::Future<Output = http::Response<crate::transport::body::ProxyBody>> + Send>> {
+    move |req| {
+        let answer = gate.clone().handle(req, peer.clone());
+        Box::pin(async move {
+            match answer.await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            }
+        })
+    }
+}
+
+/// An HTTP/2 connection, its requests through the gate, until it ends or drains.
+async fn serve_h2<I>(
     io: I,
-    fast: Option<(fast::Limits, &Arc<Gate>, &Peer)>,
-    h1: &hyper::server::conn::http1::Builder,
-    service: S,
+    h2: &hyper::server::conn::http2::Builder<TokioExecutor>,
+    gate: Arc<Gate>,
+    peer: Peer,
     draining: CancellationToken,
 ) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static + fast::NoDelay,
-    S: hyper::service::HttpService<Incoming>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    S::ResBody: http_body::Body + Send + 'static,
-    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let io = match fast {
-        Some((limits, gate, peer)) => match fast::serve(io, gate, peer, limits, &draining).await {
-            fast::Outcome::Closed => return,
-            fast::Outcome::Handover(io) => Either::Right(io),
-        },
-        None => Either::Left(io),
+    let service = service_fn(move |req: Request<Incoming>| {
+        gate.clone().handle(req.map(RequestBody::Hyper), peer.clone())
+    });
+    until_drained(h2.serve_connection(TokioIo::new(io), service), draining).await
+}
+
+/// The HTTP/2 connection preface (RFC 9113 3.4), which a plain connection opens
+/// with when its client speaks h2c with prior knowledge.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a plain connection opens with the HTTP/2 preface, looked at without
+/// reading it (the stack that serves the connection reads it from the start).
+/// A client that sends part of it and waits is given `wait`.
+async fn opens_h2(stream: &uproot::Movable, wait: Duration) -> bool {
+    let Some(tcp) = stream.get_ref() else {
+        return false;
     };
-    let conn = h1
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades();
-    until_drained(conn, draining).await
+    let look = async {
+        let mut seen = [0u8; 24];
+        loop {
+            let n = match tcp.peek(&mut seen).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => n,
+            };
+            if seen[..n] != H2_PREFACE[..n] {
+                return false;
+            }
+            if n == H2_PREFACE.len() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(wait, look).await.unwrap_or(false)
 }
 
 /// `make()`'s future in a box, made in its heap slot: built on the stack first, a
@@ -744,58 +762,9 @@ fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
     Box::into_pin(unsafe { slot.assume_init() })
 }
 
-/// How client connections are served: HTTP/1.1, HTTP/2 (chosen by ALPN over TLS),
-/// and, with `h2c`, either on a plain listener, told apart by the first bytes.
-#[derive(Clone)]
-struct Protocols {
-    h1: hyper::server::conn::http1::Builder,
-    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
-    h2c: Option<auto::Builder<TokioExecutor>>,
-}
-
-impl Protocols {
-    fn new(cfg: &Config) -> Protocols {
-        let max_buf = cfg.limits.max_header.max(8192) as usize;
-        let max_list = cfg.limits.max_header.min(u32::MAX as u64) as u32;
-        let mut h1 = hyper::server::conn::http1::Builder::new();
-        h1.timer(TokioTimer::new())
-            .header_read_timeout(cfg.timeouts.header_read)
-            .max_buf_size(max_buf)
-            .keep_alive(true);
-        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new()).max_header_list_size(max_list);
-        let h2c = cfg.h2c.then(|| {
-            let mut auto = auto::Builder::new(TokioExecutor::new());
-            auto.http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(cfg.timeouts.header_read)
-                .max_buf_size(max_buf)
-                .keep_alive(true);
-            auto.http2()
-                .timer(TokioTimer::new())
-                .max_header_list_size(max_list);
-            auto
-        });
-        Protocols { h1, h2, h2c }
-    }
-}
-
 /// A served connection that can be asked to finish what is in flight and close.
 trait Drain {
     fn drain(self: Pin<&mut Self>);
-}
-
-impl<I, S> Drain for hyper::server::conn::http1::UpgradeableConnection<I, S>
-where
-    S: hyper::service::HttpService<Incoming>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S::ResBody: http_body::Body + 'static,
-    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn drain(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
 }
 
 impl<I, S, E> Drain for hyper::server::conn::http2::Connection<I, S, E>
@@ -806,21 +775,6 @@ where
     S::ResBody: http_body::Body + 'static,
     <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
-{
-    fn drain(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
-
-impl<I, S, E, B> Drain for auto::UpgradeableConnection<'_, I, S, E>
-where
-    S: hyper::service::Service<Request<Incoming>, Response = http::Response<B>>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    S::Future: 'static,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    B: http_body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
 {
     fn drain(self: Pin<&mut Self>) {
         self.graceful_shutdown();

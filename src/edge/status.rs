@@ -11,11 +11,8 @@ use crate::observe::metrics::{self, Sources};
 use crate::runtime::life::Life;
 use crate::transport::body::{self, ProxyBody};
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use std::convert::Infallible;
+use crate::edge::h1;
+use crate::transport::body::RequestBody;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -97,11 +94,11 @@ pub fn start(
                 continue;
             };
             let (src, auth) = (sources.clone(), credentials.load_full());
-            let service = service_fn(move |req| answer(req, src.clone(), auth.clone()));
-            tasks.spawn_until_drained(async move {
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+            let service = move |req| answer(req, src.clone(), auth.clone());
+            let draining = tasks.signal();
+            let stream = crate::edge::uproot::Movable::new(stream, LIMITS.body_read);
+            tasks.spawn(async move {
+                h1::serve(stream, &service, LIMITS, &draining, None).await;
             });
         }
     });
@@ -113,16 +110,26 @@ pub fn start(
     }
 }
 
+/// The status listener's connections' limits: its requests are small and few.
+const LIMITS: h1::Limits = h1::Limits {
+    max_head: 64 * 1024,
+    header_read: std::time::Duration::from_secs(10),
+    keepalive: std::time::Duration::from_secs(10),
+    body_read: std::time::Duration::from_secs(10),
+    shutdown: false,
+    nagle: false,
+};
+
 async fn answer(
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     src: Arc<Sources>,
     auth: Option<Arc<BasicAuth>>,
-) -> Result<Response<ProxyBody>, Infallible> {
+) -> Response<ProxyBody> {
     // Probes carry no credentials (a Kubernetes probe or Docker HEALTHCHECK) and
     // tell no more than a count.
     match req.uri().path() {
-        "/healthz" => return Ok(reply(StatusCode::OK, "text/plain", "ok\n".into())),
-        "/readyz" => return Ok(readiness(&src)),
+        "/healthz" => return reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => return readiness(&src),
         _ => {}
     }
     if let Some(auth) = &auth {
@@ -139,10 +146,10 @@ async fn answer(
             if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{}\"", auth.realm)) {
                 r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
             }
-            return Ok(r);
+            return r;
         }
     }
-    Ok(match req.uri().path() {
+    match req.uri().path() {
         "/metrics" => reply(
             StatusCode::OK,
             metrics::CONTENT_TYPE,
@@ -155,7 +162,7 @@ async fn answer(
         ),
         "/status" | "/" => reply(StatusCode::OK, "text/html; charset=utf-8", PAGE.to_string()),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-    })
+    }
 }
 
 /// 200 when at least one worker is ready, 503 otherwise; the counts in the body.

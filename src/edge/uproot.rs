@@ -3,21 +3,17 @@
 //! thread's reactor with the bytes already read from it, and, over TLS, the session
 //! as it stands, to be put back on the other thread's reactor there.
 //!
-//! It knows the types the listener serves connections as (`serve_http1`'s), and
-//! nothing of what the tunnel does with them.
+//! It knows the types the listener serves connections as, and nothing of what the
+//! tunnel does with them.
 
-use crate::edge::fast;
-use crate::transport::moving::{Duplex, Replant, Taken, TakenSocket};
-use bytes::{Bytes, BytesMut};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
+use crate::edge::h1;
+use crate::transport::moving::{Duplex, Replant, Taken};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
-use tokio_util::either::Either;
 
 /// A connection served over TLS: its socket can be taken from under the session.
 pub type Tls = TlsStream<Movable>;
@@ -122,7 +118,7 @@ impl AsyncWrite for Movable {
     }
 }
 
-impl fast::NoDelay for Movable {
+impl h1::NoDelay for Movable {
     fn no_delay(&self) {
         if let Some(tcp) = self.get_ref() {
             let _ = tcp.set_nodelay(true);
@@ -130,7 +126,7 @@ impl fast::NoDelay for Movable {
     }
 }
 
-impl fast::NoDelay for Tls {
+impl h1::NoDelay for Tls {
     fn no_delay(&self) {
         if let Some(tcp) = self.get_ref().0.get_ref() {
             let _ = tcp.set_nodelay(true);
@@ -178,23 +174,4 @@ impl Replant for Uprooted {
         movable.stalled = None;
         Ok(Box::new(tls))
     }
-}
-
-/// The socket under an upgraded HTTP/1.1 connection served (by `serve_http1`) on
-/// `I`, with the bytes read from it and not yet used: first what hyper holds, then
-/// what the fast loop had read and hyper had not yet taken.
-pub fn take_socket<I: Uproot>(up: Upgraded) -> Result<io::Result<TakenSocket>, Upgraded> {
-    let parts = up.downcast::<TokioIo<Either<I, fast::Rewind<I>>>>()?;
-    let (stream, unread) = match parts.io.into_inner() {
-        Either::Left(stream) => (stream, Bytes::new()),
-        Either::Right(rewind) => rewind.into_parts(),
-    };
-    let early = if unread.is_empty() {
-        parts.read_buf
-    } else {
-        let mut all = BytesMut::from(&parts.read_buf[..]);
-        all.extend_from_slice(&unread);
-        all.freeze()
-    };
-    Ok(stream.uproot().map(|io| TakenSocket { io, early }))
 }

@@ -1,15 +1,13 @@
 //! The rules a request head must meet before corral acts on it, as strict as nginx:
 //! one Host, and a valid one (not empty), a Host on HTTP/1.1, no userinfo in the
 //! target, no CONNECT, `*` only for OPTIONS, and on HTTP/2 a `host` header that
-//! agrees with `:authority` (`request`); for a head hyper's server read, also its
-//! size and its transfer coding (`read_by_hyper`: the fast server reads only heads
-//! that carry neither, and counts every byte of them itself). A request that
-//! breaks one gets the status of its [`Refused`] and reaches no worker.
+//! agrees with `:authority` (`request`). What the HTTP/1.1 head reader refuses
+//! (`head::parse_request`: size, version, transfer coding, Content-Length) is a
+//! [`Refused`] too. A request that breaks one gets the status of its [`Refused`]
+//! and reaches no worker.
 //!
 //! It only judges heads; bodies are judged as they stream.
 
-use super::framing::only_chunked;
-use super::head::request_head_len;
 use http::{header, Method, Request, StatusCode, Version};
 
 /// Why a request head was refused; the text goes to the client.
@@ -35,6 +33,12 @@ pub enum Refused {
     Coding,
     #[error("Transfer-Encoding on an HTTP/1.0 request")]
     CodingOnHttp10,
+    #[error("an HTTP version other than 1.0 and 1.1")]
+    Version,
+    #[error("a head that cannot be read")]
+    Malformed,
+    #[error("an unreadable or conflicting Content-Length")]
+    Length,
 }
 
 impl Refused {
@@ -44,6 +48,7 @@ impl Refused {
         match self {
             Refused::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refused::Coding => StatusCode::NOT_IMPLEMENTED,
+            Refused::Version => StatusCode::HTTP_VERSION_NOT_SUPPORTED,
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -93,29 +98,6 @@ pub fn request<B>(req: &Request<B>) -> Result<(), Refused> {
         Version::HTTP_11 if host.is_none() && authority.is_none() => Err(Refused::NoHost),
         _ => Ok(()),
     }
-}
-
-/// Checks what only hyper's HTTP/1 server leaves unchecked: a head longer than
-/// `max_head` (hyper holds its limit only against what its reads happen to hold)
-/// and a transfer coding other than `chunked` alone (hyper decodes
-/// `gzip, chunked` as chunked, and the worker would get gzip bytes labelled only
-/// chunked).
-pub fn read_by_hyper<B>(req: &Request<B>, max_head: usize) -> Result<(), Refused> {
-    if req.version() > Version::HTTP_11 {
-        return Ok(());
-    }
-    if req.headers().contains_key(header::TRANSFER_ENCODING) {
-        if req.version() == Version::HTTP_10 {
-            return Err(Refused::CodingOnHttp10);
-        }
-        if !only_chunked(req.headers()) {
-            return Err(Refused::Coding);
-        }
-    }
-    if request_head_len(req) > max_head {
-        return Err(Refused::HeadTooLarge);
-    }
-    Ok(())
 }
 
 /// A Host value that can name a server: host (a name, an IPv4 address or a
@@ -215,31 +197,6 @@ mod tests {
         assert_eq!(
             request(&with(Method::OPTIONS, HTTP_11, "*", &["a"])),
             Ok(())
-        );
-    }
-
-    #[test]
-    fn hyper_read_heads_are_held_to_the_limit_and_to_chunked() {
-        let mut r = req(Version::HTTP_11, "/", &["a"]);
-        assert_eq!(read_by_hyper(&r, 1024), Ok(()));
-        r.headers_mut()
-            .insert("x-pad", "p".repeat(2000).parse().expect("value"));
-        assert_eq!(read_by_hyper(&r, 1024), Err(Refused::HeadTooLarge));
-        assert_eq!(read_by_hyper(&r, 4096), Ok(()));
-        let te = |version, value: &'static str| {
-            let mut r = req(version, "/", &["a"]);
-            r.headers_mut().insert(
-                header::TRANSFER_ENCODING,
-                header::HeaderValue::from_static(value),
-            );
-            read_by_hyper(&r, 4096)
-        };
-        assert_eq!(te(Version::HTTP_11, "chunked"), Ok(()));
-        assert_eq!(te(Version::HTTP_11, "gzip, chunked"), Err(Refused::Coding));
-        assert_eq!(Refused::Coding.status(), StatusCode::NOT_IMPLEMENTED);
-        assert_eq!(
-            te(Version::HTTP_10, "chunked"),
-            Err(Refused::CodingOnHttp10)
         );
     }
 }

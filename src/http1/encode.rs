@@ -17,11 +17,15 @@ pub fn request(
     headers: &HeaderMap,
     skip: impl Fn(&HeaderName) -> bool,
     added: &[(HeaderName, HeaderValue)],
-    body: &[u8],
+    body: Outgoing<'_>,
 ) -> Vec<u8> {
+    let in_hand = match body {
+        Outgoing::InHand(bytes) => bytes,
+        _ => &[],
+    };
     let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
     let lines = headers.len() + added.len();
-    let mut out = Vec::with_capacity(64 + target.len() + lines * 40 + body.len());
+    let mut out = Vec::with_capacity(64 + target.len() + lines * 40 + in_hand.len());
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
@@ -38,14 +42,33 @@ pub fn request(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if declared || !body.is_empty() {
+    let length = match body {
+        Outgoing::InHand(bytes) if declared || !bytes.is_empty() => Some(bytes.len() as u64),
+        Outgoing::InHand(_) => None,
+        Outgoing::Length(n) => Some(n),
+        Outgoing::Chunked => {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            None
+        }
+    };
+    if let Some(n) = length {
         out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(body.len().to_string().as_bytes());
+        out.extend_from_slice(n.to_string().as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
+    out.extend_from_slice(in_hand);
     out
+}
+
+/// A request's body as it goes to a worker: in hand (written with the head, its
+/// length declared when it has one or the client declared one), or streamed after
+/// the head, of a declared length or chunked.
+#[derive(Debug, Clone, Copy)]
+pub enum Outgoing<'a> {
+    InHand(&'a [u8]),
+    Length(u64),
+    Chunked,
 }
 
 /// How a response body is sent.
@@ -81,15 +104,16 @@ pub fn response_head(
 ) -> (Framing, bool) {
     let status = parts.status;
     let http10 = parts.version == Version::HTTP_10;
-    let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
+    let reason = parts.extensions.get::<super::head::Reason>();
     status_line(out, status, http10, reason);
     // What hyper's dispatcher tells its encoder of the body.
     let known = match body.ended {
         true => Some(0),
         false => body.exact,
     };
-    let no_body = head_request || matches!(status.as_u16(), 204 | 304);
-    let may_have_length = !matches!(status.as_u16(), 204 | 304);
+    // A 1xx (a 101 above all) and a 204 carry no body and no framing header.
+    let no_body = head_request || status.is_informational() || matches!(status.as_u16(), 204 | 304);
+    let may_have_length = !status.is_informational() && !matches!(status.as_u16(), 204 | 304);
     // hyper writes every Connection value on one line where the first was, adding
     // `close` when it will close (the client asked, or a drain began).
     let mut keep = keep;
@@ -170,7 +194,7 @@ fn status_line(
     out: &mut Vec<u8>,
     status: StatusCode,
     http10: bool,
-    reason: Option<&hyper::ext::ReasonPhrase>,
+    reason: Option<&super::head::Reason>,
 ) {
     if !http10 && status == StatusCode::OK && reason.is_none() {
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
@@ -186,13 +210,17 @@ fn status_line(
     out.extend_from_slice(b"\r\n");
 }
 
-/// The head hyper's server writes when it refuses a head it cannot take whole
-/// (431 and 400 alike): no body, and the connection closes after it.
-pub fn refusal_head(out: &mut Vec<u8>, status: StatusCode) {
+/// The answer to a head refused before it was taken (400, 431, 501, 505): `text`
+/// says why, and the connection closes after it.
+pub fn refusal_head(out: &mut Vec<u8>, status: StatusCode, text: &str) {
     status_line(out, status, false, None);
-    out.extend_from_slice(b"connection: close\r\ncontent-length: 0\r\n");
+    out.extend_from_slice(b"content-type: text/plain; charset=utf-8\r\nconnection: close\r\n");
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(text.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
     date_line(out);
     out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(text.as_bytes());
 }
 
 /// The one `connection` line: every value, then `close` if it is to be added.
@@ -248,13 +276,13 @@ mod tests {
         headers.insert(header::HOST, HeaderValue::from_static("a"));
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
         let uri: Uri = "/x?y=1".parse().expect("uri");
-        let req = request(&Method::POST, &uri, &headers, |_| false, &[], b"abc");
+        let req = request(&Method::POST, &uri, &headers, |_| false, &[], Outgoing::InHand(b"abc"));
         assert_eq!(
             &req[..],
             b"POST /x?y=1 HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\nabc"
         );
         headers.remove(header::CONTENT_LENGTH);
-        let req = request(&Method::GET, &uri, &headers, |_| false, &[], b"");
+        let req = request(&Method::GET, &uri, &headers, |_| false, &[], Outgoing::InHand(b""));
         assert_eq!(&req[..], b"GET /x?y=1 HTTP/1.1\r\nhost: a\r\n\r\n");
         // Skipped names out, added ones last.
         headers.insert("x-drop", HeaderValue::from_static("1"));
@@ -262,7 +290,7 @@ mod tests {
             HeaderName::from_static("x-add"),
             HeaderValue::from_static("2"),
         )];
-        let req = request(&Method::GET, &uri, &headers, |n| n == "x-drop", &added, b"");
+        let req = request(&Method::GET, &uri, &headers, |n| n == "x-drop", &added, Outgoing::InHand(b""));
         assert_eq!(
             &req[..],
             b"GET /x?y=1 HTTP/1.1\r\nhost: a\r\nx-add: 2\r\n\r\n"

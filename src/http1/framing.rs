@@ -29,7 +29,7 @@ pub fn content_length_value(value: &http::HeaderValue) -> Option<u64> {
 }
 
 /// A decimal number of digits only, that fits in a u64.
-fn digits(text: &[u8]) -> Option<u64> {
+pub(super) fn digits(text: &[u8]) -> Option<u64> {
     if text.is_empty() {
         return None;
     }
@@ -47,15 +47,6 @@ pub fn ends_chunked(headers: &HeaderMap) -> bool {
         .next_back()
         .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
         .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-}
-
-/// Whether the transfer codings are `chunked` alone, in one field: the only coding
-/// a request may carry through corral, as through nginx (anything else is 501).
-pub fn only_chunked(headers: &HeaderMap) -> bool {
-    let mut values = headers.get_all(header::TRANSFER_ENCODING).iter();
-    let first = values.next();
-    values.next().is_none()
-        && first.is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
 /// How a body is delimited.
@@ -100,6 +91,50 @@ pub fn response_body(
     Ok((Body::Close, false))
 }
 
+/// Reads a request body off what was read from its connection, by its framing:
+/// the session's reader (`edge::h1`) and the fuzz target's are this one.
+#[derive(Debug, Clone, Copy)]
+pub enum BodyReader {
+    Length(u64),
+    Chunk(super::chunked::Chunk, usize),
+}
+
+impl BodyReader {
+    /// A reader for a body of `framing` (None: there is no body).
+    pub fn new(framing: super::head::BodyFraming) -> Option<BodyReader> {
+        match framing {
+            super::head::BodyFraming::None => None,
+            super::head::BodyFraming::Length(n) => Some(BodyReader::Length(n)),
+            super::head::BodyFraming::Chunked => {
+                Some(BodyReader::Chunk(super::chunked::Chunk::START, 0))
+            }
+        }
+    }
+
+    /// The next piece of the body in `buf` and whether the body ends with it; None
+    /// when `buf` holds none of it yet.
+    pub fn next(&mut self, buf: &mut bytes::BytesMut) -> Result<Option<(bytes::Bytes, bool)>, Error> {
+        use super::chunked::{step, Step};
+        match self {
+            BodyReader::Length(0) => Ok(Some((bytes::Bytes::new(), true))),
+            BodyReader::Length(_) if buf.is_empty() => Ok(None),
+            BodyReader::Length(rem) => {
+                let n = (*rem).min(buf.len() as u64);
+                *rem -= n;
+                Ok(Some((buf.split_to(n as usize).freeze(), *rem == 0)))
+            }
+            BodyReader::Chunk(state, meta) => loop {
+                return match step(state, buf, meta)? {
+                    Step::Data(d) if d.is_empty() => continue,
+                    Step::Data(d) => Ok(Some((d, false))),
+                    Step::More => Ok(None),
+                    Step::End => Ok(Some((bytes::Bytes::new(), true))),
+                };
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,20 +163,4 @@ mod tests {
         assert_eq!(lengths(&[]), None);
     }
 
-    #[test]
-    fn only_chunked_alone_is_chunked_alone() {
-        let te = |values: &[&'static str]| {
-            let mut h = HeaderMap::new();
-            for v in values {
-                h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(v));
-            }
-            (only_chunked(&h), ends_chunked(&h))
-        };
-        assert_eq!(te(&["chunked"]), (true, true));
-        assert_eq!(te(&["Chunked "]), (true, true));
-        assert_eq!(te(&["gzip, chunked"]), (false, true));
-        assert_eq!(te(&["chunked", "chunked"]), (false, true));
-        assert_eq!(te(&["chunked, gzip"]), (false, false));
-        assert_eq!(te(&[]), (false, false));
-    }
 }

@@ -4,6 +4,7 @@
 //! are slices of it rather than copies, and what follows it stays where it was read.
 
 use super::fields::lists_token;
+use super::check::Refused;
 use super::framing::Error;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -91,6 +92,17 @@ pub fn make_room(buf: &mut BytesMut) {
     }
 }
 
+/// A response's reason phrase where it is not the status's usual one, passed on as
+/// the worker wrote it (httparse has checked its bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reason(pub Bytes);
+
+impl Reason {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// A response head as read.
 #[derive(Debug)]
 pub struct ResponseHead {
@@ -99,7 +111,7 @@ pub struct ResponseHead {
     pub headers: HeaderMap,
     /// A reason phrase other than the status code's usual one, passed on as hyper's
     /// client passes it.
-    pub reason: Option<hyper::ext::ReasonPhrase>,
+    pub reason: Option<Reason>,
 }
 
 /// Takes one whole response head off the front of `buf`; None when it is not all
@@ -129,7 +141,7 @@ pub fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Error>
     let head = take_head(buf, len);
     let headers = header_map(&head, &lines[..n], 0)?;
     let reason =
-        reason.and_then(|(from, to)| hyper::ext::ReasonPhrase::try_from(head.slice(from..to)).ok());
+        reason.map(|(from, to)| Reason(head.slice(from..to)));
     Ok(Some(ResponseHead {
         status,
         version,
@@ -143,25 +155,43 @@ pub fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Error>
 // allocation for nothing.
 #[allow(clippy::large_enum_variant)]
 pub enum Parsed<B> {
-    /// A plain request, taken off the buffer; whether the client asked to close.
-    Plain(Request<B>, bool),
-    /// Not all of a head yet.
+    /// A request head, taken off the buffer, and how its message is framed.
+    Request(Request<B>, Framing),
+    /// Not all there yet.
     Partial,
-    /// A head longer than the limit (whole or not): 431.
-    TooLarge,
-    /// A head that is not plain, or that cannot be read: not taken.
-    Other,
+    /// Refused before anything is done with it: answered with the status, and the
+    /// connection closed (nothing after this head can be framed).
+    Refused(Refused),
 }
 
-/// Takes a plain request head off the front of `buf`, its body `empty()`: an
-/// HTTP/1.1 request with no body framing (no Content-Length, Transfer-Encoding),
-/// no upgrade, no expectation, not CONNECT. A head past `max_head` bytes is
-/// `TooLarge` whatever it holds; any other head is left in `buf` as it came.
-pub fn parse_plain_request<B>(
-    buf: &mut BytesMut,
-    max_head: usize,
-    empty: impl FnOnce() -> B,
-) -> Parsed<B> {
+/// How a request's message is framed, as its head says (RFC 9112 section 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framing {
+    pub body: BodyFraming,
+    /// The client asked to close after this request (`Connection: close`, or an
+    /// HTTP/1.0 request without `keep-alive`; or a body framed by chunks beside a
+    /// Content-Length, after which nothing is trusted).
+    pub close: bool,
+    /// `Expect: 100-continue` on HTTP/1.1: answered when the body is first asked for.
+    pub continue_100: bool,
+}
+
+/// A request body's framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Takes a request head off the front of `buf`, its body `empty()` (the caller
+/// reads the body by the [`Framing`]). What nginx refuses here is refused: a head
+/// past `max_head` bytes (whole or not: 431), one httparse cannot read or `http`
+/// will not hold (400), another HTTP version (505), a transfer coding other than
+/// `chunked` alone (501) or one on HTTP/1.0 (400), an unreadable or conflicting
+/// Content-Length (400). The rules that need the head whole (Host, the target) are
+/// `check::request`'s, for HTTP/2 alike.
+pub fn parse_request<B>(buf: &mut BytesMut, max_head: usize, empty: impl FnOnce() -> B) -> Parsed<B> {
     if buf.is_empty() {
         return Parsed::Partial;
     }
@@ -170,76 +200,116 @@ pub fn parse_plain_request<B>(
     let parsed = httparse::ParserConfig::default()
         .parse_request_with_uninit_headers(&mut req, buf, &mut slots);
     let len = match parsed {
-        Ok(httparse::Status::Complete(len)) if len > max_head => return Parsed::TooLarge,
+        Ok(httparse::Status::Complete(len)) if len > max_head => {
+            return Parsed::Refused(Refused::HeadTooLarge)
+        }
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() > max_head => return Parsed::TooLarge,
+        Ok(httparse::Status::Partial) if buf.len() > max_head => {
+            return Parsed::Refused(Refused::HeadTooLarge)
+        }
         Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(_) => return Parsed::Other,
+        Err(httparse::Error::Version) => return Parsed::Refused(Refused::Version),
+        Err(httparse::Error::TooManyHeaders) => return Parsed::Refused(Refused::HeadTooLarge),
+        Err(_) => return Parsed::Refused(Refused::Malformed),
     };
     let mut lines = [Line::default(); MAX_HEADERS];
-    let Some(plan) = plan_request(buf, &req, &mut lines) else {
-        return Parsed::Other;
+    let plan = match plan_request(buf, &req, &mut lines) {
+        Ok(plan) => plan,
+        Err(refused) => return Parsed::Refused(refused),
     };
     let head = take_head(buf, len);
     match build_request(&head, &plan, &lines[..plan.count], empty()) {
-        Some(req) => Parsed::Plain(req, plan.close),
-        None => {
-            // A name, value or target `http` refuses: not taken, with every byte.
-            let mut all = BytesMut::with_capacity(head.len() + buf.len());
-            all.extend_from_slice(&head);
-            all.extend_from_slice(buf);
-            *buf = all;
-            Parsed::Other
-        }
+        Some(req) => Parsed::Request(req, plan.framing),
+        None => Parsed::Refused(Refused::Malformed),
     }
 }
 
-/// A plain request as parsed, by where its parts lie in its head (its header
-/// lines are kept beside it: moving them with it cost a 1.6 KB copy or two).
+/// A request as parsed, by where its parts lie in its head (its header lines are
+/// kept beside it: moving them with it cost a 1.6 KB copy or two).
 struct Plan {
     method: Method,
+    version: Version,
     target: (usize, usize),
-    /// How many header lines there are.
     count: usize,
-    /// The client asked to close after it.
-    close: bool,
+    framing: Framing,
+    /// Drop the Content-Length: the body is framed by its chunks.
+    drop_length: bool,
 }
 
-/// The plan of `req` (parsed out of `read`) if it is plain; where its header
+/// The plan of `req` (parsed out of `read`), or why it is refused; where its header
 /// lines lie goes to `lines`.
 fn plan_request(
     read: &[u8],
     req: &httparse::Request<'_, '_>,
     lines: &mut [Line; MAX_HEADERS],
-) -> Option<Plan> {
-    if req.version != Some(1) {
-        return None;
-    }
-    let method = Method::from_bytes(req.method?.as_bytes()).ok()?;
-    if method == Method::CONNECT {
-        return None;
-    }
-    let mut close = false;
+) -> Result<Plan, Refused> {
+    let version = match req.version {
+        Some(1) => Version::HTTP_11,
+        Some(0) => Version::HTTP_10,
+        _ => return Err(Refused::Version),
+    };
+    let method = req.method.ok_or(Refused::Malformed)?;
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| Refused::Malformed)?;
+    let mut close = version == Version::HTTP_10;
+    let (mut length, mut coded, mut chunked_alone, mut codings) = (None, false, false, 0);
+    let mut continue_100 = false;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let is = |n: &HeaderName| name.eq_ignore_ascii_case(n.as_str().as_bytes());
-        if is(&header::CONTENT_LENGTH)
-            || is(&header::TRANSFER_ENCODING)
-            || is(&header::EXPECT)
-            || is(&header::UPGRADE)
-        {
-            return None;
-        }
-        if is(&header::CONNECTION) {
-            close |= lists_token(h.value, b"close");
+        if is(&header::CONTENT_LENGTH) {
+            let n = content_length_bytes(h.value).ok_or(Refused::Length)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Refused::Length);
+            }
+            length = Some(n);
+        } else if is(&header::TRANSFER_ENCODING) {
+            coded = true;
+            codings += 1;
+            chunked_alone = h.value.trim_ascii().eq_ignore_ascii_case(b"chunked");
+        } else if is(&header::CONNECTION) {
+            if lists_token(h.value, b"close") {
+                close = true;
+            } else if version == Version::HTTP_10 && lists_token(h.value, b"keep-alive") {
+                close = false;
+            }
+        } else if is(&header::EXPECT) {
+            continue_100 = version == Version::HTTP_11
+                && h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         }
     }
-    Some(Plan {
+    let body = match (coded, length) {
+        (true, _) if version == Version::HTTP_10 => return Err(Refused::CodingOnHttp10),
+        (true, _) if !(chunked_alone && codings == 1) => return Err(Refused::Coding),
+        (true, _) => BodyFraming::Chunked,
+        (false, Some(0) | None) => BodyFraming::None,
+        (false, Some(n)) => BodyFraming::Length(n),
+    };
+    let drop_length = coded && length.is_some();
+    Ok(Plan {
         method,
-        target: span(read, req.path?.as_bytes()),
+        version,
+        target: span(read, req.path.ok_or(Refused::Malformed)?.as_bytes()),
         count: lines_of(read, req.headers, lines),
-        close,
+        framing: Framing {
+            body,
+            close: close || drop_length,
+            continue_100: continue_100 && body != BodyFraming::None,
+        },
+        drop_length,
     })
+}
+
+/// A Content-Length field's value: digits, or a list of the same digits.
+fn content_length_bytes(value: &[u8]) -> Option<u64> {
+    let mut found = None;
+    for part in value.split(|&b| b == b',') {
+        let n = super::framing::digits(part.trim_ascii())?;
+        if found.is_some_and(|f| f != n) {
+            return None;
+        }
+        found = Some(n);
+    }
+    found
 }
 
 /// The request `plan` and its header `lines` describe, its parts slices of
@@ -248,31 +318,16 @@ fn build_request<B>(head: &Bytes, plan: &Plan, lines: &[Line], body: B) -> Optio
     let uri = Uri::from_maybe_shared(head.slice(plan.target.0..plan.target.1)).ok()?;
     // Room for the forwarding headers the proxy adds (four, and Host), so the map
     // does not grow on the way.
-    let headers = header_map(head, lines, 5).ok()?;
+    let mut headers = header_map(head, lines, 5).ok()?;
+    if plan.drop_length {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let mut request = Request::new(body);
     *request.method_mut() = plan.method.clone();
     *request.uri_mut() = uri;
-    *request.version_mut() = Version::HTTP_11;
+    *request.version_mut() = plan.version;
     *request.headers_mut() = headers;
     Some(request)
-}
-
-/// How many bytes a request head took on the wire, as near as its parsed parts
-/// tell (the white space around values and folds are not kept): what hyper's
-/// server, which checks its limit only on what its reads hold, is held to.
-pub fn request_head_len<B>(req: &Request<B>) -> usize {
-    let uri = req.uri();
-    let target = uri.path_and_query().map_or(0, |pq| pq.as_str().len())
-        + uri.authority().map_or(0, |a| a.as_str().len())
-        + uri.scheme_str().map_or(0, |s| s.len() + 3);
-    // "METHOD target HTTP/1.1\r\n", each "name: value\r\n", and the last "\r\n".
-    let line = req.method().as_str().len() + 1 + target + 1 + 8 + 2;
-    let fields: usize = req
-        .headers()
-        .iter()
-        .map(|(n, v)| n.as_str().len() + 2 + v.len() + 2)
-        .sum();
-    line + fields + 2
 }
 
 #[cfg(test)]
@@ -281,49 +336,93 @@ mod tests {
 
     fn parse(text: &[u8]) -> (Parsed<()>, BytesMut) {
         let mut buf = BytesMut::from(text);
-        let p = parse_plain_request(&mut buf, 64 << 10, || ());
+        let p = parse_request(&mut buf, 64 << 10, || ());
         (p, buf)
     }
 
+    fn framing(text: &[u8]) -> Result<Framing, Refused> {
+        match parse(text).0 {
+            Parsed::Request(_, f) => Ok(f),
+            Parsed::Refused(r) => Err(r),
+            Parsed::Partial => panic!("partial: {}", String::from_utf8_lossy(text)),
+        }
+    }
+
     #[test]
-    fn only_plain_heads_are_taken() {
+    fn a_head_is_taken_with_what_follows_left() {
         let (p, rest) = parse(
             b"GET /a?b HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, close\r\n\r\nGET /next",
         );
-        let Parsed::Plain(req, close) = p else {
-            panic!("not plain");
+        let Parsed::Request(req, f) = p else {
+            panic!("not taken");
         };
-        assert!(close);
+        assert!(f.close);
+        assert_eq!(f.body, BodyFraming::None);
         assert_eq!(req.uri(), "/a?b");
         assert_eq!(req.headers()["host"], "x");
         assert_eq!(&rest[..], b"GET /next");
-        for other in [
-            &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"[..],
-            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
-            b"GET / HTTP/1.0\r\n\r\n",
-            b"CONNECT x:443 HTTP/1.1\r\nHost: x\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost x\r\n\r\n",
-            b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
-            // Heads httparse reads whole but `http` refuses, found only once the
-            // head is split off its buffer: put back with the pipelined request.
-            b"GET http://[::1 HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\n\r\n",
-            b"GET /<> HTTP/1.1\r\nHost: x\r\n\r\nGET /next",
-            b"GET http://a:b:c/ HTTP/1.1\r\nHost: x\r\n\r\nGET /next",
-        ] {
-            let (p, rest) = parse(other);
-            assert!(
-                matches!(p, Parsed::Other),
-                "{}",
-                String::from_utf8_lossy(other)
-            );
-            // Every byte stays, for hyper.
-            assert_eq!(&rest[..], other);
-        }
         let (p, rest) = parse(b"GET / HTTP/1.1\r\nHost: x\r\n");
         assert!(matches!(p, Parsed::Partial));
         assert_eq!(&rest[..], b"GET / HTTP/1.1\r\nHost: x\r\n");
+    }
+
+    #[test]
+    fn a_heads_framing_is_read_as_nginx_reads_it() {
+        let f = framing(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n").unwrap();
+        assert_eq!((f.body, f.close), (BodyFraming::Length(5), false));
+        let f = framing(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").unwrap();
+        assert_eq!(f.body, BodyFraming::None);
+        let f = framing(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+        assert_eq!((f.body, f.close), (BodyFraming::Chunked, false));
+        // Both: the chunks frame it, and the connection closes after it.
+        let (p, _) =
+            parse(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let Parsed::Request(req, f) = p else {
+            panic!("not taken");
+        };
+        assert_eq!((f.body, f.close), (BodyFraming::Chunked, true));
+        assert!(!req.headers().contains_key(header::CONTENT_LENGTH));
+        let f = framing(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        assert!(f.close);
+        let f = framing(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap();
+        assert!(!f.close);
+        let f = framing(b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
+        assert!(f.unwrap().continue_100);
+        let f = framing(b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n").unwrap();
+        assert!(!f.continue_100, "no body, nothing to continue");
+        let refused: [(&[u8], Refused); 8] = [
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                Refused::Coding,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Refused::Coding,
+            ),
+            (
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Refused::CodingOnHttp10,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+                Refused::Length,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+                Refused::Length,
+            ),
+            (b"GET / HTTP/2.0\r\n\r\n", Refused::Version),
+            (b"GET / HTTP/1.1\r\nHost x\r\n\r\n", Refused::Malformed),
+            (b"GET /<> HTTP/1.1\r\nHost: x\r\n\r\n", Refused::Malformed),
+        ];
+        for (text, why) in refused {
+            assert_eq!(framing(text), Err(why), "{}", String::from_utf8_lossy(text));
+        }
+        assert_eq!(Refused::Coding.status(), StatusCode::NOT_IMPLEMENTED);
+        assert_eq!(
+            Refused::Version.status(),
+            StatusCode::HTTP_VERSION_NOT_SUPPORTED
+        );
     }
 
     #[test]
@@ -331,24 +430,13 @@ mod tests {
         let head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: aaaaaaaaaaaaaaaaaaaa\r\n\r\n";
         let at = |limit: usize, bytes: &[u8]| {
             let mut buf = BytesMut::from(bytes);
-            parse_plain_request(&mut buf, limit, || ())
+            parse_request(&mut buf, limit, || ())
         };
-        assert!(matches!(at(head.len(), head), Parsed::Plain(..)));
-        assert!(matches!(at(head.len() - 1, head), Parsed::TooLarge));
-        assert!(matches!(at(20, &head[..30]), Parsed::TooLarge));
+        let too_large = |p: Parsed<()>| matches!(p, Parsed::Refused(Refused::HeadTooLarge));
+        assert!(matches!(at(head.len(), head), Parsed::Request(..)));
+        assert!(too_large(at(head.len() - 1, head)));
+        assert!(too_large(at(20, &head[..30])));
         assert!(matches!(at(30, &head[..30]), Parsed::Partial));
-        // Not plain, and too large: too large.
-        let post = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n";
-        assert!(matches!(at(20, post), Parsed::TooLarge));
-    }
-
-    #[test]
-    fn a_heads_length_is_counted_from_its_parts() {
-        let text = b"GET /a?b HTTP/1.1\r\nHost: x\r\nX-A: 12345\r\n\r\n";
-        let (Parsed::Plain(req, _), _) = parse(text) else {
-            panic!("not plain");
-        };
-        assert_eq!(request_head_len(&req), text.len());
     }
 
     fn head(text: &str) -> ResponseHead {

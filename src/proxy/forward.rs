@@ -2,22 +2,21 @@
 //! tunnel (`tunnel`) alike: who sent it ([`Peer`]) and what it holds while it uses a
 //! worker ([`Target`], [`Ticket`]); the request as a worker gets it (origin form,
 //! HTTP/1.1, hop-by-hop headers out, forwarded headers in); one exchange on a
-//! kept-alive or new connection ([`Forwarder`]); and the rule for sending it again,
-//! judged by what its body carried ([`Replay`]: only a request none of whose body can
-//! be lost).
+//! kept-alive or new connection ([`Forwarder`]), sent again only when none of its
+//! body can be lost (the caller says so).
 //!
 //! It chooses no worker (the router and the pool do) and keeps no state; connections
 //! are `upstream`'s.
 
 use crate::engineio::router::{NewSession, SessionTicket};
 use crate::http1::fields::{connection_is_plain, present, remove_present, remove_underscored};
-use crate::http1::{origin_form, strip_hop_by_hop};
+use crate::http1::strip_hop_by_hop;
 use crate::transport::body::{self, ProxyBody};
 use crate::transport::http1;
-use crate::transport::upstream::{self, Answer, FastAnswer, SendError};
+use crate::transport::upstream::{self, Answer, SendError};
 use crate::workers::pool::Worker;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Uri, Version};
+use http::{Method, Uri};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -78,98 +77,28 @@ impl Forwarder {
         }
     }
 
-    /// One request to a worker. A replayable request that meets a kept-alive
-    /// connection closing under it (the worker's keep-alive timeout, or a restart)
-    /// goes out once more on a new connection, as nginx does.
+    /// One request to a worker (`body`: its streamed body, if any). A
+    /// `replayable` request that meets a kept-alive connection closing under it
+    /// (the worker's keep-alive timeout, or a restart) goes out once more on a new
+    /// connection, as nginx does.
     pub(crate) async fn exchange(
         &self,
         worker: &Arc<Worker>,
-        req: Request<ProxyBody>,
-        replay: Option<&Replay>,
-    ) -> Result<Answer, SendError> {
-        match upstream::send(worker.clone(), worker.addr, &self.upstream, req, false).await {
-            Err(SendError::Stale(e)) => match replay {
-                Some(r) => {
-                    tracing::debug!(worker = worker.id, error = %e, "kept-alive connection closed; sending again");
-                    upstream::send(
-                        worker.clone(),
-                        worker.addr,
-                        &self.upstream,
-                        r.request(),
-                        true,
-                    )
-                    .await
-                }
-                None => Err(SendError::Http(e)),
-            },
-            other => other,
-        }
-    }
-}
-
-impl Forwarder {
-    /// One request encoded for the fast path (`http1`), as [`Forwarder::exchange`]:
-    /// a `replayable` request that meets a kept-alive connection closing under it
-    /// goes out once more on a new connection.
-    pub(crate) async fn exchange_fast(
-        &self,
-        worker: &Arc<Worker>,
         req: &http1::Request,
+        body: Option<ProxyBody>,
         replayable: bool,
-    ) -> Result<FastAnswer, SendError> {
+    ) -> Result<Answer, SendError> {
         let home = worker.clone();
-        match upstream::send_fast(home, worker.addr, &self.upstream, req, false).await {
+        match upstream::send(home, worker.addr, &self.upstream, req, body, false).await {
             Err(SendError::Stale(e)) if replayable => {
                 tracing::debug!(worker = worker.id, error = %e, "kept-alive connection closed; sending again");
-                upstream::send_fast(worker.clone(), worker.addr, &self.upstream, req, true).await
+                let home = worker.clone();
+                upstream::send(home, worker.addr, &self.upstream, req, None, true).await
             }
             Err(SendError::Stale(e)) => Err(SendError::Http(e)),
             other => other,
         }
     }
-}
-
-/// What is needed to send a bodiless request again.
-pub(crate) struct Replay {
-    pub method: Method,
-    /// Already in origin form (`origin_form`).
-    pub uri: Uri,
-    pub headers: HeaderMap,
-}
-
-impl Replay {
-    /// For a request as it came from the client.
-    pub(crate) fn new(method: Method, uri: &Uri, headers: HeaderMap) -> Replay {
-        Replay {
-            method,
-            uri: origin_form(uri),
-            headers,
-        }
-    }
-
-    pub(crate) fn request(&self) -> Request<ProxyBody> {
-        upstream_request(
-            self.method.clone(),
-            self.uri.clone(),
-            self.headers.clone(),
-            body::empty(),
-        )
-    }
-}
-
-/// The request as a worker gets it: `uri` in origin form, HTTP/1.1, the client's Host.
-pub(crate) fn upstream_request(
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: ProxyBody,
-) -> Request<ProxyBody> {
-    let mut req = Request::new(body);
-    *req.method_mut() = method;
-    *req.uri_mut() = uri;
-    *req.version_mut() = Version::HTTP_11;
-    *req.headers_mut() = headers;
-    req
 }
 
 pub(crate) fn is_idempotent(m: &Method) -> bool {

@@ -19,14 +19,14 @@ use crate::http1::fields::has_underscore;
 use crate::http1::{content_length, origin_form, strip_hop_by_hop};
 use crate::proxy::answer::{self, short};
 use crate::proxy::forward::{
-    direct_forwarding, dropped_direct, is_idempotent, prepare_request_headers, upstream_request,
-    Forwarder, Peer, Replay, Target, Ticket,
+    direct_forwarding, dropped_direct, is_idempotent, prepare_request_headers, Forwarder, Peer,
+    Target, Ticket,
 };
 use crate::proxy::tunnel::{self, Tunnels};
 use crate::runtime::life::Life;
 use crate::transport::body::{self, Fault, Guarded, Limited, Prefixed, ProxyBody, RequestBody};
-use crate::transport::http1;
-use crate::transport::upstream::{self, Answer, FastAnswer, Lease, SendError};
+use crate::transport::http1::{self, Sending};
+use crate::transport::upstream::{self, SendError};
 use crate::workers::pool::{InflightGuard, Pool, Worker};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
@@ -65,17 +65,14 @@ pub struct Shared {
     /// Owns the unread request bodies read away after a 413 (each for a second at
     /// most): the client connections' lifetime.
     lingering: Life,
-    /// Owns the worker connections' drivers.
-    drivers: Life,
 }
 
 impl Shared {
     /// The parts; tunnels and 413 lingerers are tasks of `serving` (the client
-    /// connections' lifetime), worker connections' drivers `drivers`'.
+    /// connections' lifetime).
     pub fn new(
         (pool, router, metrics): (Arc<Pool>, Arc<Router>, Arc<Counters>),
         serving: &Life,
-        drivers: &Life,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             metrics,
@@ -83,7 +80,6 @@ impl Shared {
             router,
             tunnels: Tunnels::new(serving.clone()),
             lingering: serving.clone(),
-            drivers: drivers.clone(),
         })
     }
 }
@@ -280,7 +276,6 @@ impl Proxy {
         let upstream = upstream::Settings {
             connect_timeout: cfg.timeouts.connect,
             idle_timeout: cfg.timeouts.upstream_idle,
-            drivers: shared.drivers.clone(),
         };
         let spread = cfg
             .workers
@@ -490,34 +485,28 @@ impl Proxy {
         is_eio: bool,
     ) -> Response<ProxyBody> {
         let (parts, incoming) = req.into_parts();
-        // Judged by the body's own framing (hyper's view), before the hop-by-hop
-        // headers that carry it (Transfer-Encoding) are stripped.
+        // Judged by the body's own framing, before the hop-by-hop headers that
+        // carry it (Transfer-Encoding) are stripped.
         let bodiless = incoming.is_end_stream();
+        let declared = incoming.size_hint().exact();
         let eio_post = is_eio && parts.method == Method::POST;
-        // A request the fast path will carry has its body in hand.
-        let fast = self.cfg.experimental.http1_fast_path
-            && (bodiless || eio_post)
-            && !matches!(target.ticket, Ticket::Hop);
         let mut headers = parts.headers;
-        let direct = self.forwarding_headers(&mut headers, &parts.uri, &peer, &target, fast);
+        let direct = self.forwarding_headers(&mut headers, &parts.uri, &peer, &target);
         let counted = body::Counted::new(incoming, self.metrics.clone(), false);
         let (limited, faults) = Limited::new(counted, self.cfg.limits.max_body);
-        let in_hand = if eio_post && !bodiless {
+        let (sending, mut streamed) = if eio_post && !bodiless {
             // Engine.IO POST bodies are small (the server's maxPayload, 1 MB by
             // default) and some workers read them with one read of Content-Length
             // bytes (python-engineio on aiohttp): sent whole, head and body together,
             // as nginx does.
             match self.read_whole(limited, &faults).await {
-                Ok(bytes) => {
-                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-                    Ok(bytes)
-                }
+                Ok(bytes) => (Sending::InHand(bytes), None),
                 Err(resp) => return resp,
             }
         } else if bodiless {
-            Ok(Bytes::new())
+            (Sending::InHand(Bytes::new()), None)
         } else {
-            Err(limited.boxed_unsync())
+            (Sending::Streamed(declared), Some(limited.boxed_unsync()))
         };
         // Only a request that can be sent again unchanged is sent again: on a fresh
         // connection when a kept-alive one was closed under it, and (for requests
@@ -527,15 +516,7 @@ impl Proxy {
         // to say, so when the worker is about to be stopped corral answers it.
         let poll = matches!(target.ticket, Ticket::Session(_)) && parts.method == Method::GET;
         let uri = origin_form(&parts.uri);
-        let mut outgoing = self.encode(
-            parts.method,
-            uri,
-            headers,
-            in_hand,
-            fast,
-            direct.as_ref(),
-            replayable,
-        );
+        let outgoing = self.encode(&parts.method, &uri, &headers, &sending, direct.as_ref());
         let wait = if is_eio {
             self.cfg.timeouts.engineio_read
         } else {
@@ -551,8 +532,11 @@ impl Proxy {
                 false => worker.start_request(),
             };
             let sent = Instant::now();
-            let exchange =
-                tokio::time::timeout(wait, self.attempt(&worker, &mut outgoing, replayable));
+            let exchange = tokio::time::timeout(
+                wait,
+                self.forward
+                    .exchange(&worker, &outgoing, streamed.take(), replayable),
+            );
             let result = match poll {
                 // Boxed: raced inline, the two futures made every request's future
                 // (copied as it is polled and moved) larger, long-poll or not.
@@ -565,6 +549,7 @@ impl Proxy {
             match faults.get() {
                 Some(Fault::TooLarge) => return self.too_large(faults.take_kept()),
                 Some(Fault::Malformed) => return malformed_body(),
+                Some(Fault::TimedOut) => return body_timed_out(),
                 None => {}
             }
             let err = match result {
@@ -572,15 +557,7 @@ impl Proxy {
                     self.metrics.observe_latency(sent.elapsed());
                     worker.traffic.count_response(reply.status().as_u16());
                     worker.answered();
-                    return match reply {
-                        Reply::Fast(response) => {
-                            self.respond(response, None, ticket, inflight).await
-                        }
-                        Reply::Hyper(answer) => {
-                            let lease = Some(answer.lease);
-                            self.respond(answer.response, lease, ticket, inflight).await
-                        }
-                    };
+                    return self.respond(reply, ticket, inflight).await;
                 }
                 Ok(Err(e)) => Some(e),
                 Err(_) => None,
@@ -592,26 +569,22 @@ impl Proxy {
             };
             // Once only.
             elsewhere = false;
-            if let Outgoing::Hyper(req, Some(replay)) = &mut outgoing {
-                *req = Some(replay.request());
-            }
         }
     }
 
     /// The forwarding headers of a request going to its worker: for the common
-    /// request the fast path carries, the four it adds, written straight into the
-    /// bytes sent later (`direct_forwarding`); for any other, None, its header map
-    /// rewritten here. A handshake's Accept-Encoding goes either way: its sid must
-    /// be readable in the response.
+    /// request, the four it adds, written straight into the bytes sent later
+    /// (`direct_forwarding`); for any other (and a hop to another node), None, its
+    /// header map rewritten here. A handshake's Accept-Encoding goes either way:
+    /// its sid must be readable in the response.
     fn forwarding_headers(
         &self,
         headers: &mut http::HeaderMap,
         uri: &http::Uri,
         peer: &Peer,
         target: &Target,
-        fast: bool,
     ) -> Option<[(header::HeaderName, HeaderValue); 4]> {
-        let direct = fast
+        let direct = (!matches!(target.ticket, Ticket::Hop))
             .then(|| direct_forwarding(headers, uri, peer))
             .flatten();
         if direct.is_none() {
@@ -626,44 +599,23 @@ impl Proxy {
         direct
     }
 
-    /// The request for one of the two clients: encoded once for the fast path
-    /// (its body in hand), else a hyper request, with what a second try needs.
-    #[allow(clippy::too_many_arguments)]
+    /// The request as its worker gets it, encoded once: any try sends the same
+    /// bytes.
     fn encode(
         &self,
-        method: Method,
-        uri: http::Uri,
-        headers: http::HeaderMap,
-        in_hand: Result<Bytes, ProxyBody>,
-        fast: bool,
+        method: &Method,
+        uri: &http::Uri,
+        headers: &http::HeaderMap,
+        sending: &Sending,
         direct: Option<&[(header::HeaderName, HeaderValue); 4]>,
-        replayable: bool,
-    ) -> Outgoing {
-        match in_hand {
-            Ok(whole) if fast => Outgoing::Fast(match direct {
-                Some(added) => {
-                    let underscores = self.forward.underscores;
-                    let dropped = |n: &_| dropped_direct(n) || (!underscores && has_underscore(n));
-                    http1::encode(&method, &uri, &headers, dropped, added, whole)
-                }
-                None => http1::encode(&method, &uri, &headers, |_| false, &[], whole),
-            }),
-            in_hand => {
-                // `direct` is only made for a request the fast path carries, and
-                // each such has its body in hand: this map was rewritten.
-                debug_assert!(direct.is_none());
-                let replay = replayable.then(|| Replay {
-                    method: method.clone(),
-                    uri: uri.clone(),
-                    headers: headers.clone(),
-                });
-                let body = match in_hand {
-                    Ok(whole) if whole.is_empty() => body::empty(),
-                    Ok(whole) => body::full(whole),
-                    Err(streamed) => streamed,
-                };
-                Outgoing::Hyper(Some(upstream_request(method, uri, headers, body)), replay)
+    ) -> http1::Request {
+        match direct {
+            Some(added) => {
+                let underscores = self.forward.underscores;
+                let dropped = |n: &_| dropped_direct(n) || (!underscores && has_underscore(n));
+                http1::encode(method, uri, headers, dropped, added, sending)
             }
+            None => http1::encode(method, uri, headers, |_| false, &[], sending),
         }
     }
 
@@ -705,31 +657,6 @@ impl Proxy {
             .ok_or_else(|| answer::unreachable(&self.metrics, ticket, addr))
     }
 
-    /// One try at sending `outgoing` to `worker`.
-    async fn attempt(
-        &self,
-        worker: &Arc<Worker>,
-        outgoing: &mut Outgoing,
-        replayable: bool,
-    ) -> Result<Reply, SendError> {
-        match outgoing {
-            Outgoing::Fast(req) => self
-                .forward
-                .exchange_fast(worker, req, replayable)
-                .await
-                .map(Reply::Fast),
-            Outgoing::Hyper(req, replay) => {
-                let Some(req) = req.take() else {
-                    return Err(SendError::Http("request already sent".into()));
-                };
-                self.forward
-                    .exchange(worker, req, replay.as_ref())
-                    .await
-                    .map(Reply::Hyper)
-            }
-        }
-    }
-
     /// Reads a client's request body whole (it is already bounded by `limits.max_body`),
     /// within `timeouts.read`.
     async fn read_whole<B>(
@@ -744,12 +671,10 @@ impl Proxy {
             Ok(Ok(collected)) => Ok(collected.to_bytes()),
             Ok(Err(_)) => Err(match faults.get() {
                 Some(Fault::TooLarge) => self.too_large(faults.take_kept()),
+                Some(Fault::TimedOut) => body_timed_out(),
                 _ => malformed_body(),
             }),
-            Err(_) => Err(short(
-                StatusCode::REQUEST_TIMEOUT,
-                "corral: request body not received in time\n",
-            )),
+            Err(_) => Err(body_timed_out()),
         }
     }
 
@@ -759,11 +684,10 @@ impl Proxy {
     }
 
     /// Passes a worker's response on; for a handshake, reads the sid first. The body
-    /// holds `lease` (hyper's connection; a fast-path body holds its own) until it ends.
+    /// holds the worker's connection until it ends.
     async fn respond<B>(
         &self,
         response: Response<B>,
-        lease: Option<Lease>,
         ticket: Ticket,
         inflight: InflightGuard,
     ) -> Response<ProxyBody>
@@ -800,7 +724,7 @@ impl Proxy {
         // holding the worker connection and the session and in-flight counts until
         // it ends (read to the end, the connection goes back for the next request).
         let body = body::Counted::new(Prefixed::new(prefix, body), self.metrics.clone(), true);
-        let body = Guarded::new(body, (lease, (ticket, inflight)));
+        let body = Guarded::new(body, (ticket, inflight));
         Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
     }
 
@@ -883,31 +807,16 @@ impl Proxy {
     }
 }
 
-/// A request on its way to a worker, by one of the two HTTP/1.1 clients.
-// One per request, held in the request's future: boxing the larger variant would
-// cost an allocation for nothing.
-#[allow(clippy::large_enum_variant)]
-enum Outgoing {
-    /// Encoded once for the fast path (`http1`); any try sends the same bytes.
-    Fast(http1::Request),
-    /// Through hyper's client; a replayable request is rebuilt from its `Replay`
-    /// for a second try.
-    Hyper(Option<Request<ProxyBody>>, Option<Replay>),
-}
-
-/// A worker's response, from the client that sent the request.
-enum Reply {
-    Fast(FastAnswer),
-    Hyper(Answer),
-}
-
-impl Reply {
-    fn status(&self) -> StatusCode {
-        match self {
-            Reply::Fast(r) => r.status(),
-            Reply::Hyper(a) => a.response.status(),
-        }
-    }
+/// The client's body stopped coming (`timeouts.body_read`, or `timeouts.read` for a
+/// body read whole); the connection closes.
+fn body_timed_out() -> Response<ProxyBody> {
+    let mut resp = short(
+        StatusCode::REQUEST_TIMEOUT,
+        "corral: request body not received in time\n",
+    );
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 /// The client's body broke its own framing; what reached the worker was aborted.

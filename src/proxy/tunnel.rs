@@ -15,55 +15,22 @@
 //! (`route`).
 
 use crate::counters::Counters;
-use crate::http1::strip_hop_by_hop;
+use crate::http1::{origin_form, strip_hop_by_hop};
 use crate::proxy::answer::{self, short};
-use crate::proxy::forward::{prepare_request_headers, Forwarder, Peer, Replay, Target, Ticket};
+use crate::proxy::forward::{prepare_request_headers, Forwarder, Peer, Target, Ticket};
 use crate::proxy::relay::{splice_from, Early, Meter, GOING_AWAY, SERVICE_RESTART};
 use crate::runtime::life::Life;
 use crate::transport::body::{Guarded, ProxyBody, RequestBody};
-use crate::transport::moving::{Duplex, Replant, Taken, TakenSocket};
-use crate::transport::upstream::{take_worker_socket, SendError};
+use crate::transport::http1::{self, Sending};
+use crate::transport::moving::{Duplex, Handover, OnUpgrade, Replant, Taken};
+use crate::transport::upstream::SendError;
 use crate::workers::pool::{Pool, Worker};
-use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
-use std::io;
+use http::{header, Request, Response, StatusCode};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::runtime::Handle;
 use tokio_util::either::Either;
-
-/// A client connection's place under `limits.max_connections`, shared by the
-/// connection and the websocket tunnel it may become: the place is given back when
-/// both have ended. It also says how to take the connection's socket out of its
-/// upgrade, where the listener knows.
-#[derive(Clone)]
-pub struct ConnectionSlot {
-    _permit: Arc<dyn Send + Sync>,
-    take_socket: Option<TakeSocket>,
-}
-
-/// Takes the socket out of an upgraded connection (`Err`: not one it knows).
-pub type TakeSocket = fn(Upgraded) -> Result<io::Result<TakenSocket>, Upgraded>;
-
-impl ConnectionSlot {
-    /// The slot of a connection that holds `permit` (given back when dropped).
-    pub fn new(permit: impl Send + Sync + 'static) -> ConnectionSlot {
-        ConnectionSlot {
-            _permit: Arc::new(permit),
-            take_socket: None,
-        }
-    }
-
-    /// Its socket can be taken out of its upgrade with `take`.
-    pub fn with_socket(mut self, take: TakeSocket) -> ConnectionSlot {
-        self.take_socket = Some(take);
-        self
-    }
-}
 
 /// The open tunnels: their tasks, in the client connections' lifetime, whose drain
 /// signal closes them. One for the life of corral: a config reload changes the
@@ -164,19 +131,25 @@ impl Tunnels {
         } = via;
         let worker = target.worker.id;
         let addr = target.worker.addr;
-        let client_side = hyper::upgrade::on(&mut req);
-        // The client connection's slot (limits.max_connections) stays taken while
-        // its tunnel is open.
-        let slot = req.extensions_mut().remove::<ConnectionSlot>();
+        // Only a connection that can hand its socket over carries an upgrade
+        // (HTTP/1.1's; an HTTP/2 stream has none).
+        let Some(client_side) = req.extensions_mut().remove::<OnUpgrade>() else {
+            return short(
+                StatusCode::BAD_REQUEST,
+                "corral: websocket upgrades are served over HTTP/1.1\n",
+            );
+        };
         let (parts, _) = req.into_parts();
         let mut headers = parts.headers;
         prepare_request_headers(&mut headers, &parts.uri, &peer, true, forward.underscores);
         forward.mark_hop(&mut headers, &target.ticket);
-        let replay = Replay::new(parts.method, &parts.uri, headers);
+        let uri = origin_form(&parts.uri);
+        let none = Sending::InHand(bytes::Bytes::new());
+        let out = http1::encode(&parts.method, &uri, &headers, |_| false, &[], &none).upgrade();
         // A kept-alive connection serves as well as a new one, and saves a connect.
-        let exchange = forward.exchange(&target.worker, replay.request(), Some(&replay));
-        let answer = match tokio::time::timeout(timing.read_timeout, exchange).await {
-            Ok(Ok(answer)) => answer,
+        let exchange = forward.exchange(&target.worker, &out, None, true);
+        let resp = match tokio::time::timeout(timing.read_timeout, exchange).await {
+            Ok(Ok(resp)) => resp,
             Ok(Err(SendError::Connect(e))) => {
                 tracing::warn!(worker, %addr, error = %e, "cannot connect to worker for websocket");
                 pool.check_failed(&target.worker);
@@ -195,62 +168,57 @@ impl Tunnels {
                 )
             }
         };
-        let mut resp = answer.response;
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            // Refused upgrade (a 400 for a bad sid, say): pass the answer on as it is.
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            let body = Guarded::new(body, (answer.lease, target.ticket))
-                .map_err(Into::into)
-                .boxed_unsync();
-            return Response::from_parts(parts, body);
+            return refused(resp, target.ticket);
         }
-        let worker_side = hyper::upgrade::on(&mut resp);
-        let idle = timing.idle;
-        let open = target.worker.open_tunnel();
-        let metrics = metrics.clone();
-        let ticket = match target.ticket {
-            Ticket::Session(t) => Ticket::Session(t.into_tunnel()),
-            other => other,
+        let (mut parts, reading) = resp.into_parts();
+        let Some((worker_tcp, to_client)) = reading.into_upgraded() else {
+            return short(StatusCode::BAD_GATEWAY, "corral: worker socket lost\n");
         };
-        let closing = self.close_signal(&target.worker, timing.spread);
-        let lane = self.lane_for(worker);
-        let life = self.life.clone();
-        self.life.spawn(async move {
-            let (client_io, worker_io) = match tokio::try_join!(client_side, worker_side) {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::debug!(error = %e, "websocket upgrade did not complete");
-                    return;
-                }
-            };
-            let take_client = slot.as_ref().and_then(|s| s.take_socket);
-            let relay = Relay {
-                idle,
-                closing,
-                metrics,
-                _owned: (slot, ticket, open),
-            };
-            match take_client {
-                Some(take) => {
-                    relay
-                        .elsewhere(&lane, &life, take, client_io, worker_io)
-                        .await
-                }
-                None => {
-                    let (a, b) = (TokioIo::new(client_io), TokioIo::new(worker_io));
-                    relay.run(a, b, Early::default()).await
-                }
+        let worker_tcp = match worker_tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::debug!(error = %e, "tunnel lost its worker socket");
+                return short(StatusCode::BAD_GATEWAY, "corral: worker socket lost\n");
             }
+        };
+        let relay = Relay {
+            idle: timing.idle,
+            closing: self.close_signal(&target.worker, timing.spread),
+            metrics: metrics.clone(),
+            _owned: (
+                match target.ticket {
+                    Ticket::Session(t) => Ticket::Session(t.into_tunnel()),
+                    other => other,
+                },
+                target.worker.open_tunnel(),
+            ),
+        };
+        // The tunnel is relayed on its worker's thread, once the client's
+        // connection has written the 101 and given its socket up.
+        self.life.spawn_on(&self.lane_for(worker), async move {
+            let Ok(client) = client_side.connection().await else {
+                return tracing::debug!("websocket upgrade did not complete");
+            };
+            relay.relay_taken(client, worker_tcp, to_client).await
         });
-        let (parts, _) = resp.into_parts();
+        parts.headers.remove(header::CONTENT_LENGTH);
         Response::from_parts(parts, crate::transport::body::empty())
     }
 }
 
+/// A refused upgrade (a 400 for a bad sid, say), passed on as it is.
+fn refused(resp: crate::transport::upstream::Answer, ticket: Ticket) -> Response<ProxyBody> {
+    use http_body_util::BodyExt;
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let body = Guarded::new(body, ticket).boxed_unsync();
+    Response::from_parts(parts, body)
+}
+
 /// What a tunnel's relay owns: its timing and close signal, the counters it adds
-/// its bytes to, and what ends with it (the client's connection slot, the session's
-/// ticket, the worker's count of open tunnels).
+/// its bytes to, and what ends with it (the session's ticket, the worker's count
+/// of open tunnels, and the client's connection slot, which comes with its socket).
 struct Relay<C, O> {
     idle: Duration,
     closing: C,
@@ -263,59 +231,13 @@ where
     C: std::future::Future<Output = u16> + Send + 'static,
     O: Send + 'static,
 {
-    async fn run<A, B>(self, client: A, worker: B, early: Early)
-    where
-        A: AsyncRead + AsyncWrite + Unpin,
-        B: AsyncRead + AsyncWrite + Unpin,
-    {
-        let meter = Meter {
-            up: &self.metrics.bytes_in,
-            down: &self.metrics.bytes_out,
-        };
-        splice_from(client, worker, early, self.idle, self.closing, meter).await;
-    }
-
-    /// Relays on `lane` (its worker's thread, which may be this one): both sockets
-    /// are taken out of their upgrades and served there. Where a socket cannot be
-    /// taken (not one the listener or the worker connection knows), the tunnel stays
-    /// here, in its upgrades.
-    async fn elsewhere(
-        self,
-        lane: &Handle,
-        life: &Life,
-        take_client: TakeSocket,
-        client: Upgraded,
-        worker: Upgraded,
-    ) {
-        let client = match take_client(client) {
-            Err(client) => {
-                let (a, b) = (TokioIo::new(client), TokioIo::new(worker));
-                return self.run(a, b, Early::default()).await;
-            }
-            Ok(Err(e)) => return tracing::debug!(error = %e, "tunnel lost its client socket"),
-            Ok(Ok(client)) => client,
-        };
-        let (worker_tcp, to_client) = match take_worker_socket(worker) {
-            Err(worker) => {
-                let early = Early {
-                    to_worker: client.early,
-                    ..Early::default()
-                };
-                return self.run_taken(client.io, TokioIo::new(worker), early).await;
-            }
-            Ok(Err(e)) => return tracing::debug!(error = %e, "tunnel lost its worker socket"),
-            Ok(Ok(worker)) => worker,
-        };
-        life.spawn_on(lane, self.relay_taken(client, worker_tcp, to_client));
-    }
-
     /// The tunnel's task on its worker's thread: both sockets put on this thread's
     /// reactor, then relayed. Written flat, with the relay taken apart at once: each
     /// level of async functions that passed it on kept a copy of it in the task,
     /// which an idle tunnel holds for its whole life.
     async fn relay_taken(
         self,
-        client: TakenSocket,
+        client: Handover,
         worker: std::net::TcpStream,
         to_client: bytes::Bytes,
     ) {
@@ -325,8 +247,9 @@ where
             metrics,
             _owned,
         } = self;
+        let Handover { socket, hold } = client;
         let early = Early {
-            to_worker: client.early,
+            to_worker: socket.early,
             to_client,
         };
         let Some(b) = registered(worker) else {
@@ -336,20 +259,10 @@ where
             up: &metrics.bytes_in,
             down: &metrics.bytes_out,
         };
-        if let Some(a) = client_stream(client.io) {
+        if let Some(a) = client_stream(socket.io) {
             splice_from(a, b, early, idle, closing, meter).await;
         }
-        drop(_owned);
-    }
-
-    /// As `run`, with the client's taken socket put on this thread's reactor.
-    async fn run_taken<B>(self, client: Taken, worker: B, early: Early)
-    where
-        B: AsyncRead + AsyncWrite + Unpin,
-    {
-        if let Some(a) = client_stream(client) {
-            self.run(a, worker, early).await
-        }
+        drop((_owned, hold));
     }
 }
 

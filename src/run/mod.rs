@@ -146,7 +146,6 @@ impl App {
         let shared = Shared::new(
             (pool.clone(), router.clone(), metrics.clone()),
             &lives.serving,
-            background,
         );
         let mut proxy = Proxy::new(cfg.clone(), shared);
         if cfg.engineio.tag_sids {

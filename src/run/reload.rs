@@ -40,7 +40,6 @@ const LIVE: &[&str] = &[
     "trusted_proxies",
     "underscores_in_headers",
     "h2c",
-    "experimental",
     "engineio.path",
     "engineio.sticky",
     "engineio.max_sessions",

@@ -29,23 +29,25 @@ pub fn empty() -> ProxyBody {
     full(Bytes::new())
 }
 
-/// A client's request body: hyper's, or none at all for a request the edge's own
-/// HTTP/1.1 loop read (it takes only requests without a body).
+/// A client's request body: an HTTP/2 stream's (hyper's), an HTTP/1.1 body the
+/// client connection's session reads into a [`Piped`], or none.
 pub enum RequestBody {
     Hyper(hyper::body::Incoming),
+    Piped(Piped),
     Empty,
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            RequestBody::Hyper(inner) => Pin::new(inner).poll_frame(cx),
+            RequestBody::Hyper(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
+            RequestBody::Piped(inner) => inner.poll(cx),
             RequestBody::Empty => Poll::Ready(None),
         }
     }
@@ -53,6 +55,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Hyper(inner) => inner.is_end_stream(),
+            RequestBody::Piped(_) => false,
             RequestBody::Empty => true,
         }
     }
@@ -60,9 +63,132 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Hyper(inner) => inner.size_hint(),
+            RequestBody::Piped(p) => p.length.map_or_else(SizeHint::new, SizeHint::with_exact),
             RequestBody::Empty => SizeHint::with_exact(0),
         }
     }
+}
+
+/// A body passed from the task that reads it off a connection to whoever polls it,
+/// one piece at a time: the reader reads only when the body asks for more (so an
+/// unread body is not read at all, and `Expect: 100-continue` is answered when the
+/// body is first asked for), and both sides are the same task's, so the hand-off
+/// costs no wake-up of another thread.
+pub fn pipe(length: Option<u64>) -> (Feed, Piped) {
+    let shared = Arc::new(std::sync::Mutex::new(PipeState::default()));
+    (
+        Feed {
+            shared: shared.clone(),
+        },
+        Piped { shared, length },
+    )
+}
+
+#[derive(Default)]
+struct PipeState {
+    data: Option<Bytes>,
+    /// The end: clean (None) or failed.
+    end: Option<Option<BoxError>>,
+    /// The body asked for more and has not been given it.
+    wanted: bool,
+    /// The reader went away without an end.
+    dropped: bool,
+    /// The body's reader (once it asked) and the feed's (once it waits).
+    body_waker: Option<std::task::Waker>,
+    feed_waker: Option<std::task::Waker>,
+}
+
+/// The body's side of a [`pipe`].
+pub struct Piped {
+    shared: Arc<std::sync::Mutex<PipeState>>,
+    /// The declared length.
+    length: Option<u64>,
+}
+
+impl Piped {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut s = lock(&self.shared);
+        if let Some(data) = s.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        if let Some(end) = s.end.take() {
+            s.end = Some(None);
+            return Poll::Ready(end.map(Err));
+        }
+        if s.dropped {
+            return Poll::Ready(Some(Err("client connection closed mid-body".into())));
+        }
+        s.wanted = true;
+        s.body_waker = Some(cx.waker().clone());
+        if let Some(w) = s.feed_waker.take() {
+            w.wake();
+        }
+        Poll::Pending
+    }
+}
+
+/// The reader's side of a [`pipe`].
+pub struct Feed {
+    shared: Arc<std::sync::Mutex<PipeState>>,
+}
+
+impl Feed {
+    /// Whether the body asked for more and has nothing waiting.
+    pub fn wanted(&self) -> bool {
+        let s = lock(&self.shared);
+        s.wanted && s.data.is_none()
+    }
+
+    /// Whether nobody will read the body any more (its holder dropped it).
+    pub fn unread(&self) -> bool {
+        Arc::strong_count(&self.shared) == 1
+    }
+
+    /// Resolves once the body asks for more (or is dropped).
+    pub async fn asked(&self) {
+        std::future::poll_fn(|cx| {
+            let mut s = lock(&self.shared);
+            if (s.wanted && s.data.is_none()) || Arc::strong_count(&self.shared) == 1 {
+                return Poll::Ready(());
+            }
+            s.feed_waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Gives the body its next piece.
+    pub fn send(&self, data: Bytes) {
+        let mut s = lock(&self.shared);
+        s.data = Some(data);
+        s.wanted = false;
+        if let Some(w) = s.body_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Ends the body: cleanly, or with `error`.
+    pub fn end(&self, error: Option<BoxError>) {
+        let mut s = lock(&self.shared);
+        s.end = Some(error);
+        if let Some(w) = s.body_waker.take() {
+            w.wake();
+        }
+    }
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        let mut s = lock(&self.shared);
+        s.dropped = true;
+        if let Some(w) = s.body_waker.take() {
+            w.wake();
+        }
+    }
+}
+
+fn lock(m: &std::sync::Mutex<PipeState>) -> std::sync::MutexGuard<'_, PipeState> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The error a [`Limited`] body ends with when the client sent too much.
@@ -70,14 +196,22 @@ impl Body for RequestBody {
 #[error("request body larger than {0} bytes")]
 pub struct TooLarge(pub u64);
 
+/// The error a request body fails with when the client sends nothing of it for
+/// `timeouts.body_read` (nginx's `client_body_timeout`).
+#[derive(Debug, thiserror::Error)]
+#[error("request body not received in time")]
+pub struct BodyTimedOut;
+
 /// What went wrong with a client's request body: the client's fault, so the answer
-/// is 413 or 400 rather than the 502 of a failing worker.
+/// is 413, 408 or 400 rather than the 502 of a failing worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// More than the size limit.
     TooLarge,
     /// Broken framing (a bad chunk, a body cut short by the client).
     Malformed,
+    /// Nothing came for `timeouts.body_read`.
+    TimedOut,
 }
 
 /// Where a [`Limited`] body records its [`Fault`] (the first one stays) and, when it
@@ -104,6 +238,7 @@ impl Faults {
         match self.code.load(Ordering::Acquire) {
             1 => Some(Fault::TooLarge),
             2 => Some(Fault::Malformed),
+            3 => Some(Fault::TimedOut),
             _ => None,
         }
     }
@@ -112,6 +247,7 @@ impl Faults {
         let code = match fault {
             Fault::TooLarge => 1,
             Fault::Malformed => 2,
+            Fault::TimedOut => 3,
         };
         let _ = self
             .code
@@ -184,8 +320,12 @@ where
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                this.faults.set(Fault::Malformed);
-                Poll::Ready(Some(Err(e.into())))
+                let e: BoxError = e.into();
+                this.faults.set(match e.is::<BodyTimedOut>() {
+                    true => Fault::TimedOut,
+                    false => Fault::Malformed,
+                });
+                Poll::Ready(Some(Err(e)))
             }
             other => other.map(|_| None),
         }

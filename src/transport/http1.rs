@@ -1,25 +1,29 @@
-//! HTTP/1.1 to a worker on `httparse`, for a request whose body is already in hand
-//! (none, or read whole): the task serving the client writes the request and reads
-//! the response itself, with no connection task and no channel between them. The
-//! hyper client costs a task and a hand-off each way per request, more than the
-//! rest of the request path (docs/http1-fast-path.md).
+//! HTTP/1.1 to a worker on `httparse`: corral's one client session, a request and
+//! its answer on a connection of `upstream`'s, read and written by the task serving
+//! the client itself, with no connection task and no channel between them (a hyper
+//! client cost a task and a hand-off each way per request, more than the rest of
+//! the request path: docs/http1-fast-path.md).
 //!
-//! It owns the exchange and the rule for when a connection may carry another
-//! request: only when its request was written whole and its response read exactly
-//! to its end, with nothing after it. How messages are written, read and framed is
-//! `http1`'s (RFC 9112 sections 6 and 9.3), shared with hyper's path. It must not choose workers or decide on sending again (the proxy does; it is
-//! told when a connection closed before any byte of an answer), and it carries no
-//! streamed request body and no upgrade: those stay on hyper (`upstream`).
+//! It owns the exchange: the request's head and a body in hand written at once, a
+//! streamed body written as it comes (by its length, or chunked) while the answer
+//! is watched for, the answer's head read (1xx skipped, a 101 only for an upgrade),
+//! its body read as it is passed on, and the rule for when a connection may carry
+//! another request: only when its request was written whole and its answer read
+//! exactly to its end, with nothing after it. How messages are written, read and
+//! framed is `http1`'s (RFC 9112 sections 6 and 9.3). It must not choose workers or
+//! decide on sending again (the proxy does; it is told when a connection closed
+//! before any byte of an answer).
 
 use crate::http1::chunked::{self, Chunk, Step};
 use crate::http1::framing::{response_body, Body};
 use crate::http1::head::{parse_response, ResponseHead, MAX_RESPONSE_HEAD};
 use crate::http1::{make_room, wants_close, READ_SIZE};
+use crate::http1::encode::Outgoing;
 use crate::transport::body::BoxError;
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, Uri, Version};
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -45,13 +49,6 @@ impl Conn {
         }
     }
 
-    /// The socket, for hyper's client to carry on with. Only a parked connection
-    /// is handed over, and a parked connection has nothing read ahead.
-    pub fn into_stream(self) -> TcpStream {
-        debug_assert!(self.buf.is_empty());
-        self.io
-    }
-
     /// Whether a parked connection can take a request: nothing has arrived on it
     /// since its last response, neither its end nor stray bytes. Costs a system
     /// call only when the socket was reported readable.
@@ -74,10 +71,22 @@ impl Conn {
 }
 
 /// A request, encoded once, so it can go out again unchanged (on a fresh
-/// connection, or to another worker).
+/// connection, or to another worker): its head, and its body when in hand.
 pub struct Request {
     bytes: Vec<u8>,
     head: bool,
+    /// A websocket upgrade: a 101 answers it.
+    upgrade: bool,
+    /// Its body comes after the head, as a stream: chunked (else by its length).
+    chunked: bool,
+}
+
+/// How a request's body goes to the worker.
+pub enum Sending {
+    /// Already in hand (empty for none): written with the head.
+    InHand(Bytes),
+    /// Streamed after the head: of this declared length, or chunked.
+    Streamed(Option<u64>),
 }
 
 /// The request as a worker gets it (`http1::encode::request`).
@@ -87,11 +96,26 @@ pub fn encode(
     headers: &HeaderMap,
     skip: impl Fn(&HeaderName) -> bool,
     added: &[(HeaderName, HeaderValue)],
-    body: Bytes,
+    body: &Sending,
 ) -> Request {
+    let outgoing = match body {
+        Sending::InHand(bytes) => Outgoing::InHand(bytes),
+        Sending::Streamed(Some(n)) => Outgoing::Length(*n),
+        Sending::Streamed(None) => Outgoing::Chunked,
+    };
     Request {
-        bytes: crate::http1::encode::request(method, uri, headers, skip, added, &body),
+        bytes: crate::http1::encode::request(method, uri, headers, skip, added, outgoing),
         head: method == Method::HEAD,
+        upgrade: false,
+        chunked: matches!(body, Sending::Streamed(None)),
+    }
+}
+
+impl Request {
+    /// The request asks for a websocket upgrade: a 101 is its answer.
+    pub fn upgrade(mut self) -> Request {
+        self.upgrade = true;
+        self
     }
 }
 
@@ -123,19 +147,34 @@ pub trait Keep {
     fn keep(self, conn: Conn);
 }
 
-/// Sends `req` on `conn` and reads the response head; the body is read as the
-/// response is passed on, and at its end the connection goes to `keep` if it may
-/// be used again.
+/// Sends `req` on `conn` (`body`: its streamed body, when it has one) and reads the
+/// response head; the body is read as the response is passed on, and at its end the
+/// connection goes to `keep` if it may be used again. A 101 to an upgrade leaves
+/// the connection in the body, for [`Reading::into_upgraded`].
 pub async fn exchange<K: Keep>(
     mut conn: Conn,
     req: &Request,
+    body: Option<crate::transport::body::ProxyBody>,
     keep: K,
 ) -> Result<Response<Reading<K>>, Failure> {
     conn.io
         .write_all(&req.bytes)
         .await
         .map_err(Failure::Unanswered)?;
-    let head = read_head(&mut conn).await?;
+    let (head, outflow, whole) = match body {
+        None => {
+            let head = read_head(&mut conn.io, &mut conn.buf, req.upgrade).await?;
+            (head, None, true)
+        }
+        Some(body) => stream_body(&mut conn, body, req.chunked).await?,
+    };
+    if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
+        let mut resp = Response::new(Reading::switched(conn, keep));
+        *resp.status_mut() = head.status;
+        *resp.version_mut() = head.version;
+        *resp.headers_mut() = head.headers;
+        return Ok(resp);
+    }
     let (body, mut reusable) = response_body(head.status, head.version, &head.headers, req.head)
         .map_err(Failure::Broken)?;
     let state = match body {
@@ -143,7 +182,7 @@ pub async fn exchange<K: Keep>(
         Body::Chunked => State::Chunk(Chunk::START),
         Body::Close => State::Close,
     };
-    reusable &= head.version == Version::HTTP_11 && !wants_close(&head.headers);
+    reusable &= whole && head.version == Version::HTTP_11 && !wants_close(&head.headers);
     let mut body = Reading {
         conn: Some(conn),
         state,
@@ -151,6 +190,7 @@ pub async fn exchange<K: Keep>(
         keep: Some(keep),
         meta: 0,
         failed: None,
+        outflow,
     };
     if matches!(body.state, State::Length(0)) {
         body.finish();
@@ -165,15 +205,139 @@ pub async fn exchange<K: Keep>(
     Ok(resp)
 }
 
+/// Writes a streamed request body while watching for the answer: a worker may
+/// answer before it has read the body, and then the rest goes on being sent while
+/// the answer is read (the [`Outflow`] goes with the answer's body). Gives the
+/// answer's head, the body still to send, and whether the request went out whole
+/// (every byte its head announced). A body that fails (the client's) fails the
+/// exchange.
+async fn stream_body(
+    conn: &mut Conn,
+    body: crate::transport::body::ProxyBody,
+    chunked: bool,
+) -> Result<(ResponseHead, Option<Outflow>, bool), Failure> {
+    let mut outflow = Outflow {
+        body,
+        pending: Bytes::new(),
+        chunked,
+        ended: false,
+    };
+    let (mut rd, mut wr) = conn.io.split();
+    let reading = read_head(&mut rd, &mut conn.buf, false);
+    tokio::pin!(reading);
+    let mut whole = None;
+    let early = std::future::poll_fn(|cx| {
+        if let Poll::Ready(head) = std::future::Future::poll(reading.as_mut(), cx) {
+            return Poll::Ready(Some(head));
+        }
+        match outflow.poll(&mut wr, cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => {
+                whole = Some(true);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Err(Written::Client(e))) => Poll::Ready(Some(Err(Failure::Broken(e)))),
+            // The worker stopped reading: its answer may say why.
+            Poll::Ready(Err(Written::Worker(e))) => {
+                tracing::debug!(error = %e, "worker stopped reading the request body");
+                whole = Some(false);
+                Poll::Ready(None)
+            }
+        }
+    })
+    .await;
+    match early {
+        Some(head) => Ok((head?, Some(outflow), false)),
+        None => Ok((reading.await?, None, whole == Some(true))),
+    }
+}
+
+/// How writing a body failed.
+enum Written {
+    /// The client's body broke (too large, malformed, cut short).
+    Client(BoxError),
+    /// The worker's connection would take no more.
+    Worker(io::Error),
+}
+
+/// A streamed request body on its way to a worker, written as it comes, each piece
+/// whole (chunked: with its size line) before the next is asked for.
+struct Outflow {
+    body: crate::transport::body::ProxyBody,
+    /// What is still to be written of the current piece.
+    pending: Bytes,
+    chunked: bool,
+    /// The body has ended (its last chunk is in `pending`).
+    ended: bool,
+}
+
+impl Outflow {
+    /// Writes on until the body has ended and gone out.
+    fn poll<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut W,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), Written>> {
+        use bytes::Buf;
+        loop {
+            while !self.pending.is_empty() {
+                let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.pending))
+                    .map_err(Written::Worker)?;
+                if n == 0 {
+                    return Poll::Ready(Err(Written::Worker(io::ErrorKind::WriteZero.into())));
+                }
+                self.pending.advance(n);
+            }
+            if self.ended {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    // Trailers are not passed on.
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    self.pending = match self.chunked {
+                        true => {
+                            let mut piece = BytesMut::with_capacity(data.len() + 20);
+                            piece.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                            piece.extend_from_slice(&data);
+                            piece.extend_from_slice(b"\r\n");
+                            piece.freeze()
+                        }
+                        false => data,
+                    };
+                }
+                Some(Err(e)) => return Poll::Ready(Err(Written::Client(e))),
+                None => {
+                    self.ended = true;
+                    if self.chunked {
+                        self.pending = Bytes::from_static(b"0\r\n\r\n");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Reads until a final (not 1xx) response head is whole; informational responses
-/// before it are skipped.
-async fn read_head(conn: &mut Conn) -> Result<ResponseHead, Failure> {
+/// before it are skipped. A 101 is final for an upgrade (`upgrade`), and refused
+/// otherwise.
+async fn read_head<R: tokio::io::AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    upgrade: bool,
+) -> Result<ResponseHead, Failure> {
     let mut answered = false;
     loop {
-        if !conn.buf.is_empty() {
+        if !buf.is_empty() {
             answered = true;
-            if let Some(head) = parse_response(&mut conn.buf).map_err(Failure::Broken)? {
+            if let Some(head) = parse_response(buf).map_err(Failure::Broken)? {
                 match head.status.as_u16() {
+                    101 if upgrade => return Ok(head),
                     101 => {
                         return Err(Failure::Broken(
                             "101 Switching Protocols to a request that asked for no upgrade".into(),
@@ -183,14 +347,14 @@ async fn read_head(conn: &mut Conn) -> Result<ResponseHead, Failure> {
                     _ => return Ok(head),
                 }
             }
-            if conn.buf.len() >= MAX_RESPONSE_HEAD {
+            if buf.len() >= MAX_RESPONSE_HEAD {
                 return Err(Failure::Broken(
                     format!("response head longer than {MAX_RESPONSE_HEAD} bytes").into(),
                 ));
             }
         }
-        make_room(&mut conn.buf);
-        match conn.io.read_buf(&mut conn.buf).await {
+        make_room(buf);
+        match io.read_buf(buf).await {
             Ok(0) if !answered => {
                 return Err(Failure::Unanswered(io::ErrorKind::UnexpectedEof.into()))
             }
@@ -210,6 +374,8 @@ enum State {
     Chunk(Chunk),
     /// Until the worker closes the connection.
     Close,
+    /// A 101: the connection is the tunnel's, no body.
+    Switched,
     Done,
 }
 
@@ -227,12 +393,43 @@ pub struct Reading<K: Keep> {
     /// failure get one turn to go out first (as they do through hyper's client,
     /// whose failure comes a task hand-off later).
     failed: Option<BoxError>,
+    /// The request body still being sent (the worker answered before it had it
+    /// all): driven as this body is polled, and this body ends only after it.
+    outflow: Option<Outflow>,
 }
 
 impl<K: Keep> Reading<K> {
+    /// The empty body of a 101, holding the connection for the tunnel.
+    fn switched(conn: Conn, keep: K) -> Reading<K> {
+        Reading {
+            conn: Some(conn),
+            state: State::Switched,
+            reusable: false,
+            keep: Some(keep),
+            meta: 0,
+            failed: None,
+            outflow: None,
+        }
+    }
+
+    /// The socket under a 101 and the bytes the worker sent after its head (None
+    /// for any other answer).
+    pub fn into_upgraded(mut self) -> Option<(TcpStream, Bytes)> {
+        if self.state != State::Switched {
+            return None;
+        }
+        let conn = self.conn.take()?;
+        Some((conn.io, conn.buf.freeze()))
+    }
+
     /// The body has ended: the connection is kept only if nothing followed it.
     fn finish(&mut self) {
         self.state = State::Done;
+        if self.outflow.is_some() {
+            // The request is still going out: the connection stays for it, and is
+            // closed after (it was not sent whole when the answer came).
+            return;
+        }
         let conn = self.conn.take();
         let keep = self.keep.take();
         if let (Some(conn), Some(keep)) = (conn, keep) {
@@ -249,7 +446,7 @@ impl<K: Keep> Reading<K> {
         };
         let buf = &mut conn.buf;
         let (next, ended) = match &mut self.state {
-            State::Done => return Ok(Next::End),
+            State::Done | State::Switched => return Ok(Next::End),
             State::Length(0) => (Next::End, true),
             State::Length(_) if buf.is_empty() => (Next::Read, false),
             State::Length(rem) => {
@@ -273,6 +470,26 @@ impl<K: Keep> Reading<K> {
 }
 
 impl<K: Keep> Reading<K> {
+    /// Sends on the request body the worker answered before it had all of it. Once
+    /// it has gone (or failed) after the answer ended, the connection is closed.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        let (Some(out), Some(conn)) = (self.outflow.as_mut(), self.conn.as_mut()) else {
+            self.outflow = None;
+            return;
+        };
+        if let Poll::Ready(sent) = out.poll(&mut conn.io, cx) {
+            match sent {
+                Ok(()) => {}
+                Err(Written::Client(e)) => tracing::debug!(error = %e, "request body cut short"),
+                Err(Written::Worker(e)) => tracing::debug!(error = %e, "worker stopped reading"),
+            }
+            self.outflow = None;
+            if self.state == State::Done {
+                self.conn = None;
+            }
+        }
+    }
+
     /// Reads more of the body: true when bytes came, false at a close that ends a
     /// close-delimited body.
     fn read(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, BoxError>> {
@@ -318,12 +535,15 @@ impl<K: Keep + Unpin> http_body::Body for Reading<K> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        this.drive(cx);
         if let Some(e) = this.failed.take() {
             return Poll::Ready(Some(Err(e)));
         }
         loop {
             let failure = match this.next_buffered() {
                 Ok(Next::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                // The answer has ended; it is over once the request has gone out.
+                Ok(Next::End) if this.outflow.is_some() => return Poll::Pending,
                 Ok(Next::End) => return Poll::Ready(None),
                 Ok(Next::Read) => match this.read(cx) {
                     Poll::Pending => return Poll::Pending,
@@ -335,6 +555,7 @@ impl<K: Keep + Unpin> http_body::Body for Reading<K> {
             };
             this.state = State::Done;
             this.conn = None;
+            this.outflow = None;
             this.failed = Some(failure);
             cx.waker().wake_by_ref();
             return Poll::Pending;
@@ -342,13 +563,13 @@ impl<K: Keep + Unpin> http_body::Body for Reading<K> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.state == State::Done
+        matches!(self.state, State::Done | State::Switched) && self.outflow.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
         match self.state {
             State::Length(n) => SizeHint::with_exact(n),
-            State::Done => SizeHint::with_exact(0),
+            State::Done | State::Switched => SizeHint::with_exact(0),
             _ => SizeHint::default(),
         }
     }

@@ -27,3 +27,42 @@ pub trait Replant: Send {
 /// A byte stream both ways.
 pub trait Duplex: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Duplex for T {}
+
+/// A client connection given up to its tunnel once the 101 went out: its socket,
+/// and what the connection held that the tunnel holds now (its connection slot).
+pub struct Handover {
+    pub socket: TakenSocket,
+    pub hold: Box<dyn Send + Sync>,
+}
+
+/// Put in an upgrade request by the connection that read it: resolves with the
+/// connection once the 101 has been written to it (dropped unresolved when it was
+/// not, or when the client went away). Taken out of the request once.
+#[derive(Clone)]
+pub struct OnUpgrade(std::sync::Arc<std::sync::Mutex<Option<Receiver>>>);
+
+type Receiver = tokio::sync::oneshot::Receiver<Handover>;
+
+impl OnUpgrade {
+    /// The connection, once it has given its socket up (Err: it will not).
+    pub async fn connection(self) -> Result<Handover, tokio::sync::oneshot::error::RecvError> {
+        let rx = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match rx {
+            Some(rx) => rx.await,
+            None => {
+                let (_, rx) = tokio::sync::oneshot::channel();
+                rx.await
+            }
+        }
+    }
+}
+
+/// The connection's side of an [`OnUpgrade`].
+pub struct Upgrading(pub tokio::sync::oneshot::Sender<Handover>);
+
+/// A pair: the connection keeps the first and puts the second in the request.
+pub fn upgrade_pair() -> (Upgrading, OnUpgrade) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let rx = std::sync::Arc::new(std::sync::Mutex::new(Some(rx)));
+    (Upgrading(tx), OnUpgrade(rx))
+}

@@ -8,8 +8,7 @@
 use crate::config::Health;
 use crate::runtime::life::Life;
 use crate::workers::pool::{Pool, State};
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
+use crate::transport::http1;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,28 +67,30 @@ pub async fn check(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
 pub async fn http_status(addr: SocketAddr, path: &str, timeout: Duration) -> Option<u16> {
     tokio::time::timeout(timeout, async {
         let stream = TcpStream::connect(addr).await.ok()?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .ok()?;
-        // The connection's driver ends with this future: the probe owns it.
-        let driving = async {
-            let _ = conn.await;
-            std::future::pending::<()>().await;
-        };
-        let req = http::Request::get(path)
-            .header(http::header::HOST, addr.to_string())
-            .header(http::header::USER_AGENT, "corral-health")
-            .header(http::header::CONNECTION, "close")
-            .body(Empty::<bytes::Bytes>::new())
-            .ok()?;
-        tokio::select! {
-            resp = sender.send_request(req) => resp.ok().map(|r| r.status().as_u16()),
-            _ = driving => None,
-        }
+        let mut headers = http::HeaderMap::new();
+        let host = http::HeaderValue::from_str(&addr.to_string()).ok()?;
+        headers.insert(http::header::HOST, host);
+        let agent = http::HeaderValue::from_static("corral-health");
+        headers.insert(http::header::USER_AGENT, agent);
+        let close = http::HeaderValue::from_static("close");
+        headers.insert(http::header::CONNECTION, close);
+        let uri: http::Uri = path.parse().ok()?;
+        let none = http1::Sending::InHand(bytes::Bytes::new());
+        let req = http1::encode(&http::Method::GET, &uri, &headers, |_| false, &[], &none);
+        let conn = http1::Conn::new(stream);
+        let resp = http1::exchange(conn, &req, None, Discard).await.ok()?;
+        Some(resp.status().as_u16())
     })
     .await
     .ok()
     .flatten()
+}
+
+/// A probe's connection is not kept: it asked to close.
+struct Discard;
+
+impl http1::Keep for Discard {
+    fn keep(self, _: http1::Conn) {}
 }
 
 #[cfg(test)]

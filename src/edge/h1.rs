@@ -1,0 +1,749 @@
+//! The client side's HTTP/1.1: one server session per client connection, on
+//! `httparse` and `http1` (pingora's model, `protocols/http/v1/server.rs`). It reads
+//! each request head (`http1::head::parse_request`, which refuses what nginx
+//! refuses: 400, 431, 501, 505), reads the body by its framing (a Content-Length
+//! or chunks) into a [`pipe`] as the request path asks for it (with `100 Continue`
+//! when the client expects it), hands the request to its service, watches the
+//! client meanwhile (one that goes away cancels the request), writes the answer
+//! (`http1::encode`), and then either keeps the connection for the next request
+//! (pipelined ones included) or closes it; a 101 gives the socket, with the bytes
+//! read past the head, to the tunnel that asked for it (`OnUpgrade`).
+//!
+//! It owns the connection's timeouts: `header_read` for a head once begun,
+//! `keepalive` between requests, `body_read` between pieces of a body, and (on the
+//! socket, `uproot::Movable`) `send`. It must not judge requests beyond their
+//! framing: the gate does, for HTTP/1.1 and h2 alike.
+
+use crate::http1::encode::{refusal_head, response_head, BodyKnown, Framing};
+use crate::http1::head::{parse_request, BodyFraming, Parsed};
+use crate::http1::framing::BodyReader;
+use crate::http1::{is_websocket_upgrade, make_room, READ_SIZE};
+use crate::transport::body::{pipe, BodyTimedOut, BoxError, Feed, ProxyBody, RequestBody};
+use crate::transport::moving::{upgrade_pair, Handover, TakenSocket, Upgrading};
+use crate::edge::uproot::Uproot;
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body::{Body as _, Frame};
+use http_body_util::BodyExt;
+use std::future::Future;
+use std::io::{self, Write as _};
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+/// What a session needs to know of the listener's limits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Longest request head (`limits.max_header`): a longer one, whole or not, is
+    /// answered 431 and the connection closed.
+    pub max_head: usize,
+    /// Time for a whole request head, from its first byte (from the accept for a
+    /// connection's first request).
+    pub header_read: Duration,
+    /// Time between two requests of a kept-alive connection.
+    pub keepalive: Duration,
+    /// Time between two reads of a request body the request path is waiting for.
+    pub body_read: Duration,
+    /// Shut the connection down before closing it after an answer: over TLS that
+    /// sends close_notify. A plain socket's close sends the same FIN as a shutdown
+    /// right before it would, so it is one system call saved per such answer.
+    pub shutdown: bool,
+    /// The socket still has Nagle's algorithm on: the session turns it off before the
+    /// connection's second write, as nginx turns it off only for a connection it
+    /// keeps alive. A first write goes out at once either way, so a connection that
+    /// carries one answer in one write saves the system call.
+    pub nagle: bool,
+}
+
+/// What answers a session's requests: the gate, or the status listener's pages.
+pub(crate) trait Service {
+    fn call(&self, req: Request<RequestBody>) -> impl Future<Output = Response<ProxyBody>> + Send;
+}
+
+impl<F, Fut> Service for F
+where
+    F: Fn(Request<RequestBody>) -> Fut,
+    Fut: Future<Output = Response<ProxyBody>> + Send,
+{
+    fn call(&self, req: Request<RequestBody>) -> impl Future<Output = Response<ProxyBody>> + Send {
+        self(req)
+    }
+}
+
+/// A client connection's socket, whose Nagle's algorithm can be turned off.
+pub(crate) trait NoDelay {
+    /// Sets TCP_NODELAY.
+    fn no_delay(&self);
+}
+
+impl NoDelay for tokio::net::TcpStream {
+    fn no_delay(&self) {
+        let _ = self.set_nodelay(true);
+    }
+}
+
+/// Whether Nagle's algorithm is still on, and whether anything was written yet.
+struct Nagle {
+    on: bool,
+    wrote: bool,
+}
+
+impl Nagle {
+    /// Called before each write of `bytes`: turns the algorithm off before the
+    /// second that sends anything.
+    fn before_write<I: NoDelay>(&mut self, io: &I, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.on && self.wrote {
+            io.no_delay();
+            self.on = false;
+        }
+        self.wrote = true;
+    }
+}
+
+/// A connection as its session holds it: the socket, what was read and not yet
+/// used, the answer being written, and its limits.
+struct Conn<I> {
+    io: I,
+    buf: BytesMut,
+    out: Vec<u8>,
+    nagle: Nagle,
+    limits: Limits,
+}
+
+/// Serves a connection's requests until it closes or its last answer said so. Once
+/// `draining` is cancelled, an idle connection closes at once and a request in
+/// flight is answered first. `hold` (the connection's slot) is let go when the
+/// connection ends, or goes with its socket to a tunnel.
+pub(crate) async fn serve<I, S>(
+    io: I,
+    service: &S,
+    limits: Limits,
+    draining: &CancellationToken,
+    hold: Option<Box<dyn Send + Sync>>,
+) where
+    I: Uproot + NoDelay,
+    S: Service,
+{
+    let mut conn = Conn {
+        io,
+        buf: BytesMut::with_capacity(READ_SIZE),
+        out: Vec::with_capacity(1024),
+        nagle: Nagle {
+            on: limits.nagle,
+            wrote: false,
+        },
+        limits,
+    };
+    let mut first = true;
+    loop {
+        let (mut req, framing) = match read_head(&mut conn, draining, first).await {
+            Some(Ok(pair)) => pair,
+            Some(Err(status)) => return Box::pin(refuse(&mut conn, status)).await,
+            None => return,
+        };
+        first = false;
+        let head_request = req.method() == Method::HEAD;
+        let http10 = req.version() == Version::HTTP_10;
+        let mut inbound = Inbound::new(framing.body, &mut req);
+        let upgrading = (inbound.is_none() && is_websocket_upgrade(req.headers())).then(|| {
+            let (upgrading, on) = upgrade_pair();
+            req.extensions_mut().insert(on);
+            upgrading
+        });
+        let answer = service.call(req);
+        let Some(resp) = answer_unless_gone(&mut conn, answer, &mut inbound, framing.continue_100).await
+        else {
+            return;
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(upgrading) = upgrading {
+                return switch(conn, resp, upgrading, hold).await;
+            }
+        }
+        let whole = |inbound: &Option<Inbound>| inbound.as_ref().is_none_or(|i| i.clean);
+        let keep = !framing.close && !draining.is_cancelled() && whole(&inbound);
+        let written =
+            write_response(&mut conn, resp, head_request, http10, keep, &mut inbound).await;
+        match written {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                if !whole(&inbound) {
+                    linger(&mut conn.io).await;
+                }
+                if conn.limits.shutdown {
+                    let _ = conn.io.shutdown().await;
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Reads the next request head: None when the connection ends first (closed, the
+/// head or keep-alive time out, or the drain while idle); the status to refuse it
+/// with when it cannot be taken.
+async fn read_head<I: AsyncRead + Unpin>(
+    conn: &mut Conn<I>,
+    draining: &CancellationToken,
+    first: bool,
+) -> Option<Result<(Request<RequestBody>, crate::http1::head::Framing), crate::http1::check::Refused>> {
+    let limits = conn.limits;
+    let begun = first || !conn.buf.is_empty();
+    let wait = if begun { limits.header_read } else { limits.keepalive };
+    let deadline = tokio::time::sleep(wait);
+    tokio::pin!(deadline);
+    let mut idle = !begun;
+    loop {
+        match parse_request(&mut conn.buf, limits.max_head, || RequestBody::Empty) {
+            Parsed::Request(req, framing) => return Some(Ok((req, framing))),
+            Parsed::Refused(refused) => return Some(Err(refused)),
+            Parsed::Partial => {}
+        }
+        if idle && !conn.buf.is_empty() {
+            // The next request has begun: its head has `header_read` from now.
+            idle = false;
+            deadline
+                .as_mut()
+                .reset(tokio::time::Instant::now() + limits.header_read);
+        }
+        make_room(&mut conn.buf);
+        let nothing_yet = conn.buf.is_empty();
+        let read = tokio::select! {
+            r = conn.io.read_buf(&mut conn.buf) => r,
+            _ = &mut deadline => return None,
+            _ = draining.cancelled(), if nothing_yet => return None,
+        };
+        match read {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Most bytes read ahead of a body that has not asked for them (to see the client
+/// go away meanwhile).
+const AHEAD: usize = 64 * 1024;
+
+/// What the session does next for a request body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// Nothing: no body, it has ended, or nobody reads it any more.
+    Nothing,
+    /// Wait until the body asks for more.
+    Demand,
+    /// Read from the client: the body asked and the buffer has none of it.
+    Read,
+}
+
+/// A request body being read off the connection into its pipe.
+struct Inbound {
+    feed: Feed,
+    reader: BodyReader,
+    /// It has ended (cleanly or not).
+    done: bool,
+    /// It ended cleanly: every byte its framing announced was read.
+    clean: bool,
+}
+
+impl Inbound {
+    /// Gives `req` the body this reads (None: it has none).
+    fn new(framing: BodyFraming, req: &mut Request<RequestBody>) -> Option<Inbound> {
+        let reader = BodyReader::new(framing)?;
+        let length = match framing {
+            BodyFraming::Length(n) => Some(n),
+            _ => None,
+        };
+        let (feed, piped) = pipe(length);
+        *req.body_mut() = RequestBody::Piped(piped);
+        Some(Inbound {
+            feed,
+            reader,
+            done: false,
+            clean: false,
+        })
+    }
+
+    /// Hands the body what `buf` holds of it, while it asks; says what is next.
+    fn pump(&mut self, buf: &mut BytesMut) -> Need {
+        loop {
+            if self.done || self.feed.unread() {
+                return Need::Nothing;
+            }
+            if !self.feed.wanted() {
+                return Need::Demand;
+            }
+            match self.reader.next(buf) {
+                Ok(Some((data, ended))) => {
+                    if !data.is_empty() {
+                        self.feed.send(data);
+                    }
+                    if ended {
+                        self.end(None);
+                    }
+                }
+                Ok(None) => return Need::Read,
+                Err(e) => self.end(Some(e)),
+            }
+        }
+    }
+
+    /// Ends the body: cleanly (None) or with `error`.
+    fn end(&mut self, error: Option<BoxError>) {
+        self.clean = error.is_none();
+        self.done = true;
+        self.feed.end(error);
+    }
+}
+
+/// The service's answer, with the request body read into its pipe as it asks
+/// (`100 Continue` first, when the client expects it), or None if the client went
+/// away first (its end read, or a reset, with no body left to read): the request
+/// is dropped then, and with it the worker's connection, which is closed, not put
+/// back (nginx's 499). What the client sends meanwhile (a pipelined request) is
+/// kept in the buffer, up to a head's size.
+async fn answer_unless_gone<I, F>(
+    conn: &mut Conn<I>,
+    answer: F,
+    inbound: &mut Option<Inbound>,
+    mut continue_100: bool,
+) -> Option<Response<ProxyBody>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + NoDelay,
+    F: Future<Output = Response<ProxyBody>>,
+{
+    tokio::pin!(answer);
+    let limits = conn.limits;
+    let deadline = tokio::time::sleep(limits.body_read);
+    tokio::pin!(deadline);
+    let (mut ended, mut reading) = (false, false);
+    loop {
+        let need = inbound.as_mut().map_or(Need::Nothing, |i| i.pump(&mut conn.buf));
+        if need == Need::Read && !reading {
+            deadline
+                .as_mut()
+                .reset(tokio::time::Instant::now() + limits.body_read);
+            if std::mem::take(&mut continue_100) && conn.buf.is_empty() {
+                let line = b"HTTP/1.1 100 Continue\r\n\r\n";
+                conn.nagle.before_write(&conn.io, line);
+                if conn.io.write_all(line).await.is_err() {
+                    return None;
+                }
+            }
+        }
+        reading = need == Need::Read;
+        let room = match need {
+            Need::Read => true,
+            Need::Demand => conn.buf.len() < AHEAD,
+            Need::Nothing => conn.buf.len() < limits.max_head,
+        };
+        make_room(&mut conn.buf);
+        let feed = inbound.as_ref().map(|i| &i.feed);
+        tokio::select! {
+            biased;
+            resp = &mut answer => return Some(resp),
+            _ = asked(feed), if need == Need::Demand => {}
+            read = conn.io.read_buf(&mut conn.buf), if room && !ended => match read {
+                Ok(n) if n > 0 => {
+                    deadline
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + limits.body_read);
+                }
+                _ => match inbound.as_mut().filter(|i| !i.done) {
+                    // A body cut short: the request path answers it (400).
+                    Some(i) => {
+                        i.end(Some("client closed the connection mid-body".into()));
+                        ended = true;
+                    }
+                    None => {
+                        tracing::debug!("client went away before its answer");
+                        return None;
+                    }
+                },
+            },
+            _ = &mut deadline, if reading => {
+                if let Some(i) = inbound.as_mut() {
+                    i.end(Some(Box::new(BodyTimedOut)));
+                }
+            }
+        }
+    }
+}
+
+/// Reads the request body for whoever still reads it, as it asks, until it has
+/// ended (then it waits for ever: it is raced against the answer's body).
+async fn serve_body<I: AsyncRead + Unpin>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    inbound: &mut Option<Inbound>,
+    limits: Limits,
+) -> std::convert::Infallible {
+    loop {
+        let Some(i) = inbound.as_mut() else {
+            return std::future::pending().await;
+        };
+        match i.pump(buf) {
+            Need::Nothing => return std::future::pending().await,
+            Need::Demand => i.feed.asked().await,
+            Need::Read => {
+                make_room(buf);
+                match tokio::time::timeout(limits.body_read, io.read_buf(buf)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    Ok(_) => i.end(Some("client closed the connection mid-body".into())),
+                    Err(_) => i.end(Some(Box::new(BodyTimedOut))),
+                }
+            }
+        }
+    }
+}
+
+/// Resolves once the body asks for more.
+async fn asked(feed: Option<&Feed>) {
+    match feed {
+        Some(feed) => feed.asked().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes a 101 and gives the socket, with what was read past the head, to the
+/// tunnel waiting on `upgrading`.
+async fn switch<I: Uproot + NoDelay>(
+    mut conn: Conn<I>,
+    resp: Response<ProxyBody>,
+    upgrading: Upgrading,
+    hold: Option<Box<dyn Send + Sync>>,
+) {
+    if write_response(&mut conn, resp, false, false, true, &mut None).await.is_err() {
+        return;
+    }
+    let early = conn.buf.split().freeze();
+    match conn.io.uproot() {
+        Ok(io) => {
+            let socket = TakenSocket { io, early };
+            let hold = hold.unwrap_or_else(|| Box::new(()));
+            let _ = upgrading.0.send(Handover { socket, hold });
+        }
+        Err(e) => tracing::debug!(error = %e, "upgraded socket lost"),
+    }
+}
+
+/// Answers a head the session will not read on (`refused`), then closes. What the
+/// client is still sending is read away for a moment first (nginx's lingering
+/// close): closed with unread bytes, the socket would send a reset that can
+/// overtake the answer.
+async fn refuse<I>(conn: &mut Conn<I>, refused: crate::http1::check::Refused)
+where
+    I: AsyncRead + AsyncWrite + Unpin + NoDelay,
+{
+    let mut out = Vec::with_capacity(160);
+    refusal_head(&mut out, refused.status(), &format!("corral: {refused}\n"));
+    conn.nagle.before_write(&conn.io, &out);
+    if conn.io.write_all(&out).await.is_err() || conn.io.flush().await.is_err() {
+        return;
+    }
+    let _ = conn.io.shutdown().await;
+    linger(&mut conn.io).await;
+}
+
+/// Reads what the client still sends and drops it, bounded in bytes and time.
+async fn linger<I: AsyncRead + Unpin>(io: &mut I) {
+    let linger = async {
+        let mut sink = vec![0u8; 4096];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match io.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, linger).await;
+}
+
+/// How long, and how much at most, a refused client's bytes are read away.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Writes `resp` (to an HTTP/1.0 request as HTTP/1.0, as hyper did); returns
+/// whether the connection can carry another request (`keep`: the client did not
+/// ask to close, its body was read whole and no drain began). While the answer
+/// waits on its body, the request body goes on being read for whoever still
+/// reads it (a worker that answered before it had all of it).
+async fn write_response<I>(
+    conn: &mut Conn<I>,
+    resp: Response<ProxyBody>,
+    head_request: bool,
+    http10: bool,
+    keep: bool,
+    inbound: &mut Option<Inbound>,
+) -> io::Result<bool>
+where
+    I: AsyncRead + AsyncWrite + Unpin + NoDelay,
+{
+    let (mut parts, mut body) = resp.into_parts();
+    if http10 {
+        parts.version = Version::HTTP_10;
+        if keep && !parts.headers.contains_key(header::CONNECTION) {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        }
+    }
+    let Conn {
+        io,
+        out,
+        nagle,
+        buf,
+        limits,
+    } = conn;
+    out.clear();
+    let known = BodyKnown {
+        ended: body.is_end_stream(),
+        exact: body.size_hint().exact(),
+    };
+    let (framing, mut keep) = response_head(out, &parts, known, head_request, keep);
+    if framing == Framing::Nothing {
+        drop(body);
+        nagle.before_write(io, out);
+        io.write_all(out).await?;
+        io.flush().await?;
+        return Ok(keep);
+    }
+    // What the body has already goes out with the head (the usual small answer,
+    // a chunked one's last chunk and end included: one write); a body still to
+    // come does not hold back what is there.
+    let mut sent = 0u64;
+    loop {
+        let frame = match frame_now(&mut body).await {
+            Some(frame) => frame,
+            None => {
+                if !out.is_empty() {
+                    nagle.before_write(io, out);
+                    io.write_all(out).await?;
+                    io.flush().await?;
+                    out.clear();
+                }
+                tokio::select! {
+                    biased;
+                    frame = body.frame() => frame,
+                    never = serve_body(io, buf, inbound, *limits) => match never {},
+                }
+            }
+        };
+        match frame {
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue; // trailers are not passed on
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                sent += data.len() as u64;
+                match framing {
+                    Framing::Length(n) if sent > n => {
+                        return Err(io::Error::other("body longer than its length"))
+                    }
+                    Framing::Chunked => {
+                        let _ = write!(out, "{:x}\r\n", data.len());
+                        out.extend_from_slice(&data);
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    _ => out.extend_from_slice(&data),
+                }
+                if out.len() >= 64 * 1024 {
+                    nagle.before_write(io, out);
+                    io.write_all(out).await?;
+                    out.clear();
+                }
+            }
+            Some(Err(_)) => {
+                nagle.before_write(io, out);
+                io.write_all(out).await?;
+                io.flush().await?;
+                return Ok(false);
+            }
+            None => break,
+        }
+    }
+    match framing {
+        Framing::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+        Framing::Length(n) if sent != n => keep = false,
+        Framing::Close => keep = false,
+        _ => {}
+    }
+    nagle.before_write(io, out);
+    io.write_all(out).await?;
+    io.flush().await?;
+    out.clear();
+    Ok(keep)
+}
+
+/// The body's next frame if it is there without waiting (`None`: not yet).
+async fn frame_now(body: &mut ProxyBody) -> Option<Option<Result<Frame<Bytes>, BoxError>>> {
+    std::future::poll_fn(|cx| match Pin::new(&mut *body).poll_frame(cx) {
+        Poll::Ready(frame) => Poll::Ready(Some(frame)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::task::Context;
+
+    /// Counts the times TCP_NODELAY would have been set.
+    struct Counting(Cell<u32>);
+
+    impl NoDelay for Counting {
+        fn no_delay(&self) {
+            self.0.set(self.0.get() + 1)
+        }
+    }
+
+    #[test]
+    fn nagle_goes_off_before_the_second_write_that_sends_anything() {
+        let io = Counting(Cell::new(0));
+        let mut nagle = nagle_on();
+        nagle.before_write(&io, b"");
+        nagle.before_write(&io, b"HTTP/1.1 200 OK\r\n\r\n");
+        nagle.before_write(&io, b"");
+        assert_eq!(
+            io.0.get(),
+            0,
+            "one answer in one write keeps the system call"
+        );
+        nagle.before_write(&io, b"more");
+        nagle.before_write(&io, b"and more");
+        assert_eq!(io.0.get(), 1);
+
+        let io = Counting(Cell::new(0));
+        let mut nagle = Nagle {
+            on: false,
+            wrote: false,
+        };
+        nagle.before_write(&io, b"x");
+        nagle.before_write(&io, b"y");
+        assert_eq!(io.0.get(), 0, "already off (TLS): never set again");
+    }
+
+    /// Nagle's algorithm on, nothing written yet: a new connection.
+    fn nagle_on() -> Nagle {
+        Nagle {
+            on: true,
+            wrote: false,
+        }
+    }
+
+    /// A connection on `io`, nothing written yet.
+    fn conn_on(io: Recording) -> Conn<Recording> {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+            out: Vec::new(),
+            nagle: nagle_on(),
+            limits: Limits {
+                max_head: 8192,
+                header_read: Duration::from_secs(1),
+                keepalive: Duration::from_secs(1),
+                body_read: Duration::from_secs(1),
+                shutdown: false,
+                nagle: true,
+            },
+        }
+    }
+
+    /// A client socket that keeps what is written and counts the writes.
+    #[derive(Default, Clone)]
+    struct Recording {
+        bytes: std::rc::Rc<std::cell::RefCell<Vec<u8>>>,
+        writes: std::rc::Rc<Cell<usize>>,
+    }
+
+    impl NoDelay for Recording {
+        fn no_delay(&self) {}
+    }
+
+    impl AsyncRead for Recording {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Recording {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.writes.set(self.writes.get() + 1);
+            self.bytes.borrow_mut().extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A body of these frames, all there at once, of no known length.
+    fn ready_body(frames: &[&'static str]) -> ProxyBody {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = frames
+            .iter()
+            .map(|f| Ok(Frame::data(Bytes::from_static(f.as_bytes()))))
+            .collect();
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+    }
+
+    #[tokio::test]
+    async fn a_chunked_answer_that_is_all_there_goes_in_one_write() {
+        // gunicorn's gthread answers a polling request chunked, head, chunk and end
+        // in one segment; the client gets them in one write too, not the end later.
+        let record = Recording::default();
+        let mut conn = conn_on(record.clone());
+        let resp = Response::new(ready_body(&["ok", "42"]));
+        let keep = write_response(&mut conn, resp, false, false, true, &mut None)
+            .await
+            .unwrap_or(false);
+        let text = String::from_utf8_lossy(&record.bytes.borrow()).to_string();
+        assert!(keep, "{text}");
+        assert_eq!(record.writes.get(), 1, "{text}");
+        assert!(
+            text.ends_with("\r\n\r\n2\r\nok\r\n2\r\n42\r\n0\r\n\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("transfer-encoding: chunked"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_body_still_to_come_does_not_hold_back_the_head() {
+        let record = Recording::default();
+        let mut conn = conn_on(record.clone());
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let body = http_body_util::StreamBody::new(stream_of(rx)).boxed_unsync();
+        let mut none = None;
+        let write = write_response(&mut conn, Response::new(body), false, false, true, &mut none);
+        tokio::pin!(write);
+        assert!(futures_util::poll!(&mut write).is_pending());
+        assert_eq!(record.writes.get(), 1, "the head goes out at once");
+        drop(tx);
+        let _ = write.await;
+        assert_eq!(record.writes.get(), 2, "and the end when it came");
+        assert!(record.bytes.borrow().ends_with(b"0\r\n\r\n"));
+    }
+
+    fn stream_of<T>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+}
