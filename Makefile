@@ -131,8 +131,8 @@ bench-socketio: profiling $(VENV)/.installed
 bench-mq:
 	bench/broker.sh 3 | tee target/bench-mq.md
 
-# Fuzz the htpasswd parser, the path normaliser, the RESP parser, the fast
-# paths' HTTP/1.1 readers and http1 against hyper (framing), FUZZ_SECONDS
+# Fuzz the htpasswd parser, the path normaliser, the RESP parser, corral's
+# HTTP/1.1 readers and http1 against hyper (framing), FUZZ_SECONDS
 # each (not part of `make test`). cargo-fuzz needs nightly features; RUSTC_BOOTSTRAP
 # lets the stable toolchain use them, and -s none skips the sanitizer runtime.
 FUZZ_SECONDS ?= 30

@@ -70,10 +70,7 @@ fn a_target_without_a_path_gets_a_slash() {
             .iter()
             .map(|s| s.target().to_owned())
             .collect();
-        assert!(
-            targets.iter().any(|t| t == "/?x=1"),
-            "{stack}: {targets:?}"
-        );
+        assert!(targets.iter().any(|t| t == "/?x=1"), "{stack}: {targets:?}");
     }
 }
 
@@ -93,11 +90,7 @@ fn connection_never_names_away_host_cookie_or_authorization() {
             assert_eq!(r.map(|r| r.status), Some(200), "{stack}: {named}");
             let seen = worker.seen_for(&format!("/c{i}"));
             let seen = seen.last().expect("reached the worker");
-            assert_eq!(
-                seen.header("host"),
-                Some("localhost"),
-                "{stack}: {named}"
-            );
+            assert_eq!(seen.header("host"), Some("localhost"), "{stack}: {named}");
             assert_eq!(seen.header("cookie"), Some("io=1"), "{stack}: {named}");
             assert_eq!(
                 seen.header("authorization"),
@@ -186,11 +179,7 @@ fn header_names_with_underscores_are_dropped() {
         assert_eq!(seen.header("x_forwarded_for"), None, "{stack}");
         assert_eq!(seen.header("x_custom"), None, "{stack}");
         assert_eq!(seen.header("x-kept"), Some("1"), "{stack}");
-        assert_eq!(
-            seen.header("x-forwarded-for"),
-            Some("127.0.0.1"),
-            "{stack}"
-        );
+        assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"), "{stack}");
     }
     for (stack, worker, corral) in served("underscores_in_headers = true") {
         let r = exchange(corral.addr, req);
@@ -198,11 +187,7 @@ fn header_names_with_underscores_are_dropped() {
         let seen = worker.seen_for("/u");
         let seen = seen.last().expect("reached the worker");
         assert_eq!(seen.header("x_custom"), Some("1"), "{stack}: allowed");
-        assert_eq!(
-            seen.header("x-forwarded-for"),
-            Some("127.0.0.1"),
-            "{stack}"
-        );
+        assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"), "{stack}");
     }
 }
 
@@ -275,10 +260,7 @@ fn what_nginx_refuses_is_refused() {
             .map(|s| s.target().to_owned())
             .filter(|t| t != "/first")
             .collect();
-        assert!(
-            passed.is_empty(),
-            "{stack}: reached the worker: {passed:?}"
-        );
+        assert!(passed.is_empty(), "{stack}: reached the worker: {passed:?}");
         // OPTIONS * is what `*` is for: passed on.
         let r = exchange(
             corral.addr,

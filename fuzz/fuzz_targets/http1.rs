@@ -1,6 +1,6 @@
-//! The two HTTP/1.1 readers of the fast paths (both in `http1::head`): a client's request head
-//! and a worker's response head and chunked body (`http1::chunked`). Neither
-//! panics, loses a byte, or lets a request with body framing through.
+//! corral's HTTP/1.1 readers (`http1::head`, `http1::framing`, `http1::chunked`): a
+//! client's request head and body, and a worker's response head and chunked body.
+//! None panics or loses a byte.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 

@@ -1,8 +1,8 @@
-//! The same bytes to corral's HTTP/1 rules (`http1`) and to hyper's HTTP/1 server:
-//! where both take the first request, they must agree on its method, target and
-//! body (so on where the next request begins), and a request corral's fast server
-//! takes must be one hyper takes too, without a body. A refusal on either side is
-//! no disagreement on framing: corral refuses more than hyper does, on purpose.
+//! The same bytes to corral's HTTP/1 rules (`http1`, the head and body readers its
+//! client session uses) and to hyper's HTTP/1 server, the oracle: where both take
+//! the first request, they must agree on its method, target and body (so on where
+//! the next request begins). A refusal on either side is no disagreement on
+//! framing: corral refuses more than hyper does, on purpose.
 #![no_main]
 use http_body_util::BodyExt;
 use hyper::service::service_fn;
@@ -69,11 +69,6 @@ fuzz_target!(|data: &[u8]| {
             }
             assert_eq!(ours.body, body, "body of {}", String::from_utf8_lossy(data));
         }
-        Some(None) => assert!(
-            !ours.plain,
-            "the fast server takes a request whose body hyper refuses: {:?}",
-            String::from_utf8_lossy(data)
-        ),
-        None => {}
+        Some(None) | None => {}
     }
 });

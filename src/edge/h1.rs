@@ -14,13 +14,13 @@
 //! socket, `uproot::Movable`) `send`. It must not judge requests beyond their
 //! framing: the gate does, for HTTP/1.1 and h2 alike.
 
+use crate::edge::uproot::Uproot;
 use crate::http1::encode::{refusal_head, response_head, BodyKnown, Framing};
-use crate::http1::head::{parse_request, BodyFraming, Parsed};
 use crate::http1::framing::BodyReader;
+use crate::http1::head::{parse_request, BodyFraming, Parsed};
 use crate::http1::{is_websocket_upgrade, make_room, READ_SIZE};
 use crate::transport::body::{pipe, BodyTimedOut, BoxError, Feed, ProxyBody, RequestBody};
 use crate::transport::moving::{upgrade_pair, Handover, TakenSocket, Upgrading};
-use crate::edge::uproot::Uproot;
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame};
@@ -156,7 +156,8 @@ pub(crate) async fn serve<I, S>(
             upgrading
         });
         let answer = service.call(req);
-        let Some(resp) = answer_unless_gone(&mut conn, answer, &mut inbound, framing.continue_100).await
+        let Some(resp) =
+            answer_unless_gone(&mut conn, answer, &mut inbound, framing.continue_100).await
         else {
             return;
         };
@@ -191,10 +192,15 @@ async fn read_head<I: AsyncRead + Unpin>(
     conn: &mut Conn<I>,
     draining: &CancellationToken,
     first: bool,
-) -> Option<Result<(Request<RequestBody>, crate::http1::head::Framing), crate::http1::check::Refused>> {
+) -> Option<Result<(Request<RequestBody>, crate::http1::head::Framing), crate::http1::check::Refused>>
+{
     let limits = conn.limits;
     let begun = first || !conn.buf.is_empty();
-    let wait = if begun { limits.header_read } else { limits.keepalive };
+    let wait = if begun {
+        limits.header_read
+    } else {
+        limits.keepalive
+    };
     let deadline = tokio::time::sleep(wait);
     tokio::pin!(deadline);
     let mut idle = !begun;
@@ -322,7 +328,9 @@ where
     tokio::pin!(deadline);
     let (mut ended, mut reading) = (false, false);
     loop {
-        let need = inbound.as_mut().map_or(Need::Nothing, |i| i.pump(&mut conn.buf));
+        let need = inbound
+            .as_mut()
+            .map_or(Need::Nothing, |i| i.pump(&mut conn.buf));
         if need == Need::Read && !reading {
             deadline
                 .as_mut()
@@ -417,7 +425,10 @@ async fn switch<I: Uproot + NoDelay>(
     upgrading: Upgrading,
     hold: Option<Box<dyn Send + Sync>>,
 ) {
-    if write_response(&mut conn, resp, false, false, true, &mut None).await.is_err() {
+    if write_response(&mut conn, resp, false, false, true, &mut None)
+        .await
+        .is_err()
+    {
         return;
     }
     let early = conn.buf.split().freeze();
@@ -733,7 +744,14 @@ mod tests {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
         let body = http_body_util::StreamBody::new(stream_of(rx)).boxed_unsync();
         let mut none = None;
-        let write = write_response(&mut conn, Response::new(body), false, false, true, &mut none);
+        let write = write_response(
+            &mut conn,
+            Response::new(body),
+            false,
+            false,
+            true,
+            &mut none,
+        );
         tokio::pin!(write);
         assert!(futures_util::poll!(&mut write).is_pending());
         assert_eq!(record.writes.get(), 1, "the head goes out at once");

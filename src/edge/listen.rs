@@ -694,7 +694,11 @@ fn spawn_connection(
 fn gate_service(
     gate: Arc<Gate>,
     peer: Peer,
-) -> impl Fn(Request<RequestBody>) -> std::pin::Pin<Box<dyn std::future::Future<Output = http::Response<crate::transport::body::ProxyBody>> + Send>> {
+) -> impl Fn(
+    Request<RequestBody>,
+) -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = http::Response<crate::transport::body::ProxyBody>> + Send>,
+> {
     move |req| {
         let answer = gate.clone().handle(req, peer.clone());
         Box::pin(async move {
@@ -717,7 +721,8 @@ async fn serve_h2<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req: Request<Incoming>| {
-        gate.clone().handle(req.map(RequestBody::Hyper), peer.clone())
+        gate.clone()
+            .handle(req.map(RequestBody::Hyper), peer.clone())
     });
     until_drained(h2.serve_connection(TokioIo::new(io), service), draining).await
 }

@@ -7,12 +7,12 @@
 //! It only reads, through the views of `observe::metrics`.
 
 use crate::edge::auth::BasicAuth;
+use crate::edge::h1;
 use crate::observe::metrics::{self, Sources};
 use crate::runtime::life::Life;
+use crate::transport::body::RequestBody;
 use crate::transport::body::{self, ProxyBody};
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use crate::edge::h1;
-use crate::transport::body::RequestBody;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;

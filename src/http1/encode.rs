@@ -276,13 +276,27 @@ mod tests {
         headers.insert(header::HOST, HeaderValue::from_static("a"));
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
         let uri: Uri = "/x?y=1".parse().expect("uri");
-        let req = request(&Method::POST, &uri, &headers, |_| false, &[], Outgoing::InHand(b"abc"));
+        let req = request(
+            &Method::POST,
+            &uri,
+            &headers,
+            |_| false,
+            &[],
+            Outgoing::InHand(b"abc"),
+        );
         assert_eq!(
             &req[..],
             b"POST /x?y=1 HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\nabc"
         );
         headers.remove(header::CONTENT_LENGTH);
-        let req = request(&Method::GET, &uri, &headers, |_| false, &[], Outgoing::InHand(b""));
+        let req = request(
+            &Method::GET,
+            &uri,
+            &headers,
+            |_| false,
+            &[],
+            Outgoing::InHand(b""),
+        );
         assert_eq!(&req[..], b"GET /x?y=1 HTTP/1.1\r\nhost: a\r\n\r\n");
         // Skipped names out, added ones last.
         headers.insert("x-drop", HeaderValue::from_static("1"));
@@ -290,7 +304,14 @@ mod tests {
             HeaderName::from_static("x-add"),
             HeaderValue::from_static("2"),
         )];
-        let req = request(&Method::GET, &uri, &headers, |n| n == "x-drop", &added, Outgoing::InHand(b""));
+        let req = request(
+            &Method::GET,
+            &uri,
+            &headers,
+            |n| n == "x-drop",
+            &added,
+            Outgoing::InHand(b""),
+        );
         assert_eq!(
             &req[..],
             b"GET /x?y=1 HTTP/1.1\r\nhost: a\r\nx-add: 2\r\n\r\n"

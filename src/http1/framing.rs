@@ -113,7 +113,10 @@ impl BodyReader {
 
     /// The next piece of the body in `buf` and whether the body ends with it; None
     /// when `buf` holds none of it yet.
-    pub fn next(&mut self, buf: &mut bytes::BytesMut) -> Result<Option<(bytes::Bytes, bool)>, Error> {
+    pub fn next(
+        &mut self,
+        buf: &mut bytes::BytesMut,
+    ) -> Result<Option<(bytes::Bytes, bool)>, Error> {
         use super::chunked::{step, Step};
         match self {
             BodyReader::Length(0) => Ok(Some((bytes::Bytes::new(), true))),
@@ -162,5 +165,4 @@ mod tests {
         assert_eq!(lengths(&["5", "6"]), None);
         assert_eq!(lengths(&[]), None);
     }
-
 }

@@ -3,8 +3,8 @@
 //! head is split off the buffer it was read into, so its target and header values
 //! are slices of it rather than copies, and what follows it stays where it was read.
 
-use super::fields::lists_token;
 use super::check::Refused;
+use super::fields::lists_token;
 use super::framing::Error;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -140,8 +140,7 @@ pub fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Error>
         .map(|r| span(buf, r.as_bytes()));
     let head = take_head(buf, len);
     let headers = header_map(&head, &lines[..n], 0)?;
-    let reason =
-        reason.map(|(from, to)| Reason(head.slice(from..to)));
+    let reason = reason.map(|(from, to)| Reason(head.slice(from..to)));
     Ok(Some(ResponseHead {
         status,
         version,
@@ -191,7 +190,11 @@ pub enum BodyFraming {
 /// `chunked` alone (501) or one on HTTP/1.0 (400), an unreadable or conflicting
 /// Content-Length (400). The rules that need the head whole (Host, the target) are
 /// `check::request`'s, for HTTP/2 alike.
-pub fn parse_request<B>(buf: &mut BytesMut, max_head: usize, empty: impl FnOnce() -> B) -> Parsed<B> {
+pub fn parse_request<B>(
+    buf: &mut BytesMut,
+    max_head: usize,
+    empty: impl FnOnce() -> B,
+) -> Parsed<B> {
     if buf.is_empty() {
         return Parsed::Partial;
     }

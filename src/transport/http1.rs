@@ -15,10 +15,10 @@
 //! before any byte of an answer).
 
 use crate::http1::chunked::{self, Chunk, Step};
+use crate::http1::encode::Outgoing;
 use crate::http1::framing::{response_body, Body};
 use crate::http1::head::{parse_response, ResponseHead, MAX_RESPONSE_HEAD};
 use crate::http1::{make_room, wants_close, READ_SIZE};
-use crate::http1::encode::Outgoing;
 use crate::transport::body::BoxError;
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};

@@ -103,9 +103,9 @@ impl Shelf<http1::Conn> {
         for shard in &self.shards {
             let expired: VecDeque<Parked<http1::Conn>> = {
                 let mut conns = lock(shard);
-                let (keep, expired) = conns
-                    .drain(..)
-                    .partition(|p: &Parked<http1::Conn>| now.duration_since(p.since) < idle_timeout);
+                let (keep, expired) = conns.drain(..).partition(|p: &Parked<http1::Conn>| {
+                    now.duration_since(p.since) < idle_timeout
+                });
                 *conns = keep;
                 expired
             };
@@ -271,4 +271,3 @@ async fn open(addr: SocketAddr, settings: &Settings) -> Result<TcpStream, SendEr
     let _ = stream.set_nodelay(true);
     Ok(stream)
 }
-

@@ -7,8 +7,8 @@
 
 use crate::config::Health;
 use crate::runtime::life::Life;
-use crate::workers::pool::{Pool, State};
 use crate::transport::http1;
+use crate::workers::pool::{Pool, State};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
