@@ -14,9 +14,9 @@
 //! socket, `uproot::Movable`) `send`. It must not judge requests beyond their
 //! framing: the gate does, for HTTP/1.1 and h2 alike.
 
-use crate::edge::uproot::Uproot;
+use crate::edge::uproot::{NoDelay, Uproot};
+use crate::http1::body::BodyReader;
 use crate::http1::encode::{refusal_head, response_head, BodyKnown, Framing};
-use crate::http1::framing::BodyReader;
 use crate::http1::head::{parse_request, BodyFraming, Parsed};
 use crate::http1::{is_websocket_upgrade, make_room, READ_SIZE};
 use crate::transport::body::{pipe, BodyTimedOut, BoxError, Feed, ProxyBody, RequestBody};
@@ -69,18 +69,6 @@ where
 {
     fn call(&self, req: Request<RequestBody>) -> impl Future<Output = Response<ProxyBody>> + Send {
         self(req)
-    }
-}
-
-/// A client connection's socket, whose Nagle's algorithm can be turned off.
-pub(crate) trait NoDelay {
-    /// Sets TCP_NODELAY.
-    fn no_delay(&self);
-}
-
-impl NoDelay for tokio::net::TcpStream {
-    fn no_delay(&self) {
-        let _ = self.set_nodelay(true);
     }
 }
 

@@ -678,7 +678,7 @@ fn spawn_connection(
         _ => {
             conns.life.spawn(boxed(|| async move {
                 if h2c && opens_h2(&stream, limits.header_read).await {
-                    use h1::NoDelay;
+                    use uproot::NoDelay;
                     stream.no_delay();
                     let _hold = hold;
                     return serve_h2(stream, &h2, gate, peer, draining).await;

@@ -6,7 +6,6 @@
 //! It knows the types the listener serves connections as, and nothing of what the
 //! tunnel does with them.
 
-use crate::edge::h1;
 use crate::transport::moving::{Duplex, Replant, Taken};
 use std::io;
 use std::pin::Pin;
@@ -118,7 +117,7 @@ impl AsyncWrite for Movable {
     }
 }
 
-impl h1::NoDelay for Movable {
+impl NoDelay for Movable {
     fn no_delay(&self) {
         if let Some(tcp) = self.get_ref() {
             let _ = tcp.set_nodelay(true);
@@ -126,11 +125,23 @@ impl h1::NoDelay for Movable {
     }
 }
 
-impl h1::NoDelay for Tls {
+impl NoDelay for Tls {
     fn no_delay(&self) {
         if let Some(tcp) = self.get_ref().0.get_ref() {
             let _ = tcp.set_nodelay(true);
         }
+    }
+}
+
+/// A client connection's socket, whose Nagle's algorithm can be turned off.
+pub trait NoDelay {
+    /// Sets TCP_NODELAY.
+    fn no_delay(&self);
+}
+
+impl NoDelay for tokio::net::TcpStream {
+    fn no_delay(&self) {
+        let _ = self.set_nodelay(true);
     }
 }
 

@@ -91,53 +91,6 @@ pub fn response_body(
     Ok((Body::Close, false))
 }
 
-/// Reads a request body off what was read from its connection, by its framing:
-/// the session's reader (`edge::h1`) and the fuzz target's are this one.
-#[derive(Debug, Clone, Copy)]
-pub enum BodyReader {
-    Length(u64),
-    Chunk(super::chunked::Chunk, usize),
-}
-
-impl BodyReader {
-    /// A reader for a body of `framing` (None: there is no body).
-    pub fn new(framing: super::head::BodyFraming) -> Option<BodyReader> {
-        match framing {
-            super::head::BodyFraming::None => None,
-            super::head::BodyFraming::Length(n) => Some(BodyReader::Length(n)),
-            super::head::BodyFraming::Chunked => {
-                Some(BodyReader::Chunk(super::chunked::Chunk::START, 0))
-            }
-        }
-    }
-
-    /// The next piece of the body in `buf` and whether the body ends with it; None
-    /// when `buf` holds none of it yet.
-    pub fn next(
-        &mut self,
-        buf: &mut bytes::BytesMut,
-    ) -> Result<Option<(bytes::Bytes, bool)>, Error> {
-        use super::chunked::{step, Step};
-        match self {
-            BodyReader::Length(0) => Ok(Some((bytes::Bytes::new(), true))),
-            BodyReader::Length(_) if buf.is_empty() => Ok(None),
-            BodyReader::Length(rem) => {
-                let n = (*rem).min(buf.len() as u64);
-                *rem -= n;
-                Ok(Some((buf.split_to(n as usize).freeze(), *rem == 0)))
-            }
-            BodyReader::Chunk(state, meta) => loop {
-                return match step(state, buf, meta)? {
-                    Step::Data(d) if d.is_empty() => continue,
-                    Step::Data(d) => Ok(Some((d, false))),
-                    Step::More => Ok(None),
-                    Step::End => Ok(Some((bytes::Bytes::new(), true))),
-                };
-            },
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,9 +1,9 @@
 //! Entry points for the fuzz targets (`fuzz/`): the readers never panic, never give
 //! more than the bytes that came, and never lose a byte they do not take.
 
+use super::body::BodyReader;
 use super::chunked::{self, Chunk, Step, MAX_CHUNK_META};
 use super::framing::response_body;
-use super::framing::BodyReader;
 use super::head::{parse_request, parse_response, BodyFraming, Parsed};
 use bytes::BytesMut;
 use http::{header, Version};

@@ -12,6 +12,7 @@
 //! It must not decide policy (which forwarding headers a worker gets is the proxy's;
 //! limits come from the config, passed in).
 
+pub mod body;
 pub mod check;
 pub mod chunked;
 pub mod encode;
