@@ -6,7 +6,7 @@
 # CLIENT=ab REQUESTS of them from ab (HTTP/1.0 keep-alive, which corral's fast
 # client-side loop leaves to hyper). CLOSE=1: a new connection per request (wrk).
 #   bench/callgrind.sh corral|nginx [REQUESTS]     (prints instructions/request)
-# CORRAL_EXTRA adds TOML to corral's config (e.g. "[experimental]\nhttp1_fast_path = false").
+# CORRAL_EXTRA adds TOML to corral's config (e.g. "[timeouts]\nkeepalive = \"30s\"").
 # Startup is measured with one request and subtracted.
 # CALLGRIND_OUT=file keeps the callgrind output (for callgrind_annotate).
 # CARGO_TARGET_DIR builds (and runs) elsewhere, e.g. with other profile settings;

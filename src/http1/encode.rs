@@ -1,7 +1,7 @@
 //! Writing messages: a request as a worker gets it, and a response head as hyper's
-//! server writes it (the same status line, header order, one `connection` line,
-//! `content-length` or chunking, `date`), so a client cannot tell which stack
-//! answered.
+//! server wrote it (the same status line, header order, one `connection` line,
+//! `content-length` or chunking, `date`), so clients saw no change when corral's own
+//! HTTP/1.1 took hyper's place.
 
 use super::fields::wants_close;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -9,7 +9,7 @@ use http::{Method, StatusCode, Uri, Version};
 
 /// The request as a worker gets it: `uri` (already in origin form) and HTTP/1.1,
 /// `headers` but those `skip` names, then `added`, and `body` framed by a
-/// Content-Length written here (any the headers carry is replaced, so the framing
+/// Content-Length or chunks written here (any the headers carry is replaced, so the framing
 /// always matches the bytes sent).
 pub fn request(
     method: &Method,
@@ -92,7 +92,7 @@ pub struct BodyKnown {
     pub exact: Option<u64>,
 }
 
-/// The status line and headers, as hyper's server writes them, and how the body
+/// The status line and headers, as hyper's server wrote them (so clients saw no change when corral's own took over), and how the body
 /// goes and whether the connection stays open after it (`keep`: the client did
 /// not ask to close and no drain began).
 pub fn response_head(

@@ -1,7 +1,7 @@
 //! Config reload (`corral reload [--keep-workers]`, SIGHUP, SIGUSR2): reads the file
 //! again, checks it whole as `corral check` does, and applies what changed to the
 //! running corral without dropping a connection. New connections take the new
-//! gate (limits, timeouts, auth, access log, forwarding rules, fast paths); open
+//! gate (limits, timeouts, auth, access log, forwarding rules); open
 //! ones finish on the gate they started with, as an nginx worker of the old
 //! generation does. Static upstreams join or are served out; workers take the new
 //! `[workers]` table, scaled or rolled.

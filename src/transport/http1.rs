@@ -388,10 +388,9 @@ pub struct Reading<K: Keep> {
     reusable: bool,
     keep: Option<K>,
     meta: usize,
-    /// A failure met, given on the next poll: hyper's server drops a connection on
-    /// a body error without writing what it holds, so the bytes read before the
-    /// failure get one turn to go out first (as they do through hyper's client,
-    /// whose failure comes a task hand-off later).
+    /// A failure met, given on the next poll: the bytes read before the failure get
+    /// one turn to go out to the client first (an HTTP/2 stream is reset on a body
+    /// error without writing what it holds).
     failed: Option<BoxError>,
     /// The request body still being sent (the worker answered before it had it
     /// all): driven as this body is polled, and this body ends only after it.
