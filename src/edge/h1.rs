@@ -483,7 +483,7 @@ async fn write_response<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin + NoDelay,
 {
-    let (mut parts, mut body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
     if http10 {
         parts.version = Version::HTTP_10;
         if keep && !parts.headers.contains_key(header::CONNECTION) {
@@ -504,7 +504,7 @@ where
         ended: body.is_end_stream(),
         exact: body.size_hint().exact(),
     };
-    let (framing, mut keep) = response_head(out, &parts, known, head_request, keep);
+    let (framing, keep) = response_head(out, &parts, known, head_request, keep);
     if framing == Framing::Nothing {
         drop(body);
         nagle.before_write(io, out);
@@ -512,9 +512,28 @@ where
         io.flush().await?;
         return Ok(keep);
     }
-    // What the body has already goes out with the head (the usual small answer,
-    // a chunked one's last chunk and end included: one write); a body still to
-    // come does not hold back what is there.
+    let request = (buf, inbound, *limits);
+    let whole = write_body(io, out, nagle, body, framing, request).await?;
+    Ok(keep && whole)
+}
+
+/// Writes an answer's body after its head (in `out`), framed as `framing` says;
+/// returns whether it went out whole as framed (a connection that can carry
+/// another request). What the body has already goes out with the head (the usual
+/// small answer, a chunked one's last chunk and end included: one write); a body
+/// still to come does not hold back what is there, and while it is awaited the
+/// request body is read on (`serve_body`).
+async fn write_body<I>(
+    io: &mut I,
+    out: &mut Vec<u8>,
+    nagle: &mut Nagle,
+    mut body: ProxyBody,
+    framing: Framing,
+    (buf, inbound, limits): (&mut BytesMut, &mut Option<Inbound>, Limits),
+) -> io::Result<bool>
+where
+    I: AsyncRead + AsyncWrite + Unpin + NoDelay,
+{
     let mut sent = 0u64;
     loop {
         let frame = match frame_now(&mut body).await {
@@ -529,36 +548,15 @@ where
                 tokio::select! {
                     biased;
                     frame = body.frame() => frame,
-                    never = serve_body(io, buf, inbound, *limits) => match never {},
+                    never = serve_body(io, buf, inbound, limits) => match never {},
                 }
             }
         };
-        match frame {
-            Some(Ok(frame)) => {
-                let Ok(data) = frame.into_data() else {
-                    continue; // trailers are not passed on
-                };
-                if data.is_empty() {
-                    continue;
-                }
-                sent += data.len() as u64;
-                match framing {
-                    Framing::Length(n) if sent > n => {
-                        return Err(io::Error::other("body longer than its length"))
-                    }
-                    Framing::Chunked => {
-                        let _ = write!(out, "{:x}\r\n", data.len());
-                        out.extend_from_slice(&data);
-                        out.extend_from_slice(b"\r\n");
-                    }
-                    _ => out.extend_from_slice(&data),
-                }
-                if out.len() >= 64 * 1024 {
-                    nagle.before_write(io, out);
-                    io.write_all(out).await?;
-                    out.clear();
-                }
-            }
+        let data = match frame {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if !data.is_empty() => data,
+                _ => continue, // trailers are not passed on
+            },
             Some(Err(_)) => {
                 nagle.before_write(io, out);
                 io.write_all(out).await?;
@@ -566,19 +564,38 @@ where
                 return Ok(false);
             }
             None => break,
+        };
+        sent += data.len() as u64;
+        match framing {
+            Framing::Length(n) if sent > n => {
+                return Err(io::Error::other("body longer than its length"))
+            }
+            Framing::Chunked => {
+                let _ = write!(out, "{:x}\r\n", data.len());
+                out.extend_from_slice(&data);
+                out.extend_from_slice(b"\r\n");
+            }
+            _ => out.extend_from_slice(&data),
+        }
+        if out.len() >= 64 * 1024 {
+            nagle.before_write(io, out);
+            io.write_all(out).await?;
+            out.clear();
         }
     }
-    match framing {
-        Framing::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
-        Framing::Length(n) if sent != n => keep = false,
-        Framing::Close => keep = false,
-        _ => {}
-    }
+    let whole = match framing {
+        Framing::Chunked => {
+            out.extend_from_slice(b"0\r\n\r\n");
+            true
+        }
+        Framing::Length(n) => sent == n,
+        _ => false,
+    };
     nagle.before_write(io, out);
     io.write_all(out).await?;
     io.flush().await?;
     out.clear();
-    Ok(keep)
+    Ok(whole)
 }
 
 /// The body's next frame if it is there without waiting (`None`: not yet).

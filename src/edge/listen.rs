@@ -691,22 +691,15 @@ fn spawn_connection(
 }
 
 /// The gate as an HTTP/1.1 session's service, for requests from `peer`.
-fn gate_service(
-    gate: Arc<Gate>,
-    peer: Peer,
-) -> impl Fn(
-    Request<RequestBody>,
-) -> std::pin::Pin<
-    Box<dyn std::future::Future<Output = http::Response<crate::transport::body::ProxyBody>> + Send>,
-> {
+fn gate_service(gate: Arc<Gate>, peer: Peer) -> impl h1::Service {
     move |req| {
         let answer = gate.clone().handle(req, peer.clone());
-        Box::pin(async move {
+        async move {
             match answer.await {
                 Ok(resp) => resp,
                 Err(never) => match never {},
             }
-        })
+        }
     }
 }
 

@@ -130,7 +130,6 @@ impl Tunnels {
             timing,
         } = via;
         let worker = target.worker.id;
-        let addr = target.worker.addr;
         // Only a connection that can hand its socket over carries an upgrade
         // (HTTP/1.1's; an HTTP/2 stream has none).
         let Some(client_side) = req.extensions_mut().remove::<OnUpgrade>() else {
@@ -150,23 +149,8 @@ impl Tunnels {
         let exchange = forward.exchange(&target.worker, &out, None, true);
         let resp = match tokio::time::timeout(timing.read_timeout, exchange).await {
             Ok(Ok(resp)) => resp,
-            Ok(Err(SendError::Connect(e))) => {
-                tracing::warn!(worker, %addr, error = %e, "cannot connect to worker for websocket");
-                pool.check_failed(&target.worker);
-                return answer::unreachable(metrics, &target.ticket, addr);
-            }
-            Ok(Err(e)) => {
-                return short(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("corral: worker {addr} failed: {e}\n"),
-                )
-            }
-            Err(_) => {
-                return short(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    &format!("corral: worker {addr} did not answer the upgrade\n"),
-                )
-            }
+            Ok(Err(e)) => return not_upgraded(Some(e), &target, pool, metrics),
+            Err(_) => return not_upgraded(None, &target, pool, metrics),
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             return refused(resp, target.ticket);
@@ -204,6 +188,33 @@ impl Tunnels {
         });
         parts.headers.remove(header::CONTENT_LENGTH);
         Response::from_parts(parts, crate::transport::body::empty())
+    }
+}
+
+/// The answer to an upgrade its worker did not answer (`err`; None: not within
+/// `timeouts.read`): 502 or 504, or, when it refused the connection, what
+/// `answer::unreachable` says.
+fn not_upgraded(
+    err: Option<SendError>,
+    target: &Target,
+    pool: &Pool,
+    metrics: &Arc<Counters>,
+) -> Response<ProxyBody> {
+    let (worker, addr) = (target.worker.id, target.worker.addr);
+    match err {
+        Some(SendError::Connect(e)) => {
+            tracing::warn!(worker, %addr, error = %e, "cannot connect to worker for websocket");
+            pool.check_failed(&target.worker);
+            answer::unreachable(metrics, &target.ticket, addr)
+        }
+        Some(e) => short(
+            StatusCode::BAD_GATEWAY,
+            &format!("corral: worker {addr} failed: {e}\n"),
+        ),
+        None => short(
+            StatusCode::GATEWAY_TIMEOUT,
+            &format!("corral: worker {addr} did not answer the upgrade\n"),
+        ),
     }
 }
 
