@@ -6,7 +6,9 @@
 # ports and the rounds go round them in turn, so drift in the machine hits all
 # alike. Reports req/s, p99 and the proxy's CPU (user + system, workers included)
 # per request, medians of the rounds, and the ratios.
-#   bench/http.sh [rounds] [seconds]          (make bench; CORRAL=path: another build)
+#   bench/http.sh [rounds] [seconds]          (make bench; CORRAL=path: another build;
+#                                             BEFORE=path: a second corral in the same
+#                                             rounds, its ratio to this one reported)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
@@ -25,7 +27,9 @@ cat "$work/cert.pem" "$work/key.pem" > "$work/both.pem"
 backend=$(port)
 target/profiling/examples/backend "127.0.0.1:$backend" 2>/dev/null & pids+=($!)
 declare -A plain tls pid
-for p in corral nginx haproxy; do plain[$p]=$(port); tls[$p]=$(port); done
+proxies="corral nginx haproxy"
+[ -z "${BEFORE:-}" ] || proxies="corral before nginx haproxy"
+for p in $proxies; do plain[$p]=$(port); tls[$p]=$(port); done
 
 cat > "$work/corral.toml" <<EOC
 upstreams = ["127.0.0.1:$backend"]
@@ -39,6 +43,11 @@ tls = { cert = "$work/cert.pem", key = "$work/key.pem" }
 max_connections = 9000
 EOC
 "${CORRAL:-target/profiling/corral}" run -c "$work/corral.toml" 2>"$work/corral.log" & pid[corral]=$!
+if [ -n "${BEFORE:-}" ]; then
+  sed -e "s/:${plain[corral]}\"/:${plain[before]}\"/" -e "s/:${tls[corral]}\"/:${tls[before]}\"/" \
+      -e "s#corral.sock#before.sock#" "$work/corral.toml" > "$work/before.toml"
+  "$BEFORE" run -c "$work/before.toml" 2>"$work/before.log" & pid[before]=$!
+fi
 cat > "$work/nginx.conf" <<EOC
 worker_processes auto;
 worker_rlimit_nofile 20000;
@@ -72,15 +81,15 @@ nginx -p "$work" -c "$work/nginx.conf" -g 'daemon off;' & pid[nginx]=$!
 haproxy_cfg "$work/haproxy.cfg" "${plain[haproxy]}" "${tls[haproxy]}" "$work/both.pem" "$backend" h2,http/1.1
 haproxy -f "$work/haproxy.cfg" -db 2>"$work/haproxy.log" & pid[haproxy]=$!
 pids+=("${pid[@]}")
-await_proxies corral nginx haproxy
+await_proxies $proxies
 
 scenarios="plain-keepalive plain-close tls-keepalive tls-close"
 url() { case $1 in plain-*) echo "http://127.0.0.1:${plain[$2]}/";; tls-*) echo "https://127.0.0.1:${tls[$2]}/";; esac; }
 args() { case $1 in *-close) echo "-c32 -H Connection:close";; *) echo "-c64";; esac; }
-for s in $scenarios; do for p in corral nginx haproxy; do wrk -t2 $(args $s) -d2s "$(url $s $p)" >/dev/null 2>&1 || true; done; done
+for s in $scenarios; do for p in $proxies; do wrk -t2 $(args $s) -d2s "$(url $s $p)" >/dev/null 2>&1 || true; done; done
 for r in $(seq "$rounds"); do
   for s in $scenarios; do
-    for p in corral nginx haproxy; do
+    for p in $proxies; do
       t0=$(cpu_ticks "${pid[$p]}")
       out=$(wrk -t2 $(args $s) -d"${secs}s" --latency "$(url $s $p)")
       t1=$(cpu_ticks "${pid[$p]}")
@@ -102,3 +111,14 @@ for s in $scenarios; do
     echo "| $s | $name | $c | $n | $h | $(ratio "$c" "$n") | $(ratio "$c" "$h") |"
   done
 done
+if [ -n "${BEFORE:-}" ]; then
+  echo
+  echo "| scenario | measure | corral | before | corral/before | before/nginx |"
+  echo "|---|---|---:|---:|---:|---:|"
+  for s in $scenarios; do
+    for m in rps p99 cpu; do
+      c=$(median < "$work/$s.corral.$m"); b=$(median < "$work/$s.before.$m"); n=$(median < "$work/$s.nginx.$m")
+      echo "| $s | $m | $c | $b | $(ratio "$c" "$b") | $(ratio "$b" "$n") |"
+    done
+  done
+fi

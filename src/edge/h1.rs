@@ -58,16 +58,22 @@ pub(crate) struct Limits {
 }
 
 /// What answers a session's requests: the gate, or the status listener's pages.
+/// Its future is made where it is awaited (`answer_unless_gone`): made elsewhere and
+/// passed in, a future of the request path's size was copied several times over for
+/// every request.
 pub(crate) trait Service {
-    fn call(&self, req: Request<RequestBody>) -> impl Future<Output = Response<ProxyBody>> + Send;
+    fn call(&self, req: Request<RequestBody>) -> impl Future<Output = Answer> + Send;
 }
+
+/// A service's answer (it never fails: every error is an answer).
+pub(crate) type Answer = Result<Response<ProxyBody>, std::convert::Infallible>;
 
 impl<F, Fut> Service for F
 where
     F: Fn(Request<RequestBody>) -> Fut,
-    Fut: Future<Output = Response<ProxyBody>> + Send,
+    Fut: Future<Output = Answer> + Send,
 {
-    fn call(&self, req: Request<RequestBody>) -> impl Future<Output = Response<ProxyBody>> + Send {
+    fn call(&self, req: Request<RequestBody>) -> impl Future<Output = Answer> + Send {
         self(req)
     }
 }
@@ -103,6 +109,18 @@ struct Conn<I> {
     limits: Limits,
 }
 
+/// The connection's one timer, reset for each wait (a head, a piece of a body):
+/// moved later, a registered timer costs an atomic store, where a new one for
+/// each request went into the timer wheel and out again.
+type Deadline<'a> = Pin<&'a mut tokio::time::Sleep>;
+
+/// Moves `deadline` to `after` from now.
+fn reset(deadline: &mut Deadline<'_>, after: Duration) {
+    deadline
+        .as_mut()
+        .reset(tokio::time::Instant::now() + after);
+}
+
 /// Serves a connection's requests until it closes or its last answer said so. Once
 /// `draining` is cancelled, an idle connection closes at once and a request in
 /// flight is answered first. `hold` (the connection's slot) is let go when the
@@ -127,9 +145,12 @@ pub(crate) async fn serve<I, S>(
         },
         limits,
     };
+    let deadline = tokio::time::sleep(limits.header_read);
+    tokio::pin!(deadline);
     let mut first = true;
     loop {
-        let (mut req, framing) = match read_head(&mut conn, draining, first).await {
+        let head = read_head(&mut conn, deadline.as_mut(), draining, first).await;
+        let (mut req, framing) = match head {
             Some(Ok(pair)) => pair,
             Some(Err(status)) => return Box::pin(refuse(&mut conn, status)).await,
             None => return,
@@ -143,10 +164,10 @@ pub(crate) async fn serve<I, S>(
             req.extensions_mut().insert(on);
             upgrading
         });
-        let answer = service.call(req);
-        let Some(resp) =
-            answer_unless_gone(&mut conn, answer, &mut inbound, framing.continue_100).await
-        else {
+        let expects = framing.continue_100;
+        let timer = deadline.as_mut();
+        let answer = answer_unless_gone(&mut conn, timer, service, req, &mut inbound, expects);
+        let Some(resp) = answer.await else {
             return;
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -178,19 +199,20 @@ pub(crate) async fn serve<I, S>(
 /// with when it cannot be taken.
 async fn read_head<I: AsyncRead + Unpin>(
     conn: &mut Conn<I>,
+    mut deadline: Deadline<'_>,
     draining: &CancellationToken,
     first: bool,
 ) -> Option<Result<(Request<RequestBody>, crate::http1::head::Framing), crate::http1::check::Refused>>
 {
     let limits = conn.limits;
     let begun = first || !conn.buf.is_empty();
-    let wait = if begun {
-        limits.header_read
-    } else {
-        limits.keepalive
-    };
-    let deadline = tokio::time::sleep(wait);
-    tokio::pin!(deadline);
+    if !first {
+        let wait = match begun {
+            true => limits.header_read,
+            false => limits.keepalive,
+        };
+        reset(&mut deadline, wait);
+    }
     let mut idle = !begun;
     loop {
         match parse_request(&mut conn.buf, limits.max_head, || RequestBody::Empty) {
@@ -201,9 +223,7 @@ async fn read_head<I: AsyncRead + Unpin>(
         if idle && !conn.buf.is_empty() {
             // The next request has begun: its head has `header_read` from now.
             idle = false;
-            deadline
-                .as_mut()
-                .reset(tokio::time::Instant::now() + limits.header_read);
+            reset(&mut deadline, limits.header_read);
         }
         make_room(&mut conn.buf);
         let nothing_yet = conn.buf.is_empty();
@@ -300,29 +320,29 @@ impl Inbound {
 /// is dropped then, and with it the worker's connection, which is closed, not put
 /// back (nginx's 499). What the client sends meanwhile (a pipelined request) is
 /// kept in the buffer, up to a head's size.
-async fn answer_unless_gone<I, F>(
+async fn answer_unless_gone<I, S>(
     conn: &mut Conn<I>,
-    answer: F,
+    mut deadline: Deadline<'_>,
+    service: &S,
+    req: Request<RequestBody>,
     inbound: &mut Option<Inbound>,
     mut continue_100: bool,
 ) -> Option<Response<ProxyBody>>
 where
     I: AsyncRead + AsyncWrite + Unpin + NoDelay,
-    F: Future<Output = Response<ProxyBody>>,
+    S: Service,
 {
-    tokio::pin!(answer);
+    // Made in its pinned place: a `let` then `tokio::pin!` copied the request
+    // path's future once more for every request.
+    let mut answer = std::pin::pin!(service.call(req));
     let limits = conn.limits;
-    let deadline = tokio::time::sleep(limits.body_read);
-    tokio::pin!(deadline);
     let (mut ended, mut reading) = (false, false);
     loop {
         let need = inbound
             .as_mut()
             .map_or(Need::Nothing, |i| i.pump(&mut conn.buf));
         if need == Need::Read && !reading {
-            deadline
-                .as_mut()
-                .reset(tokio::time::Instant::now() + limits.body_read);
+            reset(&mut deadline, limits.body_read);
             if std::mem::take(&mut continue_100) && conn.buf.is_empty() {
                 let line = b"HTTP/1.1 100 Continue\r\n\r\n";
                 conn.nagle.before_write(&conn.io, line);
@@ -341,14 +361,10 @@ where
         let feed = inbound.as_ref().map(|i| &i.feed);
         tokio::select! {
             biased;
-            resp = &mut answer => return Some(resp),
+            Ok(resp) = &mut answer => return Some(resp),
             _ = asked(feed), if need == Need::Demand => {}
             read = conn.io.read_buf(&mut conn.buf), if room && !ended => match read {
-                Ok(n) if n > 0 => {
-                    deadline
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + limits.body_read);
-                }
+                Ok(n) if n > 0 => reset(&mut deadline, limits.body_read),
                 _ => match inbound.as_mut().filter(|i| !i.done) {
                     // A body cut short: the request path answers it (400).
                     Some(i) => {

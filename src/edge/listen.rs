@@ -692,15 +692,7 @@ fn spawn_connection(
 
 /// The gate as an HTTP/1.1 session's service, for requests from `peer`.
 fn gate_service(gate: Arc<Gate>, peer: Peer) -> impl h1::Service {
-    move |req| {
-        let answer = gate.clone().handle(req, peer.clone());
-        async move {
-            match answer.await {
-                Ok(resp) => resp,
-                Err(never) => match never {},
-            }
-        }
-    }
+    move |req| gate.clone().handle(req, peer.clone())
 }
 
 /// An HTTP/2 connection, its requests through the gate, until it ends or drains.

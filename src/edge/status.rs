@@ -94,7 +94,7 @@ pub fn start(
                 continue;
             };
             let (src, auth) = (sources.clone(), credentials.load_full());
-            let service = move |req| answer(req, src.clone(), auth.clone());
+            let service = move |req| answered(req, src.clone(), auth.clone());
             let draining = tasks.signal();
             let stream = crate::edge::uproot::Movable::new(stream, LIMITS.body_read);
             tasks.spawn(async move {
@@ -119,6 +119,15 @@ const LIMITS: h1::Limits = h1::Limits {
     shutdown: false,
     nagle: false,
 };
+
+/// The answer, as a session's service gives it.
+async fn answered(
+    req: Request<RequestBody>,
+    src: Arc<Sources>,
+    auth: Option<Arc<BasicAuth>>,
+) -> h1::Answer {
+    Ok(answer(req, src, auth).await)
+}
 
 async fn answer(
     req: Request<RequestBody>,
