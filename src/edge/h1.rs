@@ -116,9 +116,7 @@ type Deadline<'a> = Pin<&'a mut tokio::time::Sleep>;
 
 /// Moves `deadline` to `after` from now.
 fn reset(deadline: &mut Deadline<'_>, after: Duration) {
-    deadline
-        .as_mut()
-        .reset(tokio::time::Instant::now() + after);
+    deadline.as_mut().reset(tokio::time::Instant::now() + after);
 }
 
 /// Serves a connection's requests until it closes or its last answer said so. Once

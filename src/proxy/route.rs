@@ -367,7 +367,7 @@ impl Proxy {
     /// is a websocket upgrade (`upgrade`). Never fails: every error becomes a response.
     pub async fn route(
         self: Arc<Self>,
-        req: Request<RequestBody>,
+        mut req: Request<RequestBody>,
         peer: Peer,
         is_eio: bool,
         upgrade: bool,
@@ -388,7 +388,6 @@ impl Proxy {
         let sid = sticky
             .then(|| engineio::classify(req.uri().query()).sid)
             .flatten();
-        let mut req = req;
         let tagged = match self.read_tag(&mut req, sid.as_deref(), hopped) {
             Ok(t) => t,
             Err(refusal) => return refusal.response(&self),

@@ -215,7 +215,7 @@ async fn stream_body(
     conn: &mut Conn,
     body: crate::transport::body::ProxyBody,
     chunked: bool,
-) -> Result<(ResponseHead, Option<Outflow>, bool), Failure> {
+) -> Result<(ResponseHead, Option<Box<Outflow>>, bool), Failure> {
     let mut outflow = Outflow {
         body,
         pending: Bytes::new(),
@@ -247,7 +247,7 @@ async fn stream_body(
     })
     .await;
     match early {
-        Some(head) => Ok((head?, Some(outflow), false)),
+        Some(head) => Ok((head?, Some(Box::new(outflow)), false)),
         None => Ok((reading.await?, None, whole == Some(true))),
     }
 }
@@ -394,7 +394,8 @@ pub struct Reading<K: Keep> {
     failed: Option<BoxError>,
     /// The request body still being sent (the worker answered before it had it
     /// all): driven as this body is polled, and this body ends only after it.
-    outflow: Option<Outflow>,
+    // Boxed: rare, and the answer's body is moved a few times per request.
+    outflow: Option<Box<Outflow>>,
 }
 
 impl<K: Keep> Reading<K> {
