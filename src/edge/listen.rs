@@ -675,14 +675,25 @@ fn spawn_connection(
                 h1::serve(tls, &service, limits, &draining, Some(hold)).await
             }));
         }
-        _ => {
+        _ if h2c => {
             conns.life.spawn(boxed(|| async move {
-                if h2c && opens_h2(&stream, limits.header_read).await {
+                let looked = opens_h2(&stream, limits.header_read);
+                let prior_knowledge = tokio::select! {
+                    yes = looked => yes,
+                    _ = draining.cancelled() => return,
+                };
+                if prior_knowledge {
                     use uproot::NoDelay;
                     stream.no_delay();
                     let _hold = hold;
                     return serve_h2(stream, &h2, gate, peer, draining).await;
                 }
+                let service = gate_service(gate, peer);
+                h1::serve(stream, &service, limits, &draining, Some(hold)).await
+            }));
+        }
+        _ => {
+            conns.life.spawn(boxed(|| async move {
                 let service = gate_service(gate, peer);
                 h1::serve(stream, &service, limits, &draining, Some(hold)).await
             }));

@@ -223,7 +223,15 @@ pub fn parse_request<B>(
     let head = take_head(buf, len);
     match build_request(&head, &plan, &lines[..plan.count], empty()) {
         Some(req) => Parsed::Request(req, plan.framing),
-        None => Parsed::Refused(Refused::Malformed),
+        None => {
+            // A name, value or target `http` refuses, found only once the head is
+            // split off: put back, so a refused head leaves every byte as it came.
+            let mut all = BytesMut::with_capacity(head.len() + buf.len());
+            all.extend_from_slice(&head);
+            all.extend_from_slice(buf);
+            *buf = all;
+            Parsed::Refused(Refused::Malformed)
+        }
     }
 }
 
@@ -420,6 +428,8 @@ mod tests {
         ];
         for (text, why) in refused {
             assert_eq!(framing(text), Err(why), "{}", String::from_utf8_lossy(text));
+            // Refused, every byte stays (one `http` refuses is put back).
+            assert_eq!(&parse(text).1[..], text);
         }
         assert_eq!(Refused::Coding.status(), StatusCode::NOT_IMPLEMENTED);
         assert_eq!(
