@@ -92,7 +92,7 @@ pub struct BodyKnown {
     pub exact: Option<u64>,
 }
 
-/// The status line and headers, as hyper's server wrote them (so clients saw no change when corral's own took over), and how the body
+/// The status line and headers, as hyper's server wrote them, and how the body
 /// goes and whether the connection stays open after it (`keep`: the client did
 /// not ask to close and no drain began).
 pub fn response_head(

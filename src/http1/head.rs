@@ -13,7 +13,7 @@ use std::mem::MaybeUninit;
 
 /// Most header lines in a head (hyper's limit, both ways).
 pub const MAX_HEADERS: usize = 100;
-/// Most bytes of a response head (hyper's client limit).
+/// Most bytes of a response head (the limit hyper's client had).
 pub const MAX_RESPONSE_HEAD: usize = 8192 + 4096 * 100;
 /// Bytes asked for per read.
 pub const READ_SIZE: usize = 8192;
