@@ -137,6 +137,16 @@ const REQUESTS: &[&[u8]] = &[
     // Connection header (the direct forwarding rules).
     b"GET /r25 HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nForwarded: for=6.6.6.6\r\nX-Forwarded-Host: evil\r\nX-Forwarded-Port: 1\r\nX-Forwarded-Prefix: /x\r\nX-Corral-Hop: forged\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: Basic eA==\r\nTrailer: x\r\n\r\n",
     b"POST /socket.io/?EIO=4&transport=polling&t=r26 HTTP/1.1\r\nHost: localhost:81\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: close\r\nContent-Length: 2\r\n\r\n2a",
+    // Bodies, pipelined and framed every way a client may frame them.
+    b"POST /r27 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\n\r\nabcPOST /r27 HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nde\r\n0\r\n\r\n",
+    b"POST /r28 HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n3;name=value\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n",
+    b"PUT /r29 HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\nbody",
+    b"POST /r30 HTTP/1.0\r\nHost: localhost\r\nContent-Length: 4\r\n\r\nten!",
+    b"POST /r31 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5, 5\r\n\r\nfives",
+    b"POST /r32 HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n00000003\r\nxyz\r\n0\r\n\r\n",
+    b"POST /r33 HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\n0\n\n",
+    b"POST /r34 HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nA\r\n0123456789\r\n0\r\n\r\nGET /r34 HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"POST /r35 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
 ];
 
 /// A second request sent right behind each of the corpus (pipelined), which closes
@@ -145,7 +155,13 @@ const CLOSING: &[u8] = b"GET /end HTTP/1.1\r\nHost: localhost\r\nConnection: clo
 
 /// Requests of the corpus corral refuses on purpose where hyper takes them: the
 /// gate's head rules (nginx's), not framing. By index.
-const STRICTER: &[(usize, &str)] = &[(16, "two Host headers")];
+const STRICTER: &[(usize, &str)] = &[
+    (16, "two Host headers"),
+    (
+        35,
+        "two Content-Length fields (nginx: a duplicate header line)",
+    ),
+];
 
 /// Each request is framed by corral as hyper frames it: the requests that reach the
 /// worker are those hyper's server takes from the same bytes, with the same method,
@@ -168,6 +184,9 @@ fn requests_are_framed_as_hyper_frames_them() {
                     || s.target().ends_with(&format!("={target}"))
                     || (req.starts_with(b"OPTIONS * ") && s.target() == "*")
             })
+            // A request whose body failed on the way reached the worker cut short
+            // (its head went ahead of its body): not taken, as hyper does not take it.
+            .filter(|s| !s.aborted)
             .map(|s| {
                 let method = s.head.split(' ').next().unwrap_or("").to_owned();
                 (method, s.target().to_owned(), s.body)

@@ -268,8 +268,10 @@ fn plan_request(
         let name = h.name.as_bytes();
         let is = |n: &HeaderName| name.eq_ignore_ascii_case(n.as_str().as_bytes());
         if is(&header::CONTENT_LENGTH) {
-            let n = content_length_bytes(h.value).ok_or(Refused::Length)?;
-            if length.is_some_and(|l| l != n) {
+            // One field of digits, as nginx takes it: a list, or a second field
+            // (equal or not), is refused.
+            let n = super::framing::digits(h.value.trim_ascii()).ok_or(Refused::Length)?;
+            if length.is_some() {
                 return Err(Refused::Length);
             }
             length = Some(n);
@@ -308,19 +310,6 @@ fn plan_request(
         },
         drop_length,
     })
-}
-
-/// A Content-Length field's value: digits, or a list of the same digits.
-fn content_length_bytes(value: &[u8]) -> Option<u64> {
-    let mut found = None;
-    for part in value.split(|&b| b == b',') {
-        let n = super::framing::digits(part.trim_ascii())?;
-        if found.is_some_and(|f| f != n) {
-            return None;
-        }
-        found = Some(n);
-    }
-    found
 }
 
 /// The request `plan` and its header `lines` describe, its parts slices of
@@ -401,7 +390,7 @@ mod tests {
         assert!(f.unwrap().continue_100);
         let f = framing(b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n").unwrap();
         assert!(!f.continue_100, "no body, nothing to continue");
-        let refused: [(&[u8], Refused); 8] = [
+        let refused: [(&[u8], Refused); 10] = [
             (
                 b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
                 Refused::Coding,
@@ -420,6 +409,14 @@ mod tests {
             ),
             (
                 b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+                Refused::Length,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
+                Refused::Length,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
                 Refused::Length,
             ),
             (b"GET / HTTP/2.0\r\n\r\n", Refused::Version),
