@@ -429,7 +429,7 @@ async fn keep(
         let Spawned {
             mut child,
             output: mut forwarding,
-        } = match spawn(&spec, port, index, &extra_env, &output) {
+        } = match spawn(&spec, port, index, &extra_env, &output).await {
             Ok(c) => c,
             Err(e) => {
                 let msg = spawn_error(&spec, port, index, e);
@@ -603,7 +603,7 @@ fn fill(template: &str, port: u16, index: usize) -> String {
 }
 
 /// Starts the worker process in a process group of its own, killed if corral dies.
-fn spawn(
+async fn spawn(
     spec: &Workers,
     port: u16,
     index: usize,
@@ -638,11 +638,28 @@ fn spawn(
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .process_group(0);
+    with_death_signal(&mut cmd);
+    let mut child = fork(cmd).await?;
+    let mut forwarding = tokio::task::JoinSet::new();
+    if let Some(out) = child.stdout.take() {
+        forwarding.spawn(forward_lines(out, index, output.clone()));
+    }
+    if let Some(err) = child.stderr.take() {
+        forwarding.spawn(forward_lines(err, index, output.clone()));
+    }
+    Ok(Spawned {
+        child,
+        output: forwarding,
+    })
+}
+
+/// Has the child killed when corral dies, even by SIGKILL (its parent-death signal).
+fn with_death_signal(cmd: &mut Command) {
     // Taken before the fork: as a container's PID 1, corral's own pid is 1, so
     // "parent is 1" does not mean "parent died".
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: prctl and getppid are async-signal-safe; this only sets the child's
-    // parent-death signal, so the worker is killed even when corral is SIGKILLed.
+    // parent-death signal.
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
@@ -655,18 +672,56 @@ fn spawn(
             Ok(())
         });
     }
-    let mut child = cmd.spawn()?;
-    let mut forwarding = tokio::task::JoinSet::new();
-    if let Some(out) = child.stdout.take() {
-        forwarding.spawn(forward_lines(out, index, output.clone()));
-    }
-    if let Some(err) = child.stderr.take() {
-        forwarding.spawn(forward_lines(err, index, output.clone()));
-    }
-    Ok(Spawned {
-        child,
-        output: forwarding,
-    })
+}
+
+/// A fork asked of the forking thread.
+struct Fork {
+    cmd: Command,
+    /// The runtime the child is watched from.
+    runtime: tokio::runtime::Handle,
+    reply: oneshot::Sender<std::io::Result<Child>>,
+}
+
+/// Starts `cmd` on corral's forking thread. Linux sends a child its parent-death
+/// signal when the *thread* that forked it ends, not the process: a worker forked
+/// by a runtime thread would die with that thread (and an in-place upgrade's
+/// `execve` ends every thread but the caller, docs/upgrade.md). The forking thread
+/// lives as long as corral.
+async fn fork(cmd: Command) -> std::io::Result<Child> {
+    static FORKER: std::sync::OnceLock<std::io::Result<std::sync::mpsc::Sender<Fork>>> =
+        std::sync::OnceLock::new();
+    let forker = FORKER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Fork>();
+        std::thread::Builder::new()
+            .name("corral-fork".into())
+            .spawn(move || {
+                for Fork {
+                    mut cmd,
+                    runtime,
+                    reply,
+                } in rx
+                {
+                    let _entered = runtime.enter();
+                    // A caller gone meanwhile drops the child, which kills it.
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .map(|_| tx)
+    });
+    let gone = || std::io::Error::other("corral's forking thread is gone");
+    let forker = forker
+        .as_ref()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("no forking thread: {e}")))?;
+    let (reply, answer) = oneshot::channel();
+    let runtime = tokio::runtime::Handle::current();
+    forker
+        .send(Fork {
+            cmd,
+            runtime,
+            reply,
+        })
+        .map_err(|_| gone())?;
+    answer.await.map_err(|_| gone())?
 }
 
 /// A started worker process and the tasks that forward its output.
@@ -984,6 +1039,34 @@ pub async fn reap_orphans(pool: Arc<Pool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A worker's parent-death signal is tied to the thread that forked it: asked for
+    /// by a runtime on a thread that then ends, the worker lives on (it is forked by
+    /// the forking thread). Forked in place, it is killed as the thread ends.
+    #[test]
+    fn a_worker_outlives_the_thread_that_asked_for_it() {
+        let asker = std::thread::spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let mut cmd = Command::new("sleep");
+                cmd.arg("30").kill_on_drop(true);
+                with_death_signal(&mut cmd);
+                fork(cmd).await.expect("forked")
+            })
+        });
+        let child = asker.join().expect("the asking thread");
+        let pid = child.id().expect("a pid");
+        // A negative check: the death signal comes as the thread ends, so a worker it
+        // killed is a zombie by now; this one must still be running.
+        std::thread::sleep(Duration::from_millis(300));
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
+        assert_ne!(state, Some('Z'), "the worker died with the thread: {stat}");
+        drop(child);
+    }
 
     #[test]
     fn template_is_filled() {
