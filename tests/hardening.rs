@@ -524,15 +524,11 @@ fn a_client_that_never_reads_is_cut_after_the_send_timeout() {
     s.write_all(b"GET /canned HTTP/1.1\r\nHost: a\r\n\r\n")
         .expect("write");
     assert!(worker.wait_for(|seen| seen.iter().any(|r| r.target() == "/canned")));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while worker.open_connections() > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the worker is still held writing to a client that reads nothing: {}",
-            corral.log_text()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        worker.wait_all_closed(Duration::from_secs(10)),
+        "the worker is still held writing to a client that reads nothing: {}",
+        corral.log_text()
+    );
     // The client's connection was closed by corral: what it finally reads ends.
     let mut sink = Vec::new();
     let read = std::io::Read::read_to_end(&mut s, &mut sink);

@@ -121,6 +121,29 @@ fn sigterm_drops_a_tls_handshake_not_yet_done() {
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
 
+/// With `h2c` on, a plain connection that has sent nothing yet is being looked at
+/// for the HTTP/2 preface: SIGTERM ends that look at once, so corral exits without
+/// waiting out `shutdown_drain` (or `header_read`) for it.
+#[test]
+fn sigterm_drops_an_h2c_connection_that_sent_nothing() {
+    let worker = RawWorker::start(Mode::Echo);
+    let mut corral = corral_for(
+        &worker,
+        "h2c = true\n[timeouts]\nheader_read = \"30s\"\nshutdown_drain = \"30s\"\n",
+    );
+    let s = std::net::TcpStream::connect(corral.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    // Accepted and looked at before the signal.
+    thread::sleep(Duration::from_millis(300));
+    corral.terminate();
+    let mut rest = Vec::new();
+    let read = std::io::Read::read_to_end(&mut &s, &mut rest);
+    assert!(read.is_ok(), "still open 5 s after SIGTERM: {read:?}");
+    let status = corral.wait_exit(Duration::from_secs(5));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}
+
 /// At shutdown an open websocket gets a close frame, 1001 "going away", so the
 /// client sees a clean close and reconnects; the worker connection is closed too.
 #[test]
@@ -605,13 +628,8 @@ fn idle_worker_connections_are_closed_on_time() {
     let reply = read_reply(&mut BufReader::new(&s)).expect("reply");
     assert_eq!(reply.status, 200);
     assert!(worker.open_connections() >= 1, "{}", corral.log_text());
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while worker.open_connections() > 0 && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(
-        worker.open_connections(),
-        0,
+    assert!(
+        worker.wait_all_closed(Duration::from_secs(3)),
         "the idle connection stayed open: {}",
         corral.log_text()
     );
@@ -873,13 +891,9 @@ fn a_client_gone_before_its_answer_cancels_the_request() {
     drop(s);
     // The worker answers after its delay, into a connection corral has closed, and
     // then sees it end; a connection put back would stay open for a minute.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while worker.open_connections() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the worker's connection stayed open: {}",
-            corral.log_text()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        worker.wait_all_closed(Duration::from_secs(5)),
+        "the worker's connection stayed open: {}",
+        corral.log_text()
+    );
 }

@@ -22,6 +22,14 @@ fn corral_for(worker: &RawWorker) -> Corral {
     ))
 }
 
+/// A runtime for one oracle run (hyper's server or client in this process).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// A request as framed: method, target (origin form) and body.
 type Framed = (String, String, Vec<u8>);
 
@@ -48,10 +56,7 @@ fn hyper_takes(bytes: &[u8]) -> Vec<Framed> {
     use tokio::io::AsyncWriteExt;
     let taken = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let record = taken.clone();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     rt.block_on(async move {
         let (mut client, server) = tokio::io::duplex(bytes.len() + (1 << 20));
         let _ = client.write_all(bytes).await;
@@ -289,10 +294,7 @@ const BIG: &[u8] = {
 fn hyper_reads(bytes: &'static [u8], head_request: bool) -> Option<(u16, Vec<u8>)> {
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     rt.block_on(async move {
         let (client, mut worker) = tokio::io::duplex(1 << 20);
         let (mut sender, conn) =
@@ -439,14 +441,10 @@ fn a_parked_connection_closed_by_the_worker_is_not_used() {
     );
     assert_eq!(r.map(|r| r.status), Some(200));
     // The worker's close reaches corral while the connection is parked.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while worker.open_connections() > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the worker never closed"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(
+        worker.wait_all_closed(Duration::from_secs(5)),
+        "the worker never closed"
+    );
     let post = b"POST /socket.io/?EIO=4&transport=polling&t=p HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\n40abc";
     let r = exchange(corral.addr, post).expect("a reply");
     assert_eq!((r.status, r.body.as_slice()), (200, &b"40abc"[..]), "{r:?}");

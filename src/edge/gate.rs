@@ -147,15 +147,11 @@ impl Gate {
     }
 }
 
-/// The answer to a refused head; one whose body cannot be skipped safely closes
-/// the connection.
+/// The answer to a head `check::request` refused (its framing was read: the
+/// connection may go on). What cannot be framed was refused, and the connection
+/// closed, by the HTTP/1.1 head reader.
 fn refusal(refused: Refused) -> Response<ProxyBody> {
-    let mut resp = short(refused.status(), &format!("corral: {refused}\n"));
-    if refused.closes() {
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    resp
+    short(refused.status(), &format!("corral: {refused}\n"))
 }
 
 fn unauthorized(realm: &str) -> Response<ProxyBody> {

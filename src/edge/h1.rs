@@ -16,7 +16,7 @@
 
 use crate::edge::uproot::{NoDelay, Uproot};
 use crate::http1::body::BodyReader;
-use crate::http1::encode::{refusal_head, response_head, BodyKnown, Framing};
+use crate::http1::encode::{chunk, refusal_head, response_head, BodyKnown, Framing, LAST_CHUNK};
 use crate::http1::head::{parse_request, BodyFraming, Parsed};
 use crate::http1::{is_websocket_upgrade, make_room, READ_SIZE};
 use crate::transport::body::{pipe, BodyTimedOut, BoxError, Feed, ProxyBody, RequestBody};
@@ -26,7 +26,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame};
 use http_body_util::BodyExt;
 use std::future::Future;
-use std::io::{self, Write as _};
+use std::io;
 use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
@@ -304,6 +304,17 @@ impl Inbound {
         }
     }
 
+    /// The client closed its connection before the body's end: the request path
+    /// answers the body's failure (400).
+    fn cut_short(&mut self) {
+        self.end(Some("client closed the connection mid-body".into()));
+    }
+
+    /// Nothing came for `timeouts.body_read` (408).
+    fn timed_out(&mut self) {
+        self.end(Some(Box::new(BodyTimedOut)));
+    }
+
     /// Ends the body: cleanly (None) or with `error`.
     fn end(&mut self, error: Option<BoxError>) {
         self.clean = error.is_none();
@@ -364,9 +375,8 @@ where
             read = conn.io.read_buf(&mut conn.buf), if room && !ended => match read {
                 Ok(n) if n > 0 => reset(&mut deadline, limits.body_read),
                 _ => match inbound.as_mut().filter(|i| !i.done) {
-                    // A body cut short: the request path answers it (400).
                     Some(i) => {
-                        i.end(Some("client closed the connection mid-body".into()));
+                        i.cut_short();
                         ended = true;
                     }
                     None => {
@@ -377,7 +387,7 @@ where
             },
             _ = &mut deadline, if reading => {
                 if let Some(i) = inbound.as_mut() {
-                    i.end(Some(Box::new(BodyTimedOut)));
+                    i.timed_out();
                 }
             }
         }
@@ -403,8 +413,8 @@ async fn serve_body<I: AsyncRead + Unpin>(
                 make_room(buf);
                 match tokio::time::timeout(limits.body_read, io.read_buf(buf)).await {
                     Ok(Ok(n)) if n > 0 => {}
-                    Ok(_) => i.end(Some("client closed the connection mid-body".into())),
-                    Err(_) => i.end(Some(Box::new(BodyTimedOut))),
+                    Ok(_) => i.cut_short(),
+                    Err(_) => i.timed_out(),
                 }
             }
         }
@@ -584,11 +594,7 @@ where
             Framing::Length(n) if sent > n => {
                 return Err(io::Error::other("body longer than its length"))
             }
-            Framing::Chunked => {
-                let _ = write!(out, "{:x}\r\n", data.len());
-                out.extend_from_slice(&data);
-                out.extend_from_slice(b"\r\n");
-            }
+            Framing::Chunked => chunk(out, &data),
             _ => out.extend_from_slice(&data),
         }
         if out.len() >= 64 * 1024 {
@@ -599,7 +605,7 @@ where
     }
     let whole = match framing {
         Framing::Chunked => {
-            out.extend_from_slice(b"0\r\n\r\n");
+            out.extend_from_slice(LAST_CHUNK);
             true
         }
         Framing::Length(n) => sent == n,

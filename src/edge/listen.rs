@@ -720,7 +720,19 @@ async fn serve_h2<I>(
         gate.clone()
             .handle(req.map(RequestBody::Hyper), peer.clone())
     });
-    until_drained(h2.serve_connection(TokioIo::new(io), service), draining).await
+    let mut conn = std::pin::pin!(h2.serve_connection(TokioIo::new(io), service));
+    // At the drain (at once, if it already began) the requests in flight finish and
+    // the connection closes.
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = draining.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "client connection ended with an error");
+    }
 }
 
 /// The HTTP/2 connection preface (RFC 9113 3.4), which a plain connection opens
@@ -761,45 +773,6 @@ fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
     slot.write(make());
     // SAFETY: written just above.
     Box::into_pin(unsafe { slot.assume_init() })
-}
-
-/// A served connection that can be asked to finish what is in flight and close.
-trait Drain {
-    fn drain(self: Pin<&mut Self>);
-}
-
-impl<I, S, E> Drain for hyper::server::conn::http2::Connection<I, S, E>
-where
-    S: hyper::service::HttpService<Incoming>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    S::ResBody: http_body::Body + 'static,
-    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
-{
-    fn drain(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
-
-/// Serves `conn` until it ends; once `draining` is cancelled (at once, if it
-/// already was), it finishes the requests in flight and closes.
-async fn until_drained<C, E>(conn: C, draining: CancellationToken)
-where
-    C: std::future::Future<Output = Result<(), E>> + Drain,
-    E: std::fmt::Display,
-{
-    let mut conn = std::pin::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = draining.cancelled() => {
-            conn.as_mut().drain();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "client connection ended with an error");
-    }
 }
 
 /// One listening socket per lane on `addr`, with SO_REUSEPORT so that the kernel

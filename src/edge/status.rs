@@ -94,9 +94,9 @@ pub fn start(
                 continue;
             };
             let (src, auth) = (sources.clone(), credentials.load_full());
-            let service = move |req| answered(req, src.clone(), auth.clone());
+            let service = move |req| answer(req, src.clone(), auth.clone());
             let draining = tasks.signal();
-            let stream = crate::edge::uproot::Movable::new(stream, LIMITS.body_read);
+            let stream = crate::edge::uproot::Movable::new(stream, SEND);
             tasks.spawn(async move {
                 h1::serve(stream, &service, LIMITS, &draining, None).await;
             });
@@ -120,25 +120,19 @@ const LIMITS: h1::Limits = h1::Limits {
     nagle: false,
 };
 
-/// The answer, as a session's service gives it.
-async fn answered(
-    req: Request<RequestBody>,
-    src: Arc<Sources>,
-    auth: Option<Arc<BasicAuth>>,
-) -> h1::Answer {
-    Ok(answer(req, src, auth).await)
-}
+/// A status connection that reads nothing of its answer for this long is cut.
+const SEND: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn answer(
     req: Request<RequestBody>,
     src: Arc<Sources>,
     auth: Option<Arc<BasicAuth>>,
-) -> Response<ProxyBody> {
+) -> h1::Answer {
     // Probes carry no credentials (a Kubernetes probe or Docker HEALTHCHECK) and
     // tell no more than a count.
     match req.uri().path() {
-        "/healthz" => return reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" => return readiness(&src),
+        "/healthz" => return Ok(reply(StatusCode::OK, "text/plain", "ok\n".into())),
+        "/readyz" => return Ok(readiness(&src)),
         _ => {}
     }
     if let Some(auth) = &auth {
@@ -155,10 +149,10 @@ async fn answer(
             if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{}\"", auth.realm)) {
                 r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
             }
-            return r;
+            return Ok(r);
         }
     }
-    match req.uri().path() {
+    Ok(match req.uri().path() {
         "/metrics" => reply(
             StatusCode::OK,
             metrics::CONTENT_TYPE,
@@ -171,7 +165,7 @@ async fn answer(
         ),
         "/status" | "/" => reply(StatusCode::OK, "text/html; charset=utf-8", PAGE.to_string()),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-    }
+    })
 }
 
 /// 200 when at least one worker is ready, 503 otherwise; the counts in the body.

@@ -52,15 +52,6 @@ impl Refused {
             _ => StatusCode::BAD_REQUEST,
         }
     }
-
-    /// Whether the connection must close after the answer: the request's body
-    /// cannot be framed (or skipped) safely.
-    pub fn closes(self) -> bool {
-        matches!(
-            self,
-            Refused::Coding | Refused::CodingOnHttp10 | Refused::HeadTooLarge
-        )
-    }
 }
 
 /// Checks a request head on every path; `Ok` means corral may act on it.

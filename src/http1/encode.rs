@@ -61,6 +61,18 @@ pub fn request(
     out
 }
 
+/// Appends `data` to `out` as one chunk of a chunked body (RFC 9112 7.1): its size
+/// line, the data, its CRLF.
+pub fn chunk(out: &mut Vec<u8>, data: &[u8]) {
+    use std::io::Write as _;
+    let _ = write!(out, "{:x}\r\n", data.len());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The last chunk of a chunked body, with no trailers.
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
 /// A request's body as it goes to a worker: in hand (written with the head, its
 /// length declared when it has one or the client declared one), or streamed after
 /// the head, of a declared length or chunked.

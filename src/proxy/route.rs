@@ -809,18 +809,21 @@ impl Proxy {
 /// The client's body stopped coming (`timeouts.body_read`, or `timeouts.read` for a
 /// body read whole); the connection closes.
 fn body_timed_out() -> Response<ProxyBody> {
-    let mut resp = short(
+    closing(
         StatusCode::REQUEST_TIMEOUT,
         "corral: request body not received in time\n",
-    );
-    resp.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    resp
+    )
 }
 
 /// The client's body broke its own framing; what reached the worker was aborted.
 fn malformed_body() -> Response<ProxyBody> {
-    let mut resp = short(StatusCode::BAD_REQUEST, "corral: malformed request body\n");
+    closing(StatusCode::BAD_REQUEST, "corral: malformed request body\n")
+}
+
+/// A short answer after which the client's connection closes: what is left of its
+/// body cannot be told from its next request.
+fn closing(status: StatusCode, text: &str) -> Response<ProxyBody> {
+    let mut resp = short(status, text);
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp

@@ -25,7 +25,7 @@ use crate::transport::http1::{self, Sending};
 use crate::transport::moving::{Duplex, Handover, OnUpgrade, Replant, Taken};
 use crate::transport::upstream::SendError;
 use crate::workers::pool::{Pool, Worker};
-use http::{header, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -155,7 +155,7 @@ impl Tunnels {
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             return refused(resp, target.ticket);
         }
-        let (mut parts, reading) = resp.into_parts();
+        let (parts, reading) = resp.into_parts();
         let Some((worker_tcp, to_client)) = reading.into_upgraded() else {
             return short(StatusCode::BAD_GATEWAY, "corral: worker socket lost\n");
         };
@@ -186,7 +186,6 @@ impl Tunnels {
             };
             relay.relay_taken(client, worker_tcp, to_client).await
         });
-        parts.headers.remove(header::CONTENT_LENGTH);
         Response::from_parts(parts, crate::transport::body::empty())
     }
 }

@@ -98,6 +98,13 @@ struct PipeState {
     feed_waker: Option<std::task::Waker>,
 }
 
+impl PipeState {
+    /// The body asked for more and has nothing waiting.
+    fn asks(&self) -> bool {
+        self.wanted && self.data.is_none()
+    }
+}
+
 /// The body's side of a [`pipe`].
 pub struct Piped {
     shared: Arc<std::sync::Mutex<PipeState>>,
@@ -135,8 +142,7 @@ pub struct Feed {
 impl Feed {
     /// Whether the body asked for more and has nothing waiting.
     pub fn wanted(&self) -> bool {
-        let s = lock(&self.shared);
-        s.wanted && s.data.is_none()
+        lock(&self.shared).asks()
     }
 
     /// Whether nobody will read the body any more (its holder dropped it).
@@ -147,8 +153,11 @@ impl Feed {
     /// Resolves once the body asks for more (or is dropped).
     pub async fn asked(&self) {
         std::future::poll_fn(|cx| {
+            if self.unread() {
+                return Poll::Ready(());
+            }
             let mut s = lock(&self.shared);
-            if (s.wanted && s.data.is_none()) || Arc::strong_count(&self.shared) == 1 {
+            if s.asks() {
                 return Poll::Ready(());
             }
             s.feed_waker = Some(cx.waker().clone());

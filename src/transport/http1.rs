@@ -15,7 +15,7 @@
 //! before any byte of an answer).
 
 use crate::http1::chunked::{self, Chunk, Step};
-use crate::http1::encode::Outgoing;
+use crate::http1::encode::{chunk, Outgoing, LAST_CHUNK};
 use crate::http1::framing::{response_body, Body};
 use crate::http1::head::{parse_response, ResponseHead, MAX_RESPONSE_HEAD};
 use crate::http1::{make_room, wants_close, READ_SIZE};
@@ -169,11 +169,7 @@ pub async fn exchange<K: Keep>(
         Some(body) => stream_body(&mut conn, body, req.chunked).await?,
     };
     if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
-        let mut resp = Response::new(Reading::switched(conn, keep));
-        *resp.status_mut() = head.status;
-        *resp.version_mut() = head.version;
-        *resp.headers_mut() = head.headers;
-        return Ok(resp);
+        return Ok(response(head, Reading::switched(conn, keep)));
     }
     let (body, mut reusable) = response_body(head.status, head.version, &head.headers, req.head)
         .map_err(Failure::Broken)?;
@@ -195,6 +191,11 @@ pub async fn exchange<K: Keep>(
     if matches!(body.state, State::Length(0)) {
         body.finish();
     }
+    Ok(response(head, body))
+}
+
+/// The response `head` heads, with `body`.
+fn response<B>(head: ResponseHead, body: B) -> Response<B> {
     let mut resp = Response::new(body);
     *resp.status_mut() = head.status;
     *resp.version_mut() = head.version;
@@ -202,7 +203,7 @@ pub async fn exchange<K: Keep>(
     if let Some(reason) = head.reason {
         resp.extensions_mut().insert(reason);
     }
-    Ok(resp)
+    resp
 }
 
 /// Writes a streamed request body while watching for the answer: a worker may
@@ -225,7 +226,7 @@ async fn stream_body(
     let (mut rd, mut wr) = conn.io.split();
     let reading = read_head(&mut rd, &mut conn.buf, false);
     tokio::pin!(reading);
-    let mut whole = None;
+    let mut whole = false;
     let early = std::future::poll_fn(|cx| {
         if let Poll::Ready(head) = std::future::Future::poll(reading.as_mut(), cx) {
             return Poll::Ready(Some(head));
@@ -233,14 +234,13 @@ async fn stream_body(
         match outflow.poll(&mut wr, cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(())) => {
-                whole = Some(true);
+                whole = true;
                 Poll::Ready(None)
             }
             Poll::Ready(Err(Written::Client(e))) => Poll::Ready(Some(Err(Failure::Broken(e)))),
             // The worker stopped reading: its answer may say why.
             Poll::Ready(Err(Written::Worker(e))) => {
                 tracing::debug!(error = %e, "worker stopped reading the request body");
-                whole = Some(false);
                 Poll::Ready(None)
             }
         }
@@ -248,7 +248,7 @@ async fn stream_body(
     .await;
     match early {
         Some(head) => Ok((head?, Some(Box::new(outflow)), false)),
-        None => Ok((reading.await?, None, whole == Some(true))),
+        None => Ok((reading.await?, None, whole)),
     }
 }
 
@@ -302,11 +302,9 @@ impl Outflow {
                     }
                     self.pending = match self.chunked {
                         true => {
-                            let mut piece = BytesMut::with_capacity(data.len() + 20);
-                            piece.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                            piece.extend_from_slice(&data);
-                            piece.extend_from_slice(b"\r\n");
-                            piece.freeze()
+                            let mut piece = Vec::with_capacity(data.len() + 20);
+                            chunk(&mut piece, &data);
+                            Bytes::from(piece)
                         }
                         false => data,
                     };
@@ -315,7 +313,7 @@ impl Outflow {
                 None => {
                     self.ended = true;
                     if self.chunked {
-                        self.pending = Bytes::from_static(b"0\r\n\r\n");
+                        self.pending = Bytes::from_static(LAST_CHUNK);
                     }
                 }
             }

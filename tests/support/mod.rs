@@ -405,6 +405,18 @@ impl RawWorker {
         self.open.load(Ordering::SeqCst)
     }
 
+    /// Waits until no connection to the worker is open, up to `limit`; whether none is.
+    pub fn wait_all_closed(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.open_connections() > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
     /// Waits until `pred` holds over what was seen (up to 5 s).
     pub fn wait_for(&self, pred: impl Fn(&[Seen]) -> bool) -> bool {
         let deadline = Instant::now() + Duration::from_secs(5);
