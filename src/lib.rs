@@ -34,6 +34,8 @@ pub(crate) mod observe;
 pub(crate) mod proxy;
 pub mod run;
 pub(crate) mod runtime;
+pub use runtime::forker::on_main_thread;
+pub use runtime::handover;
 pub use runtime::life::Life;
 pub(crate) mod transport;
 pub(crate) mod workers;

@@ -6,6 +6,7 @@ use corral::config::{self, Config, Count, Policy, Workers};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 // Every request allocates and frees a few small buffers on one thread: mimalloc's
 // per-thread pages make that several times cheaper than glibc's malloc (about 15 %
@@ -55,12 +56,7 @@ unsafe impl std::alloc::GlobalAlloc for Mimalloc {
 }
 
 /// `corral --version`: the version and the commit it was built from.
-const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("CORRAL_COMMIT"),
-    ")"
-);
+const VERSION: &str = corral::run::upgrade::VERSION;
 
 #[derive(Parser)]
 #[command(
@@ -106,6 +102,29 @@ enum Command {
     },
     /// Print a running corral's workers as JSON.
     Status(AdminArgs),
+    /// Replace a running corral by a new binary in the same process, carrying its
+    /// listeners and workers over (none restarted, no connection refused). The
+    /// binary is first run as a probe with the running corral's arguments: one
+    /// that cannot take over, or a config it refuses, changes nothing.
+    Upgrade {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The new binary (default: the file the running corral was started from,
+        /// so that replacing that file and running `corral upgrade` deploys it).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
+    /// Asked of a new binary by `corral upgrade`: reads the running corral's
+    /// arguments as a start would and answers with the hand-over format it speaks.
+    #[command(hide = true)]
+    UpgradeProbe {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -209,8 +228,19 @@ fn parse_policy(s: &str) -> Result<Policy, config::BadValue> {
 }
 
 fn main() -> ExitCode {
+    // First, before any thread: an upgrade's hand-over, if this image is one.
+    let handover = match corral::handover::take_from_env() {
+        Some(Ok(h)) => Some(h),
+        Some(Err(e)) => {
+            eprintln!("corral: upgrade: {e}");
+            return ExitCode::from(2);
+        }
+        None => None,
+    };
     let cli = Cli::parse();
     match cli.command {
+        Command::UpgradeProbe { args } => probe(args),
+        Command::Upgrade { admin: a, binary } => upgrade(a, binary),
         Command::Check { config } => match checked(&config) {
             Ok((c, warnings)) => {
                 for w in warnings {
@@ -256,9 +286,9 @@ fn main() -> ExitCode {
             password,
             output_limit,
         } => run_broker(listen, password, output_limit),
-        Command::Gunicorn(l) => run_prefixed(cli.config, Server::Gunicorn, l.args),
-        Command::Uvicorn(l) => run_prefixed(cli.config, Server::Uvicorn, l.args),
-        Command::Hypercorn(l) => run_prefixed(cli.config, Server::Hypercorn, l.args),
+        Command::Gunicorn(l) => run_prefixed(cli.config, Server::Gunicorn, l.args, handover),
+        Command::Uvicorn(l) => run_prefixed(cli.config, Server::Uvicorn, l.args, handover),
+        Command::Hypercorn(l) => run_prefixed(cli.config, Server::Hypercorn, l.args, handover),
         Command::Run(args) => {
             let config = match told(build_config(&args)) {
                 Ok(c) => c,
@@ -273,10 +303,108 @@ fn main() -> ExitCode {
                     Ok((cfg, file.unwrap_or_default()))
                 }) as corral::run::reload::Reread
             });
-            run_until_done(corral::run::run(config, reread))
+            run_until_done(corral::run::run(config, reread, handover))
         }
     }
 }
+
+/// `corral upgrade-probe ARGS…`: ARGS are a running corral's own; its config is
+/// built and checked as that command's start would, and the answer names the
+/// hand-over format (`corral upgrade` refuses a binary that answers otherwise).
+fn probe(args: Vec<std::ffi::OsString>) -> ExitCode {
+    let mut line = vec![std::ffi::OsString::from("corral")];
+    line.extend(args);
+    let cli = match Cli::try_parse_from(line) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("corral: upgrade-probe: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let built = match cli.command {
+        Command::Run(args) => build_config(&args),
+        Command::Gunicorn(l) => prefixed_line(cli.config, Server::Gunicorn, l.args)(),
+        Command::Uvicorn(l) => prefixed_line(cli.config, Server::Uvicorn, l.args)(),
+        Command::Hypercorn(l) => prefixed_line(cli.config, Server::Hypercorn, l.args)(),
+        _ => {
+            eprintln!("corral: upgrade-probe: not the command line of a running corral");
+            return ExitCode::from(2);
+        }
+    };
+    match told(built) {
+        Ok(_) => {
+            println!("{}", corral::handover::probe_answer(VERSION));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+/// `corral upgrade`: asks the running corral to upgrade itself, then waits until
+/// the new image is ready.
+fn upgrade(args: AdminArgs, binary: Option<PathBuf>) -> ExitCode {
+    let binary = binary.map(|b| std::path::absolute(&b).unwrap_or(b));
+    let path = match admin_path(&args) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let Some(runtime) = small_runtime() else {
+        return ExitCode::FAILURE;
+    };
+    runtime.block_on(async {
+        let told = |reply: &str| serde_json::from_str::<serde_json::Value>(reply).ok();
+        let ask = |command: String| {
+            let path = path.clone();
+            async move { corral::admin::send(&path, &command, Duration::from_secs(60)).await }
+        };
+        let before = match ask("addresses".into()).await {
+            Ok(reply) => told(&reply).map(|v| v["image"]["started_ms"].clone()),
+            Err(e) => {
+                eprintln!("corral: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let command = match &binary {
+            Some(b) => format!("upgrade {}", b.display()),
+            None => "upgrade".into(),
+        };
+        match ask(command).await {
+            Ok(reply) if reply.starts_with("ok") => print!("{reply}"),
+            Ok(reply) => {
+                eprint!("corral: {reply}");
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                eprintln!("corral: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        // The new image answers once it has taken everything over and is ready.
+        let deadline = std::time::Instant::now() + UPGRADE_LIMIT;
+        while std::time::Instant::now() < deadline {
+            let now = ask("addresses".into()).await.ok().and_then(|r| told(&r));
+            if let Some(now) = now.filter(|n| n["ready"] == true) {
+                if Some(&now["image"]["started_ms"]) != before.as_ref() {
+                    let image = &now["image"];
+                    println!(
+                        "upgraded: pid {} runs {} ({})",
+                        image["pid"],
+                        image["exe"].as_str().unwrap_or("?"),
+                        image["version"].as_str().unwrap_or("?")
+                    );
+                    return ExitCode::SUCCESS;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!("corral: the new image was not ready within {UPGRADE_LIMIT:?}");
+        ExitCode::FAILURE
+    })
+}
+
+/// How long `corral upgrade` waits for the new image: the drain period and a
+/// worker's readiness probe fit in it.
+const UPGRADE_LIMIT: Duration = Duration::from_secs(300);
 
 /// A built config with its warnings said, or its error said and the exit status.
 fn told(built: Result<(Config, Vec<String>), config::ConfigError>) -> Result<Config, ExitCode> {
@@ -296,11 +424,13 @@ fn told(built: Result<(Config, Vec<String>), config::ConfigError>) -> Result<Con
 
 /// `corral gunicorn …` and the like: the server's command line over corral's own
 /// file (if given), run as `corral run` would, and read the same way on a reload.
-fn run_prefixed(file: Option<PathBuf>, server: Server, args: Vec<String>) -> ExitCode {
-    let mut line = vec![server.name().to_string()];
-    line.extend(args);
-    let control_socket = server == Server::Gunicorn && knows_no_control_socket(&line[0]);
-    let build = move || prefixed_config(file.as_deref(), server, &line, control_socket);
+fn run_prefixed(
+    file: Option<PathBuf>,
+    server: Server,
+    args: Vec<String>,
+    handover: Option<corral::handover::Handover>,
+) -> ExitCode {
+    let build = prefixed_line(file, server, args);
     let config = match told(build()) {
         Ok(c) => c,
         Err(code) => return code,
@@ -309,7 +439,19 @@ fn run_prefixed(file: Option<PathBuf>, server: Server, args: Vec<String>) -> Exi
         let (cfg, _) = build()?;
         Ok((cfg, "the command line".into()))
     });
-    run_until_done(corral::run::run(config, Some(reread)))
+    run_until_done(corral::run::run(config, Some(reread), handover))
+}
+
+/// How the prefix mode's config is built (and built again on a reload).
+fn prefixed_line(
+    file: Option<PathBuf>,
+    server: Server,
+    args: Vec<String>,
+) -> impl Fn() -> Result<(Config, Vec<String>), config::ConfigError> + Send + Sync + 'static {
+    let mut line = vec![server.name().to_string()];
+    line.extend(args);
+    let control_socket = server == Server::Gunicorn && knows_no_control_socket(&line[0]);
+    move || prefixed_config(file.as_deref(), server, &line, control_socket)
 }
 
 fn prefixed_config(
@@ -441,27 +583,37 @@ fn run_broker(listen: SocketAddr, password: Option<String>, output_limit: Option
 
 /// Logging on, then `task` on the multi-threaded runtime; its error is printed and
 /// becomes the exit code.
-fn run_until_done(task: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+/// The runtime runs on a thread of its own: the main thread forks the workers and
+/// makes an upgrade's exec (`corral::on_main_thread`).
+fn run_until_done(
+    task: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+) -> ExitCode {
     init_logging();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("corral: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+    let work = move || {
+        let runtime = match tokio::runtime::Runtime::new() {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("corral: cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match runtime.block_on(task) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("corral: {e:#}");
+                ExitCode::FAILURE
+            }
         }
     };
-    match runtime.block_on(task) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("corral: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    corral::on_main_thread(work).unwrap_or_else(|e| {
+        eprintln!("corral: {e}");
+        ExitCode::FAILURE
+    })
 }
 
-/// Sends one admin command to a running corral and prints its answer.
-fn admin(args: AdminArgs, command: String) -> ExitCode {
-    let path = match (&args.socket, &args.config, args.listen) {
+/// The admin socket an operator command means.
+fn admin_path(args: &AdminArgs) -> Result<PathBuf, ExitCode> {
+    Ok(match (&args.socket, &args.config, args.listen) {
         (Some(p), _, _) => p.clone(),
         (None, Some(file), _) => match Config::load_part(file)
             .and_then(|c| c.validate_part(&file.display().to_string()).map(|_| c))
@@ -469,21 +621,36 @@ fn admin(args: AdminArgs, command: String) -> ExitCode {
             Ok(c) => corral::admin::path_for(&c),
             Err(e) => {
                 eprintln!("corral: {e}");
-                return ExitCode::from(2);
+                return Err(ExitCode::from(2));
             }
         },
         (None, None, Some(addr)) => corral::admin::default_path(addr.port()),
         (None, None, None) => corral::admin::default_path(8000),
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    })
+}
+
+/// A runtime on this thread, for a command's conversation with a running corral.
+fn small_runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
-        Ok(r) => r,
+        Ok(r) => Some(r),
         Err(e) => {
             eprintln!("corral: {e}");
-            return ExitCode::FAILURE;
+            None
         }
+    }
+}
+
+/// Sends one admin command to a running corral and prints its answer.
+fn admin(args: AdminArgs, command: String) -> ExitCode {
+    let path = match admin_path(&args) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let Some(runtime) = small_runtime() else {
+        return ExitCode::FAILURE;
     };
     // A rolling restart waits for every worker to start and drain.
     let wait = std::time::Duration::from_secs(3600);

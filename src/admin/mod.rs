@@ -1,12 +1,12 @@
 //! The admin socket: a Unix socket on which a running corral takes one-line commands
-//! (`reload`, `reload --keep-workers`, `scale N`, `status`) from `corral
-//! reload|scale|status`, and
-//! `addresses` (where it is bound, and whether it is ready: for scripts and tests
-//! that start it on port 0), and the client side of those commands.
+//! (`reload`, `reload --keep-workers`, `scale N`, `status`, `upgrade [PATH]`) from
+//! `corral reload|scale|status|upgrade`, and `addresses` (where it is bound, whether
+//! it is ready and which image runs: for scripts and tests that start it on port
+//! 0), and the client side of those commands.
 //!
 //! It owns the socket file and the tiny line protocol; the work itself is the
-//! supervisor's, and a config reload the App's (through [`Reload`]). Only the local
-//! user can reach it (file mode 0600).
+//! supervisor's, and a config reload and an upgrade the App's (through [`Reload`]
+//! and [`Upgrade`]). Only the local user can reach it (file mode 0600).
 
 use crate::runtime::life::Life;
 use crate::workers::supervisor::Supervisor;
@@ -62,6 +62,26 @@ pub struct Addresses {
     /// supervised workers).
     #[serde(serialize_with = "flag")]
     pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// An upgrade has stopped the accept loops (connections wait in the backlogs)
+    /// and is finishing what is in flight before the exec.
+    #[serde(serialize_with = "flag")]
+    pub upgrading: Arc<std::sync::atomic::AtomicBool>,
+    /// This process image: its version, and when it started (an upgrade changes
+    /// both; the pid stays).
+    pub image: Image,
+}
+
+/// The running image, as `addresses` tells it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Image {
+    /// `corral --version`.
+    pub version: String,
+    /// When it started, in milliseconds since the Unix epoch.
+    pub started_ms: u64,
+    /// The process id (the same across upgrades).
+    pub pid: u32,
+    /// The binary it runs.
+    pub exe: PathBuf,
 }
 
 fn current<T: serde::Serialize, S: serde::Serializer>(
@@ -90,6 +110,24 @@ pub trait Reload: Send + Sync {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + '_>>;
 }
 
+/// What an accepted upgrade starts once its answer is sent: the hand-over, which
+/// ends in the exec.
+pub type HandOver = Box<dyn FnOnce() + Send>;
+
+/// An upgrade's answer: what to say and the hand-over to start, or why not.
+pub type Upgrading<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(String, HandOver), String>> + Send + 'a>,
+>;
+
+/// Replaces the running corral by another binary in the same process (the App
+/// does; this part only asks).
+pub trait Upgrade: Send + Sync {
+    /// Probes `binary` (None: the file corral was started from). Accepted: what
+    /// to say, and the hand-over to start once it is said; refused: why, and
+    /// nothing has changed.
+    fn upgrade(&self, binary: Option<PathBuf>) -> Upgrading<'_>;
+}
+
 /// What the admin socket's commands act on.
 #[derive(Clone)]
 pub struct Targets {
@@ -97,10 +135,12 @@ pub struct Targets {
     pub supervisor: Option<Arc<Supervisor>>,
     /// The config reload; None when corral was not started from a file.
     pub reload: Option<Arc<dyn Reload>>,
+    /// The in-place upgrade.
+    pub upgrade: Option<Arc<dyn Upgrade>>,
 }
 
-/// Longest command line accepted.
-const MAX_COMMAND: u64 = 256;
+/// Longest command line accepted (an upgrade's path may be a long one).
+const MAX_COMMAND: u64 = 4352;
 
 /// The default socket path for a corral listening on `port`.
 pub fn default_path(port: u16) -> PathBuf {
@@ -176,14 +216,34 @@ async fn answer(
     BufReader::new(read.take(MAX_COMMAND))
         .read_line(&mut line)
         .await?;
+    let mut then = None;
     let reply = match line.trim() {
         "addresses" => {
             serde_json::to_string(addresses).unwrap_or_else(|e| format!("error: {e}")) + "\n"
         }
+        cmd if cmd == "upgrade" || cmd.starts_with("upgrade ") => {
+            let binary = cmd["upgrade".len()..].trim();
+            let binary = (!binary.is_empty()).then(|| PathBuf::from(binary));
+            match targets.upgrade.as_ref() {
+                None => "error: this corral cannot upgrade itself\n".into(),
+                Some(u) => match u.upgrade(binary).await {
+                    Ok((said, hand_over)) => {
+                        then = Some(hand_over);
+                        format!("ok: {said}\n")
+                    }
+                    Err(why) => format!("error: {why}\n"),
+                },
+            }
+        }
         cmd => run_command(cmd, targets).await,
     };
-    write.write_all(reply.as_bytes()).await?;
-    write.shutdown().await
+    let sent = write.write_all(reply.as_bytes()).await;
+    let _ = write.shutdown().await;
+    // Only once the answer is in the caller's socket: the exec closes this one.
+    if let Some(hand_over) = then {
+        hand_over();
+    }
+    sent
 }
 
 async fn run_command(cmd: &str, targets: &Targets) -> String {
@@ -215,7 +275,7 @@ async fn run_command(cmd: &str, targets: &Targets) -> String {
             serde_json::to_string(&status).unwrap_or_else(|e| format!("error: {e}")) + "\n"
         }
         _ => format!(
-            "error: unknown command `{cmd}` (reload [--keep-workers], scale N, status, addresses)\n"
+            "error: unknown command `{cmd}` (reload [--keep-workers], scale N, status, addresses, upgrade [PATH])\n"
         ),
     }
 }

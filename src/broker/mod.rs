@@ -75,6 +75,9 @@ pub struct Broker {
     /// Each connected client's address, by id: which process holds a connection is
     /// found from it (`clients`).
     peers: std::sync::Mutex<std::collections::HashMap<u64, std::net::SocketAddr>>,
+    /// Its listening socket, as an upgrade carries it (the accept loop owns
+    /// another of the same socket).
+    socket: std::sync::OnceLock<std::net::TcpListener>,
 }
 
 impl Broker {
@@ -87,7 +90,13 @@ impl Broker {
             started: Instant::now(),
             port,
             peers: Default::default(),
+            socket: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Its listening socket, for an upgrade to carry.
+    pub fn listening_socket(&self) -> Option<&std::net::TcpListener> {
+        self.socket.get()
     }
 
     /// The pub/sub core.
@@ -1094,9 +1103,24 @@ pub async fn start(
 ) -> Result<(Arc<Broker>, SocketAddr), ListenError> {
     let listen_error = |cause| ListenError { addr, cause };
     let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
-    let local = listener.local_addr().map_err(listen_error)?;
+    let listener = listener.into_std().map_err(listen_error)?;
+    start_on(listener, settings, owner).map_err(listen_error)
+}
+
+/// As `start`, on a socket already listening (one an upgrade carried over: the
+/// clients waiting in its backlog are served).
+pub fn start_on(
+    listener: std::net::TcpListener,
+    settings: Settings,
+    owner: &Life,
+) -> std::io::Result<(Arc<Broker>, SocketAddr)> {
+    let local = listener.local_addr()?;
     let broker = Broker::new(settings, local.port());
-    broker.spawn(listener, owner);
+    if let Ok(copy) = listener.try_clone() {
+        let _ = broker.socket.set(copy);
+    }
+    listener.set_nonblocking(true)?;
+    broker.spawn(TcpListener::from_std(listener)?, owner);
     Ok((broker, local))
 }
 

@@ -12,6 +12,7 @@ use crate::edge::h1;
 use crate::edge::tls;
 use crate::edge::uproot;
 use crate::proxy::forward::Peer;
+use crate::runtime::handover;
 use crate::runtime::lanes::Lanes;
 use crate::runtime::life::Life;
 use crate::transport::body::RequestBody;
@@ -59,10 +60,22 @@ pub struct Bound {
 /// Binds every configured listener, `lanes` sockets each. What depends on a
 /// listener's port (the https redirect's target, the self-signed certificate's
 /// file) takes the bound one: a configured port 0 is a real port by then.
-pub fn bind(cfg: &Config, lanes: usize) -> Result<Bound, Error> {
+/// A listener an upgrade carried (an inherited one is found by its configured
+/// address before anything is bound: its backlog goes on).
+pub fn bind(cfg: &Config, lanes: usize, inherited: Vec<Inherited>) -> Result<Bound, Error> {
     Ok(Bound {
-        plan: plan(&cfg.listeners(), lanes, &[])?,
+        plan: plan(&cfg.listeners(), lanes, &[], inherited)?,
     })
+}
+
+/// A listener carried over by an upgrade: its sockets, still listening.
+pub struct Inherited {
+    /// As configured in the image that carried it.
+    pub address: SocketAddr,
+    /// As bound.
+    pub bound: SocketAddr,
+    /// One a serving thread of the image that carried it.
+    pub sockets: Vec<std::net::TcpListener>,
 }
 
 impl Bound {
@@ -104,8 +117,11 @@ struct Open {
     kind: Arc<arc_swap::ArcSwap<Kind>>,
     certs: Option<Arc<tls::Certs>>,
     /// Stops its accept loops: a child of the drain signal, cancelled alone when a
-    /// reload removes the listener.
+    /// reload removes the listener or an upgrade carries it.
     stop: CancellationToken,
+    /// Its sockets, as an upgrade carries them (the accept loops own others of the
+    /// same sockets).
+    sockets: Vec<std::net::TcpListener>,
 }
 
 /// What a config's listeners need, made before anything is changed: which running
@@ -158,17 +174,27 @@ fn find_open(open: &[Running], l: &Listener, taken: &[bool]) -> Option<usize> {
 /// Plans `listeners` against the running ones (`open`: each one's config, bound
 /// address, certificates and kind): kept ones keep their sockets (and, with the
 /// same TLS setting, their certificates, read again), others are bound now.
-fn plan(listeners: &[Listener], lanes: usize, open: &[Running]) -> Result<Plan, Error> {
+fn plan(
+    listeners: &[Listener],
+    lanes: usize,
+    open: &[Running],
+    mut inherited: Vec<Inherited>,
+) -> Result<Plan, Error> {
     let mut taken = vec![false; open.len()];
     let mut placed = Vec::with_capacity(listeners.len());
     for l in listeners {
         let addr = l.address;
-        match find_open(open, l, &taken) {
-            Some(i) => {
+        let carried = inherited.iter().position(|i| i.address == addr);
+        match (find_open(open, l, &taken), carried) {
+            (Some(i), _) => {
                 taken[i] = true;
                 placed.push((l, open[i].addr, Place::Kept(i)));
             }
-            None => {
+            (None, Some(i)) => {
+                let carried = inherited.swap_remove(i);
+                placed.push((l, carried.bound, Place::New(carried.sockets)));
+            }
+            (None, None) => {
                 let sockets =
                     listen_per_lane(addr, lanes).map_err(|cause| Error::Bind { addr, cause })?;
                 let bound = match sockets.first().map(|s| s.local_addr()) {
@@ -358,7 +384,7 @@ impl Serving {
                 kind: Kind::clone(&o.kind.load()),
             })
             .collect();
-        plan(&cfg.listeners(), self.lanes.len(), &running)
+        plan(&cfg.listeners(), self.lanes.len(), &running, Vec::new())
     }
 
     /// Puts `plan` in force: kept listeners take their new kind (new connections
@@ -412,6 +438,7 @@ impl Serving {
     ) -> Open {
         let kind = Arc::new(arc_swap::ArcSwap::from_pointee(kind));
         let stop = self.life.signal().child_token();
+        let kept = sockets.iter().filter_map(|s| s.try_clone().ok()).collect();
         for (i, socket) in sockets.into_iter().enumerate() {
             let (kind, front, stop) = (kind.clone(), self.front.clone(), stop.clone());
             let go = self.go.clone();
@@ -437,7 +464,35 @@ impl Serving {
             kind,
             certs,
             stop,
+            sockets: kept,
         }
+    }
+
+    /// Stops accepting on every listener for an upgrade and gives each one's
+    /// sockets to `carried`: connections wait in the backlogs for the new image.
+    pub fn carry(
+        &self,
+        carried: &mut handover::Carried,
+    ) -> std::io::Result<Vec<handover::Listener>> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut listeners = Vec::with_capacity(open.len());
+        for o in open.iter() {
+            let sockets = o
+                .sockets
+                .iter()
+                .map(|s| carried.dup(s))
+                .collect::<std::io::Result<_>>()?;
+            listeners.push(handover::Listener {
+                address: o.config.address,
+                bound: o.addr,
+                sockets,
+            });
+        }
+        // Only once every socket is carried: a failure above changes nothing.
+        for o in open.iter() {
+            o.stop.cancel();
+        }
+        Ok(listeners)
     }
 
     /// Starts accepting (the workers are ready, or being waited for).

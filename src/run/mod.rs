@@ -8,6 +8,7 @@ mod parts;
 pub mod preflight;
 mod queue_watch;
 pub mod reload;
+pub mod upgrade;
 
 use crate::admin;
 use crate::broker;
@@ -29,8 +30,13 @@ use std::time::Duration;
 
 /// Runs corral until SIGTERM or SIGINT; `reread` reads the config again for a
 /// reload (None: started without a file).
-pub async fn run(cfg: Config, reread: Option<reload::Reread>) -> anyhow::Result<()> {
-    let app = App::start_from(cfg, reread).await?;
+/// `handover`: what an upgrade carried into this image.
+pub async fn run(
+    cfg: Config,
+    reread: Option<reload::Reread>,
+    handover: Option<crate::runtime::handover::Handover>,
+) -> anyhow::Result<()> {
+    let app = App::start_from(cfg, reread, handover).await?;
     let signal = wait_for_stop(&app).await;
     app.stop(signal).await;
     Ok(())
@@ -59,7 +65,7 @@ pub(crate) struct Lives {
 impl Lives {
     fn new(cfg: &Config) -> Lives {
         let root = Life::new();
-        let serving = root.child();
+        let serving = root.part();
         // The drain period, and a second for the tunnels' close frames.
         let drained = cfg.timeouts.shutdown_drain + Duration::from_secs(1);
         let late = root.child_after(&serving, drained);
@@ -120,11 +126,19 @@ impl App {
     /// Builds every part from `cfg`, binds every socket and starts serving: once it
     /// returns, each listener accepts.
     pub async fn start(cfg: Config) -> anyhow::Result<App> {
-        App::start_from(cfg, None).await
+        App::start_from(cfg, None, None).await
     }
 
-    /// As `start`, with a way to read the config again for `corral reload`.
-    pub async fn start_from(cfg: Config, reread: Option<reload::Reread>) -> anyhow::Result<App> {
+    /// As `start`, with a way to read the config again for `corral reload`, and
+    /// what an upgrade carried into this image (its listeners and workers taken
+    /// over instead of bound and started).
+    pub async fn start_from(
+        cfg: Config,
+        reread: Option<reload::Reread>,
+        handover: Option<crate::runtime::handover::Handover>,
+    ) -> anyhow::Result<App> {
+        let origin = upgrade::Origin::here();
+        let taken = handover.map(upgrade::take).unwrap_or_default();
         let cfg = Arc::new(cfg);
         let pool = Arc::new(Pool::with_thresholds(
             &cfg.upstreams,
@@ -184,9 +198,11 @@ impl App {
         let lanes =
             Lanes::start(cfg.threads.resolve(), &lives.late).context("cannot start threads")?;
         proxy.relay_tunnels_on(lanes.handles());
-        let bound = listen::bind(&cfg, lanes.len())?;
+        let carried_listeners = taken.listeners.len();
+        let bound = listen::bind(&cfg, lanes.len(), taken.listeners)?;
         let listeners = bound.addrs();
-        let (queue_url, queue, broker_addr) = message_queue(&cfg, &lives.broker).await?;
+        let (queue_url, queue, broker_addr) =
+            message_queue(&cfg, &lives.broker, taken.broker).await?;
         let embedded = match &queue {
             Queue::Embedded(b, _) => Some(b.clone()),
             _ => None,
@@ -236,6 +252,8 @@ impl App {
             status: Arc::new(arc_swap::ArcSwap::from_pointee(status_addr)),
             broker: broker_addr,
             ready: ready.clone(),
+            upgrading: Default::default(),
+            image: image(&origin),
         };
         let serving = bound.serve(&lanes, &lives.serving, front.clone(), slots.clone());
         let from_file = reread.is_some();
@@ -256,9 +274,16 @@ impl App {
             late: lives.late.clone(),
             reloads,
         });
+        let upgrader = upgrade::Upgrader {
+            origin,
+            live: live.clone(),
+            serving: lives.serving.clone(),
+            root: lives.root.clone(),
+        };
         let targets = admin::Targets {
             supervisor: supervisor.clone(),
             reload: from_file.then(|| live.clone() as Arc<dyn admin::Reload>),
+            upgrade: Some(Arc::new(upgrader)),
         };
         admin::serve(&admin_path, targets, addresses.clone(), background).await?;
         let file_link = cfg
@@ -269,8 +294,18 @@ impl App {
             tracing::info!("running as PID 1: reaping orphaned processes");
             background.spawn_until_drained(crate::workers::supervisor::reap_orphans(pool.clone()));
         }
+        let carried_workers = taken.workers.len();
         if let Some(sup) = &supervisor {
-            sup.start().await;
+            sup.start_with(taken.workers, taken.next_index).await;
+        }
+        if let Some(from) = &taken.from {
+            tracing::info!(
+                %from,
+                to = upgrade::VERSION,
+                listeners = carried_listeners,
+                workers = carried_workers,
+                "upgraded in place: listeners and workers carried over"
+            );
         }
         serving.describe();
         describe_workers(&pool);
@@ -328,6 +363,17 @@ impl App {
     }
 }
 
+/// This image as `addresses` tells it.
+fn image(origin: &upgrade::Origin) -> admin::Image {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    admin::Image {
+        version: upgrade::VERSION.into(),
+        started_ms: since.map_or(0, |d| d.as_millis() as u64),
+        pid: std::process::id(),
+        exe: origin.exe().to_path_buf(),
+    }
+}
+
 /// The supervisor's part of the stop: at the signal no restart, rolling restart or
 /// scale starts (one in progress finishes); once the client connections have ended
 /// the workers are stopped (SIGTERM, SIGKILL after the grace).
@@ -343,9 +389,12 @@ fn stop_workers_in_turn(sup: Arc<Supervisor>, lives: &Lives) {
 }
 
 /// Starts the embedded broker if configured; returns the queue URL for the workers.
+/// `carried`: the broker's socket an upgrade carried over, taken where the config
+/// still asks for it (the same address, or any for port 0).
 async fn message_queue(
     cfg: &Config,
     owner: &Life,
+    carried: Option<std::net::TcpListener>,
 ) -> anyhow::Result<(Option<String>, Queue, Option<std::net::SocketAddr>)> {
     let mq = &cfg.message_queue;
     if !cfg.embedded_broker() {
@@ -357,7 +406,15 @@ async fn message_queue(
             None => (None, Queue::None, None),
         });
     }
-    let (broker, addr) = broker::start(mq.listen, broker::Settings::from_config(mq), owner).await?;
+    let settings = broker::Settings::from_config(mq);
+    let wanted = |s: &std::net::TcpListener| {
+        s.local_addr()
+            .is_ok_and(|a| a == mq.listen || (mq.listen.port() == 0 && a.ip() == mq.listen.ip()))
+    };
+    let (broker, addr) = match carried.filter(wanted) {
+        Some(socket) => broker::start_on(socket, settings, owner)?,
+        None => broker::start(mq.listen, settings, owner).await?,
+    };
     let url = broker::url_for(addr, mq.password.as_deref());
     tracing::info!(%addr, "message queue: embedded broker listening");
     Ok((
@@ -456,6 +513,8 @@ async fn wait_for_stop(app: &App) -> &'static str {
     let mut usr2 = watch(SignalKind::user_defined2());
     let mut ttin = watch(SignalKind::from_raw(libc::SIGTTIN));
     let mut ttou = watch(SignalKind::from_raw(libc::SIGTTOU));
+    // Handled from here on: what came during an upgrade's exec was held (blocked).
+    crate::runtime::forker::unblock_signals();
     loop {
         let change = tokio::select! {
             _ = recv(&mut term) => return "SIGTERM",

@@ -62,6 +62,12 @@ impl Life {
         self.below(self.drain.clone())
     }
 
+    /// A part of this lifetime that drains with it, or alone (its own `drain`):
+    /// the client connections, which an upgrade drains without the rest.
+    pub fn part(&self) -> Life {
+        self.below(self.drain.child_token())
+    }
+
     /// A part of this lifetime that drains once `before` has ended after this
     /// one's signal, or `limit` after the signal if `before` is still running.
     pub fn child_after(&self, before: &Life, limit: Duration) -> Life {

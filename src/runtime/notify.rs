@@ -33,7 +33,7 @@ fn send(path: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
 }
 
 /// `RELOADING=1` with the monotonic time systemd's `Type=notify-reload` asks for.
-pub fn reloading() {
+pub fn reloading(status: &str) {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -44,6 +44,6 @@ pub fn reloading() {
     }
     let usec = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000;
     notify(&format!(
-        "RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS=rolling restart"
+        "RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS={status}"
     ));
 }

@@ -204,6 +204,10 @@ impl Process {
         self.mq.store(mq as u8, Ordering::Relaxed);
     }
     /// Counts a restart.
+    /// Takes the count an upgrade carried.
+    pub fn set_restarts(&self, n: u64) {
+        self.restarts.store(n, Ordering::Relaxed);
+    }
     pub fn count_restart(&self) {
         self.restarts.fetch_add(1, Ordering::Relaxed);
     }
@@ -450,7 +454,17 @@ impl Pool {
 
     /// Adds a worker: static ones start up, managed ones start `Starting`.
     pub fn add(&self, addr: SocketAddr, managed: bool) -> Arc<Worker> {
-        let worker = self.make(addr, managed);
+        self.add_as(addr, managed, None)
+    }
+
+    /// As `add`, keeping the id `id` where no worker has it (an upgrade's worker
+    /// keeps its id, and with it the tag its sessions' sids carry).
+    pub fn add_as(&self, addr: SocketAddr, managed: bool, id: Option<usize>) -> Arc<Worker> {
+        let free = id.filter(|id| self.list().iter().all(|w| w.id != *id));
+        if let Some(id) = free {
+            self.next_id.fetch_max(id + 1, Ordering::Relaxed);
+        }
+        let worker = self.make(addr, managed, free);
         self.workers
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -461,11 +475,11 @@ impl Pool {
     /// A worker outside the balancing: another corral node, which requests are sent
     /// to with the same connections and rules as to a worker.
     pub fn detached(&self, addr: SocketAddr) -> Arc<Worker> {
-        self.make(addr, false)
+        self.make(addr, false, None)
     }
 
-    fn make(&self, addr: SocketAddr, managed: bool) -> Arc<Worker> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+    fn make(&self, addr: SocketAddr, managed: bool, id: Option<usize>) -> Arc<Worker> {
+        let id = id.unwrap_or_else(|| self.next_id.fetch_add(1, Ordering::Relaxed));
         let identity = match managed {
             true => format!("worker:{id}"),
             false => format!("addr:{addr}"),

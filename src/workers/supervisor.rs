@@ -8,11 +8,13 @@
 //! and never touches sessions: the router voids a dead worker's sessions by itself.
 
 use crate::config::{WorkerCommand, Workers};
+use crate::runtime::handover;
 use crate::workers::health;
 use crate::workers::pool::{Pool, Worker};
 use crate::workers::procs;
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, OwnedFd};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -93,6 +95,37 @@ struct Slot {
     worker: Arc<Worker>,
     stop: watch::Sender<bool>,
     keeper: JoinHandle<()>,
+    /// Its process's output pipes, as an upgrade carries them.
+    pipes: Pipes,
+}
+
+/// The read ends of a worker's stdout and stderr (other descriptors of the pipes
+/// its output is forwarded from), set by its keeper at each start.
+type Pipes = Arc<Mutex<Vec<OwnedFd>>>;
+
+/// The workers as an upgrade carries them, and the hold on changes to them.
+pub struct Carry {
+    /// Each slot's worker.
+    pub workers: Vec<handover::Worker>,
+    /// The next slot's index.
+    pub next_index: usize,
+    _changes: tokio::sync::OwnedMutexGuard<()>,
+}
+
+/// A worker an upgrade carried over, for its slot in the new image.
+pub struct Adopted {
+    /// Its id in the pool (the tag its sessions' sids carry).
+    pub id: usize,
+    /// Its slot's index.
+    pub index: usize,
+    /// Its port.
+    pub port: u16,
+    /// Its process, still running (None: it was between a crash and its restart).
+    pub pid: Option<u32>,
+    /// How often it was restarted.
+    pub restarts: u64,
+    /// Its stdout and stderr pipes' read ends.
+    pub output: Vec<OwnedFd>,
 }
 
 /// The `[workers]` table in force; a config reload replaces it, and every start of
@@ -106,7 +139,7 @@ pub struct Supervisor {
     slots: tokio::sync::Mutex<Vec<Slot>>,
     next_index: AtomicUsize,
     /// Serialises starting, rolling restarts, scaling and stopping.
-    changes: tokio::sync::Mutex<()>,
+    changes: Arc<tokio::sync::Mutex<()>>,
     /// Set by `stop_all` under `changes`: nothing starts after it.
     stopped: std::sync::atomic::AtomicBool,
     /// Owns the keepers (each worker's task): the workers' lifetime.
@@ -144,7 +177,7 @@ impl Supervisor {
             extra_env,
             slots: tokio::sync::Mutex::new(Vec::new()),
             next_index: AtomicUsize::new(0),
-            changes: tokio::sync::Mutex::new(()),
+            changes: Arc::new(tokio::sync::Mutex::new(())),
             stopped: std::sync::atomic::AtomicBool::new(false),
             life,
             shown: Shown::default(),
@@ -169,11 +202,57 @@ impl Supervisor {
     /// Starts the configured number of workers and waits (up to the start timeout)
     /// for each to be ready. Workers that fail keep being retried in the background.
     pub async fn start(&self) {
+        self.start_with(Vec::new(), 0).await
+    }
+
+    /// As `start`, the workers an upgrade carried over taken first: their
+    /// processes go on, watched as before; the count is made up with new ones.
+    pub async fn start_with(&self, adopted: Vec<Adopted>, next_index: usize) {
+        self.next_index.fetch_max(next_index, Ordering::Relaxed);
         let _change = self.changes.lock().await;
         if self.is_stopped() {
             return;
         }
-        self.add_workers(self.spec().count.resolve()).await;
+        let mut waiting = Vec::new();
+        let carried = adopted.len();
+        for a in adopted {
+            self.next_index.fetch_max(a.index + 1, Ordering::Relaxed);
+            waiting.push(self.start_slot(Some(a)).await);
+        }
+        for _ in carried..self.spec().count.resolve() {
+            waiting.push(self.start_slot(None).await);
+        }
+        wait_started(waiting).await;
+    }
+
+    /// For an upgrade: each slot's worker written down, its output pipes given to
+    /// `carried`. No change to the workers starts while the guard is held (one in
+    /// progress finishes first): the caller holds it until the exec. The keepers go
+    /// on watching until then.
+    pub async fn carry(&self, carried: &mut handover::Carried) -> std::io::Result<Carry> {
+        let guard = self.changes.clone().lock_owned().await;
+        let slots = self.slots.lock().await;
+        let mut workers = Vec::with_capacity(slots.len());
+        for s in slots.iter() {
+            let pipes = s.pipes.lock().unwrap_or_else(|e| e.into_inner());
+            let output = pipes
+                .iter()
+                .map(|p| carried.dup(p))
+                .collect::<std::io::Result<_>>()?;
+            workers.push(handover::Worker {
+                id: s.worker.id,
+                index: s.index,
+                port: s.worker.addr.port(),
+                pid: s.worker.process.pid(),
+                restarts: s.worker.process.restarts(),
+                output,
+            });
+        }
+        Ok(Carry {
+            workers,
+            next_index: self.next_index.load(Ordering::Relaxed),
+            _changes: guard,
+        })
     }
 
     /// Starts `n` workers at once and waits until each is ready or has failed its
@@ -181,33 +260,39 @@ impl Supervisor {
     async fn add_workers(&self, n: usize) {
         let mut waiting = Vec::new();
         for _ in 0..n {
-            waiting.push(self.start_slot().await);
+            waiting.push(self.start_slot(None).await);
         }
-        for (index, ready) in waiting {
-            if ready.await.unwrap_or(Err(Error::KeeperEnded)).is_err() {
-                // Why was logged as it happened, with the worker's output.
-                tracing::error!(
-                    worker = index,
-                    "worker not ready; retrying in the background"
-                );
-            }
-        }
+        wait_started(waiting).await;
     }
 
     /// Starts one more worker; the receiver tells when it is first ready (or why not).
-    async fn start_slot(&self) -> (usize, oneshot::Receiver<Result<(), Error>>) {
-        let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+    async fn start_slot(
+        &self,
+        adopted: Option<Adopted>,
+    ) -> (usize, oneshot::Receiver<Result<(), Error>>) {
         let mut slots = self.slots.lock().await;
-        let port = self.pick_port(&slots);
+        let (index, port, id) = match &adopted {
+            Some(a) => (a.index, a.port, Some(a.id)),
+            None => {
+                let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+                (index, self.pick_port(&slots), None)
+            }
+        };
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let worker = self.pool.add(addr, true);
+        let worker = self.pool.add_as(addr, true, id);
         let (stop, stop_rx) = watch::channel(false);
         let (ready_tx, ready_rx) = oneshot::channel();
+        let pipes = Pipes::default();
+        let charge = Charge {
+            worker: worker.clone(),
+            index,
+            adopted,
+            pipes: pipes.clone(),
+        };
         let keeper = self.life.spawn(keep(
             self.spec.clone(),
             (self.pool.clone(), self.shown.clone()),
-            worker.clone(),
-            index,
+            charge,
             self.extra_env.clone(),
             stop_rx,
             ready_tx,
@@ -217,6 +302,7 @@ impl Supervisor {
             worker,
             stop,
             keeper,
+            pipes,
         });
         (index, ready_rx)
     }
@@ -252,7 +338,7 @@ impl Supervisor {
         if self.is_stopped() {
             return Err(Error::Stopping("no rolling restart"));
         }
-        crate::runtime::notify::reloading();
+        crate::runtime::notify::reloading("rolling restart");
         let result = self.replace_all().await;
         if !self.is_stopped() {
             let n = self.slots.lock().await.len();
@@ -271,7 +357,7 @@ impl Supervisor {
             if self.is_stopped() {
                 return Err(Error::CutShort);
             }
-            let (new_index, ready) = self.start_slot().await;
+            let (new_index, ready) = self.start_slot(None).await;
             if let Err(e) = ready.await.unwrap_or(Err(Error::KeeperEnded)) {
                 self.stop_slot(new_index, false).await;
                 return Err(Error::Replacement {
@@ -386,6 +472,20 @@ impl Supervisor {
     }
 }
 
+/// Waits until each started worker is ready or has failed its start; those that
+/// failed keep being retried by their keepers.
+async fn wait_started(waiting: Vec<(usize, oneshot::Receiver<Result<(), Error>>)>) {
+    for (index, ready) in waiting {
+        if ready.await.unwrap_or(Err(Error::KeeperEnded)).is_err() {
+            // Why was logged as it happened, with the worker's output.
+            tracing::error!(
+                worker = index,
+                "worker not ready; retrying in the background"
+            );
+        }
+    }
+}
+
 fn port_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
@@ -405,20 +505,36 @@ enum End {
     Stop,
 }
 
+/// What one keeper keeps: its worker and slot, and a process an upgrade carried.
+struct Charge {
+    worker: Arc<Worker>,
+    index: usize,
+    adopted: Option<Adopted>,
+    pipes: Pipes,
+}
+
 /// Keeps one worker process running until told to stop.
 async fn keep(
     specs: Spec,
     (pool, shown): (Arc<Pool>, Shown),
-    worker: Arc<Worker>,
-    index: usize,
+    charge: Charge,
     extra_env: Vec<(String, String)>,
     mut stop: watch::Receiver<bool>,
     ready_tx: oneshot::Sender<Result<(), Error>>,
 ) {
+    let Charge {
+        worker,
+        index,
+        mut adopted,
+        pipes,
+    } = charge;
     let mut ready_tx = Some(ready_tx);
     let mut backoff = FIRST_BACKOFF;
     let port = worker.addr.port();
     let mut failures = Failures::default();
+    if let Some(a) = &adopted {
+        worker.process.set_restarts(a.restarts);
+    }
     loop {
         if *stop.borrow() {
             return;
@@ -426,10 +542,15 @@ async fn keep(
         let spec = specs.load_full();
         pool.set_starting(&worker);
         let output = Output::new(failures.in_a_row > 0);
+        let started = match adopted.take().and_then(|a| adopt(a, index, &output)) {
+            Some(carried) => Ok(carried),
+            None => spawn(&spec, port, index, &extra_env, &output).await,
+        };
         let Spawned {
             mut child,
             output: mut forwarding,
-        } = match spawn(&spec, port, index, &extra_env, &output).await {
+            pipes: read_ends,
+        } = match started {
             Ok(c) => c,
             Err(e) => {
                 let msg = spawn_error(&spec, port, index, e);
@@ -445,6 +566,7 @@ async fn keep(
                 continue;
             }
         };
+        *pipes.lock().unwrap_or_else(|e| e.into_inner()) = read_ends;
         let pid = child.id();
         worker.process.set_pid(pid);
         tracing::info!(worker = index, pid, port, "worker started");
@@ -639,18 +761,94 @@ async fn spawn(
         .kill_on_drop(true)
         .process_group(0);
     with_death_signal(&mut cmd);
-    let mut child = fork(cmd).await?;
+    let mut child = crate::runtime::forker::fork(cmd).await?;
     let mut forwarding = tokio::task::JoinSet::new();
+    let mut pipes = Vec::new();
     if let Some(out) = child.stdout.take() {
+        pipes.extend(out.as_fd().try_clone_to_owned());
         forwarding.spawn(forward_lines(out, index, output.clone()));
     }
     if let Some(err) = child.stderr.take() {
+        pipes.extend(err.as_fd().try_clone_to_owned());
         forwarding.spawn(forward_lines(err, index, output.clone()));
     }
     Ok(Spawned {
-        child,
+        child: Proc::Spawned(child),
         output: forwarding,
+        pipes,
     })
+}
+
+/// A worker process an upgrade carried over, watched from here on as if spawned
+/// here: its output forwarded from the carried pipes. None without a process.
+fn adopt(adopted: Adopted, index: usize, output: &Output) -> Option<Spawned> {
+    let pid = adopted.pid?;
+    let mut forwarding = tokio::task::JoinSet::new();
+    let mut pipes = Vec::new();
+    for fd in adopted.output {
+        pipes.extend(fd.try_clone());
+        match tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
+            Ok(pipe) => {
+                forwarding.spawn(forward_lines(pipe, index, output.clone()));
+            }
+            Err(e) => tracing::warn!(worker = index, error = %e, "a carried output pipe is lost"),
+        }
+    }
+    tracing::info!(worker = index, pid, "worker carried over by the upgrade");
+    Some(Spawned {
+        child: Proc::Adopted(pid),
+        output: forwarding,
+        pipes,
+    })
+}
+
+/// A worker process: forked by this image, or carried over from the one before.
+enum Proc {
+    Spawned(Child),
+    Adopted(u32),
+}
+
+impl Proc {
+    fn id(&self) -> Option<u32> {
+        match self {
+            Proc::Spawned(c) => c.id(),
+            Proc::Adopted(pid) => Some(*pid),
+        }
+    }
+
+    /// Waits for it to exit and reaps it.
+    async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match self {
+            Proc::Spawned(c) => c.wait().await,
+            Proc::Adopted(pid) => {
+                let pid = *pid;
+                if let Some(exit) = exit_watch(pid) {
+                    let _ = exit.readable().await;
+                }
+                tokio::task::spawn_blocking(move || reap(pid))
+                    .await
+                    .map_err(std::io::Error::other)?
+            }
+        }
+    }
+}
+
+/// `waitpid` for a child this image did not fork (tokio's `Child` reaps its own).
+fn reap(pid: u32) -> std::io::Result<std::process::ExitStatus> {
+    use std::os::unix::process::ExitStatusExt;
+    let pid = pid as libc::pid_t;
+    loop {
+        let mut status = 0;
+        // SAFETY: waits for one child of this process; `status` is a valid pointer.
+        let got = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if got == pid {
+            return Ok(std::process::ExitStatus::from_raw(status));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 /// Has the child killed when corral dies, even by SIGKILL (its parent-death signal).
@@ -674,60 +872,12 @@ fn with_death_signal(cmd: &mut Command) {
     }
 }
 
-/// A fork asked of the forking thread.
-struct Fork {
-    cmd: Command,
-    /// The runtime the child is watched from.
-    runtime: tokio::runtime::Handle,
-    reply: oneshot::Sender<std::io::Result<Child>>,
-}
-
-/// Starts `cmd` on corral's forking thread. Linux sends a child its parent-death
-/// signal when the *thread* that forked it ends, not the process: a worker forked
-/// by a runtime thread would die with that thread (and an in-place upgrade's
-/// `execve` ends every thread but the caller, docs/upgrade.md). The forking thread
-/// lives as long as corral.
-async fn fork(cmd: Command) -> std::io::Result<Child> {
-    static FORKER: std::sync::OnceLock<std::io::Result<std::sync::mpsc::Sender<Fork>>> =
-        std::sync::OnceLock::new();
-    let forker = FORKER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<Fork>();
-        std::thread::Builder::new()
-            .name("corral-fork".into())
-            .spawn(move || {
-                for Fork {
-                    mut cmd,
-                    runtime,
-                    reply,
-                } in rx
-                {
-                    let _entered = runtime.enter();
-                    // A caller gone meanwhile drops the child, which kills it.
-                    let _ = reply.send(cmd.spawn());
-                }
-            })
-            .map(|_| tx)
-    });
-    let gone = || std::io::Error::other("corral's forking thread is gone");
-    let forker = forker
-        .as_ref()
-        .map_err(|e| std::io::Error::new(e.kind(), format!("no forking thread: {e}")))?;
-    let (reply, answer) = oneshot::channel();
-    let runtime = tokio::runtime::Handle::current();
-    forker
-        .send(Fork {
-            cmd,
-            runtime,
-            reply,
-        })
-        .map_err(|_| gone())?;
-    answer.await.map_err(|_| gone())?
-}
-
 /// A started worker process and the tasks that forward its output.
 struct Spawned {
-    child: Child,
+    child: Proc,
     output: tokio::task::JoinSet<()>,
+    /// Other descriptors of its output pipes' read ends (for an upgrade).
+    pipes: Vec<OwnedFd>,
 }
 
 /// Waits (briefly) for a process's output to be read to its end: the last lines
@@ -942,7 +1092,7 @@ fn kill_group(pid: Option<u32>, signal: i32) {
 }
 
 /// SIGTERM to the worker's process group, SIGKILL after `grace`.
-async fn terminate(child: &mut Child, grace: Duration) {
+async fn terminate(child: &mut Proc, grace: Duration) {
     let pid = child.id();
     kill_group(pid, libc::SIGTERM);
     let sent = Instant::now();
@@ -984,7 +1134,7 @@ fn exit_watch(pid: u32) -> Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>
 /// `exit_watch`), then its status is collected. Without a pidfd, the status first
 /// and the group after, as before.
 async fn exited_then_wait(
-    child: &mut Child,
+    child: &mut Proc,
     pid: Option<u32>,
 ) -> std::io::Result<std::process::ExitStatus> {
     if let Some(exit) = pid.and_then(exit_watch) {
@@ -1054,7 +1204,7 @@ mod tests {
                 let mut cmd = Command::new("sleep");
                 cmd.arg("30").kill_on_drop(true);
                 with_death_signal(&mut cmd);
-                fork(cmd).await.expect("forked")
+                crate::runtime::forker::fork(cmd).await.expect("forked")
             })
         });
         let child = asker.join().expect("the asking thread");

@@ -1,0 +1,327 @@
+//! The in-place upgrade (`corral upgrade`, docs/upgrade.md). The new binary is first
+//! run as a probe (`NEW upgrade-probe ARGS…`, with the running corral's own
+//! arguments): it must answer in this build's hand-over format, having read and
+//! checked the config as a start would; anything else is refused and nothing has
+//! changed. Then the running corral stops accepting (connections wait in the
+//! listeners' backlogs), finishes what is in flight, writes the hand-over and execs
+//! the new binary in the same process, which takes the listeners and the workers
+//! back. An exec that fails falls back to this corral's own binary.
+//!
+//! It owns the order of the hand-over and its fall-back. Each part gives and takes
+//! back what it carries (`Serving::carry`, `Supervisor::carry`); the format is
+//! `runtime::handover`'s. It must not let go of anything before the probe answered.
+
+use super::reload::Live;
+use crate::admin;
+use crate::edge::listen;
+use crate::observe::metrics::Queue;
+use crate::runtime::forker;
+use crate::runtime::handover::{self, Carried, Handover};
+use crate::runtime::life::Life;
+use crate::workers::supervisor::Adopted;
+use std::ffi::{CString, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+
+/// `corral --version`: the version and the commit it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("CORRAL_COMMIT"),
+    ")"
+);
+
+/// How long a probe may take: it reads the config and checks the machine as a
+/// start does (a gunicorn's `--help` among it).
+const PROBE_LIMIT: Duration = Duration::from_secs(30);
+
+/// Most of a probe's output read: its answer is one short line.
+const PROBE_OUTPUT: u64 = 4096;
+
+/// Where this image came from: the binary an upgrade runs by default, and the
+/// arguments the new image gets.
+#[derive(Clone)]
+pub struct Origin {
+    exe: PathBuf,
+    argv: Vec<OsString>,
+}
+
+impl Origin {
+    /// This process's: read at the start, before the file may be replaced.
+    pub fn here() -> Origin {
+        Origin {
+            exe: std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into()),
+            argv: std::env::args_os().collect(),
+        }
+    }
+
+    /// The binary this image runs.
+    pub fn exe(&self) -> &Path {
+        &self.exe
+    }
+}
+
+/// The upgrade as the admin socket asks for it.
+#[derive(Clone)]
+pub(super) struct Upgrader {
+    pub(super) origin: Origin,
+    pub(super) live: Arc<Live>,
+    /// The client connections: drained alone before the exec.
+    pub(super) serving: Life,
+    /// Where the hand-over runs.
+    pub(super) root: Life,
+}
+
+impl admin::Upgrade for Upgrader {
+    fn upgrade(&self, binary: Option<PathBuf>) -> admin::Upgrading<'_> {
+        Box::pin(async move {
+            let binary = binary.unwrap_or_else(|| self.origin.exe.clone());
+            let to = probe(&binary, &self.origin.argv).await?;
+            let said = format!(
+                "upgrading pid {} from {VERSION} to {to} ({})",
+                std::process::id(),
+                binary.display()
+            );
+            let me = self.clone();
+            let go: admin::HandOver = Box::new(move || {
+                let root = me.root.clone();
+                root.spawn(me.hand_over(binary, to));
+            });
+            Ok((said, go))
+        })
+    }
+}
+
+/// Runs `binary` as a probe with the running corral's arguments: the version it
+/// answers with, or why it cannot take over.
+pub async fn probe(binary: &Path, argv: &[OsString]) -> Result<String, String> {
+    let name = binary.display();
+    let mut child = tokio::process::Command::new(binary)
+        .arg("upgrade-probe")
+        .args(argv.iter().skip(1))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {name}: {e}"))?;
+    let (out, err) = (child.stdout.take(), child.stderr.take());
+    let answered = async {
+        let mut said = Vec::new();
+        if let Some(out) = out {
+            out.take(PROBE_OUTPUT).read_to_end(&mut said).await?;
+        }
+        if said.len() as u64 >= PROBE_OUTPUT {
+            return Ok((said, Vec::new(), None));
+        }
+        let mut complaint = Vec::new();
+        if let Some(err) = err {
+            err.take(PROBE_OUTPUT).read_to_end(&mut complaint).await?;
+        }
+        child.wait().await.map(|s| (said, complaint, Some(s)))
+    };
+    let (said, complaint, status) = match tokio::time::timeout(PROBE_LIMIT, answered).await {
+        Err(_) => {
+            return Err(format!(
+                "{name} did not answer the probe within {PROBE_LIMIT:?}"
+            ))
+        }
+        Ok(Err(e)) => return Err(format!("{name}: {e}")),
+        Ok(Ok(answer)) => answer,
+    };
+    let said = String::from_utf8_lossy(&said);
+    let first = said.lines().next().unwrap_or("");
+    match status {
+        None => Err(format!(
+            "{name} cannot take over: it said more than a probe's answer"
+        )),
+        Some(s) if !s.success() => {
+            let complaint = String::from_utf8_lossy(&complaint);
+            let why = complaint.trim().lines().last().unwrap_or(first);
+            let why = if why.is_empty() {
+                "it said nothing"
+            } else {
+                why
+            };
+            Err(format!("{name} refused the upgrade ({s}): {why}"))
+        }
+        Some(_) => handover::read_probe_answer(first)
+            .map_err(|why| format!("{name} cannot take over: {why}")),
+    }
+}
+
+impl Upgrader {
+    /// After the probe: stop accepting, finish what is in flight, carry the rest
+    /// over. Until the listeners are carried nothing has changed, and a failure
+    /// leaves corral running as it was.
+    async fn hand_over(self, binary: PathBuf, to: String) {
+        tracing::info!(from = VERSION, %to, binary = %binary.display(), "upgrading in place");
+        crate::runtime::notify::reloading("upgrading");
+        let mut carried = Carried::default();
+        let mut workers = match &self.live.supervisor {
+            Some(sup) => match sup.carry(&mut carried).await {
+                Ok(w) => Some(w),
+                Err(e) => return not_upgraded(&e),
+            },
+            None => None,
+        };
+        let mut sockets = std::collections::BTreeMap::new();
+        if let Queue::Embedded(broker, _) = &self.live.sources.queue {
+            let socket = broker.listening_socket().map(|s| carried.dup(s));
+            match socket {
+                Some(Ok(fd)) => drop(sockets.insert(BROKER.to_string(), fd)),
+                Some(Err(e)) => return not_upgraded(&e),
+                None => {}
+            }
+        }
+        let listeners = match self.live.serving.carry(&mut carried) {
+            Ok(l) => l,
+            Err(e) => return not_upgraded(&e),
+        };
+        // From here on, there is no going back: only forward to an exec.
+        let upgrading = &self.live.addresses.upgrading;
+        upgrading.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.serving.drain();
+        let drain = self.live.front.load().cfg().timeouts.shutdown_drain;
+        if tokio::time::timeout(drain, self.serving.ended())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?drain,
+                open = self.serving.running(),
+                "requests or tunnels still open after the drain period: the upgrade closes them"
+            );
+        }
+        // The hold on changes to the workers stays until the exec.
+        let (slots, next_index) = match workers.as_mut() {
+            Some(w) => (std::mem::take(&mut w.workers), w.next_index),
+            None => (Vec::new(), 0),
+        };
+        let mut written = Handover::new(VERSION, listeners, slots, next_index);
+        written.sockets = sockets;
+        let entry = match carried.prepare(&written) {
+            Ok(e) => e,
+            Err(e) => return stop_after(&format!("the hand-over cannot be written: {e}")),
+        };
+        exec(&binary, &self.origin.argv, &entry).await;
+        // The exec failed (said in the log): this corral's own binary, which
+        // speaks the same hand-over, takes over instead.
+        exec(Path::new("/proc/self/exe"), &self.origin.argv, &entry).await;
+        stop_after("neither binary could be run");
+        drop(workers);
+    }
+}
+
+/// A failure before anything was let go: corral goes on as it was.
+fn not_upgraded(e: &std::io::Error) {
+    tracing::error!(error = %e, "upgrade not made: nothing was carried; corral goes on");
+    crate::runtime::notify::notify("READY=1\nSTATUS=upgrade not made");
+}
+
+/// A failure after the listeners were let go: corral stops as at SIGTERM.
+fn stop_after(why: &str) {
+    tracing::error!("upgrade failed after the hand-over began ({why}): stopping");
+    // SAFETY: a signal to this process, handled by its own stop.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGTERM);
+    }
+}
+
+/// Execs `binary` with `argv` and this environment plus `entry` (the hand-over's
+/// place). Returns only if it failed, said in the log.
+async fn exec(binary: &Path, argv: &[OsString], entry: &str) {
+    let c = |s: &[u8]| CString::new(s).ok();
+    let program = c(binary.as_os_str().as_bytes());
+    let args: Option<Vec<CString>> = argv.iter().map(|a| c(a.as_bytes())).collect();
+    let mut env: Vec<CString> = std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            c(&kv)
+        })
+        .collect();
+    env.extend(c(entry.as_bytes()));
+    let (Some(program), Some(args)) = (program, args) else {
+        tracing::error!(
+            "cannot exec {}: a NUL byte in it or its arguments",
+            binary.display()
+        );
+        return;
+    };
+    let e = forker::exec(program, args, env).await;
+    tracing::error!(error = %e, binary = %binary.display(), "cannot exec");
+}
+
+/// What the new image takes back from a hand-over, part by part.
+#[derive(Default)]
+pub struct Taken {
+    /// The version that carried them.
+    pub from: Option<String>,
+    /// The client listeners.
+    pub listeners: Vec<listen::Inherited>,
+    /// The workers' processes.
+    pub workers: Vec<Adopted>,
+    /// The next worker slot's index.
+    pub next_index: usize,
+    /// The embedded broker's listening socket.
+    pub broker: Option<std::net::TcpListener>,
+}
+
+/// The embedded broker's socket in the hand-over.
+const BROKER: &str = "broker";
+
+/// Claims every descriptor of `handover` for the part that takes it; what no part
+/// takes is closed.
+pub fn take(mut handover: Handover) -> Taken {
+    let mut taken = Taken {
+        from: Some(handover.from.clone()),
+        next_index: handover.next_index,
+        ..Taken::default()
+    };
+    for l in std::mem::take(&mut handover.listeners) {
+        let sockets: Vec<std::net::TcpListener> = l
+            .sockets
+            .iter()
+            .filter_map(|fd| match handover.claim(*fd) {
+                Ok(fd) => Some(std::net::TcpListener::from(fd)),
+                Err(e) => {
+                    tracing::error!(listener = %l.bound, error = %e, "a carried socket is lost");
+                    None
+                }
+            })
+            .filter(|s| s.set_nonblocking(true).is_ok())
+            .collect();
+        if !sockets.is_empty() {
+            taken.listeners.push(listen::Inherited {
+                address: l.address,
+                bound: l.bound,
+                sockets,
+            });
+        }
+    }
+    if let Some(fd) = handover.sockets.get(BROKER).copied() {
+        taken.broker = handover.claim(fd).ok().map(std::net::TcpListener::from);
+    }
+    for w in std::mem::take(&mut handover.workers) {
+        let output = w
+            .output
+            .iter()
+            .filter_map(|fd| handover.claim(*fd).ok())
+            .collect();
+        taken.workers.push(Adopted {
+            id: w.id,
+            index: w.index,
+            port: w.port,
+            pid: w.pid,
+            restarts: w.restarts,
+            output,
+        });
+    }
+    handover.close_unclaimed();
+    taken
+}

@@ -1,0 +1,249 @@
+//! `corral upgrade`: the running corral replaced by another binary in the same
+//! process, its listeners and workers carried over (docs/upgrade.md); and a binary
+//! that cannot take over refused with nothing changed. Real corral processes, real
+//! worker processes, the operator's command.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+use support::{Corral, TempDir};
+
+/// A worker whose `/hold` answers only once the file `release` exists in its
+/// directory (it makes `held` when the request has come), and whose other paths
+/// answer at once with its pid.
+const HOLDING_WORKER: &str = r#"
+import http.server, os, sys, time
+here = os.path.dirname(os.path.abspath(__file__))
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path.startswith("/hold"):
+            open(os.path.join(here, "held"), "w").close()
+            deadline = time.time() + 30
+            while not os.path.exists(os.path.join(here, "release")) and time.time() < deadline:
+                time.sleep(0.02)
+        body = str(os.getpid()).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+fn start(dir: &TempDir) -> Corral {
+    let script = dir.file("worker.py", HOLDING_WORKER);
+    Corral::start(&format!(
+        "[workers]\ncommand = [\"python3\", \"{}\", \"{{port}}\"]\ncount = 2\n\
+         [message_queue]\nembedded = true\n[timeouts]\nshutdown_drain = \"30s\"\n",
+        script.display()
+    ))
+}
+
+fn admin_socket(corral: &Corral) -> PathBuf {
+    corral.dir.0.join("admin.sock")
+}
+
+/// `corral upgrade` against `corral`, started; its output read by the caller.
+fn upgrade_command(corral: &Corral, binary: Option<&Path>) -> std::process::Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_corral"));
+    cmd.arg("upgrade").arg("--socket").arg(admin_socket(corral));
+    if let Some(b) = binary {
+        cmd.arg("--binary").arg(b);
+    }
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("corral upgrade")
+}
+
+/// `corral upgrade` run to its end: success, and what it printed.
+fn upgrade(corral: &Corral, binary: Option<&Path>) -> (bool, String) {
+    let out = upgrade_command(corral, binary)
+        .wait_with_output()
+        .expect("corral upgrade");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn pids(corral: &Corral) -> Vec<u64> {
+    let mut pids: Vec<u64> = corral
+        .workers()
+        .iter()
+        .filter_map(|w| w["pid"].as_u64())
+        .collect();
+    pids.sort();
+    pids
+}
+
+fn image(corral: &Corral) -> serde_json::Value {
+    support::addresses(&admin_socket(corral)).expect("addresses")["image"].clone()
+}
+
+fn get(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
+    let ask = format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+    support::exchange(addr, ask.as_bytes()).map(|r| r.status)
+}
+
+fn exe_of(pid: u32) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe")
+}
+
+/// A copy of corral's binary: "another build" the upgrade can be told apart by.
+fn copy_of_corral(dir: &TempDir, name: &str) -> PathBuf {
+    let to = dir.0.join(name);
+    std::fs::copy(env!("CARGO_BIN_EXE_corral"), &to).expect("copy corral");
+    to
+}
+
+/// Waits (bounded) for `cond`.
+fn wait_until(limit: Duration, what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A binary that cannot take over is refused before anything is let go: one that
+/// fails, one that answers another hand-over format, and the running corral's own
+/// binary with a config it refuses. Each time: a non-zero exit naming why, the same
+/// image, the same workers, still serving.
+#[test]
+fn a_binary_that_cannot_take_over_is_refused_and_nothing_changes() {
+    let dir = TempDir::new("upgrade-refused");
+    let corral = start(&dir);
+    let (before, workers) = (image(&corral), pids(&corral));
+    let other_format = dir.file(
+        "other-format",
+        "#!/bin/sh\necho \"corral-handover 999 9.9.9\"\n",
+    );
+    make_executable(&other_format);
+    let cases: [(&Path, &str); 2] = [
+        (Path::new("/bin/false"), "refused the upgrade"),
+        (&other_format, "hand-over format 999"),
+    ];
+    for (binary, why) in cases {
+        let (ok, said) = upgrade(&corral, Some(binary));
+        assert!(!ok, "{} was taken: {said}", binary.display());
+        assert!(said.contains(why), "{said}");
+        assert_eq!(image(&corral), before, "{said}");
+        assert_eq!(pids(&corral), workers);
+        assert_eq!(get(corral.addr, "/"), Some(200));
+    }
+    let config = std::fs::read_to_string(dir_config(&corral)).expect("config");
+    std::fs::write(dir_config(&corral), format!("{config}\nno_such_key = 1\n")).expect("write");
+    let (ok, said) = upgrade(&corral, None);
+    assert!(!ok, "a broken config was taken: {said}");
+    assert!(said.contains("no_such_key"), "{said}");
+    assert_eq!(image(&corral), before);
+    assert_eq!(pids(&corral), workers);
+    assert_eq!(get(corral.addr, "/"), Some(200));
+}
+
+fn dir_config(corral: &Corral) -> PathBuf {
+    corral.dir.0.join("corral.toml")
+}
+
+fn make_executable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+/// The upgrade finishes a request in flight in the old image while new connections
+/// wait in the listener's backlog; the new image (another file) serves every one of
+/// them, with the same worker processes, the same pid and the same message queue.
+/// A second upgrade back keeps them too; after it a crashed worker is restarted and
+/// a rolling restart replaces the workers, as before any upgrade.
+#[test]
+fn an_upgrade_carries_the_listeners_backlog_and_the_workers() {
+    let dir = TempDir::new("upgrade-carry");
+    let work = TempDir::new("upgrade-worker");
+    let corral = start(&work);
+    let pid = corral.child.id();
+    let (before, workers) = (image(&corral), pids(&corral));
+    let queue = support::addresses(&admin_socket(&corral)).expect("addresses")["broker"].clone();
+    let addr = corral.addr;
+    let held = thread::spawn(move || get(addr, "/hold"));
+    wait_until(Duration::from_secs(10), "the held request", || {
+        work.0.join("held").exists()
+    });
+    let next = copy_of_corral(&dir, "corral-next");
+    let mut command = upgrade_command(&corral, Some(&next));
+    let mut said = String::new();
+    BufReader::new(command.stdout.as_mut().expect("stdout"))
+        .read_line(&mut said)
+        .expect("its first line");
+    assert!(said.starts_with("ok: upgrading"), "{said}");
+    wait_until(Duration::from_secs(10), "accepting stopped", || {
+        support::addresses(&admin_socket(&corral)).is_some_and(|a| a["upgrading"] == true)
+    });
+    // Accepting has stopped: these wait in the backlog, their requests sent.
+    let waiting: Vec<TcpStream> = (0..20)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                .expect("send");
+            s.set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
+            s
+        })
+        .collect();
+    std::fs::write(work.0.join("release"), "").expect("release");
+    assert_eq!(
+        held.join().expect("held"),
+        Some(200),
+        "{}",
+        corral.log_text()
+    );
+    for mut s in waiting {
+        let mut reply = String::new();
+        let _ = s.read_to_string(&mut reply);
+        assert_eq!(reply.split(' ').nth(1), Some("200"), "{reply:?}");
+    }
+    let out = command.wait_with_output().expect("upgrade ends");
+    let rest = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{rest}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(rest.contains("upgraded: pid"), "{rest}");
+    assert_eq!(exe_of(pid), next, "the process does not run the new file");
+    let after = image(&corral);
+    assert_ne!(after["started_ms"], before["started_ms"]);
+    assert_eq!(after["pid"], before["pid"]);
+    assert_eq!(pids(&corral), workers, "the workers were not carried");
+    let told = support::addresses(&admin_socket(&corral)).expect("addresses");
+    assert_eq!(told["broker"], queue, "the message queue moved");
+    assert_eq!(get(addr, "/"), Some(200));
+
+    // Back to the first build: carried again.
+    let (ok, said) = upgrade(&corral, Some(Path::new(env!("CARGO_BIN_EXE_corral"))));
+    assert!(ok, "{said}");
+    assert_eq!(pids(&corral), workers, "the workers were not carried twice");
+
+    // Supervised as before: a crash is restarted, a rolling restart replaces both.
+    let first = workers[0] as i32;
+    // SAFETY: a signal to a worker process this test's corral started.
+    unsafe {
+        libc::kill(first, libc::SIGKILL);
+    }
+    corral.wait_workers(Duration::from_secs(20), |w| {
+        w.iter().all(|w| w["state"] == "up")
+            && w.iter().any(|w| w["restarts"] == 1 && w["pid"] != first)
+    });
+    assert!(corral.admin("reload").starts_with("ok"));
+    let rolled = pids(&corral);
+    assert!(
+        rolled.iter().all(|p| !workers.contains(p)),
+        "{rolled:?} {workers:?}"
+    );
+    assert_eq!(get(addr, "/"), Some(200));
+}
