@@ -14,13 +14,31 @@ use std::time::{Duration, Instant};
 use support::{Corral, TempDir};
 
 /// A worker whose `/hold` answers only once the file `release` exists in its
-/// directory (it makes `held` when the request has come), and whose other paths
-/// answer at once with its pid.
+/// directory (it makes `held` when the request has come), whose Engine.IO path
+/// opens polling sessions it alone knows (a sid of another worker gets 400, as
+/// python-engineio answers it), and whose other paths answer at once with its pid.
 const HOLDING_WORKER: &str = r#"
-import http.server, os, sys, time
+import http.server, os, sys, time, uuid, urllib.parse
 here = os.path.dirname(os.path.abspath(__file__))
+sessions = set()
 class H(http.server.BaseHTTPRequestHandler):
+    def answer(self, status, body):
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=UTF-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
     def do_GET(self):
+        if self.path.startswith("/socket.io/"):
+            sid = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query).get("sid")
+            if not sid:
+                new = uuid.uuid4().hex
+                sessions.add(new)
+                hs = '0{"sid":"%s","upgrades":[],"pingInterval":25000,"pingTimeout":20000}' % new
+                return self.answer(200, hs.encode())
+            if sid[0] in sessions:
+                return self.answer(200, b"6")
+            return self.answer(400, b'{"code":1,"message":"Session ID unknown"}')
         if self.path.startswith("/hold"):
             open(os.path.join(here, "held"), "w").close()
             deadline = time.time() + 30
@@ -246,4 +264,39 @@ fn an_upgrade_carries_the_listeners_backlog_and_the_workers() {
         "{rolled:?} {workers:?}"
     );
     assert_eq!(get(addr, "/"), Some(200));
+}
+
+/// Polling sessions opened before an upgrade go on after it, each still routed to
+/// the worker that knows it: the session table is carried over. (Left behind, the
+/// new image would answer their sids as unknown.)
+#[test]
+fn an_upgrade_carries_the_session_table() {
+    let work = TempDir::new("upgrade-sessions");
+    let corral = start(&work);
+    let open = |addr| {
+        let hs = "GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: a\r\n\r\n";
+        let reply = support::exchange(addr, hs.as_bytes()).expect("handshake");
+        let text = reply.text();
+        let start = text.find("\"sid\":\"").expect("a sid") + 7;
+        text[start..start + 32].to_string()
+    };
+    let sids: Vec<String> = (0..20).map(|_| open(corral.addr)).collect();
+    let poll = |sid: &str| {
+        let ask = format!(
+            "GET /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: a\r\n\r\n"
+        );
+        support::exchange(corral.addr, ask.as_bytes()).map(|r| (r.status, r.text()))
+    };
+    for sid in &sids {
+        assert_eq!(poll(sid), Some((200, "6".into())));
+    }
+    let (ok, said) = upgrade(&corral, None);
+    assert!(ok, "{said}");
+    for sid in &sids {
+        assert_eq!(
+            poll(sid),
+            Some((200, "6".into())),
+            "{sid} after the upgrade"
+        );
+    }
 }

@@ -7,6 +7,7 @@
 //! the worker's generation and answered as unknown, so their clients reconnect at once.
 
 use crate::engineio::protocol::Handshake;
+use crate::runtime::handover;
 use crate::workers::pool::{Pool, Worker};
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -261,6 +262,56 @@ impl Router {
             s.tunnels += 1;
             s.inflight = s.inflight.saturating_sub(1);
         }
+    }
+}
+
+impl Router {
+    /// The live sessions as an upgrade carries them (those of a worker gone down
+    /// since are left behind, as `existing` would forget them).
+    pub fn carry(&self) -> Vec<handover::Session> {
+        let now = Instant::now();
+        self.table()
+            .iter()
+            .filter(|(_, s)| s.worker.generation() == s.generation)
+            .map(|(sid, s)| handover::Session {
+                sid: sid.clone(),
+                worker: s.worker.id,
+                idle_ms: s.idle.as_millis() as u64,
+                seen_ms_ago: now.duration_since(s.last_seen).as_millis() as u64,
+                tunnel_closed: s.tunnel_closed || s.tunnels > 0,
+            })
+            .collect()
+    }
+
+    /// Takes on the sessions an upgrade carried, each on its worker (found by id,
+    /// up), counted there and expiring as it would have; before any request.
+    /// Returns how many were taken.
+    pub fn adopt(&self, sessions: Vec<handover::Session>) -> usize {
+        let workers = self.pool.workers();
+        let now = Instant::now();
+        let mut table = self.table();
+        let mut taken = 0;
+        for s in sessions {
+            let Some(worker) = workers.iter().find(|w| w.id == s.worker && w.is_up()) else {
+                continue;
+            };
+            worker.session_adopted();
+            let seen = now.checked_sub(Duration::from_millis(s.seen_ms_ago));
+            let session = Session {
+                worker: worker.clone(),
+                generation: worker.generation(),
+                last_seen: seen.unwrap_or(now),
+                idle: Duration::from_millis(s.idle_ms),
+                inflight: 0,
+                tunnels: 0,
+                tunnel_closed: s.tunnel_closed,
+            };
+            if let Some(old) = table.insert(s.sid, session) {
+                old.worker.session_ended(old.generation);
+            }
+            taken += 1;
+        }
+        taken
     }
 }
 

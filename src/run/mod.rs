@@ -138,7 +138,7 @@ impl App {
         handover: Option<crate::runtime::handover::Handover>,
     ) -> anyhow::Result<App> {
         let origin = upgrade::Origin::here();
-        let taken = handover.map(upgrade::take).unwrap_or_default();
+        let mut taken = handover.map(upgrade::take).unwrap_or_default();
         let cfg = Arc::new(cfg);
         let pool = Arc::new(Pool::with_thresholds(
             &cfg.upstreams,
@@ -162,15 +162,22 @@ impl App {
             &lives.serving,
         );
         let mut proxy = Proxy::new(cfg.clone(), shared);
+        let mut tag_key = None;
         if cfg.engineio.tag_sids {
             let cluster = &cfg.cluster;
-            if cluster.key.is_none() && cluster.key_file.is_none() {
+            let random = cluster.key.is_none() && cluster.key_file.is_none();
+            if random && taken.tag_key.is_none() {
                 tracing::warn!(
                     "engineio.tag_sids without cluster.key: a random key, so tagged sessions \
                  will not survive a restart"
                 );
             }
-            let tagger = parts::tagger_for(cluster, cluster.signing_key()?);
+            let key = match (random, taken.tag_key.take()) {
+                (true, Some(carried)) => carried,
+                _ => cluster.signing_key()?,
+            };
+            tag_key = random.then(|| key.clone());
+            let tagger = parts::tagger_for(cluster, key);
             proxy.enable_tags(crate::proxy::route::Tags::new(tagger, cluster));
             tracing::info!(node = %cluster.node, others = cluster.nodes.len(), "sids carry their worker (tagged)");
         }
@@ -279,6 +286,7 @@ impl App {
             live: live.clone(),
             serving: lives.serving.clone(),
             root: lives.root.clone(),
+            tag_key,
         };
         let targets = admin::Targets {
             supervisor: supervisor.clone(),
@@ -298,13 +306,16 @@ impl App {
         if let Some(sup) = &supervisor {
             sup.start_with(taken.workers, taken.next_index).await;
         }
+        // Before the first request: the sessions' workers are up by now.
+        let sessions = router.adopt(std::mem::take(&mut taken.sessions));
         if let Some(from) = &taken.from {
             tracing::info!(
                 %from,
                 to = upgrade::VERSION,
                 listeners = carried_listeners,
                 workers = carried_workers,
-                "upgraded in place: listeners and workers carried over"
+                sessions,
+                "upgraded in place: listeners, workers and sessions carried over"
             );
         }
         serving.describe();

@@ -73,6 +73,9 @@ pub(super) struct Upgrader {
     pub(super) serving: Life,
     /// Where the hand-over runs.
     pub(super) root: Life,
+    /// The sid tags' key, where it was made at random: carried, so that the sids
+    /// issued go on being read.
+    pub(super) tag_key: Option<Vec<u8>>,
 }
 
 impl admin::Upgrade for Upgrader {
@@ -203,6 +206,9 @@ impl Upgrader {
         };
         let mut written = Handover::new(VERSION, listeners, slots, next_index);
         written.sockets = sockets;
+        // After the drain: what it ended is not carried.
+        written.sessions = self.live.router.carry();
+        written.tag_key = self.tag_key.clone();
         let entry = match carried.prepare(&written) {
             Ok(e) => e,
             Err(e) => return stop_after(&format!("the hand-over cannot be written: {e}")),
@@ -270,6 +276,10 @@ pub struct Taken {
     pub next_index: usize,
     /// The embedded broker's listening socket.
     pub broker: Option<std::net::TcpListener>,
+    /// The Engine.IO session table.
+    pub sessions: Vec<handover::Session>,
+    /// The sid tags' key, where the image before made it at random.
+    pub tag_key: Option<Vec<u8>>,
 }
 
 /// The embedded broker's socket in the hand-over.
@@ -281,6 +291,8 @@ pub fn take(mut handover: Handover) -> Taken {
     let mut taken = Taken {
         from: Some(handover.from.clone()),
         next_index: handover.next_index,
+        sessions: std::mem::take(&mut handover.sessions),
+        tag_key: handover.tag_key.take(),
         ..Taken::default()
     };
     for l in std::mem::take(&mut handover.listeners) {

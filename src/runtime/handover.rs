@@ -37,6 +37,10 @@ pub struct Handover {
     pub workers: Vec<Worker>,
     /// The next worker slot's index (`CORRAL_WORKER_ID`).
     pub next_index: usize,
+    /// The Engine.IO session table.
+    pub sessions: Vec<Session>,
+    /// The sid tags' signing key, where it was made at random (none configured).
+    pub tag_key: Option<Vec<u8>>,
     /// Other listening sockets, by what they serve (`broker`).
     pub sockets: std::collections::BTreeMap<String, RawFd>,
     /// The numbers it names, as read.
@@ -56,6 +60,22 @@ pub struct Listener {
     pub bound: SocketAddr,
     /// Its listening sockets.
     pub sockets: Vec<RawFd>,
+}
+
+/// An Engine.IO session.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Session {
+    /// Its sid.
+    pub sid: String,
+    /// Its worker's id in the pool.
+    pub worker: usize,
+    /// How long it may stay idle.
+    pub idle_ms: u64,
+    /// How long ago a request of it was last answered.
+    pub seen_ms_ago: u64,
+    /// Its websocket closed (or is closed by the upgrade): it is kept only briefly
+    /// unless it polls.
+    pub tunnel_closed: bool,
 }
 
 /// A supervised worker slot.
