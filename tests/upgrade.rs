@@ -300,3 +300,51 @@ fn an_upgrade_carries_the_session_table() {
         );
     }
 }
+
+/// The embedded broker's clients go on over an upgrade on the same connections: a
+/// subscriber keeps its subscription, and a command sent in part before the
+/// upgrade is finished after it and runs (the message reaches the subscriber).
+#[test]
+fn an_upgrade_carries_the_brokers_clients_mid_command() {
+    let work = TempDir::new("upgrade-broker");
+    let corral = start(&work);
+    let told = support::addresses(&admin_socket(&corral)).expect("addresses");
+    let queue: std::net::SocketAddr = told["broker"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .expect("the broker's address");
+    let connect = || {
+        let s = TcpStream::connect(queue).expect("connect to the broker");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        s
+    };
+    let read_exactly = |s: &mut TcpStream, n: usize| {
+        let mut got = vec![0u8; n];
+        s.read_exact(&mut got).expect("read");
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    let mut subscriber = connect();
+    subscriber
+        .write_all(b"*2\r\n$9\r\nSUBSCRIBE\r\n$2\r\nch\r\n")
+        .expect("subscribe");
+    let subscribed = "*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n";
+    assert_eq!(read_exactly(&mut subscriber, subscribed.len()), subscribed);
+    let mut publisher = connect();
+    publisher
+        .write_all(b"*3\r\n$7\r\nPUBLISH\r\n$2\r\nch\r\n$5\r\nhel")
+        .expect("half a command");
+    // The probe takes longer than the broker's read: the half command is read
+    // before the upgrade, and carried as unread bytes.
+    let (ok, said) = upgrade(&corral, None);
+    assert!(ok, "{said}");
+    publisher.write_all(b"lo\r\n").expect("the rest");
+    assert_eq!(
+        read_exactly(&mut publisher, 4),
+        ":1\r\n",
+        "{}",
+        corral.log_text()
+    );
+    let message = "*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$5\r\nhello\r\n";
+    assert_eq!(read_exactly(&mut subscriber, message.len()), message);
+}

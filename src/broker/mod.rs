@@ -11,6 +11,7 @@ pub(crate) mod glob;
 pub(crate) mod registry;
 pub(crate) mod resp;
 
+use crate::runtime::handover;
 use crate::runtime::life::Life;
 use bytes::{Bytes, BytesMut};
 pub use registry::OutputLimit;
@@ -78,6 +79,41 @@ pub struct Broker {
     /// Its listening socket, as an upgrade carries it (the accept loop owns
     /// another of the same socket).
     socket: std::sync::OnceLock<std::net::TcpListener>,
+    carry: Carry,
+}
+
+/// An upgrade's carry of the client connections, in two steps: first every
+/// connection stops reading (so no command runs and no message is published from
+/// then on), then each one's writer stops between two writes and the connection
+/// gives its socket and state.
+#[derive(Default)]
+struct Carry {
+    stop_reading: CancellationToken,
+    give: CancellationToken,
+    /// Connections still reading commands.
+    reading: AtomicU64,
+    /// Connections that stopped reading for the carry and have not given yet.
+    giving: AtomicU64,
+    changed: tokio::sync::Notify,
+    given: std::sync::Mutex<Vec<CarriedClient>>,
+}
+
+/// Longest a carried connection's writer may take to finish the write it is in.
+const CARRY_WRITE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A client connection as an upgrade carries it: its socket, and where it stood.
+pub struct CarriedClient {
+    /// Its socket.
+    pub socket: std::net::TcpStream,
+    /// Its state, the socket's number left out.
+    pub state: handover::BrokerClient,
+}
+
+/// Ends of a connection's read loop.
+#[derive(PartialEq, Eq)]
+enum Ended {
+    Closed,
+    Carried,
 }
 
 impl Broker {
@@ -91,7 +127,53 @@ impl Broker {
             port,
             peers: Default::default(),
             socket: std::sync::OnceLock::new(),
+            carry: Carry::default(),
         })
+    }
+
+    /// For an upgrade: stops accepting and reading commands, then takes every
+    /// client connection out with its subscriptions, its unread bytes (a command
+    /// read in part) and what it was still to be sent. A connection whose writer is
+    /// stuck (a subscriber that does not read) is not carried.
+    pub async fn carry(&self) -> Vec<CarriedClient> {
+        let carry = &self.carry;
+        carry.stop_reading.cancel();
+        let wait = |count: &'static str| async move {
+            let counter = match count {
+                "reading" => &carry.reading,
+                _ => &carry.giving,
+            };
+            loop {
+                let changed = carry.changed.notified();
+                if counter.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        let limit = CARRY_WRITE * 2;
+        let _ = tokio::time::timeout(limit, wait("reading")).await;
+        carry.give.cancel();
+        let _ = tokio::time::timeout(limit, wait("giving")).await;
+        std::mem::take(&mut *carry.given.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Takes on client connections an upgrade carried, each served from where it
+    /// stood (its subscriptions registered again, its unsent output sent first).
+    pub fn resume(self: &Arc<Self>, clients: Vec<CarriedClient>, owner: &Life) {
+        for c in clients {
+            let Ok(stream) = c
+                .socket
+                .set_nonblocking(true)
+                .and_then(|()| TcpStream::from_std(c.socket))
+            else {
+                continue;
+            };
+            let (b, stop) = (self.clone(), owner.signal());
+            owner.spawn(async move {
+                b.connection(stream, stop, Some(c.state)).await;
+            });
+        }
     }
 
     /// Its listening socket, for an upgrade to carry.
@@ -140,9 +222,15 @@ impl Broker {
         let broker = self.clone();
         let slots = Arc::new(tokio::sync::Semaphore::new(self.settings.max_clients));
         let tasks = owner.clone();
+        let carrying = self.carry.stop_reading.clone();
         owner.spawn_until_drained(async move {
             loop {
-                match listener.accept().await {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    // An upgrade carries the socket: its backlog waits for the new image.
+                    _ = carrying.cancelled() => return,
+                };
+                match accepted {
                     Ok((mut stream, _)) => {
                         let _ = stream.set_nodelay(true);
                         let Ok(permit) = slots.clone().try_acquire_owned() else {
@@ -154,7 +242,7 @@ impl Broker {
                         let (b, stop) = (broker.clone(), tasks.signal());
                         // Ends itself at the stop, dropping its subscriptions.
                         tasks.spawn(async move {
-                            b.connection(stream, stop).await;
+                            b.connection(stream, stop, None).await;
                             drop(permit);
                         });
                     }
@@ -167,7 +255,14 @@ impl Broker {
         });
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream, stop: CancellationToken) {
+    /// Serves one client connection; `resume`: where a connection an upgrade
+    /// carried stood.
+    async fn connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        stop: CancellationToken,
+        resume: Option<handover::BrokerClient>,
+    ) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let stats = &self.registry.stats;
         stats.connections.fetch_add(1, Ordering::Relaxed);
@@ -177,7 +272,6 @@ impl Broker {
             self.peers_of().insert(id, peer);
         }
         let (mut reader, writer) = stream.into_split();
-        let writing = tokio::spawn(write_loop(writer, handle.clone()));
         let mut client = Client {
             handle: handle.clone(),
             reply: Reply::On,
@@ -189,16 +283,61 @@ impl Broker {
             shard: HashSet::new(),
         };
         let mut buf = BytesMut::with_capacity(16 * 1024);
+        if let Some(state) = resume {
+            self.resume_client(&mut client, state, &mut buf);
+        }
+        let writing = tokio::spawn(write_loop(writer, handle.clone()));
+        self.carry.reading.fetch_add(1, Ordering::AcqRel);
+        let ended = self
+            .read_commands(&mut client, &mut reader, &mut buf, &stop)
+            .await;
+        if ended == Ended::Carried {
+            self.carry.giving.fetch_add(1, Ordering::AcqRel);
+        }
+        self.carry.reading.fetch_sub(1, Ordering::AcqRel);
+        self.carry.changed.notify_waiters();
+        if ended == Ended::Carried {
+            self.give(client, reader, buf, writing, &stop).await;
+            self.carry.giving.fetch_sub(1, Ordering::AcqRel);
+            self.carry.changed.notify_waiters();
+            self.peers_of().remove(&id);
+            stats.connected.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        self.forget(&mut client);
+        self.peers_of().remove(&id);
+        handle.close();
+        let _ = writing.await;
+        stats.connected.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Reads and runs commands until the connection ends or an upgrade carries it
+    /// (then between two reads: every whole command read has run, and `buf` holds
+    /// at most a command read in part).
+    async fn read_commands(
+        &self,
+        client: &mut Client,
+        reader: &mut tokio::net::tcp::OwnedReadHalf,
+        buf: &mut BytesMut,
+        stop: &CancellationToken,
+    ) -> Ended {
+        let handle = client.handle.clone();
         let mut parser = resp::Parser::default();
-        'read: loop {
-            let n = tokio::select! {
-                r = reader.read_buf(&mut buf) => r.unwrap_or(0),
-                _ = handle.kill.notified() => 0,
-                _ = stop.cancelled() => 0,
-            };
+        // What a carried connection had read but not run goes first.
+        let mut n = buf.len();
+        loop {
             if n == 0 {
-                break;
+                n = tokio::select! {
+                    r = reader.read_buf(buf) => r.unwrap_or(0),
+                    _ = handle.kill.notified() => 0,
+                    _ = stop.cancelled() => 0,
+                    _ = self.carry.stop_reading.cancelled() => return Ended::Carried,
+                };
+                if n == 0 {
+                    return Ended::Closed;
+                }
             }
+            n = 0;
             loop {
                 let caps = Caps {
                     max_bulk: self.settings.max_bulk as i64,
@@ -206,11 +345,11 @@ impl Broker {
                     max_command: self.settings.max_command,
                     unauthenticated: !client.authenticated,
                 };
-                match parser.next(&mut buf, caps) {
+                match parser.next(buf, caps) {
                     Ok(Some(args)) if args.is_empty() => continue,
                     Ok(Some(args)) => {
-                        if self.execute(&mut client, args) == Next::Close {
-                            break 'read;
+                        if self.execute(client, args) == Next::Close {
+                            return Ended::Closed;
                         }
                     }
                     Ok(None) => break,
@@ -220,16 +359,89 @@ impl Broker {
                             .out()
                             .error(&mut out, &format!("ERR Protocol error: {}", e.0));
                         handle.reply(&out);
-                        break 'read;
+                        return Ended::Closed;
                     }
                 }
             }
         }
-        self.forget(&mut client);
-        self.peers_of().remove(&id);
-        handle.close();
-        let _ = writing.await;
-        stats.connected.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A carried connection's last step: once every connection has stopped
+    /// reading, its writer stops between two writes, and the socket and state go
+    /// to the carry.
+    async fn give(
+        &self,
+        client: Client,
+        reader: tokio::net::tcp::OwnedReadHalf,
+        unread: BytesMut,
+        writing: tokio::task::JoinHandle<Option<(OwnedWriteHalf, BytesMut)>>,
+        stop: &CancellationToken,
+    ) {
+        tokio::select! {
+            _ = self.carry.give.cancelled() => {}
+            _ = stop.cancelled() => return,
+        }
+        client.handle.carry();
+        let Ok(Ok(Some((writer, unsent)))) = tokio::time::timeout(CARRY_WRITE, writing).await
+        else {
+            return tracing::warn!(
+                client = client.handle.id,
+                "message queue client not carried: its output was not taken in time"
+            );
+        };
+        let Ok(socket) = reader.reunite(writer).map(TcpStream::into_std) else {
+            return;
+        };
+        let Ok(socket) = socket else { return };
+        for space in [Space::Channel, Space::Pattern, Space::Shard] {
+            let names = match space {
+                Space::Channel => &client.channels,
+                Space::Pattern => &client.patterns,
+                Space::Shard => &client.shard,
+            };
+            for name in names {
+                self.registry.unsubscribe(space, name, client.handle.id);
+            }
+        }
+        let state = client.carried(unread.to_vec(), unsent.to_vec());
+        let mut given = self.carry.given.lock().unwrap_or_else(|e| e.into_inner());
+        given.push(CarriedClient { socket, state });
+    }
+
+    /// Puts a carried connection's state back: its settings, its subscriptions,
+    /// its unread bytes into `buf` and its unsent output into its queue.
+    fn resume_client(
+        &self,
+        client: &mut Client,
+        state: handover::BrokerClient,
+        buf: &mut BytesMut,
+    ) {
+        client.reply = match state.reply {
+            1 => Reply::Off,
+            2 => Reply::Skip,
+            _ => Reply::On,
+        };
+        client.set_protocol(state.resp3);
+        client.authenticated = state.authenticated;
+        client.name = state.name.map(Bytes::from);
+        for (space, names) in [
+            (Space::Channel, state.channels),
+            (Space::Pattern, state.patterns),
+            (Space::Shard, state.shard),
+        ] {
+            for name in names.into_iter().map(Bytes::from) {
+                self.registry.subscribe(space, name.clone(), &client.handle);
+                match space {
+                    Space::Channel => client.channels.insert(name),
+                    Space::Pattern => client.patterns.insert(name),
+                    Space::Shard => client.shard.insert(name),
+                };
+            }
+        }
+        buf.extend_from_slice(&state.unread);
+        if !state.unsent.is_empty() {
+            client.handle.reply(&state.unsent);
+        }
     }
 
     fn peers_of(
@@ -383,6 +595,27 @@ struct Client {
 }
 
 impl Client {
+    /// Its state as an upgrade carries it.
+    fn carried(&self, unread: Vec<u8>, unsent: Vec<u8>) -> handover::BrokerClient {
+        let names = |set: &HashSet<Bytes>| set.iter().map(|n| n.to_vec()).collect();
+        handover::BrokerClient {
+            socket: -1,
+            unread,
+            unsent,
+            resp3: self.resp3,
+            authenticated: self.authenticated,
+            reply: match self.reply {
+                Reply::On => 0,
+                Reply::Off => 1,
+                Reply::Skip => 2,
+            },
+            name: self.name.as_ref().map(|n| n.to_vec()),
+            channels: names(&self.channels),
+            patterns: names(&self.patterns),
+            shard: names(&self.shard),
+        }
+    }
+
     fn out(&self) -> Out {
         Out { resp3: self.resp3 }
     }
@@ -1015,16 +1248,24 @@ fn info(b: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next 
 
 /// Writes a client's replies and messages, in order: whatever is buffered when it
 /// wakes goes out in one write.
-async fn write_loop(mut writer: OwnedWriteHalf, handle: Arc<ClientHandle>) {
+/// Writes a connection's output as it is queued. Carried by an upgrade, it stops
+/// at its next wait and gives back its half of the socket and what was queued.
+async fn write_loop(
+    mut writer: OwnedWriteHalf,
+    handle: Arc<ClientHandle>,
+) -> Option<(OwnedWriteHalf, BytesMut)> {
     let mut batch = BytesMut::with_capacity(16 * 1024);
     loop {
         let closing = handle.take(&mut batch).await;
         if handle.is_killed() {
-            return;
+            return None;
+        }
+        if handle.is_carried() {
+            return Some((writer, batch));
         }
         if !batch.is_empty() {
             if writer.write_all(&batch).await.is_err() {
-                return;
+                return None;
             }
             handle.written(batch.len());
             batch.clear();
@@ -1035,7 +1276,7 @@ async fn write_loop(mut writer: OwnedWriteHalf, handle: Arc<ClientHandle>) {
         }
         if closing {
             let _ = writer.shutdown().await;
-            return;
+            return None;
         }
     }
 }

@@ -53,6 +53,9 @@ pub struct ClientHandle {
     killed: AtomicBool,
     pub kill: Notify,
     limit: OutputLimit,
+    /// An upgrade carries the connection: the writer stops between two writes and
+    /// gives back what is still queued.
+    carried: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -74,7 +77,19 @@ impl ClientHandle {
             killed: AtomicBool::new(false),
             kill: Notify::new(),
             limit,
+            carried: AtomicBool::new(false),
         })
+    }
+
+    /// For an upgrade: the writer is to stop at its next wait for output.
+    pub fn carry(&self) {
+        self.carried.store(true, Ordering::Release);
+        self.ready.notify_one();
+    }
+
+    /// Whether an upgrade carries the connection.
+    pub fn is_carried(&self) -> bool {
+        self.carried.load(Ordering::Acquire)
     }
 
     fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {

@@ -214,6 +214,10 @@ impl App {
             Queue::Embedded(b, _) => Some(b.clone()),
             _ => None,
         };
+        let clients = std::mem::take(&mut taken.broker_clients);
+        if let (Some(broker), false) = (&embedded, clients.is_empty()) {
+            broker.resume(clients, &lives.broker);
+        }
         let reloads = Arc::new(metrics::Reloads::default());
         let sources = Arc::new(Sources {
             counters: metrics.clone(),

@@ -199,6 +199,21 @@ impl Upgrader {
                 "requests or tunnels still open after the drain period: the upgrade closes them"
             );
         }
+        // The broker last: the requests finished above may have published.
+        let mut clients = Vec::new();
+        if let Queue::Embedded(broker, _) = &self.live.sources.queue {
+            for c in broker.carry().await {
+                let mut state = c.state;
+                match carried.dup(&c.socket) {
+                    Ok(fd) => state.socket = fd,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a message queue client is not carried");
+                        continue;
+                    }
+                }
+                clients.push(state);
+            }
+        }
         // The hold on changes to the workers stays until the exec.
         let (slots, next_index) = match workers.as_mut() {
             Some(w) => (std::mem::take(&mut w.workers), w.next_index),
@@ -209,6 +224,7 @@ impl Upgrader {
         // After the drain: what it ended is not carried.
         written.sessions = self.live.router.carry();
         written.tag_key = self.tag_key.clone();
+        written.broker_clients = clients;
         let entry = match carried.prepare(&written) {
             Ok(e) => e,
             Err(e) => return stop_after(&format!("the hand-over cannot be written: {e}")),
@@ -280,6 +296,8 @@ pub struct Taken {
     pub sessions: Vec<handover::Session>,
     /// The sid tags' key, where the image before made it at random.
     pub tag_key: Option<Vec<u8>>,
+    /// The embedded broker's client connections.
+    pub broker_clients: Vec<crate::broker::CarriedClient>,
 }
 
 /// The embedded broker's socket in the hand-over.
@@ -318,6 +336,15 @@ pub fn take(mut handover: Handover) -> Taken {
     }
     if let Some(fd) = handover.sockets.get(BROKER).copied() {
         taken.broker = handover.claim(fd).ok().map(std::net::TcpListener::from);
+    }
+    for mut state in std::mem::take(&mut handover.broker_clients) {
+        if let Ok(fd) = handover.claim(state.socket) {
+            state.socket = -1;
+            let socket = std::net::TcpStream::from(fd);
+            taken
+                .broker_clients
+                .push(crate::broker::CarriedClient { socket, state });
+        }
     }
     for w in std::mem::take(&mut handover.workers) {
         let output = w

@@ -41,6 +41,8 @@ pub struct Handover {
     pub sessions: Vec<Session>,
     /// The sid tags' signing key, where it was made at random (none configured).
     pub tag_key: Option<Vec<u8>>,
+    /// The embedded broker's client connections.
+    pub broker_clients: Vec<BrokerClient>,
     /// Other listening sockets, by what they serve (`broker`).
     pub sockets: std::collections::BTreeMap<String, RawFd>,
     /// The numbers it names, as read.
@@ -60,6 +62,31 @@ pub struct Listener {
     pub bound: SocketAddr,
     /// Its listening sockets.
     pub sockets: Vec<RawFd>,
+}
+
+/// A client connection of the embedded broker.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BrokerClient {
+    /// Its socket.
+    pub socket: RawFd,
+    /// Bytes read and not yet run: a command read in part.
+    pub unread: Vec<u8>,
+    /// Output queued and not yet written.
+    pub unsent: Vec<u8>,
+    /// It speaks RESP3.
+    pub resp3: bool,
+    /// It has authenticated (or needs not).
+    pub authenticated: bool,
+    /// CLIENT REPLY: 0 on, 1 off, 2 skip the next.
+    pub reply: u8,
+    /// CLIENT SETNAME.
+    pub name: Option<Vec<u8>>,
+    /// Its channel subscriptions.
+    pub channels: Vec<Vec<u8>>,
+    /// Its pattern subscriptions.
+    pub patterns: Vec<Vec<u8>>,
+    /// Its shard channel subscriptions.
+    pub shard: Vec<Vec<u8>>,
 }
 
 /// An Engine.IO session.
@@ -240,7 +267,9 @@ impl Handover {
         let listeners = self.listeners.iter().flat_map(|l| l.sockets.iter());
         let workers = self.workers.iter().flat_map(|w| w.output.iter());
         let others = self.sockets.values();
-        listeners.chain(workers).chain(others).copied().collect()
+        let clients = self.broker_clients.iter().map(|c| &c.socket);
+        let all = listeners.chain(workers).chain(others).chain(clients);
+        all.copied().collect()
     }
 
     /// Takes ownership of carried descriptor `fd`: once, and only a number the
