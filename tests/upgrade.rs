@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
-use support::{Corral, TempDir};
+use support::{relay, Corral, TempDir};
 
 /// A worker whose `/hold` answers only once the file `release` exists in its
 /// directory (it makes `held` when the request has come), whose Engine.IO path
@@ -347,4 +347,24 @@ fn an_upgrade_carries_the_brokers_clients_mid_command() {
     );
     let message = "*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$5\r\nhello\r\n";
     assert_eq!(read_exactly(&mut subscriber, message.len()), message);
+}
+
+/// A websocket tunnel goes on over an upgrade on the same two connections, from
+/// where its relay stood: the worker floods frames of every header form, the
+/// upgrade comes in the middle, and every frame reaches the client whole and in
+/// order; at the stop after it, 1001 comes between two frames (the relay's place in
+/// the frame stream was carried). The status listener keeps its port.
+#[test]
+fn an_upgrade_carries_a_websocket_tunnel_mid_frame() {
+    let corral_for = |worker: &support::RawWorker, extra: &str| {
+        Corral::start(&format!("upstreams = [\"{}\"]\n{extra}\n", worker.addr))
+    };
+    let (_worker, mut corral, rt, mut ws) = relay::one_tunnel(corral_for, "");
+    let status = corral.status;
+    relay::flood_until_going_away(&rt, &mut ws, &mut corral, Duration::ZERO, |corral| {
+        let (ok, said) = upgrade(corral, None);
+        assert!(ok, "{said}");
+        assert_eq!(corral.bound_now().1, status, "the status listener moved");
+        relay::wait_tunnels(corral, 1);
+    });
 }

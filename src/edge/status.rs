@@ -9,6 +9,7 @@
 use crate::edge::auth::BasicAuth;
 use crate::edge::h1;
 use crate::observe::metrics::{self, Sources};
+use crate::runtime::handover;
 use crate::runtime::life::Life;
 use crate::transport::body::RequestBody;
 use crate::transport::body::{self, ProxyBody};
@@ -28,9 +29,22 @@ pub struct StatusListener {
     pub configured: SocketAddr,
     auth: Arc<arc_swap::ArcSwapOption<BasicAuth>>,
     stop: tokio_util::sync::CancellationToken,
+    /// Its socket, as an upgrade carries it (the accept loop owns another).
+    socket: Option<std::os::fd::OwnedFd>,
 }
 
 impl StatusListener {
+    /// For an upgrade: stops accepting (connections wait in the backlog) and gives
+    /// its socket to `carried`.
+    pub fn carry(&self, carried: &mut handover::Carried) -> std::io::Result<Option<i32>> {
+        let Some(socket) = &self.socket else {
+            return Ok(None);
+        };
+        let fd = carried.dup(socket)?;
+        self.stop.cancel();
+        Ok(Some(fd))
+    }
+
     /// New connections are asked for these credentials (None: for none).
     pub fn set_auth(&self, auth: Option<Arc<BasicAuth>>) {
         self.auth.store(auth);
@@ -47,6 +61,20 @@ pub struct StatusSocket {
     listener: TcpListener,
     addr: SocketAddr,
     configured: SocketAddr,
+}
+
+/// The status listener an upgrade carried, configured as `configured`.
+pub fn inherited(
+    socket: std::net::TcpListener,
+    configured: SocketAddr,
+) -> std::io::Result<StatusSocket> {
+    socket.set_nonblocking(true)?;
+    let listener = TcpListener::from_std(socket)?;
+    Ok(StatusSocket {
+        addr: listener.local_addr()?,
+        listener,
+        configured,
+    })
 }
 
 /// Binds the status listener on `addr` (not yet serving).
@@ -83,6 +111,9 @@ pub fn start(
     let stop = tokio_util::sync::CancellationToken::new();
     let (tasks, credentials, stopped) = (owner.clone(), auth.clone(), stop.clone());
     let listener = socket.listener;
+    let copy = std::os::fd::AsFd::as_fd(&listener)
+        .try_clone_to_owned()
+        .ok();
     owner.spawn_until_drained(async move {
         loop {
             let accepted = tokio::select! {
@@ -107,6 +138,7 @@ pub fn start(
         configured: socket.configured,
         auth,
         stop,
+        socket: copy,
     }
 }
 

@@ -216,6 +216,18 @@ impl Router {
         }
     }
 
+    /// A session counted on `worker` and not remembered (a websocket-only session
+    /// an upgrade carried): dropping it ends the count.
+    pub fn count_on(self: &Arc<Self>, worker: Arc<Worker>) -> NewSession {
+        worker.session_adopted();
+        NewSession {
+            router: self.clone(),
+            generation: worker.generation(),
+            worker,
+            learned: false,
+        }
+    }
+
     /// Removes expired sessions and sessions of workers that went down.
     pub fn sweep(&self) -> usize {
         let now = Instant::now();
@@ -344,6 +356,11 @@ pub struct SessionTicket {
 }
 
 impl SessionTicket {
+    /// Its session's sid.
+    pub fn sid(&self) -> &str {
+        &self.sid
+    }
+
     /// The worker answered this request with success.
     pub fn answered(&mut self) {
         self.answered = true;

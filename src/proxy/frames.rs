@@ -3,6 +3,8 @@
 //! them. It reads only frame headers (RFC 6455 5.2) and keeps no bytes; it does not
 //! check the frames (the client does).
 
+use crate::runtime::handover;
+
 /// Where a stream of websocket frames stands, counted on the bytes written on, so
 /// that a frame of corral's own can be put between two of them. Control frames may
 /// come between the fragments of a message (RFC 6455 5.4), so "between frames" is
@@ -20,6 +22,29 @@ pub(crate) struct Frames {
 }
 
 impl Frames {
+    /// Where an upgrade's relay stood in the frame stream.
+    pub(crate) fn resumed(at: &handover::Frame) -> Frames {
+        let mut head = [0u8; 14];
+        let n = at.head.len().min(head.len());
+        head[..n].copy_from_slice(&at.head[..n]);
+        Frames {
+            head,
+            have: at.have.min(head.len()),
+            need: at.need.min(head.len()),
+            left: at.left,
+        }
+    }
+
+    /// Its position, for an upgrade to carry.
+    pub(crate) fn carried(&self) -> handover::Frame {
+        handover::Frame {
+            head: self.head[..self.have].to_vec(),
+            have: self.have,
+            need: self.need,
+            left: self.left,
+        }
+    }
+
     pub(crate) fn between(&self) -> bool {
         self.have == 0 && self.left == 0
     }

@@ -6,6 +6,7 @@
 //! nothing of workers, sessions or threads (`tunnel` does).
 
 use crate::proxy::frames::Frames;
+use crate::runtime::handover;
 use bytes::Bytes;
 use std::io;
 use std::pin::Pin;
@@ -29,6 +30,24 @@ pub struct Meter<'m> {
     pub down: &'m AtomicU64,
 }
 
+/// What ends a tunnel from outside: a close code to send the client, or an
+/// upgrade that carries the tunnel into the next image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// Send this close code between two of the worker's frames, and end.
+    Code(u16),
+    /// Stop where it stands and give both streams and the relay's state back.
+    Carry,
+}
+
+/// How a relay ended.
+pub enum Spliced<A, B> {
+    /// Over; the bytes copied from `a` to `b` and from `b` to `a`.
+    Ended(u64, u64),
+    /// Stopped for an upgrade: both streams, and where the relay stood.
+    Paused(A, B, handover::Relay),
+}
+
 #[cfg(test)]
 /// Copies both ways until both directions end, an error, or `idle` without a byte.
 /// Returns the bytes copied from `a` to `b` and from `b` to `a`.
@@ -42,15 +61,11 @@ where
         up: &up,
         down: &down,
     };
-    splice_from(
-        a,
-        b,
-        Early::default(),
-        idle,
-        std::future::pending::<u16>(),
-        meter,
-    )
-    .await
+    let closing = std::future::pending::<Close>();
+    match splice_from(a, b, Early::default(), idle, closing, meter).await {
+        Spliced::Ended(up, down) => (up, down),
+        Spliced::Paused(..) => unreachable!("never carried"),
+    }
 }
 /// How many times per idle period a tunnel looks whether bytes came: it closes
 /// between one and one and an eighth idle periods after the last byte.
@@ -79,15 +94,50 @@ fn close_frame(code: u16) -> [u8; 4] {
 /// bytes added to `meter` as they move. When `closing` resolves with a close code,
 /// the tunnel waits for the worker's frame in flight to end (up to a second), sends
 /// the client a close frame with that code so that its socket closes cleanly and it
-/// reconnects, and ends. `early`'s bytes are sent on first (and counted as copied).
+/// reconnects, and ends; with [`Close::Carry`] it stops at once and gives both
+/// streams back with where it stood. `early`'s bytes are sent on first (and
+/// counted as copied).
 pub async fn splice_from<A, B>(
     a: A,
     b: B,
     early: Early,
     idle: Duration,
-    closing: impl std::future::Future<Output = u16>,
+    closing: impl std::future::Future<Output = Close>,
     meter: Meter<'_>,
-) -> (u64, u64)
+) -> Spliced<A, B>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    meter
+        .up
+        .fetch_add(early.to_worker.len() as u64, Ordering::Relaxed);
+    meter
+        .down
+        .fetch_add(early.to_client.len() as u64, Ordering::Relaxed);
+    // Copied out and let go of at once: each `Bytes` may be a slice of a whole read
+    // buffer (the client connection's, the worker connection's), which it would
+    // keep alive for as long as the tunnel lasts.
+    let state = handover::Relay {
+        to_worker: early.to_worker.to_vec(),
+        to_client: early.to_client.to_vec(),
+        bytes_up: early.to_worker.len() as u64,
+        bytes_down: early.to_client.len() as u64,
+        ..handover::Relay::default()
+    };
+    drop(early);
+    resume(a, b, state, idle, closing, meter).await
+}
+
+/// As [`splice_from`], from where a relay carried by an upgrade stood.
+pub async fn resume<A, B>(
+    a: A,
+    b: B,
+    state: handover::Relay,
+    idle: Duration,
+    closing: impl std::future::Future<Output = Close>,
+    meter: Meter<'_>,
+) -> Spliced<A, B>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -97,27 +147,40 @@ where
     let active = std::sync::atomic::AtomicBool::new(false);
     let mut a = Activity::new(a, &active, meter.up);
     let mut b = Activity::new(b, &active, meter.down);
-    a.count(early.to_worker.len());
-    b.count(early.to_client.len());
-    // Copied out and let go of at once: each `Bytes` may be a slice of a whole read
-    // buffer (the client connection's, the worker connection's), which it would
-    // keep alive for as long as the tunnel lasts.
-    let (to_worker, to_client) = (early.to_worker.to_vec(), early.to_client.to_vec());
-    drop(early);
+    a.bytes = state.bytes_up;
+    b.bytes = state.bytes_down;
     let mut copy = Bidirectional {
         a: &mut a,
         b: &mut b,
-        a_to_b: Pump {
-            pending: to_worker,
-            ..Pump::default()
-        },
-        b_to_a: Pump {
-            pending: to_client,
-            frames: Some(Frames::default()),
-            ..Pump::default()
-        },
+        a_to_b: Pump::resumed(state.to_worker, state.up_eof, state.up_done, None),
+        b_to_a: Pump::resumed(
+            state.to_client,
+            state.down_eof,
+            state.down_done,
+            Some(Frames::resumed(&state.frame)),
+        ),
     };
-    let say_goodbye = copy_until_done(&mut copy, &active, idle, closing).await;
+    let done = copy_until_done(&mut copy, &active, idle, state.quiet, closing).await;
+    let say_goodbye = match done {
+        Done::Over => None,
+        Done::Goodbye(code) => Some(code),
+        Done::Carry(quiet) => {
+            let (up, down) = (copy.a_to_b.left(), copy.b_to_a.left());
+            let paused = handover::Relay {
+                to_worker: up.0,
+                up_eof: up.1,
+                up_done: up.2,
+                to_client: down.0,
+                down_eof: down.1,
+                down_done: down.2,
+                frame: copy.b_to_a.frames.unwrap_or_default().carried(),
+                bytes_up: a.bytes,
+                bytes_down: b.bytes,
+                quiet,
+            };
+            return Spliced::Paused(a.inner, b.inner, paused);
+        }
+    };
     if let Some(code) = say_goodbye {
         use tokio::io::AsyncWriteExt;
         let bye = async {
@@ -132,7 +195,17 @@ where
             tracing::debug!(error = %e, "close frame not delivered");
         }
     }
-    (a.bytes, b.bytes)
+    Spliced::Ended(a.bytes, b.bytes)
+}
+
+/// How `copy_until_done` ended.
+enum Done {
+    /// Both ways ended, an error, or the idle period.
+    Over,
+    /// A close code to send, the worker's frame in flight being over.
+    Goodbye(u16),
+    /// Carried by an upgrade, with the idle checks passed without a byte so far.
+    Carry(u32),
 }
 
 /// Runs `copy` until both ways end, an error, the idle period, or `closing`; after
@@ -142,8 +215,9 @@ async fn copy_until_done<A, B>(
     copy: &mut Bidirectional<'_, A, B>,
     active: &std::sync::atomic::AtomicBool,
     idle: Duration,
-    closing: impl std::future::Future<Output = u16>,
-) -> Option<u16>
+    mut quiet: u32,
+    closing: impl std::future::Future<Output = Close>,
+) -> Done
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -154,16 +228,15 @@ where
     tokio::pin!(closing);
     let step = idle_check_every(idle);
     let mut next_check = tokio::time::Instant::now() + step;
-    let mut quiet = 0;
     let mut close_by: Option<(tokio::time::Instant, u16)> = None;
     loop {
         if let Some((deadline, code)) = close_by {
             if copy.b_to_a.between_frames() {
-                return Some(code);
+                return Done::Goodbye(code);
             }
             if tokio::time::Instant::now() >= deadline {
                 tracing::debug!("tunnel closing mid-frame");
-                return None;
+                return Done::Over;
             }
         }
         let wake = close_by.map_or(next_check, |(d, _)| d.min(next_check));
@@ -172,11 +245,12 @@ where
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "tunnel ended with an error");
                 }
-                return None;
+                return Done::Over;
             }
-            c = &mut closing, if close_by.is_none() => {
-                close_by = Some((tokio::time::Instant::now() + CLOSE_WAIT, c));
-            }
+            c = &mut closing, if close_by.is_none() => match c {
+                Close::Carry => return Done::Carry(quiet),
+                Close::Code(c) => close_by = Some((tokio::time::Instant::now() + CLOSE_WAIT, c)),
+            },
             _ = Lazy::new(tokio::time::sleep_until(wake)) => {
                 let now = tokio::time::Instant::now();
                 if now >= next_check {
@@ -186,7 +260,7 @@ where
                     };
                     if close_by.is_none() && quiet >= IDLE_CHECKS {
                         tracing::debug!(?idle, "tunnel idle, closing");
-                        return None;
+                        return Done::Over;
                     }
                     next_check = now + step;
                 }
@@ -264,6 +338,26 @@ struct Pump {
 const CHUNK: usize = 16 * 1024;
 
 impl Pump {
+    /// A direction from where a carried relay stood.
+    fn resumed(pending: Vec<u8>, eof: bool, done: bool, frames: Option<Frames>) -> Pump {
+        Pump {
+            pending,
+            pos: 0,
+            unflushed: false,
+            eof,
+            done,
+            frames,
+        }
+    }
+
+    /// What it has read and not written, whether its reader ended, and whether its
+    /// writer is shut down.
+    fn left(&mut self) -> (Vec<u8>, bool, bool) {
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.drain(..self.pos);
+        (pending, self.eof, self.done)
+    }
+
     /// Nothing held back and the bytes written so far end with a whole frame.
     fn between_frames(&self) -> bool {
         self.pending.len() == self.pos && self.frames.as_ref().is_none_or(Frames::between)
@@ -410,11 +504,6 @@ impl<'f, T> Activity<'f, T> {
             total,
             bytes: 0,
         }
-    }
-
-    fn count(&mut self, n: usize) {
-        self.bytes += n as u64;
-        self.total.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
@@ -595,7 +684,7 @@ mod tests {
                 b,
                 early,
                 Duration::from_secs(60),
-                std::future::pending::<u16>(),
+                std::future::pending::<Close>(),
                 meter,
             )
             .await

@@ -362,6 +362,28 @@ impl Proxy {
         self.tunnels.relay_on(lanes);
     }
 
+    /// For an upgrade: the cleartext tunnels stopped and taken out, the TLS ones
+    /// closed with 1012 (see [`Tunnels::carry`]).
+    pub async fn carry_tunnels(&self) -> Vec<tunnel::Carried> {
+        self.tunnels.carry().await
+    }
+
+    /// Takes on the tunnels an upgrade carried, timed by this config; `hold` gives
+    /// each its client connection slot. Returns how many go on.
+    pub fn resume_tunnels(
+        &self,
+        carried: Vec<tunnel::Carried>,
+        hold: impl Fn() -> Box<dyn Send + Sync>,
+    ) -> usize {
+        let via = tunnel::Via {
+            forward: &self.forward,
+            pool: &self.pool,
+            metrics: &self.metrics,
+            timing: self.timing,
+        };
+        self.tunnels.resume(carried, via, &self.router, hold)
+    }
+
     /// Routes one request the edge has let in (`is_eio`: its normalised path is on
     /// the Engine.IO path): chooses the worker and forwards it, or tunnels it when it
     /// is a websocket upgrade (`upgrade`). Never fails: every error becomes a response.

@@ -18,7 +18,10 @@ use crate::counters::Counters;
 use crate::http1::{origin_form, strip_hop_by_hop};
 use crate::proxy::answer::{self, short};
 use crate::proxy::forward::{prepare_request_headers, Forwarder, Peer, Target, Ticket};
-use crate::proxy::relay::{splice_from, Early, Meter, GOING_AWAY, SERVICE_RESTART};
+use crate::proxy::relay::{
+    resume, splice_from, Close, Early, Meter, Spliced, GOING_AWAY, SERVICE_RESTART,
+};
+use crate::runtime::handover;
 use crate::runtime::life::Life;
 use crate::transport::body::{Guarded, ProxyBody, RequestBody};
 use crate::transport::http1::{self, Sending};
@@ -31,6 +34,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
 
 /// The open tunnels: their tasks, in the client connections' lifetime, whose drain
 /// signal closes them. One for the life of corral: a config reload changes the
@@ -41,6 +45,49 @@ pub struct Tunnels {
     opened: AtomicU64,
     /// The serving threads: a worker's tunnels are relayed on one of them.
     lanes: OnceLock<Vec<Handle>>,
+    carry: Arc<Carry>,
+}
+
+/// An upgrade's carry of the tunnels: at its signal each cleartext tunnel stops
+/// where it stands and gives its sockets and state; a TLS one sends 1012 after
+/// the frame in flight and ends.
+#[derive(Default)]
+struct Carry {
+    signal: CancellationToken,
+    /// Tunnel tasks not yet ended (relaying, or waiting for the client's socket).
+    running: AtomicU64,
+    ended: tokio::sync::Notify,
+    given: std::sync::Mutex<Vec<Carried>>,
+}
+
+/// A tunnel as an upgrade carries it.
+pub struct Carried {
+    /// The client's socket.
+    pub client: std::net::TcpStream,
+    /// The worker's socket.
+    pub worker: std::net::TcpStream,
+    /// The rest: whose tunnel it is, and where the relay stood.
+    pub state: handover::Tunnel,
+}
+
+/// A tunnel task, counted for the carry while it runs.
+struct Running(Arc<Carry>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
+        self.0.ended.notify_waiters();
+    }
+}
+
+/// Whose tunnel it is, for a carry: its worker and its session.
+#[derive(Clone)]
+struct Owner {
+    worker: usize,
+    sid: Option<String>,
+    counted: bool,
+    /// Only a worker of the pool (not another corral node) is found again.
+    carried: bool,
 }
 
 /// What an upgrade goes through: the proxy's forwarder, pool and counters, and the
@@ -90,6 +137,81 @@ impl Tunnels {
         }
     }
 
+    /// For an upgrade: every cleartext tunnel stops where it stands and is given
+    /// back with its sockets; TLS tunnels (whose session state cannot be carried)
+    /// send 1012 after the frame in flight and end. Returns once every tunnel task
+    /// has done one or the other.
+    pub async fn carry(&self) -> Vec<Carried> {
+        let carry = &self.carry;
+        carry.signal.cancel();
+        let all_ended = async {
+            loop {
+                let ended = carry.ended.notified();
+                if carry.running.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                ended.await;
+            }
+        };
+        // A TLS tunnel's frame in flight, and its close frame.
+        let limit = Duration::from_secs(3);
+        if tokio::time::timeout(limit, all_ended).await.is_err() {
+            tracing::warn!("tunnels still open after the upgrade's wait: closed by it");
+        }
+        std::mem::take(&mut *carry.given.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Takes on the tunnels an upgrade carried: each relayed on from where it
+    /// stood, on its worker's thread, holding its session (found by sid in
+    /// `router`, or counted on its worker) and `hold()`'s connection slot. A
+    /// tunnel whose worker is gone is closed.
+    pub(crate) fn resume(
+        &self,
+        carried: Vec<Carried>,
+        via: Via<'_>,
+        router: &Arc<crate::engineio::router::Router>,
+        hold: impl Fn() -> Box<dyn Send + Sync>,
+    ) -> usize {
+        let workers = via.pool.workers();
+        let mut resumed = 0;
+        for c in carried {
+            let Some(worker) = workers.iter().find(|w| w.id == c.state.worker_id) else {
+                continue;
+            };
+            let ticket = match (&c.state.sid, c.state.counted) {
+                (Some(sid), _) => match router.existing(sid) {
+                    crate::engineio::router::Route::Session(t) => Ticket::Session(t.into_tunnel()),
+                    _ => Ticket::Plain,
+                },
+                (None, true) => Ticket::New(router.count_on(worker.clone())),
+                (None, false) => Ticket::Plain,
+            };
+            let owner = owner_of(worker, &ticket);
+            let relay = Relay {
+                idle: via.timing.idle,
+                closing: self.close_signal(worker, via.timing.spread),
+                metrics: via.metrics.clone(),
+                owner,
+                carry: self.carry.signal.clone(),
+                _owned: (ticket, worker.open_tunnel()),
+            };
+            let hold = hold();
+            let running = self.running();
+            self.life.spawn_on(&self.lane_for(worker.id), async move {
+                relay.resume(c, hold).await;
+                drop(running);
+            });
+            resumed += 1;
+        }
+        resumed
+    }
+
+    /// Counts a tunnel task as running until the guard is dropped.
+    fn running(&self) -> Running {
+        self.carry.running.fetch_add(1, Ordering::AcqRel);
+        Running(self.carry.clone())
+    }
+
     /// Relays each worker's tunnels on one of these threads (its number modulo
     /// theirs): a worker writes a broadcast to all its clients at once, and with
     /// their tunnels on one thread that wakes one thread, not all of them. Set once.
@@ -112,6 +234,7 @@ impl Tunnels {
             life,
             opened: AtomicU64::new(0),
             lanes: OnceLock::new(),
+            carry: Arc::default(),
         }
     }
 
@@ -166,25 +289,33 @@ impl Tunnels {
                 return short(StatusCode::BAD_GATEWAY, "corral: worker socket lost\n");
             }
         };
+        let ticket = match target.ticket {
+            Ticket::Session(t) => Ticket::Session(t.into_tunnel()),
+            other => other,
+        };
         let relay = Relay {
             idle: timing.idle,
             closing: self.close_signal(&target.worker, timing.spread),
             metrics: metrics.clone(),
-            _owned: (
-                match target.ticket {
-                    Ticket::Session(t) => Ticket::Session(t.into_tunnel()),
-                    other => other,
-                },
-                target.worker.open_tunnel(),
-            ),
+            owner: owner_of(&target.worker, &ticket),
+            carry: self.carry.signal.clone(),
+            _owned: (ticket, target.worker.open_tunnel()),
         };
         // The tunnel is relayed on its worker's thread, once the client's
         // connection has written the 101 and given its socket up.
+        let (running, carry) = (self.running(), self.carry.clone());
         self.life.spawn_on(&self.lane_for(worker), async move {
             let Ok(client) = client_side.connection().await else {
                 return tracing::debug!("websocket upgrade did not complete");
             };
-            relay.relay_taken(client, worker_tcp, to_client).await
+            if let Some(given) = relay.relay_taken(client, worker_tcp, to_client).await {
+                carry
+                    .given
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(given);
+            }
+            drop(running);
         });
         Response::from_parts(parts, crate::transport::body::empty())
     }
@@ -226,6 +357,21 @@ fn refused(resp: crate::transport::upstream::Answer, ticket: Ticket) -> Response
     Response::from_parts(parts, body)
 }
 
+/// Whose tunnel it is, as a carry writes it down.
+fn owner_of(worker: &Worker, ticket: &Ticket) -> Owner {
+    let (sid, counted) = match ticket {
+        Ticket::Session(t) => (Some(t.sid().to_string()), false),
+        Ticket::New(_) => (None, true),
+        Ticket::Plain | Ticket::Hop => (None, false),
+    };
+    Owner {
+        worker: worker.id,
+        sid,
+        counted,
+        carried: worker.managed || !matches!(ticket, Ticket::Hop),
+    }
+}
+
 /// What a tunnel's relay owns: its timing and close signal, the counters it adds
 /// its bytes to, and what ends with it (the session's ticket, the worker's count
 /// of open tunnels, and the client's connection slot, which comes with its socket).
@@ -233,6 +379,9 @@ struct Relay<C, O> {
     idle: Duration,
     closing: C,
     metrics: Arc<Counters>,
+    owner: Owner,
+    /// An upgrade's signal to carry the tunnel.
+    carry: CancellationToken,
     _owned: O,
 }
 
@@ -250,11 +399,13 @@ where
         client: Handover,
         worker: std::net::TcpStream,
         to_client: bytes::Bytes,
-    ) {
+    ) -> Option<Carried> {
         let Relay {
             idle,
             closing,
             metrics,
+            owner,
+            carry,
             _owned,
         } = self;
         let Handover { socket, hold } = client;
@@ -262,18 +413,92 @@ where
             to_worker: socket.early,
             to_client,
         };
-        let Some(b) = registered(worker) else {
-            return;
-        };
+        let b = registered(worker)?;
         let meter = Meter {
             up: &metrics.bytes_in,
             down: &metrics.bytes_out,
         };
-        if let Some(a) = client_stream(socket.io) {
-            splice_from(a, b, early, idle, closing, meter).await;
-        }
+        let a = client_stream(socket.io)?;
+        let closing = carry_or_close(closing, carry, owner.carried && plain(&a));
+        let spliced = splice_from(a, b, early, idle, closing, meter).await;
+        let given = given(spliced, owner);
         drop((_owned, hold));
+        given
     }
+
+    /// A carried tunnel's task in the new image: both sockets put on this thread's
+    /// reactor, and the relay resumed where it stood.
+    async fn resume(self, carried: Carried, hold: Box<dyn Send + Sync>) -> Option<Carried> {
+        let Relay {
+            idle,
+            closing,
+            metrics,
+            owner,
+            carry,
+            _owned,
+        } = self;
+        let (a, b) = (registered(carried.client)?, registered(carried.worker)?);
+        let meter = Meter {
+            up: &metrics.bytes_in,
+            down: &metrics.bytes_out,
+        };
+        let closing = carry_or_close(closing, carry, owner.carried);
+        let a = Either::<_, Box<dyn Duplex>>::Left(a);
+        let spliced = resume(a, b, carried.state.relay, idle, closing, meter).await;
+        let given = given(spliced, owner);
+        drop((_owned, hold));
+        given
+    }
+}
+
+/// Whether a client stream is cleartext (an upgrade can carry it).
+fn plain(a: &Either<tokio::net::TcpStream, Box<dyn Duplex>>) -> bool {
+    matches!(a, Either::Left(_))
+}
+
+/// A tunnel's close signal with the upgrade's carry in it: carried where it can
+/// be, else 1012 (the client reconnects to the new image).
+async fn carry_or_close(
+    closing: impl std::future::Future<Output = u16>,
+    carry: CancellationToken,
+    can_carry: bool,
+) -> Close {
+    tokio::select! {
+        code = closing => Close::Code(code),
+        _ = carry.cancelled() => match can_carry {
+            true => Close::Carry,
+            false => Close::Code(SERVICE_RESTART),
+        },
+    }
+}
+
+/// A paused relay as the carry takes it: both sockets out of the runtime.
+fn given(
+    spliced: Spliced<Either<tokio::net::TcpStream, Box<dyn Duplex>>, tokio::net::TcpStream>,
+    owner: Owner,
+) -> Option<Carried> {
+    let (client, worker, relay) = match spliced {
+        Spliced::Paused(Either::Left(client), worker, relay) => (client, worker, relay),
+        Spliced::Paused(..) => return None,
+        Spliced::Ended(up, down) => {
+            tracing::debug!(up, down, "tunnel ended");
+            return None;
+        }
+    };
+    let (client, worker) = (client.into_std().ok()?, worker.into_std().ok()?);
+    let state = handover::Tunnel {
+        client: -1,
+        worker: -1,
+        worker_id: owner.worker,
+        sid: owner.sid,
+        counted: owner.counted,
+        relay,
+    };
+    Some(Carried {
+        client,
+        worker,
+        state,
+    })
 }
 
 /// A taken client socket (plain, or under its TLS session) on this thread's reactor,

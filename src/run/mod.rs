@@ -233,7 +233,19 @@ impl App {
         let status_listener = match &cfg.admin {
             Some(admin_cfg) => {
                 let auth = parts::admin_auth(admin_cfg)?;
-                let l = status::serve(admin_cfg.listen, sources.clone(), auth, background).await?;
+                let carried = taken
+                    .status
+                    .take()
+                    .filter(|s| upgrade::fits(s, admin_cfg.listen));
+                let l = match carried {
+                    Some(socket) => {
+                        let socket = status::inherited(socket, admin_cfg.listen)?;
+                        status::start(socket, sources.clone(), auth, background)
+                    }
+                    None => {
+                        status::serve(admin_cfg.listen, sources.clone(), auth, background).await?
+                    }
+                };
                 parts::say_status(l.addr);
                 Some(l)
             }
@@ -312,6 +324,13 @@ impl App {
         }
         // Before the first request: the sessions' workers are up by now.
         let sessions = router.adopt(std::mem::take(&mut taken.sessions));
+        let hold = || -> Box<dyn Send + Sync> {
+            match slots.try_take() {
+                Ok(slot) => Box::new(slot),
+                Err(_) => Box::new(()),
+            }
+        };
+        let tunnels = proxy.resume_tunnels(std::mem::take(&mut taken.tunnels), hold);
         if let Some(from) = &taken.from {
             tracing::info!(
                 %from,
@@ -319,7 +338,8 @@ impl App {
                 listeners = carried_listeners,
                 workers = carried_workers,
                 sessions,
-                "upgraded in place: listeners, workers and sessions carried over"
+                tunnels,
+                "upgraded in place: listeners, workers, sessions and tunnels carried over"
             );
         }
         serving.describe();
@@ -422,11 +442,7 @@ async fn message_queue(
         });
     }
     let settings = broker::Settings::from_config(mq);
-    let wanted = |s: &std::net::TcpListener| {
-        s.local_addr()
-            .is_ok_and(|a| a == mq.listen || (mq.listen.port() == 0 && a.ip() == mq.listen.ip()))
-    };
-    let (broker, addr) = match carried.filter(wanted) {
+    let (broker, addr) = match carried.filter(|s| upgrade::fits(s, mq.listen)) {
         Some(socket) => broker::start_on(socket, settings, owner)?,
         None => broker::start(mq.listen, settings, owner).await?,
     };

@@ -180,6 +180,15 @@ impl Upgrader {
                 None => {}
             }
         }
+        let status = {
+            let status = self.live.status.lock().unwrap_or_else(|e| e.into_inner());
+            status.as_ref().map(|s| s.carry(&mut carried))
+        };
+        match status {
+            Some(Ok(Some(fd))) => drop(sockets.insert(STATUS.to_string(), fd)),
+            Some(Err(e)) => return not_upgraded(&e),
+            _ => {}
+        }
         let listeners = match self.live.serving.carry(&mut carried) {
             Ok(l) => l,
             Err(e) => return not_upgraded(&e),
@@ -187,6 +196,19 @@ impl Upgrader {
         // From here on, there is no going back: only forward to an exec.
         let upgrading = &self.live.addresses.upgrading;
         upgrading.store(true, std::sync::atomic::Ordering::Relaxed);
+        let proxy = self.live.front.load().proxy().clone();
+        let mut tunnels = Vec::new();
+        for t in proxy.carry_tunnels().await {
+            let mut state = t.state;
+            match (carried.dup(&t.client), carried.dup(&t.worker)) {
+                (Ok(client), Ok(worker)) => (state.client, state.worker) = (client, worker),
+                _ => {
+                    tracing::warn!("a websocket tunnel is not carried: no descriptor left");
+                    continue;
+                }
+            }
+            tunnels.push(state);
+        }
         self.serving.drain();
         let drain = self.live.front.load().cfg().timeouts.shutdown_drain;
         if tokio::time::timeout(drain, self.serving.ended())
@@ -225,6 +247,7 @@ impl Upgrader {
         written.sessions = self.live.router.carry();
         written.tag_key = self.tag_key.clone();
         written.broker_clients = clients;
+        written.tunnels = tunnels;
         let entry = match carried.prepare(&written) {
             Ok(e) => e,
             Err(e) => return stop_after(&format!("the hand-over cannot be written: {e}")),
@@ -281,7 +304,7 @@ async fn exec(binary: &Path, argv: &[OsString], entry: &str) {
 
 /// What the new image takes back from a hand-over, part by part.
 #[derive(Default)]
-pub struct Taken {
+pub(crate) struct Taken {
     /// The version that carried them.
     pub from: Option<String>,
     /// The client listeners.
@@ -292,20 +315,34 @@ pub struct Taken {
     pub next_index: usize,
     /// The embedded broker's listening socket.
     pub broker: Option<std::net::TcpListener>,
+    /// The status listener's socket.
+    pub status: Option<std::net::TcpListener>,
     /// The Engine.IO session table.
     pub sessions: Vec<handover::Session>,
     /// The sid tags' key, where the image before made it at random.
     pub tag_key: Option<Vec<u8>>,
     /// The embedded broker's client connections.
     pub broker_clients: Vec<crate::broker::CarriedClient>,
+    /// The cleartext websocket tunnels.
+    pub tunnels: Vec<crate::proxy::tunnel::Carried>,
 }
 
 /// The embedded broker's socket in the hand-over.
 const BROKER: &str = "broker";
+/// The status listener's socket in the hand-over.
+const STATUS: &str = "status";
+
+/// Whether a carried listening socket is the one `configured` asks for: the same
+/// address, or any port on its address for port 0.
+pub(super) fn fits(socket: &std::net::TcpListener, configured: std::net::SocketAddr) -> bool {
+    socket
+        .local_addr()
+        .is_ok_and(|a| a == configured || (configured.port() == 0 && a.ip() == configured.ip()))
+}
 
 /// Claims every descriptor of `handover` for the part that takes it; what no part
 /// takes is closed.
-pub fn take(mut handover: Handover) -> Taken {
+pub(crate) fn take(mut handover: Handover) -> Taken {
     let mut taken = Taken {
         from: Some(handover.from.clone()),
         next_index: handover.next_index,
@@ -334,9 +371,12 @@ pub fn take(mut handover: Handover) -> Taken {
             });
         }
     }
-    if let Some(fd) = handover.sockets.get(BROKER).copied() {
-        taken.broker = handover.claim(fd).ok().map(std::net::TcpListener::from);
-    }
+    let mut socket = |name: &str| {
+        let fd = handover.sockets.get(name).copied()?;
+        handover.claim(fd).ok().map(std::net::TcpListener::from)
+    };
+    taken.broker = socket(BROKER);
+    taken.status = socket(STATUS);
     for mut state in std::mem::take(&mut handover.broker_clients) {
         if let Ok(fd) = handover.claim(state.socket) {
             state.socket = -1;
@@ -345,6 +385,18 @@ pub fn take(mut handover: Handover) -> Taken {
                 .broker_clients
                 .push(crate::broker::CarriedClient { socket, state });
         }
+    }
+    for mut state in std::mem::take(&mut handover.tunnels) {
+        let (Ok(client), Ok(worker)) = (handover.claim(state.client), handover.claim(state.worker))
+        else {
+            continue;
+        };
+        (state.client, state.worker) = (-1, -1);
+        taken.tunnels.push(crate::proxy::tunnel::Carried {
+            client: client.into(),
+            worker: worker.into(),
+            state,
+        });
     }
     for w in std::mem::take(&mut handover.workers) {
         let output = w

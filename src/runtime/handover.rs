@@ -43,6 +43,8 @@ pub struct Handover {
     pub tag_key: Option<Vec<u8>>,
     /// The embedded broker's client connections.
     pub broker_clients: Vec<BrokerClient>,
+    /// The cleartext websocket tunnels.
+    pub tunnels: Vec<Tunnel>,
     /// Other listening sockets, by what they serve (`broker`).
     pub sockets: std::collections::BTreeMap<String, RawFd>,
     /// The numbers it names, as read.
@@ -87,6 +89,63 @@ pub struct BrokerClient {
     pub patterns: Vec<Vec<u8>>,
     /// Its shard channel subscriptions.
     pub shard: Vec<Vec<u8>>,
+}
+
+/// Where a websocket relay stood when an upgrade carried it.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Relay {
+    /// Read from the client, not yet written to the worker.
+    pub to_worker: Vec<u8>,
+    /// The client's side has ended (EOF read).
+    pub up_eof: bool,
+    /// The worker's side was shut down after it.
+    pub up_done: bool,
+    /// Read from the worker, not yet written to the client.
+    pub to_client: Vec<u8>,
+    /// The worker's side has ended.
+    pub down_eof: bool,
+    /// The client's side was shut down after it.
+    pub down_done: bool,
+    /// Where the worker-to-client bytes written so far stand in the frame stream.
+    pub frame: Frame,
+    /// Bytes from the client so far.
+    pub bytes_up: u64,
+    /// Bytes from the worker so far.
+    pub bytes_down: u64,
+    /// Idle checks passed without a byte.
+    pub quiet: u32,
+}
+
+/// A position in a websocket frame stream: a frame head read in part, or the
+/// payload bytes of the current frame still to come.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Frame {
+    /// The head's bytes read so far.
+    pub head: Vec<u8>,
+    /// How many.
+    pub have: usize,
+    /// How long the head is (once its second byte is known).
+    pub need: usize,
+    /// Payload bytes of the current frame still to come.
+    pub left: u64,
+}
+
+/// A websocket tunnel.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Tunnel {
+    /// The client's socket.
+    pub client: RawFd,
+    /// The worker's socket.
+    pub worker: RawFd,
+    /// The worker's id in the pool.
+    pub worker_id: usize,
+    /// Its Engine.IO session's sid, if it belongs to a remembered one.
+    pub sid: Option<String>,
+    /// It counts as a session of its worker without being remembered (a
+    /// websocket-only session).
+    pub counted: bool,
+    /// Where its relay stood.
+    pub relay: Relay,
 }
 
 /// An Engine.IO session.
@@ -268,7 +327,12 @@ impl Handover {
         let workers = self.workers.iter().flat_map(|w| w.output.iter());
         let others = self.sockets.values();
         let clients = self.broker_clients.iter().map(|c| &c.socket);
-        let all = listeners.chain(workers).chain(others).chain(clients);
+        let tunnels = self.tunnels.iter().flat_map(|t| [&t.client, &t.worker]);
+        let all = listeners
+            .chain(workers)
+            .chain(others)
+            .chain(clients)
+            .chain(tunnels);
         all.copied().collect()
     }
 
