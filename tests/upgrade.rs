@@ -368,3 +368,60 @@ fn an_upgrade_carries_a_websocket_tunnel_mid_frame() {
         relay::wait_tunnels(corral, 1);
     });
 }
+
+/// Kept-alive client connections go on over an upgrade on the same sockets: one
+/// between two requests, one that had sent nothing yet, one in the middle of a
+/// request head, and one whose request was in flight (answered by the old image,
+/// then carried). Each one's next request is answered by the new image.
+#[test]
+fn an_upgrade_carries_kept_alive_connections() {
+    let work = TempDir::new("upgrade-keepalive");
+    let corral = start(&work);
+    let connect = || {
+        let s = TcpStream::connect(corral.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        (s.try_clone().expect("clone"), BufReader::new(s))
+    };
+    let ask = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    let (mut between, mut between_r) = connect();
+    between.write_all(ask).expect("first");
+    let first = support::read_reply(&mut between_r).expect("first answer");
+    assert_eq!(first.status, 200);
+    let (mut silent, mut silent_r) = connect();
+    let (mut halfway, mut halfway_r) = connect();
+    halfway
+        .write_all(b"GET / HTTP/1.1\r\nHo")
+        .expect("half a head");
+    let (mut busy, mut busy_r) = connect();
+    busy.write_all(b"GET /hold HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("held");
+    wait_until(Duration::from_secs(10), "the held request", || {
+        work.0.join("held").exists()
+    });
+    let mut command = upgrade_command(&corral, None);
+    wait_until(Duration::from_secs(10), "accepting stopped", || {
+        support::addresses(&admin_socket(&corral)).is_some_and(|a| a["upgrading"] == true)
+    });
+    std::fs::write(work.0.join("release"), "").expect("release");
+    let held = support::read_reply(&mut busy_r).expect("the held answer");
+    assert_eq!(held.status, 200);
+    assert!(command.wait().expect("upgrade").success());
+    let pid_of = |r: support::Reply| r.text();
+    let old_worker = pid_of(first);
+    between.write_all(ask).expect("second");
+    silent.write_all(ask).expect("first, late");
+    halfway.write_all(b"st: a\r\n\r\n").expect("the rest");
+    busy.write_all(ask).expect("after the held one");
+    for (name, r) in [
+        ("between", &mut between_r),
+        ("silent", &mut silent_r),
+        ("halfway", &mut halfway_r),
+        ("busy", &mut busy_r),
+    ] {
+        let reply = support::read_reply(r)
+            .unwrap_or_else(|| panic!("{name}: no answer: {}", corral.log_text()));
+        assert_eq!(reply.status, 200, "{name}");
+        assert!(!reply.text().is_empty(), "{name}: {old_worker}");
+    }
+}

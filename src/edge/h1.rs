@@ -20,7 +20,7 @@ use crate::http1::encode::{chunk, refusal_head, response_head, BodyKnown, Framin
 use crate::http1::head::{parse_request, BodyFraming, Parsed};
 use crate::http1::{is_websocket_upgrade, make_room, READ_SIZE};
 use crate::transport::body::{pipe, BodyTimedOut, BoxError, Feed, ProxyBody, RequestBody};
-use crate::transport::moving::{upgrade_pair, Handover, TakenSocket, Upgrading};
+use crate::transport::moving::{upgrade_pair, Handover, Taken, TakenSocket, Upgrading};
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame};
@@ -119,23 +119,64 @@ fn reset(deadline: &mut Deadline<'_>, after: Duration) {
     deadline.as_mut().reset(tokio::time::Instant::now() + after);
 }
 
+/// Where an upgrade takes the cleartext connections it carries: at the drain, a
+/// connection waiting for its next request (or in the middle of its head) gives
+/// its socket and the bytes read and not yet used, instead of closing; one with a
+/// request in flight answers it first and gives itself after.
+#[derive(Default)]
+pub(crate) struct Carrier {
+    on: std::sync::atomic::AtomicBool,
+    given: std::sync::Mutex<Vec<(std::net::TcpStream, Bytes)>>,
+}
+
+impl Carrier {
+    /// From now on, the drain carries connections instead of closing them.
+    pub(crate) fn start(&self) {
+        self.on.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn is_on(&self) -> bool {
+        self.on.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The connections given so far.
+    pub(crate) fn take(&self) -> Vec<(std::net::TcpStream, Bytes)> {
+        std::mem::take(&mut *self.given.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// How a connection is begun: `early`, bytes already read from it (a carried
+/// connection's); `carrier`, where it goes at an upgrade's drain (None: it closes,
+/// as a TLS connection must).
+#[derive(Default)]
+pub(crate) struct Begun<'a> {
+    pub(crate) early: Bytes,
+    pub(crate) carrier: Option<&'a Carrier>,
+}
+
 /// Serves a connection's requests until it closes or its last answer said so. Once
-/// `draining` is cancelled, an idle connection closes at once and a request in
-/// flight is answered first. `hold` (the connection's slot) is let go when the
-/// connection ends, or goes with its socket to a tunnel.
+/// `draining` is cancelled, an idle connection closes at once (or is carried, see
+/// [`Carrier`]) and a request in flight is answered first. `hold` (the
+/// connection's slot) is let go when the connection ends, or goes with its socket
+/// to a tunnel.
 pub(crate) async fn serve<I, S>(
     io: I,
     service: &S,
     limits: Limits,
     draining: &CancellationToken,
     hold: Option<Box<dyn Send + Sync>>,
+    begun: Begun<'_>,
 ) where
     I: Uproot + NoDelay,
     S: Service,
 {
+    let carrier = begun.carrier;
+    let carrying = || carrier.is_some_and(Carrier::is_on);
+    let mut buf = BytesMut::with_capacity(READ_SIZE.max(begun.early.len()));
+    buf.extend_from_slice(&begun.early);
     let mut conn = Conn {
         io,
-        buf: BytesMut::with_capacity(READ_SIZE),
+        buf,
         out: Vec::with_capacity(1024),
         nagle: Nagle {
             on: limits.nagle,
@@ -147,11 +188,12 @@ pub(crate) async fn serve<I, S>(
     tokio::pin!(deadline);
     let mut first = true;
     loop {
-        let head = read_head(&mut conn, deadline.as_mut(), draining, first).await;
+        let head = read_head(&mut conn, deadline.as_mut(), draining, first, carrier).await;
         let (mut req, framing) = match head {
-            Some(Ok(pair)) => pair,
-            Some(Err(status)) => return Box::pin(refuse(&mut conn, status)).await,
-            None => return,
+            Head::Request(req, framing) => (req, framing),
+            Head::Refused(status) => return Box::pin(refuse(&mut conn, status)).await,
+            Head::End => return,
+            Head::Carry => return give(conn, carrier),
         };
         first = false;
         let head_request = req.method() == Method::HEAD;
@@ -174,7 +216,7 @@ pub(crate) async fn serve<I, S>(
             }
         }
         let whole = |inbound: &Option<Inbound>| inbound.as_ref().is_none_or(|i| i.clean);
-        let keep = !framing.close && !draining.is_cancelled() && whole(&inbound);
+        let keep = !framing.close && (!draining.is_cancelled() || carrying()) && whole(&inbound);
         let written =
             write_response(&mut conn, resp, head_request, http10, keep, &mut inbound).await;
         match written {
@@ -192,16 +234,39 @@ pub(crate) async fn serve<I, S>(
     }
 }
 
-/// Reads the next request head: None when the connection ends first (closed, the
-/// head or keep-alive time out, or the drain while idle); the status to refuse it
-/// with when it cannot be taken.
+/// What comes next on a connection.
+// Returned once a request and taken apart at once, as the `Option<Result<..>>` it
+// replaced was: boxing the request would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum Head {
+    Request(Request<RequestBody>, crate::http1::head::Framing),
+    /// A head that cannot be taken, and why.
+    Refused(crate::http1::check::Refused),
+    /// The connection ends: closed, the head or keep-alive timed out, or the drain
+    /// while idle.
+    End,
+    /// An upgrade carries it (the drain, and `carrying`).
+    Carry,
+}
+
+/// A carried connection's socket and unused bytes, to the carrier; dropped (closed)
+/// where there is none or its socket cannot be taken (TLS).
+fn give<I: Uproot>(mut conn: Conn<I>, carrier: Option<&Carrier>) {
+    let early = conn.buf.split().freeze();
+    if let (Some(carrier), Ok(Taken::Tcp(tcp))) = (carrier, conn.io.uproot()) {
+        let mut given = carrier.given.lock().unwrap_or_else(|e| e.into_inner());
+        given.push((tcp, early));
+    }
+}
+
+/// Reads the next request head.
 async fn read_head<I: AsyncRead + Unpin>(
     conn: &mut Conn<I>,
     mut deadline: Deadline<'_>,
     draining: &CancellationToken,
     first: bool,
-) -> Option<Result<(Request<RequestBody>, crate::http1::head::Framing), crate::http1::check::Refused>>
-{
+    carrier: Option<&Carrier>,
+) -> Head {
     let limits = conn.limits;
     let begun = first || !conn.buf.is_empty();
     if !first {
@@ -212,10 +277,13 @@ async fn read_head<I: AsyncRead + Unpin>(
         reset(&mut deadline, wait);
     }
     let mut idle = !begun;
+    // A head begun goes on at a plain stop's drain; a connection that can be
+    // carried watches the drain throughout, for an upgrade's.
+    let mut drain_seen = false;
     loop {
         match parse_request(&mut conn.buf, limits.max_head, || RequestBody::Empty) {
-            Parsed::Request(req, framing) => return Some(Ok((req, framing))),
-            Parsed::Refused(refused) => return Some(Err(refused)),
+            Parsed::Request(req, framing) => return Head::Request(req, framing),
+            Parsed::Refused(refused) => return Head::Refused(refused),
             Parsed::Partial => {}
         }
         if idle && !conn.buf.is_empty() {
@@ -225,13 +293,23 @@ async fn read_head<I: AsyncRead + Unpin>(
         }
         make_room(&mut conn.buf);
         let nothing_yet = conn.buf.is_empty();
+        let watch_drain = !drain_seen && (nothing_yet || carrier.is_some());
         let read = tokio::select! {
             r = conn.io.read_buf(&mut conn.buf) => r,
-            _ = &mut deadline => return None,
-            _ = draining.cancelled(), if nothing_yet => return None,
+            _ = &mut deadline => return Head::End,
+            _ = draining.cancelled(), if watch_drain => {
+                if carrier.is_some_and(Carrier::is_on) {
+                    return Head::Carry;
+                }
+                if nothing_yet {
+                    return Head::End;
+                }
+                drain_seen = true;
+                continue;
+            }
         };
         match read {
-            Ok(0) | Err(_) => return None,
+            Ok(0) | Err(_) => return Head::End,
             Ok(_) => {}
         }
     }

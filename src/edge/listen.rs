@@ -99,6 +99,7 @@ impl Bound {
             lanes: lanes.handles(),
             front,
             slots,
+            carrier: Default::default(),
         });
         serving.commit(self.plan);
         serving
@@ -366,9 +367,67 @@ pub struct Serving {
     lanes: Vec<tokio::runtime::Handle>,
     front: Front,
     slots: Slots,
+    carrier: Arc<h1::Carrier>,
 }
 
 impl Serving {
+    /// For an upgrade, before the drain: the cleartext HTTP/1.1 connections are
+    /// carried (given, with the bytes read and not used) instead of closed between
+    /// requests; [`Serving::carried`] takes them once the drain is over.
+    pub fn begin_carry(&self) {
+        self.carrier.start();
+    }
+
+    /// The connections the drain gave.
+    pub fn carried(&self) -> Vec<(std::net::TcpStream, bytes::Bytes)> {
+        self.carrier.take()
+    }
+
+    /// Serves the connections an upgrade carried, each as its listener (found by
+    /// the socket's own address) serves HTTP/1.1, its unused bytes read first. One
+    /// whose listener is no longer configured is closed.
+    pub fn resume(&self, carried: Vec<(std::net::TcpStream, bytes::Bytes)>) -> usize {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let gate = self.front.load_full();
+        let mut resumed = 0;
+        for (socket, early) in carried {
+            let local = socket.local_addr().ok().map(normalise);
+            let Some(o) = open.iter().find(|o| Some(normalise(o.addr)) == local) else {
+                continue;
+            };
+            let kind = Kind::clone(&o.kind.load());
+            if matches!(kind, Kind::Tls(_)) {
+                continue;
+            }
+            let serve = Serve::new(kind, gate.cfg().clone());
+            let (Ok(peer), Ok(()), Ok(hold)) = (
+                socket.peer_addr(),
+                socket.set_nonblocking(true),
+                self.slots.try_take(),
+            ) else {
+                continue;
+            };
+            let Ok(tcp) = tokio::net::TcpStream::from_std(socket) else {
+                continue;
+            };
+            let (peer, limits) = (serve.peer(peer), serve.limits);
+            let (draining, carrier) = (self.life.signal(), self.carrier.clone());
+            let stream = uproot::Movable::new(tcp, serve.cfg.timeouts.send);
+            let gate = gate.clone();
+            self.life.spawn(boxed(|| async move {
+                let service = gate_service(gate, peer);
+                let hold: Box<dyn Send + Sync> = Box::new(hold);
+                let begun = h1::Begun {
+                    early,
+                    carrier: Some(&carrier),
+                };
+                h1::serve(stream, &service, limits, &draining, Some(hold), begun).await
+            }));
+            resumed += 1;
+        }
+        resumed
+    }
+
     /// Plans `cfg`'s listeners against the running ones: new addresses bound,
     /// certificates loaded or read again. Nothing changes until `commit`; a plan
     /// dropped instead closes what it bound. Plans and commits take turns (the
@@ -445,6 +504,7 @@ impl Serving {
             let conns = Conns {
                 life: self.life.clone(),
                 slots: self.slots.clone(),
+                carrier: self.carrier.clone(),
             };
             let task = async move {
                 tokio::select! {
@@ -563,6 +623,8 @@ struct Conns {
     life: Life,
     /// `limits.max_connections`.
     slots: Slots,
+    /// Where an upgrade's drain takes the cleartext HTTP/1.1 connections.
+    carrier: Arc<h1::Carrier>,
 }
 
 /// How one listener serves its connections, decided once for all of them.
@@ -697,6 +759,7 @@ fn spawn_connection(
 ) {
     let (limits, h2, h2c) = (serve.limits, serve.h2.clone(), serve.h2c);
     let draining = conns.life.signal();
+    let carrier = conns.carrier.clone();
     let gate = gate.clone();
     let hold: Box<dyn Send + Sync> = Box::new(slot);
     let stream = uproot::Movable::new(stream, serve.cfg.timeouts.send);
@@ -727,7 +790,15 @@ fn spawn_connection(
                     return serve_h2(tls, &h2, gate, peer, draining).await;
                 }
                 let service = gate_service(gate, peer);
-                h1::serve(tls, &service, limits, &draining, Some(hold)).await
+                h1::serve(
+                    tls,
+                    &service,
+                    limits,
+                    &draining,
+                    Some(hold),
+                    Default::default(),
+                )
+                .await
             }));
         }
         _ if h2c => {
@@ -744,13 +815,21 @@ fn spawn_connection(
                     return serve_h2(stream, &h2, gate, peer, draining).await;
                 }
                 let service = gate_service(gate, peer);
-                h1::serve(stream, &service, limits, &draining, Some(hold)).await
+                let begun = h1::Begun {
+                    carrier: Some(&carrier),
+                    ..Default::default()
+                };
+                h1::serve(stream, &service, limits, &draining, Some(hold), begun).await
             }));
         }
         _ => {
             conns.life.spawn(boxed(|| async move {
                 let service = gate_service(gate, peer);
-                h1::serve(stream, &service, limits, &draining, Some(hold)).await
+                let begun = h1::Begun {
+                    carrier: Some(&carrier),
+                    ..Default::default()
+                };
+                h1::serve(stream, &service, limits, &draining, Some(hold), begun).await
             }));
         }
     }

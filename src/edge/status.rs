@@ -129,7 +129,15 @@ pub fn start(
             let draining = tasks.signal();
             let stream = crate::edge::uproot::Movable::new(stream, SEND);
             tasks.spawn(async move {
-                h1::serve(stream, &service, LIMITS, &draining, None).await;
+                h1::serve(
+                    stream,
+                    &service,
+                    LIMITS,
+                    &draining,
+                    None,
+                    Default::default(),
+                )
+                .await;
             });
         }
     });

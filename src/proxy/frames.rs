@@ -49,6 +49,27 @@ impl Frames {
         self.have == 0 && self.left == 0
     }
 
+    /// How many bytes of `data`, written on, end the frame in flight: 0 when between
+    /// frames already, None when the frame goes on past `data`.
+    pub(crate) fn until_between(&self, data: &[u8]) -> Option<usize> {
+        if self.between() {
+            return Some(0);
+        }
+        let mut f = *self;
+        let mut used = 0;
+        // A head read in part: its few bytes one at a time.
+        while f.left == 0 && !f.between() {
+            let byte = data.get(used..used + 1)?;
+            f.feed(byte);
+            used += 1;
+        }
+        if f.between() {
+            return Some(used);
+        }
+        let rest = (data.len() - used) as u64;
+        (rest >= f.left).then(|| used + f.left as usize)
+    }
+
     pub(crate) fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             if self.left > 0 {
@@ -158,6 +179,39 @@ mod tests {
                 f.feed(piece);
                 at += piece.len();
                 assert_eq!(f.between(), ends.contains(&at), "reads of {cut}, at {at}");
+            }
+        }
+    }
+
+    /// From any place in the stream, `until_between` names the next frame end
+    /// within what follows (0 at an end), or None when it lies beyond.
+    #[test]
+    fn the_end_of_the_frame_in_flight_is_found_from_anywhere() {
+        let sizes = [
+            (0, false),
+            (5, true),
+            (126, false),
+            (300, true),
+            (70_000, false),
+        ];
+        let frames: Vec<Vec<u8>> = sizes.iter().map(|(n, m)| frame(*n, *m)).collect();
+        let stream: Vec<u8> = frames.concat();
+        let mut ends = vec![0];
+        for f in &frames {
+            ends.push(ends.last().copied().unwrap_or(0) + f.len());
+        }
+        for at in (0..stream.len()).step_by(37).chain([1, 2, 3, 9, 10]) {
+            let mut f = Frames::default();
+            f.feed(&stream[..at]);
+            let next = ends
+                .iter()
+                .copied()
+                .find(|e| *e >= at)
+                .unwrap_or(stream.len());
+            for window in [1, 4, 200, stream.len()] {
+                let rest = &stream[at..(at + window).min(stream.len())];
+                let expected = (next - at <= rest.len()).then_some(next - at);
+                assert_eq!(f.until_between(rest), expected, "at {at}, {window} ahead");
             }
         }
     }

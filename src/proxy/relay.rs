@@ -242,14 +242,21 @@ where
         let wake = close_by.map_or(next_check, |(d, _)| d.min(next_check));
         tokio::select! {
             result = &mut *copy => {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "tunnel ended with an error");
+                match (result, close_by) {
+                    (Ok(()), Some((_, code))) if copy.b_to_a.between_frames() => {
+                        return Done::Goodbye(code);
+                    }
+                    (Err(e), _) => tracing::debug!(error = %e, "tunnel ended with an error"),
+                    _ => {}
                 }
                 return Done::Over;
             }
             c = &mut closing, if close_by.is_none() => match c {
                 Close::Carry => return Done::Carry(quiet),
-                Close::Code(c) => close_by = Some((tokio::time::Instant::now() + CLOSE_WAIT, c)),
+                Close::Code(c) => {
+                    close_by = Some((tokio::time::Instant::now() + CLOSE_WAIT, c));
+                    copy.b_to_a.closing = true;
+                }
             },
             _ = Lazy::new(tokio::time::sleep_until(wake)) => {
                 let now = tokio::time::Instant::now();
@@ -332,6 +339,10 @@ struct Pump {
     done: bool,
     /// Websocket framing of what was written on (worker to client only).
     frames: Option<Frames>,
+    /// The tunnel is closing: write up to the end of the frame in flight, no further.
+    closing: bool,
+    /// Stopped at a frame's end, what came after it held back.
+    held: bool,
 }
 
 /// Stack buffer for one read.
@@ -342,12 +353,34 @@ impl Pump {
     fn resumed(pending: Vec<u8>, eof: bool, done: bool, frames: Option<Frames>) -> Pump {
         Pump {
             pending,
-            pos: 0,
-            unflushed: false,
             eof,
             done,
             frames,
+            ..Pump::default()
         }
+    }
+
+    /// Once closing: where in `data` the frame in flight ends (0: between two
+    /// frames already). None: write it all.
+    fn boundary(&self, data: &[u8]) -> Option<usize> {
+        match (self.closing, &self.frames) {
+            (true, Some(f)) => f.until_between(data),
+            _ => None,
+        }
+    }
+
+    /// Stops at a frame's end: what was written goes out first.
+    fn hold<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<io::Result<()>> {
+        self.held = true;
+        if self.unflushed {
+            ready!(w.as_mut().poll_flush(cx))?;
+            self.unflushed = false;
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// What it has read and not written, whether its reader ended, and whether its
@@ -358,9 +391,11 @@ impl Pump {
         (pending, self.eof, self.done)
     }
 
-    /// Nothing held back and the bytes written so far end with a whole frame.
+    /// Nothing left to write before the close (all written, or stopped at a
+    /// frame's end), and the bytes written so far end with a whole frame.
     fn between_frames(&self) -> bool {
-        self.pending.len() == self.pos && self.frames.as_ref().is_none_or(Frames::between)
+        (self.held || self.pending.len() == self.pos)
+            && self.frames.as_ref().is_none_or(Frames::between)
     }
 
     fn wrote(&mut self, data: &[u8]) {
@@ -381,7 +416,12 @@ impl Pump {
     {
         loop {
             while self.pos < self.pending.len() {
-                let n = ready!(w.as_mut().poll_write(cx, &self.pending[self.pos..]))?;
+                let rest = &self.pending[self.pos..];
+                let end = self.boundary(rest).unwrap_or(rest.len());
+                if end == 0 {
+                    return self.hold(cx, w);
+                }
+                let n = ready!(w.as_mut().poll_write(cx, &rest[..end]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
@@ -403,6 +443,9 @@ impl Pump {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
+            if self.boundary(&[]) == Some(0) {
+                return self.hold(cx, w);
+            }
             // Uninitialised: zeroing 16 KiB on every read would cost more than the read.
             let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); CHUNK];
             let mut buf = ReadBuf::uninit(&mut stack);
@@ -422,24 +465,37 @@ impl Pump {
                 self.eof = true;
                 continue;
             }
-            let mut off = 0;
-            while off < data.len() {
-                match w.as_mut().poll_write(cx, &data[off..]) {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                    Poll::Ready(Ok(n)) => {
-                        self.wrote(&data[off..off + n]);
-                        off += n;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {
-                        self.pending = data[off..].to_vec();
-                        self.pos = 0;
-                        break;
-                    }
-                }
-            }
-            self.unflushed = true;
+            self.write_on(cx, w.as_mut(), data)?;
         }
+    }
+
+    /// Writes what was just read on, as far as the writer takes it (and, once
+    /// closing, up to the end of the frame in flight); keeps the rest.
+    fn write_on<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut w: Pin<&mut W>,
+        data: &[u8],
+    ) -> io::Result<()> {
+        let end = self.boundary(data).unwrap_or(data.len());
+        let mut off = 0;
+        while off < end {
+            match w.as_mut().poll_write(cx, &data[off..end]) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => {
+                    self.wrote(&data[off..off + n]);
+                    off += n;
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => break,
+            }
+        }
+        if off < data.len() {
+            self.pending = data[off..].to_vec();
+            self.pos = 0;
+        }
+        self.unflushed = true;
+        Ok(())
     }
 }
 
@@ -474,6 +530,10 @@ where
                     .poll(cx, Pin::new(&mut *this.b), Pin::new(&mut *this.a))
             {
                 return Poll::Ready(Err(e));
+            }
+            if this.b_to_a.held {
+                // Stopped at a frame's end for the close frame.
+                return Poll::Ready(Ok(()));
             }
         }
         if this.a_to_b.done && this.b_to_a.done {

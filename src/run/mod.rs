@@ -331,6 +331,7 @@ impl App {
             }
         };
         let tunnels = proxy.resume_tunnels(std::mem::take(&mut taken.tunnels), hold);
+        let connections = serving.resume(std::mem::take(&mut taken.connections));
         if let Some(from) = &taken.from {
             tracing::info!(
                 %from,
@@ -339,7 +340,8 @@ impl App {
                 workers = carried_workers,
                 sessions,
                 tunnels,
-                "upgraded in place: listeners, workers, sessions and tunnels carried over"
+                connections,
+                "upgraded in place: listeners, workers, sessions, tunnels and connections carried over"
             );
         }
         serving.describe();

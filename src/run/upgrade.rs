@@ -209,6 +209,7 @@ impl Upgrader {
             }
             tunnels.push(state);
         }
+        self.live.serving.begin_carry();
         self.serving.drain();
         let drain = self.live.front.load().cfg().timeouts.shutdown_drain;
         if tokio::time::timeout(drain, self.serving.ended())
@@ -220,6 +221,16 @@ impl Upgrader {
                 open = self.serving.running(),
                 "requests or tunnels still open after the drain period: the upgrade closes them"
             );
+        }
+        let mut connections = Vec::new();
+        for (socket, early) in self.live.serving.carried() {
+            match carried.dup(&socket) {
+                Ok(fd) => connections.push(handover::Connection {
+                    socket: fd,
+                    early: early.to_vec(),
+                }),
+                Err(e) => tracing::warn!(error = %e, "a client connection is not carried"),
+            }
         }
         // The broker last: the requests finished above may have published.
         let mut clients = Vec::new();
@@ -248,6 +259,7 @@ impl Upgrader {
         written.tag_key = self.tag_key.clone();
         written.broker_clients = clients;
         written.tunnels = tunnels;
+        written.connections = connections;
         let entry = match carried.prepare(&written) {
             Ok(e) => e,
             Err(e) => return stop_after(&format!("the hand-over cannot be written: {e}")),
@@ -325,6 +337,8 @@ pub(crate) struct Taken {
     pub broker_clients: Vec<crate::broker::CarriedClient>,
     /// The cleartext websocket tunnels.
     pub tunnels: Vec<crate::proxy::tunnel::Carried>,
+    /// The cleartext HTTP/1.1 connections, with the bytes read and not used.
+    pub connections: Vec<(std::net::TcpStream, bytes::Bytes)>,
 }
 
 /// The embedded broker's socket in the hand-over.
@@ -384,6 +398,14 @@ pub(crate) fn take(mut handover: Handover) -> Taken {
             taken
                 .broker_clients
                 .push(crate::broker::CarriedClient { socket, state });
+        }
+    }
+    for c in std::mem::take(&mut handover.connections) {
+        if let Ok(fd) = handover.claim(c.socket) {
+            let early = bytes::Bytes::from(c.early);
+            taken
+                .connections
+                .push((std::net::TcpStream::from(fd), early));
         }
     }
     for mut state in std::mem::take(&mut handover.tunnels) {

@@ -45,6 +45,8 @@ pub struct Handover {
     pub broker_clients: Vec<BrokerClient>,
     /// The cleartext websocket tunnels.
     pub tunnels: Vec<Tunnel>,
+    /// The cleartext HTTP/1.1 client connections, between two requests.
+    pub connections: Vec<Connection>,
     /// Other listening sockets, by what they serve (`broker`).
     pub sockets: std::collections::BTreeMap<String, RawFd>,
     /// The numbers it names, as read.
@@ -128,6 +130,15 @@ pub struct Frame {
     pub need: usize,
     /// Payload bytes of the current frame still to come.
     pub left: u64,
+}
+
+/// A client connection between two requests (or in the middle of a head).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Connection {
+    /// Its socket.
+    pub socket: RawFd,
+    /// Bytes read from it and not yet used: the next request's, begun.
+    pub early: Vec<u8>,
 }
 
 /// A websocket tunnel.
@@ -328,11 +339,9 @@ impl Handover {
         let others = self.sockets.values();
         let clients = self.broker_clients.iter().map(|c| &c.socket);
         let tunnels = self.tunnels.iter().flat_map(|t| [&t.client, &t.worker]);
-        let all = listeners
-            .chain(workers)
-            .chain(others)
-            .chain(clients)
-            .chain(tunnels);
+        let connections = self.connections.iter().map(|c| &c.socket);
+        let all = listeners.chain(workers).chain(others).chain(clients);
+        let all = all.chain(tunnels).chain(connections);
         all.copied().collect()
     }
 
