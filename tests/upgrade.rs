@@ -58,8 +58,9 @@ fn start(dir: &TempDir) -> Corral {
     let script = dir.file("worker.py", HOLDING_WORKER);
     Corral::start(&format!(
         "[workers]\ncommand = [\"python3\", \"{}\", \"{{port}}\"]\ncount = 2\n\
-         [message_queue]\nembedded = true\n[timeouts]\nshutdown_drain = \"30s\"\n",
-        script.display()
+         [message_queue]\nembedded = true\n[timeouts]\nshutdown_drain = \"30s\"\n{}",
+        script.display(),
+        relay::STATUS
     ))
 }
 
@@ -241,6 +242,12 @@ fn an_upgrade_carries_the_listeners_backlog_and_the_workers() {
     let told = support::addresses(&admin_socket(&corral)).expect("addresses");
     assert_eq!(told["broker"], queue, "the message queue moved");
     assert_eq!(get(addr, "/"), Some(200));
+    let status = status_json(&corral);
+    let record = &status["upgrades"][0];
+    assert_eq!(record["binary"], next.display().to_string(), "{status}");
+    assert_eq!(record["carried"]["workers"], 2, "{status}");
+    assert_eq!(record["carried"]["listeners"], 1, "{status}");
+    assert_eq!(record["closed"], serde_json::json!({}), "{status}");
 
     // Back to the first build: carried again.
     let (ok, said) = upgrade(&corral, Some(Path::new(env!("CARGO_BIN_EXE_corral"))));
@@ -424,4 +431,66 @@ fn an_upgrade_carries_kept_alive_connections() {
         assert_eq!(reply.status, 200, "{name}");
         assert!(!reply.text().is_empty(), "{name}: {old_worker}");
     }
+}
+
+fn status_json(corral: &Corral) -> serde_json::Value {
+    let (_, status) = corral.bound_now();
+    let status = status.expect("a status listener");
+    let ask = b"GET /status.json HTTP/1.1\r\nHost: corral\r\nConnection: close\r\n\r\n";
+    let reply = support::exchange(status, ask).expect("status.json");
+    serde_json::from_str(&reply.text()).expect("json")
+}
+
+/// A TLS tunnel cannot be carried (this kernel has no kTLS to hold the session):
+/// at the upgrade it gets 1012 "service restart" after the frame in flight, so its
+/// client reconnects at once, while a cleartext tunnel beside it goes on. The
+/// upgrade's record says what was closed and why.
+#[test]
+fn an_upgrade_closes_a_tls_tunnel_with_1012_and_carries_a_plain_one() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::Message;
+    let worker = support::RawWorker::start(support::Mode::WebSocket);
+    let dir = TempDir::new("upgrade-tls");
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("cert");
+    let cert_pem = made.cert.pem();
+    let cert = dir.file("cert.pem", &cert_pem);
+    let key = dir.file("key.pem", &made.signing_key.serialize_pem());
+    let corral = Corral::start(&format!(
+        "upstreams = [\"{}\"]\n{}[[listener]]\naddress = \"127.0.0.1:0\"\n\
+         tls = {{ cert = \"{}\", key = \"{}\" }}\n",
+        worker.addr,
+        relay::STATUS,
+        cert.display(),
+        key.display()
+    ));
+    let rt = relay::runtime();
+    let mut plain = relay::open(&rt, &corral);
+    let tls_addr = corral.listeners[1];
+    let connector = support::tls_trusting(&cert_pem);
+    let (mut tls, _) = rt
+        .block_on(async {
+            let tcp = tokio::net::TcpStream::connect(tls_addr)
+                .await
+                .expect("connect");
+            let name = rustls_pki_types::ServerName::IpAddress(tls_addr.ip().into());
+            let io = connector.connect(name, tcp).await.expect("TLS handshake");
+            let url = format!("ws://{tls_addr}/socket.io/?EIO=4&transport=websocket");
+            tokio_tungstenite::client_async(url, io).await
+        })
+        .expect("websocket over TLS");
+    relay::wait_tunnels(&corral, 2);
+    let (ok, said) = upgrade(&corral, None);
+    assert!(ok, "{said}");
+    relay::expect_close(&rt, &mut tls, CloseCode::Restart, &corral);
+    rt.block_on(plain.send(Message::text("still here")))
+        .expect("send");
+    assert_eq!(
+        relay::next(&rt, &mut plain, &corral),
+        Message::text("still here")
+    );
+    let record = &status_json(&corral)["upgrades"][0];
+    assert_eq!(record["carried"]["tunnels"], 1, "{record}");
+    assert_eq!(record["closed"]["tunnels (TLS: 1012 sent)"], 1, "{record}");
+    drop(rt.block_on(tls.next()));
 }

@@ -134,9 +134,11 @@ impl Broker {
     /// For an upgrade: stops accepting and reading commands, then takes every
     /// client connection out with its subscriptions, its unread bytes (a command
     /// read in part) and what it was still to be sent. A connection whose writer is
-    /// stuck (a subscriber that does not read) is not carried.
-    pub async fn carry(&self) -> Vec<CarriedClient> {
+    /// stuck (a subscriber that does not read) is not carried: how many were not
+    /// comes with them.
+    pub async fn carry(&self) -> (Vec<CarriedClient>, u64) {
         let carry = &self.carry;
+        let before = self.registry.stats.connected.load(Ordering::Relaxed);
         carry.stop_reading.cancel();
         let wait = |count: &'static str| async move {
             let counter = match count {
@@ -155,7 +157,9 @@ impl Broker {
         let _ = tokio::time::timeout(limit, wait("reading")).await;
         carry.give.cancel();
         let _ = tokio::time::timeout(limit, wait("giving")).await;
-        std::mem::take(&mut *carry.given.lock().unwrap_or_else(|e| e.into_inner()))
+        let given = std::mem::take(&mut *carry.given.lock().unwrap_or_else(|e| e.into_inner()));
+        let lost = before.saturating_sub(given.len() as u64);
+        (given, lost)
     }
 
     /// Takes on client connections an upgrade carried, each served from where it

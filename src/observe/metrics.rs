@@ -52,6 +52,8 @@ pub struct Sources {
     pub node: String,
     /// What the config reloads did.
     pub reloads: Arc<Reloads>,
+    /// What the in-place upgrades did, oldest first (carried from image to image).
+    pub upgrades: Arc<Mutex<Vec<crate::runtime::handover::Record>>>,
 }
 
 /// The last config reloads, newest last.
@@ -466,6 +468,7 @@ pub fn status_json(src: &Sources) -> serde_json::Value {
         "message_queue": queue,
         "history": history,
         "reloads": src.reloads.list(),
+        "upgrades": *src.upgrades.lock().unwrap_or_else(|e| e.into_inner()),
     })
 }
 
@@ -490,6 +493,7 @@ mod tests {
             queue: Queue::None,
             started: Instant::now(),
             reloads: Default::default(),
+            upgrades: Default::default(),
             node: "a\"b".into(),
         });
         pool.workers()[0].traffic.count_response(204);

@@ -364,7 +364,7 @@ impl Proxy {
 
     /// For an upgrade: the cleartext tunnels stopped and taken out, the TLS ones
     /// closed with 1012 (see [`Tunnels::carry`]).
-    pub async fn carry_tunnels(&self) -> Vec<tunnel::Carried> {
+    pub async fn carry_tunnels(&self) -> (Vec<tunnel::Carried>, u64) {
         self.tunnels.carry().await
     }
 

@@ -140,9 +140,11 @@ impl Tunnels {
     /// For an upgrade: every cleartext tunnel stops where it stands and is given
     /// back with its sockets; TLS tunnels (whose session state cannot be carried)
     /// send 1012 after the frame in flight and end. Returns once every tunnel task
-    /// has done one or the other.
-    pub async fn carry(&self) -> Vec<Carried> {
+    /// has done one or the other; with how many did not go on (TLS, or their
+    /// worker not in the pool).
+    pub async fn carry(&self) -> (Vec<Carried>, u64) {
         let carry = &self.carry;
+        let before = carry.running.load(Ordering::Acquire);
         carry.signal.cancel();
         let all_ended = async {
             loop {
@@ -158,7 +160,9 @@ impl Tunnels {
         if tokio::time::timeout(limit, all_ended).await.is_err() {
             tracing::warn!("tunnels still open after the upgrade's wait: closed by it");
         }
-        std::mem::take(&mut *carry.given.lock().unwrap_or_else(|e| e.into_inner()))
+        let given = std::mem::take(&mut *carry.given.lock().unwrap_or_else(|e| e.into_inner()));
+        let closed = before.saturating_sub(given.len() as u64);
+        (given, closed)
     }
 
     /// Takes on the tunnels an upgrade carried: each relayed on from where it

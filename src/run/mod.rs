@@ -138,6 +138,7 @@ impl App {
         handover: Option<crate::runtime::handover::Handover>,
     ) -> anyhow::Result<App> {
         let origin = upgrade::Origin::here();
+        let exe = origin.exe().to_path_buf();
         let mut taken = handover.map(upgrade::take).unwrap_or_default();
         let cfg = Arc::new(cfg);
         let pool = Arc::new(Pool::with_thresholds(
@@ -206,15 +207,16 @@ impl App {
             Lanes::start(cfg.threads.resolve(), &lives.late).context("cannot start threads")?;
         proxy.relay_tunnels_on(lanes.handles());
         let carried_listeners = taken.listeners.len();
-        let bound = listen::bind(&cfg, lanes.len(), taken.listeners)?;
+        let bound = listen::bind(&cfg, lanes.len(), std::mem::take(&mut taken.listeners))?;
         let listeners = bound.addrs();
         let (queue_url, queue, broker_addr) =
-            message_queue(&cfg, &lives.broker, taken.broker).await?;
+            message_queue(&cfg, &lives.broker, taken.broker.take()).await?;
         let embedded = match &queue {
             Queue::Embedded(b, _) => Some(b.clone()),
             _ => None,
         };
         let clients = std::mem::take(&mut taken.broker_clients);
+        let carried_clients = clients.len();
         if let (Some(broker), false) = (&embedded, clients.is_empty()) {
             broker.resume(clients, &lives.broker);
         }
@@ -228,6 +230,7 @@ impl App {
             started: std::time::Instant::now(),
             node: cfg.cluster.node.clone(),
             reloads: reloads.clone(),
+            upgrades: Default::default(),
         });
         metrics::spawn_sampler(sources.clone(), background);
         let status_listener = match &cfg.admin {
@@ -320,7 +323,8 @@ impl App {
         }
         let carried_workers = taken.workers.len();
         if let Some(sup) = &supervisor {
-            sup.start_with(taken.workers, taken.next_index).await;
+            sup.start_with(std::mem::take(&mut taken.workers), taken.next_index)
+                .await;
         }
         // Before the first request: the sessions' workers are up by now.
         let sessions = router.adopt(std::mem::take(&mut taken.sessions));
@@ -332,17 +336,17 @@ impl App {
         };
         let tunnels = proxy.resume_tunnels(std::mem::take(&mut taken.tunnels), hold);
         let connections = serving.resume(std::mem::take(&mut taken.connections));
-        if let Some(from) = &taken.from {
-            tracing::info!(
-                %from,
-                to = upgrade::VERSION,
-                listeners = carried_listeners,
-                workers = carried_workers,
-                sessions,
-                tunnels,
-                connections,
-                "upgraded in place: listeners, workers, sessions, tunnels and connections carried over"
-            );
+        let carried = [
+            ("listeners", carried_listeners),
+            ("workers", carried_workers),
+            ("sessions", sessions),
+            ("tunnels", tunnels),
+            ("connections", connections),
+            ("message queue clients", carried_clients),
+        ];
+        if let Some(records) = taken.record(&carried, &exe) {
+            say_upgraded(records.last());
+            *sources.upgrades.lock().unwrap_or_else(|e| e.into_inner()) = records;
         }
         serving.describe();
         describe_workers(&pool);
@@ -398,6 +402,26 @@ impl App {
         }
         left
     }
+}
+
+/// The log's line for an upgrade this image took over from.
+fn say_upgraded(record: Option<&crate::runtime::handover::Record>) {
+    let Some(r) = record else { return };
+    let list = |m: &std::collections::BTreeMap<String, u64>| {
+        let parts: Vec<String> = m.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        match parts.is_empty() {
+            true => "nothing".to_string(),
+            false => parts.join(", "),
+        }
+    };
+    tracing::info!(
+        from = %r.from,
+        to = %r.to,
+        binary = %r.binary,
+        carried = %list(&r.carried),
+        closed = %list(&r.closed),
+        "upgraded in place"
+    );
 }
 
 /// This image as `addresses` tells it.

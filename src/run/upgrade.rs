@@ -198,7 +198,10 @@ impl Upgrader {
         upgrading.store(true, std::sync::atomic::Ordering::Relaxed);
         let proxy = self.live.front.load().proxy().clone();
         let mut tunnels = Vec::new();
-        for t in proxy.carry_tunnels().await {
+        let mut closed = std::collections::BTreeMap::new();
+        let (given, not_carried) = proxy.carry_tunnels().await;
+        count(&mut closed, "tunnels (TLS: 1012 sent)", not_carried);
+        for t in given {
             let mut state = t.state;
             match (carried.dup(&t.client), carried.dup(&t.worker)) {
                 (Ok(client), Ok(worker)) => (state.client, state.worker) = (client, worker),
@@ -216,10 +219,16 @@ impl Upgrader {
             .await
             .is_err()
         {
+            let open = self.serving.running();
             tracing::warn!(
                 ?drain,
-                open = self.serving.running(),
-                "requests or tunnels still open after the drain period: the upgrade closes them"
+                open,
+                "requests still open after the drain period: the upgrade closes them"
+            );
+            count(
+                &mut closed,
+                "requests (still open after the drain period)",
+                open as u64,
             );
         }
         let mut connections = Vec::new();
@@ -235,7 +244,9 @@ impl Upgrader {
         // The broker last: the requests finished above may have published.
         let mut clients = Vec::new();
         if let Queue::Embedded(broker, _) = &self.live.sources.queue {
-            for c in broker.carry().await {
+            let (given, lost) = broker.carry().await;
+            count(&mut closed, "message queue clients (output stalled)", lost);
+            for c in given {
                 let mut state = c.state;
                 match carried.dup(&c.socket) {
                     Ok(fd) => state.socket = fd,
@@ -260,6 +271,14 @@ impl Upgrader {
         written.broker_clients = clients;
         written.tunnels = tunnels;
         written.connections = connections;
+        written.closed = closed;
+        written.upgrades = self
+            .live
+            .sources
+            .upgrades
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let entry = match carried.prepare(&written) {
             Ok(e) => e,
             Err(e) => return stop_after(&format!("the hand-over cannot be written: {e}")),
@@ -270,6 +289,13 @@ impl Upgrader {
         exec(Path::new("/proc/self/exe"), &self.origin.argv, &entry).await;
         stop_after("neither binary could be run");
         drop(workers);
+    }
+}
+
+/// Adds `n` of `kind` to `counts`, when there are any.
+fn count(counts: &mut std::collections::BTreeMap<String, u64>, kind: &str, n: u64) {
+    if n > 0 {
+        *counts.entry(kind.to_string()).or_default() += n;
     }
 }
 
@@ -339,7 +365,46 @@ pub(crate) struct Taken {
     pub tunnels: Vec<crate::proxy::tunnel::Carried>,
     /// The cleartext HTTP/1.1 connections, with the bytes read and not used.
     pub connections: Vec<(std::net::TcpStream, bytes::Bytes)>,
+    /// What the image before did not carry.
+    pub closed: std::collections::BTreeMap<String, u64>,
+    /// The upgrades before this one.
+    pub upgrades: Vec<handover::Record>,
 }
+
+impl Taken {
+    /// This upgrade's record, with what each part took on; added to the ones
+    /// before it. None when this image was not started by an upgrade.
+    pub(super) fn record(
+        &mut self,
+        carried: &[(&str, usize)],
+        binary: &Path,
+    ) -> Option<Vec<handover::Record>> {
+        let from = self.from.clone()?;
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut record = handover::Record {
+            at,
+            from,
+            to: VERSION.into(),
+            binary: binary.display().to_string(),
+            closed: std::mem::take(&mut self.closed),
+            ..Default::default()
+        };
+        for (kind, n) in carried {
+            count(&mut record.carried, kind, *n as u64);
+        }
+        let mut all = std::mem::take(&mut self.upgrades);
+        all.push(record);
+        // The status page shows the last few.
+        let excess = all.len().saturating_sub(UPGRADES_KEPT);
+        all.drain(..excess);
+        Some(all)
+    }
+}
+
+/// Upgrades kept for the status page.
+const UPGRADES_KEPT: usize = 20;
 
 /// The embedded broker's socket in the hand-over.
 const BROKER: &str = "broker";
@@ -359,6 +424,8 @@ pub(super) fn fits(socket: &std::net::TcpListener, configured: std::net::SocketA
 pub(crate) fn take(mut handover: Handover) -> Taken {
     let mut taken = Taken {
         from: Some(handover.from.clone()),
+        closed: std::mem::take(&mut handover.closed),
+        upgrades: std::mem::take(&mut handover.upgrades),
         next_index: handover.next_index,
         sessions: std::mem::take(&mut handover.sessions),
         tag_key: handover.tag_key.take(),

@@ -47,6 +47,10 @@ pub struct Handover {
     pub tunnels: Vec<Tunnel>,
     /// The cleartext HTTP/1.1 client connections, between two requests.
     pub connections: Vec<Connection>,
+    /// What this upgrade did not carry, by kind, as the image that wrote it saw it.
+    pub closed: std::collections::BTreeMap<String, u64>,
+    /// The upgrades before this one, oldest first (for the status page).
+    pub upgrades: Vec<Record>,
     /// Other listening sockets, by what they serve (`broker`).
     pub sockets: std::collections::BTreeMap<String, RawFd>,
     /// The numbers it names, as read.
@@ -130,6 +134,25 @@ pub struct Frame {
     pub need: usize,
     /// Payload bytes of the current frame still to come.
     pub left: u64,
+}
+
+/// What one upgrade did, for the status page and the log.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Record {
+    /// When, in seconds since the Unix epoch.
+    pub at: u64,
+    /// The version that carried.
+    pub from: String,
+    /// The version that took over.
+    pub to: String,
+    /// The binary that took over.
+    pub binary: String,
+    /// What was carried over, by kind (listeners, workers, sessions, tunnels,
+    /// connections, broker clients).
+    pub carried: std::collections::BTreeMap<String, u64>,
+    /// What was closed instead, by kind and why (TLS tunnels sent 1012, requests
+    /// still running after the drain period, broker clients whose output stalled).
+    pub closed: std::collections::BTreeMap<String, u64>,
 }
 
 /// A client connection between two requests (or in the middle of a head).
