@@ -16,11 +16,17 @@ use support::{relay, Corral, TempDir};
 /// A worker whose `/hold` answers only once the file `release` exists in its
 /// directory (it makes `held` when the request has come), whose Engine.IO path
 /// opens polling sessions it alone knows (a sid of another worker gets 400, as
-/// python-engineio answers it), and whose other paths answer at once with its pid.
+/// python-engineio answers it; a poll with `wait` in its query is held as `/hold`
+/// is, as a long-poll waits), and whose other paths answer at once with its pid.
 const HOLDING_WORKER: &str = r#"
 import http.server, os, sys, time, uuid, urllib.parse
 here = os.path.dirname(os.path.abspath(__file__))
 sessions = set()
+def hold():
+    open(os.path.join(here, "held"), "w").close()
+    deadline = time.time() + 60
+    while not os.path.exists(os.path.join(here, "release")) and time.time() < deadline:
+        time.sleep(0.02)
 class H(http.server.BaseHTTPRequestHandler):
     def answer(self, status, body):
         self.send_response(status)
@@ -37,13 +43,12 @@ class H(http.server.BaseHTTPRequestHandler):
                 hs = '0{"sid":"%s","upgrades":[],"pingInterval":25000,"pingTimeout":20000}' % new
                 return self.answer(200, hs.encode())
             if sid[0] in sessions:
+                if "wait" in self.path:
+                    hold()
                 return self.answer(200, b"6")
             return self.answer(400, b'{"code":1,"message":"Session ID unknown"}')
         if self.path.startswith("/hold"):
-            open(os.path.join(here, "held"), "w").close()
-            deadline = time.time() + 30
-            while not os.path.exists(os.path.join(here, "release")) and time.time() < deadline:
-                time.sleep(0.02)
+            hold()
         body = str(os.getpid()).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -274,8 +279,10 @@ fn an_upgrade_carries_the_listeners_backlog_and_the_workers() {
 }
 
 /// Polling sessions opened before an upgrade go on after it, each still routed to
-/// the worker that knows it: the session table is carried over. (Left behind, the
-/// new image would answer their sids as unknown.)
+/// the worker that knows it: the session table is carried over (left behind, the
+/// new image would answer their sids as unknown). A long-poll in flight is carried
+/// with its worker connection, and answered by the new image when the worker
+/// answers.
 #[test]
 fn an_upgrade_carries_the_session_table() {
     let work = TempDir::new("upgrade-sessions");
@@ -297,8 +304,35 @@ fn an_upgrade_carries_the_session_table() {
     for sid in &sids {
         assert_eq!(poll(sid), Some((200, "6".into())));
     }
+    // A long-poll in flight, on a kept-alive connection: the upgrade does not wait
+    // for its answer (it would wait out the drain period), it carries it.
+    let (mut waiting, mut waiting_r) = {
+        let s = TcpStream::connect(corral.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        (s.try_clone().expect("clone"), BufReader::new(s))
+    };
+    let long_poll = format!(
+        "GET /socket.io/?EIO=4&transport=polling&sid={}&wait=1 HTTP/1.1\r\nHost: a\r\n\r\n",
+        sids[0]
+    );
+    waiting.write_all(long_poll.as_bytes()).expect("long-poll");
+    wait_until(Duration::from_secs(10), "the long-poll held", || {
+        work.0.join("held").exists()
+    });
     let (ok, said) = upgrade(&corral, None);
     assert!(ok, "{said}");
+    assert!(!work.0.join("release").exists());
+    std::fs::write(work.0.join("release"), "").expect("release");
+    let answer = support::read_reply(&mut waiting_r).expect("the long-poll's answer");
+    assert_eq!((answer.status, answer.text()), (200, "6".into()));
+    let next = format!(
+        "GET /socket.io/?EIO=4&transport=polling&sid={} HTTP/1.1\r\nHost: a\r\n\r\n",
+        sids[0]
+    );
+    waiting.write_all(next.as_bytes()).expect("next poll");
+    let answer = support::read_reply(&mut waiting_r).expect("the next poll's answer");
+    assert_eq!((answer.status, answer.text()), (200, "6".into()));
     for sid in &sids {
         assert_eq!(
             poll(sid),
@@ -306,6 +340,9 @@ fn an_upgrade_carries_the_session_table() {
             "{sid} after the upgrade"
         );
     }
+    let record = &status_json(&corral)["upgrades"][0];
+    assert_eq!(record["carried"]["connections"], 1, "{record}");
+    assert_eq!(record["closed"], serde_json::json!({}), "{record}");
 }
 
 /// The embedded broker's clients go on over an upgrade on the same connections: a

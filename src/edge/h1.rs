@@ -20,7 +20,9 @@ use crate::http1::encode::{chunk, refusal_head, response_head, BodyKnown, Framin
 use crate::http1::head::{parse_request, BodyFraming, Parsed};
 use crate::http1::{is_websocket_upgrade, make_room, READ_SIZE};
 use crate::transport::body::{pipe, BodyTimedOut, BoxError, Feed, ProxyBody, RequestBody};
-use crate::transport::moving::{upgrade_pair, Handover, Taken, TakenSocket, Upgrading};
+use crate::transport::moving::{
+    upgrade_pair, Handover, Pending, PendingAnswer, Taken, TakenSocket, Upgrading,
+};
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame};
@@ -126,7 +128,30 @@ fn reset(deadline: &mut Deadline<'_>, after: Duration) {
 #[derive(Default)]
 pub(crate) struct Carrier {
     on: std::sync::atomic::AtomicBool,
-    given: std::sync::Mutex<Vec<(std::net::TcpStream, Bytes)>>,
+    given: std::sync::Mutex<Vec<Given>>,
+}
+
+/// A connection an upgrade carries: its socket, the bytes read from it and not
+/// used, and the answer it still waits for (a long-poll's).
+pub(crate) struct Given {
+    pub(crate) socket: std::net::TcpStream,
+    pub(crate) early: Bytes,
+    pub(crate) waiting: Option<Waiting>,
+}
+
+/// A request whose answer an upgrade carried: where the answer comes from, and
+/// how it is to be written.
+pub(crate) struct Waiting {
+    pub(crate) answer: PendingAnswer,
+    pub(crate) how: Writing,
+}
+
+/// How an answer is to be written on its connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Writing {
+    pub(crate) http10: bool,
+    /// The request asked for the connection to close after it.
+    pub(crate) close: bool,
 }
 
 impl Carrier {
@@ -140,7 +165,7 @@ impl Carrier {
     }
 
     /// The connections given so far.
-    pub(crate) fn take(&self) -> Vec<(std::net::TcpStream, Bytes)> {
+    pub(crate) fn take(&self) -> Vec<Given> {
         std::mem::take(&mut *self.given.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
@@ -152,7 +177,12 @@ impl Carrier {
 pub(crate) struct Begun<'a> {
     pub(crate) early: Bytes,
     pub(crate) carrier: Option<&'a Carrier>,
+    /// An answer to write first (a carried long-poll's), with how.
+    pub(crate) answer: Option<(AnswerComing<'a>, Writing)>,
 }
+
+/// A carried long-poll's answer, as the new image reads it from its worker.
+pub(crate) type AnswerComing<'a> = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send + 'a>>;
 
 /// Serves a connection's requests until it closes or its last answer said so. Once
 /// `draining` is cancelled, an idle connection closes at once (or is carried, see
@@ -170,10 +200,14 @@ pub(crate) async fn serve<I, S>(
     I: Uproot + NoDelay,
     S: Service,
 {
-    let carrier = begun.carrier;
+    let Begun {
+        early,
+        carrier,
+        answer,
+    } = begun;
     let carrying = || carrier.is_some_and(Carrier::is_on);
-    let mut buf = BytesMut::with_capacity(READ_SIZE.max(begun.early.len()));
-    buf.extend_from_slice(&begun.early);
+    let mut buf = BytesMut::with_capacity(READ_SIZE.max(early.len()));
+    buf.extend_from_slice(&early);
     let mut conn = Conn {
         io,
         buf,
@@ -187,13 +221,21 @@ pub(crate) async fn serve<I, S>(
     let deadline = tokio::time::sleep(limits.header_read);
     tokio::pin!(deadline);
     let mut first = true;
+    if let Some((answer, how)) = answer {
+        let resp = answer.await;
+        let keep = !how.close && (!draining.is_cancelled() || carrying());
+        match write_response(&mut conn, resp, false, how.http10, keep, &mut None).await {
+            Ok(true) => first = false,
+            _ => return,
+        }
+    }
     loop {
         let head = read_head(&mut conn, deadline.as_mut(), draining, first, carrier).await;
         let (mut req, framing) = match head {
             Head::Request(req, framing) => (req, framing),
             Head::Refused(status) => return Box::pin(refuse(&mut conn, status)).await,
             Head::End => return,
-            Head::Carry => return give(conn, carrier),
+            Head::Carry => return give(conn, carrier, None),
         };
         first = false;
         let head_request = req.method() == Method::HEAD;
@@ -207,9 +249,17 @@ pub(crate) async fn serve<I, S>(
         let expects = framing.continue_100;
         let timer = deadline.as_mut();
         let answer = answer_unless_gone(&mut conn, timer, service, req, &mut inbound, expects);
-        let Some(resp) = answer.await else {
+        let Some(mut resp) = answer.await else {
             return;
         };
+        if let Some(pending) = resp.extensions_mut().remove::<Pending>() {
+            let how = Writing {
+                http10,
+                close: framing.close,
+            };
+            let waiting = pending.take().map(|answer| Waiting { answer, how });
+            return give(conn, carrier, waiting);
+        }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(upgrading) = upgrading {
                 return switch(conn, resp, upgrading, hold).await;
@@ -251,11 +301,15 @@ enum Head {
 
 /// A carried connection's socket and unused bytes, to the carrier; dropped (closed)
 /// where there is none or its socket cannot be taken (TLS).
-fn give<I: Uproot>(mut conn: Conn<I>, carrier: Option<&Carrier>) {
+fn give<I: Uproot>(mut conn: Conn<I>, carrier: Option<&Carrier>, waiting: Option<Waiting>) {
     let early = conn.buf.split().freeze();
-    if let (Some(carrier), Ok(Taken::Tcp(tcp))) = (carrier, conn.io.uproot()) {
+    if let (Some(carrier), Ok(Taken::Tcp(socket))) = (carrier, conn.io.uproot()) {
         let mut given = carrier.given.lock().unwrap_or_else(|e| e.into_inner());
-        given.push((tcp, early));
+        given.push(Given {
+            socket,
+            early,
+            waiting,
+        });
     }
 }
 

@@ -379,18 +379,23 @@ impl Serving {
     }
 
     /// The connections the drain gave.
-    pub fn carried(&self) -> Vec<(std::net::TcpStream, bytes::Bytes)> {
+    pub(crate) fn carried(&self) -> Vec<h1::Given> {
         self.carrier.take()
     }
 
     /// Serves the connections an upgrade carried, each as its listener (found by
     /// the socket's own address) serves HTTP/1.1, its unused bytes read first. One
     /// whose listener is no longer configured is closed.
-    pub fn resume(&self, carried: Vec<(std::net::TcpStream, bytes::Bytes)>) -> usize {
+    pub(crate) fn resume(&self, carried: Vec<h1::Given>) -> usize {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let gate = self.front.load_full();
         let mut resumed = 0;
-        for (socket, early) in carried {
+        for h1::Given {
+            socket,
+            early,
+            waiting,
+        } in carried
+        {
             let local = socket.local_addr().ok().map(normalise);
             let Some(o) = open.iter().find(|o| Some(normalise(o.addr)) == local) else {
                 continue;
@@ -415,11 +420,18 @@ impl Serving {
             let stream = uproot::Movable::new(tcp, serve.cfg.timeouts.send);
             let gate = gate.clone();
             self.life.spawn(boxed(|| async move {
+                let proxy = gate.proxy().clone();
+                let answer = waiting.map(|w| {
+                    let coming: h1::AnswerComing<'_> =
+                        Box::pin(async move { proxy.resume_answer(w.answer).await });
+                    (coming, w.how)
+                });
                 let service = gate_service(gate, peer);
                 let hold: Box<dyn Send + Sync> = Box::new(hold);
                 let begun = h1::Begun {
                     early,
                     carrier: Some(&carrier),
+                    answer,
                 };
                 h1::serve(stream, &service, limits, &draining, Some(hold), begun).await
             }));

@@ -26,6 +26,7 @@ use crate::proxy::tunnel::{self, Tunnels};
 use crate::runtime::life::Life;
 use crate::transport::body::{self, Fault, Guarded, Limited, Prefixed, ProxyBody, RequestBody};
 use crate::transport::http1::{self, Sending};
+use crate::transport::moving::{Pending, PendingAnswer};
 use crate::transport::upstream::{self, SendError};
 use crate::workers::pool::{InflightGuard, Pool, Worker};
 use bytes::{Bytes, BytesMut};
@@ -65,6 +66,9 @@ pub struct Shared {
     /// Owns the unread request bodies read away after a 413 (each for a second at
     /// most): the client connections' lifetime.
     lingering: Life,
+    /// An upgrade's signal to carry the long-polls in flight on cleartext HTTP/1.1
+    /// connections (their worker connections, with the client's).
+    carry_polls: tokio_util::sync::CancellationToken,
 }
 
 impl Shared {
@@ -80,6 +84,7 @@ impl Shared {
             router,
             tunnels: Tunnels::new(serving.clone()),
             lingering: serving.clone(),
+            carry_polls: Default::default(),
         })
     }
 }
@@ -368,6 +373,39 @@ impl Proxy {
         self.tunnels.carry().await
     }
 
+    /// For an upgrade: the long-polls in flight on cleartext HTTP/1.1 connections
+    /// stop waiting and go, with their worker connections, to their client
+    /// connections' sessions to be carried.
+    pub fn carry_polls(&self) {
+        self.carry_polls.cancel();
+    }
+
+    /// The answer to a long-poll an upgrade carried over: read from its worker
+    /// connection and passed on as `pass_on` would have (502 when its worker is
+    /// gone or the answer broken).
+    pub async fn resume_answer(&self, pending: PendingAnswer) -> Response<ProxyBody> {
+        let workers = self.pool.workers();
+        let Some(worker) = workers.iter().find(|w| w.id == pending.worker).cloned() else {
+            return short(StatusCode::BAD_GATEWAY, "corral: worker gone\n");
+        };
+        let ticket = match pending.sid.as_deref().map(|sid| self.router.existing(sid)) {
+            Some(Route::Session(t)) => Ticket::Session(t),
+            _ => Ticket::Plain,
+        };
+        let inflight = worker.start_poll();
+        let home = worker.clone();
+        match upstream::resume(home, &self.forward.upstream, pending.conn, false).await {
+            Ok(reply) => {
+                worker.traffic.count_response(reply.status().as_u16());
+                self.respond(reply, ticket, inflight).await
+            }
+            Err(e) => short(
+                StatusCode::BAD_GATEWAY,
+                &format!("corral: worker {} failed: {e}\n", worker.addr),
+            ),
+        }
+    }
+
     /// Takes on the tunnels an upgrade carried, timed by this config; `hold` gives
     /// each its client connection slot. Returns how many go on.
     pub fn resume_tunnels(
@@ -537,7 +575,11 @@ impl Proxy {
         // to say, so when the worker is about to be stopped corral answers it.
         let poll = matches!(target.ticket, Ticket::Session(_)) && parts.method == Method::GET;
         let uri = origin_form(&parts.uri);
-        let outgoing = self.encode(&parts.method, &uri, &headers, &sending, direct.as_ref());
+        let mut outgoing = self.encode(&parts.method, &uri, &headers, &sending, direct.as_ref());
+        // Carried by an upgrade only where the client's connection can be too.
+        if poll && peer.scheme == "http" && parts.version != http::Version::HTTP_2 {
+            outgoing = outgoing.carried_by(self.carry_polls.clone());
+        }
         let wait = if is_eio {
             self.cfg.timeouts.engineio_read
         } else {
@@ -579,6 +621,9 @@ impl Proxy {
                     worker.traffic.count_response(reply.status().as_u16());
                     worker.answered();
                     return self.respond(reply, ticket, inflight).await;
+                }
+                Ok(Err(SendError::Carried(conn))) => {
+                    return carried(*conn, &worker, &ticket);
                 }
                 Ok(Err(e)) => Some(e),
                 Err(_) => None,
@@ -830,6 +875,26 @@ impl Proxy {
 
 /// The client's body stopped coming (`timeouts.body_read`, or `timeouts.read` for a
 /// body read whole); the connection closes.
+/// The response that takes a long-poll an upgrade carries to its client
+/// connection's session: no answer yet, its worker connection within.
+fn carried(
+    conn: crate::transport::http1::Conn,
+    worker: &Worker,
+    ticket: &Ticket,
+) -> Response<ProxyBody> {
+    let sid = match ticket {
+        Ticket::Session(t) => Some(t.sid().to_string()),
+        _ => None,
+    };
+    let mut resp = Response::new(crate::transport::body::empty());
+    resp.extensions_mut().insert(Pending::new(PendingAnswer {
+        conn,
+        worker: worker.id,
+        sid,
+    }));
+    resp
+}
+
 fn body_timed_out() -> Response<ProxyBody> {
     closing(
         StatusCode::REQUEST_TIMEOUT,

@@ -13,11 +13,13 @@
 
 use super::reload::Live;
 use crate::admin;
+use crate::edge::h1::{Given, Waiting, Writing};
 use crate::edge::listen;
 use crate::observe::metrics::Queue;
 use crate::runtime::forker;
 use crate::runtime::handover::{self, Carried, Handover};
 use crate::runtime::life::Life;
+use crate::transport::moving::PendingAnswer;
 use crate::workers::supervisor::Adopted;
 use std::ffi::{CString, OsString};
 use std::os::unix::ffi::OsStrExt;
@@ -213,6 +215,7 @@ impl Upgrader {
             tunnels.push(state);
         }
         self.live.serving.begin_carry();
+        proxy.carry_polls();
         self.serving.drain();
         let drain = self.live.front.load().cfg().timeouts.shutdown_drain;
         if tokio::time::timeout(drain, self.serving.ended())
@@ -232,12 +235,9 @@ impl Upgrader {
             );
         }
         let mut connections = Vec::new();
-        for (socket, early) in self.live.serving.carried() {
-            match carried.dup(&socket) {
-                Ok(fd) => connections.push(handover::Connection {
-                    socket: fd,
-                    early: early.to_vec(),
-                }),
+        for given in self.live.serving.carried() {
+            match written_down(given, &mut carried) {
+                Ok(c) => connections.push(c),
                 Err(e) => tracing::warn!(error = %e, "a client connection is not carried"),
             }
         }
@@ -290,6 +290,61 @@ impl Upgrader {
         stop_after("neither binary could be run");
         drop(workers);
     }
+}
+
+/// A carried client connection as the hand-over writes it: its socket, and the
+/// worker connection of the answer it waits for.
+fn written_down(given: Given, carried: &mut Carried) -> std::io::Result<handover::Connection> {
+    let socket = carried.dup(&given.socket)?;
+    let waiting = match given.waiting {
+        Some(w) => {
+            let (io, early) = w.answer.conn.into_parts();
+            let io = io.into_std()?;
+            Some(handover::Waiting {
+                socket: carried.dup(&io)?,
+                early: early.to_vec(),
+                worker: w.answer.worker,
+                sid: w.answer.sid,
+                http10: w.how.http10,
+                close: w.how.close,
+            })
+        }
+        None => None,
+    };
+    Ok(handover::Connection {
+        socket,
+        early: given.early.to_vec(),
+        waiting,
+    })
+}
+
+/// A carried client connection taken back.
+fn taken_back(c: handover::Connection, handover: &mut Handover) -> std::io::Result<Given> {
+    let socket = std::net::TcpStream::from(handover.claim(c.socket)?);
+    let waiting = match c.waiting {
+        Some(w) => {
+            let io = std::net::TcpStream::from(handover.claim(w.socket)?);
+            io.set_nonblocking(true)?;
+            let io = tokio::net::TcpStream::from_std(io)?;
+            Some(Waiting {
+                answer: PendingAnswer {
+                    conn: crate::transport::http1::Conn::resumed(io, &w.early),
+                    worker: w.worker,
+                    sid: w.sid,
+                },
+                how: Writing {
+                    http10: w.http10,
+                    close: w.close,
+                },
+            })
+        }
+        None => None,
+    };
+    Ok(Given {
+        socket,
+        early: bytes::Bytes::from(c.early),
+        waiting,
+    })
 }
 
 /// Adds `n` of `kind` to `counts`, when there are any.
@@ -363,8 +418,9 @@ pub(crate) struct Taken {
     pub broker_clients: Vec<crate::broker::CarriedClient>,
     /// The cleartext websocket tunnels.
     pub tunnels: Vec<crate::proxy::tunnel::Carried>,
-    /// The cleartext HTTP/1.1 connections, with the bytes read and not used.
-    pub connections: Vec<(std::net::TcpStream, bytes::Bytes)>,
+    /// The cleartext HTTP/1.1 connections, with the bytes read and not used and
+    /// the answer each waits for.
+    pub connections: Vec<Given>,
     /// What the image before did not carry.
     pub closed: std::collections::BTreeMap<String, u64>,
     /// The upgrades before this one.
@@ -468,11 +524,9 @@ pub(crate) fn take(mut handover: Handover) -> Taken {
         }
     }
     for c in std::mem::take(&mut handover.connections) {
-        if let Ok(fd) = handover.claim(c.socket) {
-            let early = bytes::Bytes::from(c.early);
-            taken
-                .connections
-                .push((std::net::TcpStream::from(fd), early));
+        match taken_back(c, &mut handover) {
+            Ok(given) => taken.connections.push(given),
+            Err(e) => tracing::warn!(error = %e, "a carried client connection is lost"),
         }
     }
     for mut state in std::mem::take(&mut handover.tunnels) {

@@ -162,6 +162,26 @@ pub struct Connection {
     pub socket: RawFd,
     /// Bytes read from it and not yet used: the next request's, begun.
     pub early: Vec<u8>,
+    /// The answer its request still waits for (a long-poll's), if any.
+    pub waiting: Option<Waiting>,
+}
+
+/// A request in flight an upgrade carried: sent whole, its answer to be read from
+/// its worker connection.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Waiting {
+    /// The worker connection's socket.
+    pub socket: RawFd,
+    /// What was read of the answer so far.
+    pub early: Vec<u8>,
+    /// The worker's id in the pool.
+    pub worker: usize,
+    /// The session's sid.
+    pub sid: Option<String>,
+    /// The request was HTTP/1.0.
+    pub http10: bool,
+    /// The request asked for its connection to close after the answer.
+    pub close: bool,
 }
 
 /// A websocket tunnel.
@@ -362,7 +382,10 @@ impl Handover {
         let others = self.sockets.values();
         let clients = self.broker_clients.iter().map(|c| &c.socket);
         let tunnels = self.tunnels.iter().flat_map(|t| [&t.client, &t.worker]);
-        let connections = self.connections.iter().map(|c| &c.socket);
+        let connections = self
+            .connections
+            .iter()
+            .flat_map(|c| std::iter::once(&c.socket).chain(c.waiting.as_ref().map(|w| &w.socket)));
         let all = listeners.chain(workers).chain(others).chain(clients);
         let all = all.chain(tunnels).chain(connections);
         all.copied().collect()

@@ -32,6 +32,7 @@ use tokio::net::TcpStream;
 
 /// An open connection to a worker, with what was read past the last message
 /// (always nothing while it is parked).
+#[derive(Debug)]
 pub struct Conn {
     io: TcpStream,
     buf: BytesMut,
@@ -47,6 +48,21 @@ impl Conn {
             buf: BytesMut::new(),
             spoiled: false,
         }
+    }
+
+    /// A connection an upgrade carried: its socket and the bytes of an answer
+    /// already read from it.
+    pub fn resumed(io: TcpStream, early: &[u8]) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::from(early),
+            spoiled: false,
+        }
+    }
+
+    /// Its socket and the bytes read from it and not yet used (for an upgrade).
+    pub fn into_parts(self) -> (TcpStream, Bytes) {
+        (self.io, self.buf.freeze())
     }
 
     /// Whether a parked connection can take a request: nothing has arrived on it
@@ -79,6 +95,9 @@ pub struct Request {
     upgrade: bool,
     /// Its body comes after the head, as a stream: chunked (else by its length).
     chunked: bool,
+    /// An upgrade may carry the exchange while it waits for its answer (a
+    /// long-poll): the request went out whole, and the connection is given back.
+    carry: Option<tokio_util::sync::CancellationToken>,
 }
 
 /// How a request's body goes to the worker.
@@ -108,6 +127,7 @@ pub fn encode(
         head: method == Method::HEAD,
         upgrade: false,
         chunked: matches!(body, Sending::Streamed(None)),
+        carry: None,
     }
 }
 
@@ -115,6 +135,14 @@ impl Request {
     /// The request asks for a websocket upgrade: a 101 is its answer.
     pub fn upgrade(mut self) -> Request {
         self.upgrade = true;
+        self
+    }
+
+    /// While its answer is awaited, `carry` (an upgrade's signal) ends the
+    /// exchange with its connection given back ([`Failure::Carried`]). For a
+    /// request sent whole with the head (no streamed body).
+    pub fn carried_by(mut self, carry: tokio_util::sync::CancellationToken) -> Request {
+        self.carry = Some(carry);
         self
     }
 }
@@ -128,6 +156,9 @@ pub enum Failure {
     Unanswered(io::Error),
     /// Anything else: a broken or refused response, or a failure mid-answer.
     Broken(BoxError),
+    /// An upgrade carries the exchange: the request went out whole and its answer
+    /// (none of it, or the part in the connection's buffer) is still to be read.
+    Carried(Box<Conn>),
 }
 
 impl std::fmt::Display for Failure {
@@ -135,6 +166,7 @@ impl std::fmt::Display for Failure {
         match self {
             Failure::Unanswered(e) => write!(f, "connection closed without an answer: {e}"),
             Failure::Broken(e) => write!(f, "{e}"),
+            Failure::Carried(_) => write!(f, "carried by an upgrade"),
         }
     }
 }
@@ -161,18 +193,53 @@ pub async fn exchange<K: Keep>(
         .write_all(&req.bytes)
         .await
         .map_err(Failure::Unanswered)?;
-    let (head, outflow, whole) = match body {
-        None => {
+    let (head, outflow, whole) = match (body, &req.carry) {
+        (None, Some(carry)) => {
+            let head = tokio::select! {
+                head = read_head(&mut conn.io, &mut conn.buf, req.upgrade) => Some(head),
+                _ = carry.cancelled() => None,
+            };
+            let Some(head) = head else {
+                return Err(Failure::Carried(Box::new(conn)));
+            };
+            (head?, None, true)
+        }
+        (None, None) => {
             let head = read_head(&mut conn.io, &mut conn.buf, req.upgrade).await?;
             (head, None, true)
         }
-        Some(body) => stream_body(&mut conn, body, req.chunked).await?,
+        (Some(body), _) => stream_body(&mut conn, body, req.chunked).await?,
     };
+    answered(conn, head, (outflow, whole), req.head, keep)
+}
+
+/// The answer to a request an upgrade carried over mid-exchange (sent whole by
+/// the image before; `head_request`: it was a HEAD): read as `exchange` reads it.
+pub async fn resume<K: Keep>(
+    mut conn: Conn,
+    head_request: bool,
+    keep: K,
+) -> Result<Response<Reading<K>>, Failure> {
+    let head = read_head(&mut conn.io, &mut conn.buf, false).await?;
+    answered(conn, head, (None, true), head_request, keep)
+}
+
+/// The response whose head was read on `conn`: its body read as it is passed on.
+/// `sent`: the rest of the request body still to go out, and whether the request
+/// went out whole.
+fn answered<K: Keep>(
+    conn: Conn,
+    head: ResponseHead,
+    (outflow, whole): (Option<Box<Outflow>>, bool),
+    head_request: bool,
+    keep: K,
+) -> Result<Response<Reading<K>>, Failure> {
     if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
         return Ok(response(head, Reading::switched(conn, keep)));
     }
-    let (body, mut reusable) = response_body(head.status, head.version, &head.headers, req.head)
-        .map_err(Failure::Broken)?;
+    let (body, mut reusable) =
+        response_body(head.status, head.version, &head.headers, head_request)
+            .map_err(Failure::Broken)?;
     let state = match body {
         Body::Length(n) => State::Length(n),
         Body::Chunked => State::Chunk(Chunk::START),

@@ -1,8 +1,38 @@
 //! What a websocket tunnel's client socket is while it moves between serving
 //! threads: taken off one thread's reactor by the edge, which knows how it was
-//! served, and put back on another's by the tunnel, which does not. Types only.
+//! served, and put back on another's by the tunnel, which does not; and what a
+//! long-poll in flight is when an upgrade carries it (its worker connection, from
+//! the request path to the client connection's session). Types only.
 
 use bytes::Bytes;
+
+/// A [`PendingAnswer`] as a response extension (which must be `Clone`): taken
+/// out once, by the client connection's session.
+#[derive(Clone)]
+pub struct Pending(std::sync::Arc<std::sync::Mutex<Option<PendingAnswer>>>);
+
+impl Pending {
+    pub fn new(answer: PendingAnswer) -> Pending {
+        Pending(std::sync::Arc::new(std::sync::Mutex::new(Some(answer))))
+    }
+
+    pub fn take(&self) -> Option<PendingAnswer> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// A request's answer still to come when an upgrade carried it: its worker
+/// connection (the request went out whole; what was read of the answer is in it),
+/// whose worker, and whose session. The request path puts it in the response it
+/// gives the client connection's session, which carries both together.
+pub struct PendingAnswer {
+    /// The worker connection.
+    pub conn: crate::transport::http1::Conn,
+    /// The worker's id in the pool.
+    pub worker: usize,
+    /// The session's sid (a long-poll's).
+    pub sid: Option<String>,
+}
 
 /// A client connection's socket taken out of its upgrade, to be served on another thread:
 /// the socket, off this thread's reactor, and the bytes already read from it.

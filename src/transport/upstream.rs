@@ -152,12 +152,15 @@ pub enum SendError {
     /// closed it as the request went out, so it is safe to send a request that
     /// can be replayed once more on a new connection.
     Stale(BoxError),
+    /// An upgrade carries the exchange (see `http1::Failure::Carried`).
+    Carried(Box<http1::Conn>),
 }
 
 impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SendError::Connect(e) => write!(f, "connect: {e}"),
+            SendError::Carried(_) => write!(f, "carried by an upgrade"),
             SendError::Http(e) | SendError::Stale(e) => {
                 write!(f, "{e}")?;
                 let mut src = e.source();
@@ -251,8 +254,26 @@ pub async fn send(
         .await
         .map_err(|failure| match failure {
             http1::Failure::Unanswered(_) if reused => SendError::Stale(failure.into()),
+            http1::Failure::Carried(conn) => SendError::Carried(conn),
             other => SendError::Http(other.into()),
         })
+}
+
+/// The answer to an exchange an upgrade carried over (`conn`: its connection, as
+/// the image before left it); the connection is kept for the worker after it.
+pub async fn resume(
+    home: Arc<dyn Home>,
+    settings: &Settings,
+    conn: http1::Conn,
+    head_request: bool,
+) -> Result<Answer, SendError> {
+    let parking = Parking {
+        home,
+        idle_timeout: settings.idle_timeout,
+    };
+    http1::resume(conn, head_request, parking)
+        .await
+        .map_err(|failure| SendError::Http(failure.into()))
 }
 
 /// Opens a TCP connection to a worker, within the connect timeout.
