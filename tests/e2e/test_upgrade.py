@@ -1,0 +1,117 @@
+"""`corral upgrade` under load: websocket and polling-only python-socketio clients of
+a Flask-SocketIO app under the seed's gevent gunicorn workers, with the embedded
+message queue, and a loop of fresh HTTP connections, go through an upgrade to
+another file in the same process with nothing refused, failed or disconnected,
+and every broadcast after it heard by every client; a binary that cannot take
+over is refused and nothing changes."""
+import os
+import shutil
+import threading
+import time
+
+import requests
+
+from clients import connect_many, disconnect_all, wait_until
+from conftest import corral_binary
+from test_reload import gevent_websocket_args
+from test_supervisor import Supervised
+
+
+class FreshLoad:
+    """Requests through corral, each on a connection of its own, until stopped
+    (bounded in count and time), recording every failure."""
+
+    def __init__(self, url, seconds=120, max_requests=20000):
+        self.url, self.seconds, self.max = url, seconds, max_requests
+        self.ok = 0
+        self.failures = []
+        self._stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run) for _ in range(4)]
+
+    def _run(self):
+        end = time.monotonic() + self.seconds
+        while not self._stop.is_set() and time.monotonic() < end and self.ok + len(self.failures) < self.max:
+            try:
+                r = requests.get(self.url + "/whoami", timeout=30, headers={"Connection": "close"})
+                if r.status_code == 200:
+                    self.ok += 1
+                else:
+                    self.failures.append((r.status_code, r.text[:200]))
+            except requests.RequestException as e:
+                self.failures.append((None, repr(e)[:200]))
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self.threads:
+            t.join(60)
+
+
+def broadcast_heard_by_all(members, senders):
+    """Each sender broadcasts in turn and every member must hear it. One at a time:
+    python-engineio's polling client misses messages of a burst of broadcasts from
+    many clients at once (measured straight against the worker, no corral)."""
+    for sender in senders:
+        token = f"{sender.idx}-{time.monotonic()}"
+        sender.sio.emit("broadcast", {"from": token, "room": "all"})
+        if not wait_until(lambda: all(token in m.received for m in members), 20):
+            return [m.idx for m in members if token not in m.received]
+    return []
+
+
+def test_upgrade_in_place_under_websockets_polling_and_fresh_connections(stack, tmp_path):
+    c = Supervised(stack, 2, command=gevent_websocket_args(), env={"ASYNC_MODE": "gevent"},
+                   extra='[admin]\nlisten = "127.0.0.1:0"\n').wait()
+    pid = c.proc.pid
+    workers = sorted(w["pid"] for w in c.status())
+    # No reconnection: a dropped client stays dropped, and is counted.
+    sockets = connect_many(c.url, 30)
+    polling = connect_many(c.url, 10, transports=["polling"])
+    for i, m in enumerate(polling):
+        m.idx = 100 + i
+    members = sockets + polling
+    senders = [sockets[0], polling[0], sockets[-1], polling[-1]]
+    try:
+        assert not [m.error for m in members if m.error]
+        assert wait_until(lambda: all(m.transport == "websocket" for m in sockets), 20)
+        assert all(m.transport == "polling" for m in polling)
+        assert broadcast_heard_by_all(members, senders) == []
+        next_build = tmp_path / "corral-next"
+        shutil.copy2(corral_binary(), next_build)
+        with FreshLoad(c.url) as load:
+            assert wait_until(lambda: load.ok >= 20, 20), load.failures[:5]
+            started = time.monotonic()
+            out = c.admin_cmd("upgrade", "--binary", str(next_build))
+            took = time.monotonic() - started
+            assert out.returncode == 0, (out.stdout, out.stderr)
+            assert "upgraded: pid" in out.stdout, out.stdout
+            after = load.ok
+            assert wait_until(lambda: load.ok >= after + 20, 20), load.failures[:5]
+        print(f"upgrade took {took:.2f} s; {load.ok} fresh requests around it")
+        assert load.failures == [], load.failures[:5]
+        assert os.readlink(f"/proc/{pid}/exe") == str(next_build)
+        assert sorted(w["pid"] for w in c.status()) == workers
+        assert broadcast_heard_by_all(members, senders) == []
+        assert [m.disconnects for m in members] == [0] * len(members)
+        assert all(m.sio.connected for m in members)
+        record = c.status_json()["upgrades"][-1]
+        assert record["binary"] == str(next_build), record
+        assert record["carried"]["workers"] == 2, record
+        assert record["carried"]["tunnels"] == 30, record
+        assert record["carried"]["sessions"] >= 10, record
+        assert record["carried"]["message queue clients"] >= 2, record
+        assert record["closed"] == {}, record
+
+        # A binary that cannot take over: refused, nothing let go.
+        out = c.admin_cmd("upgrade", "--binary", "/bin/false")
+        assert out.returncode != 0 and "/bin/false" in out.stderr, (out.stdout, out.stderr)
+        assert os.readlink(f"/proc/{pid}/exe") == str(next_build)
+        assert len(c.status_json()["upgrades"]) == 1
+        assert broadcast_heard_by_all(members, senders) == []
+        assert [m.disconnects for m in members] == [0] * len(members)
+    finally:
+        disconnect_all(members)
