@@ -60,13 +60,18 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
 "#;
 
 fn start(dir: &TempDir) -> Corral {
+    Corral::start(&config(dir, 2))
+}
+
+/// The config of `start`, with `count` workers.
+fn config(dir: &TempDir, count: usize) -> String {
     let script = dir.file("worker.py", HOLDING_WORKER);
-    Corral::start(&format!(
-        "[workers]\ncommand = [\"python3\", \"{}\", \"{{port}}\"]\ncount = 2\n\
+    format!(
+        "[workers]\ncommand = [\"python3\", \"{}\", \"{{port}}\"]\ncount = {count}\n\
          [message_queue]\nembedded = true\n[timeouts]\nshutdown_drain = \"30s\"\n{}",
         script.display(),
         relay::STATUS
-    ))
+    )
 }
 
 fn admin_socket(corral: &Corral) -> PathBuf {
@@ -276,6 +281,13 @@ fn an_upgrade_carries_the_listeners_backlog_and_the_workers() {
         "{rolled:?} {workers:?}"
     );
     assert_eq!(get(addr, "/"), Some(200));
+    // And a reload that keeps the workers scales them.
+    corral.rewrite(&config(&work, 3));
+    let said = corral.admin("reload --keep-workers");
+    assert!(said.starts_with("ok"), "{said}");
+    let now = pids(&corral);
+    assert_eq!(now.len(), 3, "{now:?}");
+    assert!(rolled.iter().all(|p| now.contains(p)), "{rolled:?} {now:?}");
 }
 
 /// Polling sessions opened before an upgrade go on after it, each still routed to

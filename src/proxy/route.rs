@@ -69,6 +69,8 @@ pub struct Shared {
     /// An upgrade's signal to carry the long-polls in flight on cleartext HTTP/1.1
     /// connections (their worker connections, with the client's).
     carry_polls: tokio_util::sync::CancellationToken,
+    /// Long-polls the upgrade answered at once instead (TLS, HTTP/2).
+    polls_answered: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -85,6 +87,7 @@ impl Shared {
             tunnels: Tunnels::new(serving.clone()),
             lingering: serving.clone(),
             carry_polls: Default::default(),
+            polls_answered: Default::default(),
         })
     }
 }
@@ -380,6 +383,12 @@ impl Proxy {
         self.carry_polls.cancel();
     }
 
+    /// Long-polls an upgrade could not carry (their clients' connections are TLS or
+    /// HTTP/2), answered 503 at once so that their clients poll the new image.
+    pub fn polls_answered(&self) -> u64 {
+        self.polls_answered.load(Ordering::Relaxed)
+    }
+
     /// The answer to a long-poll an upgrade carried over: read from its worker
     /// connection and passed on as `pass_on` would have (502 when its worker is
     /// gone or the answer broken).
@@ -576,8 +585,11 @@ impl Proxy {
         let poll = matches!(target.ticket, Ticket::Session(_)) && parts.method == Method::GET;
         let uri = origin_form(&parts.uri);
         let mut outgoing = self.encode(&parts.method, &uri, &headers, &sending, direct.as_ref());
-        // Carried by an upgrade only where the client's connection can be too.
-        if poll && peer.scheme == "http" && parts.version != http::Version::HTTP_2 {
+        // At an upgrade a long-poll is carried where its client's connection can be
+        // too; elsewhere (TLS, HTTP/2) it is answered at once, for its client to
+        // poll the new image, rather than hold the upgrade for the drain period.
+        let carriable = peer.scheme == "http" && parts.version != http::Version::HTTP_2;
+        if poll {
             outgoing = outgoing.carried_by(self.carry_polls.clone());
         }
         let wait = if is_eio {
@@ -622,8 +634,12 @@ impl Proxy {
                     worker.answered();
                     return self.respond(reply, ticket, inflight).await;
                 }
-                Ok(Err(SendError::Carried(conn))) => {
+                Ok(Err(SendError::Carried(conn))) if carriable => {
                     return carried(*conn, &worker, &ticket);
+                }
+                Ok(Err(SendError::Carried(_))) => {
+                    self.polls_answered.fetch_add(1, Ordering::Relaxed);
+                    return closing(StatusCode::SERVICE_UNAVAILABLE, "corral: upgrading\n");
                 }
                 Ok(Err(e)) => Some(e),
                 Err(_) => None,

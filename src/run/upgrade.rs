@@ -234,6 +234,12 @@ impl Upgrader {
                 open as u64,
             );
         }
+        let answered = proxy.polls_answered();
+        count(
+            &mut closed,
+            "long-polls (TLS or HTTP/2: answered 503)",
+            answered,
+        );
         let mut connections = Vec::new();
         for given in self.live.serving.carried() {
             match written_down(given, &mut carried) {

@@ -105,19 +105,28 @@ class WssClient:
     between (measured: gunicorn serving TLS itself, no corral, fails the same way).
     The asyncio client reads and writes from one thread."""
 
-    def __init__(self):
+    def __init__(self, reconnection=False):
         import asyncio
         self._asyncio = asyncio
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.sio = socketio.AsyncClient(reconnection=False, ssl_verify=False)
+        self.sio = socketio.AsyncClient(reconnection=reconnection, ssl_verify=False,
+                                        reconnection_delay=0.2, reconnection_delay_max=0.5)
         self.disconnects = 0
+        # When each disconnect and each connect came (time.monotonic()).
+        self.disconnected_at = []
+        self.connected_at = []
 
         def disconnected(*_reason):
             self.disconnects += 1
+            self.disconnected_at.append(time.monotonic())
+
+        def connected(*_args):
+            self.connected_at.append(time.monotonic())
 
         self.sio.on("disconnect", disconnected)
+        self.sio.on("connect", connected)
 
     def _call(self, coro, timeout=30):
         return self._asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

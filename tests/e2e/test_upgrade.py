@@ -11,8 +11,8 @@ import time
 
 import requests
 
-from clients import connect_many, disconnect_all, wait_until
-from conftest import corral_binary
+from clients import WssClient, connect_many, disconnect_all, wait_until
+from conftest import corral_binary, free_port
 from test_reload import gevent_websocket_args
 from test_supervisor import Supervised
 
@@ -115,3 +115,60 @@ def test_upgrade_in_place_under_websockets_polling_and_fresh_connections(stack, 
         assert [m.disconnects for m in members] == [0] * len(members)
     finally:
         disconnect_all(members)
+
+
+def test_upgrade_over_tls_closes_what_it_cannot_carry_and_clients_come_back(stack):
+    """Over TLS (this kernel has no kTLS to hold a session): each wss client gets
+    1012 after the frame in flight and reconnects at once; an https long-poll in
+    flight is answered or cut at the drain period and its client reconnects. The
+    figures are printed for docs/upgrade.md; every client hears broadcasts after."""
+    import socketio
+    port = free_port()
+    c = Supervised(stack, 2, command=gevent_websocket_args(), env={"ASYNC_MODE": "gevent"},
+                   extra=f'[[listener]]\naddress = "127.0.0.1:{port}"\ntls = "self-signed"\n'
+                         '[admin]\nlisten = "127.0.0.1:0"\n').wait()
+    url = f"https://127.0.0.1:{port}"
+    received = {}
+    wss, polling = [], []
+    try:
+        for i in range(10):
+            # The asyncio client: the sync one races on its own TLS socket (WssClient).
+            sio = WssClient(reconnection=True)
+            got = received.setdefault(i, set())
+            sio.on("message", lambda d, got=got: got.add(d["from"]))
+            sio.connect(url, wait_timeout=10)
+            wss.append(sio)
+        for i in range(100, 105):
+            session = requests.Session()
+            session.trust_env = False
+            session.verify = False
+            sio = socketio.Client(ssl_verify=False, http_session=session, reconnection=True,
+                                  reconnection_delay=0.2, reconnection_delay_max=0.5)
+            got = received.setdefault(i, set())
+            sio.on("message", lambda d, got=got: got.add(d["from"]))
+            sio.connect(url, transports=["polling"], wait_timeout=10)
+            polling.append(sio)
+        assert wait_until(lambda: all(s.transport() == "websocket" for s in wss), 15)
+        started = time.monotonic()
+        out = c.admin_cmd("upgrade")
+        took = time.monotonic() - started
+        assert out.returncode == 0, (out.stdout, out.stderr)
+        assert wait_until(lambda: all(s.connected_at and s.connected_at[-1] > started for s in wss), 15)
+        assert all(s.disconnects == 1 for s in wss), [s.disconnects for s in wss]
+        back = [s.connected_at[-1] - s.disconnected_at[-1] for s in wss]
+        assert wait_until(lambda: all(p.connected for p in polling), 15)
+        record = c.status_json()["upgrades"][-1]
+        assert record["closed"].get("tunnels (TLS: 1012 sent)") == 10, record
+        assert record["closed"].get("long-polls (TLS or HTTP/2: answered 503)", 0) <= 5, record
+        assert "requests (still open after the drain period)" not in record["closed"], record
+        print(f"TLS upgrade took {took:.2f} s; wss reconnect took "
+              f"{min(back) * 1000:.0f}-{max(back) * 1000:.0f} ms; closed: {record['closed']}")
+        for n, sender in enumerate([wss[0], polling[0]]):
+            sender.emit("broadcast", {"from": n, "room": "all"})
+            assert wait_until(lambda: all(n in got for got in received.values()), 20), \
+                [i for i, got in received.items() if n not in got]
+    finally:
+        for s in wss:
+            s.disconnect()
+        for p in polling:
+            p.disconnect()
