@@ -543,3 +543,39 @@ fn an_upgrade_closes_a_tls_tunnel_with_1012_and_carries_a_plain_one() {
     assert_eq!(record["closed"]["tunnels (TLS: 1012 sent)"], 1, "{record}");
     drop(rt.block_on(tls.next()));
 }
+
+/// Under systemd (`Type=notify-reload`, `ExecReload=corral upgrade …`): the old
+/// image says RELOADING=1 before it lets go, and the new one READY=1 once it
+/// serves; the main pid does not change.
+#[test]
+fn systemd_hears_reloading_then_ready_around_an_upgrade() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = TempDir::new("upgrade-notify");
+    let path = dir.0.join("notify.sock");
+    let socket = UnixDatagram::bind(&path).expect("bind the stand-in for systemd");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let work = TempDir::new("upgrade-notify-worker");
+    let corral = Corral::start_with(&config(&work, 1), |cmd| {
+        cmd.env("NOTIFY_SOCKET", &path);
+    });
+    let next = || {
+        let mut buf = [0u8; 512];
+        let n = socket.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert!(next().starts_with("READY=1\n"));
+    let pid = corral.child.id();
+    let (ok, said) = upgrade(&corral, None);
+    assert!(ok, "{said}");
+    let reloading = next();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert!(reloading.contains("STATUS=upgrading"), "{reloading}");
+    let ready = next();
+    assert!(ready.starts_with("READY=1\n"), "{ready}");
+    assert_eq!(image(&corral)["pid"], pid);
+}
