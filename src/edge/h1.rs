@@ -164,6 +164,22 @@ impl Carrier {
         self.on.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Whether the drain carries connections now.
+    pub(crate) fn carrying(&self) -> bool {
+        self.is_on()
+    }
+
+    /// A connection that has sent nothing yet (a look for the HTTP/2 preface was
+    /// waiting on it), given as it is.
+    pub(crate) fn give_untouched(&self, socket: std::net::TcpStream) {
+        let mut given = self.given.lock().unwrap_or_else(|e| e.into_inner());
+        given.push(Given {
+            socket,
+            early: Bytes::new(),
+            waiting: None,
+        });
+    }
+
     /// The connections given so far.
     pub(crate) fn take(&self) -> Vec<Given> {
         std::mem::take(&mut *self.given.lock().unwrap_or_else(|e| e.into_inner()))

@@ -16,6 +16,7 @@ use crate::runtime::handover;
 use crate::runtime::lanes::Lanes;
 use crate::runtime::life::Life;
 use crate::transport::body::RequestBody;
+use crate::transport::moving::Taken;
 use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -818,7 +819,15 @@ fn spawn_connection(
                 let looked = opens_h2(&stream, limits.header_read);
                 let prior_knowledge = tokio::select! {
                     yes = looked => yes,
-                    _ = draining.cancelled() => return,
+                    _ = draining.cancelled() => {
+                        // Nothing read yet: an upgrade carries it as it is.
+                        if carrier.carrying() {
+                            if let Ok(Taken::Tcp(tcp)) = uproot::Uproot::uproot(stream) {
+                                carrier.give_untouched(tcp);
+                            }
+                        }
+                        return;
+                    }
                 };
                 if prior_knowledge {
                     use uproot::NoDelay;

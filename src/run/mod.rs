@@ -306,6 +306,7 @@ impl App {
             serving: lives.serving.clone(),
             root: lives.root.clone(),
             tag_key,
+            begun: Default::default(),
         };
         let targets = admin::Targets {
             supervisor: supervisor.clone(),

@@ -20,7 +20,7 @@ use crate::runtime::forker;
 use crate::runtime::handover::{self, Carried, Handover};
 use crate::runtime::life::Life;
 use crate::transport::moving::PendingAnswer;
-use crate::workers::supervisor::Adopted;
+use crate::workers::supervisor::{Adopted, Carry};
 use std::ffi::{CString, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -78,13 +78,22 @@ pub(super) struct Upgrader {
     /// The sid tags' key, where it was made at random: carried, so that the sids
     /// issued go on being read.
     pub(super) tag_key: Option<Vec<u8>>,
+    /// An upgrade has been accepted and not given up: a second is refused.
+    pub(super) begun: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl admin::Upgrade for Upgrader {
     fn upgrade(&self, binary: Option<PathBuf>) -> admin::Upgrading<'_> {
         Box::pin(async move {
+            use std::sync::atomic::Ordering;
             let binary = binary.unwrap_or_else(|| self.origin.exe.clone());
+            if self.begun.load(Ordering::Acquire) {
+                return Err("an upgrade is already under way".into());
+            }
             let to = probe(&binary, &self.origin.argv).await?;
+            if self.begun.swap(true, Ordering::AcqRel) {
+                return Err("an upgrade is already under way".into());
+            }
             let said = format!(
                 "upgrading pid {} from {VERSION} to {to} ({})",
                 std::process::id(),
@@ -166,43 +175,77 @@ impl Upgrader {
         tracing::info!(from = VERSION, %to, binary = %binary.display(), "upgrading in place");
         crate::runtime::notify::reloading("upgrading");
         let mut carried = Carried::default();
-        let mut workers = match &self.live.supervisor {
-            Some(sup) => match sup.carry(&mut carried).await {
-                Ok(w) => Some(w),
-                Err(e) => return not_upgraded(&e),
-            },
-            None => None,
-        };
-        let mut sockets = std::collections::BTreeMap::new();
-        if let Queue::Embedded(broker, _) = &self.live.sources.queue {
-            let socket = broker.listening_socket().map(|s| carried.dup(s));
-            match socket {
-                Some(Ok(fd)) => drop(sockets.insert(BROKER.to_string(), fd)),
-                Some(Err(e)) => return not_upgraded(&e),
-                None => {}
+        // Held until the exec: no change to the workers starts meanwhile.
+        let (workers, mut written) = match self.let_go(&mut carried).await {
+            Ok(taken) => taken,
+            Err(e) => {
+                self.begun
+                    .store(false, std::sync::atomic::Ordering::Release);
+                return not_upgraded(&e);
             }
-        }
-        let status = {
-            let status = self.live.status.lock().unwrap_or_else(|e| e.into_inner());
-            status.as_ref().map(|s| s.carry(&mut carried))
-        };
-        match status {
-            Some(Ok(Some(fd))) => drop(sockets.insert(STATUS.to_string(), fd)),
-            Some(Err(e)) => return not_upgraded(&e),
-            _ => {}
-        }
-        let listeners = match self.live.serving.carry(&mut carried) {
-            Ok(l) => l,
-            Err(e) => return not_upgraded(&e),
         };
         // From here on, there is no going back: only forward to an exec.
         let upgrading = &self.live.addresses.upgrading;
         upgrading.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.carry_connections(&mut carried, &mut written).await;
+        // The broker last: the requests finished above may have published.
+        self.carry_broker(&mut carried, &mut written).await;
+        // After the drain: what it ended is not carried.
+        written.sessions = self.live.router.carry();
+        written.tag_key = self.tag_key.clone();
+        let upgrades = self.live.sources.upgrades.lock();
+        written.upgrades = upgrades.unwrap_or_else(|e| e.into_inner()).clone();
+        let entry = match carried.prepare(&written) {
+            Ok(e) => e,
+            Err(e) => return stop_after(&format!("the hand-over cannot be written: {e}")),
+        };
+        exec(&binary, &self.origin.argv, &entry).await;
+        // The exec failed (said in the log): this corral's own binary, which
+        // speaks the same hand-over, takes over instead.
+        exec(Path::new("/proc/self/exe"), &self.origin.argv, &entry).await;
+        stop_after("neither binary could be run");
+        drop(workers);
+    }
+
+    /// The part of the hand-over that changes nothing until it is all done: the
+    /// workers written down (and changes to them held), then every listening
+    /// socket taken, accepting stopped last. A failure leaves corral as it was.
+    async fn let_go(&self, carried: &mut Carried) -> std::io::Result<(Option<Carry>, Handover)> {
+        let workers = match &self.live.supervisor {
+            Some(sup) => Some(sup.carry(carried).await?),
+            None => None,
+        };
+        let mut sockets = std::collections::BTreeMap::new();
+        if let Queue::Embedded(broker, _) = &self.live.sources.queue {
+            if let Some(socket) = broker.listening_socket() {
+                sockets.insert(BROKER.to_string(), carried.dup(socket)?);
+            }
+        }
+        let status = {
+            let status = self.live.status.lock().unwrap_or_else(|e| e.into_inner());
+            status.as_ref().map(|s| s.carry(carried))
+        };
+        if let Some(fd) = status.transpose()?.flatten() {
+            sockets.insert(STATUS.to_string(), fd);
+        }
+        let listeners = self.live.serving.carry(carried)?;
+        let mut workers = workers;
+        let (slots, next_index) = match workers.as_mut() {
+            Some(w) => (std::mem::take(&mut w.workers), w.next_index),
+            None => (Vec::new(), 0),
+        };
+        let mut written = Handover::new(VERSION, listeners, slots, next_index);
+        written.sockets = sockets;
+        Ok((workers, written))
+    }
+
+    /// The client connections: cleartext tunnels stopped where they stand (TLS ones
+    /// closed with 1012), then the drain, which carries connections between
+    /// requests and long-polls in flight and lets the other requests finish.
+    async fn carry_connections(&self, carried: &mut Carried, written: &mut Handover) {
         let proxy = self.live.front.load().proxy().clone();
-        let mut tunnels = Vec::new();
-        let mut closed = std::collections::BTreeMap::new();
         let (given, not_carried) = proxy.carry_tunnels().await;
-        count(&mut closed, "tunnels (TLS: 1012 sent)", not_carried);
+        count(&mut written.closed, "tunnels (TLS: 1012 sent)", not_carried);
         for t in given {
             let mut state = t.state;
             match (carried.dup(&t.client), carried.dup(&t.worker)) {
@@ -212,7 +255,7 @@ impl Upgrader {
                     continue;
                 }
             }
-            tunnels.push(state);
+            written.tunnels.push(state);
         }
         self.live.serving.begin_carry();
         proxy.carry_polls();
@@ -228,73 +271,42 @@ impl Upgrader {
                 open,
                 "requests still open after the drain period: the upgrade closes them"
             );
-            count(
-                &mut closed,
-                "requests (still open after the drain period)",
-                open as u64,
-            );
+            let why = "requests (still open after the drain period)";
+            count(&mut written.closed, why, open as u64);
         }
         let answered = proxy.polls_answered();
-        count(
-            &mut closed,
-            "long-polls (TLS or HTTP/2: answered 503)",
-            answered,
-        );
-        let mut connections = Vec::new();
+        let why = "long-polls (TLS or HTTP/2: answered 503)";
+        count(&mut written.closed, why, answered);
         for given in self.live.serving.carried() {
-            match written_down(given, &mut carried) {
-                Ok(c) => connections.push(c),
+            match written_down(given, carried) {
+                Ok(c) => written.connections.push(c),
                 Err(e) => tracing::warn!(error = %e, "a client connection is not carried"),
             }
         }
-        // The broker last: the requests finished above may have published.
-        let mut clients = Vec::new();
-        if let Queue::Embedded(broker, _) = &self.live.sources.queue {
-            let (given, lost) = broker.carry().await;
-            count(&mut closed, "message queue clients (output stalled)", lost);
-            for c in given {
-                let mut state = c.state;
-                match carried.dup(&c.socket) {
-                    Ok(fd) => state.socket = fd,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "a message queue client is not carried");
-                        continue;
-                    }
+    }
+
+    /// The embedded broker's clients.
+    async fn carry_broker(&self, carried: &mut Carried, written: &mut Handover) {
+        let Queue::Embedded(broker, _) = &self.live.sources.queue else {
+            return;
+        };
+        let (given, lost) = broker.carry().await;
+        count(
+            &mut written.closed,
+            "message queue clients (output stalled)",
+            lost,
+        );
+        for c in given {
+            let mut state = c.state;
+            match carried.dup(&c.socket) {
+                Ok(fd) => state.socket = fd,
+                Err(e) => {
+                    tracing::warn!(error = %e, "a message queue client is not carried");
+                    continue;
                 }
-                clients.push(state);
             }
+            written.broker_clients.push(state);
         }
-        // The hold on changes to the workers stays until the exec.
-        let (slots, next_index) = match workers.as_mut() {
-            Some(w) => (std::mem::take(&mut w.workers), w.next_index),
-            None => (Vec::new(), 0),
-        };
-        let mut written = Handover::new(VERSION, listeners, slots, next_index);
-        written.sockets = sockets;
-        // After the drain: what it ended is not carried.
-        written.sessions = self.live.router.carry();
-        written.tag_key = self.tag_key.clone();
-        written.broker_clients = clients;
-        written.tunnels = tunnels;
-        written.connections = connections;
-        written.closed = closed;
-        written.upgrades = self
-            .live
-            .sources
-            .upgrades
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let entry = match carried.prepare(&written) {
-            Ok(e) => e,
-            Err(e) => return stop_after(&format!("the hand-over cannot be written: {e}")),
-        };
-        exec(&binary, &self.origin.argv, &entry).await;
-        // The exec failed (said in the log): this corral's own binary, which
-        // speaks the same hand-over, takes over instead.
-        exec(Path::new("/proc/self/exe"), &self.origin.argv, &entry).await;
-        stop_after("neither binary could be run");
-        drop(workers);
     }
 }
 
