@@ -455,6 +455,10 @@ fn an_upgrade_carries_kept_alive_connections() {
     wait_until(Duration::from_secs(10), "the held request", || {
         work.0.join("held").exists()
     });
+    // Every one accepted by the old image, none waiting in the backlog.
+    wait_until(Duration::from_secs(10), "the connections accepted", || {
+        accept_queue(corral.addr.port()) == 0
+    });
     let mut command = upgrade_command(&corral, None);
     wait_until(Duration::from_secs(10), "accepting stopped", || {
         support::addresses(&admin_socket(&corral)).is_some_and(|a| a["upgrading"] == true)
@@ -578,4 +582,47 @@ fn systemd_hears_reloading_then_ready_around_an_upgrade() {
     let ready = next();
     assert!(ready.starts_with("READY=1\n"), "{ready}");
     assert_eq!(image(&corral)["pid"], pid);
+}
+
+/// With `h2c` on, a connection that has sent nothing yet is being looked at for
+/// the HTTP/2 preface: an upgrade carries it as it is, and its request, sent after,
+/// is answered by the new image.
+#[test]
+fn an_upgrade_carries_a_silent_connection_with_h2c_on() {
+    let worker = support::RawWorker::start(support::Mode::Echo);
+    let corral = Corral::start(&format!("upstreams = [\"{}\"]\nh2c = true\n", worker.addr));
+    let mut silent = TcpStream::connect(corral.addr).expect("connect");
+    silent
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    // Accepted (and looked at), not waiting in the backlog.
+    wait_until(Duration::from_secs(10), "the connection accepted", || {
+        accept_queue(corral.addr.port()) == 0
+    });
+    let (ok, said) = upgrade(&corral, None);
+    assert!(ok, "{said}");
+    silent
+        .write_all(b"GET /late HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut reply = String::new();
+    let _ = silent.read_to_string(&mut reply);
+    assert_eq!(reply.split(' ').nth(1), Some("200"), "{reply:?}");
+}
+
+/// Connections waiting in the accept queues of the listening sockets on `port`
+/// (`/proc/net/tcp`: a listening socket's receive queue is its accept queue).
+fn accept_queue(port: u16) -> u64 {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields.get(1)?.rsplit(':').next()?;
+            let listening = *fields.get(3)? == "0A";
+            let rx = fields.get(4)?.split(':').nth(1)?;
+            let ours = u16::from_str_radix(local_port, 16).ok()? == port;
+            (ours && listening).then(|| u64::from_str_radix(rx, 16).ok())?
+        })
+        .sum()
 }
