@@ -403,14 +403,19 @@ impl Proxy {
         };
         let inflight = worker.start_poll();
         let home = worker.clone();
-        match upstream::resume(home, &self.forward.upstream, pending.conn, false).await {
-            Ok(reply) => {
+        let answer = upstream::resume(home, &self.forward.upstream, pending.conn, false);
+        match tokio::time::timeout(self.cfg.timeouts.engineio_read, answer).await {
+            Ok(Ok(reply)) => {
                 worker.traffic.count_response(reply.status().as_u16());
                 self.respond(reply, ticket, inflight).await
             }
-            Err(e) => short(
+            Ok(Err(e)) => short(
                 StatusCode::BAD_GATEWAY,
                 &format!("corral: worker {} failed: {e}\n", worker.addr),
+            ),
+            Err(_) => short(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!("corral: worker {} did not answer\n", worker.addr),
             ),
         }
     }

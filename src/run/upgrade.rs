@@ -20,7 +20,7 @@ use crate::runtime::forker;
 use crate::runtime::handover::{self, Carried, Handover};
 use crate::runtime::life::Life;
 use crate::transport::moving::PendingAnswer;
-use crate::workers::supervisor::{Adopted, Carry};
+use crate::workers::supervisor::{Adopted, Hold};
 use std::ffi::{CString, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -190,6 +190,13 @@ impl Upgrader {
         self.carry_connections(&mut carried, &mut written).await;
         // The broker last: the requests finished above may have published.
         self.carry_broker(&mut carried, &mut written).await;
+        // Last, as they are now (a crash meanwhile is not restarted by this image).
+        if let Some(sup) = &self.live.supervisor {
+            match sup.carry(&mut carried).await {
+                Ok((slots, next)) => (written.workers, written.next_index) = (slots, next),
+                Err(e) => return stop_after(&format!("the workers cannot be carried: {e}")),
+            }
+        }
         // After the drain: what it ended is not carried.
         written.sessions = self.live.router.carry();
         written.tag_key = self.tag_key.clone();
@@ -207,12 +214,12 @@ impl Upgrader {
         drop(workers);
     }
 
-    /// The part of the hand-over that changes nothing until it is all done: the
-    /// workers written down (and changes to them held), then every listening
-    /// socket taken, accepting stopped last. A failure leaves corral as it was.
-    async fn let_go(&self, carried: &mut Carried) -> std::io::Result<(Option<Carry>, Handover)> {
+    /// The part of the hand-over that changes nothing until it is all done: changes
+    /// to the workers held, then every listening socket taken, accepting stopped
+    /// last. A failure leaves corral as it was.
+    async fn let_go(&self, carried: &mut Carried) -> std::io::Result<(Option<Hold>, Handover)> {
         let workers = match &self.live.supervisor {
-            Some(sup) => Some(sup.carry(carried).await?),
+            Some(sup) => Some(sup.hold().await),
             None => None,
         };
         let mut sockets = std::collections::BTreeMap::new();
@@ -229,12 +236,7 @@ impl Upgrader {
             sockets.insert(STATUS.to_string(), fd);
         }
         let listeners = self.live.serving.carry(carried)?;
-        let mut workers = workers;
-        let (slots, next_index) = match workers.as_mut() {
-            Some(w) => (std::mem::take(&mut w.workers), w.next_index),
-            None => (Vec::new(), 0),
-        };
-        let mut written = Handover::new(VERSION, listeners, slots, next_index);
+        let mut written = Handover::new(VERSION, listeners, Vec::new(), 0);
         written.sockets = sockets;
         Ok((workers, written))
     }

@@ -103,13 +103,16 @@ struct Slot {
 /// its output is forwarded from), set by its keeper at each start.
 type Pipes = Arc<Mutex<Vec<OwnedFd>>>;
 
-/// The workers as an upgrade carries them, and the hold on changes to them.
-pub struct Carry {
-    /// Each slot's worker.
-    pub workers: Vec<handover::Worker>,
-    /// The next slot's index.
-    pub next_index: usize,
+/// An upgrade's hold on the workers: no change to them and no process started.
+pub struct Hold {
+    frozen: Arc<std::sync::atomic::AtomicBool>,
     _changes: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.frozen.store(false, Ordering::Release);
+    }
 }
 
 /// A worker an upgrade carried over, for its slot in the new image.
@@ -142,6 +145,8 @@ pub struct Supervisor {
     changes: Arc<tokio::sync::Mutex<()>>,
     /// Set by `stop_all` under `changes`: nothing starts after it.
     stopped: std::sync::atomic::AtomicBool,
+    /// An upgrade holds the workers ([`Hold`]): keepers start no process.
+    frozen: Arc<std::sync::atomic::AtomicBool>,
     /// Owns the keepers (each worker's task): the workers' lifetime.
     life: crate::runtime::life::Life,
     /// The last exit whose output the log showed, of any worker.
@@ -179,6 +184,7 @@ impl Supervisor {
             next_index: AtomicUsize::new(0),
             changes: Arc::new(tokio::sync::Mutex::new(())),
             stopped: std::sync::atomic::AtomicBool::new(false),
+            frozen: Default::default(),
             life,
             shown: Shown::default(),
         }
@@ -225,12 +231,25 @@ impl Supervisor {
         wait_started(waiting).await;
     }
 
-    /// For an upgrade: each slot's worker written down, its output pipes given to
-    /// `carried`. No change to the workers starts while the guard is held (one in
-    /// progress finishes first): the caller holds it until the exec. The keepers go
-    /// on watching until then.
-    pub async fn carry(&self, carried: &mut handover::Carried) -> std::io::Result<Carry> {
+    /// For an upgrade: no change to the workers starts while the hold lasts (one in
+    /// progress finishes first), and no keeper starts a process (a crashed worker
+    /// waits for the new image to start it again). The caller holds it until the
+    /// exec; dropped before, all goes on as before.
+    pub async fn hold(&self) -> Hold {
         let guard = self.changes.clone().lock_owned().await;
+        self.frozen.store(true, Ordering::Release);
+        Hold {
+            frozen: self.frozen.clone(),
+            _changes: guard,
+        }
+    }
+
+    /// For an upgrade, under its [`Hold`], just before the exec: each slot's worker
+    /// written down, its output pipes given to `carried`; and the next slot's index.
+    pub async fn carry(
+        &self,
+        carried: &mut handover::Carried,
+    ) -> std::io::Result<(Vec<handover::Worker>, usize)> {
         let slots = self.slots.lock().await;
         let mut workers = Vec::with_capacity(slots.len());
         for s in slots.iter() {
@@ -248,11 +267,7 @@ impl Supervisor {
                 output,
             });
         }
-        Ok(Carry {
-            workers,
-            next_index: self.next_index.load(Ordering::Relaxed),
-            _changes: guard,
-        })
+        Ok((workers, self.next_index.load(Ordering::Relaxed)))
     }
 
     /// Starts `n` workers at once and waits until each is ready or has failed its
@@ -288,6 +303,7 @@ impl Supervisor {
             index,
             adopted,
             pipes: pipes.clone(),
+            frozen: self.frozen.clone(),
         };
         let keeper = self.life.spawn(keep(
             self.spec.clone(),
@@ -511,6 +527,7 @@ struct Charge {
     index: usize,
     adopted: Option<Adopted>,
     pipes: Pipes,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Keeps one worker process running until told to stop.
@@ -527,6 +544,7 @@ async fn keep(
         index,
         mut adopted,
         pipes,
+        frozen,
     } = charge;
     let mut ready_tx = Some(ready_tx);
     let mut backoff = FIRST_BACKOFF;
@@ -542,7 +560,14 @@ async fn keep(
         let spec = specs.load_full();
         pool.set_starting(&worker);
         let output = Output::new(failures.in_a_row > 0);
-        let started = match adopted.take().and_then(|a| adopt(a, index, &output)) {
+        let carried = adopted.take().and_then(|a| adopt(a, index, &output));
+        // An upgrade under way: the new image starts it.
+        while carried.is_none() && frozen.load(Ordering::Acquire) {
+            if sleep_or_stop(&mut stop, FIRST_BACKOFF).await {
+                return;
+            }
+        }
+        let started = match carried {
             Some(carried) => Ok(carried),
             None => spawn(&spec, port, index, &extra_env, &output).await,
         };
