@@ -166,3 +166,41 @@ def test_operator_commands_find_a_prefix_mode_corral_by_its_file(stack):
     finally:
         for c in clients:
             c.disconnect()
+
+
+def test_upgrade_finds_a_prefix_mode_corral_by_its_file(stack):
+    """`corral -c corral.toml gunicorn …`, then `corral upgrade -c corral.toml`: the
+    probe reads the same command line, the upgrade finds the corral by its file, and
+    the workers and websocket clients are carried over (same pids, no disconnect)."""
+    from conftest import free_port
+    d = Path(tempfile.mkdtemp(prefix="corral-"))
+    stack.dirs.append(d)
+    own = d / "corral.toml"
+    own.write_text("")
+    port = free_port()
+    env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "ASYNC_MODE": "gevent"}
+    proc = Proc([corral_binary(), "-c", str(own), "gunicorn", "-k",
+                 "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", "2",
+                 "-b", f"127.0.0.1:{port}", "--chdir", str(APPS), "chat_app:create_app()"],
+                stack.tmp / f"prefix-upgrade-{port}.log", env=env)
+    stack.procs.append(proc)
+
+    def workers():
+        out = corral_cmd("status", "-c", str(own), timeout=30)
+        return json.loads(out.stdout) if out.returncode == 0 else []
+
+    assert wait_until(lambda: len(workers()) == 2 and all(w["state"] == "up" for w in workers()), 60), \
+        proc.output()[-3000:]
+    before = sorted(w["pid"] for w in workers())
+    members = connect_many(f"http://127.0.0.1:{port}", 10)
+    try:
+        assert not [m.error for m in members if m.error]
+        assert wait_until(lambda: all(m.transport == "websocket" for m in members), 20)
+        out = corral_cmd("upgrade", "-c", str(own))
+        assert out.returncode == 0, (out.stdout, out.stderr)
+        assert sorted(w["pid"] for w in workers()) == before
+        ok, missing = all_hear_all(members)
+        assert ok, missing
+        assert [m.disconnects for m in members] == [0] * len(members)
+    finally:
+        disconnect_all(members)
