@@ -2,6 +2,10 @@
 //! (RESP2 and RESP3), so `message_queue='redis://...'` in Flask-SocketIO (or a Node
 //! redis adapter) works with nothing else installed.
 //!
+//! At an upgrade every connection stops reading, then each gives its socket, its
+//! subscriptions, a command read in part and its unsent output ([`Broker::carry`]);
+//! the new image resumes each where it stood ([`Broker::resume`]).
+//!
 //! This module owns the broker's sockets and per-connection state and runs commands;
 //! [`registry`] is the pub/sub core, [`resp`] the wire format, [`glob`] Redis's
 //! pattern rules. It is not a Redis: commands other than the pub/sub set get Redis's
@@ -1251,9 +1255,8 @@ fn info(b: &Broker, c: &mut Client, args: &[Bytes], out: &mut BytesMut) -> Next 
 }
 
 /// Writes a client's replies and messages, in order: whatever is buffered when it
-/// wakes goes out in one write.
-/// Writes a connection's output as it is queued. Carried by an upgrade, it stops
-/// at its next wait and gives back its half of the socket and what was queued.
+/// wakes goes out in one write. Carried by an upgrade, it stops at its next wait
+/// and gives back its half of the socket and what was queued.
 async fn write_loop(
     mut writer: OwnedWriteHalf,
     handle: Arc<ClientHandle>,

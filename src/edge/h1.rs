@@ -7,7 +7,9 @@
 //! client meanwhile (one that goes away cancels the request), writes the answer
 //! (`http1::encode`), and then either keeps the connection for the next request
 //! (pipelined ones included) or closes it; a 101 gives the socket, with the bytes
-//! read past the head, to the tunnel that asked for it (`OnUpgrade`).
+//! read past the head, to the tunnel that asked for it (`OnUpgrade`). At an
+//! upgrade's drain a connection between requests, or one whose long-poll the request
+//! path stopped waiting for, gives its socket to the [`Carrier`] instead of closing.
 //!
 //! It owns the connection's timeouts: `header_read` for a head once begun,
 //! `keepalive` between requests, `body_read` between pieces of a body, and (on the
@@ -216,34 +218,18 @@ pub(crate) async fn serve<I, S>(
     I: Uproot + NoDelay,
     S: Service,
 {
-    let Begun {
-        early,
-        carrier,
-        answer,
-    } = begun;
+    let carrier = begun.carrier;
     let carrying = || carrier.is_some_and(Carrier::is_on);
-    let mut buf = BytesMut::with_capacity(READ_SIZE.max(early.len()));
-    buf.extend_from_slice(&early);
-    let mut conn = Conn {
-        io,
-        buf,
-        out: Vec::with_capacity(1024),
-        nagle: Nagle {
-            on: limits.nagle,
-            wrote: false,
-        },
-        limits,
-    };
+    let mut conn = Conn::new(io, limits, &begun.early);
     let deadline = tokio::time::sleep(limits.header_read);
     tokio::pin!(deadline);
     let mut first = true;
-    if let Some((answer, how)) = answer {
-        let resp = answer.await;
+    if let Some((answer, how)) = begun.answer {
         let keep = !how.close && (!draining.is_cancelled() || carrying());
-        match write_response(&mut conn, resp, false, how.http10, keep, &mut None).await {
-            Ok(true) => first = false,
-            _ => return,
+        if !write_carried(&mut conn, answer, how, keep).await {
+            return;
         }
+        first = false;
     }
     loop {
         let head = read_head(&mut conn, deadline.as_mut(), draining, first, carrier).await;
@@ -273,8 +259,11 @@ pub(crate) async fn serve<I, S>(
                 http10,
                 close: framing.close,
             };
-            let waiting = pending.take().map(|answer| Waiting { answer, how });
-            return give(conn, carrier, waiting);
+            return give(
+                conn,
+                carrier,
+                pending.take().map(|answer| Waiting { answer, how }),
+            );
         }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(upgrading) = upgrading {
@@ -298,6 +287,40 @@ pub(crate) async fn serve<I, S>(
             }
         }
     }
+}
+
+impl<I> Conn<I> {
+    /// A connection begun with `early` (bytes a carried connection had read).
+    fn new(io: I, limits: Limits, early: &[u8]) -> Conn<I> {
+        let mut buf = BytesMut::with_capacity(READ_SIZE.max(early.len()));
+        buf.extend_from_slice(early);
+        Conn {
+            io,
+            buf,
+            out: Vec::with_capacity(1024),
+            nagle: Nagle {
+                on: limits.nagle,
+                wrote: false,
+            },
+            limits,
+        }
+    }
+}
+
+/// Writes the answer a carried long-poll was waiting for, once it comes; whether
+/// the connection goes on.
+async fn write_carried<I>(
+    conn: &mut Conn<I>,
+    answer: AnswerComing<'_>,
+    how: Writing,
+    keep: bool,
+) -> bool
+where
+    I: AsyncRead + AsyncWrite + Unpin + NoDelay,
+{
+    let resp = answer.await;
+    let written = write_response(conn, resp, false, how.http10, keep, &mut None).await;
+    matches!(written, Ok(true))
 }
 
 /// What comes next on a connection.

@@ -1,7 +1,9 @@
 //! The listeners: binds the configured addresses (one `SO_REUSEPORT` socket per
 //! serving thread, see `lanes`), accepts client connections (bounded in number),
 //! terminates TLS, serves HTTP on each with header-read and keep-alive limits, and at
-//! shutdown stops accepting and lets requests in flight finish (bounded).
+//! shutdown stops accepting and lets requests in flight finish (bounded). At an
+//! upgrade it gives its listening sockets and, through the drain, its cleartext
+//! connections (`h1::Carrier`) to the new image, which serves them on.
 //!
 //! It owns the sockets and the client connections' tasks; every request goes to
 //! `Gate::handle`. It must not decide anything about a request itself.
@@ -60,9 +62,9 @@ pub struct Bound {
 
 /// Binds every configured listener, `lanes` sockets each. What depends on a
 /// listener's port (the https redirect's target, the self-signed certificate's
-/// file) takes the bound one: a configured port 0 is a real port by then.
-/// A listener an upgrade carried (an inherited one is found by its configured
-/// address before anything is bound: its backlog goes on).
+/// file) takes the bound one: a configured port 0 is a real port by then. A
+/// listener an upgrade carried (`inherited`) is found by its configured address
+/// and taken instead of bound: its backlog goes on.
 pub fn bind(cfg: &Config, lanes: usize, inherited: Vec<Inherited>) -> Result<Bound, Error> {
     Ok(Bound {
         plan: plan(&cfg.listeners(), lanes, &[], inherited)?,

@@ -590,10 +590,6 @@ impl Proxy {
         let poll = matches!(target.ticket, Ticket::Session(_)) && parts.method == Method::GET;
         let uri = origin_form(&parts.uri);
         let mut outgoing = self.encode(&parts.method, &uri, &headers, &sending, direct.as_ref());
-        // At an upgrade a long-poll is carried where its client's connection can be
-        // too; elsewhere (TLS, HTTP/2) it is answered at once, for its client to
-        // poll the new image, rather than hold the upgrade for the drain period.
-        let carriable = peer.scheme == "http" && parts.version != http::Version::HTTP_2;
         if poll {
             outgoing = outgoing.carried_by(self.carry_polls.clone());
         }
@@ -639,12 +635,8 @@ impl Proxy {
                     worker.answered();
                     return self.respond(reply, ticket, inflight).await;
                 }
-                Ok(Err(SendError::Carried(conn))) if carriable => {
-                    return carried(*conn, &worker, &ticket);
-                }
-                Ok(Err(SendError::Carried(_))) => {
-                    self.polls_answered.fetch_add(1, Ordering::Relaxed);
-                    return closing(StatusCode::SERVICE_UNAVAILABLE, "corral: upgrading\n");
+                Ok(Err(SendError::Carried(conn))) => {
+                    return self.carried(*conn, (&peer, parts.version), &worker, &ticket);
                 }
                 Ok(Err(e)) => Some(e),
                 Err(_) => None,
@@ -894,28 +886,39 @@ impl Proxy {
     }
 }
 
-/// The client's body stopped coming (`timeouts.body_read`, or `timeouts.read` for a
-/// body read whole); the connection closes.
-/// The response that takes a long-poll an upgrade carries to its client
-/// connection's session: no answer yet, its worker connection within.
-fn carried(
-    conn: crate::transport::http1::Conn,
-    worker: &Worker,
-    ticket: &Ticket,
-) -> Response<ProxyBody> {
-    let sid = match ticket {
-        Ticket::Session(t) => Some(t.sid().to_string()),
-        _ => None,
-    };
-    let mut resp = Response::new(crate::transport::body::empty());
-    resp.extensions_mut().insert(Pending::new(PendingAnswer {
-        conn,
-        worker: worker.id,
-        sid,
-    }));
-    resp
+impl Proxy {
+    /// A long-poll an upgrade stopped waiting: carried where its client's
+    /// connection can be too (cleartext HTTP/1.1), in a response that takes its
+    /// worker connection to the client connection's session; elsewhere (TLS,
+    /// HTTP/2) answered 503 at once, for its client to poll the new image rather
+    /// than hold the upgrade for the drain period.
+    fn carried(
+        &self,
+        conn: http1::Conn,
+        (peer, version): (&Peer, http::Version),
+        worker: &Worker,
+        ticket: &Ticket,
+    ) -> Response<ProxyBody> {
+        if peer.scheme != "http" || version == http::Version::HTTP_2 {
+            self.polls_answered.fetch_add(1, Ordering::Relaxed);
+            return closing(StatusCode::SERVICE_UNAVAILABLE, "corral: upgrading\n");
+        }
+        let sid = match ticket {
+            Ticket::Session(t) => Some(t.sid().to_string()),
+            _ => None,
+        };
+        let mut resp = Response::new(crate::transport::body::empty());
+        resp.extensions_mut().insert(Pending::new(PendingAnswer {
+            conn,
+            worker: worker.id,
+            sid,
+        }));
+        resp
+    }
 }
 
+/// The client's body stopped coming (`timeouts.body_read`, or `timeouts.read` for a
+/// body read whole); the connection closes.
 fn body_timed_out() -> Response<ProxyBody> {
     closing(
         StatusCode::REQUEST_TIMEOUT,

@@ -9,7 +9,9 @@
 //!
 //! [`Tunnels`] owns the upgraded connections and their tasks, and has each send its
 //! client a close frame at shutdown (1001) or when its worker is about to be
-//! stopped (1012, at a moment spread over `workers.close_spread`); nothing else. The
+//! stopped (1012, at a moment spread over `workers.close_spread`), and at an upgrade
+//! gives each cleartext tunnel's sockets and relay state to the new image (a TLS one
+//! gets 1012) and resumes those it is given; nothing else. The
 //! caller has already chosen the worker, and the ticket it hands over keeps the
 //! session counted while the tunnel is open. It does not reach into the request path
 //! (`route`).

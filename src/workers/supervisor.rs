@@ -1,7 +1,9 @@
 //! The supervisor: starts the worker processes from the command template, waits until
 //! each answers HTTP, restarts crashed ones with exponential backoff, replaces them
 //! one at a time on a rolling restart (draining the old one), scales up and down, and
-//! stops them all, process group and all, when corral stops.
+//! stops them all, process group and all, when corral stops. At an upgrade it holds
+//! them (no change, no new process) and writes them down; the new image adopts
+//! them by pid, with their output pipes.
 //!
 //! It owns processes and ports. It tells the pool about worker state through the
 //! pool's small interface (`add`, `set_ready`, `process_exited`, `drain`, `retire`)
