@@ -626,3 +626,19 @@ fn accept_queue(port: u16) -> u64 {
         })
         .sum()
 }
+
+/// The new image reads the config as it is now: two workers carried into a config
+/// that asks for one keep both through the upgrade, then the newest is served out.
+#[test]
+fn an_upgrade_into_a_config_with_fewer_workers_scales_them_after() {
+    let work = TempDir::new("upgrade-fewer");
+    let corral = start(&work);
+    let before = pids(&corral);
+    corral.rewrite(&config(&work, 1));
+    let (ok, said) = upgrade(&corral, None);
+    assert!(ok, "{said}");
+    let left = corral.wait_workers(Duration::from_secs(30), |w| w.len() == 1);
+    let pid = left[0]["pid"].as_u64().expect("a pid");
+    assert!(before.contains(&pid), "{before:?} {left:?}");
+    assert_eq!(get(corral.addr, "/"), Some(200));
+}

@@ -323,9 +323,19 @@ impl App {
             background.spawn_until_drained(crate::workers::supervisor::reap_orphans(pool.clone()));
         }
         let carried_workers = taken.workers.len();
-        if let Some(sup) = &supervisor {
-            sup.start_with(std::mem::take(&mut taken.workers), taken.next_index)
-                .await;
+        let adopted = std::mem::take(&mut taken.workers);
+        match &supervisor {
+            Some(sup) => {
+                sup.start_with(adopted, taken.next_index).await;
+                // More carried than the config now asks for: the newest go, served
+                // out, after the start.
+                let wanted = sup.spec().count.resolve();
+                if carried_workers > wanted {
+                    let sup = sup.clone();
+                    background.spawn(async move { sup.scale(wanted).await });
+                }
+            }
+            None => crate::workers::supervisor::stop_unwanted(adopted),
         }
         // Before the first request: the sessions' workers are up by now.
         let sessions = router.adopt(std::mem::take(&mut taken.sessions));

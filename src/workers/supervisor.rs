@@ -490,6 +490,23 @@ impl Supervisor {
     }
 }
 
+/// Workers an upgrade carried into an image whose config has no `[workers]`: each
+/// process group is asked to stop (SIGTERM), and reaped when it has.
+pub fn stop_unwanted(adopted: Vec<Adopted>) {
+    for a in adopted {
+        let Some(pid) = a.pid else { continue };
+        tracing::info!(
+            worker = a.index,
+            pid,
+            "worker carried over but no longer configured: stopping it"
+        );
+        kill_group(Some(pid), libc::SIGTERM);
+        tokio::spawn(async move {
+            let _ = Proc::Adopted(pid).wait().await;
+        });
+    }
+}
+
 /// Waits until each started worker is ready or has failed its start; those that
 /// failed keep being retried by their keepers.
 async fn wait_started(waiting: Vec<(usize, oneshot::Receiver<Result<(), Error>>)>) {
