@@ -408,13 +408,11 @@ impl Serving {
                 continue;
             }
             let serve = Serve::new(kind, gate.cfg().clone());
-            let (Ok(peer), Ok(()), Ok(hold)) = (
-                socket.peer_addr(),
-                socket.set_nonblocking(true),
-                self.slots.try_take(),
-            ) else {
+            let (Ok(peer), Ok(())) = (socket.peer_addr(), socket.set_nonblocking(true)) else {
                 continue;
             };
+            // Carried over a full house too: it was served before the upgrade.
+            let hold = self.slots.try_take().ok();
             let Ok(tcp) = tokio::net::TcpStream::from_std(socket) else {
                 continue;
             };
