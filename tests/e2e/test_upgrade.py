@@ -80,8 +80,9 @@ def test_upgrade_in_place_under_websockets_polling_and_fresh_connections(stack, 
         assert wait_until(lambda: all(m.transport == "websocket" for m in sockets), 20)
         assert all(m.transport == "polling" for m in polling)
         assert broadcast_heard_by_all(members, senders) == []
+        # Another file: this build copied, or the build CORRAL_NEXT_BIN names.
         next_build = tmp_path / "corral-next"
-        shutil.copy2(corral_binary(), next_build)
+        shutil.copy2(os.environ.get("CORRAL_NEXT_BIN") or corral_binary(), next_build)
         with FreshLoad(c.url) as load:
             assert wait_until(lambda: load.ok >= 20, 20), load.failures[:5]
             started = time.monotonic()
