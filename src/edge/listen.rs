@@ -124,8 +124,8 @@ struct Open {
     /// reload removes the listener or an upgrade carries it.
     stop: CancellationToken,
     /// Its sockets, as an upgrade carries them (the accept loops own others of the
-    /// same sockets).
-    sockets: Vec<std::net::TcpListener>,
+    /// same sockets); let go of when it stops, so that its port is free at once.
+    sockets: Arc<std::sync::Mutex<Vec<std::net::TcpListener>>>,
 }
 
 /// What a config's listeners need, made before anything is changed: which running
@@ -510,7 +510,13 @@ impl Serving {
     ) -> Open {
         let kind = Arc::new(arc_swap::ArcSwap::from_pointee(kind));
         let stop = self.life.signal().child_token();
-        let kept = sockets.iter().filter_map(|s| s.try_clone().ok()).collect();
+        let kept: Vec<_> = sockets.iter().filter_map(|s| s.try_clone().ok()).collect();
+        let kept = Arc::new(std::sync::Mutex::new(kept));
+        let (copies, stopped) = (kept.clone(), stop.clone());
+        self.life.spawn(async move {
+            stopped.cancelled().await;
+            copies.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        });
         for (i, socket) in sockets.into_iter().enumerate() {
             let (kind, front, stop) = (kind.clone(), self.front.clone(), stop.clone());
             let go = self.go.clone();
@@ -550,8 +556,8 @@ impl Serving {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let mut listeners = Vec::with_capacity(open.len());
         for o in open.iter() {
-            let sockets = o
-                .sockets
+            let kept = o.sockets.lock().unwrap_or_else(|e| e.into_inner());
+            let sockets = kept
                 .iter()
                 .map(|s| carried.dup(s))
                 .collect::<std::io::Result<_>>()?;

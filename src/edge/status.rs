@@ -29,15 +29,17 @@ pub struct StatusListener {
     pub configured: SocketAddr,
     auth: Arc<arc_swap::ArcSwapOption<BasicAuth>>,
     stop: tokio_util::sync::CancellationToken,
-    /// Its socket, as an upgrade carries it (the accept loop owns another).
-    socket: Option<std::os::fd::OwnedFd>,
+    /// Its socket, as an upgrade carries it (the accept loop owns another); let go
+    /// of when it stops, so that its port is free at once.
+    socket: Arc<std::sync::Mutex<Option<std::os::fd::OwnedFd>>>,
 }
 
 impl StatusListener {
     /// For an upgrade: stops accepting (connections wait in the backlog) and gives
     /// its socket to `carried`.
     pub fn carry(&self, carried: &mut handover::Carried) -> std::io::Result<Option<i32>> {
-        let Some(socket) = &self.socket else {
+        let kept = self.socket.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(socket) = kept.as_ref() else {
             return Ok(None);
         };
         let fd = carried.dup(socket)?;
@@ -114,6 +116,15 @@ pub fn start(
     let copy = std::os::fd::AsFd::as_fd(&listener)
         .try_clone_to_owned()
         .ok();
+    let copy = Arc::new(std::sync::Mutex::new(copy));
+    let (kept, stops, drained) = (copy.clone(), stop.clone(), owner.draining());
+    owner.spawn(async move {
+        tokio::select! {
+            _ = stops.cancelled() => {}
+            _ = drained => {}
+        }
+        kept.lock().unwrap_or_else(|e| e.into_inner()).take();
+    });
     owner.spawn_until_drained(async move {
         loop {
             let accepted = tokio::select! {
