@@ -198,6 +198,12 @@ fn an_upgrade_carries_the_listeners_backlog_and_the_workers() {
     let pid = corral.child.id();
     let (before, workers) = (image(&corral), pids(&corral));
     let queue = support::addresses(&admin_socket(&corral)).expect("addresses")["broker"].clone();
+    let inode = || {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(admin_socket(&corral)).ok()?;
+        Some((m.ino(), m.ctime(), m.ctime_nsec()))
+    };
+    let admin_inode = inode();
     let addr = corral.addr;
     let held = thread::spawn(move || get(addr, "/hold"));
     wait_until(Duration::from_secs(10), "the held request", || {
@@ -251,6 +257,7 @@ fn an_upgrade_carries_the_listeners_backlog_and_the_workers() {
     assert_eq!(pids(&corral), workers, "the workers were not carried");
     let told = support::addresses(&admin_socket(&corral)).expect("addresses");
     assert_eq!(told["broker"], queue, "the message queue moved");
+    assert_eq!(inode(), admin_inode, "the admin socket was bound again");
     assert_eq!(get(addr, "/"), Some(200));
     let status = status_json(&corral);
     let record = &status["upgrades"][0];

@@ -172,23 +172,30 @@ pub fn path_for(cfg: &crate::config::Config) -> PathBuf {
 /// Binds the socket at `path` (replacing a stale file no one answers on) and
 /// serves commands until `owner` stops, which ends the accept loop and every
 /// command's task and waits for them.
+/// `carried`: the socket an upgrade carried over, taken when it is still at
+/// `path` (commands sent during the exec wait in its backlog). Returns another
+/// descriptor of the listening socket, for the next upgrade to carry.
 pub async fn serve(
     path: &Path,
     targets: Targets,
     addresses: Addresses,
     owner: &Life,
-) -> Result<(), Error> {
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(Error::SocketInUse(path.to_path_buf()));
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    let listener = UnixListener::bind(path).map_err(|cause| Error::Socket {
-        path: path.to_path_buf(),
-        cause,
-    })?;
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    carried: Option<std::os::unix::net::UnixListener>,
+) -> Result<Option<std::os::fd::OwnedFd>, Error> {
+    let at_path = |l: &std::os::unix::net::UnixListener| {
+        l.local_addr().is_ok_and(|a| a.as_pathname() == Some(path))
+    };
+    let carried = carried.filter(at_path).and_then(|l| {
+        l.set_nonblocking(true).ok()?;
+        UnixListener::from_std(l).ok()
+    });
+    let listener = match carried {
+        Some(listener) => listener,
+        None => bind(path).await?,
+    };
+    let copy = std::os::fd::AsFd::as_fd(&listener)
+        .try_clone_to_owned()
+        .ok();
     let tasks = owner.clone();
     owner.spawn_until_drained(async move {
         loop {
@@ -203,7 +210,23 @@ pub async fn serve(
             });
         }
     });
-    Ok(())
+    Ok(copy)
+}
+
+/// Binds the admin socket at `path`, replacing a stale file no one answers on.
+async fn bind(path: &Path) -> Result<UnixListener, Error> {
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(Error::SocketInUse(path.to_path_buf()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = UnixListener::bind(path).map_err(|cause| Error::Socket {
+        path: path.to_path_buf(),
+        cause,
+    })?;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    Ok(listener)
 }
 
 async fn answer(

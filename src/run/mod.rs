@@ -307,13 +307,19 @@ impl App {
             root: lives.root.clone(),
             tag_key,
             begun: Default::default(),
+            admin: Default::default(),
         };
+        let admin_socket = upgrader.admin.clone();
         let targets = admin::Targets {
             supervisor: supervisor.clone(),
             reload: from_file.then(|| live.clone() as Arc<dyn admin::Reload>),
             upgrade: Some(Arc::new(upgrader)),
         };
-        admin::serve(&admin_path, targets, addresses.clone(), background).await?;
+        let carried = taken.admin.take();
+        let admin = admin::serve(&admin_path, targets, addresses.clone(), background, carried);
+        if let Some(fd) = admin.await? {
+            let _ = admin_socket.set(fd);
+        }
         let file_link = cfg
             .file
             .as_deref()

@@ -80,6 +80,8 @@ pub(super) struct Upgrader {
     pub(super) tag_key: Option<Vec<u8>>,
     /// An upgrade has been accepted and not given up: a second is refused.
     pub(super) begun: Arc<std::sync::atomic::AtomicBool>,
+    /// The admin socket, once it listens.
+    pub(super) admin: Arc<std::sync::OnceLock<std::os::fd::OwnedFd>>,
 }
 
 impl admin::Upgrade for Upgrader {
@@ -234,6 +236,11 @@ impl Upgrader {
         };
         if let Some(fd) = status.transpose()?.flatten() {
             sockets.insert(STATUS.to_string(), fd);
+        }
+        // It goes on answering until the exec (`corral upgrade` asks it when the
+        // new image is ready); what comes during the exec waits in its backlog.
+        if let Some(admin) = self.admin.get() {
+            sockets.insert(ADMIN.to_string(), carried.dup(admin)?);
         }
         let listeners = self.live.serving.carry(carried)?;
         let mut written = Handover::new(VERSION, listeners, Vec::new(), 0);
@@ -430,6 +437,8 @@ pub(crate) struct Taken {
     pub broker: Option<std::net::TcpListener>,
     /// The status listener's socket.
     pub status: Option<std::net::TcpListener>,
+    /// The admin socket.
+    pub admin: Option<std::os::unix::net::UnixListener>,
     /// The Engine.IO session table.
     pub sessions: Vec<handover::Session>,
     /// The sid tags' key, where the image before made it at random.
@@ -486,6 +495,8 @@ const UPGRADES_KEPT: usize = 20;
 const BROKER: &str = "broker";
 /// The status listener's socket in the hand-over.
 const STATUS: &str = "status";
+/// The admin socket in the hand-over.
+const ADMIN: &str = "admin";
 
 /// Whether a carried listening socket is the one `configured` asks for: the same
 /// address, or any port on its address for port 0.
@@ -534,6 +545,12 @@ pub(crate) fn take(mut handover: Handover) -> Taken {
     };
     taken.broker = socket(BROKER);
     taken.status = socket(STATUS);
+    if let Some(fd) = handover.sockets.get(ADMIN).copied() {
+        taken.admin = handover
+            .claim(fd)
+            .ok()
+            .map(std::os::unix::net::UnixListener::from);
+    }
     for mut state in std::mem::take(&mut handover.broker_clients) {
         if let Ok(fd) = handover.claim(state.socket) {
             state.socket = -1;
