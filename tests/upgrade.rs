@@ -649,3 +649,32 @@ fn an_upgrade_into_a_config_with_fewer_workers_scales_them_after() {
     assert!(before.contains(&pid), "{before:?} {left:?}");
     assert_eq!(get(corral.addr, "/"), Some(200));
 }
+
+/// With tagged sids and no configured key, the key corral made at random is carried
+/// over: a tagged sid issued before the upgrade still reads after it (with another
+/// key, its signature would not, and the session would be unknown).
+#[test]
+fn an_upgrade_carries_a_random_tag_key() {
+    let work = TempDir::new("upgrade-tags");
+    let corral = Corral::start(&format!(
+        "{}[engineio]\ntag_sids = true\n",
+        config(&work, 2)
+    ));
+    let hs = "GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: a\r\n\r\n";
+    let reply = support::exchange(corral.addr, hs.as_bytes()).expect("handshake");
+    let text = reply.text();
+    let start = text.find("\"sid\":\"").expect("a sid") + 7;
+    let end = start + text[start..].find('"').expect("the sid's end");
+    let sid = text[start..end].to_string();
+    assert!(sid.contains('.'), "not tagged: {sid}");
+    let poll = || {
+        let ask = format!(
+            "GET /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: a\r\n\r\n"
+        );
+        support::exchange(corral.addr, ask.as_bytes()).map(|r| (r.status, r.text()))
+    };
+    assert_eq!(poll(), Some((200, "6".into())));
+    let (ok, said) = upgrade(&corral, None);
+    assert!(ok, "{said}");
+    assert_eq!(poll(), Some((200, "6".into())), "{}", corral.log_text());
+}
