@@ -162,13 +162,9 @@ impl Carrier {
         self.on.store(true, std::sync::atomic::Ordering::Release);
     }
 
-    fn is_on(&self) -> bool {
-        self.on.load(std::sync::atomic::Ordering::Acquire)
-    }
-
     /// Whether the drain carries connections now.
     pub(crate) fn carrying(&self) -> bool {
-        self.is_on()
+        self.on.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A connection that has sent nothing yet (a look for the HTTP/2 preface was
@@ -219,7 +215,7 @@ pub(crate) async fn serve<I, S>(
     S: Service,
 {
     let carrier = begun.carrier;
-    let carrying = || carrier.is_some_and(Carrier::is_on);
+    let carrying = || carrier.is_some_and(Carrier::carrying);
     let mut conn = Conn::new(io, limits, &begun.early);
     let deadline = tokio::time::sleep(limits.header_read);
     tokio::pin!(deadline);
@@ -391,7 +387,7 @@ async fn read_head<I: AsyncRead + Unpin>(
             r = conn.io.read_buf(&mut conn.buf) => r,
             _ = &mut deadline => return Head::End,
             _ = draining.cancelled(), if watch_drain => {
-                if carrier.is_some_and(Carrier::is_on) {
+                if carrier.is_some_and(Carrier::carrying) {
                     return Head::Carry;
                 }
                 if nothing_yet {

@@ -557,10 +557,7 @@ impl Serving {
         let mut listeners = Vec::with_capacity(open.len());
         for o in open.iter() {
             let kept = o.sockets.lock().unwrap_or_else(|e| e.into_inner());
-            let sockets = kept
-                .iter()
-                .map(|s| carried.dup(s))
-                .collect::<std::io::Result<_>>()?;
+            let sockets = carried.dup_all(&kept)?;
             listeners.push(handover::Listener {
                 address: o.config.address,
                 bound: o.addr,

@@ -270,6 +270,11 @@ impl Carried {
         Ok(raw)
     }
 
+    /// As `dup`, for each of `fds`.
+    pub fn dup_all<F: std::os::fd::AsFd>(&mut self, fds: &[F]) -> std::io::Result<Vec<RawFd>> {
+        fds.iter().map(|fd| self.dup(fd)).collect()
+    }
+
     /// Writes `handover` where the new image finds it and makes every carried
     /// descriptor inheritable; returns the environment entry that names it. Until
     /// the exec, dropping `self` undoes it (the duplicates are closed).

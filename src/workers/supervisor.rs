@@ -256,10 +256,7 @@ impl Supervisor {
         let mut workers = Vec::with_capacity(slots.len());
         for s in slots.iter() {
             let pipes = s.pipes.lock().unwrap_or_else(|e| e.into_inner());
-            let output = pipes
-                .iter()
-                .map(|p| carried.dup(p))
-                .collect::<std::io::Result<_>>()?;
+            let output = carried.dup_all(&pipes)?;
             workers.push(handover::Worker {
                 id: s.worker.id,
                 index: s.index,

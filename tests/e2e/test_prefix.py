@@ -99,6 +99,26 @@ def corral_cmd(*args, timeout=120):
     return subprocess.run([corral_binary(), *args], capture_output=True, text=True, timeout=timeout)
 
 
+def seed_line_with_file(stack, own, port, label):
+    """`corral -c OWN gunicorn …` (the seed's line, two gevent workers, bound on
+    `port`) once both workers are up; returns how to ask for its workers with only
+    `-c OWN`, as an operator would."""
+    env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "ASYNC_MODE": "gevent"}
+    proc = Proc([corral_binary(), "-c", str(own), "gunicorn", "-k",
+                 "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", "2",
+                 "-b", f"127.0.0.1:{port}", "--chdir", str(APPS), "chat_app:create_app()"],
+                stack.tmp / f"prefix-{label}-{port}.log", env=env)
+    stack.procs.append(proc)
+
+    def workers():
+        out = corral_cmd("status", "-c", str(own), timeout=30)
+        return json.loads(out.stdout) if out.returncode == 0 else []
+
+    assert wait_until(lambda: len(workers()) == 2 and all(w["state"] == "up" for w in workers()), 60), \
+        proc.output()[-3000:]
+    return workers
+
+
 def test_operator_commands_find_a_prefix_mode_corral_by_its_file(stack):
     """`corral -c corral.toml gunicorn …` with TLS, basic auth and a body limit in the
     file (as the README shows: no [workers], no upstreams) and `-b` naming the file's
@@ -120,19 +140,7 @@ def test_operator_commands_find_a_prefix_mode_corral_by_its_file(stack):
                        f'[auth]\nhtpasswd = "{pw}"\n[limits]\nmax_body = "{limit}"\n')
 
     write("1M")
-    env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "ASYNC_MODE": "gevent"}
-    proc = Proc([corral_binary(), "-c", str(own), "gunicorn", "-k",
-                 "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", "2",
-                 "-b", f"127.0.0.1:{port}", "--chdir", str(APPS), "chat_app:create_app()"],
-                stack.tmp / f"prefix-file-{port}.log", env=env)
-    stack.procs.append(proc)
-
-    def workers():
-        out = corral_cmd("status", "-c", str(own), timeout=30)
-        return json.loads(out.stdout) if out.returncode == 0 else []
-
-    assert wait_until(lambda: len(workers()) == 2 and all(w["state"] == "up" for w in workers()), 60), \
-        proc.output()[-3000:]
+    workers = seed_line_with_file(stack, own, port, "file")
     check = corral_cmd("check", "-c", str(own))
     assert check.returncode == 0, check.stderr
     assert "part of a config" in check.stderr, check.stderr
@@ -178,19 +186,7 @@ def test_upgrade_finds_a_prefix_mode_corral_by_its_file(stack):
     own = d / "corral.toml"
     own.write_text("")
     port = free_port()
-    env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "ASYNC_MODE": "gevent"}
-    proc = Proc([corral_binary(), "-c", str(own), "gunicorn", "-k",
-                 "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", "2",
-                 "-b", f"127.0.0.1:{port}", "--chdir", str(APPS), "chat_app:create_app()"],
-                stack.tmp / f"prefix-upgrade-{port}.log", env=env)
-    stack.procs.append(proc)
-
-    def workers():
-        out = corral_cmd("status", "-c", str(own), timeout=30)
-        return json.loads(out.stdout) if out.returncode == 0 else []
-
-    assert wait_until(lambda: len(workers()) == 2 and all(w["state"] == "up" for w in workers()), 60), \
-        proc.output()[-3000:]
+    workers = seed_line_with_file(stack, own, port, "upgrade")
     before = sorted(w["pid"] for w in workers())
     members = connect_many(f"http://127.0.0.1:{port}", 10)
     try:

@@ -88,10 +88,12 @@ class Supervised:
 
 
 class Load:
-    """A bounded HTTP load loop through corral, recording every failure."""
+    """A bounded HTTP load loop through corral, recording every failure; `fresh`: each
+    request on a connection of its own."""
 
-    def __init__(self, url, seconds=30, max_requests=20000):
+    def __init__(self, url, seconds=30, max_requests=20000, fresh=False):
         self.url, self.seconds, self.max = url, seconds, max_requests
+        self.fresh = fresh
         self.ok = 0
         self.failures = []
         self.workers = set()
@@ -100,10 +102,11 @@ class Load:
 
     def _run(self):
         s = requests.Session()
+        headers = {"Connection": "close"} if self.fresh else {}
         end = time.monotonic() + self.seconds
         while not self._stop.is_set() and time.monotonic() < end and self.ok + len(self.failures) < self.max:
             try:
-                r = s.get(self.url + "/whoami", timeout=10)
+                r = s.get(self.url + "/whoami", timeout=10, headers=headers)
                 if r.status_code == 200:
                     self.ok += 1
                     self.workers.add(r.json()["worker"])

@@ -6,7 +6,6 @@ and every broadcast after it heard by every client; a binary that cannot take
 over is refused and nothing changes."""
 import os
 import shutil
-import threading
 import time
 
 import requests
@@ -14,41 +13,7 @@ import requests
 from clients import WssClient, connect_many, disconnect_all, wait_until
 from conftest import corral_binary, free_port
 from test_reload import gevent_websocket_args
-from test_supervisor import Supervised
-
-
-class FreshLoad:
-    """Requests through corral, each on a connection of its own, until stopped
-    (bounded in count and time), recording every failure."""
-
-    def __init__(self, url, seconds=120, max_requests=20000):
-        self.url, self.seconds, self.max = url, seconds, max_requests
-        self.ok = 0
-        self.failures = []
-        self._stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run) for _ in range(4)]
-
-    def _run(self):
-        end = time.monotonic() + self.seconds
-        while not self._stop.is_set() and time.monotonic() < end and self.ok + len(self.failures) < self.max:
-            try:
-                r = requests.get(self.url + "/whoami", timeout=30, headers={"Connection": "close"})
-                if r.status_code == 200:
-                    self.ok += 1
-                else:
-                    self.failures.append((r.status_code, r.text[:200]))
-            except requests.RequestException as e:
-                self.failures.append((None, repr(e)[:200]))
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for t in self.threads:
-            t.join(60)
+from test_supervisor import Load, Supervised
 
 
 def broadcast_heard_by_all(members, senders):
@@ -83,7 +48,7 @@ def test_upgrade_in_place_under_websockets_polling_and_fresh_connections(stack, 
         # Another file: this build copied, or the build CORRAL_NEXT_BIN names.
         next_build = tmp_path / "corral-next"
         shutil.copy2(os.environ.get("CORRAL_NEXT_BIN") or corral_binary(), next_build)
-        with FreshLoad(c.url) as load:
+        with Load(c.url, seconds=120, fresh=True) as load:
             assert wait_until(lambda: load.ok >= 20, 20), load.failures[:5]
             started = time.monotonic()
             out = c.admin_cmd("upgrade", "--binary", str(next_build))
